@@ -1,0 +1,36 @@
+# facecast — the two commands a new machine needs:  `make demo`  and  `make test`.
+# Both create the environment in .venv first if it is missing or older than pyproject.toml.
+
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.facecast-installed
+OUT     ?= out
+PRESET  ?= small
+
+.PHONY: venv demo test bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@echo "installing facecast into $(VENV) (torch 2.13.0 CPU build first, then the package)"
+	$(PY) -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+## demo: a short talking video from the bundled reference image and speech -> out/demo.mp4
+demo: $(STAMP)
+	@mkdir -p $(OUT)
+	$(VENV)/bin/facecast generate --image assets/reference.png --audio assets/speech.wav \
+		--out $(OUT)/demo.mp4 --preset $(PRESET)
+
+## test: everything that runs on a CPU machine (GPU tests skip themselves without CUDA)
+test: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m pytest
+
+## bench: the engine benchmark on the CPU demo preset
+bench: $(STAMP)
+	$(VENV)/bin/facecast bench engine --preset $(PRESET)
+
+clean:
+	rm -rf $(OUT) .pytest_cache

@@ -1,0 +1,1 @@
+"""facecast model core: pure PyTorch causal avatar DiT, caches, sampler, VAE, audio, checkpoints, engine."""

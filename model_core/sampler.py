@@ -1,0 +1,92 @@
+"""Few-step flow-matching sampling whose step is one pure function.
+
+    step(model, latents, t, t_next, cache, cond) -> (latents, cache)
+
+Sequential sampling (one worker runs every step — the TalkingMachines 1-GPU score), the per-step pipeline (one
+worker per timestep, each owning that step's `KVCache` — Live Avatar's timestep-forcing pipeline) and distillation
+rollouts all call `step` unchanged.  The flow convention is Wan's: x_sigma = (1 - sigma) * x0 + sigma * noise, and
+the model predicts the velocity v = noise - x0.
+
+Solvers:
+* "euler"   — x_next = x + (sigma_next - sigma) * v   (deterministic ODE step)
+* "renoise" — x0 = x - sigma * v, then x_next = (1 - sigma_next) * x0 + sigma_next * fresh_noise (how DMD /
+  self-forcing students sample); the fresh noise for each step comes with the chunk's conditioning.
+
+This module knows the model only through `forward_chunk`; it knows nothing of sessions or devices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .cache import ChunkAudio, ConditionCache, KVCache
+
+
+@dataclass(frozen=True)
+class Timestep:
+    """One point of the schedule: `index` into the session's precomputed step embeddings, and its sigma."""
+
+    index: int
+    sigma: float
+
+    @property
+    def model_timestep(self) -> float:
+        return self.sigma * 1000.0
+
+
+def flow_schedule(steps: int, shift: float) -> list[Timestep]:
+    """`steps + 1` timesteps from pure noise (sigma 1) to clean (sigma 0), shifted: s' = shift*s / (1 + (shift-1)*s)."""
+    if not 1 <= steps <= 4:
+        raise ValueError(f"steps={steps} is invalid; allowed: 1, 2, 3 or 4")
+    raw = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    shifted = shift * raw / (1.0 + (shift - 1.0) * raw)
+    return [Timestep(index, float(sigma)) for index, sigma in enumerate(shifted)]
+
+
+@dataclass
+class ChunkCondition:
+    """Everything one chunk's denoising steps read besides the latents and the cache.
+
+    condition: the session's precomputed `ConditionCache`
+    audio: this chunk's audio tokens (None: no audio branch)
+    sink_rope_offset: sink frame position relative to the current chunk (Rolling RoPE)
+    solver: "euler" or "renoise"
+    renoise: [S, B, 16, C, h, w] fresh noise per step for the "renoise" solver (None for "euler")
+    latent_condition: extra input channels for I2V-layout checkpoints (None: zeros)
+    """
+
+    condition: ConditionCache
+    audio: ChunkAudio | None
+    sink_rope_offset: int
+    solver: str = "euler"
+    renoise: torch.Tensor | None = None
+    latent_condition: torch.Tensor | None = None
+
+
+def step(model, latents: torch.Tensor, t: Timestep, t_next: Timestep, cache: KVCache,
+         cond: ChunkCondition) -> tuple[torch.Tensor, KVCache]:
+    """Denoise one chunk from `t` to `t_next`.
+
+    latents: [B, 16, C, h, w] at noise level t.sigma. The cache is this step's own (built from this step's noisy
+    inputs of the previous chunk); it is updated with this chunk's keys/values and returned.
+    """
+    velocity = model.forward_chunk(latents, t.index, cache, cond.condition, cond.audio, cond.sink_rope_offset,
+                                   cond.latent_condition)
+    if cond.solver == "euler":
+        latents = (latents.float() + (t_next.sigma - t.sigma) * velocity.float()).to(latents.dtype)
+        return latents, cache
+    clean = latents.float() - t.sigma * velocity.float()
+    if t_next.sigma > 0:
+        clean = (1.0 - t_next.sigma) * clean + t_next.sigma * cond.renoise[t.index].float()
+    return clean.to(latents.dtype), cache
+
+
+def sample_chunk(model, noise: torch.Tensor, schedule: list[Timestep], caches: list[KVCache],
+                 cond: ChunkCondition) -> torch.Tensor:
+    """Sequential sampling: every step of one chunk in one worker. noise [B, 16, C, h, w] -> clean latents."""
+    latents = noise
+    for t, t_next in zip(schedule[:-1], schedule[1:]):
+        latents, caches[t.index] = step(model, latents, t, t_next, caches[t.index], cond)
+    return latents

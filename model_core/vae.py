@@ -1,0 +1,131 @@
+"""Streaming wrapper around diffusers' `AutoencoderKLWan`.
+
+Wan's causal 3D VAE decodes latent frame by latent frame, carrying a feature cache of its causal convolutions.
+Diffusers keeps that cache on the module (`self._feat_map`), which would tie one decoder to one stream.  Here the
+cache is a `DecodeCache` object passed in and returned, so one decoder interleaves many sessions, and decoding a
+stream chunk by chunk equals decoding the whole clip at once (a test holds it).
+
+Frame counts: the first latent frame decodes to 1 video frame, every later one to `temporal_compression` (4).
+Latents given to and returned by this wrapper are *normalised* ((z - mean) / std), the space the DiT works in.
+This module knows nothing of the DiT, sessions or audio.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLWan
+
+from .config import VAEConfig
+
+
+@dataclass
+class DecodeCache:
+    """Per-session decoder state: causal-conv feature cache and whether the first latent frame was decoded."""
+
+    features: list = field(default_factory=list)
+    started: bool = False
+    latent_frames_decoded: int = 0
+
+
+def _place(vae: AutoencoderKLWan, device, dtype) -> AutoencoderKLWan:
+    vae = vae.to(device)
+    return vae if dtype == torch.float32 else vae.to(dtype=dtype)
+
+
+class StreamingVAE:
+    def __init__(self, vae: AutoencoderKLWan):
+        self.vae = vae.eval()
+        config = vae.config
+        self.z_dim = config.z_dim
+        self.spatial_compression = 2 ** (len(config.dim_mult) - 1)
+        self.temporal_compression = 2 ** sum(config.temperal_downsample)
+        self._conv_count = sum(type(m).__name__ == "WanCausalConv3d" for m in vae.decoder.modules())
+        parameter = next(vae.parameters())
+        self._mean = torch.tensor(config.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        self._inv_std = 1.0 / torch.tensor(config.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        self.device, self.dtype = parameter.device, parameter.dtype
+
+    @classmethod
+    def from_config(cls, config: VAEConfig, seed: int = 0, device="cpu", dtype=torch.float32) -> "StreamingVAE":
+        """A VAE with this shape and seeded random weights (for tests and benchmarks)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            vae = AutoencoderKLWan(base_dim=config.base_dim, z_dim=config.z_dim, dim_mult=list(config.dim_mult),
+                                   num_res_blocks=config.num_res_blocks,
+                                   temperal_downsample=list(config.temperal_downsample))
+        return cls(_place(vae, device, dtype))
+
+    @classmethod
+    def from_state(cls, config: dict, state: dict, device="cpu", dtype=torch.float32) -> "StreamingVAE":
+        """Rebuild from a config dict (diffusers' `vae.config`) and a state dict (as stored in facecast checkpoints)."""
+        init_keys = ("base_dim", "decoder_base_dim", "z_dim", "dim_mult", "num_res_blocks", "attn_scales",
+                     "temperal_downsample", "dropout", "latents_mean", "latents_std", "is_residual", "in_channels",
+                     "out_channels", "patch_size", "scale_factor_temporal", "scale_factor_spatial")
+        vae = AutoencoderKLWan(**{key: config[key] for key in init_keys if key in config})
+        vae.load_state_dict(state, strict=True)
+        return cls(_place(vae, device, dtype))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device="cpu", dtype=torch.float32) -> "StreamingVAE":
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"VAE directory {str(path)!r} has no config.json (diffusers AutoencoderKLWan layout)")
+        vae = AutoencoderKLWan.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
+        return cls(vae.to(device))
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.vae.save_pretrained(path)
+
+    def config_dict(self) -> dict:
+        return json.loads(json.dumps(dict(self.vae.config)))
+
+    # ------------------------------------------------------------------ latent space
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        return (z.float() - self._mean.to(z.device)) * self._inv_std.to(z.device)
+
+    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents.float() / self._inv_std.to(latents.device) + self._mean.to(latents.device)
+
+    @torch.no_grad()
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """image [B, 3, H, W] in [-1, 1] -> normalised latent [B, 16, 1, H/8, W/8] (posterior mean)."""
+        video = image[:, :, None].to(self.device, self.dtype)
+        posterior = self.vae.encode(video).latent_dist
+        return self.normalize(posterior.mean).to(self.dtype)
+
+    # ------------------------------------------------------------------ streaming decode
+
+    def new_decode_cache(self) -> DecodeCache:
+        return DecodeCache(features=[None] * self._conv_count)
+
+    def frames_for_latents(self, first_latent_frame: int, count: int) -> int:
+        """Video frames that latent frames [first, first+count) decode to."""
+        return count * self.temporal_compression - (self.temporal_compression - 1 if first_latent_frame == 0 else 0)
+
+    @torch.no_grad()
+    def decode_chunk(self, latents: torch.Tensor, cache: DecodeCache) -> tuple[torch.Tensor, DecodeCache]:
+        """latents [B, 16, F, h, w] (normalised) -> frames [B, 3, T, H, W] in [-1, 1] and the updated cache."""
+        z = self.denormalize(latents).to(self.device, self.dtype)
+        x = self.vae.post_quant_conv(z)
+        outputs = []
+        for index in range(x.shape[2]):
+            outputs.append(self.vae.decoder(x[:, :, index:index + 1], feat_cache=cache.features, feat_idx=[0],
+                                            first_chunk=not cache.started))
+            cache.started = True
+            cache.latent_frames_decoded += 1
+        frames = torch.cat(outputs, dim=2)
+        if self.vae.config.patch_size is not None:
+            from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+            frames = unpatchify(frames, patch_size=self.vae.config.patch_size)
+        return frames.clamp(-1.0, 1.0), cache
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Whole-clip decode through diffusers' own path. latents [B, 16, F, h, w] -> [B, 3, T, H, W]."""
+        z = self.denormalize(latents).to(self.device, self.dtype)
+        return self.vae.decode(z, return_dict=False)[0]

@@ -1,0 +1,1 @@
+"""facecast services: media I/O and serving components."""
