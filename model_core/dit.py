@@ -399,8 +399,8 @@ class CausalAvatarDiT(nn.Module):
             chunk_pos = torch.arange(frames - sink_frames, device=device)
             q_pos = torch.cat([torch.arange(sink_frames, device=device), chunk_pos])
             cos_q, sin_q = rope_tables(q_pos, height, width, head_dim, theta)
-            copy_pos = (torch.arange(num_chunks, device=device)[:, None] * chunk_frames + chunk_frames
-                        + sink_rope_offset + torch.arange(sink_frames, device=device)[None, :]).flatten()
+            copy_pos = (torch.arange(num_chunks, device=device)[:, None] * chunk_frames + sink_rope_offset
+                        + torch.arange(sink_frames, device=device)[None, :]).flatten()
             cos_copy, sin_copy = rope_tables(copy_pos, height, width, head_dim, theta)
             mask = self._block_sparse_mask(num_chunks, chunk_frames, sink_frames, per_frame, device)
 
