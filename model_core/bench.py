@@ -30,7 +30,8 @@ def step_flops(config: DiTConfig, chunk_frames: int, tokens_per_frame: int, sink
     dim, queries = config.dim, chunk_frames * tokens_per_frame
     self_keys = (sink_frames + 2 * chunk_frames) * tokens_per_frame
     audio_tokens = chunk_frames * config.audio_tokens_per_frame
-    context = config.text_len + tokens_per_frame // 4  # reference tokens: one per 2x2 DiT patch group
+    rh, rw = config.reference_patch
+    context = config.text_len + tokens_per_frame * config.patch_size[1] * config.patch_size[2] // (rh * rw)
     per_block = (
         2 * queries * dim * dim * 4                          # attn1 q, k, v, out
         + 4 * queries * self_keys * dim                      # attn1 scores + weighted sum

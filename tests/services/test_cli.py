@@ -1,0 +1,129 @@
+"""`facecast generate` and `facecast bench engine`: the MP4 it writes, and the errors users get."""
+
+import json
+import math
+import subprocess
+import sys
+import wave
+
+import numpy as np
+import pytest
+
+from services.cli import main
+from services.media import probe_video
+
+from ..model_core.helpers import speech
+
+
+def write_wav(path, audio: np.ndarray, rate: int = 16000, channels: int = 1):
+    with wave.open(str(path), "wb") as handle:
+        handle.setnchannels(channels)
+        handle.setsampwidth(2)
+        handle.setframerate(rate)
+        handle.writeframes((np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes())
+    return path
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    from PIL import Image
+
+    image = tmp_path / "face.png"
+    Image.fromarray((np.random.default_rng(0).random((80, 100, 3)) * 255).astype(np.uint8)).save(image)
+    audio = write_wav(tmp_path / "speech.wav", speech(1.3, seed=1, sample_rate_hz=22050), rate=22050)
+    return image, audio, tmp_path
+
+
+@pytest.mark.parametrize("fps", [25, 30])
+def test_generate_writes_an_mp4_with_the_right_frames_fps_and_audio(inputs, capsys, fps):
+    image, audio, tmp = inputs
+    out = tmp / "out.mp4"
+    code = main(["generate", "--image", str(image), "--audio", str(audio), "--out", str(out), "--preset", "tiny",
+                 "--fps", str(fps), "--quiet"])
+    assert code == 0
+    info = probe_video(out)
+    assert info.num_frames == math.ceil(1.3 * fps)
+    assert info.fps == pytest.approx(fps)
+    assert (info.width, info.height) == (64, 64)
+    assert info.has_audio and info.audio_duration_s == pytest.approx(1.3, abs=0.05)
+    printed = capsys.readouterr().out
+    assert "TTFF" in printed and "per-chunk latency" in printed and "FPS" in printed
+    assert "RANDOM" in printed, "random weights must be said plainly"
+
+
+def run_bad(argv, capsys):
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.err
+
+
+def test_non_image_is_refused(inputs, capsys):
+    image, audio, tmp = inputs
+    code, err = run_bad(["generate", "--image", str(audio), "--audio", str(audio), "--out", str(tmp / "o.mp4"),
+                         "--preset", "tiny"], capsys)
+    assert code == 2 and "speech.wav" in err and "image" in err
+
+
+def test_empty_audio_is_refused(inputs, capsys):
+    image, _, tmp = inputs
+    empty = write_wav(tmp / "empty.wav", np.zeros(0, np.float32))
+    code, err = run_bad(["generate", "--image", str(image), "--audio", str(empty), "--out", str(tmp / "o.mp4"),
+                         "--preset", "tiny"], capsys)
+    assert code == 2 and "no audio samples" in err
+
+
+def test_unreadable_audio_is_refused(inputs, capsys):
+    image, _, tmp = inputs
+    junk = tmp / "junk.wav"
+    junk.write_text("this is not audio")
+    code, err = run_bad(["generate", "--image", str(image), "--audio", str(junk), "--out", str(tmp / "o.mp4"),
+                         "--preset", "tiny"], capsys)
+    assert code == 2 and "junk.wav" in err
+
+
+def test_missing_audio_file_is_refused(inputs, capsys):
+    image, _, tmp = inputs
+    code, err = run_bad(["generate", "--image", str(image), "--audio", str(tmp / "nope.wav"), "--out",
+                         str(tmp / "o.mp4"), "--preset", "tiny"], capsys)
+    assert code == 2 and "nope.wav" in err
+
+
+def test_unknown_preset_names_the_allowed_ones(inputs, capsys):
+    image, audio, tmp = inputs
+    code, err = run_bad(["generate", "--image", str(image), "--audio", str(audio), "--out", str(tmp / "o.mp4"),
+                         "--preset", "huge"], capsys)
+    assert code == 2 and "preset='huge' is unknown; allowed: tiny, small, wan-1.3b, wan-14b" in err
+
+
+@pytest.mark.parametrize("flag,value,needle", [("--steps", "9", "steps=9"), ("--chunk", "0", "chunk_latent_frames=0"),
+                                              ("--width", "70", "width=70")])
+def test_impossible_options_name_the_field(inputs, capsys, flag, value, needle):
+    image, audio, tmp = inputs
+    code, err = run_bad(["generate", "--image", str(image), "--audio", str(audio), "--out", str(tmp / "o.mp4"),
+                         "--preset", "tiny", flag, value], capsys)
+    assert code == 2 and needle in err
+
+
+def test_output_must_be_mp4(inputs, capsys):
+    image, audio, tmp = inputs
+    code, err = run_bad(["generate", "--image", str(image), "--audio", str(audio), "--out", str(tmp / "o.avi"),
+                         "--preset", "tiny"], capsys)
+    assert code == 2 and ".mp4" in err
+
+
+def test_console_script_exits_2_without_traceback(inputs):
+    image, audio, tmp = inputs
+    result = subprocess.run([sys.executable, "-m", "services.cli", "generate", "--image", str(audio), "--audio",
+                             str(audio), "--out", str(tmp / "o.mp4"), "--preset", "tiny"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "error:" in result.stderr
+
+
+def test_bench_engine_json_report(capsys):
+    assert main(["bench", "engine", "--preset", "tiny", "--chunks", "2", "--json", "--device", "cpu"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["preset"] == "tiny" and report["steps"] == 2
+    assert set(report["stage_ms"]) == {"audio", "step_1", "step_2", "vae_decode"}
+    assert report["fps"] > 0 and report["ttff_ms"] > 0 and report["step_tflops"] > 0
+    assert report["real_time_factor"] > 0 and report["peak_memory_gib"] > 0
