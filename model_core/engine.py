@@ -22,6 +22,7 @@ alone.  Nothing per-session is stored on the model, the VAE or the audio front-e
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import time
@@ -146,21 +147,32 @@ class AvatarEngine:
         if vae.temporal_compression != dit.config.temporal_compression:
             raise ConfigError(f"VAE temporal compression {vae.temporal_compression} != DiT's "
                               f"{dit.config.temporal_compression}")
+        feature_dim = self.frontend(preset.stream.fps).feature_dim
+        if feature_dim != dit.config.audio_dim:
+            raise ConfigError(f"audio front-end {self.audio_config.backend!r} gives {feature_dim} features per frame "
+                              f"but the model expects audio_dim={dit.config.audio_dim}; use the front-end the "
+                              "checkpoint was trained with")
 
     # ------------------------------------------------------------------ construction
 
     @classmethod
     def from_preset(cls, preset: str | PresetConfig, *, checkpoint: str | None = None, device="cpu",
                     dtype=torch.float32, seed: int = 0, audio_config: AudioConfig | None = None) -> "AvatarEngine":
-        """Build the engine for a preset: weights from `checkpoint` (a facecast .safetensors) or seeded random."""
+        """Build the engine for a preset: weights from `checkpoint` (a facecast .safetensors) or seeded random.
+
+        With random weights the DiT's audio input width follows the audio front-end (so any backend works); a
+        checkpoint must have been trained with the front-end it is given.
+        """
         preset = get_preset(preset) if isinstance(preset, str) else preset
+        audio_config = audio_config or AudioConfig(backend=preset.audio_backend)
         if checkpoint:
             dit, metadata, vae_state = load_facecast_checkpoint(checkpoint)
             vae = (StreamingVAE.from_state(metadata["vae_config"], vae_state) if vae_state
                    else StreamingVAE.from_config(preset.vae, seed=seed))
             note = f"weights: {checkpoint}"
         else:
-            dit = random_dit(preset.dit, seed)
+            feature_dim = AudioFrontend(audio_config).feature_dim
+            dit = random_dit(dataclasses.replace(preset.dit, audio_dim=feature_dim), seed)
             vae = StreamingVAE.from_config(preset.vae, seed=seed)
             note = "weights: RANDOM (no trained checkpoint given) - the video shows noise, not a face"
         vae = StreamingVAE(vae.vae.to(device=device))

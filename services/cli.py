@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,8 @@ import torch
 
 from model_core.checkpoint import CheckpointError
 from model_core.config import PRESETS, ConfigError, get_preset
-from model_core.engine import AvatarEngine, iter_pieces
+from model_core.audio import SUPPORTED_BACKENDS, AudioConfig
+from model_core.engine import AvatarEngine, Character, iter_pieces
 from services.media import MediaError, Mp4Writer, frames_to_uint8, image_to_tensor, load_audio, load_image
 
 EXIT_USAGE = 2
@@ -65,6 +67,25 @@ def _positive_float(text: str) -> float:
 # ---------------------------------------------------------------------------------------------- generate
 
 
+def default_checkpoint(preset_name: str) -> str | None:
+    """The best checkpoint on this machine for a preset: $FACECAST_CHECKPOINTS/<preset>.safetensors, else
+    ./checkpoints/<preset>.safetensors; None (random weights) when neither exists."""
+    directory = Path(os.environ.get("FACECAST_CHECKPOINTS", "checkpoints"))
+    candidate = directory / f"{preset_name}.safetensors"
+    return str(candidate) if candidate.is_file() else None
+
+
+def parse_region(text: str) -> tuple[float, float, float, float]:
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise UserError(f"--face-region {text!r} must be four comma-separated fractions x0,y0,x1,y1 "
+                        "(e.g. 0.25,0.1,0.75,0.7)")
+    return values
+
+
 def cmd_generate(args) -> int:
     preset = get_preset(args.preset)
     device, dtype = _device(args.device), _dtype(args.dtype)
@@ -78,9 +99,16 @@ def cmd_generate(args) -> int:
     if not out.parent.exists():
         raise UserError(f"--out: directory {str(out.parent)!r} does not exist")
 
-    engine = AvatarEngine.from_preset(preset, checkpoint=args.checkpoint, device=device, dtype=dtype, seed=args.seed)
+    checkpoint = args.checkpoint or default_checkpoint(preset.name)
+    try:
+        audio_config = AudioConfig(backend=args.audio_encoder, model_path=args.audio_encoder_path)
+    except ValueError as error:
+        raise UserError(f"--audio-encoder: {error}") from None
+    engine = AvatarEngine.from_preset(preset, checkpoint=checkpoint, device=device, dtype=dtype, seed=args.seed,
+                                      audio_config=audio_config)
     stream = engine.stream_config(steps=args.steps, chunk_latent_frames=args.chunk, seed=args.seed, fps=args.fps,
                                   width=args.width, height=args.height)
+    characters = [Character(parse_region(args.face_region))] if args.face_region else None
     print(f"facecast generate: preset {preset.name}, {stream.width}x{stream.height} @ {stream.fps:g} fps, "
           f"chunk {stream.chunk_latent_frames} latent frames, {stream.steps} steps, {device}/{args.dtype}")
     print(f"  {engine.weights_note}")
@@ -88,7 +116,7 @@ def cmd_generate(args) -> int:
     expected_frames = math.ceil(duration_s * stream.fps)
 
     reference = image_to_tensor(image, stream.width, stream.height)
-    session = engine.open_session(reference, args.prompt, stream)
+    session = engine.open_session(reference, args.prompt, stream, characters)
     latencies, first_frame_s, frames_written = [], None, 0
     from tqdm import tqdm
 
@@ -159,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--audio", required=True, help="speech (WAV/MP3/FLAC/OGG/M4A, any sample rate)")
     gen.add_argument("--out", required=True, help="output .mp4")
     gen.add_argument("--preset", default="small", help=f"model preset: {', '.join(PRESETS)} (default small)")
-    gen.add_argument("--checkpoint", help="facecast .safetensors checkpoint (default: random weights)")
+    gen.add_argument("--checkpoint", help="facecast .safetensors checkpoint (default: checkpoints/<preset>.safetensors "
+                     "or $FACECAST_CHECKPOINTS/<preset>.safetensors if present, else random weights)")
     gen.add_argument("--steps", type=int, help="denoising steps per chunk, 1-4 (default: the preset's)")
     gen.add_argument("--chunk", type=int, help="latent frames per chunk (default 3)")
     gen.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
@@ -167,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=int, help="output width (default: the preset's)")
     gen.add_argument("--height", type=int, help="output height (default: the preset's)")
     gen.add_argument("--prompt", default="", help="optional text prompt")
+    gen.add_argument("--face-region", help="x0,y0,x1,y1 fractions: audio acts only on this region (default: all)")
+    gen.add_argument("--audio-encoder", default="logmel", choices=SUPPORTED_BACKENDS,
+                     help="audio features: built-in log-mel (default), or a local wav2vec2/whisper model")
+    gen.add_argument("--audio-encoder-path", help="local transformers directory for --audio-encoder wav2vec2/whisper")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     gen.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -200,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         args.dtype = "bfloat16" if _device(args.device).startswith("cuda") else "float32"
     try:
         return args.handler(args)
-    except (UserError, MediaError, ConfigError, CheckpointError) as error:
+    except (UserError, MediaError, ConfigError, CheckpointError, FileNotFoundError) as error:
         print(f"facecast {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

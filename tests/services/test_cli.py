@@ -127,3 +127,55 @@ def test_bench_engine_json_report(capsys):
     assert set(report["stage_ms"]) == {"audio", "step_1", "step_2", "vae_decode"}
     assert report["fps"] > 0 and report["ttff_ms"] > 0 and report["step_tflops"] > 0
     assert report["real_time_factor"] > 0 and report["peak_memory_gib"] > 0
+
+
+def test_bad_face_region_and_missing_encoder_path_are_refused(inputs, capsys):
+    image, audio, tmp = inputs
+    base = ["generate", "--image", str(image), "--audio", str(audio), "--out", str(tmp / "o.mp4"), "--preset", "tiny"]
+    code, err = run_bad(base + ["--face-region", "0.5,0.5"], capsys)
+    assert code == 2 and "--face-region" in err
+    code, err = run_bad(base + ["--face-region", "0.8,0.1,0.2,0.9"], capsys)
+    assert code == 2 and "region" in err and "x0 < x1" in err
+    code, err = run_bad(base + ["--audio-encoder", "wav2vec2"], capsys)
+    assert code == 2 and "model_path" in err
+    code, err = run_bad(base + ["--audio-encoder", "wav2vec2", "--audio-encoder-path", str(tmp / "none")], capsys)
+    assert code == 2 and "none" in err
+
+
+def test_wav2vec2_encoder_from_a_local_directory_drives_generation(inputs, capsys):
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+
+    image, audio, tmp = inputs
+    config = Wav2Vec2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                            conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 8), num_conv_pos_embeddings=16,
+                            num_conv_pos_embedding_groups=2)
+    Wav2Vec2Model(config).save_pretrained(tmp / "w2v")
+    out = tmp / "w2v.mp4"
+    assert main(["generate", "--image", str(image), "--audio", str(audio), "--out", str(out), "--preset", "tiny",
+                 "--audio-encoder", "wav2vec2", "--audio-encoder-path", str(tmp / "w2v"), "--quiet",
+                 "--face-region", "0.2,0.3,0.8,0.9"]) == 0
+    assert probe_video(out).num_frames == math.ceil(1.3 * 25)
+
+
+def test_generate_uses_the_checkpoint_found_for_the_preset(inputs, capsys, monkeypatch):
+    from model_core.checkpoint import save_facecast_checkpoint
+    from model_core.engine import AvatarEngine
+
+    image, audio, tmp = inputs
+    engine = AvatarEngine.from_preset("tiny", seed=3)
+    (tmp / "ckpts").mkdir()
+    save_facecast_checkpoint(engine.dit, tmp / "ckpts" / "tiny.safetensors", vae=engine.vae)
+    monkeypatch.setenv("FACECAST_CHECKPOINTS", str(tmp / "ckpts"))
+    assert main(["generate", "--image", str(image), "--audio", str(audio), "--out", str(tmp / "c.mp4"),
+                 "--preset", "tiny", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "ckpts/tiny.safetensors" in printed and "RANDOM" not in printed
+
+
+def test_corrupt_checkpoint_is_refused(inputs, capsys):
+    image, audio, tmp = inputs
+    bad = tmp / "bad.safetensors"
+    bad.write_bytes(b"not a checkpoint at all")
+    code, err = run_bad(["generate", "--image", str(image), "--audio", str(audio), "--out", str(tmp / "o.mp4"),
+                         "--preset", "tiny", "--checkpoint", str(bad)], capsys)
+    assert code == 2 and "bad.safetensors" in err
