@@ -89,3 +89,17 @@ class ChunkAudio:
 
     tokens: torch.Tensor
     regions: torch.Tensor
+
+
+@dataclass
+class ChunkRope:
+    """RoPE tables of the streaming path, fixed for a session (Rolling RoPE: positions never grow).
+
+    Each is a (cos, sin) pair of [tokens, D/2] float32: `current` at frame positions [C, 2C), `previous` at [0, C)
+    (used once, to store the chunk's keys as the next previous chunk), `sink` at C + sink_rope_offset.
+    """
+
+    current: tuple[torch.Tensor, torch.Tensor]
+    previous: tuple[torch.Tensor, torch.Tensor]
+    sink: tuple[torch.Tensor, torch.Tensor]
+    frame_positions: tuple[int, int]  # (min, max) frame position used, for bounds checks

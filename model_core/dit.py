@@ -17,7 +17,8 @@ Two ways to run it, which tests hold equal:
 
 * `forward_chunk` — the streaming path. One chunk of C latent frames attends to itself, to the previous chunk and
   to the sink, read from a `KVCache`; it writes its own keys/values back as the next "previous chunk".  Positions
-  are relative (Rolling RoPE): previous chunk at [0, C), current at [C, 2C), sink at C + sink_rope_offset.
+  are relative (Rolling RoPE, tables from `chunk_rope` once per session): previous chunk at [0, C), current at
+  [C, 2C), sink at C + sink_rope_offset.
 * `forward_full` — one pass over a whole sequence with an explicit attention mask: "full" (bidirectional, plain
   absolute positions; equals diffusers) or "block_sparse" (the causal chunk mask, every chunk seeing its own
   copy of the sink at its relative position):
@@ -45,7 +46,7 @@ from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.transformer_wan import WanTimeTextImageEmbedding
 
 from .attention import attention, attention_with_optional_keys
-from .cache import ChunkAudio, ConditionCache, KVCache
+from .cache import ChunkAudio, ChunkRope, ConditionCache, KVCache
 from .config import DiTConfig
 from .rope import apply_rope, rope_tables
 
@@ -325,24 +326,32 @@ class CausalAvatarDiT(nn.Module):
             hidden = block(hidden, modulation, frames, self_attention, self._context(cond, index), None, 0)
         return torch.stack(keys), torch.stack(values)
 
+    def chunk_rope(self, chunk_frames: int, grid_height: int, grid_width: int, sink_frames: int,
+                   sink_rope_offset: int, device=None) -> ChunkRope:
+        """The session's RoPE tables for the streaming path (see `ChunkRope`); grid = post-patch tokens."""
+        device = device or next(self.parameters()).device
+        head_dim, theta = self.config.head_dim, self.config.rope_theta
+        sink_start = chunk_frames + sink_rope_offset
+
+        def tables(first: int, count: int):
+            return rope_tables(torch.arange(first, first + count, device=device), grid_height, grid_width,
+                               head_dim, theta)
+
+        positions = (0, 2 * chunk_frames - 1, sink_start, sink_start + sink_frames - 1)
+        return ChunkRope(current=tables(chunk_frames, chunk_frames), previous=tables(0, chunk_frames),
+                         sink=tables(sink_start, sink_frames), frame_positions=(min(positions), max(positions)))
+
     def forward_chunk(self, latents: torch.Tensor, step_index: int, cache: KVCache, cond: ConditionCache,
-                      audio: ChunkAudio | None, sink_rope_offset: int,
+                      audio: ChunkAudio | None, rope: ChunkRope,
                       latent_condition: torch.Tensor | None = None) -> torch.Tensor:
         """One chunk at one denoising step, attending to [sink | previous chunk | itself] through `cache`.
 
         latents [B, 16, C, h, w] (noisy, this step's noise level); step_index selects this step's modulation in
-        `cond`; writes this chunk's keys/values into `cache` as the next previous chunk.
+        `cond`; rope from `chunk_rope`. Writes this chunk's keys/values into `cache` as the next previous chunk.
         Returns the velocity [B, 16, C, h, w].
         """
         hidden, grid = self._embed(latents, latent_condition)
-        frames, height, width = grid
-        sink_frames = cache.sink_key.shape[2] // (height * width)
-        head_dim, theta, device = self.config.head_dim, self.config.rope_theta, hidden.device
-        cos_cur, sin_cur = rope_tables(torch.arange(frames, 2 * frames, device=device), height, width, head_dim, theta)
-        cos_prev, sin_prev = rope_tables(torch.arange(frames, device=device), height, width, head_dim, theta)
-        sink_start = frames + sink_rope_offset
-        cos_sink, sin_sink = rope_tables(torch.arange(sink_start, sink_start + sink_frames, device=device),
-                                         height, width, head_dim, theta)
+        (cos_cur, sin_cur), (cos_prev, sin_prev), (cos_sink, sin_sink) = rope.current, rope.previous, rope.sink
         modulation = cond.step_modulation[step_index][:, None]
         for index, block in enumerate(self.blocks):
             def self_attention(query, key, value, index=index):
@@ -355,7 +364,7 @@ class CausalAvatarDiT(nn.Module):
                 cache.prev_value[index].copy_(value)
                 return out
 
-            hidden = block(hidden, modulation, frames, self_attention, self._context(cond, index), audio, 0)
+            hidden = block(hidden, modulation, grid[0], self_attention, self._context(cond, index), audio, 0)
         cache.prev_valid.fill_(True)
         return self._head(hidden, cond.step_temb[step_index][:, None], grid)
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from .audio import AudioConfig, AudioFrontend, AudioStreamState
-from .cache import ConditionCache, KVCache
+from .cache import ChunkRope, ConditionCache, KVCache
 from .checkpoint import load_facecast_checkpoint
 from .config import ConfigError, PresetConfig, StreamConfig, get_preset
 from .dit import CausalAvatarDiT
@@ -112,6 +112,7 @@ class SessionState:
     stream: StreamConfig
     schedule: list[Timestep]
     condition: ConditionCache
+    rope: ChunkRope
     caches: list[KVCache]
     decode_cache: DecodeCache
     regions: torch.Tensor                  # [1, K, S]
@@ -243,6 +244,8 @@ class AvatarEngine:
         frontend = self.frontend(stream.fps)
         state = SessionState(
             session_id=session_id, stream=stream, schedule=schedule, condition=condition, caches=caches,
+            rope=dit.chunk_rope(stream.chunk_latent_frames, grid_h, grid_w, stream.sink_frames,
+                                stream.sink_rope_offset),
             decode_cache=self.vae.new_decode_cache(), regions=region_masks(characters, grid_h, grid_w).to(self.device),
             characters=[_CharacterAudio(state=frontend.new_state()) for _ in characters],
             generator=torch.Generator(device=self.device).manual_seed(stream.seed),
@@ -383,7 +386,7 @@ class AvatarEngine:
         if stream.solver == "renoise":
             renoise = torch.randn((stream.steps, 1, 16, chunk, height, width), generator=state.generator,
                                   device=self.device, dtype=torch.float32).to(self.dtype)
-        cond = ChunkCondition(state.condition, audio, stream.sink_rope_offset, stream.solver, renoise)
+        cond = ChunkCondition(state.condition, audio, state.rope, stream.solver, renoise)
         latents = noise
         for t, t_next in zip(state.schedule[:-1], state.schedule[1:]):
             step_started = time.perf_counter()

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import ChunkAudio, ConditionCache, KVCache
+from .cache import ChunkAudio, ChunkRope, ConditionCache, KVCache
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class ChunkCondition:
 
     condition: the session's precomputed `ConditionCache`
     audio: this chunk's audio tokens (None: no audio branch)
-    sink_rope_offset: sink frame position relative to the current chunk (Rolling RoPE)
+    rope: the session's RoPE tables (`CausalAvatarDiT.chunk_rope`; Rolling RoPE, fixed positions)
     solver: "euler" or "renoise"
     renoise: [S, B, 16, C, h, w] fresh noise per step for the "renoise" solver (None for "euler")
     latent_condition: extra input channels for I2V-layout checkpoints (None: zeros)
@@ -59,7 +59,7 @@ class ChunkCondition:
 
     condition: ConditionCache
     audio: ChunkAudio | None
-    sink_rope_offset: int
+    rope: ChunkRope
     solver: str = "euler"
     renoise: torch.Tensor | None = None
     latent_condition: torch.Tensor | None = None
@@ -72,7 +72,7 @@ def step(model, latents: torch.Tensor, t: Timestep, t_next: Timestep, cache: KVC
     latents: [B, 16, C, h, w] at noise level t.sigma. The cache is this step's own (built from this step's noisy
     inputs of the previous chunk); it is updated with this chunk's keys/values and returned.
     """
-    velocity = model.forward_chunk(latents, t.index, cache, cond.condition, cond.audio, cond.sink_rope_offset,
+    velocity = model.forward_chunk(latents, t.index, cache, cond.condition, cond.audio, cond.rope,
                                    cond.latent_condition)
     if cond.solver == "euler":
         latents = (latents.float() + (t_next.sigma - t.sigma) * velocity.float()).to(latents.dtype)

@@ -46,7 +46,8 @@ def chunked(model, schedule, text, reference, features, speaking, regions, noise
     for index, noise in enumerate(noises):
         frames = slice(index * chunk_frames, (index + 1) * chunk_frames)
         audio = model.project_audio(features[:, :, frames], speaking[:, :, frames], regions)
-        outputs.append(sample_chunk(model, noise, schedule, caches, ChunkCondition(cond, audio, offset)))
+        rope = model.chunk_rope(chunk_frames, H // 2, W // 2, sink_frames, offset)
+        outputs.append(sample_chunk(model, noise, schedule, caches, ChunkCondition(cond, audio, rope)))
     return torch.cat(outputs, dim=2), caches, cond
 
 
@@ -124,7 +125,8 @@ def test_pipeline_with_one_worker_per_step_equals_sequential_sampling():
             return caches
 
         conds = [ChunkCondition(cond, model.project_audio(features[:, :, 3 * i:3 * i + 3],
-                                                          speaking[:, :, 3 * i:3 * i + 3], regions), 3)
+                                                          speaking[:, :, 3 * i:3 * i + 3], regions),
+                                model.chunk_rope(3, H // 2, W // 2, 1, 3))
                  for i in range(len(noises))]
 
         def adaptive_sink(caches):
@@ -182,10 +184,11 @@ def test_audio_window_is_local_and_region_masked():
         cache = model.allocate_cache(1, 1, 3, S)
         key, value = model.compute_sink(reference, cond)
         cache.set_sink(key, value)
-        out_a = model.forward_chunk(noises[0], 0, cache.clone(), cond, model.project_audio(features, speaking,
-                                                                                          regions), 3)
-        out_b = model.forward_chunk(noises[0], 0, cache.clone(), cond, model.project_audio(other, speaking,
-                                                                                          regions), 3)
+        rope = model.chunk_rope(3, H // 2, W // 2, 1, 3)
+        out_a = model.forward_chunk(noises[0], 0, cache.clone(), cond,
+                                    model.project_audio(features, speaking, regions), rope)
+        out_b = model.forward_chunk(noises[0], 0, cache.clone(), cond,
+                                    model.project_audio(other, speaking, regions), rope)
     changed = (out_a - out_b).abs().amax(dim=(0, 1, 2))  # [H, W]
     # With one block the audio of character 0 (left half) reaches the right half only through self-attention in
     # later blocks — there are none, so the right half is untouched.
@@ -214,7 +217,7 @@ def test_compiled_step_does_not_recompile_across_chunks():
         for index, noise in enumerate(noises):
             audio = model.project_audio(features[:, :, 3 * index:3 * index + 3],
                                         speaking[:, :, 3 * index:3 * index + 3], regions)
-            chunk_cond = ChunkCondition(cond, audio, 3)
+            chunk_cond = ChunkCondition(cond, audio, model.chunk_rope(3, H // 2, W // 2, 1, 3))
             latents = noise
             for t, t_next in zip(schedule[:-1], schedule[1:]):
                 latents, caches[t.index] = compiled(model, latents, t, t_next, caches[t.index], chunk_cond)

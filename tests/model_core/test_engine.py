@@ -214,7 +214,9 @@ def test_thousand_chunk_rollout_stays_bounded(engine, monkeypatch):
             if chunks >= 1000:
                 break
     engine.close_session(session)
-    assert max(positions) <= 2 * stream.chunk_latent_frames + abs(stream.sink_rope_offset) + stream.sink_frames
+    bound = 2 * stream.chunk_latent_frames + abs(stream.sink_rope_offset) + stream.sink_frames
+    assert max(positions) <= bound
+    assert max(abs(p) for p in state.rope.frame_positions) <= bound
     assert max(state_sizes) - min(state_sizes) <= 64 * 1024, state_sizes
     growth_mib = (rss[-1] - rss[1]) / 2**20
     assert growth_mib < 40, f"RSS grew {growth_mib:.1f} MiB between chunk 200 and chunk 1000: {rss}"
