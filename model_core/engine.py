@@ -173,7 +173,7 @@ class AvatarEngine:
             note = f"weights: {checkpoint}"
         else:
             feature_dim = AudioFrontend(audio_config).feature_dim
-            dit = random_dit(dataclasses.replace(preset.dit, audio_dim=feature_dim), seed)
+            dit = random_dit(dataclasses.replace(preset.dit, audio_dim=feature_dim), seed, device, dtype)
             vae = StreamingVAE.from_config(preset.vae, seed=seed)
             note = "weights: RANDOM (no trained checkpoint given) - the video shows noise, not a face"
         vae = StreamingVAE(vae.vae.to(device=device))
@@ -438,15 +438,18 @@ class AvatarEngine:
                           timings=timings, final=final)
 
 
-def random_dit(config, seed: int) -> CausalAvatarDiT:
+def random_dit(config, seed: int, device="cpu", dtype=torch.float32) -> CausalAvatarDiT:
     """A model with seeded random weights everywhere (the zero-initialised audio value projection included,
-    so audio changes the output as it would in a trained model)."""
-    with torch.random.fork_rng(devices=[]):
+    so audio changes the output as it would in a trained model). Built directly on `device`, so the
+    wan-14b shape never materialises in host memory; the same seed gives the same weights on the same device type.
+    """
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
         torch.manual_seed(seed)
         model = CausalAvatarDiT(config)
         for block in model.blocks:
             torch.nn.init.normal_(block.attn2.audio_v_proj.weight, std=config.dim ** -0.5)
-    return model
+    return model.to(dtype)
 
 
 def region_masks(characters: list[Character], grid_h: int, grid_w: int) -> torch.Tensor:
