@@ -89,7 +89,7 @@ def test_interleaved_sessions_equal_each_alone(engine):
 
 def test_adaptive_sink_replaces_the_reference_with_the_first_generated_frame(engine):
     session = engine.open_session(reference_image(), "")
-    state = engine.session(session)
+    state = engine.session(session).score
     reference_sink = state.caches[0].sink_key.clone()
     chunks = []
     for pcm in iter_pieces(speech(1.2, seed=6), 640):
@@ -98,17 +98,17 @@ def test_adaptive_sink_replaces_the_reference_with_the_first_generated_frame(eng
             break
     first_latent = chunks[0].latents[None, :, :1]
     expected_key, _ = engine.dit.compute_sink(first_latent, state.condition)
-    for cache in state.caches:
+    for cache in state.caches.values():
         torch.testing.assert_close(cache.sink_key, expected_key)
     assert not torch.allclose(reference_sink, expected_key)
     engine.close_session(session)
 
     fixed = engine.open_session(reference_image(), "", engine.stream_config(adaptive_sink=False))
-    before = engine.session(fixed).caches[0].sink_key.clone()
+    before = engine.session(fixed).score.caches[0].sink_key.clone()
     for pcm in iter_pieces(speech(1.2, seed=6), 640):
         if engine.push_audio(fixed, pcm, 16000):
             break
-    torch.testing.assert_close(engine.session(fixed).caches[0].sink_key, before, atol=0, rtol=0)
+    torch.testing.assert_close(engine.session(fixed).score.caches[0].sink_key, before, atol=0, rtol=0)
     engine.close_session(fixed)
 
 
@@ -177,12 +177,12 @@ def _rss_bytes() -> int:
 
 
 def _state_bytes(state) -> int:
-    tensors = [t for cache in state.caches for t in (cache.sink_key, cache.sink_value, cache.prev_key,
-                                                     cache.prev_value)]
-    tensors += [f for audio in state.characters for f in audio.features]
+    tensors = [t for cache in state.score.caches.values() for t in (cache.sink_key, cache.sink_value, cache.prev_key,
+                                                                    cache.prev_value)]
+    tensors += [f for audio in state.audio.characters for f in audio.features]
     total = sum(t.numel() * t.element_size() for t in tensors)
-    total += sum(a.nbytes for a in state.pcm) + sum(f.nbytes for f in state.decode_cache.features
-                                                    if isinstance(f, torch.Tensor))
+    total += sum(a.nbytes for a in state.audio.pcm) + sum(f.nbytes for f in state.decode.features
+                                                          if isinstance(f, torch.Tensor))
     return total
 
 
@@ -216,7 +216,7 @@ def test_thousand_chunk_rollout_stays_bounded(engine, monkeypatch):
     engine.close_session(session)
     bound = 2 * stream.chunk_latent_frames + abs(stream.sink_rope_offset) + stream.sink_frames
     assert max(positions) <= bound
-    assert max(abs(p) for p in state.rope.frame_positions) <= bound
+    assert max(abs(p) for p in state.score.rope.frame_positions) <= bound
     assert max(state_sizes) - min(state_sizes) <= 64 * 1024, state_sizes
     growth_mib = (rss[-1] - rss[1]) / 2**20
     assert growth_mib < 40, f"RSS grew {growth_mib:.1f} MiB between chunk 200 and chunk 1000: {rss}"

@@ -1,0 +1,386 @@
+"""The three Ray-free stages a chunk passes through, each owning its per-session state explicitly.
+
+    AudioStage   pcm -> per-video-frame features -> one `ChunkAudioInput` per chunk whose audio window is complete
+    ScoreStage   ChunkAudioInput -> noise -> denoising steps (each with its own KV cache) -> clean latents
+    DecodeStage  clean latents -> streaming VAE decode (per-session decode cache) -> RGB frames
+
+`AvatarEngine` runs the three in one process; the Ray Serve deployments host the very same classes on different
+workers (score and VAE on different GPUs), so both produce the same frames for the same seed.  What moves between
+stages is small and explicit: `ChunkAudioInput` (features of one chunk), latents, and for the adaptive sink the
+first clean latent frame.  A `ScoreStage` may own every denoising step (sequential, the TalkingMachines 1-GPU score)
+or a subset (one stage per step, Live Avatar's pipeline); the step function is the same.
+
+Timeline (r = 4 video frames per latent frame, h = 2 latent frames of audio lookahead, C = chunk latent frames):
+latent frame f shows video frames [r*f - (r-1), r*f] (frame 0 alone) and its audio tokens are the features of video
+frames [r*(f-h) - (r-1), r*(f+h)].  A chunk is ready once features exist up to video frame r*(last latent + h).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .audio import AudioConfig, AudioFrontend, AudioStreamState
+from .cache import ChunkAudio, ChunkRope, ConditionCache, KVCache
+from .config import ConfigError, DiTConfig, StreamConfig
+from .dit import CausalAvatarDiT
+from .sampler import ChunkCondition, Timestep, flow_schedule, step
+from .vae import DecodeCache, StreamingVAE
+
+# ============================================================================================ audio
+
+
+@dataclass
+class ChunkAudioInput:
+    """One chunk's worth of audio conditioning and bookkeeping, produced by `AudioStage`.
+
+    features: [1, K, C, T, D] float (CPU) per character, latent frame and window token; speaking: [1, K, C, T] bool.
+    first_frame/num_frames: the video frames this chunk will show (already trimmed at the end of input).
+    audio_pcm: the input audio those frames cover (float32 mono at sample_rate_hz).
+    """
+
+    session_id: str
+    chunk_index: int
+    features: torch.Tensor
+    speaking: torch.Tensor
+    first_frame: int
+    num_frames: int
+    fps: float
+    audio_pcm: np.ndarray
+    sample_rate_hz: int
+    final: bool
+    audio_s: float = 0.0
+
+    @property
+    def audio_start_s(self) -> float:
+        return self.first_frame / self.fps
+
+    @property
+    def audio_end_s(self) -> float:
+        return (self.first_frame + self.num_frames) / self.fps
+
+
+@dataclass
+class CharacterAudio:
+    """One character's audio: front-end state and the features not yet consumed."""
+
+    state: AudioStreamState
+    features: list[torch.Tensor] = field(default_factory=list)  # consecutive rows starting at `base_frame`
+    speaking: list[torch.Tensor] = field(default_factory=list)
+    base_frame: int = 0
+    frames: int = 0            # total video frames of features received
+    speaking_now: bool = True
+
+
+@dataclass
+class AudioSession:
+    session_id: str
+    stream: StreamConfig
+    characters: list[CharacterAudio]
+    chunk_index: int = 0
+    input_ended: bool = False
+    total_frames: int | None = None
+    frames_emitted: int = 0
+    sample_rate_hz: int | None = None
+    pcm: list[np.ndarray] = field(default_factory=list)   # character 0's input not yet covered by emitted frames
+    pcm_base_sample: int = 0
+
+
+class AudioStage:
+    """Streaming audio -> per-chunk audio windows. One instance serves any number of sessions."""
+
+    def __init__(self, audio_config: AudioConfig, dit_config: DiTConfig, dtype=torch.float32):
+        self.audio_config = audio_config
+        self.ratio = dit_config.temporal_compression
+        self.half = dit_config.audio_lookahead_latent_frames
+        self.tokens = dit_config.audio_tokens_per_frame
+        self.audio_dim = dit_config.audio_dim
+        self.dtype = dtype
+        self._frontends: dict[float, AudioFrontend] = {}
+
+    def frontend(self, fps: float) -> AudioFrontend:
+        if fps not in self._frontends:
+            config = AudioConfig(**{**self.audio_config.__dict__, "fps": fps})
+            self._frontends[fps] = AudioFrontend(config)
+        return self._frontends[fps]
+
+    def open(self, session_id: str, stream: StreamConfig, num_characters: int) -> AudioSession:
+        frontend = self.frontend(stream.fps)
+        return AudioSession(session_id, stream, [CharacterAudio(frontend.new_state()) for _ in range(num_characters)])
+
+    def character(self, session: AudioSession, character: int) -> CharacterAudio:
+        if not 0 <= character < len(session.characters):
+            raise ConfigError(f"character={character} is invalid; this session has characters "
+                              f"0..{len(session.characters) - 1}")
+        return session.characters[character]
+
+    def set_speaking(self, session: AudioSession, character: int, speaking: bool) -> None:
+        self.character(session, character).speaking_now = bool(speaking)
+
+    def push(self, session: AudioSession, pcm, sample_rate_hz: int, character: int = 0) -> list[ChunkAudioInput]:
+        """pcm: [S] mono int16 or float in [-1, 1]. Returns the inputs of every chunk that became ready."""
+        if session.input_ended:
+            raise ConfigError(f"session {session.session_id!r}: end_of_input was already sent; no more audio is "
+                              "accepted")
+        audio = self.character(session, character)
+        started = time.perf_counter()
+        audio.state, features = self.frontend(session.stream.fps).push(audio.state, pcm, sample_rate_hz)
+        self._append(audio, features)
+        if character == 0:
+            self._keep_pcm(session, pcm, sample_rate_hz)
+        return self._ready(session, time.perf_counter() - started)
+
+    def end(self, session: AudioSession) -> list[ChunkAudioInput]:
+        """No more audio: pad with silence; returns the remaining chunks (the last one is final)."""
+        if session.input_ended:
+            return []
+        started = time.perf_counter()
+        frontend = self.frontend(session.stream.fps)
+        for audio in session.characters:
+            audio.state, features = frontend.flush(audio.state)
+            self._append(audio, features)
+        session.input_ended = True
+        session.total_frames = session.characters[0].frames
+        return self._ready(session, time.perf_counter() - started)
+
+    # ---------------------------------------------------------------- internals
+
+    def _append(self, audio: CharacterAudio, features: torch.Tensor) -> None:
+        if features.shape[0]:
+            audio.features.append(features.to("cpu", self.dtype))
+            audio.speaking.append(torch.full((features.shape[0],), audio.speaking_now, dtype=torch.bool))
+            audio.frames += features.shape[0]
+
+    def _keep_pcm(self, session: AudioSession, pcm, sample_rate_hz: int) -> None:
+        array = np.asarray(pcm)
+        array = array.astype(np.float32) / 32768.0 if array.dtype == np.int16 else array.astype(np.float32)
+        if session.sample_rate_hz is None:
+            session.sample_rate_hz = int(sample_rate_hz)
+        session.pcm.append(array.reshape(-1))
+
+    def total_latents(self, session: AudioSession) -> int:
+        return 1 + math.ceil(max(session.total_frames - 1, 0) / self.ratio)
+
+    def _is_ready(self, session: AudioSession) -> bool:
+        chunk = session.stream.chunk_latent_frames
+        first_latent = session.chunk_index * chunk
+        if session.input_ended:
+            return bool(session.total_frames) and first_latent < self.total_latents(session)
+        needed_video = self.ratio * (first_latent + chunk - 1 + self.half)
+        return max(audio.frames for audio in session.characters) > needed_video
+
+    def _ready(self, session: AudioSession, audio_s: float) -> list[ChunkAudioInput]:
+        inputs = []
+        while self._is_ready(session):
+            inputs.append(self._cut(session, audio_s))
+            audio_s = 0.0
+        return inputs
+
+    def _window(self, session: AudioSession, first_video: int, count: int, keep_from: int):
+        """features [1, K, count, D] and speaking [1, K, count] for video frames [first_video, +count).
+
+        Frames before 0 or beyond what a character has sent are silence (speaking False, zero features).
+        Drops buffered rows before `keep_from`, so memory stays bounded.
+        """
+        feats, speaking = [], []
+        for audio in session.characters:
+            rows = torch.cat(audio.features) if audio.features else torch.zeros(0, self.audio_dim, dtype=self.dtype)
+            talk = torch.cat(audio.speaking) if audio.speaking else torch.zeros(0, dtype=torch.bool)
+            index = torch.arange(first_video, first_video + count) - audio.base_frame
+            valid = (index >= 0) & (index < rows.shape[0])
+            safe = index.clamp(0, max(rows.shape[0] - 1, 0))
+            window = rows[safe] if rows.shape[0] else torch.zeros(count, self.audio_dim, dtype=self.dtype)
+            feats.append(torch.where(valid[:, None], window, torch.zeros_like(window)))
+            speaking.append(valid & (talk[safe] if talk.shape[0] else torch.zeros(count, dtype=torch.bool)))
+            drop = max(0, min(keep_from - audio.base_frame, rows.shape[0]))
+            audio.features = [rows[drop:]] if rows.shape[0] > drop else []
+            audio.speaking = [talk[drop:]] if talk.shape[0] > drop else []
+            audio.base_frame += drop
+        return torch.stack(feats)[None], torch.stack(speaking)[None]
+
+    def _cut(self, session: AudioSession, audio_s: float) -> ChunkAudioInput:
+        ratio, half, chunk = self.ratio, self.half, session.stream.chunk_latent_frames
+        first_latent = session.chunk_index * chunk
+        first_video = ratio * (first_latent - half) - (ratio - 1)
+        span = ratio * (chunk - 1) + self.tokens
+        next_first = ratio * (first_latent + chunk - half) - (ratio - 1)
+        features, speaking = self._window(session, first_video, span, keep_from=next_first)
+        offsets = (torch.arange(chunk) * ratio)[:, None] + torch.arange(self.tokens)[None]
+        num_frames = chunk * ratio - ((ratio - 1) if session.chunk_index == 0 else 0)
+        final = False
+        if session.input_ended:
+            num_frames = max(0, min(num_frames, session.total_frames - session.frames_emitted))
+            final = (session.chunk_index + 1) * chunk >= self.total_latents(session)
+        first_frame = session.frames_emitted
+        pcm = self._take_pcm(session, first_frame, num_frames)
+        inputs = ChunkAudioInput(
+            session_id=session.session_id, chunk_index=session.chunk_index, features=features[:, :, offsets],
+            speaking=speaking[:, :, offsets], first_frame=first_frame, num_frames=num_frames,
+            fps=session.stream.fps, audio_pcm=pcm, sample_rate_hz=session.sample_rate_hz or 16000, final=final,
+            audio_s=audio_s)
+        session.frames_emitted += num_frames
+        session.chunk_index += 1
+        return inputs
+
+    def _take_pcm(self, session: AudioSession, first_frame: int, num_frames: int) -> np.ndarray:
+        fps, rate = session.stream.fps, session.sample_rate_hz or 16000
+        pcm = np.concatenate(session.pcm) if session.pcm else np.zeros(0, np.float32)
+        begin = max(0, round(first_frame / fps * rate) - session.pcm_base_sample)
+        end = max(begin, round((first_frame + num_frames) / fps * rate) - session.pcm_base_sample)
+        taken = pcm[begin:end].copy()
+        session.pcm = [pcm[end:]] if pcm.shape[0] > end else []
+        session.pcm_base_sample += min(end, pcm.shape[0])
+        return taken
+
+
+# ============================================================================================ score
+
+
+@dataclass
+class ScoreSession:
+    """A session's score state on one stage: conditioning, the caches of the steps this stage owns, noise RNG."""
+
+    session_id: str
+    stream: StreamConfig
+    schedule: list[Timestep]
+    condition: ConditionCache
+    rope: ChunkRope
+    caches: dict[int, KVCache]            # step index -> cache (only the steps this stage owns)
+    regions: torch.Tensor                 # [1, K, S]
+    generator: torch.Generator
+    latent_shape: tuple[int, int, int]    # (C, h, w)
+    chunk_index: int = 0
+
+    @property
+    def steps(self) -> list[int]:
+        return sorted(self.caches)
+
+
+@dataclass
+class NoisyChunk:
+    """What flows between score stages: a chunk's latents at some noise level plus what later steps need."""
+
+    session_id: str
+    chunk_index: int
+    latents: torch.Tensor                 # [1, 16, C, h, w]
+    audio: ChunkAudio                     # projected audio tokens
+    renoise: torch.Tensor | None          # [S, 1, 16, C, h, w] for the "renoise" solver
+    step_s: list[float] = field(default_factory=list)
+
+
+class ScoreStage:
+    """The causal DiT and the denoising steps. Owns either every step (sequential) or a subset (pipelined)."""
+
+    def __init__(self, dit: CausalAvatarDiT, device="cpu", dtype=torch.float32, step_fn=step):
+        self.dit = dit.to(device=device, dtype=dtype).eval()
+        self.device, self.dtype = torch.device(device), dtype
+        self.step_fn = step_fn
+
+    @torch.no_grad()
+    def open(self, session_id: str, stream: StreamConfig, reference_latent: torch.Tensor, text_states: torch.Tensor,
+             regions: torch.Tensor, steps: list[int] | None = None) -> ScoreSession:
+        """reference_latent [1, 16, 1, h, w]; text_states [1, Lt, text_dim]; regions [1, K, S]; steps: owned step
+        indices (None: all)."""
+        dit = self.dit
+        reference_latent = reference_latent.to(self.device, self.dtype)
+        schedule = flow_schedule(stream.steps, stream.shift)
+        step_timesteps = torch.tensor([t.model_timestep for t in schedule[:-1]], device=self.device)
+        condition = dit.prepare_conditions(text_states.to(self.device, self.dtype),
+                                           dit.reference_tokens(reference_latent), step_timesteps)
+        _, _, _, height, width = reference_latent.shape
+        p_h, p_w = dit.config.patch_size[1:]
+        grid_h, grid_w = height // p_h, width // p_w
+        owned = list(range(stream.steps)) if steps is None else sorted(steps)
+        caches = {k: dit.allocate_cache(1, stream.sink_frames, stream.chunk_latent_frames, grid_h * grid_w)
+                  for k in owned}
+        session = ScoreSession(
+            session_id=session_id, stream=stream, schedule=schedule, condition=condition,
+            rope=dit.chunk_rope(stream.chunk_latent_frames, grid_h, grid_w, stream.sink_frames,
+                                stream.sink_rope_offset),
+            caches=caches, regions=regions.to(self.device),
+            generator=torch.Generator(device=self.device).manual_seed(stream.seed),
+            latent_shape=(stream.chunk_latent_frames, height, width))
+        self.set_sink(session, reference_latent)
+        return session
+
+    @torch.no_grad()
+    def set_sink(self, session: ScoreSession, sink_latent: torch.Tensor) -> None:
+        """sink_latent [1, 16, 1, h, w]: recompute the sink's keys/values (t = 0) in every owned cache."""
+        sink = sink_latent.to(self.device, self.dtype).repeat(1, 1, session.stream.sink_frames, 1, 1)
+        key, value = self.dit.compute_sink(sink, session.condition)
+        for cache in session.caches.values():
+            cache.set_sink(key, value)
+
+    @torch.no_grad()
+    def begin_chunk(self, session: ScoreSession, audio_input: ChunkAudioInput) -> NoisyChunk:
+        """First stage only: project the chunk's audio and draw its noise from the session's generator."""
+        stream = session.stream
+        chunk, height, width = session.latent_shape
+        audio = self.dit.project_audio(audio_input.features.to(self.device, self.dtype),
+                                       audio_input.speaking.to(self.device), session.regions)
+        noise = torch.randn((1, 16, chunk, height, width), generator=session.generator, device=self.device,
+                            dtype=torch.float32).to(self.dtype)
+        renoise = None
+        if stream.solver == "renoise":
+            renoise = torch.randn((stream.steps, 1, 16, chunk, height, width), generator=session.generator,
+                                  device=self.device, dtype=torch.float32).to(self.dtype)
+        return NoisyChunk(session.session_id, audio_input.chunk_index, noise, audio, renoise)
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.no_grad()
+    def run_steps(self, session: ScoreSession, chunk: NoisyChunk) -> NoisyChunk:
+        """Run the steps this stage owns on `chunk` (latents at the first owned step's noise level)."""
+        cond = ChunkCondition(session.condition, chunk.audio, session.rope, session.stream.solver, chunk.renoise)
+        latents = chunk.latents.to(self.device, self.dtype)
+        for index in session.steps:
+            t, t_next = session.schedule[index], session.schedule[index + 1]
+            started = time.perf_counter()
+            latents, session.caches[index] = self.step_fn(self.dit, latents, t, t_next, session.caches[index], cond)
+            self._synchronize()
+            chunk.step_s.append(time.perf_counter() - started)
+        chunk.latents = latents
+        session.chunk_index = chunk.chunk_index + 1
+        return chunk
+
+    @torch.no_grad()
+    def denoise(self, session: ScoreSession, audio_input: ChunkAudioInput) -> NoisyChunk:
+        """Sequential: every step of one chunk, then (chunk 0) the adaptive sink. Returns clean latents."""
+        chunk = self.run_steps(session, self.begin_chunk(session, audio_input))
+        if chunk.chunk_index == 0 and session.stream.adaptive_sink:
+            self.set_sink(session, chunk.latents[:, :, :1])
+        return chunk
+
+
+# ============================================================================================ decode
+
+
+class DecodeStage:
+    """Reference encoding and streaming decode on one VAE, any number of sessions (each its own DecodeCache)."""
+
+    def __init__(self, vae: StreamingVAE):
+        self.vae = vae
+
+    @torch.no_grad()
+    def encode_reference(self, image: torch.Tensor) -> torch.Tensor:
+        """image [3, H, W] in [-1, 1] -> normalised latent [1, 16, 1, H/8, W/8] (float32, CPU)."""
+        return self.vae.encode_image(image[None].to(self.vae.device)).float().cpu()
+
+    def open(self) -> DecodeCache:
+        return self.vae.new_decode_cache()
+
+    @torch.no_grad()
+    def decode(self, cache: DecodeCache, latents: torch.Tensor, num_frames: int) -> tuple[torch.Tensor, float]:
+        """latents [1, 16, C, h, w] -> (frames [num_frames, 3, H, W] float32 CPU in [-1, 1], seconds)."""
+        started = time.perf_counter()
+        frames, _ = self.vae.decode_chunk(latents, cache)
+        if self.vae.device.type == "cuda":
+            torch.cuda.synchronize(self.vae.device)
+        frames = frames[0].transpose(0, 1)[:num_frames].float().cpu()
+        return frames, time.perf_counter() - started
