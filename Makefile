@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.facecast-installed
 OUT     ?= out
 PRESET  ?= small
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench clean redis-server
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -24,8 +24,16 @@ demo: $(STAMP)
 	$(VENV)/bin/facecast generate --image assets/reference.png --audio assets/speech.wav \
 		--out $(OUT)/demo.mp4 --preset $(PRESET)
 
+## redis-server: the session store's real server for tests and `facecast serve` (Debian package; needs root)
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian redis-server"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	  else echo "redis-server is missing: install it (Debian: sudo apt-get install redis-server)"; exit 1; fi; }
+
 ## test: everything that runs on a CPU machine (GPU tests skip themselves without CUDA)
-test: $(STAMP)
+test: $(STAMP) redis-server
 	OMP_NUM_THREADS=1 $(PY) -m pytest
 
 ## bench: the engine benchmark on the CPU demo preset

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from .audio import AudioConfig, AudioFrontend
-from .checkpoint import load_facecast_checkpoint
+from .checkpoint import (VAE_PREFIX, dit_config_from_metadata, load_facecast_checkpoint, read_facecast_metadata,
+                         read_state_dict)
 from .config import ConfigError, PresetConfig, StreamConfig, get_preset
 from .dit import CausalAvatarDiT
 from .sampler import step
@@ -260,17 +261,36 @@ def make_video_chunk(inputs: ChunkAudioInput, frames: torch.Tensor, latents: tor
 def build_models(preset: PresetConfig, *, checkpoint: str | None, device, dtype, seed: int,
                  audio_config: AudioConfig) -> tuple[CausalAvatarDiT, StreamingVAE, str]:
     """The DiT and VAE for a preset, from a facecast checkpoint or seeded random weights, and a note saying which."""
+    dit, note = build_dit(preset, checkpoint=checkpoint, device=device, dtype=dtype, seed=seed,
+                          audio_config=audio_config)
+    return dit, build_vae(preset, checkpoint=checkpoint, device=device, seed=seed), note
+
+
+def dit_config_for(preset: PresetConfig, checkpoint: str | None, audio_config: AudioConfig):
+    """The DiT shape a preset/checkpoint gives (random weights: audio width follows the audio front-end)."""
     if checkpoint:
-        dit, metadata, vae_state = load_facecast_checkpoint(checkpoint)
-        vae = (StreamingVAE.from_state(metadata["vae_config"], vae_state) if vae_state
-               else StreamingVAE.from_config(preset.vae, seed=seed))
-        note = f"weights: {checkpoint}"
-    else:
-        feature_dim = AudioFrontend(audio_config).feature_dim
-        dit = random_dit(dataclasses.replace(preset.dit, audio_dim=feature_dim), seed, device, dtype)
-        vae = StreamingVAE.from_config(preset.vae, seed=seed)
-        note = "weights: RANDOM (no trained checkpoint given) - the video shows noise, not a face"
-    return dit, StreamingVAE(vae.vae.to(device=device)), note
+        return dit_config_from_metadata(read_facecast_metadata(checkpoint))
+    return dataclasses.replace(preset.dit, audio_dim=AudioFrontend(audio_config).feature_dim)
+
+
+def build_dit(preset: PresetConfig, *, checkpoint: str | None, device, dtype, seed: int,
+              audio_config: AudioConfig) -> tuple[CausalAvatarDiT, str]:
+    if checkpoint:
+        dit, _, _ = load_facecast_checkpoint(checkpoint, device=device, dtype=dtype)
+        return dit, f"weights: {checkpoint}"
+    dit = random_dit(dit_config_for(preset, None, audio_config), seed, device, dtype)
+    return dit, "weights: RANDOM (no trained checkpoint given) - the video shows noise, not a face"
+
+
+def build_vae(preset: PresetConfig, *, checkpoint: str | None, device, seed: int) -> StreamingVAE:
+    if checkpoint:
+        metadata = read_facecast_metadata(checkpoint)
+        if "vae_config" in metadata:
+            state = read_state_dict(checkpoint)
+            vae_state = {key[len(VAE_PREFIX):]: value for key, value in state.items() if key.startswith(VAE_PREFIX)}
+            return StreamingVAE.from_state(metadata["vae_config"], vae_state, device=device)
+    vae = StreamingVAE.from_config(preset.vae, seed=seed)
+    return StreamingVAE(vae.vae.to(device=device))
 
 
 def random_dit(config, seed: int, device="cpu", dtype=torch.float32) -> CausalAvatarDiT:

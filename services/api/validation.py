@@ -1,0 +1,391 @@
+"""Request validation for the public gRPC API: every bad input becomes an `ApiError` with the exact status code.
+
+Servicers call these functions first and turn an `ApiError` into the RPC's status:
+
+    try:
+        spec = validate_create(request, preset.stream, limits, preset=preset)
+    except ApiError as err:
+        context.abort(err.code, err.message)          # grpc.aio: await context.abort(err.code, err.message)
+
+Messages name the offending field the way the client spells it (`options.fps`, `characters[1].region`,
+`audio.sample_rate_hz`) together with the bad value and what is allowed; secrets (API keys, tokens) are never
+echoed. Status codes: INVALID_ARGUMENT for malformed input, UNIMPLEMENTED for LiveKit delivery (not available
+yet), UNAUTHENTICATED for a missing/unknown API key, PERMISSION_DENIED for a wrong session token. NOT_FOUND and
+RESOURCE_EXHAUSTED belong to the session registry / admission control, which raise `ApiError` themselves.
+
+Nothing here touches torch, Ray or the engine; the image is decoded with `services.media.decode_image_bytes`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import math
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+import PIL.Image
+
+from model_core.config import ConfigError, PresetConfig, StreamConfig
+from services.media import MediaError, decode_image_bytes
+
+FULL_FRAME: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)
+MIN_SAMPLE_RATE_HZ = 8000
+MAX_SAMPLE_RATE_HZ = 96000
+_OPTION_FIELDS = ("fps", "width", "height", "steps", "chunk_latent_frames")  # 0 means "server default"
+
+
+class ApiError(Exception):
+    """A request the API refuses: `code` is the gRPC status to return, `message` the client-facing detail."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+def _invalid(message: str) -> ApiError:
+    return ApiError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+@dataclass(frozen=True)
+class ApiLimits:
+    """Per-request limits; messages quote them."""
+
+    max_image_bytes: int = 10 * 2**20
+    """Largest encoded reference image accepted."""
+    max_prompt_chars: int = 2000
+    """Longest prompt (CreateSession and UpdateSession)."""
+    max_audio_s_per_message: float = 10.0
+    """Most seconds of audio in one AudioInput message."""
+    max_characters: int = 8
+    """Most on-screen characters per session."""
+    max_image_pixels: int = 40_000_000
+    """Largest decoded reference image (width x height), checked from the header before decoding."""
+    max_owner_chars: int = 256
+    """Longest `owner` string."""
+
+
+@dataclass(frozen=True)
+class CreateSpec:
+    """A validated CreateSession request, ready for the session manager."""
+
+    image: PIL.Image.Image
+    """The reference image, decoded to RGB (not yet cropped or resized)."""
+    prompt: str
+    stream: StreamConfig
+    """Effective stream options: the preset's defaults with the request's options applied."""
+    characters: list[tuple[float, float, float, float]] = field(default_factory=lambda: [FULL_FRAME])
+    """Regions (x0, y0, x1, y1) in fractions of the frame; one full-frame character when none were given."""
+    owner: str = ""
+
+
+@dataclass(frozen=True)
+class UpdateSpec:
+    """A validated UpdateSession request: `prompt` is None when unchanged; `speaking` as (character, speaking)."""
+
+    prompt: str | None
+    speaking: list[tuple[int, bool]]
+
+
+# --------------------------------------------------------------------------------------------------------------- #
+# CreateSession
+# --------------------------------------------------------------------------------------------------------------- #
+
+def _check_prompt(prompt: str, limits: ApiLimits) -> str:
+    if len(prompt) > limits.max_prompt_chars:
+        raise _invalid(f"prompt is {len(prompt)} characters long; at most {limits.max_prompt_chars} are allowed")
+    return prompt
+
+
+def _apply_options(request, preset_stream: StreamConfig, preset: PresetConfig | None) -> StreamConfig:
+    stream = preset_stream
+    if request.HasField("options"):
+        options = request.options
+        changes: dict = {}
+        for name in _OPTION_FIELDS:
+            value = getattr(options, name)
+            if value:  # 0 / unset -> server default
+                changes[name] = float(value) if name == "fps" else int(value)
+        if options.HasField("seed"):
+            changes["seed"] = int(options.seed)
+        for name, value in changes.items():  # one at a time, so the error names the exact field
+            try:
+                stream.replace(**{name: value})
+            except ConfigError as exc:
+                text = str(exc)
+                raise _invalid(f"options.{text}" if text.startswith(f"{name}=") else f"options.{name}: {text}") \
+                    from None
+        try:
+            stream = stream.replace(**changes)
+        except ConfigError as exc:  # pragma: no cover - every field was checked alone above
+            raise _invalid(f"options: {exc}") from None
+    if preset is not None:
+        try:
+            preset.check_resolution(stream)
+        except ConfigError as exc:
+            raise _invalid(f"options.{exc}") from None
+    return stream
+
+
+def _check_characters(request, limits: ApiLimits) -> list[tuple[float, float, float, float]]:
+    n = len(request.characters)
+    if n > limits.max_characters:
+        raise _invalid(f"characters has {n} entries; at most {limits.max_characters} are allowed")
+    if n == 0:
+        return [FULL_FRAME]
+    regions = []
+    for i, character in enumerate(request.characters):
+        if not character.HasField("region"):
+            regions.append(FULL_FRAME)
+            continue
+        r = character.region
+        # proto floats are float32: round so 0.3 stays 0.3 in logs and in the Session we send back
+        x0, y0, x1, y1 = (round(float(v), 6) for v in (r.x0, r.y0, r.x1, r.y1))
+        if not (0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0):
+            raise _invalid(f"characters[{i}].region=(x0={x0:g}, y0={y0:g}, x1={x1:g}, y1={y1:g}) is invalid: need "
+                           "0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 (fractions of width and height)")
+        regions.append((x0, y0, x1, y1))
+    return regions
+
+
+def _check_image(data: bytes, limits: ApiLimits) -> PIL.Image.Image:
+    if not data:
+        raise _invalid("reference_image is required (PNG or JPEG bytes)")
+    if len(data) > limits.max_image_bytes:
+        raise _invalid(f"reference_image is {len(data) / 2**20:.1f} MiB; at most "
+                       f"{limits.max_image_bytes / 2**20:g} MiB is allowed")
+    try:  # header only: refuse huge pixel counts before the full decode allocates them
+        with PIL.Image.open(io.BytesIO(data)) as probe:
+            width, height = probe.size
+    except Exception:  # not an image at all: decode_image_bytes below gives the precise message
+        width = height = 0
+    if width * height > limits.max_image_pixels:
+        raise _invalid(f"reference_image is {width}x{height} pixels; at most {limits.max_image_pixels:,} pixels "
+                       "are allowed")
+    try:
+        return decode_image_bytes(data, name="reference_image")
+    except MediaError as exc:
+        text = str(exc)
+        raise _invalid(text if text.startswith("reference_image") else f"reference_image: {text}") from None
+
+
+def validate_create(request, preset_stream: StreamConfig, limits: ApiLimits = ApiLimits(), *,
+                    preset: PresetConfig | None = None) -> CreateSpec:
+    """Check a `CreateSessionRequest` and resolve it against the server's defaults.
+
+    `preset_stream` supplies the defaults for unset options; pass `preset` too to also check that width and
+    height tile into the model's patches. Cheap checks run first; the image is decoded last.
+
+    Raises:
+        ApiError: UNIMPLEMENTED for LiveKit delivery; INVALID_ARGUMENT naming the field for anything else.
+    """
+    if request.HasField("delivery") and request.delivery.WhichOneof("kind") == "livekit":
+        raise ApiError(grpc.StatusCode.UNIMPLEMENTED, "LiveKit delivery is not available yet; leave "
+                       "delivery unset (or set delivery.grpc) to receive video on StreamSession")
+    if len(request.owner) > limits.max_owner_chars:
+        raise _invalid(f"owner is {len(request.owner)} characters long; at most {limits.max_owner_chars} "
+                       "are allowed")
+    prompt = _check_prompt(request.prompt, limits)
+    stream = _apply_options(request, preset_stream, preset)
+    characters = _check_characters(request, limits)
+    image = _check_image(request.reference_image, limits)
+    return CreateSpec(image=image, prompt=prompt, stream=stream, characters=characters, owner=request.owner)
+
+
+# --------------------------------------------------------------------------------------------------------------- #
+# StreamSession / UpdateSession
+# --------------------------------------------------------------------------------------------------------------- #
+
+def validate_audio(msg, num_characters: int, session_rate_hz: int | None,
+                   limits: ApiLimits = ApiLimits()) -> tuple[np.ndarray, int]:
+    """Check an `AudioInput` and decode it to mono int16 samples.
+
+    `session_rate_hz` is the rate of the session's first audio message (None before it). Stereo is downmixed by
+    averaging the two channels. Returns (samples [N] int16, sample_rate_hz); an empty message gives N = 0.
+
+    Raises:
+        ApiError: INVALID_ARGUMENT naming audio.sample_rate_hz, audio.channels, audio.pcm_s16le or
+        audio.character.
+    """
+    rate = int(msg.sample_rate_hz)
+    if not MIN_SAMPLE_RATE_HZ <= rate <= MAX_SAMPLE_RATE_HZ:
+        raise _invalid(f"audio.sample_rate_hz={rate} is invalid: must be in [{MIN_SAMPLE_RATE_HZ}, "
+                       f"{MAX_SAMPLE_RATE_HZ}] Hz")
+    channels = int(msg.channels)
+    if channels not in (1, 2):
+        raise _invalid(f"audio.channels={channels} is invalid: must be 1 (mono) or 2 (interleaved stereo)")
+    data = msg.pcm_s16le
+    frame_bytes = 2 * channels
+    if len(data) % frame_bytes:
+        raise _invalid(f"audio.pcm_s16le has {len(data)} bytes, not a multiple of {frame_bytes} "
+                       f"(16-bit samples x {channels} channel{'s' if channels > 1 else ''})")
+    character = int(msg.character)
+    if character >= num_characters:
+        raise _invalid(f"audio.character={character} is invalid: this session has {num_characters} "
+                       f"character{'s' if num_characters != 1 else ''} (valid: 0..{num_characters - 1})")
+    if session_rate_hz is not None and rate != session_rate_hz:
+        raise _invalid(f"audio.sample_rate_hz={rate} differs from this session's {session_rate_hz} Hz")
+    frames = len(data) // frame_bytes
+    if frames > limits.max_audio_s_per_message * rate:
+        raise _invalid(f"audio.pcm_s16le holds {frames / rate:.2f} s of audio; at most "
+                       f"{limits.max_audio_s_per_message:g} s per message are allowed (send smaller pieces)")
+    samples = np.frombuffer(data, dtype="<i2")
+    if channels == 2:
+        pairs = samples.reshape(-1, 2).astype(np.int32)
+        mono = ((pairs[:, 0] + pairs[:, 1]) // 2).astype(np.int16)
+    else:
+        mono = samples.astype(np.int16)  # native byte order, writable copy
+    return mono, rate
+
+
+def _check_speaking(speaking, num_characters: int, field_name: str) -> list[tuple[int, bool]]:
+    out = []
+    for i, state in enumerate(speaking):
+        if state.character >= num_characters:
+            raise _invalid(f"{field_name}[{i}].character={state.character} is invalid: this session has "
+                           f"{num_characters} character{'s' if num_characters != 1 else ''} "
+                           f"(valid: 0..{num_characters - 1})")
+        out.append((int(state.character), bool(state.speaking)))
+    return out
+
+
+def validate_control(msg, num_characters: int) -> tuple[list[tuple[int, bool]], bool]:
+    """Check a `Control` message; returns ([(character, speaking), ...], end_of_input)."""
+    return _check_speaking(msg.speaking, num_characters, "control.speaking"), bool(msg.end_of_input)
+
+
+def validate_update(request, num_characters: int, limits: ApiLimits = ApiLimits()) -> UpdateSpec:
+    """Check an `UpdateSessionRequest` (ids and token are checked by `require_session_id` / `check_token`)."""
+    prompt = _check_prompt(request.prompt, limits) if request.HasField("prompt") else None
+    return UpdateSpec(prompt=prompt, speaking=_check_speaking(request.speaking, num_characters, "speaking"))
+
+
+def require_session_id(session_id: str, field_name: str = "session_id") -> str:
+    """INVALID_ARGUMENT when a request's session id is empty (an unknown id is the registry's NOT_FOUND)."""
+    if not session_id:
+        raise _invalid(f"{field_name} is required")
+    return session_id
+
+
+# --------------------------------------------------------------------------------------------------------------- #
+# Credentials
+# --------------------------------------------------------------------------------------------------------------- #
+
+_KEY_HINT = "send metadata 'authorization: Bearer <api key>' or 'x-api-key: <api key>'"
+
+
+def check_api_key(metadata: Sequence[tuple[str, str]] | None, api_keys: frozenset[str]) -> None:
+    """Require one of `api_keys` in the call's metadata; a no-op when `api_keys` is empty.
+
+    Accepts `authorization: Bearer <key>` (scheme case-insensitive) or `x-api-key: <key>`. Keys are compared in
+    constant time and never appear in error messages.
+
+    Raises:
+        ApiError: UNAUTHENTICATED when no key is sent or none of the sent keys is valid.
+    """
+    if not api_keys:
+        return
+    presented: list[str] = []
+    malformed_authorization = False
+    for key, value in metadata or ():
+        if isinstance(value, bytes):  # binary (-bin) metadata never carries keys
+            continue
+        name = key.lower()
+        if name == "x-api-key":
+            presented.append(value.strip())
+        elif name == "authorization":
+            scheme, _, credential = value.strip().partition(" ")
+            if scheme.lower() == "bearer" and credential.strip():
+                presented.append(credential.strip())
+            else:
+                malformed_authorization = True
+    if not presented:
+        if malformed_authorization:
+            raise ApiError(grpc.StatusCode.UNAUTHENTICATED,
+                           f"authorization metadata must have the form 'Bearer <api key>'; {_KEY_HINT}")
+        raise ApiError(grpc.StatusCode.UNAUTHENTICATED, f"missing API key: {_KEY_HINT}")
+    valid = [k.encode() for k in api_keys]
+    for candidate in presented:
+        c = candidate.encode()
+        matched = False
+        for k in valid:  # compare against every key so timing does not depend on which one matches
+            matched |= hmac.compare_digest(c, k)
+        if matched:
+            return
+    raise ApiError(grpc.StatusCode.UNAUTHENTICATED, f"invalid API key: {_KEY_HINT} with a key this server accepts")
+
+
+def hash_token(token: str) -> str:
+    """sha256 hex digest of a session token (what the server stores)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> tuple[str, str]:
+    """A fresh session token and its sha256 hex digest: (token, digest). Give the token out once; keep the digest."""
+    token = secrets.token_urlsafe(32)
+    return token, hash_token(token)
+
+
+def check_token(expected_hash: str, given_token: str) -> None:
+    """PERMISSION_DENIED unless sha256(given_token) equals `expected_hash` (constant-time comparison)."""
+    if not given_token:
+        raise ApiError(grpc.StatusCode.PERMISSION_DENIED,
+                       "session_token is required: send the token CreateSession returned")
+    if not hmac.compare_digest(hash_token(given_token).encode(), expected_hash.lower().encode()):
+        raise ApiError(grpc.StatusCode.PERMISSION_DENIED, "session_token does not match this session")
+
+
+# --------------------------------------------------------------------------------------------------------------- #
+# Responses
+# --------------------------------------------------------------------------------------------------------------- #
+
+def session_to_proto(session_id: str, state: str | int, stream: StreamConfig,
+                     characters: Sequence[Sequence[float]] = (FULL_FRAME,), created_at: float = 0.0,
+                     chunks_emitted: int = 0, frames_emitted: int = 0, *, session_token: str = "",
+                     prompt: str = "", owner: str = ""):
+    """Build a `facecast.v1.Session` from plain values.
+
+    `state`: a SessionState name ("STREAMING", case-insensitive, "SESSION_STATE_" prefix optional) or number;
+    `stream`: the effective StreamConfig (becomes `options`, every field set); `characters`: regions
+    (x0, y0, x1, y1); `created_at`: Unix time in seconds; `session_token` only in CreateSession's answer.
+    """
+    from services.api import pb
+
+    if isinstance(state, str):
+        name = state.upper()
+        if name not in pb.SessionState.keys():
+            name = name.removeprefix("SESSION_STATE_")
+        state_value = pb.SessionState.Value(name)  # ValueError on an unknown name: a server bug
+    else:
+        state_value = int(state)
+        pb.SessionState.Name(state_value)  # ValueError on an unknown number
+    seconds = math.floor(created_at)
+    nanos = min(int(round((created_at - seconds) * 1e9)), 999_999_999)
+    session = pb.Session(
+        session_id=session_id,
+        session_token=session_token,
+        state=state_value,
+        options=pb.SessionOptions(fps=float(stream.fps), width=stream.width, height=stream.height,
+                                  steps=stream.steps, chunk_latent_frames=stream.chunk_latent_frames,
+                                  seed=stream.seed),
+        characters=[pb.Character(region=pb.Region(x0=r[0], y0=r[1], x1=r[2], y1=r[3])) for r in characters],
+        chunks_emitted=int(chunks_emitted),
+        frames_emitted=int(frames_emitted),
+        prompt=prompt,
+        owner=owner,
+    )
+    session.created_at.seconds = int(seconds)
+    session.created_at.nanos = nanos
+    return session
+
+
+__all__ = [
+    "ApiError", "ApiLimits", "CreateSpec", "UpdateSpec", "FULL_FRAME", "validate_create", "validate_audio",
+    "validate_control", "validate_update", "require_session_id", "check_api_key", "check_token", "new_token",
+    "hash_token", "session_to_proto",
+]

@@ -1,0 +1,96 @@
+"""`AppSettings`: the cluster's configuration, checked once, shared by every deployment.
+
+It is built from the Serve application's `args:` (see `ray_configs/*.yaml`) by `services.app.build_app`.  Every
+cross-deployment invariant is checked here, in one place, so a bad config fails at build time with the field
+named — not later inside a replica.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+from model_core.config import ConfigError, get_preset
+
+LAYOUTS = ("local", "1+1", "4+1")
+SCORE_MODES = ("sequential", "pipelined")
+DEVICES = ("cpu", "cuda")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    """Cluster settings (the Serve application's `args`)."""
+
+    layout: str = "local"
+    """Which GPU layout the config describes: local (CPU, logical GPUs), 1+1 or 4+1."""
+    preset: str = "tiny"
+    """Model preset (tiny, small, wan-1.3b, wan-14b)."""
+    steps: int = 2
+    """Denoising steps per chunk."""
+    score_mode: str = "sequential"
+    """sequential: one score worker runs every step; pipelined: one score worker per step."""
+    device: str = "cpu"
+    """Where the score and VAE workers compute."""
+    dtype: str = "float32"
+    """Model dtype."""
+    seed: int = 0
+    """Seed of the random weights when no checkpoint is given (cluster == engine for the same seed)."""
+    checkpoint: str | None = None
+    """facecast checkpoint path on every worker (None: random weights)."""
+    max_sessions: int = 8
+    """Admission limit: concurrently active sessions."""
+    max_chunks_in_flight: int = 2
+    """Backpressure: chunks of one session being generated at once."""
+    max_batch_size: int = 4
+    """Chunks of different sessions at the same step batched into one forward (1: no batching)."""
+    jpeg_quality: int = 90
+    """Quality of the JPEG frames streamed to gRPC clients."""
+    redis_url: str | None = None
+    """Session store; None: $REDIS_URL."""
+    api_keys: tuple[str, ...] = ()
+    """Accepted API keys; empty: no authentication. Also read from $FACECAST_API_KEYS (comma-separated)."""
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, name: str, allowed: str) -> None:
+            if not ok:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: {allowed}")
+
+        check(self.layout in LAYOUTS, "layout", f"allowed: {', '.join(LAYOUTS)}")
+        get_preset(self.preset)
+        check(1 <= self.steps <= 4, "steps", "allowed: 1 to 4")
+        check(self.score_mode in SCORE_MODES, "score_mode", f"allowed: {', '.join(SCORE_MODES)}")
+        check(self.device in DEVICES, "device", f"allowed: {', '.join(DEVICES)}")
+        check(self.dtype in DTYPES, "dtype", f"allowed: {', '.join(DTYPES)}")
+        check(self.max_sessions >= 1, "max_sessions", "must be >= 1")
+        check(1 <= self.max_chunks_in_flight <= 16, "max_chunks_in_flight", "allowed: 1 to 16")
+        check(1 <= self.max_batch_size <= 64, "max_batch_size", "allowed: 1 to 64")
+        check(10 <= self.jpeg_quality <= 100, "jpeg_quality", "allowed: 10 to 100")
+
+    @classmethod
+    def from_args(cls, args: dict | None) -> "AppSettings":
+        args = dict(args or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(args) - known)
+        if unknown:
+            raise ConfigError(f"unknown application args {unknown}; allowed: {sorted(known)}")
+        if "api_keys" in args:
+            args["api_keys"] = tuple(args["api_keys"] or ())
+        return cls(**args)
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.dtype]
+
+    def stream_defaults(self):
+        return get_preset(self.preset).stream.replace(steps=self.steps)
+
+    def effective_api_keys(self) -> frozenset[str]:
+        env = {key.strip() for key in os.environ.get("FACECAST_API_KEYS", "").split(",") if key.strip()}
+        return frozenset(self.api_keys) | env
+
+    def effective_redis_url(self) -> str | None:
+        return self.redis_url or os.environ.get("REDIS_URL")
