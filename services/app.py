@@ -23,10 +23,20 @@ DEPLOYMENT_NAMES = ("SessionIngress", "AudioEncoder", "ScoreWorkerGroup", "VAEDe
 GRPC_SERVICER = "services.api.generated.facecast.v1.avatar_pb2_grpc.add_AvatarServiceServicer_to_server"
 
 
-def build_app(args: dict | None = None) -> Application:
+def build_app(args: dict | None = None, deployment_options: dict[str, dict] | None = None) -> Application:
+    """Bind the graph. `deployment_options` (name -> Serve deployment options) is for programmatic deploys such as
+    `LocalCluster`; config-file deploys (serve deploy, KubeRay) get the same options from the file's `deployments`."""
     settings = AppSettings.from_args(args)
-    vae = VAEDecoder.bind(settings)
-    score = ScoreWorkerGroup.bind(settings, vae)
-    audio = AudioEncoder.bind(settings)
-    llm = LLMBridge.bind(settings)
-    return SessionIngress.bind(settings, audio, score, vae, llm)
+    options = deployment_options or {}
+    unknown = sorted(set(options) - set(DEPLOYMENT_NAMES))
+    if unknown:
+        raise ValueError(f"deployment_options names {unknown} are not deployments; allowed: {DEPLOYMENT_NAMES}")
+
+    def bind(deployment, *init_args):
+        return deployment.options(**options.get(deployment.name, {})).bind(*init_args)
+
+    vae = bind(VAEDecoder, settings)
+    score = bind(ScoreWorkerGroup, settings, vae)
+    audio = bind(AudioEncoder, settings)
+    llm = bind(LLMBridge, settings)
+    return bind(SessionIngress, settings, audio, score, vae, llm)

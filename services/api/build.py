@@ -103,7 +103,7 @@ def is_stale(out_dir: Path | None = None, proto_root: Path = PROTO_ROOT) -> bool
     if not all(m.is_file() for m in _expected_modules(out_dir, proto_root)):
         return True
     stamp = _read_stamp(out_dir)
-    if stamp.get("proto_sha256") != digest:
+    if stamp.get("proto_sha256") != digest or stamp.get("generator_revision") != GENERATOR_REVISION:
         return True
     tools = _tools_version()
     return tools is not None and stamp.get("grpcio_tools") != tools
@@ -125,6 +125,8 @@ def _locked(out_dir: Path):
 
 
 _FROM_IMPORT = re.compile(r"^from ((?:\w+\.)*\w+) import (\w+)", re.MULTILINE)
+_BUILDER_MODULE = re.compile(r"(_builder\.Build\w+\(DESCRIPTOR, )'[\w.]+'(, _globals\))")
+GENERATOR_REVISION = 2  # bump when the post-processing of protoc's output changes
 
 
 def _relativize(text: str, module_package: list[str], local_tops: set[str]) -> str:
@@ -141,7 +143,10 @@ def _relativize(text: str, module_package: list[str], local_tops: set[str]) -> s
         rest = ".".join(target[common:])
         return f"from {dots}{rest} import {match.group(2)}"
 
-    return _FROM_IMPORT.sub(repl, text)
+    text = _FROM_IMPORT.sub(repl, text)
+    # Message classes take their __module__ from this string; protoc writes the proto path ("facecast.v1.x_pb2"),
+    # which is not importable here, so pickling a message (Ray Serve does, between proxy and replicas) would fail.
+    return _BUILDER_MODULE.sub(r"\1__name__\2", text)
 
 
 def _run_protoc(proto_root: Path, files: list[str], dest: Path) -> None:
@@ -207,7 +212,8 @@ def build(force: bool = False, out_dir: str | Path | None = None, proto_root: st
                 if old.is_file() and old.name.endswith(_GENERATED_SUFFIXES) and old not in kept \
                         and tmp not in old.parents:
                     old.unlink()
-            stamp = {"proto_sha256": digest, "grpcio_tools": _tools_version(), "sources": files}
+            stamp = {"proto_sha256": digest, "grpcio_tools": _tools_version(), "sources": files,
+                     "generator_revision": GENERATOR_REVISION}
             stamp_tmp = tmp / STAMP_NAME
             stamp_tmp.write_text(json.dumps(stamp, indent=1) + "\n")
             os.replace(stamp_tmp, out_dir / STAMP_NAME)
