@@ -23,6 +23,9 @@ import numpy as np
 from services.api import pb, pb_grpc
 
 PIECE_S = 0.04
+# A stream that ends with one of these was cut by the server side going away (replica restart), not refused.
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
+             grpc.StatusCode.CANCELLED)
 
 
 @dataclass
@@ -77,7 +80,7 @@ class AvatarClient:
                                       metadata=self.metadata)
 
     def stream(self, session, pcm: np.ndarray, sample_rate_hz: int, *, realtime: bool = False,
-               max_reattaches: int = 3, on_chunk=None, after_chunks: tuple[int, callable] | None = None,
+               max_reattaches: int = 8, on_chunk=None, after_chunks: tuple[int, callable] | None = None,
                timeout_s: float = 600) -> StreamResult:
         """Stream int16 mono `pcm`, end input, and collect all chunks (re-attaching on a broken stream).
 
@@ -95,6 +98,7 @@ class AvatarClient:
             hook = None if hook and len(result.chunks) >= hook[0] else hook
             if result.reattaches >= max_reattaches:
                 raise RuntimeError(f"stream broke {result.reattaches + 1} times; giving up")
+            time.sleep(min(0.5 * 2 ** result.reattaches, 4.0))  # the replica is being replaced
             result.reattaches += 1
             resume_from = len(result.chunks)
             sample_offset = None  # ask the server
@@ -151,11 +155,8 @@ class AvatarClient:
                     hook[1]()
             return "done" if result.chunks and result.chunks[-1].final else "broken"
         except grpc.RpcError as error:
-            if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL,
-                                grpc.StatusCode.ABORTED, grpc.StatusCode.UNKNOWN) and result.chunks is not None:
-                if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.UNKNOWN,
-                                    grpc.StatusCode.INTERNAL) and not stop.is_set():
-                    return "broken"
+            if error.code() in RETRYABLE and not stop.is_set():
+                return "broken"   # the ingress went away mid-stream: re-attach
             raise
         finally:
             stop.set()

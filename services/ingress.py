@@ -53,6 +53,11 @@ def _fail(grpc_context, error: ApiError) -> None:
     grpc_context.set_details(error.message)
 
 
+class StreamAborted(Exception):
+    """Raised after setting the gRPC status on a streaming call: Serve sends the status that was set (a status set
+    without raising is dropped once a stream has started)."""
+
+
 @serve.deployment(name="SessionIngress", max_ongoing_requests=1000)
 class SessionIngress:
     def __init__(self, settings: AppSettings, audio, score, vae, llm):
@@ -196,7 +201,7 @@ class SessionIngress:
                                f"session {record.session_id!r} already delivered all its video")
         except ApiError as error:
             _fail(grpc_context, error)
-            return
+            raise StreamAborted(error.message) from None
         parent = context_from_grpc_metadata(_metadata(grpc_context))
         session_id = record.session_id
         with span(SESSION_SPAN, inject_context(parent), **{"session.id": session_id,
@@ -208,6 +213,7 @@ class SessionIngress:
             session_span.set_attribute("chunks", stream.chunks_sent)
         if stream.error is not None:
             _fail(grpc_context, stream.error)
+            raise StreamAborted(stream.error.message)
 
 
 class _SessionStream:

@@ -38,6 +38,7 @@ class LocalCluster:
     grpc_port: int
     redis_url: str
     local_redis: LocalRedis | None
+    saved_env: dict[str, str | None]
 
     @property
     def target(self) -> str:
@@ -68,12 +69,16 @@ class LocalCluster:
             redis_url = local_redis.url
         args["redis_url"] = redis_url
         env_vars = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}
+        # Serve's proxy and controller do not take the job's runtime_env: put the env where every Ray process
+        # started from here inherits it (restored by stop()).
+        saved_env = {name: os.environ.get(name) for name in env_vars}
+        os.environ.update(env_vars)
         ray.init(address="local", num_cpus=num_cpus or max(os.cpu_count() or 2, 4), num_gpus=num_gpus,
                  include_dashboard=False, runtime_env={"env_vars": env_vars}, log_to_driver=False)
         serve.start(grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER]),
                     http_options={"host": "127.0.0.1", "port": http_port or free_port()})
         serve.run(build_app(args, options), name=APP_NAME, route_prefix="/")
-        return cls(grpc_port, redis_url, local_redis)
+        return cls(grpc_port, redis_url, local_redis, saved_env)
 
     def stop(self) -> None:
         try:
@@ -82,4 +87,9 @@ class LocalCluster:
             ray.shutdown()
             if self.local_redis is not None:
                 self.local_redis.close()
+            for name, value in self.saved_env.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 

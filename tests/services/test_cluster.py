@@ -1,0 +1,241 @@
+"""End to end over real gRPC into a real local Ray cluster (CPU, logical GPUs), a real Redis server and a real OTLP
+receiver: frames equal the in-process engine's for the same seed; score and VAE sit on different GPUs; every bad
+input gets its status while another session keeps streaming; a session survives its ingress replica being killed;
+spans and metrics reach the collector under the client's trace."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+import ray
+from PIL import Image
+from ray import serve
+
+from model_core.engine import AvatarEngine, iter_pieces
+from services.api import pb
+from services.client import AvatarClient
+from services.local_cluster import APP_NAME, LocalCluster, free_port
+from services.media import decode_image_bytes, image_to_tensor
+from services.telemetry import serve_tracing_env
+from services.workers import encode_jpeg
+
+from ..model_core.helpers import speech
+from .otlp_receiver import OtlpReceiver
+
+pytestmark = pytest.mark.integration
+
+API_KEY = "test-key-3f9a"
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+CLIENT_SPAN = "00f067aa0ba902b7"
+
+
+def png(seed: int, size: int = 64) -> bytes:
+    pixels = (np.random.default_rng(seed).random((size, size, 3)) * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def pcm16(audio: np.ndarray) -> np.ndarray:
+    return (np.clip(audio, -1, 1) * 32767).astype(np.int16)
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    with OtlpReceiver() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def cluster(receiver):
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_METRIC_EXPORT_INTERVAL": "500",
+           "OTEL_BSP_SCHEDULE_DELAY": "200"}
+    env.update({key: value for key, value in serve_tracing_env().items() if key.startswith("RAY_SERVE")})
+    env.update(env)
+    started = LocalCluster.start({"max_sessions": 3, "api_keys": [API_KEY]}, grpc_port=free_port(), num_cpus=4,
+                                 num_gpus=3, env=env)
+    yield started
+    started.stop()
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return AvatarEngine.from_preset("tiny", seed=0)
+
+
+@pytest.fixture
+def client(cluster):
+    connection = AvatarClient(cluster.target, api_key=API_KEY,
+                              metadata=[("traceparent", f"00-{TRACE_ID}-{CLIENT_SPAN}-01")])
+    yield connection
+    connection.close()
+
+
+def engine_jpegs(engine, image_png: bytes, pcm: np.ndarray, quality: int = 90) -> list[bytes]:
+    image = image_to_tensor(decode_image_bytes(image_png), 64, 64)
+    session = engine.open_session(image, "")
+    chunks = []
+    for piece in iter_pieces(pcm, 640):
+        chunks += engine.push_audio(session, piece, 16000)
+    chunks += engine.end_input(session)
+    engine.close_session(session)
+    return [jpeg for chunk in chunks for jpeg in encode_jpeg(chunk.frames, quality)]
+
+
+def test_cluster_streams_the_engines_frames_for_the_same_seed(client, engine):
+    image, pcm = png(1), pcm16(speech(1.5, seed=21))
+    session = client.create_session(image)
+    assert session.session_token and session.state == pb.CREATED
+    assert (session.options.width, session.options.height, session.options.steps) == (64, 64, 2)
+    result = client.stream(session, pcm, 16000)
+    assert [chunk.chunk_index for chunk in result.chunks] == list(range(len(result.chunks)))
+    assert result.chunks[-1].final and result.events[-1].type == pb.Event.SESSION_ENDED
+    assert sum(len(chunk.frames) for chunk in result.chunks) == int(np.ceil(1.5 * 25))
+    assert result.frames_jpeg == engine_jpegs(engine, image, pcm)
+    audio_bytes = b"".join(chunk.audio_pcm_s16le for chunk in result.chunks)
+    assert abs(len(audio_bytes) // 2 - pcm.shape[0]) <= 2
+    assert set(result.chunks[1].stats.stage_ms) >= {"audio", "score", "vae", "score_step_1", "score_step_2"}
+    record = client.get_session(session.session_id, session.session_token)
+    assert record.state == pb.ENDED and record.chunks_emitted == len(result.chunks)
+    closed = client.close_session(session.session_id, session.session_token)
+    assert closed.state == pb.CLOSED
+
+
+def test_score_and_vae_run_on_different_gpus(cluster):
+    score = serve.get_deployment_handle("ScoreWorkerGroup", app_name=APP_NAME).placement.remote().result()
+    vae = serve.get_deployment_handle("VAEDecoder", app_name=APP_NAME).placement.remote().result()
+    assert len(score["score"]) == 1 and len(vae["vae"]) == 1
+    assert set(score["score"]).isdisjoint(vae["vae"]), (score, vae)
+
+
+def expect(code: grpc.StatusCode, call, *needles: str):
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    assert caught.value.code() == code, (caught.value.code(), caught.value.details())
+    for needle in needles:
+        assert needle in caught.value.details(), caught.value.details()
+    return caught.value
+
+
+def stream_messages(client, messages):
+    return list(client.stub.StreamSession(iter(messages), metadata=client.metadata, timeout=60))
+
+
+def test_every_bad_input_gets_its_status_while_another_session_keeps_streaming(cluster, client, engine):
+    image, pcm = png(2), pcm16(speech(2.5, seed=22))
+    good = client.create_session(image)
+    results = {}
+    streamer = threading.Thread(target=lambda: results.update(good=client.stream(good, pcm, 16000, realtime=True)))
+    streamer.start()
+    time.sleep(0.5)
+
+    # INVALID_ARGUMENT: bad image, bad options, bad audio format
+    expect(grpc.StatusCode.INVALID_ARGUMENT, lambda: client.create_session(b"not an image"), "reference_image")
+    expect(grpc.StatusCode.INVALID_ARGUMENT, lambda: client.create_session(png(3), options={"fps": 500}),
+           "options.fps")
+    expect(grpc.StatusCode.INVALID_ARGUMENT, lambda: client.create_session(png(3), options={"width": 72}),
+           "options.width")
+    victim = client.create_session(png(4))
+    attach = pb.SessionInput(attach=pb.Attach(session_id=victim.session_id, session_token=victim.session_token))
+    bad_rate = pb.SessionInput(audio=pb.AudioInput(pcm_s16le=b"\0\0" * 100, sample_rate_hz=1000, channels=1))
+    expect(grpc.StatusCode.INVALID_ARGUMENT, lambda: stream_messages(client, [attach, bad_rate]),
+           "audio.sample_rate_hz")
+    odd_bytes = pb.SessionInput(audio=pb.AudioInput(pcm_s16le=b"\0\0\0", sample_rate_hz=16000, channels=1))
+    expect(grpc.StatusCode.INVALID_ARGUMENT, lambda: stream_messages(client, [attach, odd_bytes]),
+           "audio.pcm_s16le")
+    expect(grpc.StatusCode.INVALID_ARGUMENT, lambda: stream_messages(client, [bad_rate]), "attach")
+
+    # UNAUTHENTICATED: no key / wrong key
+    anonymous = AvatarClient(cluster.target)
+    expect(grpc.StatusCode.UNAUTHENTICATED, lambda: anonymous.create_session(png(5)), "authorization")
+    wrong = AvatarClient(cluster.target, api_key="nope")
+    expect(grpc.StatusCode.UNAUTHENTICATED, lambda: wrong.get_session(victim.session_id, victim.session_token))
+    assert "nope" not in expect(grpc.StatusCode.UNAUTHENTICATED,
+                                lambda: wrong.create_session(png(5))).details()
+    anonymous.close()
+    wrong.close()
+
+    # PERMISSION_DENIED: wrong session token; NOT_FOUND: unknown and closed sessions
+    expect(grpc.StatusCode.PERMISSION_DENIED, lambda: client.get_session(victim.session_id, "forged-token"),
+           "session_token")
+    expect(grpc.StatusCode.NOT_FOUND, lambda: client.get_session("0" * 32, "x"), "does not exist")
+    client.close_session(victim.session_id, victim.session_token)
+    expect(grpc.StatusCode.NOT_FOUND, lambda: client.get_session(victim.session_id, victim.session_token), "closed")
+
+    # RESOURCE_EXHAUSTED: admission limit (3 active sessions: `good` plus two more)
+    extra = [client.create_session(png(6)), client.create_session(png(7))]
+    expect(grpc.StatusCode.RESOURCE_EXHAUSTED, lambda: client.create_session(png(8)), "limit of 3")
+    for session in extra:
+        client.close_session(session.session_id, session.session_token)
+
+    streamer.join(timeout=120)
+    good_result = results["good"]
+    assert good_result.chunks[-1].final
+    assert good_result.frames_jpeg == engine_jpegs(engine, image, pcm), "the healthy session was disturbed"
+    client.close_session(good.session_id, good.session_token)
+
+
+def _kill_ingress_replica() -> None:
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if "SessionIngress" in actor["name"]:
+            ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+            return
+    raise AssertionError("no SessionIngress replica found")
+
+
+def test_a_session_survives_its_ingress_replica_being_killed(client, engine):
+    image, pcm = png(9), pcm16(speech(3.0, seed=23))
+    session = client.create_session(image)
+    result = client.stream(session, pcm, 16000, realtime=True, after_chunks=(2, _kill_ingress_replica))
+    assert result.reattaches >= 1
+    assert [chunk.chunk_index for chunk in result.chunks] == list(range(len(result.chunks)))
+    assert result.chunks[-1].final
+    assert result.frames_jpeg == engine_jpegs(engine, image, pcm)
+    client.close_session(session.session_id, session.session_token)
+
+
+def test_spans_and_metrics_reach_the_collector_under_the_clients_trace(receiver, client):
+    session = client.create_session(png(10))
+    client.stream(session, pcm16(speech(1.0, seed=24)), 16000)
+    client.close_session(session.session_id, session.session_token)
+    names = {"facecast.session", "facecast.chunk", "facecast.audio.encode", "facecast.score.step",
+             "facecast.vae.decode", "facecast.egress"}
+    spans = receiver.wait_for_spans(lambda got: names <= {s.name for s in got if s.trace_id == TRACE_ID},
+                                    timeout_s=30)
+    ours = [s for s in spans if s.trace_id == TRACE_ID]
+    by_id = {s.span_id: s for s in spans}
+    session_spans = [s for s in ours if s.name == "facecast.session"]
+    assert session_spans
+    for span in session_spans:   # walk up: the chain ends at the client's own span
+        current = span
+        while current.parent_span_id in by_id:
+            current = by_id[current.parent_span_id]
+        assert current.parent_span_id == CLIENT_SPAN, current
+    chunk_ids = {s.span_id for s in ours if s.name == "facecast.chunk"}
+    assert any(s.parent_span_id in chunk_ids for s in ours if s.name == "facecast.egress")
+    session_ids = {s.span_id for s in session_spans}
+    for name in ("facecast.audio.encode", "facecast.score.step", "facecast.vae.decode"):
+        assert any(_descends(s, session_ids, by_id) for s in ours if s.name == name), name
+    for metric in ("facecast.session.ttff", "facecast.chunk.interval", "facecast.chunk.stage.duration",
+                   "facecast.chunk.realtime_factor", "facecast.session.fps", "facecast.sessions.active",
+                   "facecast.chunks.in_flight", "facecast.sessions.rejected"):
+        assert receiver.wait_for_metric(metric, timeout_s=30), metric
+    stages = {point.attributes.get("stage") for point in receiver.metrics()
+              if point.name == "facecast.chunk.stage.duration"}
+    assert {"audio", "score", "vae"} <= stages
+
+
+def _descends(span, ancestors: set[str], by_id: dict) -> bool:
+    current = span
+    for _ in range(32):
+        if current.parent_span_id in ancestors:
+            return True
+        current = by_id.get(current.parent_span_id)
+        if current is None:
+            return False
+    return False
