@@ -203,6 +203,10 @@ def test_spans_and_metrics_reach_the_collector_under_the_clients_trace(receiver,
     session = client.create_session(png(10))
     client.stream(session, pcm16(speech(1.0, seed=24)), 16000)
     client.close_session(session.session_id, session.session_token)
+    crowd = [client.create_session(png(11 + i)) for i in range(3)]   # fill the admission limit ...
+    expect(grpc.StatusCode.RESOURCE_EXHAUSTED, lambda: client.create_session(png(15)))   # ... and get rejected
+    for extra in crowd:
+        client.close_session(extra.session_id, extra.session_token)
     names = {"facecast.session", "facecast.chunk", "facecast.audio.encode", "facecast.score.step",
              "facecast.vae.decode", "facecast.egress"}
     spans = receiver.wait_for_spans(lambda got: names <= {s.name for s in got if s.trace_id == TRACE_ID},
