@@ -357,6 +357,62 @@ class ScoreStage:
             self.set_sink(session, chunk.latents[:, :, :1])
         return chunk
 
+    @staticmethod
+    def batch_key(session: ScoreSession) -> tuple:
+        """Sessions with equal keys can share one forward per step (same shapes, schedule and RoPE)."""
+        stream = session.stream
+        return (session.latent_shape, tuple(session.steps), stream.steps, stream.shift, stream.solver,
+                stream.sink_frames, stream.sink_rope_offset, tuple(session.regions.shape[1:]))
+
+    @torch.no_grad()
+    def denoise_batch(self, sessions: list[ScoreSession], inputs: list[ChunkAudioInput]) -> list[NoisyChunk]:
+        """`denoise` for chunks of several sessions at once: one forward per step over the stacked batch.
+
+        Every session keeps its own noise generator, conditioning and caches; the caches are stacked for the step and
+        their new previous-chunk entries written back, so results equal per-session `denoise` up to float rounding.
+        """
+        if len({self.batch_key(session) for session in sessions}) != 1:
+            raise ValueError("denoise_batch needs sessions with equal batch_key (shapes, schedule, RoPE, characters)")
+        if len({session.session_id for session in sessions}) != len(sessions):
+            raise ValueError("denoise_batch got two chunks of one session; a session's chunks must run in order")
+        if len(sessions) == 1:
+            return [self.denoise(sessions[0], inputs[0])]
+        chunks = [self.begin_chunk(session, item) for session, item in zip(sessions, inputs)]
+        first = sessions[0]
+        condition = ConditionCache(**{
+            name: torch.cat([getattr(s.condition, name) for s in sessions], dim=_CONDITION_BATCH_DIM[name])
+            for name in _CONDITION_BATCH_DIM})
+        audio = ChunkAudio(tokens=torch.cat([c.audio.tokens for c in chunks]),
+                           regions=torch.cat([c.audio.regions for c in chunks]))
+        renoise = (torch.cat([c.renoise for c in chunks], dim=1) if chunks[0].renoise is not None else None)
+        cond = ChunkCondition(condition, audio, first.rope, first.stream.solver, renoise)
+        latents = torch.cat([c.latents for c in chunks])
+        step_s = []
+        for index in first.steps:
+            t, t_next = first.schedule[index], first.schedule[index + 1]
+            started = time.perf_counter()
+            cache = KVCache(*(torch.cat([getattr(s.caches[index], name) for s in sessions],
+                                        dim=0 if name == "prev_valid" else 1) for name in _CACHE_FIELDS))
+            latents, cache = self.step_fn(self.dit, latents, t, t_next, cache, cond)
+            for row, session in enumerate(sessions):
+                own = session.caches[index]
+                own.prev_key.copy_(cache.prev_key[:, row:row + 1])
+                own.prev_value.copy_(cache.prev_value[:, row:row + 1])
+                own.prev_valid.copy_(cache.prev_valid[row:row + 1])
+            self._synchronize()
+            step_s.append(time.perf_counter() - started)
+        for row, (session, chunk) in enumerate(zip(sessions, chunks)):
+            chunk.latents, chunk.step_s = latents[row:row + 1], list(step_s)
+            session.chunk_index = chunk.chunk_index + 1
+            if chunk.chunk_index == 0 and session.stream.adaptive_sink:
+                self.set_sink(session, chunk.latents[:, :, :1])
+        return chunks
+
+
+_CACHE_FIELDS = ("sink_key", "sink_value", "prev_key", "prev_value", "prev_valid")
+_CONDITION_BATCH_DIM = {"text_key": 1, "text_value": 1, "image_key": 1, "image_value": 1, "step_temb": 1,
+                        "step_modulation": 1, "sink_temb": 0, "sink_modulation": 0}
+
 
 # ============================================================================================ decode
 

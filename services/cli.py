@@ -3,19 +3,26 @@
     facecast generate --image REF --audio WAV --out OUT.mp4 [--preset --checkpoint --steps --chunk --seed --fps ...]
     facecast bench engine --preset P [--json]
     facecast presets
+    facecast serve [--config ray_configs/local.yaml] [--port 9000] [--num-gpus N] [--redis-url URL] [--api-key K]
+    facecast call --image REF --audio WAV --out OUT.mp4 [--target 127.0.0.1:9000] [--api-key K] [--no-realtime]
 
 `generate` streams the audio into an in-process `AvatarEngine` in 40 ms pieces, as a live caller would, writes every
 chunk to an H.264 MP4 with the input audio muxed as soon as it arrives, and prints time to first frame, per-chunk
-latency and FPS.  User mistakes (a non-image, empty or unreadable audio, an unknown preset, an impossible option)
+latency and FPS.  `serve` runs the Ray Serve cluster of a deploy config on this machine (local Ray, logical GPUs
+on a CPU box, its own redis-server unless a Redis URL is given) until Ctrl-C/SIGTERM; `call` is the reference gRPC
+client: one session, the WAV streamed in real time, the received frames written to an MP4.  User mistakes (a non-image, empty or unreadable audio, an unknown preset, an impossible option)
 print one line naming the problem and exit with status 2; no traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
+import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -167,6 +174,333 @@ def cmd_bench_engine(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- serve
+
+DEFAULT_SERVE_CONFIG = Path(__file__).resolve().parent.parent / "ray_configs" / "local.yaml"
+DEFAULT_GRPC_PORT = 9000
+
+
+def _one_line(error: Exception) -> str:
+    return "; ".join(line.strip(" -") for line in str(error).splitlines() if line.strip())
+
+
+def _replica_count(entry: dict) -> int:
+    replicas = entry.get("num_replicas", 1)
+    if isinstance(replicas, int):
+        return max(replicas, 0)
+    autoscaling = entry.get("autoscaling_config") or {}
+    return max(int(autoscaling.get("max_replicas") or autoscaling.get("min_replicas") or 1), 1)
+
+
+def config_gpus(serve_config: dict) -> int:
+    """GPUs a Serve config's deployments ask for: per replica, the sum of its placement group bundles' GPUs when it
+    has bundles (the replica's own num_gpus lives in bundle 0), else ray_actor_options.num_gpus."""
+    total = 0.0
+    for application in serve_config.get("applications") or []:
+        for entry in application.get("deployments") or []:
+            bundles = entry.get("placement_group_bundles")
+            if bundles:
+                per_replica = sum(float(bundle.get("GPU", 0)) for bundle in bundles)
+            else:
+                per_replica = float((entry.get("ray_actor_options") or {}).get("num_gpus", 0) or 0)
+            total += per_replica * _replica_count(entry)
+    return math.ceil(total)
+
+
+def config_custom_resources(serve_config: dict) -> dict[str, list[str]]:
+    """Custom Ray resources (e.g. score_slot) each deployment needs: a local Ray advertises none."""
+    needed: dict[str, list[str]] = {}
+    for application in serve_config.get("applications") or []:
+        for entry in application.get("deployments") or []:
+            names = set((entry.get("ray_actor_options") or {}).get("resources") or {})
+            for bundle in entry.get("placement_group_bundles") or []:
+                names |= set(bundle) - {"CPU", "GPU", "memory"}
+            for name in sorted(names):
+                needed.setdefault(name, []).append(entry.get("name", "?"))
+    return needed
+
+
+def check_port_free(port: int) -> None:
+    """Refuse a port something already listens on (the gRPC proxy would otherwise fail inside Ray, quietly)."""
+    if not 1 <= port <= 65535:
+        raise UserError(f"--port {port} is invalid: allowed 1 to 65535")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a TIME_WAIT leftover is not "in use"
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError as error:
+            raise UserError(f"--port {port} is in use ({error.strerror}); stop what listens there or pick another "
+                            "port") from None
+
+
+def _serve_plan(args) -> tuple[dict, dict, int | None]:
+    """Validate everything that can be checked before anything starts: (serve_config, app args, num_gpus)."""
+    from services.deploy_config import DeployConfigError, load_serve_config, validate_serve_config
+    from services.settings import AppSettings
+
+    try:
+        serve_config = load_serve_config(args.config)
+        validate_serve_config(serve_config)
+    except DeployConfigError as error:
+        raise UserError(f"--config {_one_line(error)}") from None
+    custom = config_custom_resources(serve_config)
+    if custom:
+        wanted = ", ".join(f"{name} (by {', '.join(users)})" for name, users in custom.items())
+        raise UserError(f"--config {args.config}: its deployments need custom Ray resources {wanted}, which a local "
+                        "Ray does not advertise; serve a config without them (e.g. ray_configs/local.yaml) or deploy "
+                        "this one on its cluster with `serve deploy`")
+    application = serve_config["applications"][0]
+    app_args = dict(application.get("args") or {})
+    api_keys = list(args.api_key or [])
+    api_keys += [key.strip() for key in os.environ.get("FACECAST_API_KEYS", "").split(",") if key.strip()]
+    if api_keys:
+        app_args["api_keys"] = sorted(set(api_keys))
+    if args.redis_url:
+        app_args["redis_url"] = args.redis_url
+    try:
+        settings = AppSettings.from_args(app_args)
+    except ConfigError as error:
+        raise UserError(f"--config {args.config}: application args: {error}") from None
+
+    needed = config_gpus(serve_config)
+    real = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if settings.device == "cuda" and not real:
+        raise UserError(f"--config {args.config} computes on device cuda, but this machine has no CUDA device; "
+                        "serve ray_configs/local.yaml (CPU) instead")
+    if args.num_gpus is not None:
+        num_gpus = args.num_gpus
+        if num_gpus < needed:
+            raise UserError(f"--num-gpus {num_gpus} is too few: the deployments of {args.config} ask for {needed} GPUs")
+    elif settings.device == "cuda":
+        if real < needed:
+            raise UserError(f"{args.config} asks for {needed} GPUs; this machine has {real}")
+        num_gpus = None  # Ray counts the real ones
+    else:
+        num_gpus = needed  # logical GPUs: the CPU workers only use them for placement
+    if args.num_cpus is not None and args.num_cpus < 1:
+        raise UserError(f"--num-cpus {args.num_cpus} is invalid: at least 1")
+    return serve_config, {**app_args, "_settings": settings}, num_gpus
+
+
+def _redis_for_serve(args):
+    """(redis_url, LocalRedis or None): --redis-url, else $REDIS_URL, else a private redis-server we own."""
+    from services.session_store import LocalRedis
+
+    url = args.redis_url or os.environ.get("REDIS_URL")
+    if url:
+        return url, None
+    try:
+        local = LocalRedis()
+    except RuntimeError as error:
+        raise UserError(_one_line(error)) from None
+    return local.url, local
+
+
+class _Stop(BaseException):
+    """SIGINT/SIGTERM while serving (BaseException so nothing on the way swallows it)."""
+
+
+def cmd_serve(args) -> int:
+    if args.config is None:
+        local = Path("ray_configs") / "local.yaml"
+        args.config = str(local if local.is_file() else DEFAULT_SERVE_CONFIG)
+    serve_config, app_args, num_gpus = _serve_plan(args)
+    check_port_free(args.port)
+    settings = app_args.pop("_settings")
+    ready_file = Path(args.ready_file) if args.ready_file else None
+    if ready_file is not None:
+        if not ready_file.parent.is_dir():
+            raise UserError(f"--ready-file: directory {str(ready_file.parent)!r} does not exist")
+        ready_file.unlink(missing_ok=True)
+
+    signals_seen: list[int] = []
+
+    def on_signal(signum, frame):
+        signals_seen.append(signum)
+        if len(signals_seen) == 1:
+            raise _Stop()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    redis_url, local_redis, cluster, failed = None, None, None, False
+    try:
+        try:
+            redis_url, local_redis = _redis_for_serve(args)
+            app_args["redis_url"] = redis_url
+            from services.local_cluster import LocalCluster
+
+            print(f"facecast serve: starting a local Ray ({num_gpus if num_gpus is not None else 'all'} "
+                  f"{'logical ' if settings.device == 'cpu' else ''}GPUs) and deploying {args.config} ...",
+                  flush=True)
+            cluster = LocalCluster.start(app_args, config=args.config, grpc_port=args.port, num_cpus=args.num_cpus,
+                                         num_gpus=num_gpus)
+            print(f"facecast serving {args.config} on grpc {cluster.target} (preset {settings.preset}, layout "
+                  f"{settings.layout}, {settings.steps} steps, {settings.device}); Ctrl-C to stop", flush=True)
+            if local_redis is not None:
+                print(f"  redis: {redis_url} (local redis-server pid {local_redis.pid}, stopped with the cluster)",
+                      flush=True)
+            else:
+                print(f"  redis: {redis_url} (external)", flush=True)
+            keys = settings.effective_api_keys()
+            print(f"  auth: {'%d API key(s) required' % len(keys) if keys else 'none (no API keys configured)'}",
+                  flush=True)
+            if ready_file is not None:
+                partial = ready_file.with_name(ready_file.name + ".partial")
+                partial.write_text("ready\n")
+                partial.replace(ready_file)
+            while True:
+                time.sleep(3600)
+        except _Stop:
+            name = signal.Signals(signals_seen[0]).name if signals_seen else "signal"
+            print(f"facecast serve: {name}: stopping ...", flush=True)
+        except (UserError, KeyboardInterrupt):
+            raise
+        except Exception as error:  # noqa: BLE001 - Ray/Serve failed to start the app: one line, not a traceback
+            print(f"facecast serve: error: could not start {args.config}: {type(error).__name__}: "
+                  f"{_one_line(error)}", file=sys.stderr, flush=True)
+            failed = True
+    finally:
+        for sig in previous:  # a second Ctrl-C during the shutdown is ignored, not a traceback
+            signal.signal(sig, signal.SIG_IGN)
+        _stop_serving(cluster, local_redis)
+        if ready_file is not None:
+            ready_file.unlink(missing_ok=True)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if failed:
+        return 1
+    print("facecast serve: stopped", flush=True)
+    return 0
+
+
+def _stop_serving(cluster, local_redis) -> None:
+    """serve.shutdown, ray.shutdown, the local Redis: each attempted even if an earlier one fails."""
+    try:
+        if cluster is not None:
+            cluster.stop()
+        else:
+            import ray
+
+            if ray.is_initialized():  # interrupted (or failed) half-way through start
+                try:
+                    from ray import serve
+
+                    serve.shutdown()
+                finally:
+                    ray.shutdown()
+    except Exception as error:  # noqa: BLE001 - report, keep cleaning up
+        print(f"facecast serve: warning: shutdown: {_one_line(error)}", file=sys.stderr, flush=True)
+    finally:
+        if local_redis is not None:
+            local_redis.close()
+
+
+# ---------------------------------------------------------------------------------------------- call
+
+CALL_USER_ERRORS = ("INVALID_ARGUMENT", "UNAUTHENTICATED", "PERMISSION_DENIED", "NOT_FOUND", "RESOURCE_EXHAUSTED")
+
+
+def _decode_jpegs(frames: list[bytes], width: int, height: int) -> np.ndarray:
+    import PIL.Image
+
+    pixels = []
+    for data in frames:
+        with PIL.Image.open(io.BytesIO(data)) as image:
+            image = image.convert("RGB")
+            if image.size != (width, height):
+                image = image.resize((width, height))
+            pixels.append(np.asarray(image))
+    return np.stack(pixels)
+
+
+def _ms_stats(values_s: list[float]) -> str:
+    values = np.asarray(values_s) * 1000
+    return (f"mean {values.mean():.0f} / p50 {np.percentile(values, 50):.0f} / p95 {np.percentile(values, 95):.0f} "
+            f"/ max {values.max():.0f} ms")
+
+
+def cmd_call(args) -> int:
+    import grpc
+
+    from services.client import AvatarClient
+
+    image_path = Path(args.image)
+    if not image_path.is_file():
+        raise UserError(f"--image {args.image!r}: file not found")
+    reference = image_path.read_bytes()  # the server validates and crops it
+    audio, sample_rate_hz = load_audio(args.audio)
+    out = Path(args.out)
+    if out.suffix.lower() != ".mp4":
+        raise UserError(f"--out {str(out)!r} must end in .mp4")
+    if not out.parent.exists():
+        raise UserError(f"--out: directory {str(out.parent)!r} does not exist")
+    pcm = (np.clip(audio, -1, 1) * 32767).round().astype(np.int16)
+    options = {name: value for name, value in (("fps", args.fps), ("width", args.width), ("height", args.height),
+                                               ("steps", args.steps), ("chunk_latent_frames", args.chunk),
+                                               ("seed", args.seed)) if value is not None}
+    api_key = args.api_key or os.environ.get("FACECAST_API_KEY")
+    client = AvatarClient(args.target, api_key=api_key)
+    session = None
+    try:
+        session = client.create_session(reference, prompt=args.prompt, options=options, timeout_s=args.timeout)
+        effective = session.options
+        fps, width, height = effective.fps, effective.width, effective.height
+        duration_s = pcm.shape[0] / sample_rate_hz
+        expected = math.ceil(duration_s * fps)
+        print(f"facecast call: session {session.session_id} at {args.target}: {width}x{height} @ {fps:g} fps, "
+              f"chunk {effective.chunk_latent_frames} latent frames, {effective.steps} steps; streaming "
+              f"{duration_s:.2f} s of audio at {sample_rate_hz} Hz "
+              f"{'as fast as possible' if args.no_realtime else 'in real time'}", flush=True)
+        from tqdm import tqdm
+
+        frames_written = 0
+        with Mp4Writer(out, fps, width, height, audio, sample_rate_hz) as writer, \
+                tqdm(total=expected, unit="frame", desc="receiving", disable=args.quiet) as bar:
+            def on_chunk(chunk):
+                nonlocal frames_written
+                if chunk.frames:
+                    writer.write(_decode_jpegs(list(chunk.frames), width, height))
+                    frames_written += len(chunk.frames)
+                    bar.update(len(chunk.frames))
+
+            result = client.stream(session, pcm, sample_rate_hz, realtime=not args.no_realtime, on_chunk=on_chunk,
+                                   timeout_s=args.timeout + 2 * duration_s)
+        if not result.chunks:
+            print("facecast call: error: the stream ended without a single video chunk", file=sys.stderr)
+            return 1
+        elapsed = result.arrival_s[-1]
+        print(f"wrote {out}: {frames_written} frames ({frames_written / fps:.2f} s) with audio")
+        print(f"  TTFF {result.ttff_s * 1000:.0f} ms (first audio sent -> first chunk received)")
+        intervals = result.intervals_s
+        if intervals:
+            print(f"  between chunks: {_ms_stats(intervals)} over {len(result.chunks)} chunks")
+        else:
+            print("  between chunks: n/a (1 chunk)")
+        print(f"  frames {frames_written}, {frames_written / elapsed if elapsed > 0 else float('inf'):.2f} FPS "
+              f"delivered")
+        if result.reattaches:
+            print(f"  re-attached {result.reattaches} time(s) after the stream broke")
+        return 0
+    except grpc.RpcError as error:
+        code = error.code()
+        name = code.name if code is not None else "UNKNOWN"
+        details = error.details() or ""
+        message = f"facecast call: error: {name}: {details}"
+        if name == "UNAVAILABLE":
+            message += f" (is `facecast serve` running at {args.target}?)"
+        print(message, file=sys.stderr)
+        return EXIT_USAGE if name in CALL_USER_ERRORS else 1
+    except RuntimeError as error:  # the stream broke more often than the client re-attaches
+        print(f"facecast call: error: {_one_line(error)}", file=sys.stderr)
+        return 1
+    finally:
+        if session is not None:
+            try:
+                client.close_session(session.session_id, session.session_token)
+            except grpc.RpcError:
+                pass  # the session ends on its own (its record expires)
+        client.close()
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -223,6 +557,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     presets = commands.add_parser("presets", help="list the model presets")
     presets.set_defaults(handler=cmd_presets)
+
+    srv = commands.add_parser("serve", help="run the gRPC cluster of a Serve config on this machine until Ctrl-C")
+    srv.add_argument("--config", help="Ray Serve config (default ray_configs/local.yaml)")
+    srv.add_argument("--port", type=int, default=DEFAULT_GRPC_PORT, help="gRPC port (default 9000)")
+    srv.add_argument("--num-gpus", type=int, help="GPUs for the local Ray (default: on a CPU config, as many "
+                     "logical GPUs as its deployments ask for; on a cuda config, the real ones)")
+    srv.add_argument("--num-cpus", type=int, help="CPUs for the local Ray (default: max(cores, 4))")
+    srv.add_argument("--redis-url", help="session store (default $REDIS_URL, else a private redis-server)")
+    srv.add_argument("--api-key", action="append", help="accepted API key (repeatable; also $FACECAST_API_KEYS, "
+                     "comma-separated); none: no authentication")
+    srv.add_argument("--ready-file", help="write 'ready' to this file once the app serves (removed on exit)")
+    srv.set_defaults(handler=cmd_serve)
+
+    call = commands.add_parser("call", help="reference client: stream a WAV to `facecast serve`, write the MP4")
+    call.add_argument("--image", required=True, help="reference image (sent as is; the server validates it)")
+    call.add_argument("--audio", required=True, help="speech (WAV/MP3/FLAC/OGG/M4A), sent at its own rate, mono")
+    call.add_argument("--out", required=True, help="output .mp4")
+    call.add_argument("--target", default=f"127.0.0.1:{DEFAULT_GRPC_PORT}", help="host:port (default 127.0.0.1:9000)")
+    call.add_argument("--api-key", help="API key (default $FACECAST_API_KEY)")
+    call.add_argument("--fps", type=_positive_float, help="frames per second (default: the server's, 25)")
+    call.add_argument("--width", type=int, help="width (default: the served preset's)")
+    call.add_argument("--height", type=int, help="height (default: the served preset's)")
+    call.add_argument("--steps", type=int, help="denoising steps (must match the cluster's; default: its)")
+    call.add_argument("--chunk", type=int, help="latent frames per chunk (default: the server's)")
+    call.add_argument("--seed", type=int, help="noise seed (default: the server's)")
+    call.add_argument("--prompt", default="", help="optional text prompt")
+    call.add_argument("--no-realtime", action="store_true", help="send the audio as fast as possible, not paced")
+    call.add_argument("--timeout", type=_positive_float, default=120.0, help="seconds for CreateSession (default 120)")
+    call.add_argument("--quiet", action="store_true", help="no progress bar")
+    call.set_defaults(handler=cmd_call)
     return parser
 
 

@@ -19,6 +19,8 @@ that every configured deployment exists in the bound graph (the controller would
 
 from __future__ import annotations
 
+import dataclasses
+
 import types
 import typing
 from pathlib import Path
@@ -52,6 +54,9 @@ ALLOWED_ARGS: dict[str, tuple[str, ...] | None] = {
 }
 DEFAULT_STEPS = 2
 DEFAULT_SCORE_MODE = "sequential"
+
+
+from services.settings import AppSettings  # noqa: E402  (after the constants it shares with settings)
 
 
 class DeployConfigError(ValueError):
@@ -251,10 +256,13 @@ def _args_problems(args: Any, where: str) -> list[str]:
     if not isinstance(args, dict):
         return [f"{where}: builder args must be a mapping"]
     problems = []
+    known = {field.name for field in dataclasses.fields(AppSettings)}
     for key, value in args.items():
         path = f"{where}.{key}"
+        if key not in ALLOWED_ARGS and key in known:
+            continue  # checked as a whole by AppSettings below
         if key not in ALLOWED_ARGS:
-            problems.append(f"{path}: unknown builder arg {key!r} (allowed: {', '.join(ALLOWED_ARGS)})")
+            problems.append(f"{path}: unknown builder arg {key!r} (allowed: {', '.join(sorted(known))})")
             continue
         allowed = ALLOWED_ARGS[key]
         if allowed is not None:
@@ -266,6 +274,11 @@ def _args_problems(args: Any, where: str) -> list[str]:
         elif key == "checkpoint":
             if value is not None and not (isinstance(value, str) and value):
                 problems.append(f"{path}: must be a path string (or null), got {value!r}")
+    if not problems:
+        try:
+            AppSettings.from_args(args)
+        except ValueError as error:  # ConfigError names the field
+            problems.append(f"{where}: {error}")
     return problems
 
 

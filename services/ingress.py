@@ -63,6 +63,8 @@ class SessionIngress:
     def __init__(self, settings: AppSettings, audio, score, vae, llm):
         self.settings = settings
         self.audio, self.score, self.vae, self.llm = audio, score, vae, llm
+        # Who keeps the decoded chunks for re-attach: the VAEDecoder, or the score worker when it decodes itself.
+        self.decoded = score if settings.vae_placement == "colocated" else vae
         self.preset = get_preset(settings.preset)
         self.stream_defaults = settings.stream_defaults()
         self.limits = ApiLimits()
@@ -280,7 +282,7 @@ class _SessionStream:
         cut = audio_state["chunk_index"]
         first = min(resume_from_chunk, started)
         for index in range(first, started):
-            self._spawn(ingress.vae.fetch.remote(session_id, index), counted=False)
+            self._spawn(ingress.decoded.fetch.remote(session_id, index), counted=False)
         for item in await ingress.audio.pending.remote(session_id, started):
             await self._submit(item)
         if cut > started and not await ingress.audio.pending.remote(session_id, started):

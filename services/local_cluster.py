@@ -39,6 +39,8 @@ class LocalCluster:
     redis_url: str
     local_redis: LocalRedis | None
     saved_env: dict[str, str | None]
+    config_args: dict | None = None
+    config_options: dict | None = None
 
     @property
     def target(self) -> str:
@@ -78,7 +80,19 @@ class LocalCluster:
         serve.start(grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER]),
                     http_options={"host": "127.0.0.1", "port": http_port or free_port()})
         serve.run(build_app(args, options), name=APP_NAME, route_prefix="/")
-        return cls(grpc_port, redis_url, local_redis, saved_env)
+        cluster = cls(grpc_port, redis_url, local_redis, saved_env)
+        cluster.config_args, cluster.config_options = args, options
+        return cluster
+
+    def deploy_app(self, name: str, args: dict | None = None,
+                   deployment_options: dict[str, dict] | None = None) -> None:
+        """Deploy one more application (another layout) next to the first; clients select it with the
+        `application` gRPC metadata key. Args and options are overrides of the first application's."""
+        merged_args = {**self.config_args, **(args or {}), "redis_url": self.redis_url}
+        options = {key: dict(value) for key, value in self.config_options.items()}
+        for deployment, extra in (deployment_options or {}).items():
+            options[deployment] = {**options.get(deployment, {}), **extra}
+        serve.run(build_app(merged_args, options), name=name, route_prefix=f"/{name}")
 
     def stop(self) -> None:
         try:

@@ -15,6 +15,7 @@ from model_core.config import ConfigError, get_preset
 
 LAYOUTS = ("local", "1+1", "4+1")
 SCORE_MODES = ("sequential", "pipelined")
+VAE_PLACEMENTS = ("separate", "colocated")
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "bfloat16")
 
@@ -31,6 +32,9 @@ class AppSettings:
     """Denoising steps per chunk."""
     score_mode: str = "sequential"
     """sequential: one score worker runs every step; pipelined: one score worker per step."""
+    vae_placement: str = "separate"
+    """separate: the VAEDecoder decodes on its own GPU (disaggregated); colocated: the score worker decodes itself
+    (self-contained, the baseline disaggregation is measured against)."""
     device: str = "cpu"
     """Where the score and VAE workers compute."""
     dtype: str = "float32"
@@ -61,6 +65,7 @@ class AppSettings:
         get_preset(self.preset)
         check(1 <= self.steps <= 4, "steps", "allowed: 1 to 4")
         check(self.score_mode in SCORE_MODES, "score_mode", f"allowed: {', '.join(SCORE_MODES)}")
+        check(self.vae_placement in VAE_PLACEMENTS, "vae_placement", f"allowed: {', '.join(VAE_PLACEMENTS)}")
         check(self.device in DEVICES, "device", f"allowed: {', '.join(DEVICES)}")
         check(self.dtype in DTYPES, "dtype", f"allowed: {', '.join(DTYPES)}")
         check(self.max_sessions >= 1, "max_sessions", "must be >= 1")

@@ -16,6 +16,7 @@ Only `services/app.py` binds these into a graph.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import time
 from collections import deque
@@ -229,6 +230,13 @@ class ScoreWorkerGroup:
         self.sessions = {}
         self.turns = ChunkTurns()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
+        self.batcher = (ScoreBatcher(self, settings.max_batch_size)
+                        if not self.pipelined and settings.max_batch_size > 1 else None)
+        # Self-contained layout (the baseline of the disaggregation benchmark): this worker decodes too.
+        self.local_decoder = (LocalDecoder(DecodeStage(build_vae(preset, checkpoint=settings.checkpoint,
+                                                                 device=device, seed=settings.seed)),
+                                           settings.jpeg_quality)
+                              if settings.vae_placement == "colocated" else None)
 
     async def open(self, session_id: str, stream: StreamConfig, reference_latent: torch.Tensor, prompt: str,
                    characters: list[Character]) -> None:
@@ -240,6 +248,8 @@ class ScoreWorkerGroup:
                                                         text_states, regions, self.local_steps)
         await asyncio.gather(*(worker.open.remote(session_id, stream, reference_latent, text_states, regions)
                                for worker in self.stage_workers))
+        if self.local_decoder is not None:
+            self.local_decoder.open(session_id)
 
     async def _compute(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -261,7 +271,8 @@ class ScoreWorkerGroup:
         started = time.perf_counter()
         await self.turns.wait(session_id, index)
         try:
-            chunk = await self._compute(self._first_steps, session, audio_input, carrier)
+            chunk = (None if self.batcher is not None and not self.pipelined
+                     else await self._compute(self._first_steps, session, audio_input, carrier))
             if self.pipelined:
                 refs = chunk
                 for worker in self.stage_workers:
@@ -273,6 +284,9 @@ class ScoreWorkerGroup:
                 else:
                     await self.turns.done(session_id, index)  # chunk n+1 may enter step 0 now
                     chunk = await refs
+            elif self.batcher is not None:
+                chunk = await self.batcher.submit(session, audio_input, carrier)
+                await self.turns.done(session_id, index)
             else:
                 await self.turns.done(session_id, index)
         except BaseException:
@@ -281,7 +295,13 @@ class ScoreWorkerGroup:
         score_ms = (time.perf_counter() - started) * 1000
         stage_ms = {"audio": audio_input.audio_s * 1000, "score": score_ms,
                     **{f"score_step_{k + 1}": s * 1000 for k, s in enumerate(chunk.step_s)}}
+        if self.local_decoder is not None:
+            return await self.local_decoder.decode(self._compute, audio_input, chunk.latents, stage_ms, carrier)
         return await self.vae.decode.remote(audio_input, chunk.latents, stage_ms, carrier)
+
+    async def fetch(self, session_id: str, chunk_index: int, timeout_s: float = 120.0) -> DecodedChunk:
+        """Self-contained layout: the decoded chunk from this worker's replay buffer (see VAEDecoder.fetch)."""
+        return await self.local_decoder.fetch(session_id, chunk_index, timeout_s)
 
     def _first_steps(self, session, audio_input: ChunkAudioInput, carrier) -> NoisyChunk:
         with span(SCORE_STEP_SPAN, carrier, **{"session.id": session.session_id,
@@ -299,12 +319,124 @@ class ScoreWorkerGroup:
     async def close(self, session_id: str) -> None:
         self.sessions.pop(session_id, None)
         self.turns.forget(session_id)
+        if self.local_decoder is not None:
+            self.local_decoder.close(session_id)
         await asyncio.gather(*(worker.close.remote(session_id) for worker in self.stage_workers))
+
+    def batch_stats(self) -> dict:
+        """Sizes of the recent cross-session batches (empty when batching is off)."""
+        sizes = list(self.batcher.batch_sizes) if self.batcher is not None else []
+        return {"batches": len(sizes), "max_batch_size": max(sizes, default=0),
+                "mean_batch_size": float(np.mean(sizes)) if sizes else 0.0}
 
     async def placement(self) -> dict:
         """GPU ids of this replica and of its stage actors (for placement checks)."""
         stages = await asyncio.gather(*(worker.gpu_ids.remote() for worker in self.stage_workers))
         return {"score": _gpu_ids(), "stages": [list(ids) for ids in stages], "weights": self.weights_note}
+
+
+class ScoreBatcher:
+    """Cross-session batching: chunks of different sessions waiting for the score worker at the same moment (within
+    `wait_s`) and with equal `ScoreStage.batch_key` run as one forward per step."""
+
+    def __init__(self, group: "ScoreWorkerGroup", max_batch_size: int, wait_s: float = 0.003):
+        self.group, self.max_batch_size, self.wait_s = group, max_batch_size, wait_s
+        self.queue: asyncio.Queue | None = None
+        self.task: asyncio.Task | None = None
+        self.batch_sizes: deque = deque(maxlen=1000)
+
+    async def submit(self, session, audio_input: ChunkAudioInput, carrier) -> NoisyChunk:
+        if self.task is None or self.task.done():
+            self.queue = asyncio.Queue()
+            self.task = asyncio.ensure_future(self._run())
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((session, audio_input, carrier, future))
+        return await future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            items = [await self.queue.get()]
+            deadline = loop.time() + self.wait_s
+            while len(items) < self.max_batch_size:
+                try:
+                    items.append(await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time())))
+                except asyncio.TimeoutError:
+                    break
+            groups: dict[tuple, list] = {}
+            for item in items:
+                groups.setdefault(ScoreStage.batch_key(item[0]), []).append(item)
+            for group in groups.values():
+                await self._run_group(group)
+
+    async def _run_group(self, group: list) -> None:
+        self.batch_sizes.append(len(group))
+        try:
+            with contextlib.ExitStack() as spans:
+                for session, audio_input, carrier, _ in group:
+                    spans.enter_context(span(SCORE_STEP_SPAN, carrier, **{
+                        "session.id": session.session_id, "chunk.index": audio_input.chunk_index,
+                        "step": "all", "batch.size": len(group)}))
+                results = await self.group._compute(self.group.stage.denoise_batch, [item[0] for item in group],
+                                                    [item[1] for item in group])
+        except BaseException as error:  # every waiter gets the failure
+            for *_, future in group:
+                if not future.done():
+                    future.set_exception(error)
+            return
+        for (*_, future), result in zip(group, results):
+            if not future.done():
+                future.set_result(result)
+
+
+class LocalDecoder:
+    """The decode half of a worker: per-session decode caches, JPEG encoding, a replay buffer of recent chunks."""
+
+    def __init__(self, stage: DecodeStage, jpeg_quality: int):
+        self.stage, self.jpeg_quality = stage, jpeg_quality
+        self.caches: dict = {}
+        self.replay_buffers: dict[str, deque] = {}
+        self.turns = ChunkTurns()
+
+    def open(self, session_id: str) -> None:
+        self.caches[session_id] = self.stage.open()
+        self.replay_buffers[session_id] = deque(maxlen=REPLAY_CHUNKS)
+
+    def close(self, session_id: str) -> None:
+        self.caches.pop(session_id, None)
+        self.replay_buffers.pop(session_id, None)
+        self.turns.forget(session_id)
+
+    async def decode(self, compute, audio_input: ChunkAudioInput, latents: torch.Tensor, stage_ms: dict,
+                     carrier: dict | None) -> DecodedChunk:
+        session_id, index = audio_input.session_id, audio_input.chunk_index
+        await self.turns.wait(session_id, index)
+        try:
+            with span(VAE_DECODE_SPAN, carrier, **{"session.id": session_id, "chunk.index": index}):
+                frames, vae_s = await compute(self.stage.decode, self.caches[session_id], latents,
+                                              audio_input.num_frames)
+                jpeg = await compute(encode_jpeg, frames, self.jpeg_quality)
+        finally:
+            await self.turns.done(session_id, index)
+        decoded = DecodedChunk(
+            session_id=session_id, chunk_index=index, first_frame=audio_input.first_frame, fps=audio_input.fps,
+            width=int(frames.shape[-1]), height=int(frames.shape[-2]), frames_jpeg=jpeg,
+            audio_pcm_s16le=pcm_to_s16le(audio_input.audio_pcm), sample_rate_hz=audio_input.sample_rate_hz,
+            final=audio_input.final, stage_ms={**stage_ms, "vae": vae_s * 1000})
+        self.replay_buffers[session_id].append(decoded)
+        return decoded
+
+    async def fetch(self, session_id: str, chunk_index: int, timeout_s: float) -> DecodedChunk:
+        await self.turns.wait_past(session_id, chunk_index, timeout_s)
+        for chunk in self.replay_buffers.get(session_id, ()):
+            if chunk.chunk_index == chunk_index:
+                return chunk
+        raise KeyError(f"chunk {chunk_index} of session {session_id!r} is no longer buffered")
+
+    def replay(self, session_id: str, from_chunk: int) -> tuple[list[DecodedChunk], int]:
+        buffer = self.replay_buffers.get(session_id, deque())
+        oldest = buffer[0].chunk_index if buffer else from_chunk
+        return [chunk for chunk in buffer if chunk.chunk_index >= from_chunk], oldest
 
 
 # ============================================================================================ VAEDecoder
@@ -318,64 +450,36 @@ class VAEDecoder:
         self.settings = settings
         self.telemetry = setup_telemetry("facecast-vae")
         preset = get_preset(settings.preset)
-        self.stage = DecodeStage(build_vae(preset, checkpoint=settings.checkpoint, device=_device(settings),
-                                           seed=settings.seed))
-        self.caches = {}
-        self.replay_buffers: dict[str, deque] = {}
-        self.turns = ChunkTurns()
+        self.decoder = LocalDecoder(DecodeStage(build_vae(preset, checkpoint=settings.checkpoint,
+                                                          device=_device(settings), seed=settings.seed)),
+                                    settings.jpeg_quality)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vae")
 
     async def _compute(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     async def encode_reference(self, image: torch.Tensor) -> torch.Tensor:
-        return await self._compute(self.stage.encode_reference, image)
+        return await self._compute(self.decoder.stage.encode_reference, image)
 
     def open(self, session_id: str) -> None:
-        self.caches[session_id] = self.stage.open()
-        self.replay_buffers[session_id] = deque(maxlen=REPLAY_CHUNKS)
+        self.decoder.open(session_id)
 
     async def decode(self, audio_input: ChunkAudioInput, latents: torch.Tensor, stage_ms: dict,
                      carrier: dict | None = None) -> DecodedChunk:
-        return await asyncio.shield(asyncio.ensure_future(self._decode(audio_input, latents, stage_ms, carrier)))
+        """Decode in chunk order per session (shielded: completes even if the caller goes away)."""
+        return await asyncio.shield(asyncio.ensure_future(
+            self.decoder.decode(self._compute, audio_input, latents, stage_ms, carrier)))
 
     async def fetch(self, session_id: str, chunk_index: int, timeout_s: float = 120.0) -> DecodedChunk:
         """Wait until chunk `chunk_index` of the session has been decoded, then return it from the replay buffer."""
-        await self.turns.wait_past(session_id, chunk_index, timeout_s)
-        for chunk in self.replay_buffers.get(session_id, ()):
-            if chunk.chunk_index == chunk_index:
-                return chunk
-        raise KeyError(f"chunk {chunk_index} of session {session_id!r} is no longer buffered")
-
-    async def _decode(self, audio_input: ChunkAudioInput, latents: torch.Tensor, stage_ms: dict,
-                      carrier: dict | None) -> DecodedChunk:
-        session_id, index = audio_input.session_id, audio_input.chunk_index
-        await self.turns.wait(session_id, index)
-        try:
-            with span(VAE_DECODE_SPAN, carrier, **{"session.id": session_id, "chunk.index": index}):
-                frames, vae_s = await self._compute(self.stage.decode, self.caches[session_id], latents,
-                                                    audio_input.num_frames)
-                jpeg = await self._compute(encode_jpeg, frames, self.settings.jpeg_quality)
-        finally:
-            await self.turns.done(session_id, index)
-        decoded = DecodedChunk(
-            session_id=session_id, chunk_index=index, first_frame=audio_input.first_frame, fps=audio_input.fps,
-            width=int(frames.shape[-1]), height=int(frames.shape[-2]), frames_jpeg=jpeg,
-            audio_pcm_s16le=pcm_to_s16le(audio_input.audio_pcm), sample_rate_hz=audio_input.sample_rate_hz,
-            final=audio_input.final, stage_ms={**stage_ms, "vae": vae_s * 1000})
-        self.replay_buffers[session_id].append(decoded)
-        return decoded
+        return await self.decoder.fetch(session_id, chunk_index, timeout_s)
 
     def replay(self, session_id: str, from_chunk: int) -> tuple[list[DecodedChunk], int]:
         """Buffered chunks with index >= from_chunk, and the oldest index still buffered."""
-        buffer = self.replay_buffers.get(session_id, deque())
-        oldest = buffer[0].chunk_index if buffer else from_chunk
-        return [chunk for chunk in buffer if chunk.chunk_index >= from_chunk], oldest
+        return self.decoder.replay(session_id, from_chunk)
 
     def close(self, session_id: str) -> None:
-        self.caches.pop(session_id, None)
-        self.replay_buffers.pop(session_id, None)
-        self.turns.forget(session_id)
+        self.decoder.close(session_id)
 
     def placement(self) -> dict:
         return {"vae": _gpu_ids()}

@@ -1,0 +1,178 @@
+"""`facecast serve` and `facecast call` as a user runs them: serve in a subprocess on a free port (real local Ray,
+logical GPUs, its own redis-server), call it from another process, read the MP4 back, check every error's exit status
+and message, and stop the server with SIGINT (clean exit, port closed, Redis gone)."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from services.cli import main
+from services.local_cluster import free_port
+from services.media import probe_video
+
+from ..model_core.helpers import speech
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+READY_TIMEOUT_S = 120
+AUDIO_S = 1.2
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("REDIS_URL", None)  # serve must start (and stop) its own redis-server
+    env.pop("FACECAST_API_KEYS", None)
+    return env
+
+
+def cli(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "services.cli", *argv], cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen, port: int, log: Path, ready: Path):
+        self.proc, self.port, self.log, self.ready = proc, port, log, ready
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    port, ready, log = free_port(), tmp / "ready", tmp / "serve.log"
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "--port", str(port),
+                                 "--ready-file", str(ready)], cwd=REPO, env=_env(), stdout=sink,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    started = Server(proc, port, log, ready)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not ready.exists():
+            if proc.poll() is not None:
+                pytest.fail(f"facecast serve exited with {proc.returncode} before it was ready:\n{started.output()}")
+            if time.monotonic() > deadline:
+                print(started.output())
+                pytest.fail(f"facecast serve was not ready within {READY_TIMEOUT_S} s:\n{started.output()}")
+            time.sleep(0.25)
+        assert ready.read_text() == "ready\n"
+        yield started
+    finally:
+        if proc.poll() is None:  # a test failed before the SIGINT test stopped it
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    from PIL import Image
+
+    tmp = tmp_path_factory.mktemp("inputs")
+    image = tmp / "face.png"
+    Image.fromarray((np.random.default_rng(5).random((96, 80, 3)) * 255).astype(np.uint8)).save(image)
+    audio = tmp / "speech.wav"
+    with wave.open(str(audio), "wb") as handle:
+        handle.setnchannels(1)
+        handle.setsampwidth(2)
+        handle.setframerate(16000)
+        handle.writeframes((np.clip(speech(AUDIO_S, seed=7), -1, 1) * 32767).astype("<i2").tobytes())
+    not_an_image = tmp / "notes.txt"
+    not_an_image.write_text("this is not an image\n")
+    return image, audio, not_an_image, tmp
+
+
+def test_call_streams_the_audio_and_writes_the_mp4(server, inputs):
+    image, audio, _, tmp = inputs
+    out = tmp / "out.mp4"
+    result = cli("call", "--target", server.target, "--image", str(image), "--audio", str(audio), "--out", str(out),
+                 "--width", "64", "--height", "64", "--no-realtime", "--quiet")
+    assert result.returncode == 0, result.stdout + result.stderr + server.output()
+    info = probe_video(out)
+    assert info.num_frames == math.ceil(AUDIO_S * 25)
+    assert info.fps == pytest.approx(25)
+    assert (info.width, info.height) == (64, 64)
+    assert info.has_audio and info.audio_duration_s == pytest.approx(AUDIO_S, abs=0.05)
+    assert re.search(r"TTFF \d+ ms", result.stdout), result.stdout
+    assert re.search(r"between chunks: mean \d+ / p50 \d+ / p95 \d+ / max \d+ ms", result.stdout), result.stdout
+    assert f"frames {info.num_frames}" in result.stdout and "FPS delivered" in result.stdout
+
+
+def test_call_with_a_non_image_exits_2_naming_the_field(server, inputs):
+    _, audio, not_an_image, tmp = inputs
+    result = cli("call", "--target", server.target, "--image", str(not_an_image), "--audio", str(audio),
+                 "--out", str(tmp / "bad.mp4"), "--quiet")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "INVALID_ARGUMENT" in result.stderr and "reference_image" in result.stderr
+    assert result.stderr.startswith("facecast call: error:") and "Traceback" not in result.stderr
+
+
+def test_call_where_nothing_listens_exits_1_with_a_hint(inputs, capsys):
+    image, audio, _, tmp = inputs
+    target = f"127.0.0.1:{free_port()}"
+    code = main(["call", "--target", target, "--image", str(image), "--audio", str(audio),
+                 "--out", str(tmp / "none.mp4"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "UNAVAILABLE" in err and f"is `facecast serve` running at {target}?" in err
+
+
+def test_serve_with_a_missing_config_exits_2_naming_it(capsys):
+    code = main(["serve", "--config", "nonexistent.yaml", "--port", str(free_port())])
+    err = capsys.readouterr().err
+    assert code == 2 and "nonexistent.yaml" in err and len(err.strip().splitlines()) == 1
+
+
+def test_sigint_stops_serve_cleanly(server):
+    match = re.search(r"local redis-server pid (\d+)", server.output())
+    assert match, server.output()
+    redis_pid = int(match.group(1))
+    assert alive(redis_pid) and port_open(server.port)
+    server.proc.send_signal(signal.SIGINT)
+    try:
+        code = server.proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"facecast serve did not stop within 30 s of SIGINT:\n{server.output()}")
+    assert code == 0, server.output()
+    assert "stopped" in server.output() and "Traceback" not in server.output()
+    assert not port_open(server.port)
+    assert not alive(redis_pid), "serve left its redis-server running"
+    assert not server.ready.exists()
