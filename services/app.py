@@ -21,6 +21,7 @@ from services.workers import AudioEncoder, LLMBridge, ScoreWorkerGroup, VAEDecod
 
 DEPLOYMENT_NAMES = ("SessionIngress", "AudioEncoder", "ScoreWorkerGroup", "VAEDecoder", "LLMBridge")
 GRPC_SERVICER = "services.api.generated.facecast.v1.avatar_pb2_grpc.add_AvatarServiceServicer_to_server"
+GRPC_SERVICERS = (GRPC_SERVICER, "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server")
 
 
 def build_app(args: dict | None = None, deployment_options: dict[str, dict] | None = None) -> Application:

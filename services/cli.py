@@ -320,7 +320,24 @@ def cmd_serve(args) -> int:
         if len(signals_seen) == 1:
             raise _Stop()
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    def claim_signals() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    claim_signals()
+    import ray
+
+    real_init = ray.init
+
+    def init_keeping_our_signals(*init_args, **init_kwargs):
+        # ray.init installs Ray's crash handler on SIGTERM (dump + die: no cleanup, an orphaned redis-server); take
+        # SIGINT/SIGTERM back right away so a stop during the (long) deploy still shuts everything down.
+        try:
+            return real_init(*init_args, **init_kwargs)
+        finally:
+            claim_signals()
+
     redis_url, local_redis, cluster, failed = None, None, None, False
     try:
         try:
@@ -328,11 +345,17 @@ def cmd_serve(args) -> int:
             app_args["redis_url"] = redis_url
             from services.local_cluster import LocalCluster
 
+            ray.init = init_keeping_our_signals
+
             print(f"facecast serve: starting a local Ray ({num_gpus if num_gpus is not None else 'all'} "
                   f"{'logical ' if settings.device == 'cpu' else ''}GPUs) and deploying {args.config} ...",
                   flush=True)
-            cluster = LocalCluster.start(app_args, config=args.config, grpc_port=args.port, num_cpus=args.num_cpus,
-                                         num_gpus=num_gpus)
+            try:
+                cluster = LocalCluster.start(app_args, config=args.config, grpc_port=args.port,
+                                             num_cpus=args.num_cpus, num_gpus=num_gpus)
+            finally:
+                ray.init = real_init
+            claim_signals()
             print(f"facecast serving {args.config} on grpc {cluster.target} (preset {settings.preset}, layout "
                   f"{settings.layout}, {settings.steps} steps, {settings.device}); Ctrl-C to stop", flush=True)
             if local_redis is not None:
@@ -347,8 +370,12 @@ def cmd_serve(args) -> int:
                 partial = ready_file.with_name(ready_file.name + ".partial")
                 partial.write_text("ready\n")
                 partial.replace(ready_file)
-            while True:
-                time.sleep(3600)
+            problem = None
+            while problem is None:
+                time.sleep(1.0)
+                problem = _serving_problem(local_redis)
+            print(f"facecast serve: error: {problem}; stopping", file=sys.stderr, flush=True)
+            failed = True
         except _Stop:
             name = signal.Signals(signals_seen[0]).name if signals_seen else "signal"
             print(f"facecast serve: {name}: stopping ...", flush=True)
@@ -372,21 +399,45 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def _stop_serving(cluster, local_redis) -> None:
-    """serve.shutdown, ray.shutdown, the local Redis: each attempted even if an earlier one fails."""
+def _dead_ray_processes() -> list[str]:
+    """Names of the local Ray node's core processes (GCS, raylet) that have exited; [] when unknown."""
     try:
-        if cluster is not None:
-            cluster.stop()
-        else:
-            import ray
+        import ray._private.worker as ray_worker
 
-            if ray.is_initialized():  # interrupted (or failed) half-way through start
-                try:
+        node = ray_worker._global_node
+        if node is None:
+            return []
+        return sorted({kind for kind, _ in node.dead_processes() if kind in ("gcs_server", "raylet")})
+    except Exception:  # noqa: BLE001 - private API: no verdict rather than a false alarm
+        return []
+
+
+def _serving_problem(local_redis) -> str | None:
+    """Why the cluster can no longer serve (its Ray core processes or its redis-server died), or None."""
+    dead = _dead_ray_processes()
+    if dead:
+        return f"the local Ray's {' and '.join(dead)} exited (killed?)"
+    if local_redis is not None and not local_redis.running:
+        return f"the local redis-server (pid {local_redis.pid}) exited"
+    return None
+
+
+def _stop_serving(cluster, local_redis) -> None:
+    """serve.shutdown, ray.shutdown, the local Redis: each attempted even if an earlier one fails.  With the Ray
+    core already dead (or never started) there is no Serve controller to ask: only ray.shutdown reaps what is left."""
+    try:
+        import ray
+
+        if cluster is not None and not _dead_ray_processes():
+            cluster.stop()  # serve.shutdown + ray.shutdown
+        elif ray.is_initialized():  # Ray died under us, or start was interrupted / failed half-way
+            try:
+                if not _dead_ray_processes():
                     from ray import serve
 
                     serve.shutdown()
-                finally:
-                    ray.shutdown()
+            finally:
+                ray.shutdown()
     except Exception as error:  # noqa: BLE001 - report, keep cleaning up
         print(f"facecast serve: warning: shutdown: {_one_line(error)}", file=sys.stderr, flush=True)
     finally:

@@ -25,12 +25,11 @@ import time
 import uuid
 
 import grpc
-import numpy as np
 from ray import serve
 
 from model_core.config import get_preset
 from model_core.engine import Character
-from services.api import pb
+from services.api import SERVICE_NAME, pb
 from services.api.validation import (ApiError, ApiLimits, check_api_key, check_token, new_token, require_session_id,
                                      session_to_proto, validate_audio, validate_control, validate_create,
                                      validate_update)
@@ -42,6 +41,27 @@ from services.telemetry import (CHUNK_SPAN, EGRESS_SPAN, SESSION_SPAN, context_f
 from services.workers import DecodedChunk
 
 _END = object()
+
+
+class RayMetrics:
+    """The SRE-facing metrics mirrored into Ray's metrics (Prometheus on every node's metrics agent), next to Serve's
+    own `serve_*` series; the OpenTelemetry instruments carry the same values to the OTLP collector."""
+
+    def __init__(self) -> None:
+        from ray.util import metrics
+
+        bounds = [0.02, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4]
+        self.ttff = metrics.Histogram("facecast_session_ttff_seconds", "first audio in to first video chunk out",
+                                      boundaries=bounds)
+        self.chunk_interval = metrics.Histogram("facecast_chunk_interval_seconds", "time between chunks",
+                                                boundaries=bounds)
+        self.sessions_active = metrics.Gauge("facecast_sessions_active", "sessions open on this ingress replica")
+        self.sessions_rejected = metrics.Counter("facecast_sessions_rejected_total", "sessions refused by admission")
+        self.active = 0
+
+    def session_delta(self, delta: int) -> None:
+        self.active += delta
+        self.sessions_active.set(self.active)
 
 
 def _metadata(grpc_context) -> list[tuple[str, str]]:
@@ -71,6 +91,7 @@ class SessionIngress:
         self.api_keys = settings.effective_api_keys()
         self.store, self._local_redis = connect_store(settings.effective_redis_url())
         self.telemetry = setup_telemetry("facecast-ingress")
+        self.ray_metrics = RayMetrics()
         try:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
         except Exception:  # outside a replica (unit tests)
@@ -96,6 +117,25 @@ class SessionIngress:
                                 record.chunks_emitted, record.frames_emitted, session_token=token,
                                 prompt=record.prompt, owner=record.owner)
 
+    # ------------------------------------------------------------------ grpc.health.v1.Health
+
+    async def Check(self, request, grpc_context=None):
+        """Standard gRPC health: SERVING when the session store answers and every worker deployment responds.
+        `service` may be "" (the whole server) or "facecast.v1.AvatarService"."""
+        from grpc_health.v1 import health_pb2
+
+        if request.service not in ("", SERVICE_NAME):
+            _fail(grpc_context, ApiError(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}"))
+            return health_pb2.HealthCheckResponse()
+        healthy = self.store.ping()
+        if healthy:
+            try:
+                await asyncio.wait_for(asyncio.gather(self.vae.placement.remote(), self.llm.status.remote()), 10)
+            except Exception:
+                healthy = False
+        status = health_pb2.HealthCheckResponse.SERVING if healthy else health_pb2.HealthCheckResponse.NOT_SERVING
+        return health_pb2.HealthCheckResponse(status=status)
+
     # ------------------------------------------------------------------ unary RPCs
 
     async def CreateSession(self, request, grpc_context=None):
@@ -109,6 +149,7 @@ class SessionIngress:
             session_id, (token, token_hash) = uuid.uuid4().hex, new_token()
             if not self.store.try_admit(session_id, self.settings.max_sessions):
                 self.telemetry.sessions_rejected.add(1, {"reason": "admission_limit"})
+                self.ray_metrics.sessions_rejected.inc()
                 raise ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"the cluster is at its limit of {self.settings.max_sessions} active sessions; "
                                "retry later")
@@ -126,6 +167,7 @@ class SessionIngress:
                 self.store.release(session_id)
                 raise
             self.telemetry.sessions_active.add(1)
+            self.ray_metrics.session_delta(1)
             return self._session_proto(record, token)
         except ApiError as error:
             _fail(grpc_context, error)
@@ -181,6 +223,7 @@ class SessionIngress:
         self.store.close(session_id)
         self.store.release(session_id)
         self.telemetry.sessions_active.add(-1)
+        self.ray_metrics.session_delta(-1)
         await asyncio.gather(self.audio.close.remote(session_id), self.score.close.remote(session_id),
                              self.vae.close.remote(session_id), return_exceptions=True)
 
@@ -328,20 +371,15 @@ class _SessionStream:
                             type=pb.Event.INPUT_ENDED, session_id=session_id, message="flushing remaining video")))
                 else:
                     raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, "attach may only be the first message")
-            await self._drain_then(None)
+            await self._finish(wait=True)    # the client closed its side: deliver what is in flight, then end
         except ApiError as error:
             self.error = error
-            await self._drain_then(_END, wait=False)
-        except asyncio.CancelledError:
-            raise
+            await self._finish(wait=False)
 
-    async def _drain_then(self, marker, wait: bool = True) -> None:
+    async def _finish(self, wait: bool) -> None:
         if wait and self.tasks:
             await asyncio.gather(*list(self.tasks), return_exceptions=True)
-        if marker is not None or not wait:
-            await self.outputs.put(_END)
-        elif not self.tasks:
-            await self.outputs.put(_END)
+        await self.outputs.put(_END)
 
     async def _submit(self, item) -> None:
         await self.in_flight.acquire()   # backpressure: stop reading input while the pipeline is full
@@ -377,8 +415,10 @@ class _SessionStream:
                                         chunks_in_flight=len(self.tasks))))
         if self.chunks_sent == 0 and self.first_audio_at is not None:
             telemetry.ttff.record(now - self.first_audio_at)
+            ingress.ray_metrics.ttff.observe(now - self.first_audio_at)
         elif self.chunks_sent:
             telemetry.chunk_interval.record(ttbc_s)
+            ingress.ray_metrics.chunk_interval.observe(ttbc_s)
         for stage, value_ms in decoded.stage_ms.items():
             telemetry.stage_duration.record(value_ms / 1000, {"stage": stage})
         chunk_s = len(decoded.frames_jpeg) / decoded.fps if decoded.frames_jpeg else 0.0
@@ -393,6 +433,3 @@ class _SessionStream:
         ingress.store.heartbeat(self.session_id, ingress.replica_id)
         return message
 
-
-def _int16(pcm: np.ndarray) -> np.ndarray:
-    return pcm.astype(np.int16)

@@ -19,7 +19,7 @@ import ray
 from ray import serve
 from ray.serve.config import gRPCOptions
 
-from services.app import GRPC_SERVICER, build_app
+from services.app import GRPC_SERVICERS, build_app
 from services.deploy_config import load_serve_config, validate_serve_config
 from services.session_store import LocalRedis
 
@@ -41,6 +41,8 @@ class LocalCluster:
     saved_env: dict[str, str | None]
     config_args: dict | None = None
     config_options: dict | None = None
+    metrics_port: int | None = None
+    """Ray's Prometheus metrics endpoint on this node: http://127.0.0.1:<metrics_port>/metrics."""
 
     @property
     def target(self) -> str:
@@ -75,12 +77,15 @@ class LocalCluster:
         # started from here inherits it (restored by stop()).
         saved_env = {name: os.environ.get(name) for name in env_vars}
         os.environ.update(env_vars)
+        metrics_port = free_port()
         ray.init(address="local", num_cpus=num_cpus or max(os.cpu_count() or 2, 4), num_gpus=num_gpus,
-                 include_dashboard=False, runtime_env={"env_vars": env_vars}, log_to_driver=False)
-        serve.start(grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER]),
+                 include_dashboard=False, runtime_env={"env_vars": env_vars}, log_to_driver=False,
+                 _metrics_export_port=metrics_port)
+        serve.start(grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=list(GRPC_SERVICERS)),
                     http_options={"host": "127.0.0.1", "port": http_port or free_port()})
         serve.run(build_app(args, options), name=APP_NAME, route_prefix="/")
         cluster = cls(grpc_port, redis_url, local_redis, saved_env)
+        cluster.metrics_port = metrics_port
         cluster.config_args, cluster.config_options = args, options
         return cluster
 

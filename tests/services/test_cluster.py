@@ -106,6 +106,28 @@ def test_cluster_streams_the_engines_frames_for_the_same_seed(client, engine):
     assert closed.state == pb.CLOSED
 
 
+def test_standard_health_and_reflection(cluster):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    channel = grpc.insecure_channel(cluster.target)
+    health = health_pb2_grpc.HealthStub(channel)
+    metadata = [("application", APP_NAME)]
+    answer = health.Check(health_pb2.HealthCheckRequest(service=""), metadata=metadata, timeout=30)
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    answer = health.Check(health_pb2.HealthCheckRequest(service="facecast.v1.AvatarService"), metadata=metadata)
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.RpcError) as caught:
+        health.Check(health_pb2.HealthCheckRequest(service="nope.Service"), metadata=metadata)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    replies = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                              timeout=30)
+    services = {service.name for reply in replies for service in reply.list_services_response.service}
+    assert {"facecast.v1.AvatarService", "grpc.health.v1.Health"} <= services
+    channel.close()
+
+
 def test_score_and_vae_run_on_different_gpus(cluster):
     score = serve.get_deployment_handle("ScoreWorkerGroup", app_name=APP_NAME).placement.remote().result()
     vae = serve.get_deployment_handle("VAEDecoder", app_name=APP_NAME).placement.remote().result()
@@ -232,6 +254,22 @@ def test_spans_and_metrics_reach_the_collector_under_the_clients_trace(receiver,
     stages = {point.attributes.get("stage") for point in receiver.metrics()
               if point.name == "facecast.chunk.stage.duration"}
     assert {"audio", "score", "vae"} <= stages
+
+
+def test_metrics_are_visible_through_rays_metrics_endpoint(cluster):
+    import urllib.request
+
+    wanted = ("facecast_session_ttff_seconds", "facecast_chunk_interval_seconds", "facecast_sessions_active",
+              "facecast_sessions_rejected_total")
+    deadline, text = time.time() + 60, ""
+    while time.time() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{cluster.metrics_port}/metrics", timeout=10) as page:
+            text = page.read().decode()
+        if all(name in text for name in wanted):
+            break
+        time.sleep(2)
+    missing = [name for name in wanted if name not in text]
+    assert not missing, f"not in Ray's metrics: {missing}"
 
 
 def _descends(span, ancestors: set[str], by_id: dict) -> bool:
