@@ -552,6 +552,20 @@ def cmd_call(args) -> int:
         client.close()
 
 
+def cmd_bench_cluster(args) -> int:
+    from services.bench_cluster import bench_cluster, format_cluster_report
+
+    get_preset(args.preset)
+    if args.chunks < 2:
+        raise UserError(f"--chunks {args.chunks} is too few; need at least 2 to measure time between chunks")
+    if not 1 <= args.max_sessions <= 64:
+        raise UserError(f"--max-sessions {args.max_sessions} is invalid; allowed: 1 to 64")
+    report = bench_cluster(args.preset, chunks=args.chunks, max_sessions=args.max_sessions,
+                           progress=not args.quiet and not args.json)
+    print(json.dumps(report, indent=2) if args.json else format_cluster_report(report))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -605,6 +619,14 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--json", action="store_true", help="print the report as JSON")
     engine.add_argument("--quiet", action="store_true")
     engine.set_defaults(handler=cmd_bench_engine)
+    cluster = targets.add_parser("cluster", help="cluster vs engine overhead, disaggregated vs self-contained, "
+                                                 "real-time sessions per score group with/without batching")
+    cluster.add_argument("--preset", default="tiny", help=f"{', '.join(PRESETS)} (default tiny: CPU-sized)")
+    cluster.add_argument("--chunks", type=int, default=8, help="chunks per measured stream (default 8)")
+    cluster.add_argument("--max-sessions", type=int, default=6, help="largest concurrent load tried (default 6)")
+    cluster.add_argument("--json", action="store_true", help="print the report as JSON")
+    cluster.add_argument("--quiet", action="store_true")
+    cluster.set_defaults(handler=cmd_bench_cluster)
 
     presets = commands.add_parser("presets", help="list the model presets")
     presets.set_defaults(handler=cmd_presets)
