@@ -78,7 +78,7 @@ class SelfAttention(nn.Module):
         return self.to_out[1](self.to_out[0](attended.flatten(2)))
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(SelfAttention):
     """attn2: prompt and reference-image cross-attention (Wan I2V), plus local-window audio cross-attention.
 
     The audio keys/values come from new layers (`audio_k_proj`, `audio_v_proj`) and share the query with the text
@@ -87,14 +87,7 @@ class CrossAttention(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, eps: float):
-        super().__init__()
-        self.num_heads = num_heads
-        self.to_q = nn.Linear(dim, dim)
-        self.to_k = nn.Linear(dim, dim)
-        self.to_v = nn.Linear(dim, dim)
-        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])
-        self.norm_q = nn.RMSNorm(dim, eps=eps)
-        self.norm_k = nn.RMSNorm(dim, eps=eps)
+        super().__init__(dim, num_heads, eps)   # to_q, to_k, to_v, to_out, norm_q, norm_k
         # Reference-image branch (diffusers: added_kv_proj_dim).
         self.add_k_proj = nn.Linear(dim, dim)
         self.add_v_proj = nn.Linear(dim, dim)
@@ -121,7 +114,7 @@ class CrossAttention(nn.Module):
         attended = attention(query, text_key, text_value) + attention(query, image_key, image_value)
         if audio is not None:
             attended = self._add_audio(query, attended, audio, audio_first_frame, frames)
-        return self.to_out[1](self.to_out[0](attended.flatten(2)))
+        return self.output(attended)
 
     def _add_audio(self, query, attended, audio: ChunkAudio, first_frame: int, frames: int) -> torch.Tensor:
         """Each latent frame's tokens attend only to that frame's audio window; output masked to each region."""

@@ -9,6 +9,8 @@ import sys
 import types
 
 import pytest
+
+from services.app import GRPC_SERVICERS
 import yaml
 
 from services.deploy_config import (
@@ -59,9 +61,7 @@ def test_common_shape(layout, configs):
     assert config["http_options"] == {"host": "0.0.0.0", "port": 8000}
     assert config["grpc_options"] == {
         "port": 9000,
-        "grpc_servicer_functions": [
-            "services.api.generated.facecast.v1.avatar_pb2_grpc.add_AvatarServiceServicer_to_server"
-        ],
+        "grpc_servicer_functions": list(GRPC_SERVICERS),   # facecast.v1.AvatarService + grpc.health.v1.Health
         "request_timeout_s": None,
     }
     (app,) = config["applications"]
