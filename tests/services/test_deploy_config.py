@@ -286,5 +286,4 @@ def test_check_builder_reports_missing_deployment(configs, monkeypatch):
 
 
 def test_check_builder_against_the_real_app(configs):
-    pytest.importorskip("services.app", reason="services/app.py is not written yet")
     validate_serve_config(configs["local"], check_builder=True)
