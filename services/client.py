@@ -81,10 +81,11 @@ class AvatarClient:
 
     def stream(self, session, pcm: np.ndarray, sample_rate_hz: int, *, realtime: bool = False,
                max_reattaches: int = 8, on_chunk=None, after_chunks: tuple[int, callable] | None = None,
-               timeout_s: float = 600) -> StreamResult:
+               speaking: list[tuple[int, bool]] | None = None, timeout_s: float = 600) -> StreamResult:
         """Stream int16 mono `pcm`, end input, and collect all chunks (re-attaching on a broken stream).
 
         after_chunks=(n, fn): call fn() once, after the n-th chunk arrived (tests use it to kill a replica).
+        speaking: (character, speaking) states sent as a control message before the first audio.
         """
         result = StreamResult()
         started = time.perf_counter()
@@ -92,7 +93,7 @@ class AvatarClient:
         hook = after_chunks
         while True:
             outcome = self._one_stream(session, pcm, sample_rate_hz, realtime, resume_from, sample_offset,
-                                       result, started, on_chunk, hook, timeout_s)
+                                       result, started, on_chunk, hook, timeout_s, speaking)
             if outcome == "done":
                 return result
             hook = None if hook and len(result.chunks) >= hook[0] else hook
@@ -104,7 +105,7 @@ class AvatarClient:
             sample_offset = None  # ask the server
 
     def _one_stream(self, session, pcm, rate, realtime, resume_from, sample_offset, result, started, on_chunk, hook,
-                    timeout_s) -> str:
+                    timeout_s, speaking=None) -> str:
         outbox: queue.Queue = queue.Queue()
         attached = threading.Event()
         resume_sample = [0]
@@ -115,6 +116,9 @@ class AvatarClient:
                                                    session_token=session.session_token,
                                                    resume_from_chunk=resume_from))
             attached.wait(timeout=60)
+            if speaking:
+                yield pb.SessionInput(control=pb.Control(speaking=[
+                    pb.SpeakingState(character=character, speaking=value) for character, value in speaking]))
             offset = resume_sample[0] if sample_offset is None else sample_offset
             piece = max(1, round(PIECE_S * rate))
             clock = time.perf_counter()

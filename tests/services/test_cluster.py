@@ -128,6 +128,33 @@ def test_standard_health_and_reflection(cluster):
     channel.close()
 
 
+def test_silence_mode_and_update_session_over_grpc(client):
+    image = png(50)
+    loud, other = pcm16(speech(1.2, seed=51)), pcm16(speech(1.2, seed=52))
+    first, second = client.create_session(image), client.create_session(image)
+    listening = [client.stream(session, audio, 16000, speaking=[(0, False)])
+                 for session, audio in ((first, loud), (second, other))]
+    assert listening[0].frames_jpeg == listening[1].frames_jpeg, "a listening character's audio leaked into video"
+    talking = client.create_session(image)
+    assert client.stream(talking, loud, 16000).frames_jpeg != listening[0].frames_jpeg
+
+    update = pb.UpdateSessionRequest(session_id=talking.session_id, session_token=talking.session_token)
+    update.speaking.add(character=0, speaking=False)
+    assert client.stub.UpdateSession(update, metadata=client.metadata).session_id == talking.session_id
+    bad_character = pb.UpdateSessionRequest(session_id=talking.session_id, session_token=talking.session_token)
+    bad_character.speaking.add(character=5, speaking=True)
+    expect(grpc.StatusCode.INVALID_ARGUMENT, lambda: client.stub.UpdateSession(bad_character,
+                                                                               metadata=client.metadata), "character")
+    new_prompt = pb.UpdateSessionRequest(session_id=talking.session_id, session_token=talking.session_token,
+                                         prompt="something else")
+    expect(grpc.StatusCode.FAILED_PRECONDITION, lambda: client.stub.UpdateSession(new_prompt,
+                                                                                  metadata=client.metadata), "prompt")
+    forged = pb.UpdateSessionRequest(session_id=talking.session_id, session_token="forged")
+    expect(grpc.StatusCode.PERMISSION_DENIED, lambda: client.stub.UpdateSession(forged, metadata=client.metadata))
+    for session in (first, second, talking):
+        client.close_session(session.session_id, session.session_token)
+
+
 def test_score_and_vae_run_on_different_gpus(cluster):
     score = serve.get_deployment_handle("ScoreWorkerGroup", app_name=APP_NAME).placement.remote().result()
     vae = serve.get_deployment_handle("VAEDecoder", app_name=APP_NAME).placement.remote().result()
