@@ -432,6 +432,17 @@ class DecodeStage:
         return self.vae.new_decode_cache()
 
     @torch.no_grad()
+    def decode_batch(self, caches: list[DecodeCache], latents: list[torch.Tensor],
+                     num_frames: list[int]) -> tuple[list[torch.Tensor], float]:
+        """`decode` for chunks of several sessions at once (see `StreamingVAE.decode_chunk_batch`)."""
+        started = time.perf_counter()
+        decoded = self.vae.decode_chunk_batch(latents, caches)
+        if self.vae.device.type == "cuda":
+            torch.cuda.synchronize(self.vae.device)
+        frames = [out[0].transpose(0, 1)[:count].float().cpu() for (out, _), count in zip(decoded, num_frames)]
+        return frames, time.perf_counter() - started
+
+    @torch.no_grad()
     def decode(self, cache: DecodeCache, latents: torch.Tensor, num_frames: int) -> tuple[torch.Tensor, float]:
         """latents [1, 16, C, h, w] -> (frames [num_frames, 3, H, W] float32 CPU in [-1, 1], seconds)."""
         started = time.perf_counter()

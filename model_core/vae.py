@@ -124,6 +124,41 @@ class StreamingVAE:
             frames = unpatchify(frames, patch_size=self.vae.config.patch_size)
         return frames.clamp(-1.0, 1.0), cache
 
+    @staticmethod
+    def batchable(caches: list[DecodeCache]) -> bool:
+        """Decode caches can be stacked when every session is past its first latent frame and the caches agree
+        entry by entry (tensors of one shape, or the same marker)."""
+        if not all(cache.started for cache in caches):
+            return False
+        for entries in zip(*(cache.features for cache in caches)):
+            first = entries[0]
+            if isinstance(first, torch.Tensor):
+                if not all(isinstance(e, torch.Tensor) and e.shape == first.shape for e in entries):
+                    return False
+            elif not all(not isinstance(e, torch.Tensor) and e == first for e in entries):
+                return False
+        return True
+
+    @torch.no_grad()
+    def decode_chunk_batch(self, latents: list[torch.Tensor],
+                           caches: list[DecodeCache]) -> list[tuple[torch.Tensor, DecodeCache]]:
+        """`decode_chunk` for several sessions in one pass: latents[i] [1, 16, F, h, w] with its own caches[i].
+
+        Stacks the per-session caches along the batch, decodes once, and writes each session's slice back; falls
+        back to one call per session when the caches cannot be stacked (a session on its first chunk)."""
+        if len(caches) == 1 or not self.batchable(caches) or len({tuple(z.shape) for z in latents}) != 1:
+            return [self.decode_chunk(z, cache) for z, cache in zip(latents, caches)]
+        stacked = DecodeCache(features=[torch.cat(entries) if isinstance(entries[0], torch.Tensor) else entries[0]
+                                        for entries in zip(*(cache.features for cache in caches))], started=True)
+        frames, stacked = self.decode_chunk(torch.cat(latents), stacked)
+        out = []
+        for row, cache in enumerate(caches):
+            cache.features = [entry[row:row + 1].clone() if isinstance(entry, torch.Tensor) else entry
+                              for entry in stacked.features]
+            cache.latent_frames_decoded += latents[row].shape[2]
+            out.append((frames[row:row + 1], cache))
+        return out
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Whole-clip decode through diffusers' own path. latents [B, 16, F, h, w] -> [B, 3, T, H, W]."""

@@ -230,12 +230,12 @@ class ScoreWorkerGroup:
         self.sessions = {}
         self.turns = ChunkTurns()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
-        self.batcher = (ScoreBatcher(self, settings.max_batch_size)
+        self.batcher = (MicroBatcher(self._denoise_group, settings.max_batch_size)
                         if not self.pipelined and settings.max_batch_size > 1 else None)
         # Self-contained layout (the baseline of the disaggregation benchmark): this worker decodes too.
         self.local_decoder = (LocalDecoder(DecodeStage(build_vae(preset, checkpoint=settings.checkpoint,
                                                                  device=device, seed=settings.seed)),
-                                           settings.jpeg_quality)
+                                           settings.jpeg_quality, self._compute, settings.max_batch_size)
                               if settings.vae_placement == "colocated" else None)
 
     async def open(self, session_id: str, stream: StreamConfig, reference_latent: torch.Tensor, prompt: str,
@@ -285,7 +285,7 @@ class ScoreWorkerGroup:
                     await self.turns.done(session_id, index)  # chunk n+1 may enter step 0 now
                     chunk = await refs
             elif self.batcher is not None:
-                chunk = await self.batcher.submit(session, audio_input, carrier)
+                chunk = await self.batcher.submit(ScoreStage.batch_key(session), (session, audio_input, carrier))
                 await self.turns.done(session_id, index)
             else:
                 await self.turns.done(session_id, index)
@@ -296,12 +296,22 @@ class ScoreWorkerGroup:
         stage_ms = {"audio": audio_input.audio_s * 1000, "score": score_ms,
                     **{f"score_step_{k + 1}": s * 1000 for k, s in enumerate(chunk.step_s)}}
         if self.local_decoder is not None:
-            return await self.local_decoder.decode(self._compute, audio_input, chunk.latents, stage_ms, carrier)
+            return await self.local_decoder.decode(audio_input, chunk.latents, stage_ms, carrier)
         return await self.vae.decode.remote(audio_input, chunk.latents, stage_ms, carrier)
 
     async def fetch(self, session_id: str, chunk_index: int, timeout_s: float = 120.0) -> DecodedChunk:
         """Self-contained layout: the decoded chunk from this worker's replay buffer (see VAEDecoder.fetch)."""
         return await self.local_decoder.fetch(session_id, chunk_index, timeout_s)
+
+    async def _denoise_group(self, group: list) -> list[NoisyChunk]:
+        """One cross-session batch: a score span per chunk, one forward per step for all."""
+        with contextlib.ExitStack() as spans:
+            for session, audio_input, carrier in group:
+                spans.enter_context(span(SCORE_STEP_SPAN, carrier, **{
+                    "session.id": session.session_id, "chunk.index": audio_input.chunk_index, "step": "all",
+                    "batch.size": len(group)}))
+            return await self._compute(self.stage.denoise_batch, [item[0] for item in group],
+                                       [item[1] for item in group])
 
     def _first_steps(self, session, audio_input: ChunkAudioInput, carrier) -> NoisyChunk:
         with span(SCORE_STEP_SPAN, carrier, **{"session.id": session.session_id,
@@ -324,10 +334,12 @@ class ScoreWorkerGroup:
         await asyncio.gather(*(worker.close.remote(session_id) for worker in self.stage_workers))
 
     def batch_stats(self) -> dict:
-        """Sizes of the recent cross-session batches (empty when batching is off)."""
-        sizes = list(self.batcher.batch_sizes) if self.batcher is not None else []
-        return {"batches": len(sizes), "max_batch_size": max(sizes, default=0),
-                "mean_batch_size": float(np.mean(sizes)) if sizes else 0.0}
+        """Sizes of the recent cross-session batches: score forwards, and decodes when this worker decodes."""
+        empty = {"batches": 0, "max_batch_size": 0, "mean_batch_size": 0.0}
+        stats = self.batcher.stats() if self.batcher is not None else dict(empty)
+        if self.local_decoder is not None:
+            stats["decode"] = self.local_decoder.stats()
+        return stats
 
     async def placement(self) -> dict:
         """GPU ids of this replica and of its stage actors (for placement checks)."""
@@ -335,22 +347,23 @@ class ScoreWorkerGroup:
         return {"score": _gpu_ids(), "stages": [list(ids) for ids in stages], "weights": self.weights_note}
 
 
-class ScoreBatcher:
-    """Cross-session batching: chunks of different sessions waiting for the score worker at the same moment (within
-    `wait_s`) and with equal `ScoreStage.batch_key` run as one forward per step."""
+class MicroBatcher:
+    """Cross-session batching: calls arriving within `wait_s` of each other (up to `max_batch_size`) whose keys are
+    equal run as one group through `run_group(payloads) -> results`; every caller gets its own result (or the
+    group's exception)."""
 
-    def __init__(self, group: "ScoreWorkerGroup", max_batch_size: int, wait_s: float = 0.003):
-        self.group, self.max_batch_size, self.wait_s = group, max_batch_size, wait_s
+    def __init__(self, run_group, max_batch_size: int, wait_s: float = 0.003):
+        self.run_group, self.max_batch_size, self.wait_s = run_group, max_batch_size, wait_s
         self.queue: asyncio.Queue | None = None
         self.task: asyncio.Task | None = None
         self.batch_sizes: deque = deque(maxlen=1000)
 
-    async def submit(self, session, audio_input: ChunkAudioInput, carrier) -> NoisyChunk:
+    async def submit(self, key, payload):
         if self.task is None or self.task.done():
             self.queue = asyncio.Queue()
             self.task = asyncio.ensure_future(self._run())
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put((session, audio_input, carrier, future))
+        await self.queue.put((key, payload, future))
         return await future
 
     async def _run(self) -> None:
@@ -363,40 +376,38 @@ class ScoreBatcher:
                     items.append(await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time())))
                 except asyncio.TimeoutError:
                     break
-            groups: dict[tuple, list] = {}
-            for item in items:
-                groups.setdefault(ScoreStage.batch_key(item[0]), []).append(item)
+            groups: dict = {}
+            for key, payload, future in items:
+                groups.setdefault(key, []).append((payload, future))
             for group in groups.values():
-                await self._run_group(group)
+                self.batch_sizes.append(len(group))
+                try:
+                    results = await self.run_group([payload for payload, _ in group])
+                except BaseException as error:
+                    for _, future in group:
+                        if not future.done():
+                            future.set_exception(error)
+                    continue
+                for (_, future), result in zip(group, results):
+                    if not future.done():
+                        future.set_result(result)
 
-    async def _run_group(self, group: list) -> None:
-        self.batch_sizes.append(len(group))
-        try:
-            with contextlib.ExitStack() as spans:
-                for session, audio_input, carrier, _ in group:
-                    spans.enter_context(span(SCORE_STEP_SPAN, carrier, **{
-                        "session.id": session.session_id, "chunk.index": audio_input.chunk_index,
-                        "step": "all", "batch.size": len(group)}))
-                results = await self.group._compute(self.group.stage.denoise_batch, [item[0] for item in group],
-                                                    [item[1] for item in group])
-        except BaseException as error:  # every waiter gets the failure
-            for *_, future in group:
-                if not future.done():
-                    future.set_exception(error)
-            return
-        for (*_, future), result in zip(group, results):
-            if not future.done():
-                future.set_result(result)
+    def stats(self) -> dict:
+        sizes = list(self.batch_sizes)
+        return {"batches": len(sizes), "max_batch_size": max(sizes, default=0),
+                "mean_batch_size": float(np.mean(sizes)) if sizes else 0.0}
 
 
 class LocalDecoder:
-    """The decode half of a worker: per-session decode caches, JPEG encoding, a replay buffer of recent chunks."""
+    """The decode half of a worker: per-session decode caches, cross-session batched decodes, JPEG encoding, and a
+    replay buffer of recent chunks. `compute` runs a blocking function on the owner's device thread."""
 
-    def __init__(self, stage: DecodeStage, jpeg_quality: int):
-        self.stage, self.jpeg_quality = stage, jpeg_quality
+    def __init__(self, stage: DecodeStage, jpeg_quality: int, compute, max_batch_size: int = 1):
+        self.stage, self.jpeg_quality, self.compute = stage, jpeg_quality, compute
         self.caches: dict = {}
         self.replay_buffers: dict[str, deque] = {}
         self.turns = ChunkTurns()
+        self.batcher = MicroBatcher(self._decode_group, max_batch_size) if max_batch_size > 1 else None
 
     def open(self, session_id: str) -> None:
         self.caches[session_id] = self.stage.open()
@@ -407,15 +418,31 @@ class LocalDecoder:
         self.replay_buffers.pop(session_id, None)
         self.turns.forget(session_id)
 
-    async def decode(self, compute, audio_input: ChunkAudioInput, latents: torch.Tensor, stage_ms: dict,
+    def stats(self) -> dict:
+        return self.batcher.stats() if self.batcher is not None else {"batches": 0, "max_batch_size": 0,
+                                                                      "mean_batch_size": 0.0}
+
+    async def _decode_group(self, group: list) -> list[tuple[torch.Tensor, float]]:
+        with contextlib.ExitStack() as spans:
+            for audio_input, _, carrier in group:
+                spans.enter_context(span(VAE_DECODE_SPAN, carrier, **{
+                    "session.id": audio_input.session_id, "chunk.index": audio_input.chunk_index,
+                    "batch.size": len(group)}))
+            frames, vae_s = await self.compute(self.stage.decode_batch,
+                                               [self.caches[item[0].session_id] for item in group],
+                                               [item[1] for item in group], [item[0].num_frames for item in group])
+        return [(item_frames, vae_s) for item_frames in frames]
+
+    async def decode(self, audio_input: ChunkAudioInput, latents: torch.Tensor, stage_ms: dict,
                      carrier: dict | None) -> DecodedChunk:
         session_id, index = audio_input.session_id, audio_input.chunk_index
         await self.turns.wait(session_id, index)
         try:
-            with span(VAE_DECODE_SPAN, carrier, **{"session.id": session_id, "chunk.index": index}):
-                frames, vae_s = await compute(self.stage.decode, self.caches[session_id], latents,
-                                              audio_input.num_frames)
-                jpeg = await compute(encode_jpeg, frames, self.jpeg_quality)
+            if self.batcher is not None:
+                frames, vae_s = await self.batcher.submit(tuple(latents.shape), (audio_input, latents, carrier))
+            else:
+                (frames,), vae_s = await self._decode_group([(audio_input, latents, carrier)])
+            jpeg = await self.compute(encode_jpeg, frames, self.jpeg_quality)
         finally:
             await self.turns.done(session_id, index)
         decoded = DecodedChunk(
@@ -450,10 +477,10 @@ class VAEDecoder:
         self.settings = settings
         self.telemetry = setup_telemetry("facecast-vae")
         preset = get_preset(settings.preset)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vae")
         self.decoder = LocalDecoder(DecodeStage(build_vae(preset, checkpoint=settings.checkpoint,
                                                           device=_device(settings), seed=settings.seed)),
-                                    settings.jpeg_quality)
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vae")
+                                    settings.jpeg_quality, self._compute, settings.max_batch_size)
 
     async def _compute(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
@@ -468,7 +495,7 @@ class VAEDecoder:
                      carrier: dict | None = None) -> DecodedChunk:
         """Decode in chunk order per session (shielded: completes even if the caller goes away)."""
         return await asyncio.shield(asyncio.ensure_future(
-            self.decoder.decode(self._compute, audio_input, latents, stage_ms, carrier)))
+            self.decoder.decode(audio_input, latents, stage_ms, carrier)))
 
     async def fetch(self, session_id: str, chunk_index: int, timeout_s: float = 120.0) -> DecodedChunk:
         """Wait until chunk `chunk_index` of the session has been decoded, then return it from the replay buffer."""
@@ -483,6 +510,9 @@ class VAEDecoder:
 
     def placement(self) -> dict:
         return {"vae": _gpu_ids()}
+
+    def batch_stats(self) -> dict:
+        return self.decoder.stats()
 
 
 # ============================================================================================ LLMBridge

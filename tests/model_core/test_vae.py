@@ -61,3 +61,19 @@ def test_vae_round_trips_through_save_and_state(vae, tmp_path):
 def test_missing_vae_directory_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         StreamingVAE.from_pretrained(tmp_path / "nope")
+
+
+def test_batched_decode_of_several_sessions_equals_each_alone(vae):
+    generator = torch.Generator().manual_seed(11)
+    streams = [torch.randn(1, 16, 9, 4, 4, generator=generator) for _ in range(3)]
+    alone = [vae.decode(z) for z in streams]
+    caches = [vae.new_decode_cache() for _ in streams]
+    pieces = [[] for _ in streams]
+    for start in (0, 3, 6):
+        assert vae.batchable(caches) == (start > 0), "first chunks cannot be stacked, later ones can"
+        outputs = vae.decode_chunk_batch([z[:, :, start:start + 3] for z in streams], caches)
+        for row, (frames, cache) in enumerate(outputs):
+            pieces[row].append(frames)
+            caches[row] = cache
+    for got, want in zip(pieces, alone):
+        torch.testing.assert_close(torch.cat(got, 2), want, atol=1e-5, rtol=1e-5)
