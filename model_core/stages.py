@@ -251,6 +251,7 @@ class ScoreSession:
     rope: ChunkRope
     caches: dict[int, KVCache]            # step index -> cache (only the steps this stage owns)
     regions: torch.Tensor                 # [1, K, S]
+    reference_latent: torch.Tensor        # [1, 16, 1, h, w] (reference-image tokens are rebuilt from it)
     generator: torch.Generator
     latent_shape: tuple[int, int, int]    # (C, h, w)
     chunk_index: int = 0
@@ -301,11 +302,19 @@ class ScoreStage:
             session_id=session_id, stream=stream, schedule=schedule, condition=condition,
             rope=dit.chunk_rope(stream.chunk_latent_frames, grid_h, grid_w, stream.sink_frames,
                                 stream.sink_rope_offset),
-            caches=caches, regions=regions.to(self.device),
+            caches=caches, regions=regions.to(self.device), reference_latent=reference_latent,
             generator=torch.Generator(device=self.device).manual_seed(stream.seed),
             latent_shape=(stream.chunk_latent_frames, height, width))
         self.set_sink(session, reference_latent)
         return session
+
+    @torch.no_grad()
+    def set_prompt(self, session: ScoreSession, text_states: torch.Tensor) -> None:
+        """A new prompt from the next chunk on: the session's conditioning is rebuilt (caches and sink stay)."""
+        step_timesteps = torch.tensor([t.model_timestep for t in session.schedule[:-1]], device=self.device)
+        session.condition = self.dit.prepare_conditions(text_states.to(self.device, self.dtype),
+                                                        self.dit.reference_tokens(session.reference_latent),
+                                                        step_timesteps)
 
     @torch.no_grad()
     def set_sink(self, session: ScoreSession, sink_latent: torch.Tensor) -> None:

@@ -96,7 +96,7 @@ class SessionIngress:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
         except Exception:  # outside a replica (unit tests)
             self.replica_id = uuid.uuid4().hex[:8]
-        self.streams: dict[str, asyncio.Event] = {}   # session id -> "stop" event of the stream attached here
+        self.streams: dict[str, "_SessionStream"] = {}   # session id -> the stream attached here
 
     # ------------------------------------------------------------------ helpers
 
@@ -195,13 +195,13 @@ class SessionIngress:
             check_api_key(_metadata(grpc_context), self.api_keys)
             record = self._record(request.session_id, request.session_token)
             spec = validate_update(request, max(1, len(record.characters)), self.limits)
+            changes = {}
             if spec.prompt is not None and spec.prompt != record.prompt:
-                raise ApiError(grpc.StatusCode.FAILED_PRECONDITION,
-                               "prompt cannot change on an open session (its conditioning is computed once); "
-                               "create a new session")
+                await self.score.set_prompt.remote(record.session_id, spec.prompt)
+                changes["prompt"] = spec.prompt
             for character, speaking in spec.speaking:
                 await self.audio.set_speaking.remote(record.session_id, character, speaking)
-            return self._session_proto(self.store.update(record.session_id))
+            return self._session_proto(self.store.update(record.session_id, **changes))
         except ApiError as error:
             _fail(grpc_context, error)
             return pb.Session()
@@ -217,9 +217,9 @@ class SessionIngress:
             return pb.Session()
 
     async def _close(self, session_id: str) -> None:
-        stop = self.streams.pop(session_id, None)
-        if stop is not None:
-            stop.set()
+        stream = self.streams.pop(session_id, None)
+        if stream is not None:
+            stream.end("closed")
         self.store.close(session_id)
         self.store.release(session_id)
         self.telemetry.sessions_active.add(-1)
@@ -274,20 +274,24 @@ class _SessionStream:
         self.tasks: set[asyncio.Task] = set()
         self.error: ApiError | None = None
         self.chunks_sent = 0
-        self.sample_rate_hz = record.sample_rate_hz or None
+        self.sample_rate_hz: int | None = None
         self.stop = asyncio.Event()
+        self.stop_reason = ""
         self.attached_at = time.perf_counter()
         self.last_sent_at: float | None = None
         self.first_audio_at: float | None = None
         self.frames_sent = record.frames_emitted
+        self.samples_received = 0
 
     async def run(self, resume_from_chunk: int):
         ingress, session_id = self.ingress, self.session_id
         previous = ingress.streams.get(session_id)
         if previous is not None:
-            previous.set()   # a newer attach takes the session over
-        ingress.streams[session_id] = self.stop
+            previous.end("taken_over")   # a newer attach takes the session over
+        ingress.streams[session_id] = self
         audio_state = await ingress.audio.state.remote(session_id)
+        self.sample_rate_hz = audio_state["sample_rate_hz"]   # fixed by the first audio, whoever received it
+        self.samples_received = audio_state["samples_received"]
         next_chunk = await self._resume(resume_from_chunk, audio_state)
         ingress.store.update(session_id, state=SessionState.STREAMING, attached_by=ingress.replica_id)
         yield pb.SessionOutput(event=pb.Event(type=pb.Event.ATTACHED, session_id=session_id,
@@ -297,8 +301,13 @@ class _SessionStream:
         pending: dict[int, DecodedChunk] = {}
         try:
             while True:
-                item = await self._next_output(reader)
+                item = await self._next_output()
                 if item is _END:
+                    if self.stop_reason == "closed":
+                        yield pb.SessionOutput(event=pb.Event(type=pb.Event.SESSION_ENDED, session_id=session_id,
+                                                              message="the session was closed"))
+                    elif self.stop_reason == "taken_over":
+                        self.error = ApiError(grpc.StatusCode.ABORTED, "another stream attached to this session")
                     break
                 if isinstance(item, pb.SessionOutput):
                     yield item
@@ -315,8 +324,13 @@ class _SessionStream:
                         return
         finally:
             reader.cancel()
-            if ingress.streams.get(session_id) is self.stop:
+            if ingress.streams.get(session_id) is self:
                 ingress.streams.pop(session_id, None)
+
+    def end(self, reason: str) -> None:
+        """Stop this stream from outside: "closed" (CloseSession) or "taken_over" (a newer attach)."""
+        self.stop_reason = reason
+        self.stop.set()
 
     async def _resume(self, resume_from_chunk: int, audio_state: dict) -> int:
         """Re-attach: send what is buffered from `resume_from_chunk`, resubmit chunks cut but never submitted."""
@@ -326,13 +340,14 @@ class _SessionStream:
         first = min(resume_from_chunk, started)
         for index in range(first, started):
             self._spawn(ingress.decoded.fetch.remote(session_id, index), counted=False)
-        for item in await ingress.audio.pending.remote(session_id, started):
-            await self._submit(item)
-        if cut > started and not await ingress.audio.pending.remote(session_id, started):
+        pending = await ingress.audio.pending.remote(session_id, started)
+        if cut > started and not pending:
             self.error = ApiError(grpc.StatusCode.DATA_LOSS, "chunks were lost across the re-attach")
+        for item in pending:
+            await self._submit(item)
         return first
 
-    async def _next_output(self, reader: asyncio.Task):
+    async def _next_output(self):
         while True:
             if self.stop.is_set():
                 return _END
@@ -358,6 +373,8 @@ class _SessionStream:
                         self.first_audio_at = time.perf_counter()
                     inputs = await ingress.audio.push.remote(session_id, pcm, rate, int(message.audio.character),
                                                              self.carrier)
+                    if int(message.audio.character) == 0:
+                        self.samples_received += int(pcm.shape[0])
                     for item in inputs:
                         await self._submit(item)
                 elif kind == "control":
@@ -375,6 +392,12 @@ class _SessionStream:
         except ApiError as error:
             self.error = error
             await self._finish(wait=False)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:          # a worker failed: end this stream loudly, other sessions go on
+            self.error = ApiError(grpc.StatusCode.INTERNAL, f"session {self.session_id}: {type(error).__name__}: "
+                                                            f"{error}")
+            await self._finish(wait=False)
 
     async def _finish(self, wait: bool) -> None:
         if wait and self.tasks:
@@ -390,6 +413,12 @@ class _SessionStream:
         async def wait() -> None:
             try:
                 await self.outputs.put(await response)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:      # generation failed: the stream ends with INTERNAL naming the cause
+                self.error = ApiError(grpc.StatusCode.INTERNAL, f"chunk generation failed for session "
+                                                                f"{self.session_id}: {type(error).__name__}: {error}")
+                await self.outputs.put(_END)
             finally:
                 if counted:
                     self.in_flight.release()
@@ -429,7 +458,7 @@ class _SessionStream:
         self.chunks_sent += 1
         self.frames_sent = decoded.first_frame + len(decoded.frames_jpeg)
         ingress.store.record_progress(self.session_id, decoded.chunk_index + 1, self.frames_sent,
-                                      int(self.record.audio_samples_received))
+                                      self.samples_received)
         ingress.store.heartbeat(self.session_id, ingress.replica_id)
         return message
 

@@ -191,6 +191,9 @@ class ScoreStageWorker:
     def set_sink(self, session_id: str, sink_latent: torch.Tensor) -> None:
         self.stage.set_sink(self.sessions[session_id], sink_latent)
 
+    def set_prompt(self, session_id: str, text_states: torch.Tensor) -> None:
+        self.stage.set_prompt(self.sessions[session_id], text_states)
+
     def close(self, session_id: str) -> None:
         self.sessions.pop(session_id, None)
 
@@ -253,6 +256,12 @@ class ScoreWorkerGroup:
 
     async def _compute(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def set_prompt(self, session_id: str, prompt: str) -> None:
+        """New prompt conditioning on every stage; it applies from the next chunk that starts denoising."""
+        text_states = self.prompt_encoder([prompt])
+        await self._compute(self.stage.set_prompt, self.sessions[session_id], text_states)
+        await asyncio.gather(*(worker.set_prompt.remote(session_id, text_states) for worker in self.stage_workers))
 
     async def generate(self, audio_input: ChunkAudioInput, carrier: dict | None = None) -> DecodedChunk:
         """Denoise one chunk (strictly after the session's previous chunk), then decode it on the VAEDecoder.

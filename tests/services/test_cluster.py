@@ -146,9 +146,13 @@ def test_silence_mode_and_update_session_over_grpc(client):
     expect(grpc.StatusCode.INVALID_ARGUMENT, lambda: client.stub.UpdateSession(bad_character,
                                                                                metadata=client.metadata), "character")
     new_prompt = pb.UpdateSessionRequest(session_id=talking.session_id, session_token=talking.session_token,
-                                         prompt="something else")
-    expect(grpc.StatusCode.FAILED_PRECONDITION, lambda: client.stub.UpdateSession(new_prompt,
-                                                                                  metadata=client.metadata), "prompt")
+                                         prompt="a calm newsreader")
+    assert client.stub.UpdateSession(new_prompt, metadata=client.metadata).prompt == "a calm newsreader"
+    assert client.get_session(talking.session_id, talking.session_token).prompt == "a calm newsreader"
+    too_long = pb.UpdateSessionRequest(session_id=talking.session_id, session_token=talking.session_token,
+                                       prompt="x" * 5000)
+    expect(grpc.StatusCode.INVALID_ARGUMENT, lambda: client.stub.UpdateSession(too_long, metadata=client.metadata),
+           "prompt")
     forged = pb.UpdateSessionRequest(session_id=talking.session_id, session_token="forged")
     expect(grpc.StatusCode.PERMISSION_DENIED, lambda: client.stub.UpdateSession(forged, metadata=client.metadata))
     for session in (first, second, talking):
