@@ -54,6 +54,7 @@ class AvatarClient:
         self.channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 * 2**20),
                                                                ("grpc.max_send_message_length", 64 * 2**20)])
         self.stub = pb_grpc.AvatarServiceStub(self.channel)
+        self.last_error = ""
         self.metadata = list(metadata or [])
         if api_key:
             self.metadata.append(("authorization", f"Bearer {api_key}"))
@@ -98,7 +99,8 @@ class AvatarClient:
                 return result
             hook = None if hook and len(result.chunks) >= hook[0] else hook
             if result.reattaches >= max_reattaches:
-                raise RuntimeError(f"stream broke {result.reattaches + 1} times; giving up")
+                cause = f"; last error: {self.last_error}" if self.last_error else ""
+                raise RuntimeError(f"stream broke {result.reattaches + 1} times; giving up{cause}")
             time.sleep(min(0.5 * 2 ** result.reattaches, 4.0))  # the replica is being replaced
             result.reattaches += 1
             resume_from = len(result.chunks)
@@ -160,6 +162,7 @@ class AvatarClient:
             return "done" if result.chunks and result.chunks[-1].final else "broken"
         except grpc.RpcError as error:
             if error.code() in RETRYABLE and not stop.is_set():
+                self.last_error = f"{error.code().name}: {error.details()}"
                 return "broken"   # the ingress went away mid-stream: re-attach
             raise
         finally:

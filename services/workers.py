@@ -450,7 +450,7 @@ class LocalDecoder:
             if self.batcher is not None:
                 frames, vae_s = await self.batcher.submit(tuple(latents.shape), (audio_input, latents, carrier))
             else:
-                (frames,), vae_s = await self._decode_group([(audio_input, latents, carrier)])
+                ((frames, vae_s),) = await self._decode_group([(audio_input, latents, carrier)])
             jpeg = await self.compute(encode_jpeg, frames, self.jpeg_quality)
         finally:
             await self.turns.done(session_id, index)

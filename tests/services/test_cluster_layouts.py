@@ -26,7 +26,7 @@ PIPELINED, SELF_CONTAINED = "pipelined", "selfcontained"
 @pytest.fixture(scope="module")
 def cluster():
     started = LocalCluster.start({"max_sessions": 8}, grpc_port=free_port(), num_cpus=8, num_gpus=8)
-    started.deploy_app(PIPELINED, {"score_mode": "pipelined", "steps": 3}, {
+    started.deploy_app(PIPELINED, {"score_mode": "pipelined", "steps": 3, "max_batch_size": 1}, {
         "ScoreWorkerGroup": {"placement_group_bundles": [{"CPU": 0.25, "GPU": 1}] * 3,
                              "placement_group_strategy": "STRICT_PACK",
                              "ray_actor_options": {"num_cpus": 0.25, "num_gpus": 1}}})
