@@ -12,7 +12,6 @@ restarts.  gRPC errors surface as `grpc.RpcError` with the server's status code 
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -108,7 +107,6 @@ class AvatarClient:
 
     def _one_stream(self, session, pcm, rate, realtime, resume_from, sample_offset, result, started, on_chunk, hook,
                     timeout_s, speaking=None) -> str:
-        outbox: queue.Queue = queue.Queue()
         attached = threading.Event()
         resume_sample = [0]
         stop = threading.Event()

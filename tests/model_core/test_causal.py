@@ -174,7 +174,6 @@ def test_audio_window_is_local_and_region_masked():
     """Changing audio tokens of latent frame f only affects frames within the window (+ later frames via
     attention), and with a region mask a character's audio only acts inside its region at the first block."""
     model = tiny_model(seed=6, num_layers=1)
-    schedule = flow_schedule(1, 5.0)
     text, reference, features, speaking, regions, noises = make_inputs(model, 1, 3, characters=2)
     speaking[:] = True
     other = features.clone()

@@ -1,0 +1,67 @@
+"""AppSettings (the cluster's one config object) and the cross-session micro-batcher, without Ray."""
+
+import asyncio
+import re
+
+import pytest
+
+from model_core.config import ConfigError
+from services.settings import AppSettings
+from services.workers import ChunkTurns, MicroBatcher
+
+
+@pytest.mark.parametrize("args,needle", [
+    ({"layout": "2+2"}, "layout='2+2'"), ({"preset": "huge"}, "preset='huge'"), ({"steps": 7}, "steps=7"),
+    ({"score_mode": "parallel"}, "score_mode"), ({"vae_placement": "gpu9"}, "vae_placement"),
+    ({"max_batch_size": 0}, "max_batch_size"), ({"stepz": 2}, "unknown application args ['stepz']"),
+])
+def test_settings_name_the_bad_field(args, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        AppSettings.from_args(args)
+
+
+def test_settings_defaults_and_api_keys_from_env(monkeypatch):
+    settings = AppSettings.from_args({"api_keys": ["a"]})
+    monkeypatch.setenv("FACECAST_API_KEYS", "b, c")
+    assert settings.effective_api_keys() == {"a", "b", "c"}
+    assert settings.stream_defaults().steps == settings.steps == 2
+
+
+def test_micro_batcher_groups_concurrent_calls_by_key_and_reports_errors():
+    calls = []
+
+    async def run_group(payloads):
+        calls.append(list(payloads))
+        if "boom" in payloads:
+            raise RuntimeError("group failed")
+        return [payload * 2 for payload in payloads]
+
+    async def main():
+        batcher = MicroBatcher(run_group, max_batch_size=8, wait_s=0.05)
+        results = await asyncio.gather(batcher.submit("a", 1), batcher.submit("a", 2), batcher.submit("b", 10),
+                                       batcher.submit("a", 3))
+        failed = await asyncio.gather(batcher.submit("c", "boom"), return_exceptions=True)
+        return results, failed, batcher.stats()
+
+    results, failed, stats = asyncio.run(main())
+    assert results == [2, 4, 20, 6]
+    assert sorted(map(sorted, calls[:2]), key=len) == [[10], [1, 2, 3]], "one group per key"
+    assert isinstance(failed[0], RuntimeError) and stats["max_batch_size"] == 3
+
+
+def test_chunk_turns_enforce_chunk_order_per_session():
+    order = []
+
+    async def main():
+        turns = ChunkTurns()
+
+        async def chunk(session, index):
+            await turns.wait(session, index, timeout_s=5)
+            order.append((session, index))
+            await asyncio.sleep(0)
+            await turns.done(session, index)
+
+        await asyncio.gather(chunk("x", 2), chunk("y", 0), chunk("x", 1), chunk("x", 0), chunk("y", 1))
+
+    asyncio.run(main())
+    assert [i for s, i in order if s == "x"] == [0, 1, 2] and [i for s, i in order if s == "y"] == [0, 1]
