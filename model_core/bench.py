@@ -44,7 +44,7 @@ def step_flops(config: DiTConfig, chunk_frames: int, tokens_per_frame: int, sink
     return float(config.num_layers * per_block + embed)
 
 
-def _speechlike(duration_s: float, sample_rate_hz: int = 16000, seed: int = 0) -> np.ndarray:
+def speechlike(duration_s: float, sample_rate_hz: int = 16000, seed: int = 0) -> np.ndarray:
     """A voiced, syllable-rate-modulated signal: harmonics of a wandering pitch under a 4 Hz envelope."""
     rng = np.random.default_rng(seed)
     t = np.arange(int(duration_s * sample_rate_hz)) / sample_rate_hz
@@ -83,7 +83,7 @@ def bench_engine(preset_name: str, device: str = "cpu", dtype: torch.dtype = tor
     ratio = config.temporal_compression
     total_latents = (chunks + 1) * stream.chunk_latent_frames
     duration_s = (ratio * (total_latents + config.audio_lookahead_latent_frames) + 2) / stream.fps
-    audio = _speechlike(duration_s)
+    audio = speechlike(duration_s)
     reference = torch.rand(3, stream.height, stream.width) * 2 - 1
 
     open_started = time.perf_counter()

@@ -21,7 +21,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from model_core.bench import _speechlike
+from model_core.bench import speechlike
 from model_core.config import get_preset
 from model_core.engine import AvatarEngine
 from services.client import AvatarClient
@@ -92,7 +92,7 @@ def bench_cluster(preset_name: str = "tiny", chunks: int = 8, max_sessions: int 
     stream = preset.stream
     ratio = preset.dit.temporal_compression
     chunk_s = ratio * stream.chunk_latent_frames / stream.fps
-    pcm = (_speechlike(chunks * chunk_s + 0.2) * 32767).astype(np.int16)
+    pcm = (speechlike(chunks * chunk_s + 0.2) * 32767).astype(np.int16)
     image = _png(stream)
     say = print if progress else (lambda *a, **k: None)
 

@@ -171,11 +171,7 @@ class ScoreStageWorker:
 
     def __init__(self, settings: AppSettings, steps: list[int]):
         self.telemetry = setup_telemetry("facecast-score")
-        preset = get_preset(settings.preset)
-        device = _device(settings)
-        dit, _ = build_dit(preset, checkpoint=settings.checkpoint, device=device, dtype=settings.torch_dtype,
-                           seed=settings.seed, audio_config=AudioConfig(backend=preset.audio_backend))
-        self.stage = ScoreStage(dit, device, settings.torch_dtype)
+        self.stage, _ = _score_stage(settings)
         self.steps = steps
         self.sessions = {}
 
@@ -207,6 +203,14 @@ def _device(settings: AppSettings) -> str:
     return "cpu"
 
 
+def _score_stage(settings: AppSettings) -> tuple[ScoreStage, str]:
+    """The DiT of the settings' preset/checkpoint/seed on this worker's device, and the weights note."""
+    preset, device = get_preset(settings.preset), _device(settings)
+    dit, note = build_dit(preset, checkpoint=settings.checkpoint, device=device, dtype=settings.torch_dtype,
+                          seed=settings.seed, audio_config=AudioConfig(backend=preset.audio_backend))
+    return ScoreStage(dit, device, settings.torch_dtype), note
+
+
 @serve.deployment(name="ScoreWorkerGroup", max_ongoing_requests=64)
 class ScoreWorkerGroup:
     """The causal DiT for every session. Sequential: this replica runs every step. Pipelined: it runs step 0 and
@@ -217,14 +221,10 @@ class ScoreWorkerGroup:
         self.settings = settings
         self.telemetry = setup_telemetry("facecast-score")
         self.vae = vae
-        preset = get_preset(settings.preset)
-        self.preset = preset
-        device = _device(settings)
-        audio_config = AudioConfig(backend=preset.audio_backend)
-        dit, self.weights_note = build_dit(preset, checkpoint=settings.checkpoint, device=device,
-                                           dtype=settings.torch_dtype, seed=settings.seed, audio_config=audio_config)
-        self.stage = ScoreStage(dit, device, settings.torch_dtype)
-        self.prompt_encoder = build_prompt_encoder(preset.text_encoder, dit.config.text_dim, dit.config.text_len)
+        preset, device = get_preset(settings.preset), _device(settings)
+        self.stage, self.weights_note = _score_stage(settings)
+        dit_config = self.stage.dit.config
+        self.prompt_encoder = build_prompt_encoder(preset.text_encoder, dit_config.text_dim, dit_config.text_len)
         self.pipelined = settings.score_mode == "pipelined" and settings.steps > 1
         self.local_steps = [0] if self.pipelined else list(range(settings.steps))
         worker = ray.remote(num_cpus=0, num_gpus=1)(ScoreStageWorker)
