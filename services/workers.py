@@ -415,8 +415,11 @@ class LocalDecoder:
         self.stage, self.jpeg_quality, self.compute = stage, jpeg_quality, compute
         self.caches: dict = {}
         self.replay_buffers: dict[str, deque] = {}
-        self.turns = ChunkTurns()
+        self.turns = ChunkTurns()      # decode order per session
+        self.buffered = ChunkTurns()   # replay-buffer order per session (JPEG encodes may finish out of order)
         self.batcher = MicroBatcher(self._decode_group, max_batch_size) if max_batch_size > 1 else None
+        # JPEG encoding stays off the device thread, so the next decode starts while this chunk is encoded.
+        self.jpeg_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="jpeg")
 
     def open(self, session_id: str) -> None:
         self.caches[session_id] = self.stage.open()
@@ -426,6 +429,7 @@ class LocalDecoder:
         self.caches.pop(session_id, None)
         self.replay_buffers.pop(session_id, None)
         self.turns.forget(session_id)
+        self.buffered.forget(session_id)
 
     def stats(self) -> dict:
         return self.batcher.stats() if self.batcher is not None else {"batches": 0, "max_batch_size": 0,
@@ -445,25 +449,38 @@ class LocalDecoder:
     async def decode(self, audio_input: ChunkAudioInput, latents: torch.Tensor, stage_ms: dict,
                      carrier: dict | None) -> DecodedChunk:
         session_id, index = audio_input.session_id, audio_input.chunk_index
+        try:
+            decoded = await self._decode(audio_input, latents, stage_ms, carrier)
+        except BaseException:
+            await self.buffered.wait(session_id, index)   # keep the order for the session's later chunks
+            await self.buffered.done(session_id, index)
+            raise
+        await self.buffered.wait(session_id, index)
+        self.replay_buffers[session_id].append(decoded)
+        await self.buffered.done(session_id, index)
+        return decoded
+
+    async def _decode(self, audio_input: ChunkAudioInput, latents: torch.Tensor, stage_ms: dict,
+                      carrier: dict | None) -> DecodedChunk:
+        session_id, index = audio_input.session_id, audio_input.chunk_index
         await self.turns.wait(session_id, index)
         try:
             if self.batcher is not None:
                 frames, vae_s = await self.batcher.submit(tuple(latents.shape), (audio_input, latents, carrier))
             else:
                 ((frames, vae_s),) = await self._decode_group([(audio_input, latents, carrier)])
-            jpeg = await self.compute(encode_jpeg, frames, self.jpeg_quality)
         finally:
             await self.turns.done(session_id, index)
-        decoded = DecodedChunk(
+        jpeg = await asyncio.get_running_loop().run_in_executor(self.jpeg_executor, encode_jpeg, frames,
+                                                                self.jpeg_quality)
+        return DecodedChunk(
             session_id=session_id, chunk_index=index, first_frame=audio_input.first_frame, fps=audio_input.fps,
             width=int(frames.shape[-1]), height=int(frames.shape[-2]), frames_jpeg=jpeg,
             audio_pcm_s16le=pcm_to_s16le(audio_input.audio_pcm), sample_rate_hz=audio_input.sample_rate_hz,
             final=audio_input.final, stage_ms={**stage_ms, "vae": vae_s * 1000})
-        self.replay_buffers[session_id].append(decoded)
-        return decoded
 
     async def fetch(self, session_id: str, chunk_index: int, timeout_s: float) -> DecodedChunk:
-        await self.turns.wait_past(session_id, chunk_index, timeout_s)
+        await self.buffered.wait_past(session_id, chunk_index, timeout_s)
         for chunk in self.replay_buffers.get(session_id, ()):
             if chunk.chunk_index == chunk_index:
                 return chunk
