@@ -454,9 +454,5 @@ class DecodeStage:
     @torch.no_grad()
     def decode(self, cache: DecodeCache, latents: torch.Tensor, num_frames: int) -> tuple[torch.Tensor, float]:
         """latents [1, 16, C, h, w] -> (frames [num_frames, 3, H, W] float32 CPU in [-1, 1], seconds)."""
-        started = time.perf_counter()
-        frames, _ = self.vae.decode_chunk(latents, cache)
-        if self.vae.device.type == "cuda":
-            torch.cuda.synchronize(self.vae.device)
-        frames = frames[0].transpose(0, 1)[:num_frames].float().cpu()
-        return frames, time.perf_counter() - started
+        (frames,), seconds = self.decode_batch([cache], [latents], [num_frames])
+        return frames, seconds

@@ -28,7 +28,6 @@ class DecodeCache:
 
     features: list = field(default_factory=list)
     started: bool = False
-    latent_frames_decoded: int = 0
 
 
 def _place(vae: AutoencoderKLWan, device, dtype) -> AutoencoderKLWan:
@@ -117,7 +116,6 @@ class StreamingVAE:
             outputs.append(self.vae.decoder(x[:, :, index:index + 1], feat_cache=cache.features, feat_idx=[0],
                                             first_chunk=not cache.started))
             cache.started = True
-            cache.latent_frames_decoded += 1
         frames = torch.cat(outputs, dim=2)
         if self.vae.config.patch_size is not None:
             from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
@@ -155,7 +153,6 @@ class StreamingVAE:
         for row, cache in enumerate(caches):
             cache.features = [entry[row:row + 1].clone() if isinstance(entry, torch.Tensor) else entry
                               for entry in stacked.features]
-            cache.latent_frames_decoded += latents[row].shape[2]
             out.append((frames[row:row + 1], cache))
         return out
 

@@ -252,7 +252,7 @@ class SessionIngress:
         with span(SESSION_SPAN, inject_context(parent), **{"session.id": session_id,
                                                            "preset": self.settings.preset}) as session_span:
             session_carrier = inject_context()
-            stream = _SessionStream(self, record, session_carrier, request_stream, grpc_context)
+            stream = _SessionStream(self, record, session_carrier, request_stream)
             async for message in stream.run(first.attach.resume_from_chunk):
                 yield message
             session_span.set_attribute("chunks", stream.chunks_sent)
@@ -264,10 +264,10 @@ class SessionIngress:
 class _SessionStream:
     """One attached StreamSession: reads input, keeps <= max_chunks_in_flight chunks generating, yields output."""
 
-    def __init__(self, ingress: SessionIngress, record: SessionRecord, carrier: dict, request_stream, grpc_context):
+    def __init__(self, ingress: SessionIngress, record: SessionRecord, carrier: dict, request_stream):
         self.ingress, self.record, self.carrier = ingress, record, carrier
         self.session_id = record.session_id
-        self.request_stream, self.grpc_context = request_stream, grpc_context
+        self.request_stream = request_stream
         self.num_characters = max(1, len(record.characters))
         self.in_flight = asyncio.Semaphore(ingress.settings.max_chunks_in_flight)
         self.outputs: asyncio.Queue = asyncio.Queue()

@@ -101,6 +101,11 @@ class ChunkTurns:
         self._next.pop(session_id, None)
 
 
+async def run_on(executor: ThreadPoolExecutor, fn, *args):
+    """Run blocking `fn(*args)` on a worker's device thread without blocking its event loop."""
+    return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+
+
 def _gpu_ids() -> list[str]:
     return [str(gpu) for gpu in ray.get_gpu_ids()]
 
@@ -255,7 +260,7 @@ class ScoreWorkerGroup:
             self.local_decoder.open(session_id)
 
     async def _compute(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        return await run_on(self.executor, fn, *args)
 
     async def set_prompt(self, session_id: str, prompt: str) -> None:
         """New prompt conditioning on every stage; it applies from the next chunk that starts denoising."""
@@ -471,8 +476,7 @@ class LocalDecoder:
                 ((frames, vae_s),) = await self._decode_group([(audio_input, latents, carrier)])
         finally:
             await self.turns.done(session_id, index)
-        jpeg = await asyncio.get_running_loop().run_in_executor(self.jpeg_executor, encode_jpeg, frames,
-                                                                self.jpeg_quality)
+        jpeg = await run_on(self.jpeg_executor, encode_jpeg, frames, self.jpeg_quality)
         return DecodedChunk(
             session_id=session_id, chunk_index=index, first_frame=audio_input.first_frame, fps=audio_input.fps,
             width=int(frames.shape[-1]), height=int(frames.shape[-2]), frames_jpeg=jpeg,
@@ -509,7 +513,7 @@ class VAEDecoder:
                                     settings.jpeg_quality, self._compute, settings.max_batch_size)
 
     async def _compute(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        return await run_on(self.executor, fn, *args)
 
     async def encode_reference(self, image: torch.Tensor) -> torch.Tensor:
         return await self._compute(self.decoder.stage.encode_reference, image)
