@@ -20,7 +20,7 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
 from services import telemetry as tm
-from tests.services.otlp_receiver import OtlpReceiver, ReceivedSpan
+from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 
 REPO = Path(__file__).resolve().parents[2]
 

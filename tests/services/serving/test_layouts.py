@@ -12,10 +12,10 @@ from PIL import Image
 from ray import serve
 
 from model_core.engine import AvatarEngine
-from services.client import AvatarClient
-from services.local_cluster import LocalCluster, free_port
+from services.api.client import AvatarClient
+from services.deploy.local_cluster import LocalCluster, free_port
 
-from ..model_core.helpers import speech
+from tests.model_core.helpers import speech
 from .test_cluster import engine_jpegs, pcm16, png
 
 pytestmark = pytest.mark.integration

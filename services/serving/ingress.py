@@ -34,11 +34,11 @@ from services.api.validation import (ApiError, ApiLimits, check_api_key, check_t
                                      session_to_proto, validate_audio, validate_control, validate_create,
                                      validate_update)
 from services.media import image_to_tensor
-from services.session_store import SessionNotFound, SessionRecord, SessionState, connect_store
-from services.settings import AppSettings
+from services.store.sessions import SessionNotFound, SessionRecord, SessionState, connect_store
+from services.serving.settings import AppSettings
 from services.telemetry import (CHUNK_SPAN, EGRESS_SPAN, SESSION_SPAN, context_from_grpc_metadata, inject_context,
                                 setup_telemetry, span)
-from services.workers import DecodedChunk
+from services.serving.workers import DecodedChunk
 
 _END = object()
 

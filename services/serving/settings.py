@@ -1,6 +1,6 @@
 """`AppSettings`: the cluster's configuration, checked once, shared by every deployment.
 
-It is built from the Serve application's `args:` (see `ray_configs/*.yaml`) by `services.app.build_app`.  Every
+It is built from the Serve application's `args:` (see `ray_configs/*.yaml`) by `services.serving.app.build_app`.  Every
 cross-deployment invariant is checked here, in one place, so a bad config fails at build time with the field
 named — not later inside a replica.
 """
@@ -14,6 +14,10 @@ from dataclasses import dataclass
 from model_core.config import ConfigError, get_preset
 
 LAYOUTS = ("local", "1+1", "4+1")
+"""The GPU layouts a Serve config may describe (ray_configs/<layout>.yaml)."""
+DEPLOYMENT_NAMES = ("SessionIngress", "AudioEncoder", "ScoreWorkerGroup", "VAEDecoder", "LLMBridge")
+GRPC_SERVICER = "services.api.generated.facecast.v1.avatar_pb2_grpc.add_AvatarServiceServicer_to_server"
+GRPC_SERVICERS = (GRPC_SERVICER, "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server")
 SCORE_MODES = ("sequential", "pipelined")
 VAE_PLACEMENTS = ("separate", "colocated")
 DEVICES = ("cpu", "cuda")

@@ -12,7 +12,7 @@ import pytest
 from services.cli import main
 from services.media import probe_video
 
-from ..model_core.helpers import speech
+from tests.model_core.helpers import speech
 
 
 def write_wav(path, audio: np.ndarray, rate: int = 16000, channels: int = 1):

@@ -8,20 +8,17 @@
                           └──► LLMBridge                (the audio-LLM seam; raw audio works without it)
                           └──► Redis (session records)
 
-`build_app(args)` is the Serve `import_path` target (`services.app:build_app`); `args` are `AppSettings` fields.
+`build_app(args)` is the Serve `import_path` target (`services.serving.app:build_app`); `args` are `AppSettings` fields.
 """
 
 from __future__ import annotations
 
 from ray.serve import Application
 
-from services.ingress import SessionIngress
-from services.settings import AppSettings
-from services.workers import AudioEncoder, LLMBridge, ScoreWorkerGroup, VAEDecoder
+from services.serving.ingress import SessionIngress
+from services.serving.settings import DEPLOYMENT_NAMES, GRPC_SERVICER, GRPC_SERVICERS, AppSettings  # noqa: F401
+from services.serving.workers import AudioEncoder, LLMBridge, ScoreWorkerGroup, VAEDecoder
 
-DEPLOYMENT_NAMES = ("SessionIngress", "AudioEncoder", "ScoreWorkerGroup", "VAEDecoder", "LLMBridge")
-GRPC_SERVICER = "services.api.generated.facecast.v1.avatar_pb2_grpc.add_AvatarServiceServicer_to_server"
-GRPC_SERVICERS = (GRPC_SERVICER, "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server")
 
 
 def build_app(args: dict | None = None, deployment_options: dict[str, dict] | None = None) -> Application:

@@ -6,8 +6,8 @@ import re
 import pytest
 
 from model_core.config import ConfigError
-from services.settings import AppSettings
-from services.workers import ChunkTurns, MicroBatcher
+from services.serving.settings import AppSettings
+from services.serving.workers import ChunkTurns, MicroBatcher
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -10,7 +10,7 @@
 Per-session state lives in dicts of typed stage objects keyed by session id — never on an nn.Module.  Chunks of a
 session are processed strictly in chunk order at every stage (`ChunkTurns`), whatever order requests arrive in, so
 several chunks of one session may be in flight at once (score works on chunk n+1 while the VAE decodes chunk n).
-Only `services/app.py` binds these into a graph.
+Only `services/serving/app.py` binds these into a graph.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from model_core.config import StreamConfig, get_preset
 from model_core.engine import (Character, build_dit, build_vae, dit_config_for, region_masks, token_grid)
 from model_core.stages import AudioStage, ChunkAudioInput, DecodeStage, NoisyChunk, ScoreStage
 from model_core.text import build_prompt_encoder
-from services.settings import AppSettings
+from services.serving.settings import AppSettings
 from services.telemetry import AUDIO_ENCODE_SPAN, SCORE_STEP_SPAN, VAE_DECODE_SPAN, setup_telemetry, span
 
 REPLAY_CHUNKS = 16

@@ -12,7 +12,7 @@ CPU-only bundle. :func:`validate_serve_config` therefore runs four passes and re
 4. facecast's own rules: the five deployment names, the builder args' allowed values, score and VAE each on their
    own GPU(s), and a pipelined score group with one GPU bundle per denoising step.
 
-Optionally (``check_builder=True``) it also imports ``services.app``, builds the application from its args and checks
+Optionally (``check_builder=True``) it also imports ``services.serving.app``, builds the application from its args and checks
 that every configured deployment exists in the bound graph (the controller would otherwise fail at deploy time with
 ``Deployment 'X' does not exist``). Needs no Ray cluster; importing ``ray.serve`` takes about a second.
 """
@@ -28,11 +28,11 @@ from typing import Any
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 RAY_CONFIGS_DIR = REPO_ROOT / "ray_configs"
 LAYOUTS = ("local", "1+1", "4+1")
 
-BUILDER_IMPORT_PATH = "services.app:build_app"
+BUILDER_IMPORT_PATH = "services.serving.app:build_app"
 GRPC_SERVICER_FUNCTION = "services.api.generated.facecast.v1.avatar_pb2_grpc.add_AvatarServiceServicer_to_server"
 GRPC_PORT = 9000
 HTTP_PORT = 8000
@@ -56,7 +56,7 @@ DEFAULT_STEPS = 2
 DEFAULT_SCORE_MODE = "sequential"
 
 
-from services.settings import AppSettings  # noqa: E402  (after the constants it shares with settings)
+from services.serving.settings import AppSettings  # noqa: E402  (after the constants it shares with settings)
 
 
 class DeployConfigError(ValueError):
@@ -288,7 +288,7 @@ def _gpu_bundles(deployment: dict) -> int:
 
 
 def _facecast_problems(app: dict, where: str) -> list[str]:
-    """facecast's own rules for an application built by ``services.app:build_app``."""
+    """facecast's own rules for an application built by ``services.serving.app:build_app``."""
     problems = []
     args = app.get("args")
     problems += _args_problems(args, f"{where}.args")
@@ -303,7 +303,7 @@ def _facecast_problems(app: dict, where: str) -> list[str]:
         path = f"{where}.deployments[{j}]"
         if name not in DEPLOYMENT_NAMES:
             problems.append(
-                f"{path}.name: unknown deployment {name!r} (services.app binds: {', '.join(DEPLOYMENT_NAMES)})"
+                f"{path}.name: unknown deployment {name!r} (services.serving.app binds: {', '.join(DEPLOYMENT_NAMES)})"
             )
         elif name in by_name:
             problems.append(f"{path}.name: deployment {name!r} is configured twice")
@@ -343,15 +343,15 @@ def _builder_problems(app: dict, where: str) -> list[str]:
     import importlib
 
     try:
-        app_module = importlib.import_module("services.app")  # optional: written separately
+        app_module = importlib.import_module("services.serving.app")  # optional: written separately
     except ImportError as exc:
         raise DeployConfigError(
-            f"check_builder=True but services.app is not importable ({exc}); validate without check_builder"
+            f"check_builder=True but services.serving.app is not importable ({exc}); validate without check_builder"
         ) from exc
     try:
         built = app_module.build_app(dict(app.get("args") or {}))
     except Exception as exc:  # noqa: BLE001
-        return [f"{where}.args: services.app.build_app(args) failed: {type(exc).__name__}: {exc}"]
+        return [f"{where}.args: services.serving.app.build_app(args) failed: {type(exc).__name__}: {exc}"]
     bound = _bound_deployment_names(built, app.get("name", "default"))
     problems = []
     for j, dep in enumerate(app.get("deployments") or []):

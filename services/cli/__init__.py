@@ -176,7 +176,7 @@ def cmd_bench_engine(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- serve
 
-DEFAULT_SERVE_CONFIG = Path(__file__).resolve().parent.parent / "ray_configs" / "local.yaml"
+DEFAULT_SERVE_CONFIG = Path(__file__).resolve().parents[2] / "ray_configs" / "local.yaml"
 DEFAULT_GRPC_PORT = 9000
 
 
@@ -235,8 +235,8 @@ def check_port_free(port: int) -> None:
 
 def _serve_plan(args) -> tuple[dict, dict, int | None]:
     """Validate everything that can be checked before anything starts: (serve_config, app args, num_gpus)."""
-    from services.deploy_config import DeployConfigError, load_serve_config, validate_serve_config
-    from services.settings import AppSettings
+    from services.deploy.serve_config import DeployConfigError, load_serve_config, validate_serve_config
+    from services.serving.settings import AppSettings
 
     try:
         serve_config = load_serve_config(args.config)
@@ -284,7 +284,7 @@ def _serve_plan(args) -> tuple[dict, dict, int | None]:
 
 def _redis_for_serve(args):
     """(redis_url, LocalRedis or None): --redis-url, else $REDIS_URL, else a private redis-server we own."""
-    from services.session_store import LocalRedis
+    from services.store.sessions import LocalRedis
 
     url = args.redis_url or os.environ.get("REDIS_URL")
     if url:
@@ -343,7 +343,7 @@ def cmd_serve(args) -> int:
         try:
             redis_url, local_redis = _redis_for_serve(args)
             app_args["redis_url"] = redis_url
-            from services.local_cluster import LocalCluster
+            from services.deploy.local_cluster import LocalCluster
 
             ray.init = init_keeping_our_signals
 
@@ -472,7 +472,7 @@ def _ms_stats(values_s: list[float]) -> str:
 def cmd_call(args) -> int:
     import grpc
 
-    from services.client import AvatarClient
+    from services.api.client import AvatarClient
 
     image_path = Path(args.image)
     if not image_path.is_file():
@@ -553,7 +553,7 @@ def cmd_call(args) -> int:
 
 
 def cmd_bench_cluster(args) -> int:
-    from services.bench_cluster import bench_cluster, format_cluster_report
+    from services.cli.bench_cluster import bench_cluster, format_cluster_report
 
     get_preset(args.preset)
     if args.chunks < 2:

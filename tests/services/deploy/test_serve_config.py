@@ -10,10 +10,10 @@ import types
 
 import pytest
 
-from services.app import GRPC_SERVICERS
+from services.serving.app import GRPC_SERVICERS
 import yaml
 
-from services.deploy_config import (
+from services.deploy.serve_config import (
     DEPLOYMENT_NAMES,
     LAYOUTS,
     DeployConfigError,
@@ -65,7 +65,7 @@ def test_common_shape(layout, configs):
         "request_timeout_s": None,
     }
     (app,) = config["applications"]
-    assert app["import_path"] == "services.app:build_app"
+    assert app["import_path"] == "services.serving.app:build_app"
     assert [d["name"] for d in app["deployments"]] == list(DEPLOYMENT_NAMES)
     assert app["args"]["layout"] == layout
     assert dep(config, "SessionIngress")["max_ongoing_requests"] >= 1000
@@ -245,7 +245,7 @@ def test_every_problem_is_reported_at_once(configs):
 
 
 def test_layout_mismatch_names_the_file(tmp_path, monkeypatch, configs):
-    import services.deploy_config as dc
+    import services.deploy.serve_config as dc
 
     config = copy.deepcopy(configs["1+1"])
     config["applications"][0]["args"]["layout"] = "4+1"
@@ -269,18 +269,18 @@ def _fake_app_module(names):
             bound = serve.deployment(name=name)(cls).bind(*([bound] if bound is not None else []))
         return bound
 
-    module = types.ModuleType("services.app")
+    module = types.ModuleType("services.serving.app")
     module.build_app = build_app
     return module
 
 
 def test_check_builder_finds_every_deployment(configs, monkeypatch):
-    monkeypatch.setitem(sys.modules, "services.app", _fake_app_module(DEPLOYMENT_NAMES))
+    monkeypatch.setitem(sys.modules, "services.serving.app", _fake_app_module(DEPLOYMENT_NAMES))
     validate_serve_config(configs["local"], check_builder=True)
 
 
 def test_check_builder_reports_missing_deployment(configs, monkeypatch):
-    monkeypatch.setitem(sys.modules, "services.app", _fake_app_module(DEPLOYMENT_NAMES[:-1]))
+    monkeypatch.setitem(sys.modules, "services.serving.app", _fake_app_module(DEPLOYMENT_NAMES[:-1]))
     with pytest.raises(DeployConfigError, match="'LLMBridge' does not exist in the bound graph"):
         validate_serve_config(configs["local"], check_builder=True)
 

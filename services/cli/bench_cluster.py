@@ -24,8 +24,8 @@ from PIL import Image
 from model_core.bench import speechlike
 from model_core.config import get_preset
 from model_core.engine import AvatarEngine
-from services.client import AvatarClient
-from services.local_cluster import APP_NAME, LocalCluster, free_port
+from services.api.client import AvatarClient
+from services.deploy.local_cluster import APP_NAME, LocalCluster, free_port
 
 SELF_CONTAINED, BATCHED = "selfcontained", "batched"
 

@@ -19,14 +19,14 @@ import numpy as np
 import pytest
 
 from services.cli import main
-from services.local_cluster import free_port
+from services.deploy.local_cluster import free_port
 from services.media import probe_video
 
-from ..model_core.helpers import speech
+from tests.model_core.helpers import speech
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 READY_TIMEOUT_S = 120
 AUDIO_S = 1.2
 

@@ -18,14 +18,14 @@ from ray import serve
 
 from model_core.engine import AvatarEngine, iter_pieces
 from services.api import pb
-from services.client import AvatarClient
-from services.local_cluster import APP_NAME, LocalCluster, free_port
+from services.api.client import AvatarClient
+from services.deploy.local_cluster import APP_NAME, LocalCluster, free_port
 from services.media import decode_image_bytes, image_to_tensor
 from services.telemetry import serve_tracing_env
-from services.workers import encode_jpeg
+from services.serving.workers import encode_jpeg
 
-from ..model_core.helpers import speech
-from .otlp_receiver import OtlpReceiver
+from tests.model_core.helpers import speech
+from tests.otlp_receiver import OtlpReceiver
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""Tests for services.session_store against a real redis-server started by LocalRedis."""
+"""Tests for services.store.sessions against a real redis-server started by LocalRedis."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import redis  # noqa: E402
 from redis.backoff import NoBackoff  # noqa: E402
 from redis.retry import Retry  # noqa: E402
 
-from services import session_store  # noqa: E402
-from services.session_store import (  # noqa: E402
+from services.store import sessions as session_store  # noqa: E402
+from services.store.sessions import (  # noqa: E402
     LocalRedis,
     SessionNotFound,
     SessionRecord,

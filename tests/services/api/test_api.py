@@ -35,7 +35,7 @@ from services.api.validation import (
     validate_update,
 )
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 PRESET_STREAM = StreamConfig(width=64, height=64, fps=25.0, steps=2, chunk_latent_frames=3, seed=7)
 

@@ -19,12 +19,12 @@ import ray
 from ray import serve
 from ray.serve.config import gRPCOptions
 
-from services.app import GRPC_SERVICERS, build_app
-from services.deploy_config import load_serve_config, validate_serve_config
-from services.session_store import LocalRedis
+from services.serving.app import GRPC_SERVICERS, build_app
+from services.deploy.serve_config import load_serve_config, validate_serve_config
+from services.store.sessions import LocalRedis
 
 APP_NAME = "facecast"
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "ray_configs" / "local.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "ray_configs" / "local.yaml"
 
 
 def free_port() -> int:
