@@ -6,7 +6,9 @@ What this file does
   rate in [8000, 96000] Hz to float32 at 16 kHz with a streaming-exact
   windowed-sinc (Kaiser) resampler (:class:`StreamingResampler`, :func:`resample`).
 * Turns the 16 kHz signal into one feature vector per *video* frame at
-  ``AudioConfig.fps`` with one of three backends:
+  ``AudioConfig.fps`` with one of the backends registered in ``AUDIO_BACKENDS``
+  (each a small class behind the :class:`AudioBackend` protocol; ``backend_class`` is
+  the one place a backend name is resolved, and an unknown name is a ``ConfigError``):
 
   - ``"logmel"``  (default, no weights): ``subframes`` log-mel vectors per video
     frame, concatenated -> ``feature_dim = n_mels * subframes``.
@@ -55,17 +57,22 @@ from __future__ import annotations
 import json
 import math
 import os
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
 
+from .config import ConfigError
+
 __all__ = [
+    "AUDIO_BACKENDS",
     "SUPPORTED_BACKENDS",
+    "AudioBackend",
     "AudioConfig",
     "AudioStreamState",
     "AudioFrontend",
@@ -75,9 +82,12 @@ __all__ = [
     "mel_filterbank",
     "load_wav2vec2",
     "load_whisper_encoder",
+    "backend_class",
+    "as_float_pcm",
+    "LogMelBackend",
+    "Wav2Vec2Backend",
+    "WhisperBackend",
 ]
-
-SUPPORTED_BACKENDS = ("logmel", "wav2vec2", "whisper")
 
 #: The only internal rate supported: every backend (n_fft=400 log-mel, wav2vec2,
 #: Whisper) is defined at 16 kHz.
@@ -136,7 +146,7 @@ def _check_rate(value: Any, name: str) -> int:
     return int(value)
 
 
-def _as_float_pcm(pcm: Any, name: str = "pcm") -> np.ndarray:
+def as_float_pcm(pcm: Any, name: str = "pcm") -> np.ndarray:
     """Convert PCM to a contiguous float32 numpy array ``[S]`` in [-1, 1] scale.
 
     Accepts numpy arrays or torch tensors (any device), 1-D, dtype int16 (PCM s16le
@@ -177,14 +187,14 @@ def _as_float_pcm(pcm: Any, name: str = "pcm") -> np.ndarray:
 
 @dataclass(frozen=True)
 class AudioConfig:
-    """Audio front-end configuration (immutable; validated on construction).
+    """Audio front-end configuration (immutable; validated on construction, errors are `ConfigError`).
 
     Fields:
-        backend: Feature extractor, one of ``SUPPORTED_BACKENDS``:
+        backend: Feature extractor, one of ``SUPPORTED_BACKENDS`` (the keys of ``AUDIO_BACKENDS``):
             ``"logmel"`` (no weights), ``"wav2vec2"`` or ``"whisper"``.
         model_path: Local directory in transformers ``save_pretrained`` layout
-            (``config.json`` + weights). Required for ``"wav2vec2"``/``"whisper"``,
-            ignored for ``"logmel"``. Never downloaded.
+            (``config.json`` + weights). Required by backends whose ``needs_model_path`` is True
+            (``"wav2vec2"``/``"whisper"``), ignored by ``"logmel"``. Never downloaded.
         fps: Video frames per second the features are aligned to (any positive
             real, e.g. 25, 30, 29.97). One feature row per video frame.
         sample_rate_hz: Internal rate; all input is resampled to it. Must be 16000
@@ -206,49 +216,42 @@ class AudioConfig:
     context_s: float = 2.0
 
     def __post_init__(self) -> None:
-        if self.backend not in SUPPORTED_BACKENDS:
-            raise ValueError(
-                f"AudioConfig.backend={self.backend!r} is not supported; "
-                f"allowed values: {SUPPORTED_BACKENDS}"
-            )
+        backend = backend_class(self.backend)
         if self.model_path is not None:
             if not isinstance(self.model_path, (str, os.PathLike)) or str(self.model_path) == "":
-                raise ValueError(
+                raise ConfigError(
                     f"AudioConfig.model_path={self.model_path!r} is invalid; "
                     "allowed values: None or a non-empty local directory path"
                 )
             object.__setattr__(self, "model_path", os.fspath(self.model_path))
-        if self.backend in ("wav2vec2", "whisper") and self.model_path is None:
-            raise ValueError(
+        if backend.needs_model_path and self.model_path is None:
+            raise ConfigError(
                 f"AudioConfig.model_path=None is not allowed for backend={self.backend!r}; "
                 "allowed values: a local directory saved with transformers save_pretrained()"
             )
         if not _is_real(self.fps) or not math.isfinite(float(self.fps)) or not 0 < self.fps <= 1000:
-            raise ValueError(
-                f"AudioConfig.fps={self.fps!r} is invalid; "
-                "allowed values: a finite real in (0, 1000]"
+            raise ConfigError(
+                f"AudioConfig.fps={self.fps!r} is invalid; allowed values: a finite real in (0, 1000]"
             )
         if not _is_int(self.sample_rate_hz) or int(self.sample_rate_hz) != INTERNAL_SAMPLE_RATE_HZ:
-            raise ValueError(
+            raise ConfigError(
                 f"AudioConfig.sample_rate_hz={self.sample_rate_hz!r} is not supported; "
                 f"allowed values: ({INTERNAL_SAMPLE_RATE_HZ},)"
             )
         if not _is_int(self.n_mels) or not 1 <= self.n_mels <= 128:
-            raise ValueError(
-                f"AudioConfig.n_mels={self.n_mels!r} is invalid; "
-                "allowed values: integer in [1, 128]"
+            raise ConfigError(
+                f"AudioConfig.n_mels={self.n_mels!r} is invalid; allowed values: integer in [1, 128]"
             )
         if not _is_int(self.subframes) or not 1 <= self.subframes <= 32:
-            raise ValueError(
-                f"AudioConfig.subframes={self.subframes!r} is invalid; "
-                "allowed values: integer in [1, 32]"
+            raise ConfigError(
+                f"AudioConfig.subframes={self.subframes!r} is invalid; allowed values: integer in [1, 32]"
             )
         if (
             not _is_real(self.context_s)
             or not math.isfinite(float(self.context_s))
             or not 0 <= self.context_s <= 30
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"AudioConfig.context_s={self.context_s!r} is invalid; "
                 "allowed values: a finite real in [0, 30] seconds"
             )
@@ -396,7 +399,7 @@ def resample(pcm: np.ndarray, src_rate_hz: int, dst_rate_hz: int) -> np.ndarray:
     Identical (same code path) to pushing the signal through :class:`StreamingResampler`
     in any number of pieces and flushing. Same rate -> float32 copy.
     """
-    x = _as_float_pcm(pcm, "pcm")
+    x = as_float_pcm(pcm, "pcm")
     rs = StreamingResampler(src_rate_hz, dst_rate_hz)
     st, y0 = rs.push(rs.new_state(), x)
     _, y1 = rs.flush(st)
@@ -568,7 +571,7 @@ def load_whisper_encoder(
 
 
 # ----------------------------------------------------------------------------------
-# Front end
+# Per-session streaming state
 # ----------------------------------------------------------------------------------
 
 
@@ -598,18 +601,271 @@ class AudioStreamState:
     finished: bool = False
 
 
+def _trim(st: AudioStreamState, keep_from: int) -> AudioStreamState:
+    """Drop buffered 16 kHz samples before absolute index ``keep_from``."""
+    cut = keep_from - st.buf16_start
+    if cut <= 0:
+        return st
+    cut = min(cut, st.buf16.size)
+    return replace(st, buf16=st.buf16[cut:].copy(), buf16_start=st.buf16_start + cut)
+
+
+# ----------------------------------------------------------------------------------
+# Backends: one class per feature extractor, registered in AUDIO_BACKENDS
+# ----------------------------------------------------------------------------------
+
+
+class AudioBackend(Protocol):
+    """One feature extractor: the 16 kHz stream in an :class:`AudioStreamState` -> one row per video frame.
+
+    A backend holds only configuration and weights (never per-session state) and is built as
+    ``Backend(config, device, dtype)`` by :class:`AudioFrontend`, the only place that builds one.
+
+    Attributes:
+        needs_model_path: (class) True if ``AudioConfig.model_path`` is required.
+        feature_dim: D, feature size per video frame.
+        block_frames: video frames computed per call of the underlying model (1 for logmel).
+        lookahead_s: how much audio after the END of video frame ``t`` must have arrived
+            (at any input rate) before frame ``t`` is emitted (see :attr:`AudioFrontend.lookahead_s`).
+    """
+
+    needs_model_path: ClassVar[bool]
+    feature_dim: int
+    block_frames: int
+    lookahead_s: float
+
+    def emit(self, st: AudioStreamState, total_frames: int | None) -> tuple[AudioStreamState, torch.Tensor]:
+        """Features ``[N, feature_dim]`` for video frames ``[st.frames_emitted, ...)``.
+
+        ``total_frames`` None (streaming): every frame whose audio is final in ``st`` (up to ``st.n16``).
+        ``total_frames`` given (flush): exactly the frames up to ``total_frames``; audio after ``st.n16`` is
+        silence. Returns the state with ``frames_emitted`` advanced and samples no longer needed trimmed.
+        """
+        ...
+
+
+class LogMelBackend:
+    """``subframes`` log-mel vectors per video frame, concatenated: ``feature_dim = n_mels * subframes``.
+
+    Mel frame ``q = t * subframes + j`` is centred at 16 kHz sample ``round((q + 0.5) * 16000 / (subframes *
+    fps))`` with a 400-sample periodic Hann window; values are ``(log10(mel + 1e-5) + 4) / 4``. No weights.
+    ``lookahead_s = max(0, 199.5/16000 - 0.5/(subframes*fps)) + RESAMPLER_LOOKAHEAD_S`` (~9.6 ms at 25 fps,
+    4 subframes).
+    """
+
+    needs_model_path: ClassVar[bool] = False
+
+    def __init__(self, config: AudioConfig, device: torch.device, dtype: torch.dtype):
+        self.sample_rate_hz, self.fps = int(config.sample_rate_hz), float(config.fps)
+        self.n_mels, self.subframes = int(config.n_mels), int(config.subframes)
+        self.filterbank = torch.from_numpy(mel_filterbank(self.n_mels, N_FFT, self.sample_rate_hz))
+        self.feature_dim = self.n_mels * self.subframes
+        self.block_frames = 1
+        self.lookahead_s = (
+            max(0.0, (N_FFT / 2 - 0.5) / self.sample_rate_hz - 0.5 / (self.subframes * self.fps))
+            + RESAMPLER_LOOKAHEAD_S
+        )
+
+    def _mel_centres(self, q: np.ndarray) -> np.ndarray:
+        """16 kHz sample index of the centre of mel frame ``q = t * subframes + j``."""
+        return np.floor((q + 0.5) * self.sample_rate_hz / (self.subframes * self.fps) + 0.5).astype(np.int64)
+
+    def emit(self, st: AudioStreamState, total_frames: int | None) -> tuple[AudioStreamState, torch.Tensor]:
+        S = self.subframes
+        half = N_FFT // 2
+        t0 = st.frames_emitted
+        if total_frames is None:
+            t_hi = max(t0, int(math.floor(st.n16 * self.fps / self.sample_rate_hz)) + 2)
+            ts = np.arange(t0, t_hi, dtype=np.int64)
+            right_edge = self._mel_centres(ts * S + (S - 1)) + half  # exclusive end
+            t1 = t0 + int(np.searchsorted(right_edge, st.n16, side="right"))
+        else:
+            t1 = max(t0, total_frames)
+        if t1 == t0:
+            return st, torch.zeros((0, self.feature_dim))
+        chunks = []
+        step = 2048
+        for a in range(t0, t1, step):
+            b = min(t1, a + step)
+            q = np.arange(a * S, b * S, dtype=np.int64)
+            idx = self._mel_centres(q)[:, None] + np.arange(-half, half, dtype=np.int64)[None, :]
+            frames = _gather(st.buf16, st.buf16_start, idx, 0, st.n16)
+            mel = _power_mel(frames, self.filterbank)  # [(b-a)*S, n_mels]
+            feats = (torch.log10(mel + LOGMEL_FLOOR) + 4.0) / 4.0
+            chunks.append(feats.reshape(b - a, S * self.n_mels))
+        st = replace(st, frames_emitted=t1)
+        st = _trim(st, int(self._mel_centres(np.array([t1 * S]))[0]) - half)
+        return st, torch.cat(chunks, 0)
+
+
+class _EncoderBackend(ABC):
+    """Shared block loop of the encoder backends.
+
+    The encoder runs on fixed blocks of ``block_frames`` video frames (about ``ENCODER_BLOCK_S``). Block ``b``
+    reads the audio window ``[block_start - context_s, block_end + ENCODER_RIGHT_CONTEXT_S)`` and only the block's
+    own frames are kept, so ``lookahead_s = (block_frames - 1)/fps + ENCODER_RIGHT_CONTEXT_S +
+    RESAMPLER_LOOKAHEAD_S`` (~0.262 s at 25 fps). Subclasses define ``_encode_block``.
+    """
+
+    needs_model_path: ClassVar[bool] = True
+    feature_dim: int
+
+    def __init__(self, config: AudioConfig, device: torch.device, dtype: torch.dtype):
+        self.model_path = config.model_path
+        self.device, self.dtype = device, dtype
+        self.sample_rate_hz, self.fps = int(config.sample_rate_hz), float(config.fps)
+        self.block_frames = max(1, int(round(ENCODER_BLOCK_S * self.fps)))
+        self.lookahead_s = (self.block_frames - 1) / self.fps + ENCODER_RIGHT_CONTEXT_S + RESAMPLER_LOOKAHEAD_S
+        self.context_samples = int(round(config.context_s * self.sample_rate_hz))
+
+    def _block_bounds(self, b: int) -> tuple[int, int]:
+        """Block ``b`` -> ``(context_start, end)`` in 16 kHz samples (end exclusive)."""
+        B, sr = self.block_frames, self.sample_rate_hz
+        end = int(math.ceil(((b + 1) * B / self.fps + ENCODER_RIGHT_CONTEXT_S) * sr))
+        block_start = int(math.floor(b * B * sr / self.fps))
+        return max(0, block_start - self.context_samples), end
+
+    def _frame_centres(self, t0: int, t1: int) -> np.ndarray:
+        """Centres of video frames ``[t0, t1)`` in (fractional) 16 kHz samples."""
+        return (np.arange(t0, t1, dtype=np.float64) + 0.5) * self.sample_rate_hz / self.fps
+
+    @abstractmethod
+    def _encode_block(self, st: AudioStreamState, c0: int, end: int, t0: int, t1: int) -> torch.Tensor:
+        """Features ``[t1 - t0, feature_dim]`` for frames ``[t0, t1)`` from the window ``[c0, end)``."""
+
+    def emit(self, st: AudioStreamState, total_frames: int | None) -> tuple[AudioStreamState, torch.Tensor]:
+        B = self.block_frames
+        out = []
+        t = st.frames_emitted
+        while total_frames is None or t < total_frames:
+            b = t // B
+            c0, end = self._block_bounds(b)
+            if total_frames is None and end > st.n16:
+                break
+            t_end = (b + 1) * B if total_frames is None else min((b + 1) * B, total_frames)
+            out.append(self._encode_block(st, c0, end, t, t_end))
+            t = t_end
+        if not out:
+            return st, torch.zeros((0, self.feature_dim))
+        st = replace(st, frames_emitted=t)
+        st = _trim(st, self._block_bounds(t // B)[0])
+        return st, torch.cat(out, 0)
+
+
+class Wav2Vec2Backend(_EncoderBackend):
+    """Last hidden state of a local transformers ``Wav2Vec2Model``, linearly interpolated at the video-frame
+    centres: ``feature_dim = hidden_size``. Each window is normalised like ``Wav2Vec2FeatureExtractor``."""
+
+    def __init__(self, config: AudioConfig, device: torch.device, dtype: torch.dtype):
+        super().__init__(config, device, dtype)
+        self.model = load_wav2vec2(config.model_path, device, dtype)
+        cfg = self.model.config
+        self.feature_dim = int(cfg.hidden_size)
+        # receptive field / hop of the conv feature encoder, in 16 kHz samples
+        hop, rf = 1, 1
+        for k, s in zip(cfg.conv_kernel, cfg.conv_stride):
+            rf += (k - 1) * hop
+            hop *= s
+        self.hop, self.receptive_field = hop, rf
+        min_len = int(math.ceil((self.block_frames / self.fps + ENCODER_RIGHT_CONTEXT_S) * self.sample_rate_hz))
+        if min_len < rf:
+            raise ValueError(
+                f"wav2vec2 model at {config.model_path!r}: receptive field {rf} samples "
+                f"exceeds the shortest encoder window ({min_len} samples)"
+            )
+
+    @torch.inference_mode()
+    def _encode_block(self, st: AudioStreamState, c0: int, end: int, t0: int, t1: int) -> torch.Tensor:
+        x = _gather(st.buf16, st.buf16_start, np.arange(c0, end, dtype=np.int64), 0, st.n16)
+        x = (x - x.mean()) / np.sqrt(x.var() + 1e-7)
+        inp = torch.from_numpy(x.astype(np.float32))[None].to(device=self.device, dtype=self.dtype)
+        h = self.model(inp).last_hidden_state[0].float()  # [K, H]
+        # hidden state k covers samples [c0 + k*hop, c0 + k*hop + rf)
+        u = (self._frame_centres(t0, t1) - c0 - (self.receptive_field - 1) / 2.0) / self.hop
+        return _interp_rows(h, u)
+
+
+class WhisperBackend(_EncoderBackend):
+    """Last hidden state of a local ``WhisperModel`` encoder, fed with Whisper-style log-mel computed here and
+    interpolated at the video-frame centres: ``feature_dim = d_model``. Its fixed ``2 * max_source_positions``
+    mel-frame window must be longer than a block plus the right context."""
+
+    def __init__(self, config: AudioConfig, device: torch.device, dtype: torch.dtype):
+        super().__init__(config, device, dtype)
+        self.model = load_whisper_encoder(config.model_path, device, dtype)
+        cfg = self.model.config
+        self.feature_dim = int(cfg.d_model)
+        self.positions = int(cfg.max_source_positions)
+        self.n_mel_frames = 2 * self.positions
+        self.filterbank = torch.from_numpy(mel_filterbank(int(cfg.num_mel_bins), N_FFT, self.sample_rate_hz))
+        window_s = self.n_mel_frames * WHISPER_HOP / self.sample_rate_hz
+        need_s = self.block_frames / self.fps + ENCODER_RIGHT_CONTEXT_S
+        if window_s <= need_s:
+            raise ValueError(
+                f"whisper model at {config.model_path!r}: max_source_positions="
+                f"{self.positions} gives a {window_s:.3f} s window; allowed values: "
+                f"windows longer than block + right context ({need_s:.3f} s)"
+            )
+
+    def log_mel(self, st: AudioStreamState, w0: int, lo: int) -> torch.Tensor:
+        """Whisper log-mel ``[n_mel_bins, n_mel_frames]`` with frame ``i`` centred at
+        16 kHz sample ``w0 + 160 i``; samples before ``lo`` read as silence."""
+        half = N_FFT // 2
+        centres = w0 + WHISPER_HOP * np.arange(self.n_mel_frames, dtype=np.int64)
+        idx = centres[:, None] + np.arange(-half, half, dtype=np.int64)[None, :]
+        frames = _gather(st.buf16, st.buf16_start, idx, lo, st.n16)
+        log_spec = torch.log10(torch.clamp(_power_mel(frames, self.filterbank), min=1e-10))
+        log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
+        return ((log_spec + 4.0) / 4.0).T
+
+    @torch.inference_mode()
+    def _encode_block(self, st: AudioStreamState, c0: int, end: int, t0: int, t1: int) -> torch.Tensor:
+        """Audio before ``c0`` is silence; the last mel frame's window ends exactly at ``end``."""
+        w0 = end - N_FFT // 2 - WHISPER_HOP * (self.n_mel_frames - 1)
+        mel = self.log_mel(st, w0, c0)
+        inp = mel[None].to(device=self.device, dtype=self.dtype)  # [1, n_mels, 2*P]
+        h = self.model(inp).last_hidden_state[0].float()  # [P, d_model]
+        # encoder frame k is centred on mel frame 2k, i.e. sample w0 + 320 k
+        u = (self._frame_centres(t0, t1) - w0) / WHISPER_ENCODER_HOP
+        return _interp_rows(h, u)
+
+
+#: The registry: backend name -> class. The only place a backend name is resolved is :func:`backend_class`.
+AUDIO_BACKENDS: dict[str, type[AudioBackend]] = {
+    "logmel": LogMelBackend,
+    "wav2vec2": Wav2Vec2Backend,
+    "whisper": WhisperBackend,
+}
+#: Allowed values of ``AudioConfig.backend`` (for CLI choices and error messages).
+SUPPORTED_BACKENDS = tuple(AUDIO_BACKENDS)
+
+
+def backend_class(name: str) -> type[AudioBackend]:
+    """The backend class registered as ``name``; ConfigError naming ``backend`` and the allowed names otherwise."""
+    backend = AUDIO_BACKENDS.get(name) if isinstance(name, str) else None
+    if backend is None:
+        raise ConfigError(
+            f"AudioConfig.backend={name!r} is not supported; allowed values: {SUPPORTED_BACKENDS}"
+        )
+    return backend
+
+
+# ----------------------------------------------------------------------------------
+# Front end
+# ----------------------------------------------------------------------------------
+
+
 class AudioFrontend:
     """PCM -> per-video-frame features, incrementally (see module docstring).
 
     Attributes:
         config: the :class:`AudioConfig`.
         device, dtype: where/how features are returned (and encoders run).
-        feature_dim: per-video-frame feature size D.
+        backend: the :class:`AudioBackend` chosen by ``config.backend``.
+        feature_dim: per-video-frame feature size D (the backend's).
         lookahead_s: bound on how much audio after the END of video frame ``t``
-            must have arrived (at any input rate) before frame ``t`` is emitted.
-            logmel: ``max(0, 199.5/16000 - 0.5/(subframes*fps)) + RESAMPLER_LOOKAHEAD_S``
-            (~9.6 ms at 25 fps, 4 subframes). Encoders: ``(block_frames - 1)/fps +
-            ENCODER_RIGHT_CONTEXT_S + RESAMPLER_LOOKAHEAD_S`` (~0.262 s at 25 fps).
+            must have arrived (at any input rate) before frame ``t`` is emitted (the backend's; see
+            :class:`LogMelBackend` and :class:`_EncoderBackend` for the values).
         block_frames: video frames per encoder call (1 for logmel).
     """
 
@@ -625,60 +881,13 @@ class AudioFrontend:
         self.device = torch.device(device)
         self.dtype = dtype
         self._sr = int(config.sample_rate_hz)
-        self._fps = float(config.fps)
         # exact decimal value of fps for the frame count (29.97 -> 2997/100)
-        self._fps_exact = Fraction(repr(self._fps))
+        self._fps_exact = Fraction(repr(float(config.fps)))
         self._resamplers: dict[int, StreamingResampler] = {}
-        self._model = None
-        backend = config.backend
-        if backend == "logmel":
-            self._fb = torch.from_numpy(mel_filterbank(config.n_mels, N_FFT, self._sr))
-            self.feature_dim = config.n_mels * config.subframes
-            self.block_frames = 1
-            self.lookahead_s = (
-                max(0.0, (N_FFT / 2 - 0.5) / self._sr - 0.5 / (config.subframes * self._fps))
-                + RESAMPLER_LOOKAHEAD_S
-            )
-            return
-
-        self.block_frames = max(1, int(round(ENCODER_BLOCK_S * self._fps)))
-        self.lookahead_s = (
-            (self.block_frames - 1) / self._fps + ENCODER_RIGHT_CONTEXT_S + RESAMPLER_LOOKAHEAD_S
-        )
-        self._ctx_samples = int(round(config.context_s * self._sr))
-        if backend == "wav2vec2":
-            self._model = load_wav2vec2(config.model_path, self.device, dtype)
-            cfg = self._model.config
-            self.feature_dim = int(cfg.hidden_size)
-            # receptive field / hop of the conv feature encoder, in 16 kHz samples
-            hop, rf = 1, 1
-            for k, s in zip(cfg.conv_kernel, cfg.conv_stride):
-                rf += (k - 1) * hop
-                hop *= s
-            self._w2v_hop, self._w2v_rf = hop, rf
-            min_len = int(
-                math.ceil((self.block_frames / self._fps + ENCODER_RIGHT_CONTEXT_S) * self._sr)
-            )
-            if min_len < rf:
-                raise ValueError(
-                    f"wav2vec2 model at {config.model_path!r}: receptive field {rf} samples "
-                    f"exceeds the shortest encoder window ({min_len} samples)"
-                )
-        else:  # whisper
-            self._model = load_whisper_encoder(config.model_path, self.device, dtype)
-            cfg = self._model.config
-            self.feature_dim = int(cfg.d_model)
-            self._wh_positions = int(cfg.max_source_positions)
-            self._wh_n_mel_frames = 2 * self._wh_positions
-            self._wh_fb = torch.from_numpy(mel_filterbank(int(cfg.num_mel_bins), N_FFT, self._sr))
-            window_s = self._wh_n_mel_frames * WHISPER_HOP / self._sr
-            need_s = self.block_frames / self._fps + ENCODER_RIGHT_CONTEXT_S
-            if window_s <= need_s:
-                raise ValueError(
-                    f"whisper model at {config.model_path!r}: max_source_positions="
-                    f"{self._wh_positions} gives a {window_s:.3f} s window; allowed values: "
-                    f"windows longer than block + right context ({need_s:.3f} s)"
-                )
+        self.backend: AudioBackend = backend_class(config.backend)(config, self.device, dtype)
+        self.feature_dim = self.backend.feature_dim
+        self.lookahead_s = self.backend.lookahead_s
+        self.block_frames = self.backend.block_frames
 
     # -- public API -------------------------------------------------------------------
 
@@ -701,7 +910,7 @@ class AudioFrontend:
             ``(new_state, features [N, feature_dim])`` for every video frame whose audio
             (plus ``lookahead_s``) is now complete; ``N`` may be 0.
         """
-        x = _as_float_pcm(pcm, "pcm")
+        x = as_float_pcm(pcm, "pcm")
         rate = _check_rate(sample_rate_hz, "sample_rate_hz")
         if state.finished:
             raise ValueError(
@@ -764,130 +973,8 @@ class AudioFrontend:
     def _empty(self) -> torch.Tensor:
         return torch.zeros((0, self.feature_dim), device=self.device, dtype=self.dtype)
 
-    def _trim(self, st: AudioStreamState, keep_from: int) -> AudioStreamState:
-        cut = keep_from - st.buf16_start
-        if cut <= 0:
-            return st
-        cut = min(cut, st.buf16.size)
-        return replace(st, buf16=st.buf16[cut:].copy(), buf16_start=st.buf16_start + cut)
-
     def _emit(
         self, st: AudioStreamState, total_frames: int | None
     ) -> tuple[AudioStreamState, torch.Tensor]:
-        if self.config.backend == "logmel":
-            return self._emit_logmel(st, total_frames)
-        return self._emit_encoder(st, total_frames)
-
-    # logmel ---------------------------------------------------------------------------
-
-    def _mel_centres(self, q: np.ndarray) -> np.ndarray:
-        """16 kHz sample index of the centre of mel frame ``q = t * subframes + j``."""
-        S = self.config.subframes
-        return np.floor((q + 0.5) * self._sr / (S * self._fps) + 0.5).astype(np.int64)
-
-    def _emit_logmel(
-        self, st: AudioStreamState, total_frames: int | None
-    ) -> tuple[AudioStreamState, torch.Tensor]:
-        S = self.config.subframes
-        half = N_FFT // 2
-        t0 = st.frames_emitted
-        if total_frames is None:
-            t_hi = max(t0, int(math.floor(st.n16 * self._fps / self._sr)) + 2)
-            ts = np.arange(t0, t_hi, dtype=np.int64)
-            right_edge = self._mel_centres(ts * S + (S - 1)) + half  # exclusive end
-            t1 = t0 + int(np.searchsorted(right_edge, st.n16, side="right"))
-        else:
-            t1 = max(t0, total_frames)
-        if t1 == t0:
-            return st, self._empty()
-        chunks = []
-        step = 2048
-        for a in range(t0, t1, step):
-            b = min(t1, a + step)
-            q = np.arange(a * S, b * S, dtype=np.int64)
-            idx = self._mel_centres(q)[:, None] + np.arange(-half, half, dtype=np.int64)[None, :]
-            frames = _gather(st.buf16, st.buf16_start, idx, 0, st.n16)
-            mel = _power_mel(frames, self._fb)  # [(b-a)*S, n_mels]
-            feats = (torch.log10(mel + LOGMEL_FLOOR) + 4.0) / 4.0
-            chunks.append(feats.reshape(b - a, S * self.config.n_mels))
-        out = torch.cat(chunks, 0).to(device=self.device, dtype=self.dtype)
-        st = replace(st, frames_emitted=t1)
-        st = self._trim(st, int(self._mel_centres(np.array([t1 * S]))[0]) - half)
-        return st, out
-
-    # encoders -------------------------------------------------------------------------
-
-    def _block_bounds(self, b: int) -> tuple[int, int]:
-        """Block ``b`` -> ``(context_start, end)`` in 16 kHz samples (end exclusive)."""
-        B = self.block_frames
-        end = int(math.ceil(((b + 1) * B / self._fps + ENCODER_RIGHT_CONTEXT_S) * self._sr))
-        block_start = int(math.floor(b * B * self._sr / self._fps))
-        return max(0, block_start - self._ctx_samples), end
-
-    def _frame_centres(self, t0: int, t1: int) -> np.ndarray:
-        """Centres of video frames ``[t0, t1)`` in (fractional) 16 kHz samples."""
-        return (np.arange(t0, t1, dtype=np.float64) + 0.5) * self._sr / self._fps
-
-    def _emit_encoder(
-        self, st: AudioStreamState, total_frames: int | None
-    ) -> tuple[AudioStreamState, torch.Tensor]:
-        B = self.block_frames
-        out = []
-        t = st.frames_emitted
-        while True:
-            if total_frames is not None and t >= total_frames:
-                break
-            b = t // B
-            c0, end = self._block_bounds(b)
-            if total_frames is None and end > st.n16:
-                break
-            t_end = (b + 1) * B if total_frames is None else min((b + 1) * B, total_frames)
-            if self.config.backend == "wav2vec2":
-                out.append(self._wav2vec2_block(st, c0, end, t, t_end))
-            else:
-                out.append(self._whisper_block(st, c0, end, t, t_end))
-            t = t_end
-        if not out:
-            return st, self._empty()
-        st = replace(st, frames_emitted=t)
-        st = self._trim(st, self._block_bounds(t // B)[0])
-        return st, torch.cat(out, 0).to(device=self.device, dtype=self.dtype)
-
-    @torch.inference_mode()
-    def _wav2vec2_block(
-        self, st: AudioStreamState, c0: int, end: int, t0: int, t1: int
-    ) -> torch.Tensor:
-        """Features ``[t1 - t0, H]`` for frames ``[t0, t1)`` from the window ``[c0, end)``."""
-        x = _gather(st.buf16, st.buf16_start, np.arange(c0, end, dtype=np.int64), 0, st.n16)
-        # Wav2Vec2FeatureExtractor(do_normalize=True) equivalent, per window
-        x = (x - x.mean()) / np.sqrt(x.var() + 1e-7)
-        inp = torch.from_numpy(x.astype(np.float32))[None].to(device=self.device, dtype=self.dtype)
-        h = self._model(inp).last_hidden_state[0].float()  # [K, H]
-        # hidden state k covers samples [c0 + k*hop, c0 + k*hop + rf)
-        u = (self._frame_centres(t0, t1) - c0 - (self._w2v_rf - 1) / 2.0) / self._w2v_hop
-        return _interp_rows(h, u)
-
-    def _whisper_log_mel(self, st: AudioStreamState, w0: int, lo: int) -> torch.Tensor:
-        """Whisper log-mel ``[n_mel_bins, n_mel_frames]`` with frame ``i`` centred at
-        16 kHz sample ``w0 + 160 i``; samples before ``lo`` read as silence."""
-        half = N_FFT // 2
-        centres = w0 + WHISPER_HOP * np.arange(self._wh_n_mel_frames, dtype=np.int64)
-        idx = centres[:, None] + np.arange(-half, half, dtype=np.int64)[None, :]
-        frames = _gather(st.buf16, st.buf16_start, idx, lo, st.n16)
-        log_spec = torch.log10(torch.clamp(_power_mel(frames, self._wh_fb), min=1e-10))
-        log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
-        return ((log_spec + 4.0) / 4.0).T
-
-    @torch.inference_mode()
-    def _whisper_block(
-        self, st: AudioStreamState, c0: int, end: int, t0: int, t1: int
-    ) -> torch.Tensor:
-        """Features ``[t1 - t0, d_model]`` for frames ``[t0, t1)``; audio before ``c0`` is silence."""
-        # last mel frame's window ends exactly at `end`
-        w0 = end - N_FFT // 2 - WHISPER_HOP * (self._wh_n_mel_frames - 1)
-        mel = self._whisper_log_mel(st, w0, c0)
-        inp = mel[None].to(device=self.device, dtype=self.dtype)  # [1, n_mels, 2*P]
-        h = self._model(inp).last_hidden_state[0].float()  # [P, d_model]
-        # encoder frame k is centred on mel frame 2k, i.e. sample w0 + 320 k
-        u = (self._frame_centres(t0, t1) - w0) / WHISPER_ENCODER_HOP
-        return _interp_rows(h, u)
+        st, features = self.backend.emit(st, total_frames)
+        return st, features.to(device=self.device, dtype=self.dtype)

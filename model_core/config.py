@@ -2,8 +2,9 @@
 
 One config per component: `DiTConfig` (the causal score model), `VAEConfig` (the Wan VAE shape),
 `StreamConfig` (how a session streams: chunk size, steps, sink, resolution, fps) and `PresetConfig`
-that bundles them.  Every field is validated in `__post_init__`; errors name the field, the bad value
-and what is allowed, because presets and options arrive from users (CLI flags, gRPC options).
+that bundles them; and the allowed device and dtype names (`DEVICES`, `DTYPES`).  Every field is validated in
+`__post_init__`; errors name the field, the bad value and what is allowed, because presets and options arrive from
+users (CLI flags, gRPC options).
 
 This module knows nothing of torch modules, Ray or the network.
 """
@@ -13,6 +14,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+
+
+DEVICES = ("cpu", "cuda")
+"""Device kinds a model may compute on (`model_core.models.resolve_device` also takes 'auto' and 'cuda:N')."""
+DTYPES = ("float32", "bfloat16", "float16")
+"""Model dtypes by name (`model_core.models.torch_dtype` turns one into a torch dtype)."""
 
 
 class ConfigError(ValueError):
@@ -247,4 +254,4 @@ def get_preset(name: str) -> PresetConfig:
 
 
 __all__ = ["ConfigError", "DiTConfig", "VAEConfig", "StreamConfig", "PresetConfig", "PRESETS", "get_preset",
-           "LOGMEL_AUDIO_DIM"]
+           "LOGMEL_AUDIO_DIM", "DEVICES", "DTYPES"]

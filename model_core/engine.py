@@ -16,13 +16,15 @@ A session's life:
 
 Timeline: latent frame f covers video frames [4f-3, 4f] (frame 0 alone); a chunk of C latent frames needs audio
 features up to video frame 4*(last latent frame + 2), i.e. two latent frames (8 video frames) of lookahead.
-Sessions are independent objects (`SessionState`): interleaving sessions gives the same frames as running each
+Sessions are independent objects (`EngineSession`): interleaving sessions gives the same frames as running each
 alone.  Nothing per-session is stored on the model, the VAE or the audio front-end.
+
+The engine only drives sessions: it is given a DiT and a VAE (`AvatarEngine.from_preset` gets them from
+`model_core.models`), and it knows nothing of Ray or the network.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import time
 import uuid
@@ -31,11 +33,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .audio import AudioConfig, AudioFrontend
-from .checkpoint import (VAE_PREFIX, dit_config_from_metadata, load_facecast_checkpoint, read_facecast_metadata,
-                         read_state_dict)
+from .audio import AudioConfig
 from .config import ConfigError, PresetConfig, StreamConfig, get_preset
 from .dit import CausalAvatarDiT
+from .models import build_models
 from .sampler import step
 from .stages import AudioSession, AudioStage, ChunkAudioInput, DecodeStage, ScoreSession, ScoreStage
 from .text import build_prompt_encoder
@@ -256,55 +257,6 @@ def make_video_chunk(inputs: ChunkAudioInput, frames: torch.Tensor, latents: tor
                       fps=inputs.fps, frames=frames, audio_start_s=inputs.audio_start_s,
                       audio_end_s=inputs.audio_end_s, audio_pcm=inputs.audio_pcm,
                       sample_rate_hz=inputs.sample_rate_hz, latents=latents, timings=timings, final=inputs.final)
-
-
-def build_models(preset: PresetConfig, *, checkpoint: str | None, device, dtype, seed: int,
-                 audio_config: AudioConfig) -> tuple[CausalAvatarDiT, StreamingVAE, str]:
-    """The DiT and VAE for a preset, from a facecast checkpoint or seeded random weights, and a note saying which."""
-    dit, note = build_dit(preset, checkpoint=checkpoint, device=device, dtype=dtype, seed=seed,
-                          audio_config=audio_config)
-    return dit, build_vae(preset, checkpoint=checkpoint, device=device, seed=seed), note
-
-
-def dit_config_for(preset: PresetConfig, checkpoint: str | None, audio_config: AudioConfig):
-    """The DiT shape a preset/checkpoint gives (random weights: audio width follows the audio front-end)."""
-    if checkpoint:
-        return dit_config_from_metadata(read_facecast_metadata(checkpoint))
-    return dataclasses.replace(preset.dit, audio_dim=AudioFrontend(audio_config).feature_dim)
-
-
-def build_dit(preset: PresetConfig, *, checkpoint: str | None, device, dtype, seed: int,
-              audio_config: AudioConfig) -> tuple[CausalAvatarDiT, str]:
-    if checkpoint:
-        dit, _, _ = load_facecast_checkpoint(checkpoint, device=device, dtype=dtype)
-        return dit, f"weights: {checkpoint}"
-    dit = random_dit(dit_config_for(preset, None, audio_config), seed, device, dtype)
-    return dit, "weights: RANDOM (no trained checkpoint given) - the video shows noise, not a face"
-
-
-def build_vae(preset: PresetConfig, *, checkpoint: str | None, device, seed: int) -> StreamingVAE:
-    if checkpoint:
-        metadata = read_facecast_metadata(checkpoint)
-        if "vae_config" in metadata:
-            state = read_state_dict(checkpoint)
-            vae_state = {key[len(VAE_PREFIX):]: value for key, value in state.items() if key.startswith(VAE_PREFIX)}
-            return StreamingVAE.from_state(metadata["vae_config"], vae_state, device=device)
-    vae = StreamingVAE.from_config(preset.vae, seed=seed)
-    return StreamingVAE(vae.vae.to(device=device))
-
-
-def random_dit(config, seed: int, device="cpu", dtype=torch.float32) -> CausalAvatarDiT:
-    """A model with seeded random weights everywhere (the zero-initialised audio value projection included,
-    so audio changes the output as it would in a trained model). Built directly on `device`, so the
-    wan-14b shape never materialises in host memory; the same seed gives the same weights on the same device type.
-    """
-    device = torch.device(device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
-        torch.manual_seed(seed)
-        model = CausalAvatarDiT(config)
-        for block in model.blocks:
-            torch.nn.init.normal_(block.attn2.audio_v_proj.weight, std=config.dim ** -0.5)
-    return model.to(dtype)
 
 
 def region_masks(characters: list[Character], grid_h: int, grid_w: int) -> torch.Tensor:

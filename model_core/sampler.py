@@ -1,11 +1,13 @@
-"""Few-step flow-matching sampling whose step is one pure function.
+"""Few-step flow-matching sampling: one pure step function and the one loop around it.
 
     step(model, latents, t, t_next, cache, cond) -> (latents, cache)
+    denoise(model, latents, schedule, step_indices, caches, cond) -> latents     step for each index, in order
 
-Sequential sampling (one worker runs every step — the TalkingMachines 1-GPU score), the per-step pipeline (one
-worker per timestep, each owning that step's `KVCache` — Live Avatar's timestep-forcing pipeline) and distillation
-rollouts all call `step` unchanged.  The flow convention is Wan's: x_sigma = (1 - sigma) * x0 + sigma * noise, and
-the model predicts the velocity v = noise - x0.
+Every denoising in the project is `denoise`: sequential sampling (one worker runs every step — the TalkingMachines
+1-GPU score), one stage per step (each owning that step's `KVCache` — Live Avatar's timestep-forcing pipeline, which
+the cluster's pipelined score group runs as `ScoreStage`s owning one step each) and a cross-session batch; training
+rollouts are to call it too.  The flow convention is Wan's: x_sigma = (1 - sigma) * x0 + sigma * noise, and the
+model predicts the velocity v = noise - x0.
 
 Solvers:
 * "euler"   — x_next = x + (sigma_next - sigma) * v   (deterministic ODE step)
@@ -17,6 +19,7 @@ This module knows the model only through `forward_chunk`; it knows nothing of se
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 
 import torch
@@ -83,10 +86,19 @@ def step(model, latents: torch.Tensor, t: Timestep, t_next: Timestep, cache: KVC
     return clean.to(latents.dtype), cache
 
 
-def sample_chunk(model, noise: torch.Tensor, schedule: list[Timestep], caches: list[KVCache],
-                 cond: ChunkCondition) -> torch.Tensor:
-    """Sequential sampling: every step of one chunk in one worker. noise [B, 16, C, h, w] -> clean latents."""
-    latents = noise
-    for t, t_next in zip(schedule[:-1], schedule[1:]):
-        latents, caches[t.index] = step(model, latents, t, t_next, caches[t.index], cond)
+def denoise(model, latents: torch.Tensor, schedule: list[Timestep], step_indices: Iterable[int],
+            caches: MutableMapping[int, KVCache] | list[KVCache], cond: ChunkCondition, step_fn=step,
+            on_step: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Run the steps `step_indices` (ascending) of one chunk: for each index k, `step_fn` from schedule[k] to
+    schedule[k + 1] with its own cache `caches[k]`, which is replaced by the cache the step returns.
+
+    latents: [B, 16, C, h, w] at noise level schedule[first index].sigma -> returned at schedule[last index + 1].
+    caches: step index -> that step's `KVCache`: a list indexed by step, a dict holding only the owned steps, or
+        anything else that reads and assigns by step index (a batch's stacked view, `stages._BatchedCaches`).
+    on_step(k, latents): called after step k, e.g. to time it; it must not change the latents.
+    """
+    for index in step_indices:
+        latents, caches[index] = step_fn(model, latents, schedule[index], schedule[index + 1], caches[index], cond)
+        if on_step is not None:
+            on_step(index, latents)
     return latents

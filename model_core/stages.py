@@ -8,27 +8,42 @@
 workers (score and VAE on different GPUs), so both produce the same frames for the same seed.  What moves between
 stages is small and explicit: `ChunkAudioInput` (features of one chunk), latents, and for the adaptive sink the
 first clean latent frame.  A `ScoreStage` may own every denoising step (sequential, the TalkingMachines 1-GPU score)
-or a subset (one stage per step, Live Avatar's pipeline); the step function is the same.
+or a subset (one stage per step, Live Avatar's pipeline); either way it runs the one loop `sampler.denoise`.
 
 Timeline (r = 4 video frames per latent frame, h = 2 latent frames of audio lookahead, C = chunk latent frames):
 latent frame f shows video frames [r*f - (r-1), r*f] (frame 0 alone) and its audio tokens are the features of video
 frames [r*(f-h) - (r-1), r*(f+h)].  A chunk is ready once features exist up to video frame r*(last latent + h).
+
+Characters (K per session, one audio track each, see `AudioStage`):
+  * Every track starts at session time 0 and goes on with each push for that character.  All characters send at
+    the session's one sample rate, fixed by its first audio; other audio rates are a ConfigError on sample_rate_hz.
+  * A chunk is cut once every character that is speaking (the default; `set_speaking`) has features through the
+    chunk's window, and at least one character has: a speaking character that is late holds the chunk.
+  * A character set not-speaking never holds a chunk back: after every push (and at `set_speaking`) its track is
+    padded with silence up to the longest track, so whatever it sends next (speech after turning to speaking, in
+    a turn change: 0 speaks, 0 -> not speaking, 1 -> speaking, 1 speaks) starts now.  A speaking change applies
+    to the video frames that start after the track's end at the time of the change (speaking False: the model
+    ignores those tokens).
+  * At end of input the video lasts as long as the longest track.  A chunk's `audio_pcm` is the mix of every track
+    over the chunk's span: the sum, clipped to [-1, 1], ending where the longest track ends.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import numpy as np
 import torch
 
-from .audio import AudioConfig, AudioFrontend, AudioStreamState
+from .audio import AudioConfig, AudioFrontend, AudioStreamState, as_float_pcm
 from .cache import ChunkAudio, ChunkRope, ConditionCache, KVCache
 from .config import ConfigError, DiTConfig, StreamConfig
 from .dit import CausalAvatarDiT
-from .sampler import ChunkCondition, Timestep, flow_schedule, step
+from .sampler import ChunkCondition, Timestep, denoise, flow_schedule, step
 from .vae import DecodeCache, StreamingVAE
 
 # ============================================================================================ audio
@@ -40,7 +55,8 @@ class ChunkAudioInput:
 
     features: [1, K, C, T, D] float (CPU) per character, latent frame and window token; speaking: [1, K, C, T] bool.
     first_frame/num_frames: the video frames this chunk will show (already trimmed at the end of input).
-    audio_pcm: the input audio those frames cover (float32 mono at sample_rate_hz).
+    audio_pcm: [S] the input audio those frames cover, float32 mono at sample_rate_hz: the mix (sum clipped to
+    [-1, 1]) of every character's track.
     """
 
     session_id: str
@@ -66,18 +82,43 @@ class ChunkAudioInput:
 
 @dataclass
 class CharacterAudio:
-    """One character's audio: front-end state and the features not yet consumed."""
+    """One character's audio track. The track starts at session time 0; sample n of it sits at n / sample_rate_hz.
+
+    state: front-end state; state.n_input_samples is the track's length (samples received + silence inserted).
+    features / speaking: rows [N, D] / flags [N] not yet consumed, consecutive video frames from `base_frame`.
+    frames: video frames of features produced so far on this track.
+    speaking_now: the current mode; a speaking character holds chunks back until its audio covers their window.
+    frame_flag / speaking_from: the speaking flag of the next produced frame, and the (first video frame, flag)
+        changes not yet reached, in order (a change applies to the frames that start after the track's end at the
+        time of `set_speaking`, i.e. to the audio pushed from then on).
+    samples_received: samples the caller sent for this character (where a resuming client continues).
+    silence_samples: silence inserted to keep the track level with the longest one while the character is not speaking.
+    pcm / pcm_base_sample: the track's samples (float32, at the session rate) not yet handed out in a chunk's
+        `audio_pcm`, starting at track sample `pcm_base_sample`.
+    """
 
     state: AudioStreamState
-    features: list[torch.Tensor] = field(default_factory=list)  # consecutive rows starting at `base_frame`
+    features: list[torch.Tensor] = field(default_factory=list)
     speaking: list[torch.Tensor] = field(default_factory=list)
     base_frame: int = 0
-    frames: int = 0            # total video frames of features received
+    frames: int = 0
     speaking_now: bool = True
+    frame_flag: bool = True
+    speaking_from: list[tuple[int, bool]] = field(default_factory=list)
+    samples_received: int = 0
+    silence_samples: int = 0
+    pcm: list[np.ndarray] = field(default_factory=list)
+    pcm_base_sample: int = 0
 
 
 @dataclass
 class AudioSession:
+    """One session's audio: a track per character, the chunk counter and (after end of input) the video length.
+
+    sample_rate_hz: the session's one input rate, fixed by its first audio (None before).
+    total_frames: video frames of the whole session, known at end of input (the longest track).
+    """
+
     session_id: str
     stream: StreamConfig
     characters: list[CharacterAudio]
@@ -86,8 +127,6 @@ class AudioSession:
     total_frames: int | None = None
     frames_emitted: int = 0
     sample_rate_hz: int | None = None
-    pcm: list[np.ndarray] = field(default_factory=list)   # character 0's input not yet covered by emitted frames
-    pcm_base_sample: int = 0
 
 
 class AudioStage:
@@ -104,8 +143,7 @@ class AudioStage:
 
     def frontend(self, fps: float) -> AudioFrontend:
         if fps not in self._frontends:
-            config = AudioConfig(**{**self.audio_config.__dict__, "fps": fps})
-            self._frontends[fps] = AudioFrontend(config)
+            self._frontends[fps] = AudioFrontend(dataclasses.replace(self.audio_config, fps=fps))
         return self._frontends[fps]
 
     def open(self, session_id: str, stream: StreamConfig, num_characters: int) -> AudioSession:
@@ -119,7 +157,21 @@ class AudioStage:
         return session.characters[character]
 
     def set_speaking(self, session: AudioSession, character: int, speaking: bool) -> None:
-        self.character(session, character).speaking_now = bool(speaking)
+        """Speaking mode of a character for the audio it sends from now on.
+
+        A not-speaking track is first levelled with the longest one (silence), so speech that follows starts now.
+        Never cuts a chunk: one this releases comes out on the next `push` or `end`.
+        """
+        audio = self.character(session, character)
+        speaking = bool(speaking)
+        if speaking == audio.speaking_now:
+            return
+        self._level_listeners(session)
+        audio.speaking_now = speaking
+        track = audio.state.n_input_samples  # the change applies to the first video frame starting at the track's end
+        fps = Fraction(repr(float(session.stream.fps)))
+        first = math.ceil(Fraction(track) * fps / audio.state.input_rate_hz) if track else 0
+        audio.speaking_from.append((first, speaking))
 
     def push(self, session: AudioSession, pcm, sample_rate_hz: int, character: int = 0) -> list[ChunkAudioInput]:
         """pcm: [S] mono int16 or float in [-1, 1]. Returns the inputs of every chunk that became ready."""
@@ -127,15 +179,23 @@ class AudioStage:
             raise ConfigError(f"session {session.session_id!r}: end_of_input was already sent; no more audio is "
                               "accepted")
         audio = self.character(session, character)
+        if session.sample_rate_hz is not None and sample_rate_hz != session.sample_rate_hz:
+            raise ConfigError(f"sample_rate_hz={sample_rate_hz!r} for character={character} is invalid: this "
+                              f"session's audio is at {session.sample_rate_hz} Hz and every character sends at one "
+                              f"rate; allowed values: ({session.sample_rate_hz},)")
         started = time.perf_counter()
-        audio.state, features = self.frontend(session.stream.fps).push(audio.state, pcm, sample_rate_hz)
-        self._append(audio, features)
-        if character == 0:
-            self._keep_pcm(session, pcm, sample_rate_hz)
+        samples = as_float_pcm(pcm)
+        self._push_track(session, audio, samples, sample_rate_hz)
+        session.sample_rate_hz = int(sample_rate_hz)
+        audio.samples_received += samples.shape[0]
+        self._level_listeners(session)
         return self._ready(session, time.perf_counter() - started)
 
     def end(self, session: AudioSession) -> list[ChunkAudioInput]:
-        """No more audio: pad with silence; returns the remaining chunks (the last one is final)."""
+        """No more audio: pad with silence; returns the remaining chunks (the last one is final).
+
+        The video lasts as long as the longest character's track.
+        """
         if session.input_ended:
             return []
         started = time.perf_counter()
@@ -144,34 +204,53 @@ class AudioStage:
             audio.state, features = frontend.flush(audio.state)
             self._append(audio, features)
         session.input_ended = True
-        session.total_frames = session.characters[0].frames
+        session.total_frames = max(audio.frames for audio in session.characters)
         return self._ready(session, time.perf_counter() - started)
 
     # ---------------------------------------------------------------- internals
 
-    def _append(self, audio: CharacterAudio, features: torch.Tensor) -> None:
-        if features.shape[0]:
-            audio.features.append(features.to("cpu", self.dtype))
-            audio.speaking.append(torch.full((features.shape[0],), audio.speaking_now, dtype=torch.bool))
-            audio.frames += features.shape[0]
+    def _push_track(self, session: AudioSession, audio: CharacterAudio, samples: np.ndarray,
+                    sample_rate_hz: int) -> None:
+        """samples: [S] float32 appended to the character's track (front end first: it validates the rate)."""
+        audio.state, features = self.frontend(session.stream.fps).push(audio.state, samples, sample_rate_hz)
+        self._append(audio, features)
+        audio.pcm.append(samples)
 
-    def _keep_pcm(self, session: AudioSession, pcm, sample_rate_hz: int) -> None:
-        array = np.asarray(pcm)
-        array = array.astype(np.float32) / 32768.0 if array.dtype == np.int16 else array.astype(np.float32)
-        if session.sample_rate_hz is None:
-            session.sample_rate_hz = int(sample_rate_hz)
-        session.pcm.append(array.reshape(-1))
+    def _level_listeners(self, session: AudioSession) -> None:
+        """Pad every not-speaking track that is behind the longest track with silence up to it."""
+        if session.input_ended or session.sample_rate_hz is None:
+            return
+        longest = max(audio.state.n_input_samples for audio in session.characters)
+        for audio in session.characters:
+            missing = longest - audio.state.n_input_samples
+            if not audio.speaking_now and missing > 0:
+                self._push_track(session, audio, np.zeros(missing, np.float32), session.sample_rate_hz)
+                audio.silence_samples += missing
+
+    def _append(self, audio: CharacterAudio, features: torch.Tensor) -> None:
+        count = features.shape[0]
+        if not count:
+            return
+        flags = torch.full((count,), audio.frame_flag, dtype=torch.bool)
+        while audio.speaking_from and audio.speaking_from[0][0] < audio.frames + count:
+            first, audio.frame_flag = audio.speaking_from.pop(0)
+            flags[max(0, first - audio.frames):] = audio.frame_flag
+        audio.features.append(features.to("cpu", self.dtype))
+        audio.speaking.append(flags)
+        audio.frames += count
 
     def total_latents(self, session: AudioSession) -> int:
         return 1 + math.ceil(max(session.total_frames - 1, 0) / self.ratio)
 
     def _is_ready(self, session: AudioSession) -> bool:
+        """Every speaking character (and at least one character) has features through the chunk's window."""
         chunk = session.stream.chunk_latent_frames
         first_latent = session.chunk_index * chunk
         if session.input_ended:
             return bool(session.total_frames) and first_latent < self.total_latents(session)
         needed_video = self.ratio * (first_latent + chunk - 1 + self.half)
-        return max(audio.frames for audio in session.characters) > needed_video
+        return (max(audio.frames for audio in session.characters) > needed_video
+                and all(audio.frames > needed_video for audio in session.characters if audio.speaking_now))
 
     def _ready(self, session: AudioSession, audio_s: float) -> list[ChunkAudioInput]:
         inputs = []
@@ -227,14 +306,23 @@ class AudioStage:
         return inputs
 
     def _take_pcm(self, session: AudioSession, first_frame: int, num_frames: int) -> np.ndarray:
+        """The mix [S] float32 of every character's track over video frames [first_frame, +num_frames): the sum,
+        clipped to [-1, 1]; S stops where the longest track ends. Drops the samples handed out."""
         fps, rate = session.stream.fps, session.sample_rate_hz or 16000
-        pcm = np.concatenate(session.pcm) if session.pcm else np.zeros(0, np.float32)
-        begin = max(0, round(first_frame / fps * rate) - session.pcm_base_sample)
-        end = max(begin, round((first_frame + num_frames) / fps * rate) - session.pcm_base_sample)
-        taken = pcm[begin:end].copy()
-        session.pcm = [pcm[end:]] if pcm.shape[0] > end else []
-        session.pcm_base_sample += min(end, pcm.shape[0])
-        return taken
+        longest = max(audio.state.n_input_samples for audio in session.characters)
+        begin = round(first_frame / fps * rate)
+        end = max(begin, min(round((first_frame + num_frames) / fps * rate), longest))
+        mix = np.zeros(end - begin, np.float32)
+        for audio in session.characters:
+            pcm = np.concatenate(audio.pcm) if audio.pcm else np.zeros(0, np.float32)
+            base = audio.pcm_base_sample
+            low, high = max(begin, base), min(end, base + pcm.shape[0])
+            if high > low:
+                mix[low - begin:high - begin] += pcm[low - base:high - base]
+            cut = min(max(end - base, 0), pcm.shape[0])
+            audio.pcm = [pcm[cut:]] if pcm.shape[0] > cut else []
+            audio.pcm_base_sample += cut
+        return np.clip(mix, -1.0, 1.0)
 
 
 # ============================================================================================ score
@@ -339,22 +427,12 @@ class ScoreStage:
                                   device=self.device, dtype=torch.float32).to(self.dtype)
         return NoisyChunk(session.session_id, audio_input.chunk_index, noise, audio, renoise)
 
-    def _synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     @torch.no_grad()
     def run_steps(self, session: ScoreSession, chunk: NoisyChunk) -> NoisyChunk:
         """Run the steps this stage owns on `chunk` (latents at the first owned step's noise level)."""
         cond = ChunkCondition(session.condition, chunk.audio, session.rope, session.stream.solver, chunk.renoise)
-        latents = chunk.latents.to(self.device, self.dtype)
-        for index in session.steps:
-            t, t_next = session.schedule[index], session.schedule[index + 1]
-            started = time.perf_counter()
-            latents, session.caches[index] = self.step_fn(self.dit, latents, t, t_next, session.caches[index], cond)
-            self._synchronize()
-            chunk.step_s.append(time.perf_counter() - started)
-        chunk.latents = latents
+        chunk.latents = denoise(self.dit, chunk.latents.to(self.device, self.dtype), session.schedule, session.steps,
+                                session.caches, cond, self.step_fn, _StepClock(self.device, chunk.step_s))
         session.chunk_index = chunk.chunk_index + 1
         return chunk
 
@@ -377,8 +455,9 @@ class ScoreStage:
     def denoise_batch(self, sessions: list[ScoreSession], inputs: list[ChunkAudioInput]) -> list[NoisyChunk]:
         """`denoise` for chunks of several sessions at once: one forward per step over the stacked batch.
 
-        Every session keeps its own noise generator, conditioning and caches; the caches are stacked for the step and
-        their new previous-chunk entries written back, so results equal per-session `denoise` up to float rounding.
+        Every session keeps its own noise generator, conditioning and caches; each step reads the sessions' caches of
+        that step stacked and writes their new previous-chunk entries back (`_BatchedCaches`), so results equal
+        per-session `denoise` up to float rounding.
         """
         if len({self.batch_key(session) for session in sessions}) != 1:
             raise ValueError("denoise_batch needs sessions with equal batch_key (shapes, schedule, RoPE, characters)")
@@ -395,27 +474,59 @@ class ScoreStage:
                            regions=torch.cat([c.audio.regions for c in chunks]))
         renoise = (torch.cat([c.renoise for c in chunks], dim=1) if chunks[0].renoise is not None else None)
         cond = ChunkCondition(condition, audio, first.rope, first.stream.solver, renoise)
-        latents = torch.cat([c.latents for c in chunks])
         step_s = []
-        for index in first.steps:
-            t, t_next = first.schedule[index], first.schedule[index + 1]
-            started = time.perf_counter()
-            cache = KVCache(*(torch.cat([getattr(s.caches[index], name) for s in sessions],
-                                        dim=0 if name == "prev_valid" else 1) for name in _CACHE_FIELDS))
-            latents, cache = self.step_fn(self.dit, latents, t, t_next, cache, cond)
-            for row, session in enumerate(sessions):
-                own = session.caches[index]
-                own.prev_key.copy_(cache.prev_key[:, row:row + 1])
-                own.prev_value.copy_(cache.prev_value[:, row:row + 1])
-                own.prev_valid.copy_(cache.prev_valid[row:row + 1])
-            self._synchronize()
-            step_s.append(time.perf_counter() - started)
+        latents = denoise(self.dit, torch.cat([c.latents for c in chunks]), first.schedule, first.steps,
+                          _BatchedCaches(sessions), cond, self.step_fn, _StepClock(self.device, step_s))
         for row, (session, chunk) in enumerate(zip(sessions, chunks)):
             chunk.latents, chunk.step_s = latents[row:row + 1], list(step_s)
             session.chunk_index = chunk.chunk_index + 1
             if chunk.chunk_index == 0 and session.stream.adaptive_sink:
                 self.set_sink(session, chunk.latents[:, :, :1])
         return chunks
+
+
+class _StepClock:
+    """`on_step` of `sampler.denoise`: appends each step's wall-clock seconds to `durations_s`.
+
+    Host sync, on purpose: on CUDA it waits for the step's kernels before reading the clock, because the per-step
+    times are reported (`ChunkTimings.step_s`, the cluster's `score_step_k` timings) and would otherwise measure only
+    the kernel launches.  The price is that the next step's launches no longer overlap this step's compute; timing
+    with CUDA events instead would remove the wait.
+    """
+
+    def __init__(self, device: torch.device, durations_s: list[float]):
+        self.device, self.durations_s = device, durations_s
+        self.last = time.perf_counter()
+
+    def __call__(self, index: int, latents: torch.Tensor) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.durations_s.append(now - self.last)
+        self.last = now
+
+
+class _BatchedCaches:
+    """The `caches` of `sampler.denoise` for a cross-session batch: step index -> that step's caches stacked on B.
+
+    Reading step k stacks the sessions' own caches of step k ([L, B, ...]); assigning the cache step k returns writes
+    each row's new previous-chunk entries back into its session's cache (a step never changes the sink).  Only one
+    step's stacked copy exists at a time, so a batch needs one stacked cache of extra memory whatever its step count.
+    """
+
+    def __init__(self, sessions: list[ScoreSession]):
+        self.sessions = sessions
+
+    def __getitem__(self, index: int) -> KVCache:
+        return KVCache(*(torch.cat([getattr(session.caches[index], name) for session in self.sessions],
+                                   dim=0 if name == "prev_valid" else 1) for name in _CACHE_FIELDS))
+
+    def __setitem__(self, index: int, cache: KVCache) -> None:
+        for row, session in enumerate(self.sessions):
+            own = session.caches[index]
+            own.prev_key.copy_(cache.prev_key[:, row:row + 1])
+            own.prev_value.copy_(cache.prev_value[:, row:row + 1])
+            own.prev_valid.copy_(cache.prev_valid[row:row + 1])
 
 
 _CACHE_FIELDS = ("sink_key", "sink_value", "prev_key", "prev_value", "prev_valid")

@@ -17,6 +17,9 @@ Problems caused by the user's input (missing file, not an image, no audio
 samples, odd video size, ...) raise :class:`MediaError`, whose message names
 the file and the problem, so callers can report it verbatim. Programming
 errors (wrong array shapes or dtypes) raise plain ``ValueError``/``TypeError``.
+
+torch is imported only inside the two tensor conversions: the gRPC ingress validates images with this module and
+must not load torch.
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ import av.error
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
-import torch
 
 __all__ = [
     "MediaError",
@@ -131,7 +133,7 @@ def decode_image_bytes(data: bytes, name: str = "image data") -> PIL.Image.Image
     return _open_image(io.BytesIO(bytes(data)), f"{name} ({len(data)} bytes)")
 
 
-def image_to_tensor(image: PIL.Image.Image, width: int, height: int) -> torch.Tensor:
+def image_to_tensor(image: PIL.Image.Image, width: int, height: int) -> "torch.Tensor":
     """Convert an image to a ``[3, height, width]`` float32 tensor in ``[-1, 1]``.
 
     The aspect ratio is preserved by *center-cropping* the image to the target
@@ -159,17 +161,21 @@ def image_to_tensor(image: PIL.Image.Image, width: int, height: int) -> torch.Te
     # Crop first (rather than resize(box=...)) so the filter never samples
     # pixels from outside the crop.
     resized = image.crop(box).resize((width, height), PIL.Image.Resampling.LANCZOS)
+    import torch
+
     pixels = np.asarray(resized, dtype=np.float32)  # [H, W, 3] in 0..255
     tensor = torch.from_numpy(pixels / 127.5 - 1.0).permute(2, 0, 1).contiguous()
     return tensor.clamp_(-1.0, 1.0)
 
 
-def frames_to_uint8(frames: torch.Tensor) -> np.ndarray:
+def frames_to_uint8(frames: "torch.Tensor") -> np.ndarray:
     """Map frames ``[T, 3, H, W]`` in ``[-1, 1]`` to ``[T, H, W, 3]`` uint8.
 
     Values are scaled with ``(x + 1) * 127.5``, rounded and clamped to 0..255,
     so -1 -> 0 and 1 -> 255.
     """
+    import torch
+
     if frames.ndim != 4 or frames.shape[1] != 3:
         raise ValueError(f"expected frames of shape [T, 3, H, W], got {tuple(frames.shape)}")
     scaled = (frames.detach().to(torch.float32) + 1.0) * 127.5

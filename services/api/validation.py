@@ -13,12 +13,12 @@ echoed. Status codes: INVALID_ARGUMENT for malformed input, UNIMPLEMENTED for Li
 yet), UNAUTHENTICATED for a missing/unknown API key, PERMISSION_DENIED for a wrong session token. NOT_FOUND and
 RESOURCE_EXHAUSTED belong to the session registry / admission control, which raise `ApiError` themselves.
 
-Nothing here touches torch, Ray or the engine; the image is decoded with `services.media.decode_image_bytes`.
+Nothing here touches torch, Ray or the engine; the image is decoded with `services.media.decode_image_bytes`, and a
+session token is hashed by `services.store.sessions.hash_token` (the store owns what it stores).
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import io
 import math
@@ -32,6 +32,7 @@ import PIL.Image
 
 from model_core.config import ConfigError, PresetConfig, StreamConfig
 from services.media import MediaError, decode_image_bytes
+from services.store.sessions import hash_token
 
 FULL_FRAME: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)
 MIN_SAMPLE_RATE_HZ = 8000
@@ -320,11 +321,6 @@ def check_api_key(metadata: Sequence[tuple[str, str]] | None, api_keys: frozense
     raise ApiError(grpc.StatusCode.UNAUTHENTICATED, f"invalid API key: {_KEY_HINT} with a key this server accepts")
 
 
-def hash_token(token: str) -> str:
-    """sha256 hex digest of a session token (what the server stores)."""
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
 def new_token() -> tuple[str, str]:
     """A fresh session token and its sha256 hex digest: (token, digest). Give the token out once; keep the digest."""
     token = secrets.token_urlsafe(32)
@@ -387,5 +383,5 @@ def session_to_proto(session_id: str, state: str | int, stream: StreamConfig,
 __all__ = [
     "ApiError", "ApiLimits", "CreateSpec", "UpdateSpec", "FULL_FRAME", "validate_create", "validate_audio",
     "validate_control", "validate_update", "require_session_id", "check_api_key", "check_token", "new_token",
-    "hash_token", "session_to_proto",
+    "session_to_proto",
 ]

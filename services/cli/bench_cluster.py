@@ -25,7 +25,8 @@ from model_core.bench import speechlike
 from model_core.config import get_preset
 from model_core.engine import AvatarEngine
 from services.api.client import AvatarClient
-from services.deploy.local_cluster import APP_NAME, LocalCluster, free_port
+from services.deploy.local_cluster import APP_NAME, LocalCluster
+from services.net import free_port
 
 SELF_CONTAINED, BATCHED = "selfcontained", "batched"
 
@@ -145,7 +146,8 @@ def format_cluster_report(report: dict) -> str:
         f"facecast bench cluster — preset {report['preset']} on {report['machine']} "
         f"(chunk plays {report['chunk_duration_ms']:.0f} ms, {report['chunks']} chunks per stream)",
         f"  TTBC in-process engine     {report['engine_ttbc_ms']:.1f} ms",
-        f"  TTBC through the cluster   {report['cluster_ttbc_ms']:.1f} ms   overhead x{report['cluster_overhead_ratio']:.2f}",
+        f"  TTBC through the cluster   {report['cluster_ttbc_ms']:.1f} ms   "
+        f"overhead x{report['cluster_overhead_ratio']:.2f}",
         f"  TTBC self-contained worker {report['self_contained_ttbc_ms']:.1f} ms   disaggregated is "
         f"x{report['disaggregation_speedup']:.2f} faster",
         f"  real-time sessions, one score group: {capacity['without_batching']['max_realtime_sessions']} without "
@@ -153,6 +155,7 @@ def format_cluster_report(report: dict) -> str:
     ]
     for label, data in capacity.items():
         for trial in data["trials"]:
+            verdict = "keeps up" if trial["keeps_up"] else "falls behind"
             lines.append(f"    {label:17s} {trial['sessions']} sessions: max lag {trial['max_lag_s'] * 1000:.0f} ms, "
-                         f"mean TTBC {trial['mean_ttbc_ms']:.0f} ms, {'keeps up' if trial['keeps_up'] else 'falls behind'}")
+                         f"mean TTBC {trial['mean_ttbc_ms']:.0f} ms, {verdict}")
     return "\n".join(lines)

@@ -1,8 +1,8 @@
 """KubeRay RayService manifests for facecast: render from ``ray_configs/<layout>.yaml`` and validate offline.
 
-    python -m services.deploy.kuberay render --layout 1+1 > k8s/rayservice-1+1.yaml   # one manifest to stdout
-    python -m services.deploy.kuberay render --write                                  # regenerate every k8s/rayservice-*.yaml
-    python -m services.deploy.kuberay check [FILE ...]                                # validate the checked-in manifests
+    python -m services.deploy.kuberay render --layout 1+1 > k8s/rayservice-1+1.yaml   # one manifest, to stdout
+    python -m services.deploy.kuberay render --write                 # regenerate every k8s/rayservice-*.yaml
+    python -m services.deploy.kuberay check [FILE ...]               # validate the checked-in manifests
 
 :func:`validate_rayservice` checks a manifest the way the KubeRay v1.7 operator would, without a cluster:
 
@@ -32,15 +32,18 @@ from typing import Any
 import yaml
 
 from services.deploy.serve_config import (
-    LAYOUTS,
     REPO_ROOT,
     DeployConfigError,
     config_path,
     dump_yaml,
     load_serve_config,
+    replica_bundles,
     serve_config_yaml,
+    uses_placement_group,
     validate_serve_config,
 )
+from services.net import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT
+from services.serving.settings import LAYOUTS
 
 K8S_DIR = REPO_ROOT / "k8s"
 DEFAULT_IMAGE = "facecast:0.1.0"
@@ -131,14 +134,19 @@ def _env() -> list[dict]:
     ]
 
 
-def _serve_ports() -> list[dict]:
+def _serve_ports(serve_config: dict) -> list[dict]:
+    """The Serve proxy ports every Ray container exposes: the config's ``http_options.port`` and
+    ``grpc_options.port`` (Serve's defaults when the config leaves them out).  A fresh list per container, so the
+    YAML dump has no anchors."""
+    http = (serve_config.get("http_options") or {}).get("port", DEFAULT_HTTP_PORT)
+    grpc = (serve_config.get("grpc_options") or {}).get("port", DEFAULT_GRPC_PORT)
     return [
-        {"name": "serve", "containerPort": 8000, "protocol": "TCP"},
-        {"name": GRPC_PORT_NAME, "containerPort": 9000, "protocol": "TCP"},
+        {"name": "serve", "containerPort": http, "protocol": "TCP"},
+        {"name": GRPC_PORT_NAME, "containerPort": grpc, "protocol": "TCP"},
     ]
 
 
-def _head_group(spec: Layout, image: str) -> dict:
+def _head_group(spec: Layout, image: str, serve_config: dict) -> dict:
     return {
         "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},  # keep Serve replicas off the head
         "template": {
@@ -152,7 +160,7 @@ def _head_group(spec: Layout, image: str) -> dict:
                             {"name": "gcs-server", "containerPort": 6379, "protocol": "TCP"},
                             {"name": "dashboard", "containerPort": 8265, "protocol": "TCP"},
                             {"name": "client", "containerPort": 10001, "protocol": "TCP"},
-                            *_serve_ports(),
+                            *_serve_ports(serve_config),
                         ],
                         "env": _env(),
                         "resources": {
@@ -166,7 +174,7 @@ def _head_group(spec: Layout, image: str) -> dict:
     }
 
 
-def _worker_group(group: WorkerGroup, image: str) -> dict:
+def _worker_group(group: WorkerGroup, image: str, serve_config: dict) -> dict:
     limits: dict[str, str] = {"cpu": group.cpu, "memory": group.memory}
     if group.gpus:
         limits[GPU_RESOURCE] = str(group.gpus)
@@ -179,7 +187,7 @@ def _worker_group(group: WorkerGroup, image: str) -> dict:
                 "name": "ray-worker",
                 "image": image,
                 "imagePullPolicy": "IfNotPresent",
-                "ports": _serve_ports(),
+                "ports": _serve_ports(serve_config),
                 "env": _env(),
                 "resources": {"requests": dict(limits), "limits": limits},
                 "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
@@ -225,8 +233,8 @@ def render_rayservice(layout: str, image: str = DEFAULT_IMAGE) -> dict:
                 "rayVersion": RAY_VERSION,
                 "enableInTreeAutoscaling": True,
                 "autoscalerOptions": {"upscalingMode": "Default", "idleTimeoutSeconds": 300},
-                "headGroupSpec": _head_group(spec, image),
-                "workerGroupSpecs": [_worker_group(g, image) for g in spec.groups],
+                "headGroupSpec": _head_group(spec, image, serve_config),
+                "workerGroupSpecs": [_worker_group(g, image, serve_config) for g in spec.groups],
             },
         },
     }
@@ -466,27 +474,17 @@ def _node_capacity(group: dict) -> dict[str, float]:
 
 
 def _deployment_demands(dep: dict) -> list[tuple[str, dict[str, float]]]:
-    """(description, per-node demand) for one replica of a deployment override."""
-    bundles = dep.get("placement_group_bundles")
-    if isinstance(bundles, list) and bundles:
-        bundles = [{k: float(v) for k, v in b.items()} for b in bundles if isinstance(b, dict)]
-        if dep.get("placement_group_strategy") == "STRICT_PACK":
-            total: dict[str, float] = {}
-            for b in bundles:
-                for k, v in b.items():
-                    total[k] = total.get(k, 0.0) + v
-            return [(f"its STRICT_PACK placement group ({len(bundles)} bundles on one node)", total)]
-        return [(f"placement group bundle {i}", b) for i, b in enumerate(bundles)]
-    actor = dep.get("ray_actor_options") if isinstance(dep.get("ray_actor_options"), dict) else {}
-    demand: dict[str, float] = {}
-    if isinstance(actor.get("num_cpus"), (int, float)):
-        demand["CPU"] = float(actor["num_cpus"])
-    if isinstance(actor.get("num_gpus"), (int, float)):
-        demand["GPU"] = float(actor["num_gpus"])
-    for k, v in (actor.get("resources") or {}).items():
-        if isinstance(v, (int, float)):
-            demand[k] = float(v)
-    return [("one replica", demand)]
+    """(description, per-node demand) for one replica of a deployment override (its :func:`replica_bundles`)."""
+    bundles = replica_bundles(dep)
+    if not uses_placement_group(dep):
+        return [("one replica", bundles[0])]
+    if dep.get("placement_group_strategy") == "STRICT_PACK":
+        total: dict[str, float] = {}
+        for bundle in bundles:
+            for name, amount in bundle.items():
+                total[name] = total.get(name, 0.0) + amount
+        return [(f"its STRICT_PACK placement group ({len(bundles)} bundles on one node)", total)]
+    return [(f"placement group bundle {i}", bundle) for i, bundle in enumerate(bundles)]
 
 
 def _fit_problems(serve_config: dict, cluster: dict) -> list[str]:
@@ -531,7 +529,7 @@ def _facecast_problems(manifest: dict, serve_config: dict | None) -> list[str]:
     ports = [p for p in head_container.get("ports") or [] if isinstance(p, dict)]
     grpc = [p for p in ports if p.get("name") == GRPC_PORT_NAME]
     head_path = "spec.rayClusterConfig.headGroupSpec.template.spec.containers[0].ports"
-    grpc_port = ((serve_config or {}).get("grpc_options") or {}).get("port", 9000)
+    grpc_port = ((serve_config or {}).get("grpc_options") or {}).get("port", DEFAULT_GRPC_PORT)
     if not grpc:
         problems.append(
             f"{head_path}: no port named {GRPC_PORT_NAME!r} on the head container; KubeRay (>= 1.6) only exposes "
@@ -618,7 +616,7 @@ def check_manifest_file(path: str | Path, *, compare_render: bool = True) -> lis
         layout = match.group(1)
         if text != render_manifest_text(layout):
             problems.append(
-                f"out of date with ray_configs/{layout}.yaml or services/k8s.py; regenerate with "
+                f"out of date with ray_configs/{layout}.yaml or services/deploy/kuberay.py; regenerate with "
                 f"`python -m services.deploy.kuberay render --layout {layout} > k8s/{path.name}`"
             )
     return problems

@@ -1,6 +1,6 @@
 """Start the facecast Serve application on a local Ray cluster (CPU, logical GPUs) — for `facecast serve` and tests.
 
-    cluster = LocalCluster.start({"preset": "tiny"}, grpc_port=9000)   # ray.init + serve.start + serve.run
+    cluster = LocalCluster.start({"preset": "tiny"}, grpc_port=free_port())   # ray.init + serve.start + serve.run
     ...
     cluster.stop()
 
@@ -11,7 +11,6 @@ REDIS_URL is given, a real redis-server process for the session store.
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,18 +18,14 @@ import ray
 from ray import serve
 from ray.serve.config import gRPCOptions
 
-from services.serving.app import GRPC_SERVICERS, build_app
-from services.deploy.serve_config import load_serve_config, validate_serve_config
-from services.store.sessions import LocalRedis
+from services.deploy.serve_config import config_path, load_serve_config, validate_serve_config
+from services.net import DEFAULT_GRPC_PORT, free_port
+from services.serving.app import build_app
+from services.serving.settings import GRPC_SERVICERS
+from services.store.redis_server import LocalRedis
 
 APP_NAME = "facecast"
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "ray_configs" / "local.yaml"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+DEFAULT_CONFIG = config_path("local")
 
 
 @dataclass
@@ -49,7 +44,7 @@ class LocalCluster:
         return f"127.0.0.1:{self.grpc_port}"
 
     @classmethod
-    def start(cls, args: dict | None = None, *, config: str | Path = DEFAULT_CONFIG, grpc_port: int = 9000,
+    def start(cls, args: dict | None = None, *, config: str | Path = DEFAULT_CONFIG, grpc_port: int = DEFAULT_GRPC_PORT,
               http_port: int | None = None, num_cpus: int | None = None, num_gpus: int = 3,
               env: dict[str, str] | None = None,
               deployment_options: dict[str, dict] | None = None) -> "LocalCluster":

@@ -12,15 +12,18 @@ CPU-only bundle. :func:`validate_serve_config` therefore runs four passes and re
 4. facecast's own rules: the five deployment names, the builder args' allowed values, score and VAE each on their
    own GPU(s), and a pipelined score group with one GPU bundle per denoising step.
 
-Optionally (``check_builder=True``) it also imports ``services.serving.app``, builds the application from its args and checks
-that every configured deployment exists in the bound graph (the controller would otherwise fail at deploy time with
-``Deployment 'X' does not exist``). Needs no Ray cluster; importing ``ray.serve`` takes about a second.
+Optionally (``check_builder=True``) it also imports ``services.serving.app``, builds the application from its args and
+checks that every configured deployment exists in the bound graph (the controller would otherwise fail at deploy time
+with ``Deployment 'X' does not exist``). Needs no Ray cluster; importing ``ray.serve`` takes about a second.
+
+It is also the one place that counts what a config asks Ray for (:func:`replica_bundles`, :func:`config_gpus`,
+:func:`config_custom_resources`), for ``facecast serve`` and the KubeRay fit check.
 """
 
 from __future__ import annotations
 
 import dataclasses
-
+import math
 import types
 import typing
 from pathlib import Path
@@ -28,35 +31,29 @@ from typing import Any
 
 import yaml
 
+from model_core.config import DEVICES, DTYPES, PRESETS
+from services.serving.settings import DEPLOYMENT_NAMES, LAYOUTS, SCORE_MODES, AppSettings
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RAY_CONFIGS_DIR = REPO_ROOT / "ray_configs"
-LAYOUTS = ("local", "1+1", "4+1")
 
 BUILDER_IMPORT_PATH = "services.serving.app:build_app"
-GRPC_SERVICER_FUNCTION = "services.api.generated.facecast.v1.avatar_pb2_grpc.add_AvatarServiceServicer_to_server"
-GRPC_PORT = 9000
-HTTP_PORT = 8000
-
-DEPLOYMENT_NAMES: tuple[str, ...] = ("SessionIngress", "AudioEncoder", "ScoreWorkerGroup", "VAEDecoder", "LLMBridge")
-SCORE_DEPLOYMENT = "ScoreWorkerGroup"
-VAE_DEPLOYMENT = "VAEDecoder"
+SCORE_DEPLOYMENT, VAE_DEPLOYMENT = "ScoreWorkerGroup", "VAEDecoder"
+if not {SCORE_DEPLOYMENT, VAE_DEPLOYMENT} <= set(DEPLOYMENT_NAMES):  # pragma: no cover - a rename in settings
+    raise ImportError(f"{SCORE_DEPLOYMENT} / {VAE_DEPLOYMENT} are not in services.serving.settings.DEPLOYMENT_NAMES")
 
 # Builder args (the application's ``args:``) and their allowed values; ``None`` = any value of the right type.
 ALLOWED_ARGS: dict[str, tuple[str, ...] | None] = {
     "layout": LAYOUTS,
-    "preset": ("tiny", "small", "wan-1.3b", "wan-14b"),
-    "score_mode": ("sequential", "pipelined"),
-    "device": ("cpu", "cuda"),
-    "dtype": ("float32", "bfloat16"),
+    "preset": tuple(PRESETS),
+    "score_mode": SCORE_MODES,
+    "device": DEVICES,
+    "dtype": DTYPES,
     "steps": None,
     "max_sessions": None,
     "checkpoint": None,
 }
-DEFAULT_STEPS = 2
-DEFAULT_SCORE_MODE = "sequential"
-
-
-from services.serving.settings import AppSettings  # noqa: E402  (after the constants it shares with settings)
+_DEFAULTS = AppSettings()
 
 
 class DeployConfigError(ValueError):
@@ -135,6 +132,71 @@ def serve_config_yaml(config: dict) -> str:
     text, and ``yaml.safe_load(serve_config_yaml(c)) == c``.
     """
     return dump_yaml(config)
+
+
+# ------------------------------------------------------------------------------------------------ resource demand
+
+_STANDARD_RESOURCES = frozenset({"CPU", "GPU", "memory"})
+
+
+def uses_placement_group(deployment: dict) -> bool:
+    """Whether a deployment entry gives its replicas a placement group (a non-empty ``placement_group_bundles``)."""
+    bundles = deployment.get("placement_group_bundles")
+    return isinstance(bundles, list) and bool(bundles)
+
+
+def replica_bundles(deployment: dict) -> list[dict[str, float]]:
+    """What one replica of a deployment entry asks Ray for, as resource bundles (name -> amount).
+
+    With ``placement_group_bundles``: those bundles (the replica itself runs in bundle 0, the actors it starts in the
+    others).  Without: one bundle from ``ray_actor_options`` (``num_cpus`` -> CPU, ``num_gpus`` -> GPU, and its
+    custom ``resources``).  Values that are not numbers count as 0 (the schema pass reports them).
+    """
+    if uses_placement_group(deployment):
+        return [{str(name): _num(amount) for name, amount in bundle.items()}
+                for bundle in deployment["placement_group_bundles"] if isinstance(bundle, dict)]
+    actor = deployment.get("ray_actor_options") if isinstance(deployment.get("ray_actor_options"), dict) else {}
+    demand: dict[str, float] = {}
+    for key, name in (("num_cpus", "CPU"), ("num_gpus", "GPU")):
+        if key in actor:
+            demand[name] = _num(actor[key])
+    custom = actor.get("resources") if isinstance(actor.get("resources"), dict) else {}
+    demand.update({str(name): _num(amount) for name, amount in custom.items()})
+    return [demand]
+
+
+def replica_count(deployment: dict) -> int:
+    """Replicas of a deployment entry at most: ``num_replicas``, or with autoscaling its ``max_replicas``
+    (else ``min_replicas``, else 1)."""
+    replicas = deployment.get("num_replicas", 1)
+    if _is_int(replicas):
+        return max(replicas, 0)
+    autoscaling = deployment.get("autoscaling_config") or {}
+    return max(int(autoscaling.get("max_replicas") or autoscaling.get("min_replicas") or 1), 1)
+
+
+def _deployments(serve_config: dict) -> list[dict]:
+    return [entry for application in serve_config.get("applications") or [] if isinstance(application, dict)
+            for entry in application.get("deployments") or [] if isinstance(entry, dict)]
+
+
+def config_gpus(serve_config: dict) -> int:
+    """GPUs a Serve config's deployments ask for, all replicas together, rounded up: per replica the sum of its
+    :func:`replica_bundles`' GPUs."""
+    total = sum(sum(bundle.get("GPU", 0.0) for bundle in replica_bundles(entry)) * replica_count(entry)
+                for entry in _deployments(serve_config))
+    return math.ceil(total)
+
+
+def config_custom_resources(serve_config: dict) -> dict[str, list[str]]:
+    """Custom Ray resources (e.g. ``score_slot``) the config's deployments need -> the deployments needing each.
+    A local Ray advertises none, so a config with any cannot be served by ``facecast serve``."""
+    needed: dict[str, list[str]] = {}
+    for entry in _deployments(serve_config):
+        names = {name for bundle in replica_bundles(entry) for name in bundle} - _STANDARD_RESOURCES
+        for name in sorted(names):
+            needed.setdefault(name, []).append(entry.get("name", "?"))
+    return needed
 
 
 # ------------------------------------------------------------------------------------------------------ validation
@@ -283,8 +345,10 @@ def _args_problems(args: Any, where: str) -> list[str]:
 
 
 def _gpu_bundles(deployment: dict) -> int:
-    bundles = deployment.get("placement_group_bundles") or []
-    return sum(1 for b in bundles if isinstance(b, dict) and _num(b.get("GPU")) >= 1)
+    """Placement group bundles of one replica holding a whole GPU (0 without a placement group)."""
+    if not uses_placement_group(deployment):
+        return 0
+    return sum(1 for bundle in replica_bundles(deployment) if bundle.get("GPU", 0.0) >= 1)
 
 
 def _facecast_problems(app: dict, where: str) -> list[str]:
@@ -326,9 +390,9 @@ def _facecast_problems(app: dict, where: str) -> list[str]:
                 f"(got {gpus!r}) so the score and VAE deployments can never share a GPU"
             )
 
-    if args.get("score_mode", DEFAULT_SCORE_MODE) == "pipelined" and SCORE_DEPLOYMENT in by_name:
-        steps = args.get("steps", DEFAULT_STEPS)
-        steps = steps if _is_int(steps) else DEFAULT_STEPS
+    if args.get("score_mode", _DEFAULTS.score_mode) == "pipelined" and SCORE_DEPLOYMENT in by_name:
+        steps = args.get("steps", _DEFAULTS.steps)
+        steps = steps if _is_int(steps) else _DEFAULTS.steps
         j, dep = by_name[SCORE_DEPLOYMENT]
         have = _gpu_bundles(dep)
         if have < steps:

@@ -1,24 +1,34 @@
 """The one place the deployment graph is bound.
 
-    gRPC client ──► SessionIngress ──► AudioEncoder            (CPU: pcm -> per-chunk audio windows)
-                          │      └──► ScoreWorkerGroup ──► VAEDecoder
-                          │            (GPU bundle(s): DiT;    (its own GPU: streaming decode, JPEG,
-                          │             pipelined: + one        replay buffer; latents arrive from the
-                          │             stage actor per step)   score group, never via the ingress)
-                          └──► LLMBridge                (the audio-LLM seam; raw audio works without it)
-                          └──► Redis (session records)
+    gRPC client ─► SessionIngress ─► AudioEncoder ─┐ ChunkTicket (frame span + audio) back to the ingress
+     (facecast.v1)      │                          └► ChunkFeatures ─► ScoreWorkerGroup ─► ScoredChunk ─► VAEDecoder
+                        │                              (passed on unresolved)   (KV caches per step;  (unresolved)  │
+                        │                                                        pipelined: + one actor            │
+                        │                                                        per further step)                 │
+                        ◄──────────────────────────── DecodedFrames (JPEG + timings + who decoded) ◄───────────────┘
+                        ├─► LLMBridge  (the audio-LLM seam; sessions run on raw audio without it)
+                        └─► Redis      (session records)
 
-`build_app(args)` is the Serve `import_path` target (`services.serving.app:build_app`); `args` are `AppSettings` fields.
+The ingress calls every deployment itself, but the heavy data never passes through it: it hands the AudioEncoder's
+features response to the score group and the score group's response to the decoder unresolved (Serve resolves a
+top-level DeploymentResponse argument inside the callee), and gets back only frames.  In the self-contained layout
+(`vae_placement: colocated`) the score group is bound as the decoder too, so the ingress never knows where decoding
+runs.
+
+`build_app(args)` is the Serve `import_path` target (`services.serving.app:build_app`); `args` are `AppSettings`
+fields.
 """
 
 from __future__ import annotations
 
 from ray.serve import Application
 
+from services.serving.audio_encoder import AudioEncoder
 from services.serving.ingress import SessionIngress
-from services.serving.settings import DEPLOYMENT_NAMES, GRPC_SERVICER, GRPC_SERVICERS, AppSettings  # noqa: F401
-from services.serving.workers import AudioEncoder, LLMBridge, ScoreWorkerGroup, VAEDecoder
-
+from services.serving.llm_bridge import LLMBridge
+from services.serving.score_group import ScoreWorkerGroup
+from services.serving.settings import DEPLOYMENT_NAMES, AppSettings
+from services.serving.vae_decoder import VAEDecoder
 
 
 def build_app(args: dict | None = None, deployment_options: dict[str, dict] | None = None) -> Application:
@@ -33,8 +43,8 @@ def build_app(args: dict | None = None, deployment_options: dict[str, dict] | No
     def bind(deployment, *init_args):
         return deployment.options(**options.get(deployment.name, {})).bind(*init_args)
 
-    vae = bind(VAEDecoder, settings)
-    score = bind(ScoreWorkerGroup, settings, vae)
+    score = bind(ScoreWorkerGroup, settings)
+    decoder = score if settings.vae_placement == "colocated" else bind(VAEDecoder, settings)
     audio = bind(AudioEncoder, settings)
     llm = bind(LLMBridge, settings)
-    return bind(SessionIngress, settings, audio, score, vae, llm)
+    return bind(SessionIngress, settings, audio, score, decoder, llm)

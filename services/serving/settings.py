@@ -1,6 +1,8 @@
-"""`AppSettings`: the cluster's configuration, checked once, shared by every deployment.
+"""`AppSettings`: the cluster's configuration, checked once, shared by every deployment — and the one home of the
+serving facts other rooms read (layouts, deployment names, gRPC servicer paths, replay depth).
 
-It is built from the Serve application's `args:` (see `ray_configs/*.yaml`) by `services.serving.app.build_app`.  Every
+This module is imported by the ingress, so it imports neither torch nor Ray (torch only inside the helpers that
+workers call).  It is built from the Serve application's `args:` (see `ray_configs/*.yaml`) by `services.serving.app.build_app`.  Every
 cross-deployment invariant is checked here, in one place, so a bad config fails at build time with the field
 named — not later inside a replica.
 """
@@ -11,7 +13,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
-from model_core.config import ConfigError, get_preset
+from model_core.config import DEVICES, DTYPES, ConfigError, get_preset
 
 LAYOUTS = ("local", "1+1", "4+1")
 """The GPU layouts a Serve config may describe (ray_configs/<layout>.yaml)."""
@@ -20,8 +22,8 @@ GRPC_SERVICER = "services.api.generated.facecast.v1.avatar_pb2_grpc.add_AvatarSe
 GRPC_SERVICERS = (GRPC_SERVICER, "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server")
 SCORE_MODES = ("sequential", "pipelined")
 VAE_PLACEMENTS = ("separate", "colocated")
-DEVICES = ("cpu", "cuda")
-DTYPES = ("float32", "bfloat16")
+REPLAY_CHUNKS = 16
+"""Decoded chunks (and their audio tickets) kept per session for a re-attaching client."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,15 @@ class AppSettings:
     """Chunks of different sessions at the same step batched into one forward (1: no batching)."""
     jpeg_quality: int = 90
     """Quality of the JPEG frames streamed to gRPC clients."""
+    audio_backend: str | None = None
+    """Audio front-end (None: the preset's); see model_core.audio for the backends."""
+    audio_model_path: str | None = None
+    """Local model directory for backends that need weights (wav2vec2, whisper), as `facecast generate
+    --audio-encoder-path`."""
+    session_ttl_s: float = 600.0
+    """Seconds a session record lives in Redis without activity (refreshed by every write)."""
+    session_sweep_s: float = 30.0
+    """How often the ingress frees worker state of sessions whose record has expired or ended."""
     redis_url: str | None = None
     """Session store; None: $REDIS_URL."""
     api_keys: tuple[str, ...] = ()
@@ -76,6 +87,8 @@ class AppSettings:
         check(1 <= self.max_chunks_in_flight <= 16, "max_chunks_in_flight", "allowed: 1 to 16")
         check(1 <= self.max_batch_size <= 64, "max_batch_size", "allowed: 1 to 64")
         check(10 <= self.jpeg_quality <= 100, "jpeg_quality", "allowed: 10 to 100")
+        check(self.session_ttl_s > 0, "session_ttl_s", "must be > 0 seconds")
+        check(self.session_sweep_s > 0, "session_sweep_s", "must be > 0 seconds")
 
     @classmethod
     def from_args(cls, args: dict | None) -> "AppSettings":
@@ -89,10 +102,27 @@ class AppSettings:
         return cls(**args)
 
     @property
+    def preset_config(self):
+        return get_preset(self.preset)
+
+    @property
     def torch_dtype(self):
+        from model_core.models import torch_dtype
+
+        return torch_dtype(self.dtype)
+
+    def worker_device(self) -> str:
+        """The device a worker computes on: "cuda" when asked and present (Ray sets CUDA_VISIBLE_DEVICES to the
+        worker's GPU), else "cpu"."""
         import torch
 
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.dtype]
+        return "cuda" if self.device == "cuda" and torch.cuda.is_available() else "cpu"
+
+    def audio_config(self):
+        from model_core.audio import AudioConfig
+
+        return AudioConfig(backend=self.audio_backend or self.preset_config.audio_backend,
+                           model_path=self.audio_model_path)
 
     def stream_defaults(self):
         return get_preset(self.preset).stream.replace(steps=self.steps)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from model_core.audio import (
+    AUDIO_BACKENDS,
     RESAMPLER_LOOKAHEAD_S,
     SUPPORTED_BACKENDS,
     AudioConfig,
@@ -25,6 +26,7 @@ from model_core.audio import (
     mel_filterbank,
     resample,
 )
+from model_core.config import ConfigError
 
 ATOL = 1e-5
 
@@ -356,6 +358,27 @@ def test_config_validation():
     assert SUPPORTED_BACKENDS == ("logmel", "wav2vec2", "whisper")
 
 
+def test_backend_is_chosen_by_the_registry_and_unknown_names_are_config_errors():
+    """An unknown name is a ConfigError naming the field, the value and the allowed names (it used to fall through
+    to Whisper); a backend that needs weights names model_path; the frontend builds the registered class."""
+    for bad in ("mfcc", "Whisper", "", None):
+        with pytest.raises(ConfigError, match="backend") as e:
+            AudioConfig(backend=bad)
+        assert repr(bad) in str(e.value) and all(name in str(e.value) for name in SUPPORTED_BACKENDS)
+    for name, backend in AUDIO_BACKENDS.items():
+        if backend.needs_model_path:
+            with pytest.raises(ConfigError, match="model_path=None") as e:
+                AudioConfig(backend=name)
+            assert repr(name) in str(e.value)
+        else:
+            assert AudioConfig(backend=name).model_path is None
+    assert [name for name, backend in AUDIO_BACKENDS.items() if not backend.needs_model_path] == ["logmel"]
+    fe = AudioFrontend(AudioConfig())
+    assert type(fe.backend) is AUDIO_BACKENDS["logmel"]
+    assert (fe.feature_dim, fe.block_frames, fe.lookahead_s) == (
+        fe.backend.feature_dim, fe.backend.block_frames, fe.backend.lookahead_s)
+
+
 def test_push_input_validation():
     fe = AudioFrontend(AudioConfig())
     st = fe.new_state()
@@ -459,6 +482,7 @@ def _model_dir(request, backend):
 def test_encoder_push_flush_equals_encode(request, backend, fps, rate):
     path = _model_dir(request, backend)
     fe = AudioFrontend(AudioConfig(backend=backend, model_path=str(path), fps=fps, context_s=0.6))
+    assert type(fe.backend) is AUDIO_BACKENDS[backend]
     assert fe.feature_dim == 32
     assert fe.block_frames == round(0.2 * fps)
     x = _noise(np.random.default_rng(11), 1.63, rate)
@@ -535,7 +559,7 @@ def test_whisper_log_mel_matches_feature_extractor(whisper_dir):
     )
     ref = ext(audio, sampling_rate=16000, return_tensors="np").input_features[0]  # [80, 200]
     st = AudioStreamState(buf16=audio, buf16_start=0, n16=len(audio))
-    ours = fe._whisper_log_mel(st, w0=0, lo=0).numpy()  # frame i centred at sample 160 i
+    ours = fe.backend.log_mel(st, w0=0, lo=0).numpy()  # frame i centred at sample 160 i
     assert ours.shape == ref.shape == (80, 200)
     # edge frames differ only by padding (reflect there, real neighbours/silence here)
     np.testing.assert_allclose(ours[:, 2:199], ref[:, 2:199], atol=1e-4)

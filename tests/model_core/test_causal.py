@@ -1,7 +1,7 @@
 """The foundation equalities of the streaming path, and its long-run behaviour.
 
 * chunked generation with per-step KV caches == one full-sequence pass under the block-sparse mask (same noise);
-* the per-step pipeline (one worker per timestep) == sequential sampling;
+  (one stage per step == sequential denoising, on the code the cluster serves, is in test_stages.py)
 * silence mode: a listening character's audio content does not reach the output;
 * a compiled step is reused for every chunk (no recompiles).
 """
@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from model_core.engine import region_masks, Character
-from model_core.pipeline import run_pipeline
-from model_core.sampler import ChunkCondition, flow_schedule, sample_chunk, step
+from model_core.sampler import ChunkCondition, denoise, flow_schedule, step
 
 from .helpers import tiny_model
 
@@ -47,7 +46,8 @@ def chunked(model, schedule, text, reference, features, speaking, regions, noise
         frames = slice(index * chunk_frames, (index + 1) * chunk_frames)
         audio = model.project_audio(features[:, :, frames], speaking[:, :, frames], regions)
         rope = model.chunk_rope(chunk_frames, H // 2, W // 2, sink_frames, offset)
-        outputs.append(sample_chunk(model, noise, schedule, caches, ChunkCondition(cond, audio, rope)))
+        outputs.append(denoise(model, noise, schedule, range(len(schedule) - 1), caches,
+                               ChunkCondition(cond, audio, rope)))
     return torch.cat(outputs, dim=2), caches, cond
 
 
@@ -107,49 +107,6 @@ def test_caches_are_per_timestep_and_hold_only_previous_chunk_and_sink():
         assert cache.sink_key.shape == (config.num_layers, 1, S, config.num_heads, config.head_dim)
         assert bool(cache.prev_valid.all())
     assert not torch.allclose(caches[0].prev_key, caches[1].prev_key), "each step keeps its own noisy-input cache"
-
-
-def test_pipeline_with_one_worker_per_step_equals_sequential_sampling():
-    model = tiny_model(seed=3)
-    schedule = flow_schedule(3, 5.0)
-    text, reference, features, speaking, regions, noises = make_inputs(model, chunks=5, chunk_frames=3)
-    with torch.no_grad():
-        cond = model.prepare_conditions(text, model.reference_tokens(reference),
-                                        torch.tensor([t.model_timestep for t in schedule[:-1]]))
-        sink_key, sink_value = model.compute_sink(reference, cond)
-
-        def fresh_caches():
-            caches = [model.allocate_cache(1, 1, 3, S) for _ in schedule[:-1]]
-            for cache in caches:
-                cache.set_sink(sink_key, sink_value)
-            return caches
-
-        conds = [ChunkCondition(cond, model.project_audio(features[:, :, 3 * i:3 * i + 3],
-                                                          speaking[:, :, 3 * i:3 * i + 3], regions),
-                                model.chunk_rope(3, H // 2, W // 2, 1, 3))
-                 for i in range(len(noises))]
-
-        def adaptive_sink(caches):
-            def apply(latents):
-                key, value = model.compute_sink(latents[:, :, :1], cond)
-                for cache in caches:
-                    cache.set_sink(key, value)
-            return apply
-
-        sequential_caches = fresh_caches()
-        sequential = []
-        for index, noise in enumerate(noises):
-            sequential.append(sample_chunk(model, noise, schedule, sequential_caches, conds[index]))
-            if index == 0:
-                adaptive_sink(sequential_caches)(sequential[0])
-        pipeline_caches = fresh_caches()
-        pipelined = run_pipeline(model, schedule, pipeline_caches, noises, conds,
-                                 after_first=adaptive_sink(pipeline_caches))
-    assert len(pipelined) == len(sequential)
-    for a, b in zip(pipelined, sequential):
-        torch.testing.assert_close(a, b, atol=0, rtol=0)
-    for a, b in zip(pipeline_caches, sequential_caches):
-        torch.testing.assert_close(a.prev_key, b.prev_key, atol=0, rtol=0)
 
 
 def test_silence_mode_output_ignores_a_listening_characters_audio():
@@ -217,9 +174,7 @@ def test_compiled_step_does_not_recompile_across_chunks():
             audio = model.project_audio(features[:, :, 3 * index:3 * index + 3],
                                         speaking[:, :, 3 * index:3 * index + 3], regions)
             chunk_cond = ChunkCondition(cond, audio, model.chunk_rope(3, H // 2, W // 2, 1, 3))
-            latents = noise
-            for t, t_next in zip(schedule[:-1], schedule[1:]):
-                latents, caches[t.index] = compiled(model, latents, t, t_next, caches[t.index], chunk_cond)
+            latents = denoise(model, noise, schedule, range(len(schedule) - 1), caches, chunk_cond, step_fn=compiled)
             if index == 0:  # the adaptive sink rewrites the caches in place: must not trigger a recompile either
                 key, value = model.compute_sink(latents[:, :, :1], cond)
                 for cache in caches:

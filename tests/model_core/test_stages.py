@@ -1,5 +1,6 @@
-"""Stages composed as the cluster composes them give the engine's frames."""
+"""Stages composed as the cluster composes them give the sequential engine's results."""
 
+import pytest
 import torch
 
 from model_core.engine import AvatarEngine, Character, iter_pieces, region_masks, token_grid
@@ -8,42 +9,52 @@ from model_core.stages import ScoreStage
 from .helpers import reference_image, speech
 
 
-def test_one_score_stage_per_step_equals_the_sequential_engine():
+def run_as_the_pipelined_score_group(stages, sessions, inputs):
+    """The pipelined ScoreWorkerGroup's code path, in process: stage 0 projects the audio, draws the noise and runs
+    step 0; each child stage runs its own step, chunk after chunk in order; after chunk 0 the first clean latent frame
+    becomes the sink on every stage (adaptive sink). Returns each chunk's clean latents."""
+    latents = []
+    for item in inputs:
+        chunk = stages[0].run_steps(sessions[0], stages[0].begin_chunk(sessions[0], item))
+        for stage, session in zip(stages[1:], sessions[1:]):
+            chunk = stage.run_steps(session, chunk)
+        if item.chunk_index == 0 and sessions[0].stream.adaptive_sink:
+            for stage, session in zip(stages, sessions):
+                stage.set_sink(session, chunk.latents[:, :, :1])
+        assert len(chunk.step_s) == len(stages), "one timing per step, over all stages (score_step_k)"
+        latents.append(chunk.latents)
+    return latents
+
+
+@pytest.mark.parametrize("steps", [2, 3])
+def test_one_score_stage_per_step_equals_sequential_denoise_exactly(steps):
     engine = AvatarEngine.from_preset("tiny", seed=2)
-    stream = engine.stream_config(steps=3, seed=4)
-    image, audio = reference_image(seed=3), speech(1.4, seed=12)
-
-    # the engine, sequential (all steps in one ScoreStage)
-    session = engine.open_session(image, "hello", stream)
-    expected = []
-    for pcm in iter_pieces(audio, 640):
-        expected += engine.push_audio(session, pcm, 16000)
-    expected += engine.end_input(session)
-
-    # the cluster's pipelined layout: separate ScoreStage objects, each owning one step and its cache
-    stages = [ScoreStage(engine.dit) for _ in range(stream.steps)]
+    stream = engine.stream_config(steps=steps, seed=4)
+    assert stream.adaptive_sink
+    image = reference_image(seed=3)
     latent = engine.decoder.encode_reference(image)
     regions = region_masks([Character()], *token_grid(engine.dit.config, latent))
     text = engine.text_states("hello")
-    sessions = [stage.open("s", stream, latent, text, regions, steps=[k]) for k, stage in enumerate(stages)]
     audio_session = engine.audio.open("s", stream, 1)
-    decode = engine.decoder.open()
     inputs = []
-    for pcm in iter_pieces(audio, 640):
+    for pcm in iter_pieces(speech(1.4, seed=12), 640):
         inputs += engine.audio.push(audio_session, pcm, 16000)
     inputs += engine.audio.end(audio_session)
-    frames = []
-    for item in inputs:
-        chunk = stages[0].begin_chunk(sessions[0], item)
-        for stage, session_k in zip(stages, sessions):
-            chunk = stage.run_steps(session_k, chunk)
-        if item.chunk_index == 0:  # adaptive sink: the first clean frame flows back to every stage
-            for stage, session_k in zip(stages, sessions):
-                stage.set_sink(session_k, chunk.latents[:, :, :1])
-        frames.append(engine.decoder.decode(decode, chunk.latents, item.num_frames)[0])
-    assert len(frames) == len(expected)
-    for got, want in zip(frames, expected):
-        torch.testing.assert_close(got, want.frames, atol=0, rtol=0)
+    assert len(inputs) >= 3
+
+    sequential = engine.score.open("s", stream, latent, text, regions)
+    expected = [engine.score.denoise(sequential, item).latents for item in inputs]
+
+    stages = [ScoreStage(engine.dit) for _ in range(steps)]  # one DiT: every score worker builds the same weights
+    sessions = [stage.open("s", stream, latent, text, regions, steps=[k]) for k, stage in enumerate(stages)]
+    pipelined = run_as_the_pipelined_score_group(stages, sessions, inputs)
+
+    assert len(pipelined) == len(expected)
+    for index, (got, want) in enumerate(zip(pipelined, expected)):
+        assert torch.equal(got, want), f"chunk {index}: max difference {(got - want).abs().max()}"
+    for k, session in enumerate(sessions):
+        assert torch.equal(session.caches[k].prev_key, sequential.caches[k].prev_key)
+        assert torch.equal(session.caches[k].sink_key, sequential.caches[k].sink_key)
 
 
 def test_cross_session_batch_equals_each_session_alone():
@@ -72,6 +83,7 @@ def test_cross_session_batch_equals_each_session_alone():
         rows = [row for row, feed in enumerate(feeds) if position < len(feed)]
         results = stage.denoise_batch([sessions[row] for row in rows], [feeds[row][position] for row in rows])
         for row, chunk in zip(rows, results):
+            assert len(chunk.step_s) == streams[row].steps
             batched[row].append(chunk.latents)
     for got_session, want_session in zip(batched, alone):
         assert len(got_session) == len(want_session)
@@ -81,8 +93,6 @@ def test_cross_session_batch_equals_each_session_alone():
 
 
 def test_batch_refuses_incompatible_sessions_and_duplicate_sessions():
-    import pytest
-
     engine = AvatarEngine.from_preset("tiny", seed=5)
     latent = engine.decoder.encode_reference(reference_image())
     regions = region_masks([Character()], *token_grid(engine.dit.config, latent))

@@ -25,7 +25,6 @@ from services.api.validation import (
     CreateSpec,
     check_api_key,
     check_token,
-    hash_token,
     new_token,
     require_session_id,
     session_to_proto,
@@ -34,6 +33,7 @@ from services.api.validation import (
     validate_create,
     validate_update,
 )
+from services.store.sessions import hash_token
 
 REPO = Path(__file__).resolve().parents[3]
 INVALID = grpc.StatusCode.INVALID_ARGUMENT

@@ -1,6 +1,7 @@
 """`facecast serve` and `facecast call` as a user runs them: serve in a subprocess on a free port (real local Ray,
-logical GPUs, its own redis-server), call it from another process, read the MP4 back, check every error's exit status
-and message, and stop the server with SIGINT (clean exit, port closed, Redis gone)."""
+logical GPUs, its own redis-server), call it from another process, read the MP4 back, check a refused call's exit
+status and message, and stop the server with SIGINT (clean exit, port closed, Redis gone).  What each command
+refuses without a cluster is in test_serve.py and test_call.py."""
 
 from __future__ import annotations
 
@@ -18,8 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.cli import main
-from services.deploy.local_cluster import free_port
+from services.net import free_port
 from services.media import probe_video
 
 from tests.model_core.helpers import speech
@@ -143,22 +143,6 @@ def test_call_with_a_non_image_exits_2_naming_the_field(server, inputs):
     assert result.returncode == 2, result.stdout + result.stderr
     assert "INVALID_ARGUMENT" in result.stderr and "reference_image" in result.stderr
     assert result.stderr.startswith("facecast call: error:") and "Traceback" not in result.stderr
-
-
-def test_call_where_nothing_listens_exits_1_with_a_hint(inputs, capsys):
-    image, audio, _, tmp = inputs
-    target = f"127.0.0.1:{free_port()}"
-    code = main(["call", "--target", target, "--image", str(image), "--audio", str(audio),
-                 "--out", str(tmp / "none.mp4"), "--quiet"])
-    err = capsys.readouterr().err
-    assert code == 1
-    assert "UNAVAILABLE" in err and f"is `facecast serve` running at {target}?" in err
-
-
-def test_serve_with_a_missing_config_exits_2_naming_it(capsys):
-    code = main(["serve", "--config", "nonexistent.yaml", "--port", str(free_port())])
-    err = capsys.readouterr().err
-    assert code == 2 and "nonexistent.yaml" in err and len(err.strip().splitlines()) == 1
 
 
 def test_sigint_stops_serve_cleanly(server):

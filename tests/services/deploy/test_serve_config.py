@@ -1,4 +1,4 @@
-"""ray_configs/*.yaml and the offline Serve-config validator (services/deploy_config.py).
+"""ray_configs/*.yaml, the offline Serve-config validator and the resource counting (services/deploy/serve_config.py).
 
 ServeDeploySchema on its own accepts typos, bad strategies and impossible bundles (field notes §0.4); these tests
 pin that the validator rejects each of them with a message naming the dotted path or the deployment.
@@ -9,20 +9,20 @@ import sys
 import types
 
 import pytest
-
-from services.serving.app import GRPC_SERVICERS
 import yaml
 
 from services.deploy.serve_config import (
-    DEPLOYMENT_NAMES,
-    LAYOUTS,
     DeployConfigError,
+    config_custom_resources,
+    config_gpus,
     config_path,
     load_serve_config,
     serve_config_yaml,
     validate_layout,
     validate_serve_config,
 )
+from services.net import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT
+from services.serving.settings import DEPLOYMENT_NAMES, GRPC_SERVICERS, LAYOUTS
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +58,9 @@ def test_checked_in_configs_validate(layout, configs):
 def test_common_shape(layout, configs):
     config = configs[layout]
     assert config["proxy_location"] == "EveryNode"
-    assert config["http_options"] == {"host": "0.0.0.0", "port": 8000}
+    assert config["http_options"] == {"host": "0.0.0.0", "port": DEFAULT_HTTP_PORT}
     assert config["grpc_options"] == {
-        "port": 9000,
+        "port": DEFAULT_GRPC_PORT,
         "grpc_servicer_functions": list(GRPC_SERVICERS),   # facecast.v1.AvatarService + grpc.health.v1.Health
         "request_timeout_s": None,
     }
@@ -218,7 +218,7 @@ def test_pipelined_without_bundles(configs):
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("layout", "2+1"), ("preset", "wan-7b"), ("score_mode", "parallel"), ("device", "mps"), ("dtype", "float16"),
+    [("layout", "2+1"), ("preset", "wan-7b"), ("score_mode", "parallel"), ("device", "mps"), ("dtype", "fp8"),
      ("steps", 0), ("steps", "2"), ("max_sessions", -1), ("checkpoint", 3), ("step", 2)],
 )
 def test_bad_builder_args(configs, key, value):
@@ -287,3 +287,32 @@ def test_check_builder_reports_missing_deployment(configs, monkeypatch):
 
 def test_check_builder_against_the_real_app(configs):
     validate_serve_config(configs["local"], check_builder=True)
+
+
+# ------------------------------------------------------------------------------------------------- resource demand
+
+
+@pytest.mark.parametrize("layout,gpus,custom", [
+    ("local", 2, {}),                                                          # score 1 + VAE 1
+    ("1+1", 2, {"score_slot": ["ScoreWorkerGroup"], "vae_slot": ["VAEDecoder"]}),
+    ("4+1", 5, {"vae_slot": ["VAEDecoder"]}),  # 4 bundles of 1 GPU (the replica's own GPU is bundle 0's) + VAE 1
+])
+def test_checked_in_configs_ask_for(layout, gpus, custom, configs):
+    assert config_gpus(configs[layout]) == gpus
+    assert config_custom_resources(configs[layout]) == custom
+
+
+def test_gpus_count_every_replica_and_round_up(configs):
+    config = copy.deepcopy(configs["local"])
+    dep(config, "ScoreWorkerGroup").update(num_replicas=3, ray_actor_options={"num_cpus": 1, "num_gpus": 0.5})
+    del dep(config, "VAEDecoder")["num_replicas"]                        # Serve's default: one replica
+    dep(config, "AudioEncoder").update(num_replicas="auto", ray_actor_options={"num_gpus": 0.25},
+                                       autoscaling_config={"min_replicas": 1, "max_replicas": 4})
+    assert config_gpus(config) == 4                                         # ceil(3 * 0.5 + 1 + 4 * 0.25) = ceil(3.5)
+
+
+def test_custom_resources_in_bundles_count(configs):
+    config = copy.deepcopy(configs["4+1"])
+    dep(config, "ScoreWorkerGroup")["placement_group_bundles"][1]["score_slot"] = 1
+    assert config_custom_resources(config) == {"score_slot": ["ScoreWorkerGroup"], "vae_slot": ["VAEDecoder"]}
+

@@ -19,7 +19,8 @@ from ray import serve
 from model_core.engine import AvatarEngine, iter_pieces
 from services.api import pb
 from services.api.client import AvatarClient
-from services.deploy.local_cluster import APP_NAME, LocalCluster, free_port
+from services.deploy.local_cluster import APP_NAME, LocalCluster
+from services.net import free_port
 from services.media import decode_image_bytes, image_to_tensor
 from services.telemetry import serve_tracing_env
 from services.serving.workers import encode_jpeg

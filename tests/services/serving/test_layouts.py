@@ -13,7 +13,8 @@ from ray import serve
 
 from model_core.engine import AvatarEngine
 from services.api.client import AvatarClient
-from services.deploy.local_cluster import LocalCluster, free_port
+from services.deploy.local_cluster import LocalCluster
+from services.net import free_port
 
 from tests.model_core.helpers import speech
 from .test_cluster import engine_jpegs, pcm16, png

@@ -1,10 +1,8 @@
-"""Tests for services.store.sessions against a real redis-server started by LocalRedis."""
+"""services.store.sessions (records, SessionStore, connect_store) against a real redis-server started by LocalRedis
+(the `local_redis` fixture in conftest.py)."""
 
 from __future__ import annotations
 
-import os
-import socket
-import stat
 import threading
 import time
 import uuid
@@ -16,9 +14,10 @@ import redis  # noqa: E402
 from redis.backoff import NoBackoff  # noqa: E402
 from redis.retry import Retry  # noqa: E402
 
+from services.net import free_port  # noqa: E402
 from services.store import sessions as session_store  # noqa: E402
+from services.store.redis_server import LocalRedis  # noqa: E402
 from services.store.sessions import (  # noqa: E402
-    LocalRedis,
     SessionNotFound,
     SessionRecord,
     SessionState,
@@ -26,15 +25,9 @@ from services.store.sessions import (  # noqa: E402
     connect_store,
     hash_token,
 )
+from tests.services.store.helpers import refuses  # noqa: E402
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def local_redis():
-    server = LocalRedis()   # `make test` installs redis-server; a missing one is a failure, not a skip
-    yield server
-    server.close()
 
 
 @pytest.fixture
@@ -348,87 +341,10 @@ def test_scripts_survive_script_flush(store, client):
 
 def test_ping(store):
     assert store.ping() is True
-    dead_client = redis.Redis(host="127.0.0.1", port=_closed_port(), socket_connect_timeout=0.5,
+    dead_client = redis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.5,
                               retry=Retry(NoBackoff(), 0))
     dead = SessionStore(dead_client)
     assert dead.ping() is False
-
-
-# ---------------------------------------------------------------------------------------------------- LocalRedis
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _refuses(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return False
-    except ConnectionRefusedError:
-        return True
-
-
-def test_local_redis_lifecycle(local_redis):
-    server = LocalRedis()
-    try:
-        assert server.running
-        assert server.url == f"redis://127.0.0.1:{server.port}/0"
-        assert server.port != local_redis.port
-        c = redis.Redis.from_url(server.url, decode_responses=True)
-        assert c.ping() is True
-        c.set("k", "v")
-        assert c.get("k") == "v"
-        assert c.config_get("save")["save"] == ""  # no persistence
-        assert c.config_get("appendonly")["appendonly"] == "no"
-        c.close()
-        tmpdir = server._tmpdir
-    finally:
-        server.close()
-    assert not server.running
-    assert _refuses(server.port)
-    assert not os.path.exists(tmpdir)
-    server.close()  # idempotent
-
-
-def test_local_redis_context_manager():
-    with LocalRedis() as server:
-        port = server.port
-        assert redis.Redis(port=port).ping()
-    assert _refuses(port)
-
-
-def test_local_redis_missing_binary(monkeypatch, tmp_path):
-    with pytest.raises(RuntimeError, match=r"redis-server not found: install it \(Debian: apt-get install "
-                                           r"redis-server\) or set REDIS_URL"):
-        LocalRedis(binary=str(tmp_path / "no-such-redis-server"))
-    monkeypatch.setenv("FACECAST_REDIS_SERVER", str(tmp_path / "also-missing"))
-    with pytest.raises(RuntimeError, match="redis-server not found"):
-        LocalRedis()
-    monkeypatch.delenv("FACECAST_REDIS_SERVER")
-    monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(RuntimeError, match="redis-server not found"):
-        LocalRedis()
-
-
-def test_local_redis_broken_binary_reports_log_tail(tmp_path):
-    fake = tmp_path / "redis-server"
-    fake.write_text("#!/bin/sh\necho 'boom: this is not redis' >&2\nexit 3\n")
-    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
-    with pytest.raises(RuntimeError, match=r"(?s)exited with status 3.*boom: this is not redis"):
-        LocalRedis(binary=str(fake))
-
-
-def test_local_redis_startup_timeout(tmp_path):
-    fake = tmp_path / "redis-server"
-    fake.write_text("#!/bin/sh\necho 'stuck starting'\nexec sleep 30\n")
-    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
-    t0 = time.monotonic()
-    with pytest.raises(RuntimeError, match=r"(?s)did not answer PING.*stuck starting"):
-        LocalRedis(binary=str(fake), startup_timeout_s=0.5)
-    assert time.monotonic() - t0 < 5
 
 
 # ---------------------------------------------------------------------------------------------------- connect_store
@@ -466,4 +382,4 @@ def test_connect_store_starts_local_redis_without_url(monkeypatch):
         st.client.close()
         if owner is not None:
             owner.close()
-    assert _refuses(owner.port)
+    assert refuses(owner.port)

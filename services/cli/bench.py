@@ -1,0 +1,71 @@
+"""`facecast bench engine` and `facecast bench cluster`: the benchmarks, printed as a report or as JSON.
+
+    facecast bench engine --preset P [--steps --chunk --chunks --device --dtype --compile] [--json]
+    facecast bench cluster --preset tiny [--chunks 8 --max-sessions 6] [--json]
+
+`engine` times the in-process engine per stage (`model_core.bench`); `cluster` measures what the cluster costs and
+buys against it on one local Ray (`services.cli.bench_cluster`).  This module only parses, checks and prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from model_core.config import DTYPES, PRESETS, get_preset
+from services.cli.common import EXIT_OK, UserError, parse_device, parse_dtype
+
+
+def cmd_bench_engine(args: argparse.Namespace) -> int:
+    from model_core.bench import bench_engine, format_engine_report
+
+    device = parse_device(args.device)
+    if args.dtype is None:
+        args.dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    report = bench_engine(args.preset, device=device, dtype=parse_dtype(args.dtype), steps=args.steps,
+                          chunk=args.chunk, chunks=args.chunks, width=args.width, height=args.height,
+                          compile=args.compile, progress=not args.quiet and not args.json)
+    print(json.dumps(report, indent=2) if args.json else format_engine_report(report))
+    return EXIT_OK
+
+
+def cmd_bench_cluster(args: argparse.Namespace) -> int:
+    get_preset(args.preset)
+    if args.chunks < 2:
+        raise UserError(f"--chunks {args.chunks} is too few; need at least 2 to measure time between chunks")
+    if not 1 <= args.max_sessions <= 64:
+        raise UserError(f"--max-sessions {args.max_sessions} is invalid; allowed: 1 to 64")
+    from services.cli.bench_cluster import bench_cluster, format_cluster_report  # Ray: only once the args are good
+
+    report = bench_cluster(args.preset, chunks=args.chunks, max_sessions=args.max_sessions,
+                           progress=not args.quiet and not args.json)
+    print(json.dumps(report, indent=2) if args.json else format_cluster_report(report))
+    return EXIT_OK
+
+
+def add_parser(commands) -> None:
+    """Register `bench engine` and `bench cluster` on the `facecast` subparsers."""
+    bench = commands.add_parser("bench", help="benchmarks")
+    targets = bench.add_subparsers(dest="target", required=True)
+    engine = targets.add_parser("engine", help="TTFF, time between chunks per stage, FPS, RTF, peak memory")
+    engine.add_argument("--preset", default="small", help=f"{', '.join(PRESETS)}")
+    engine.add_argument("--steps", type=int, help="denoising steps (default: the preset's)")
+    engine.add_argument("--chunk", type=int, help="latent frames per chunk (default 3)")
+    engine.add_argument("--chunks", type=int, default=6, help="measured chunks after one warm-up chunk (default 6)")
+    engine.add_argument("--width", type=int)
+    engine.add_argument("--height", type=int)
+    engine.add_argument("--device", default="auto")
+    engine.add_argument("--dtype", default=None, help=f"{', '.join(DTYPES)} (default: bfloat16 on CUDA, float32 "
+                        "on CPU)")
+    engine.add_argument("--compile", action="store_true", help="torch.compile the denoising step")
+    engine.add_argument("--json", action="store_true", help="print the report as JSON")
+    engine.add_argument("--quiet", action="store_true")
+    engine.set_defaults(handler=cmd_bench_engine)
+    cluster = targets.add_parser("cluster", help="cluster vs engine overhead, disaggregated vs self-contained, "
+                                                 "real-time sessions per score group with/without batching")
+    cluster.add_argument("--preset", default="tiny", help=f"{', '.join(PRESETS)} (default tiny: CPU-sized)")
+    cluster.add_argument("--chunks", type=int, default=8, help="chunks per measured stream (default 8)")
+    cluster.add_argument("--max-sessions", type=int, default=6, help="largest concurrent load tried (default 6)")
+    cluster.add_argument("--json", action="store_true", help="print the report as JSON")
+    cluster.add_argument("--quiet", action="store_true")
+    cluster.set_defaults(handler=cmd_bench_cluster)

@@ -1,0 +1,272 @@
+"""`facecast serve`: run the Ray Serve cluster of a deploy config on this machine until Ctrl-C / SIGTERM.
+
+    facecast serve [--config ray_configs/local.yaml] [--port 9000] [--num-gpus N] [--redis-url URL] [--api-key K]
+
+Everything that can be checked is checked before anything starts (the config, its application args, GPUs, custom
+resources, the port); then a local Ray (logical GPUs on a CPU box), the Serve application and, unless a Redis URL is
+given, a private redis-server.  Serving stops on SIGINT/SIGTERM or when the Ray core or the redis-server dies, and
+everything it started is stopped with it.  Knows the deploy tooling and the local cluster launcher; nothing about the
+deployments' insides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from model_core.config import ConfigError
+from services.cli.common import EXIT_FAILED, EXIT_OK, UserError, one_line
+from services.deploy.serve_config import (
+    DeployConfigError,
+    config_custom_resources,
+    config_gpus,
+    config_path,
+    load_serve_config,
+    validate_serve_config,
+)
+from services.net import DEFAULT_GRPC_PORT
+from services.serving.settings import AppSettings
+
+
+def check_port_free(port: int) -> None:
+    """Refuse a port something already listens on (the gRPC proxy would otherwise fail inside Ray, quietly)."""
+    if not 1 <= port <= 65535:
+        raise UserError(f"--port {port} is invalid: allowed 1 to 65535")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a TIME_WAIT leftover is not "in use"
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError as error:
+            raise UserError(f"--port {port} is in use ({error.strerror}); stop what listens there or pick another "
+                            "port") from None
+
+
+def _serve_plan(args: argparse.Namespace) -> tuple[dict, dict, int | None]:
+    """Validate everything that can be checked before anything starts: (serve_config, app args, num_gpus)."""
+    try:
+        serve_config = load_serve_config(args.config)
+        validate_serve_config(serve_config)
+    except DeployConfigError as error:
+        raise UserError(f"--config {one_line(error)}") from None
+    custom = config_custom_resources(serve_config)
+    if custom:
+        wanted = ", ".join(f"{name} (by {', '.join(users)})" for name, users in custom.items())
+        raise UserError(f"--config {args.config}: its deployments need custom Ray resources {wanted}, which a local "
+                        "Ray does not advertise; serve a config without them (e.g. ray_configs/local.yaml) or deploy "
+                        "this one on its cluster with `serve deploy`")
+    application = serve_config["applications"][0]
+    app_args = dict(application.get("args") or {})
+    api_keys = list(args.api_key or [])
+    api_keys += [key.strip() for key in os.environ.get("FACECAST_API_KEYS", "").split(",") if key.strip()]
+    if api_keys:
+        app_args["api_keys"] = sorted(set(api_keys))
+    if args.redis_url:
+        app_args["redis_url"] = args.redis_url
+    try:
+        settings = AppSettings.from_args(app_args)
+    except ConfigError as error:
+        raise UserError(f"--config {args.config}: application args: {error}") from None
+
+    needed = config_gpus(serve_config)
+    real = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if settings.device == "cuda" and not real:
+        raise UserError(f"--config {args.config} computes on device cuda, but this machine has no CUDA device; "
+                        "serve ray_configs/local.yaml (CPU) instead")
+    if args.num_gpus is not None:
+        num_gpus = args.num_gpus
+        if num_gpus < needed:
+            raise UserError(f"--num-gpus {num_gpus} is too few: the deployments of {args.config} ask for {needed} GPUs")
+    elif settings.device == "cuda":
+        if real < needed:
+            raise UserError(f"{args.config} asks for {needed} GPUs; this machine has {real}")
+        num_gpus = None  # Ray counts the real ones
+    else:
+        num_gpus = needed  # logical GPUs: the CPU workers only use them for placement
+    if args.num_cpus is not None and args.num_cpus < 1:
+        raise UserError(f"--num-cpus {args.num_cpus} is invalid: at least 1")
+    return serve_config, {**app_args, "_settings": settings}, num_gpus
+
+
+def _redis_for_serve(args: argparse.Namespace):
+    """(redis_url, LocalRedis or None): --redis-url, else $REDIS_URL, else a private redis-server we own."""
+    from services.store.redis_server import LocalRedis
+
+    url = args.redis_url or os.environ.get("REDIS_URL")
+    if url:
+        return url, None
+    try:
+        local = LocalRedis()
+    except RuntimeError as error:
+        raise UserError(one_line(error)) from None
+    return local.url, local
+
+
+class _Stop(BaseException):
+    """SIGINT/SIGTERM while serving (BaseException so nothing on the way swallows it)."""
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if args.config is None:
+        local = Path("ray_configs") / "local.yaml"
+        args.config = str(local if local.is_file() else config_path("local"))
+    serve_config, app_args, num_gpus = _serve_plan(args)
+    check_port_free(args.port)
+    settings = app_args.pop("_settings")
+    ready_file = Path(args.ready_file) if args.ready_file else None
+    if ready_file is not None:
+        if not ready_file.parent.is_dir():
+            raise UserError(f"--ready-file: directory {str(ready_file.parent)!r} does not exist")
+        ready_file.unlink(missing_ok=True)
+
+    signals_seen: list[int] = []
+
+    def on_signal(signum, frame):
+        signals_seen.append(signum)
+        if len(signals_seen) == 1:
+            raise _Stop()
+
+    def claim_signals() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    claim_signals()
+    import ray
+
+    real_init = ray.init
+
+    def init_keeping_our_signals(*init_args, **init_kwargs):
+        # ray.init installs Ray's crash handler on SIGTERM (dump + die: no cleanup, an orphaned redis-server); take
+        # SIGINT/SIGTERM back right away so a stop during the (long) deploy still shuts everything down.
+        try:
+            return real_init(*init_args, **init_kwargs)
+        finally:
+            claim_signals()
+
+    redis_url, local_redis, cluster, failed = None, None, None, False
+    try:
+        try:
+            redis_url, local_redis = _redis_for_serve(args)
+            app_args["redis_url"] = redis_url
+            from services.deploy.local_cluster import LocalCluster
+
+            ray.init = init_keeping_our_signals
+
+            print(f"facecast serve: starting a local Ray ({num_gpus if num_gpus is not None else 'all'} "
+                  f"{'logical ' if settings.device == 'cpu' else ''}GPUs) and deploying {args.config} ...",
+                  flush=True)
+            try:
+                cluster = LocalCluster.start(app_args, config=args.config, grpc_port=args.port,
+                                             num_cpus=args.num_cpus, num_gpus=num_gpus)
+            finally:
+                ray.init = real_init
+            claim_signals()
+            print(f"facecast serving {args.config} on grpc {cluster.target} (preset {settings.preset}, layout "
+                  f"{settings.layout}, {settings.steps} steps, {settings.device}); Ctrl-C to stop", flush=True)
+            if local_redis is not None:
+                print(f"  redis: {redis_url} (local redis-server pid {local_redis.pid}, stopped with the cluster)",
+                      flush=True)
+            else:
+                print(f"  redis: {redis_url} (external)", flush=True)
+            keys = settings.effective_api_keys()
+            print(f"  auth: {'%d API key(s) required' % len(keys) if keys else 'none (no API keys configured)'}",
+                  flush=True)
+            if ready_file is not None:
+                partial = ready_file.with_name(ready_file.name + ".partial")
+                partial.write_text("ready\n")
+                partial.replace(ready_file)
+            problem = None
+            while problem is None:
+                time.sleep(1.0)
+                problem = _serving_problem(local_redis)
+            print(f"facecast serve: error: {problem}; stopping", file=sys.stderr, flush=True)
+            failed = True
+        except _Stop:
+            name = signal.Signals(signals_seen[0]).name if signals_seen else "signal"
+            print(f"facecast serve: {name}: stopping ...", flush=True)
+        except (UserError, KeyboardInterrupt):
+            raise
+        except Exception as error:  # noqa: BLE001 - Ray/Serve failed to start the app: one line, not a traceback
+            print(f"facecast serve: error: could not start {args.config}: {type(error).__name__}: "
+                  f"{one_line(error)}", file=sys.stderr, flush=True)
+            failed = True
+    finally:
+        for sig in previous:  # a second Ctrl-C during the shutdown is ignored, not a traceback
+            signal.signal(sig, signal.SIG_IGN)
+        _stop_serving(cluster, local_redis)
+        if ready_file is not None:
+            ready_file.unlink(missing_ok=True)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if failed:
+        return EXIT_FAILED
+    print("facecast serve: stopped", flush=True)
+    return EXIT_OK
+
+
+def _dead_ray_processes() -> list[str]:
+    """Names of the local Ray node's core processes (GCS, raylet) that have exited; [] when unknown."""
+    try:
+        import ray._private.worker as ray_worker
+
+        node = ray_worker._global_node
+        if node is None:
+            return []
+        return sorted({kind for kind, _ in node.dead_processes() if kind in ("gcs_server", "raylet")})
+    except Exception:  # noqa: BLE001 - private API: no verdict rather than a false alarm
+        return []
+
+
+def _serving_problem(local_redis) -> str | None:
+    """Why the cluster can no longer serve (its Ray core processes or its redis-server died), or None."""
+    dead = _dead_ray_processes()
+    if dead:
+        return f"the local Ray's {' and '.join(dead)} exited (killed?)"
+    if local_redis is not None and not local_redis.running:
+        return f"the local redis-server (pid {local_redis.pid}) exited"
+    return None
+
+
+def _stop_serving(cluster, local_redis) -> None:
+    """serve.shutdown, ray.shutdown, the local Redis: each attempted even if an earlier one fails.  With the Ray
+    core already dead (or never started) there is no Serve controller to ask: only ray.shutdown reaps what is left."""
+    try:
+        import ray
+
+        if cluster is not None and not _dead_ray_processes():
+            cluster.stop()  # serve.shutdown + ray.shutdown
+        elif ray.is_initialized():  # Ray died under us, or start was interrupted / failed half-way
+            try:
+                if not _dead_ray_processes():
+                    from ray import serve
+
+                    serve.shutdown()
+            finally:
+                ray.shutdown()
+    except Exception as error:  # noqa: BLE001 - report, keep cleaning up
+        print(f"facecast serve: warning: shutdown: {one_line(error)}", file=sys.stderr, flush=True)
+    finally:
+        if local_redis is not None:
+            local_redis.close()
+
+
+def add_parser(commands) -> None:
+    """Register `serve` on the `facecast` subparsers."""
+    srv = commands.add_parser("serve", help="run the gRPC cluster of a Serve config on this machine until Ctrl-C")
+    srv.add_argument("--config", help="Ray Serve config (default ray_configs/local.yaml)")
+    srv.add_argument("--port", type=int, default=DEFAULT_GRPC_PORT, help=f"gRPC port (default {DEFAULT_GRPC_PORT})")
+    srv.add_argument("--num-gpus", type=int, help="GPUs for the local Ray (default: on a CPU config, as many "
+                     "logical GPUs as its deployments ask for; on a cuda config, the real ones)")
+    srv.add_argument("--num-cpus", type=int, help="CPUs for the local Ray (default: max(cores, 4))")
+    srv.add_argument("--redis-url", help="session store (default $REDIS_URL, else a private redis-server)")
+    srv.add_argument("--api-key", action="append", help="accepted API key (repeatable; also $FACECAST_API_KEYS, "
+                     "comma-separated); none: no authentication")
+    srv.add_argument("--ready-file", help="write 'ready' to this file once the app serves (removed on exit)")
+    srv.set_defaults(handler=cmd_serve)

@@ -1,0 +1,121 @@
+"""`AudioEncoder`: streaming PCM -> per-chunk audio conditioning, for every session (a thin Serve class over
+`model_core.stages.AudioStage`).
+
+What leaves this deployment, and to whom:
+    push / end      -> the ingress: one `ChunkTicket` per chunk that became ready (frame span + its audio, no tensors)
+    features(chunk) -> the score group: the chunk's `ChunkFeatures` (the ingress passes the response on unresolved)
+Per session it keeps the last `REPLAY_CHUNKS` tickets (a re-attaching ingress resends their audio with the buffered
+frames, and resubmits chunks a dead ingress cut but never submitted) and the features not yet taken.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import numpy as np
+from ray import serve
+
+from model_core.models import dit_config_for
+from model_core.stages import AudioStage, ChunkAudioInput
+from services.serving.messages import ChunkFeatures, ChunkTicket
+from services.serving.settings import REPLAY_CHUNKS, AppSettings
+from services.telemetry import AUDIO_ENCODE_SPAN, setup_telemetry, span
+
+
+def pcm_to_s16le(pcm: np.ndarray) -> bytes:
+    """[S] float in [-1, 1] -> int16 little-endian bytes."""
+    return (np.clip(pcm, -1.0, 1.0) * 32767.0).round().astype("<i2").tobytes()
+
+
+class _AudioSessionState:
+    """One session on this replica: the stage's state, recent tickets, features not yet taken, last use."""
+
+    def __init__(self, stage_session) -> None:
+        self.stage = stage_session
+        self.recent: deque[ChunkTicket] = deque(maxlen=REPLAY_CHUNKS)
+        self.features: dict[int, ChunkFeatures] = {}
+        self.touched_at = time.monotonic()
+
+
+@serve.deployment(name="AudioEncoder", max_ongoing_requests=256)
+class AudioEncoder:
+    """Streaming audio -> per-chunk tickets (to the ingress) and features (to the score group)."""
+
+    def __init__(self, settings: AppSettings):
+        self.settings = settings
+        self.telemetry = setup_telemetry("facecast-audio")
+        audio_config = settings.audio_config()
+        self.stage = AudioStage(audio_config, dit_config_for(settings.preset_config, settings.checkpoint,
+                                                             audio_config))
+        self.sessions: dict[str, _AudioSessionState] = {}
+
+    def open(self, session_id: str, stream, num_characters: int) -> None:
+        self.sessions[session_id] = _AudioSessionState(self.stage.open(session_id, stream, num_characters))
+
+    def push(self, session_id: str, pcm: np.ndarray, sample_rate_hz: int, character: int,
+             carrier: dict | None = None) -> list[ChunkTicket]:
+        """pcm [S] int16 or float mono of one character -> tickets of the chunks that became ready."""
+        session = self._session(session_id)
+        with span(AUDIO_ENCODE_SPAN, carrier, **{"session.id": session_id, "samples": int(pcm.shape[0])}):
+            return self._cut(session, self.stage.push(session.stage, pcm, sample_rate_hz, character))
+
+    def end(self, session_id: str, carrier: dict | None = None) -> list[ChunkTicket]:
+        """No more audio: the remaining chunks (the last one final)."""
+        session = self._session(session_id)
+        with span(AUDIO_ENCODE_SPAN, carrier, **{"session.id": session_id, "end_of_input": True}):
+            return self._cut(session, self.stage.end(session.stage))
+
+    def features(self, session_id: str, chunk_index: int) -> ChunkFeatures:
+        """The chunk's features, handed once to the score group."""
+        session = self._session(session_id)
+        try:
+            return session.features.pop(chunk_index)
+        except KeyError:
+            raise KeyError(f"AudioEncoder: chunk {chunk_index} of session {session_id!r} was not cut or was already "
+                           "taken") from None
+
+    def recent(self, session_id: str, from_chunk: int) -> list[ChunkTicket]:
+        """Tickets still kept whose index is >= from_chunk (oldest first)."""
+        return [ticket for ticket in self._session(session_id).recent if ticket.chunk_index >= from_chunk]
+
+    def set_speaking(self, session_id: str, character: int, speaking: bool) -> None:
+        self.stage.set_speaking(self._session(session_id).stage, character, speaking)
+
+    def state(self, session_id: str) -> dict:
+        session = self._session(session_id).stage
+        return {"chunk_index": session.chunk_index, "input_ended": session.input_ended,
+                "sample_rate_hz": session.sample_rate_hz,
+                "samples_received": session.characters[0].state.n_input_samples}
+
+    def close(self, session_id: str) -> None:
+        self.sessions.pop(session_id, None)
+
+    def session_ids(self) -> list[str]:
+        return list(self.sessions)
+
+    def held_bytes(self) -> int:
+        """Bytes of features held for chunks not yet taken (the per-session state that grows with load)."""
+        return sum(item.features.nbytes + item.speaking.nbytes
+                   for session in self.sessions.values() for item in session.features.values())
+
+    def _cut(self, session: _AudioSessionState, inputs: list[ChunkAudioInput]) -> list[ChunkTicket]:
+        session.touched_at = time.monotonic()
+        tickets = []
+        for item in inputs:
+            ticket = ChunkTicket(
+                session_id=item.session_id, chunk_index=item.chunk_index, first_frame=item.first_frame,
+                num_frames=item.num_frames, fps=item.fps, final=item.final,
+                audio_pcm_s16le=pcm_to_s16le(item.audio_pcm), sample_rate_hz=item.sample_rate_hz,
+                audio_ms=item.audio_s * 1000)
+            session.features[item.chunk_index] = ChunkFeatures(item.session_id, item.chunk_index, item.features,
+                                                               item.speaking, item.audio_s)
+            session.recent.append(ticket)
+            tickets.append(ticket)
+        return tickets
+
+    def _session(self, session_id: str) -> _AudioSessionState:
+        try:
+            return self.sessions[session_id]
+        except KeyError:
+            raise KeyError(f"AudioEncoder has no session {session_id!r}") from None

@@ -1,0 +1,100 @@
+"""The small messages the serving deployments exchange, in the order a chunk meets them.
+
+    SessionIngress ──push(pcm)──► AudioEncoder ──► ChunkTicket ──► SessionIngress      (no features, no tensors)
+    SessionIngress ── AudioEncoder.features(chunk) ─► ChunkFeatures ──► ScoreWorkerGroup  (a response passed on
+                                                                                         unresolved: the features
+                                                                                         never enter the ingress)
+    ScoreWorkerGroup ──► ScoredChunk (latents, or a ref to the last pipeline stage's output) ──► VAEDecoder
+                                                                                        (again passed unresolved)
+    VAEDecoder ──► DecodedFrames (JPEG frames, timings, who decoded) ──► SessionIngress ──► egress
+                   + the ChunkTicket's audio span, which went straight from the AudioEncoder to the ingress
+
+This module imports neither torch nor Ray: the ingress (which must not import torch) reads `ChunkTicket` and
+`DecodedFrames`; `ChunkFeatures` and `ScoredChunk` carry tensors but are only ever unpickled on the workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ChunkTicket:
+    """A chunk the AudioEncoder has cut: where it sits in the video and the input audio its frames show.
+
+    first_frame/num_frames: the video frames of this chunk (already trimmed at the end of input).
+    audio_pcm_s16le: the mixed input audio over exactly those frames, mono int16 little-endian at sample_rate_hz.
+    audio_ms: time the audio front-end spent on this chunk.
+    """
+
+    session_id: str
+    chunk_index: int
+    first_frame: int
+    num_frames: int
+    fps: float
+    final: bool
+    audio_pcm_s16le: bytes
+    sample_rate_hz: int
+    audio_ms: float = 0.0
+
+    def decode_request(self) -> "DecodeRequest":
+        return DecodeRequest(self.session_id, self.chunk_index, self.num_frames)
+
+
+@dataclass(frozen=True)
+class ChunkFeatures:
+    """One chunk's audio conditioning, from the AudioEncoder straight to the score group (never the ingress).
+
+    features: [1, K, C, T, D] float per character, latent frame and window token; speaking: [1, K, C, T] bool.
+    Duck-types the fields of `model_core.stages.ChunkAudioInput` that the score stage reads.
+    """
+
+    session_id: str
+    chunk_index: int
+    features: Any
+    speaking: Any
+    audio_s: float = 0.0
+
+
+@dataclass
+class ScoredChunk:
+    """The score group's output for one chunk, handed to the decoder unresolved.
+
+    latents: [1, 16, C, h, w] clean latents, or None when `pending` is set: a Ray ObjectRef to the last pipeline
+    stage's `NoisyChunk` (latents plus per-step timings), which only the decoder resolves — so in the pipelined
+    layout the latents go from the last stage actor to the decoder without touching the score replica.
+    """
+
+    session_id: str
+    chunk_index: int
+    latents: Any = None
+    pending: Any = None
+    stage_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DecodeRequest:
+    """What the decoder needs besides the latents: whose chunk it is and how many frames to keep."""
+
+    session_id: str
+    chunk_index: int
+    num_frames: int
+
+
+@dataclass
+class DecodedFrames:
+    """A decoded chunk as the decoder returns and buffers it for replay.
+
+    frames_jpeg: one baseline JPEG per video frame; stage_ms: per-stage wall time so far ("audio", "score",
+    "score_step_k", "vae"); decoded_by: which deployment, replica and GPU ids decoded it (placement is asserted on
+    this, not on what a deployment says about itself).
+    """
+
+    session_id: str
+    chunk_index: int
+    width: int
+    height: int
+    frames_jpeg: list[bytes]
+    stage_ms: dict[str, float] = field(default_factory=dict)
+    decoded_by: dict[str, Any] = field(default_factory=dict)

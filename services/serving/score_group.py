@@ -1,0 +1,263 @@
+"""`ScoreWorkerGroup`: the causal DiT for every session (a thin Serve class over `model_core.stages.ScoreStage`).
+
+    ChunkFeatures ─► [step 0 ... step S-1] ─► ScoredChunk ─► (the ingress hands it, unresolved, to the decoder)
+
+Sequential: this replica owns every denoising step (TalkingMachines' one score GPU); chunks of different sessions at
+the same step are batched into one forward (`MicroBatcher`).  Pipelined (Live Avatar's timestep-forcing pipeline):
+this replica owns step 0 and one `DenoiseStepActor` per further step (one GPU each, in this replica's placement
+group) owns the rest; chunk n+1 enters step 0 as soon as chunk n has left it, and the last actor's output goes to
+the decoder as an ObjectRef that this replica never resolves.  Every step owns its own KV cache (per-timestep
+caches), so only latents move between steps.
+
+What may live here: per-session `ScoreSession`s keyed by id, the device thread, ordering.  Never PCM, never frames:
+the score group neither receives audio samples nor returns pixels (a test asserts the hops).  In the self-contained
+layout (`vae_placement: colocated`, the baseline the disaggregation benchmark compares against) this replica also
+hosts a `SessionDecoder` and answers the decoder's calls itself; the builder then hands it to the ingress as the
+decoder, so the ingress never knows where decoding runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import ray
+import torch
+from ray import serve
+
+from model_core.engine import Character, region_masks, token_grid
+from model_core.models import build_dit, build_vae
+from model_core.stages import NoisyChunk, ScoreStage
+from model_core.text import build_prompt_encoder
+from services.serving.messages import ChunkFeatures, DecodedFrames, DecodeRequest, ScoredChunk
+from services.serving.ordering import ChunkTurns, MicroBatcher, run_on
+from services.serving.settings import AppSettings
+from services.serving.vae_decoder import SessionDecoder, worker_identity
+from services.telemetry import SCORE_STEP_SPAN, setup_telemetry, span
+
+
+def build_score_stage(settings: AppSettings) -> tuple[ScoreStage, str]:
+    """The DiT of the settings' preset/checkpoint/seed on this worker's device, and the weights note."""
+    device = settings.worker_device()
+    dit, note = build_dit(settings.preset_config, checkpoint=settings.checkpoint, device=device,
+                          dtype=settings.torch_dtype, seed=settings.seed, audio_config=settings.audio_config())
+    return ScoreStage(dit, device, settings.torch_dtype), note
+
+
+class DenoiseStepActor:
+    """One pipelined denoising step (a Ray actor on its own GPU): owns that step and its per-session KV caches."""
+
+    def __init__(self, settings: AppSettings, steps: list[int]):
+        self.telemetry = setup_telemetry("facecast-score")
+        self.stage, _ = build_score_stage(settings)
+        self.steps = steps
+        self.sessions = {}
+
+    def open(self, session_id, stream, reference_latent, text_states, regions) -> None:
+        self.sessions[session_id] = self.stage.open(session_id, stream, reference_latent, text_states, regions,
+                                                    steps=self.steps)
+
+    def run(self, chunk: NoisyChunk, carrier: dict | None = None) -> NoisyChunk:
+        with span(SCORE_STEP_SPAN, carrier, **{"session.id": chunk.session_id, "chunk.index": chunk.chunk_index,
+                                               "step": ",".join(map(str, self.steps))}):
+            return self.stage.run_steps(self.sessions[chunk.session_id], chunk)
+
+    def set_sink(self, session_id: str, sink_latent: torch.Tensor) -> None:
+        self.stage.set_sink(self.sessions[session_id], sink_latent)
+
+    def set_prompt(self, session_id: str, text_states: torch.Tensor) -> None:
+        self.stage.set_prompt(self.sessions[session_id], text_states)
+
+    def close(self, session_id: str) -> None:
+        self.sessions.pop(session_id, None)
+
+    def gpu_ids(self) -> list[str]:
+        return [str(gpu) for gpu in ray.get_gpu_ids()]
+
+
+@serve.deployment(name="ScoreWorkerGroup", max_ongoing_requests=64)
+class ScoreWorkerGroup:
+    """The causal DiT for every session; see the module docstring for the two modes."""
+
+    def __init__(self, settings: AppSettings):
+        self.settings = settings
+        self.telemetry = setup_telemetry("facecast-score")
+        self.stage, self.weights_note = build_score_stage(settings)
+        dit_config = self.stage.dit.config
+        self.prompt_encoder = build_prompt_encoder(settings.preset_config.text_encoder, dit_config.text_dim,
+                                                   dit_config.text_len)
+        self.pipelined = settings.score_mode == "pipelined" and settings.steps > 1
+        self.local_steps = [0] if self.pipelined else list(range(settings.steps))
+        actor = ray.remote(num_cpus=0, num_gpus=1)(DenoiseStepActor)
+        self.step_actors = [actor.remote(settings, [k]) for k in range(1, settings.steps)] if self.pipelined else []
+        self.sessions = {}
+        self.turns = ChunkTurns()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
+        self.batcher = (MicroBatcher(self._denoise_group, settings.max_batch_size)
+                        if not self.pipelined and settings.max_batch_size > 1 else None)
+        self.decoder = (SessionDecoder(build_vae(settings.preset_config, checkpoint=settings.checkpoint,
+                                                 device=settings.worker_device(), seed=settings.seed),
+                                       settings, self._compute, "ScoreWorkerGroup")
+                        if settings.vae_placement == "colocated" else None)
+
+    async def _compute(self, fn, *args):
+        return await run_on(self.executor, fn, *args)
+
+    # ------------------------------------------------------------------ sessions
+
+    async def open(self, session_id: str, stream, reference_latent: torch.Tensor, prompt: str,
+                   regions: list[tuple[float, float, float, float]]) -> None:
+        """reference_latent [1, 16, 1, h, w] (the decoder's encode_reference, resolved here, never in the ingress)."""
+        if stream.steps != self.settings.steps:
+            raise ValueError(f"stream.steps={stream.steps} but this score group runs {self.settings.steps} steps")
+        text_states = self.prompt_encoder([prompt])
+        characters = [Character(tuple(region)) for region in regions] or [Character()]
+        masks = region_masks(characters, *token_grid(self.stage.dit.config, reference_latent))
+        self.sessions[session_id] = await self._compute(self.stage.open, session_id, stream, reference_latent,
+                                                        text_states, masks, self.local_steps)
+        await asyncio.gather(*(actor.open.remote(session_id, stream, reference_latent, text_states, masks)
+                               for actor in self.step_actors))
+
+    async def set_prompt(self, session_id: str, prompt: str) -> None:
+        """New prompt conditioning on every step; it applies from the next chunk that starts denoising."""
+        text_states = self.prompt_encoder([prompt])
+        await self._compute(self.stage.set_prompt, self._session(session_id), text_states)
+        await asyncio.gather(*(actor.set_prompt.remote(session_id, text_states) for actor in self.step_actors))
+
+    async def close(self, session_id: str) -> None:
+        self.sessions.pop(session_id, None)
+        self.turns.forget(session_id)
+        await asyncio.gather(*(actor.close.remote(session_id) for actor in self.step_actors))
+
+    def progress(self, session_id: str) -> int:
+        """The next chunk index this group will accept for the session (chunks below it were started)."""
+        return self.turns.next_index(session_id)
+
+    def session_ids(self) -> list[str]:
+        return list(self.sessions)
+
+    def held_bytes(self) -> int:
+        """Bytes of per-session tensors on this replica (KV caches and conditioning; step actors not counted)."""
+        total = 0
+        for session in self.sessions.values():
+            for cache in session.caches.values():
+                total += sum(getattr(cache, name).nbytes for name in ("sink_key", "sink_value", "prev_key",
+                                                                      "prev_value", "prev_valid"))
+            total += sum(value.nbytes for value in vars(session.condition).values() if torch.is_tensor(value))
+        return total
+
+    def _session(self, session_id: str):
+        try:
+            return self.sessions[session_id]
+        except KeyError:
+            raise KeyError(f"ScoreWorkerGroup has no session {session_id!r}") from None
+
+    # ------------------------------------------------------------------ one chunk
+
+    async def generate(self, features: ChunkFeatures, carrier: dict | None = None) -> ScoredChunk:
+        """Denoise one chunk, strictly after the session's previous chunk entered step 0.
+
+        Shielded: if the caller goes away (an ingress replica dies) the chunk still completes, so the session's
+        caches stay consistent and the decoder still receives it."""
+        return await asyncio.shield(asyncio.ensure_future(self._generate(features, carrier)))
+
+    async def _generate(self, features: ChunkFeatures, carrier: dict | None) -> ScoredChunk:
+        session_id, index = features.session_id, features.chunk_index
+        session = self._session(session_id)
+        started = time.perf_counter()
+        await self.turns.wait(session_id, index)
+        pending = None
+        try:
+            if self.pipelined:
+                chunk, pending = await self._pipelined(session, features, carrier)
+            elif self.batcher is not None:
+                chunk = await self.batcher.submit(ScoreStage.batch_key(session), (session, features, carrier))
+            else:
+                chunk = await self._compute(self._all_steps, session, features, carrier)
+        finally:
+            await self.turns.done(session_id, index)   # chunk n+1 may enter step 0 now
+        stage_ms = {}
+        if pending is not None:
+            stage_ms["score_step_1"] = chunk.step_s[0] * 1000   # later steps' timings travel with the ref
+            return ScoredChunk(session_id, index, pending=pending, stage_ms=stage_ms)
+        stage_ms["score"] = (time.perf_counter() - started) * 1000
+        stage_ms.update({f"score_step_{k + 1}": s * 1000 for k, s in enumerate(chunk.step_s)})
+        return ScoredChunk(session_id, index, latents=chunk.latents, stage_ms=stage_ms)
+
+    async def _pipelined(self, session, features: ChunkFeatures, carrier: dict | None):
+        """Step 0 here, then the chain of step actors. Returns (chunk after step 0 or the clean chunk, ref or None)."""
+        first = await self._compute(self._first_step, session, features, carrier)
+        ref = first
+        for actor in self.step_actors:
+            ref = actor.run.remote(ref, carrier)
+        if features.chunk_index == 0 and session.stream.adaptive_sink:
+            clean = await ref   # secondary warm-up: every step needs the new sink before chunk 1 enters
+            sink = clean.latents[:, :, :1]
+            await self._compute(self.stage.set_sink, session, sink)
+            await asyncio.gather(*(actor.set_sink.remote(session.session_id, sink) for actor in self.step_actors))
+            return clean, None
+        return first, ref
+
+    def _first_step(self, session, features: ChunkFeatures, carrier) -> NoisyChunk:
+        with span(SCORE_STEP_SPAN, carrier, **{"session.id": session.session_id, "chunk.index": features.chunk_index,
+                                               "step": "0"}):
+            return self.stage.run_steps(session, self.stage.begin_chunk(session, features))
+
+    def _all_steps(self, session, features: ChunkFeatures, carrier) -> NoisyChunk:
+        with span(SCORE_STEP_SPAN, carrier, **{"session.id": session.session_id, "chunk.index": features.chunk_index,
+                                               "step": "all"}):
+            return self.stage.denoise(session, features)
+
+    async def _denoise_group(self, group: list) -> list[NoisyChunk]:
+        """One cross-session batch: a score span per chunk, one forward per step for all."""
+        with contextlib.ExitStack() as spans:
+            for session, features, carrier in group:
+                spans.enter_context(span(SCORE_STEP_SPAN, carrier, **{
+                    "session.id": session.session_id, "chunk.index": features.chunk_index, "step": "all",
+                    "batch.size": len(group)}))
+            return await self._compute(self.stage.denoise_batch, [item[0] for item in group],
+                                       [item[1] for item in group])
+
+    # ------------------------------------------------------------------ the decoder's calls (colocated layout only)
+
+    async def encode_reference(self, image_png: bytes, width: int, height: int) -> torch.Tensor:
+        return await self._own_decoder().encode_reference(image_png, width, height)
+
+    def open_decode(self, session_id: str) -> None:
+        self._own_decoder().open(session_id)
+
+    async def decode(self, request: DecodeRequest, scored: ScoredChunk, carrier: dict | None = None) -> DecodedFrames:
+        return await asyncio.shield(asyncio.ensure_future(self._own_decoder().decode(request, scored, carrier)))
+
+    async def fetch(self, session_id: str, chunk_index: int, timeout_s: float = 120.0) -> DecodedFrames:
+        return await self._own_decoder().fetch(session_id, chunk_index, timeout_s)
+
+    def oldest_buffered(self, session_id: str) -> int | None:
+        return self._own_decoder().oldest_buffered(session_id)
+
+    def close_decode(self, session_id: str) -> None:
+        self._own_decoder().close(session_id)
+
+    def decode_stats(self) -> dict:
+        return self._own_decoder().stats()
+
+    def _own_decoder(self) -> SessionDecoder:
+        if self.decoder is None:
+            raise RuntimeError("this ScoreWorkerGroup does not decode (vae_placement is 'separate'); the VAEDecoder "
+                               "deployment does")
+        return self.decoder
+
+    # ------------------------------------------------------------------ introspection
+
+    def batch_stats(self) -> dict:
+        """Sizes of the recent cross-session score batches."""
+        return (self.batcher.stats() if self.batcher is not None
+                else {"batches": 0, "max_batch_size": 0, "mean_batch_size": 0.0})
+
+    async def placement(self) -> dict:
+        """GPU ids of this replica and of its step actors (for placement checks)."""
+        steps = await asyncio.gather(*(actor.gpu_ids.remote() for actor in self.step_actors))
+        return {"score": worker_identity("ScoreWorkerGroup")["gpu_ids"], "steps": [list(ids) for ids in steps],
+                "weights": self.weights_note}

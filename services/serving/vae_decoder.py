@@ -1,0 +1,252 @@
+"""`VAEDecoder`: reference encoding and streaming decode for every session, on its own GPU (a thin Serve class over
+`SessionDecoder`, which wraps `model_core.stages.DecodeStage`).
+
+    ScoredChunk (from the score group, resolved here) ─► streaming VAE decode (per-session DecodeCache) ─► JPEG
+        ─► DecodedFrames ─► the ingress (and this replica's replay buffer, for a re-attaching client)
+
+What may live here: per-session decode caches and replay buffers keyed by session id, the device thread, a JPEG
+thread pool.  Chunks of one session decode strictly in chunk order (`ChunkTurns`); chunks of different sessions with
+equal latent shapes decode as one batch (`MicroBatcher`), and a member whose session is gone fails alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import os
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+
+import ray
+import torch
+from PIL import Image
+from ray import serve
+
+from model_core.models import build_vae
+from model_core.stages import DecodeStage
+from services.media import decode_image_bytes, image_to_tensor
+from services.serving.messages import DecodedFrames, DecodeRequest, ScoredChunk
+from services.serving.ordering import ChunkTurns, MicroBatcher, run_on
+from services.serving.settings import REPLAY_CHUNKS, AppSettings
+from services.telemetry import VAE_DECODE_SPAN, setup_telemetry, span
+
+
+def encode_jpeg(frames: torch.Tensor, quality: int) -> list[bytes]:
+    """frames [T, 3, H, W] in [-1, 1] -> one baseline JPEG per frame (deterministic for the same pixels)."""
+    pixels = ((frames.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    out = []
+    for frame in pixels:
+        buffer = io.BytesIO()
+        Image.fromarray(frame).save(buffer, format="JPEG", quality=quality)
+        out.append(buffer.getvalue())
+    return out
+
+
+def worker_identity(deployment: str) -> dict:
+    """Which deployment, replica (actor id, pid) and GPU ids are doing the work, as seen from inside the worker."""
+    try:
+        replica = serve.get_replica_context().replica_id.unique_id
+    except Exception:       # outside a Serve replica (plain asyncio tests)
+        replica = f"pid-{os.getpid()}"
+    gpu_ids = [str(gpu) for gpu in ray.get_gpu_ids()] if ray.is_initialized() else []
+    return {"deployment": deployment, "replica": replica, "gpu_ids": gpu_ids}
+
+
+class SessionDecoder:
+    """Decode caches, ordered and batched decodes, JPEG encoding and a replay buffer for many sessions.
+
+    `compute(fn, *args)` runs a blocking call on the owner's device thread; `owner` names the deployment that hosts
+    this decoder (reported in every `DecodedFrames.decoded_by`)."""
+
+    def __init__(self, vae, settings: AppSettings, compute, owner: str):
+        self.stage = DecodeStage(vae)
+        self.jpeg_quality, self.compute, self.owner = settings.jpeg_quality, compute, owner
+        self.caches: dict = {}
+        self.replay_buffers: dict[str, deque] = {}
+        self.turns = ChunkTurns()      # decode order per session
+        self.buffered = ChunkTurns()   # replay-buffer order per session (JPEG encodes may finish out of order)
+        self.batcher = (MicroBatcher(self._decode_group, settings.max_batch_size)
+                        if settings.max_batch_size > 1 else None)
+        # JPEG encoding stays off the device thread, so the next decode starts while this chunk is encoded.
+        self.jpeg_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="jpeg")
+        self.identity = None
+
+    def worker(self) -> dict:
+        """Who decodes here: deployment, replica and GPU ids (looked up once)."""
+        if self.identity is None:
+            self.identity = worker_identity(self.owner)
+        return dict(self.identity)
+
+    async def encode_reference(self, image_png: bytes, width: int, height: int) -> torch.Tensor:
+        """A validated PNG/JPEG -> its normalised latent [1, 16, 1, height/8, width/8] (cropped to the aspect)."""
+        image = image_to_tensor(decode_image_bytes(image_png), width, height)
+        return await self.compute(self.stage.encode_reference, image)
+
+    def open(self, session_id: str) -> None:
+        self.caches[session_id] = self.stage.open()
+        self.replay_buffers[session_id] = deque(maxlen=REPLAY_CHUNKS)
+
+    def close(self, session_id: str) -> None:
+        self.caches.pop(session_id, None)
+        self.replay_buffers.pop(session_id, None)
+        self.turns.forget(session_id)
+        self.buffered.forget(session_id)
+
+    def session_ids(self) -> list[str]:
+        return list(self.caches)
+
+    def held_bytes(self) -> int:
+        """Bytes of decode caches and buffered JPEGs held for open sessions."""
+        total = 0
+        for cache in self.caches.values():
+            total += sum(t.nbytes for t in _tensors(cache))
+        for buffer in self.replay_buffers.values():
+            total += sum(len(frame) for chunk in buffer for frame in chunk.frames_jpeg)
+        return total
+
+    def stats(self) -> dict:
+        return (self.batcher.stats() if self.batcher is not None
+                else {"batches": 0, "max_batch_size": 0, "mean_batch_size": 0.0})
+
+    async def decode(self, request: DecodeRequest, scored: ScoredChunk, carrier: dict | None) -> DecodedFrames:
+        """Decode in chunk order per session; the result also lands in the replay buffer, in chunk order."""
+        session_id, index = request.session_id, request.chunk_index
+        try:
+            decoded = await self._decode(request, scored, carrier)
+        except BaseException:
+            await self.buffered.wait(session_id, index)   # keep the order for the session's later chunks
+            await self.buffered.done(session_id, index)
+            raise
+        await self.buffered.wait(session_id, index)
+        if session_id in self.replay_buffers:
+            self.replay_buffers[session_id].append(decoded)
+        await self.buffered.done(session_id, index)
+        return decoded
+
+    async def _decode(self, request: DecodeRequest, scored: ScoredChunk, carrier: dict | None) -> DecodedFrames:
+        session_id, index = request.session_id, request.chunk_index
+        stage_ms = dict(scored.stage_ms)
+        latents = scored.latents
+        if scored.pending is not None:   # pipelined: the last step actor's output, resolved only here
+            noisy = await scored.pending
+            latents = noisy.latents
+            stage_ms.update({f"score_step_{k + 1}": s * 1000 for k, s in enumerate(noisy.step_s)})
+            stage_ms["score"] = sum(noisy.step_s) * 1000
+        await self.turns.wait(session_id, index)
+        try:
+            if self.batcher is not None:
+                frames, vae_s = await self.batcher.submit(tuple(latents.shape), (request, latents, carrier))
+            else:
+                (result,) = await self._decode_group([(request, latents, carrier)])
+                if isinstance(result, BaseException):
+                    raise result
+                frames, vae_s = result
+        finally:
+            await self.turns.done(session_id, index)
+        jpeg = await run_on(self.jpeg_executor, encode_jpeg, frames, self.jpeg_quality)
+        return DecodedFrames(session_id=session_id, chunk_index=index, width=int(frames.shape[-1]),
+                             height=int(frames.shape[-2]), frames_jpeg=jpeg, stage_ms={**stage_ms, "vae": vae_s * 1000},
+                             decoded_by=self.worker())
+
+    async def _decode_group(self, group: list) -> list:
+        """One batch of decodes -> per member (frames [T, 3, H, W], seconds) or the member's own exception: a member
+        whose session was closed while it waited fails alone (KeyError), the others decode."""
+        results: list = [None] * len(group)
+        live = []
+        for position, (request, latents, carrier) in enumerate(group):
+            if request.session_id in self.caches:
+                live.append(position)
+            else:
+                results[position] = KeyError(f"session {request.session_id!r} was closed before chunk "
+                                             f"{request.chunk_index} was decoded")
+        if live:
+            identity = self.worker()
+            with contextlib.ExitStack() as spans:
+                for position in live:
+                    request, _, carrier = group[position]
+                    spans.enter_context(span(VAE_DECODE_SPAN, carrier, **{
+                        "session.id": request.session_id, "chunk.index": request.chunk_index,
+                        "batch.size": len(live), "worker.deployment": identity["deployment"],
+                        "worker.replica": identity["replica"], "gpu.ids": ",".join(identity["gpu_ids"])}))
+                frames, vae_s = await self.compute(
+                    self.stage.decode_batch, [self.caches[group[p][0].session_id] for p in live],
+                    [group[p][1] for p in live], [group[p][0].num_frames for p in live])
+            for position, item_frames in zip(live, frames):
+                results[position] = (item_frames, vae_s)
+        return results
+
+    async def fetch(self, session_id: str, chunk_index: int, timeout_s: float) -> DecodedFrames:
+        """Wait until chunk `chunk_index` of the session has been decoded, then return it from the replay buffer."""
+        await self.buffered.wait_past(session_id, chunk_index, timeout_s)
+        for chunk in self.replay_buffers.get(session_id, ()):
+            if chunk.chunk_index == chunk_index:
+                return chunk
+        raise KeyError(f"chunk {chunk_index} of session {session_id!r} is no longer buffered")
+
+    def oldest_buffered(self, session_id: str) -> int | None:
+        """Index of the oldest chunk still in the replay buffer (None: nothing buffered yet)."""
+        buffer = self.replay_buffers.get(session_id)
+        return buffer[0].chunk_index if buffer else None
+
+
+def _tensors(value):
+    if torch.is_tensor(value):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif hasattr(value, "__dict__"):
+        for item in vars(value).values():
+            yield from _tensors(item)
+
+
+@serve.deployment(name="VAEDecoder", max_ongoing_requests=64)
+class VAEDecoder:
+    """Reference encoding and streaming decode for every session; keeps the last chunks of each for replay."""
+
+    def __init__(self, settings: AppSettings):
+        self.settings = settings
+        self.telemetry = setup_telemetry("facecast-vae")
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vae")
+        self.decoder = SessionDecoder(build_vae(settings.preset_config, checkpoint=settings.checkpoint,
+                                                device=settings.worker_device(), seed=settings.seed),
+                                      settings, self._compute, "VAEDecoder")
+
+    async def _compute(self, fn, *args):
+        return await run_on(self.executor, fn, *args)
+
+    async def encode_reference(self, image_png: bytes, width: int, height: int) -> torch.Tensor:
+        return await self.decoder.encode_reference(image_png, width, height)
+
+    def open_decode(self, session_id: str) -> None:
+        self.decoder.open(session_id)
+
+    async def decode(self, request: DecodeRequest, scored: ScoredChunk, carrier: dict | None = None) -> DecodedFrames:
+        """Decode in chunk order per session (shielded: completes even if the caller goes away)."""
+        return await asyncio.shield(asyncio.ensure_future(self.decoder.decode(request, scored, carrier)))
+
+    async def fetch(self, session_id: str, chunk_index: int, timeout_s: float = 120.0) -> DecodedFrames:
+        return await self.decoder.fetch(session_id, chunk_index, timeout_s)
+
+    def oldest_buffered(self, session_id: str) -> int | None:
+        return self.decoder.oldest_buffered(session_id)
+
+    def close_decode(self, session_id: str) -> None:
+        self.decoder.close(session_id)
+
+    def decode_stats(self) -> dict:
+        return self.decoder.stats()
+
+    def session_ids(self) -> list[str]:
+        return self.decoder.session_ids()
+
+    def held_bytes(self) -> int:
+        return self.decoder.held_bytes()
+
+    def placement(self) -> dict:
+        return {"vae": worker_identity("VAEDecoder")["gpu_ids"]}

@@ -1,0 +1,55 @@
+"""Model construction: seeded random weights, and the one parser of device and dtype names."""
+
+import pytest
+import torch
+
+from model_core.config import ConfigError
+from model_core.models import random_dit, resolve_device, torch_dtype
+
+from .helpers import tiny_config
+
+ALLOWED_DEVICES = "allowed: auto, cpu, cuda, cuda:N"
+
+
+def test_random_weights_are_a_function_of_the_seed_and_audio_acts_from_the_start():
+    a, again, other = random_dit(tiny_config(), 1), random_dit(tiny_config(), 1), random_dit(tiny_config(), 2)
+    for (name, weight), same, different in zip(a.state_dict().items(), again.state_dict().values(),
+                                               other.state_dict().values()):
+        assert torch.equal(weight, same), name
+    assert not torch.equal(a.blocks[0].attn1.to_q.weight, other.blocks[0].attn1.to_q.weight)
+    for block in a.blocks:  # zero-initialised in a fresh model; random here, so audio changes the output
+        assert block.attn2.audio_v_proj.weight.abs().amax() > 0
+
+
+def test_dtype_names():
+    assert torch_dtype("float32") is torch.float32
+    assert torch_dtype("bfloat16") is torch.bfloat16
+    assert torch_dtype("float16") is torch.float16
+    with pytest.raises(ConfigError, match=r"^--dtype='float64' is invalid: allowed: float32, bfloat16, float16$"):
+        torch_dtype("float64", field="--dtype")
+    with pytest.raises(ConfigError, match=r"^dtype='fp32' is invalid"):
+        torch_dtype("fp32")
+
+
+def test_device_names_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    for bad in ("gpu", "CPU", "cpu:0", "cuda:", "cuda:x", "cuda:-1", ""):
+        with pytest.raises(ConfigError) as error:
+            resolve_device(bad, field="--device")
+        assert str(error.value) == f"--device={bad!r} is invalid: {ALLOWED_DEVICES}"
+    for asked in ("cuda", "cuda:0"):
+        with pytest.raises(ConfigError, match=rf"^device='{asked}' asks for CUDA, but this machine has no CUDA"):
+            resolve_device(asked)
+
+
+def test_device_names_with_two_cuda_devices(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cuda") == torch.device("cuda")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match=r"^device='cuda:2' is invalid: this machine has 2 CUDA device\(s\), "
+                                          r"cuda:0 to cuda:1$"):
+        resolve_device("cuda:2")

@@ -1,0 +1,46 @@
+"""`facecast serve` (services/cli/serve.py) refusing what it can check before it starts anything: each refusal is one
+line naming the flag, with status 2, and no Ray or redis-server is started.  Serving itself is held end to end by
+test_serve_call.py."""
+
+import socket
+
+import pytest
+
+from services.cli.main import main
+from services.deploy.serve_config import config_path
+from services.net import free_port
+
+
+def refused(argv, capsys) -> str:
+    assert main(["serve", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("facecast serve: error: ") and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_a_missing_config_is_named(capsys):
+    err = refused(["--config", "nonexistent.yaml", "--port", str(free_port())], capsys)
+    assert "nonexistent.yaml" in err
+
+
+def test_a_config_needing_custom_resources_is_refused(capsys):
+    err = refused(["--config", str(config_path("1+1")), "--port", str(free_port())], capsys)
+    assert "score_slot (by ScoreWorkerGroup)" in err and "vae_slot (by VAEDecoder)" in err
+
+
+def test_too_few_gpus_are_refused(capsys):
+    err = refused(["--config", str(config_path("local")), "--num-gpus", "1", "--port", str(free_port())], capsys)
+    assert "--num-gpus 1 is too few" in err and "ask for 2 GPUs" in err
+
+
+@pytest.mark.parametrize("port", [0, 70000])
+def test_an_impossible_port_is_refused(port, capsys):
+    assert f"--port {port} is invalid: allowed 1 to 65535" in refused(["--port", str(port)], capsys)
+
+
+def test_a_port_in_use_is_refused(capsys):
+    with socket.socket() as listener:
+        listener.bind(("0.0.0.0", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert f"--port {port} is in use" in refused(["--port", str(port)], capsys)

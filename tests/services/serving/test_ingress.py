@@ -1,0 +1,340 @@
+"""The ingress and the real worker classes in one asyncio loop, no Ray: a recording transport stands in for Serve's
+handles (tests/services/serving/recording_transport.py), a real Redis holds the records.
+
+Held here: the one-way data path (the hop test), frames equal to the in-process engine's, freeing worker state when
+a session ends or its record expires, the events the proto promises (BACKPRESSURE, WARNING, FAILED), audio after
+end_of_input as a caller error, and INTERNAL without internals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import subprocess
+import sys
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from model_core.engine import AvatarEngine, iter_pieces
+from services.api import pb
+from services.media import decode_image_bytes, image_to_tensor
+from services.serving import audio_encoder as audio_encoder_module
+from services.serving import vae_decoder as vae_decoder_module
+from services.serving.audio_encoder import AudioEncoder
+from services.serving.ingress import SessionIngress, StreamAborted
+from services.serving.llm_bridge import LLMBridge
+from services.serving.messages import ChunkFeatures, ChunkTicket, DecodedFrames, ScoredChunk
+from services.serving.score_group import ScoreWorkerGroup
+from services.serving.settings import AppSettings
+from services.serving.vae_decoder import VAEDecoder, encode_jpeg
+from services.store.sessions import SessionState, connect_store
+from tests.model_core.helpers import speech
+
+from .recording_transport import GrpcContext, Transport
+
+
+def png(seed: int, size: int = 64) -> bytes:
+    import io
+
+    from PIL import Image
+
+    pixels = (np.random.default_rng(seed).random((size, size, 3)) * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def pcm16(audio: np.ndarray) -> np.ndarray:
+    return (np.clip(audio, -1, 1) * 32767).astype(np.int16)
+
+
+@pytest.fixture(scope="module")
+def redis_url():
+    store, owner = connect_store(None)
+    yield owner.url
+    owner.close()
+
+
+@pytest.fixture
+def store(redis_url):
+    return connect_store(redis_url)[0]
+
+
+class Cluster:
+    """The real worker classes behind recording handles, and an ingress over them."""
+
+    def __init__(self, store, **args):
+        self.settings = AppSettings.from_args({"preset": "tiny", "redis_url": _url(store), **args})
+        self.transport = Transport()
+        self.audio = AudioEncoder.func_or_class(self.settings)
+        self.score = ScoreWorkerGroup.func_or_class(self.settings)
+        self.decoder = VAEDecoder.func_or_class(self.settings)
+        self.ingress = SessionIngress.func_or_class(
+            self.settings, self.transport.handle("AudioEncoder", self.audio),
+            self.transport.handle("ScoreWorkerGroup", self.score), self.transport.handle("VAEDecoder", self.decoder),
+            self.transport.handle("LLMBridge", LLMBridge.func_or_class(self.settings)), ray_metrics=False)
+
+    async def create(self, image: bytes):
+        context = GrpcContext()
+        session = await self.ingress.CreateSession(pb.CreateSessionRequest(reference_image=image), context)
+        assert context.code is None, context.details
+        return session
+
+    async def stream(self, session, messages, resume_from_chunk: int = 0):
+        """Run one StreamSession; returns (outputs, gRPC context)."""
+        async def requests():
+            yield pb.SessionInput(attach=pb.Attach(session_id=session.session_id,
+                                                   session_token=session.session_token,
+                                                   resume_from_chunk=resume_from_chunk))
+            for message in messages:
+                yield message
+                await asyncio.sleep(0)
+
+        context, outputs = GrpcContext(), []
+        try:
+            async for output in self.ingress.StreamSession(requests(), context):
+                outputs.append(output)
+        except StreamAborted:
+            pass
+        return outputs, context
+
+    def held(self) -> dict[str, int]:
+        return {"audio": len(self.audio.session_ids()), "score": len(self.score.session_ids()),
+                "decoder": len(self.decoder.session_ids()), "score_bytes": self.score.held_bytes(),
+                "decoder_bytes": self.decoder.held_bytes(), "audio_bytes": self.audio.held_bytes()}
+
+
+def _url(store) -> str:
+    kwargs = store.client.connection_pool.connection_kwargs
+    return f"redis://{kwargs['host']}:{kwargs['port']}/{kwargs.get('db', 0)}"
+
+
+def audio_messages(pcm: np.ndarray, end: bool = True, rate: int = 16000, character: int = 0):
+    piece = rate // 25
+    messages = [pb.SessionInput(audio=pb.AudioInput(pcm_s16le=pcm[start:start + piece].astype("<i2").tobytes(),
+                                                    sample_rate_hz=rate, channels=1, character=character))
+                for start in range(0, pcm.shape[0], piece)]
+    if end:
+        messages.append(pb.SessionInput(control=pb.Control(end_of_input=True)))
+    return messages
+
+
+def chunks_of(outputs) -> list:
+    return [output.video_chunk for output in outputs if output.WhichOneof("output") == "video_chunk"]
+
+
+def events_of(outputs) -> list:
+    return [output.event for output in outputs if output.WhichOneof("output") == "event"]
+
+
+def engine_jpegs(image_png: bytes, pcm: np.ndarray) -> list[bytes]:
+    engine = AvatarEngine.from_preset("tiny", seed=0)
+    session = engine.open_session(image_to_tensor(decode_image_bytes(image_png), 64, 64), "")
+    chunks = []
+    for piece in iter_pieces(pcm, 640):
+        chunks += engine.push_audio(session, piece, 16000)
+    chunks += engine.end_input(session)
+    return [jpeg for chunk in chunks for jpeg in encode_jpeg(chunk.frames, 90)]
+
+
+def _carries_pcm_or_frames(value) -> bool:
+    if isinstance(value, (bytes, bytearray, np.ndarray, ChunkTicket, DecodedFrames)):
+        return True
+    return any(hasattr(value, name) for name in ("audio_pcm", "audio_pcm_s16le", "frames_jpeg"))
+
+
+def test_the_data_path_flows_one_way_and_streams_the_engines_frames(store):
+    async def main():
+        cluster = Cluster(store)
+        image, pcm = png(1), pcm16(speech(1.5, seed=21))
+        session = await cluster.create(image)
+        outputs, context = await cluster.stream(session, audio_messages(pcm))
+        return cluster, image, pcm, outputs, context
+
+    cluster, image, pcm, outputs, context = asyncio.run(main())
+    assert context.code is None, context.details
+    chunks = chunks_of(outputs)
+    assert chunks and chunks[-1].final
+    assert [jpeg for chunk in chunks for jpeg in chunk.frames] == engine_jpegs(image, pcm)
+    calls = cluster.transport
+
+    # 1. the score replica never receives PCM (or tickets, or frames) and never returns frames
+    score_calls = calls.to("ScoreWorkerGroup")
+    assert {call.method for call in score_calls} >= {"open", "generate"}
+    for call in score_calls:
+        assert not any(_carries_pcm_or_frames(value) for value in call.values), (call.method, call.values)
+        assert not _carries_pcm_or_frames(call.result), call.method
+    generates = calls.to("ScoreWorkerGroup", "generate")
+    assert len(generates) == len(chunks)
+    assert all(isinstance(call.values[0], ChunkFeatures) and isinstance(call.result, ScoredChunk)
+               for call in generates)
+
+    # 2. features, latents and the reference latent are handed on unresolved: resolved by the next deployment only
+    handed_on = {("AudioEncoder", "features"): "ScoreWorkerGroup", ("ScoreWorkerGroup", "generate"): "VAEDecoder",
+                 ("VAEDecoder", "encode_reference"): "ScoreWorkerGroup"}
+    for (deployment, method), consumer in handed_on.items():
+        for call in calls.to(deployment, method):
+            assert not call.response.awaited_by_caller, f"{deployment}.{method} was resolved by the ingress"
+            assert call.response.resolved_by == [consumer], (deployment, method, call.response.resolved_by)
+
+    # 3. frames come back from the decoder; the chunk's audio went from the AudioEncoder to the ingress only
+    decodes = calls.to("VAEDecoder", "decode")
+    assert len(decodes) == len(chunks)
+    assert all(call.response.awaited_by_caller and isinstance(call.result, DecodedFrames) for call in decodes)
+    tickets = [ticket for call in calls.to("AudioEncoder", "push") + calls.to("AudioEncoder", "end")
+               for ticket in call.result]
+    assert [chunk.audio_pcm_s16le for chunk in chunks] == [ticket.audio_pcm_s16le for ticket in tickets]
+    assert b"".join(chunk.audio_pcm_s16le for chunk in chunks) == pcm.astype("<i2").tobytes()
+
+
+def test_the_ingress_module_imports_neither_torch_nor_diffusers():
+    code = ("import sys, services.serving.ingress; "
+            "print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
+
+
+def test_worker_state_is_freed_when_a_session_ends_and_when_its_record_expires(store):
+    async def main():
+        cluster = Cluster(store, session_ttl_s=1.0, session_sweep_s=3600)
+        empty = cluster.held()
+        ended = await cluster.create(png(2))
+        outputs, _ = await cluster.stream(ended, audio_messages(pcm16(speech(1.0, seed=3))))
+        after_end = cluster.held()
+        idle = await cluster.create(png(3))
+        while_open = cluster.held()
+        await asyncio.sleep(1.6)    # the idle session's record expires in Redis
+        freed = await cluster.ingress.sweep()
+        return empty, outputs, after_end, idle, while_open, freed, cluster.held()
+
+    empty, outputs, after_end, idle, while_open, freed, after_sweep = asyncio.run(main())
+    assert events_of(outputs)[-1].type == pb.Event.SESSION_ENDED
+    assert empty == {key: 0 for key in empty}
+    assert after_end == empty, after_end                 # everything the ended session held is gone
+    assert while_open["score"] == 1 and while_open["score_bytes"] > 0 and while_open["decoder"] == 1
+    assert freed == [idle.session_id]
+    assert after_sweep == empty, after_sweep
+
+
+def test_a_batch_member_whose_session_closed_fails_alone():
+    async def main():
+        settings = AppSettings.from_args({"preset": "tiny", "max_batch_size": 4})
+        decoder = VAEDecoder.func_or_class(settings)
+        alone = VAEDecoder.func_or_class(dataclasses.replace(settings, max_batch_size=1))
+        latents = {name: torch_randn(seed) for seed, name in enumerate(("closing", "healthy"))}
+        for name in latents:
+            decoder.open_decode(name)
+        alone.open_decode("healthy")
+        from services.serving.messages import DecodeRequest
+
+        tasks = {name: asyncio.ensure_future(decoder.decode(DecodeRequest(name, 0, 9),
+                                                            ScoredChunk(name, 0, latents=latents[name])))
+                 for name in latents}
+        await asyncio.sleep(0)
+        decoder.close_decode("closing")        # closed while its chunk waits in the micro-batch
+        results = await asyncio.gather(*tasks.values(), return_exceptions=True)
+        reference = await alone.decode(DecodeRequest("healthy", 0, 9), ScoredChunk("healthy", 0,
+                                                                                   latents=latents["healthy"]))
+        return dict(zip(tasks, results)), reference, decoder.decode_stats()
+
+    results, reference, stats = asyncio.run(main())
+    assert isinstance(results["closing"], KeyError), results["closing"]
+    assert isinstance(results["healthy"], DecodedFrames), results["healthy"]
+    assert results["healthy"].frames_jpeg == reference.frames_jpeg
+    assert stats["max_batch_size"] == 2, stats            # they really were one batch
+
+
+def torch_randn(seed: int):
+    import torch
+
+    return torch.randn((1, 16, 3, 8, 8), generator=torch.Generator().manual_seed(seed))
+
+
+def test_audio_after_end_of_input_is_a_caller_error_and_spares_the_healthy_session(store):
+    async def main():
+        cluster = Cluster(store)
+        broken, healthy = await cluster.create(png(4)), await cluster.create(png(5))
+        pcm = pcm16(speech(1.5, seed=5))
+        late = audio_messages(pcm16(speech(0.5, seed=4))) + audio_messages(pcm16(speech(0.2, seed=6)), end=False)
+
+        async def break_then_close():
+            outputs, context = await cluster.stream(broken, late)
+            closed = await cluster.ingress.CloseSession(pb.CloseSessionRequest(
+                session_id=broken.session_id, session_token=broken.session_token), GrpcContext())
+            return outputs, context, closed
+
+        (broken_out, broken_ctx, closed), (healthy_out, healthy_ctx) = await asyncio.gather(
+            break_then_close(), cluster.stream(healthy, audio_messages(pcm)))
+        return broken_ctx, closed, healthy_out, healthy_ctx, healthy.session_id, pcm
+
+    broken_ctx, closed, healthy_out, healthy_ctx, healthy_id, pcm = asyncio.run(main())
+    assert broken_ctx.code == grpc.StatusCode.FAILED_PRECONDITION, (broken_ctx.code, broken_ctx.details)
+    assert "end_of_input" in broken_ctx.details
+    assert closed.state == pb.CLOSED
+    assert healthy_ctx.code is None, healthy_ctx.details
+    chunks = chunks_of(healthy_out)
+    assert [chunk.chunk_index for chunk in chunks] == list(range(len(chunks))) and chunks[-1].final
+    assert sum(len(chunk.frames) for chunk in chunks) == int(np.ceil(1.5 * 25))
+
+
+def test_backpressure_is_announced_when_input_reading_pauses(store):
+    async def main():
+        cluster = Cluster(store, max_chunks_in_flight=1)
+        session = await cluster.create(png(6))
+        return await cluster.stream(session, audio_messages(pcm16(speech(3.0, seed=7))))
+
+    outputs, context = asyncio.run(main())
+    assert context.code is None, context.details
+    backpressure = [event for event in events_of(outputs) if event.type == pb.Event.BACKPRESSURE]
+    assert backpressure and "in flight" in backpressure[0].message
+    assert chunks_of(outputs)[-1].final
+
+
+def test_a_reattach_past_the_replay_buffer_warns_and_resumes_at_the_oldest_buffered_chunk(store, monkeypatch):
+    monkeypatch.setattr(vae_decoder_module, "REPLAY_CHUNKS", 2)
+    monkeypatch.setattr(audio_encoder_module, "REPLAY_CHUNKS", 2)
+
+    async def main():
+        cluster = Cluster(store)
+        session = await cluster.create(png(7))
+        first, _ = await cluster.stream(session, audio_messages(pcm16(speech(3.0, seed=8)), end=False))
+        again, context = await cluster.stream(session, [pb.SessionInput(control=pb.Control(end_of_input=True))],
+                                              resume_from_chunk=0)
+        return first, again, context
+
+    first, again, context = asyncio.run(main())
+    sent = len(chunks_of(first))
+    assert sent >= 4
+    assert context.code is None, context.details
+    events = events_of(again)
+    assert events[0].type == pb.Event.ATTACHED and events[0].next_chunk_index == sent - 2
+    assert events[1].type == pb.Event.WARNING and f"chunks 0 to {sent - 3}" in events[1].message
+    indices = [chunk.chunk_index for chunk in chunks_of(again)]
+    assert indices[:2] == [sent - 2, sent - 1] and indices == list(range(sent - 2, sent - 2 + len(indices)))
+
+
+def test_a_worker_failure_ends_the_stream_with_internal_and_a_correlation_id_and_marks_the_session_failed(store):
+    async def main():
+        cluster = Cluster(store)
+        session = await cluster.create(png(8))
+
+        def explode(*args):
+            raise RuntimeError("worker pid=4242 at 10.1.2.3 actor_id=abcdef exploded")
+
+        cluster.score._all_steps = explode
+        cluster.score.batcher = None
+        outputs, context = await cluster.stream(session, audio_messages(pcm16(speech(1.0, seed=9))))
+        state = store.get(session.session_id).state
+        _, again = await cluster.stream(session, [])
+        return context, state, again
+
+    context, state, again = asyncio.run(main())
+    assert context.code == grpc.StatusCode.INTERNAL
+    assert "correlation id" in context.details
+    for leak in ("4242", "10.1.2.3", "abcdef", "RuntimeError", "Traceback"):
+        assert leak not in context.details, context.details
+    assert state == SessionState.FAILED
+    assert again.code == grpc.StatusCode.FAILED_PRECONDITION and "failed" in again.details
