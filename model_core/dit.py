@@ -165,7 +165,8 @@ class CausalAvatarBlock(nn.Module):
         normed = (self.norm1(hidden.float()).view(framed) * (1 + scale) + shift).view(batch, tokens, dim)
         query, key, value = self.attn1.project(normed.type_as(hidden))
         attn_output = self.attn1.output(self_attention(query, key, value))
-        hidden = (hidden.float().view(framed) + attn_output.view(framed) * gate).view(batch, tokens, dim).type_as(hidden)
+        hidden = ((hidden.float().view(framed) + attn_output.view(framed) * gate)
+                  .view(batch, tokens, dim).type_as(hidden))
 
         # 2. Cross-attention
         normed = self.norm2(hidden.float()).type_as(hidden)

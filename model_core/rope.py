@@ -23,7 +23,8 @@ def rope_split(head_dim: int) -> tuple[int, int, int]:
 
 def _axis_angles(positions: torch.Tensor, dim: int, theta: float) -> torch.Tensor:
     """positions: [N] float64 -> angles [N, dim // 2] float64."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device)[: dim // 2] / dim))
+    exponents = torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device)[: dim // 2] / dim
+    inv_freq = 1.0 / (theta ** exponents)
     return positions[:, None] * inv_freq[None, :]
 
 

@@ -546,6 +546,7 @@ class DecodeStage:
     @torch.no_grad()
     def encode_reference(self, image: torch.Tensor) -> torch.Tensor:
         """image [3, H, W] in [-1, 1] -> normalised latent [1, 16, 1, H/8, W/8] (float32, CPU)."""
+        # Host copy (a sync) once per session, outside the chunk loop: the latent travels to the score workers.
         return self.vae.encode_image(image[None].to(self.vae.device)).float().cpu()
 
     def open(self) -> DecodeCache:
@@ -557,6 +558,8 @@ class DecodeStage:
         """`decode` for chunks of several sessions at once (see `StreamingVAE.decode_chunk_batch`)."""
         started = time.perf_counter()
         decoded = self.vae.decode_chunk_batch(latents, caches)
+        # Host sync, on purpose: the frames leave the device here (JPEG encoding and egress are host work), so the
+        # copy below waits for the decode anyway; the explicit sync only makes `seconds` the decode's device time.
         if self.vae.device.type == "cuda":
             torch.cuda.synchronize(self.vae.device)
         frames = [out[0].transpose(0, 1)[:count].float().cpu() for (out, _), count in zip(decoded, num_frames)]

@@ -72,7 +72,8 @@ class StreamingVAE:
     def from_pretrained(cls, path: str | Path, device="cpu", dtype=torch.float32) -> "StreamingVAE":
         path = Path(path)
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"VAE directory {str(path)!r} has no config.json (diffusers AutoencoderKLWan layout)")
+            raise FileNotFoundError(f"VAE directory {str(path)!r} has no config.json "
+                                    "(diffusers AutoencoderKLWan layout)")
         vae = AutoencoderKLWan.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
         return cls(vae.to(device))
 

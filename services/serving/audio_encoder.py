@@ -86,7 +86,7 @@ class AudioEncoder:
         session = self._session(session_id).stage
         return {"chunk_index": session.chunk_index, "input_ended": session.input_ended,
                 "sample_rate_hz": session.sample_rate_hz,
-                "samples_received": session.characters[0].state.n_input_samples}
+                "samples_received": session.characters[0].samples_received}
 
     def close(self, session_id: str) -> None:
         self.sessions.pop(session_id, None)

@@ -240,6 +240,10 @@ class SessionIngress:
             check_api_key(_metadata(grpc_context), self.api_keys)
             record = self._record(request.session_id, request.session_token)
             spec = validate_update(request, max(1, len(record.characters)), self.limits)
+            if record.state in (SessionState.ENDED, SessionState.FAILED):
+                raise ApiError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"session {record.session_id!r} is {record.state.value}: updates apply only to "
+                               "sessions that are CREATED or STREAMING")
             changes = {}
             try:
                 if spec.prompt is not None and spec.prompt != record.prompt:

@@ -4,7 +4,7 @@
     SessionIngress ── AudioEncoder.features(chunk) ─► ChunkFeatures ──► ScoreWorkerGroup  (a response passed on
                                                                                          unresolved: the features
                                                                                          never enter the ingress)
-    ScoreWorkerGroup ──► ScoredChunk (latents, or a ref to the last pipeline stage's output) ──► VAEDecoder
+    ScoreWorkerGroup ──► ScoredChunk (latents, or a ref to the last step actor's output) ──► VAEDecoder
                                                                                         (again passed unresolved)
     VAEDecoder ──► DecodedFrames (JPEG frames, timings, who decoded) ──► SessionIngress ──► egress
                    + the ChunkTicket's audio span, which went straight from the AudioEncoder to the ingress
@@ -61,9 +61,9 @@ class ChunkFeatures:
 class ScoredChunk:
     """The score group's output for one chunk, handed to the decoder unresolved.
 
-    latents: [1, 16, C, h, w] clean latents, or None when `pending` is set: a Ray ObjectRef to the last pipeline
-    stage's `NoisyChunk` (latents plus per-step timings), which only the decoder resolves — so in the pipelined
-    layout the latents go from the last stage actor to the decoder without touching the score replica.
+    latents: [1, 16, C, h, w] clean latents, or None when `pending` is set: a Ray ObjectRef to the last step
+    actor's `NoisyChunk` (latents plus per-step timings), which only the decoder resolves — so in the pipelined
+    layout the latents go from the last step actor to the decoder without touching the score replica.
     """
 
     session_id: str

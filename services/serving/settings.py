@@ -2,9 +2,9 @@
 serving facts other rooms read (layouts, deployment names, gRPC servicer paths, replay depth).
 
 This module is imported by the ingress, so it imports neither torch nor Ray (torch only inside the helpers that
-workers call).  It is built from the Serve application's `args:` (see `ray_configs/*.yaml`) by `services.serving.app.build_app`.  Every
-cross-deployment invariant is checked here, in one place, so a bad config fails at build time with the field
-named — not later inside a replica.
+workers call).  It is built from the Serve application's `args:` (see `ray_configs/*.yaml`) by
+`services.serving.app.build_app`.  Every cross-deployment invariant is checked here, in one place, so a bad config
+fails at build time with the field named — not later inside a replica.
 """
 
 from __future__ import annotations

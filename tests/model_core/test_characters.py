@@ -97,7 +97,7 @@ def test_a_turn_change_keeps_the_stream_flowing_and_starts_the_new_speaker_now()
     inputs = push_all(stage, session, turn_0, character=0)
     stage.set_speaking(session, 0, False)
     stage.set_speaking(session, 1, True)
-    inputs += push_all(stage, session, turn_1, character=1)
+    inputs += push_all(stage, session, turn_1, character=1, piece=4000)
     one_stage, one = new_stage(characters=1)
     assert len(inputs) == len(push_all(one_stage, one, np.concatenate([turn_0, turn_1]), character=0)) >= 4
     inputs += stage.end(session)

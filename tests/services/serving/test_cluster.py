@@ -23,7 +23,7 @@ from services.deploy.local_cluster import APP_NAME, LocalCluster
 from services.net import free_port
 from services.media import decode_image_bytes, image_to_tensor
 from services.telemetry import serve_tracing_env
-from services.serving.workers import encode_jpeg
+from services.serving.vae_decoder import encode_jpeg
 
 from tests.model_core.helpers import speech
 from tests.otlp_receiver import OtlpReceiver
@@ -139,6 +139,11 @@ def test_silence_mode_and_update_session_over_grpc(client):
     talking = client.create_session(image)
     assert client.stream(talking, loud, 16000).frames_jpeg != listening[0].frames_jpeg
 
+    ended = pb.UpdateSessionRequest(session_id=talking.session_id, session_token=talking.session_token,
+                                    prompt="too late")
+    expect(grpc.StatusCode.FAILED_PRECONDITION, lambda: client.stub.UpdateSession(ended, metadata=client.metadata),
+           "ENDED")
+    finished, talking = talking, client.create_session(image)       # updates apply to a live session
     update = pb.UpdateSessionRequest(session_id=talking.session_id, session_token=talking.session_token)
     update.speaking.add(character=0, speaking=False)
     assert client.stub.UpdateSession(update, metadata=client.metadata).session_id == talking.session_id
@@ -156,15 +161,33 @@ def test_silence_mode_and_update_session_over_grpc(client):
            "prompt")
     forged = pb.UpdateSessionRequest(session_id=talking.session_id, session_token="forged")
     expect(grpc.StatusCode.PERMISSION_DENIED, lambda: client.stub.UpdateSession(forged, metadata=client.metadata))
-    for session in (first, second, talking):
+    for session in (first, second, finished, talking):
         client.close_session(session.session_id, session.session_token)
 
 
-def test_score_and_vae_run_on_different_gpus(cluster):
+def decoded_by(receiver, session_id: str, chunks: int) -> dict[int, dict]:
+    """Per chunk of the session: the egress span's record of who decoded it (deployment, replica, GPU ids)."""
+    def egress(spans):
+        return {s.attributes["chunk.index"]: s.attributes for s in spans
+                if s.name == "facecast.egress" and s.attributes.get("session.id") == session_id}
+
+    return egress(receiver.wait_for_spans(lambda got: len(egress(got)) >= chunks, timeout_s=30))
+
+
+def test_every_chunk_is_decoded_by_the_vae_decoder_on_a_gpu_the_score_group_does_not_use(receiver, client):
     score = serve.get_deployment_handle("ScoreWorkerGroup", app_name=APP_NAME).placement.remote().result()
     vae = serve.get_deployment_handle("VAEDecoder", app_name=APP_NAME).placement.remote().result()
     assert len(score["score"]) == 1 and len(vae["vae"]) == 1
     assert set(score["score"]).isdisjoint(vae["vae"]), (score, vae)
+    session = client.create_session(png(12))
+    result = client.stream(session, pcm16(speech(1.0, seed=12)), 16000)
+    client.close_session(session.session_id, session.session_token)
+    by_chunk = decoded_by(receiver, session.session_id, len(result.chunks))
+    assert sorted(by_chunk) == list(range(len(result.chunks)))
+    for index, attributes in by_chunk.items():    # what the decoding worker said about itself, per chunk
+        assert attributes["decoded_by.deployment"] == "VAEDecoder", (index, attributes)
+        assert attributes["decoded_by.gpu_ids"].split(",") == vae["vae"], (index, attributes, vae)
+        assert attributes["decoded_by.gpu_ids"] not in score["score"]
 
 
 def expect(code: grpc.StatusCode, call, *needles: str):

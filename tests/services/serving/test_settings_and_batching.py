@@ -7,7 +7,7 @@ import pytest
 
 from model_core.config import ConfigError
 from services.serving.settings import AppSettings
-from services.serving.workers import ChunkTurns, MicroBatcher
+from services.serving.ordering import ChunkTurns, MicroBatcher
 
 
 @pytest.mark.parametrize("args,needle", [
