@@ -39,7 +39,8 @@ from fractions import Fraction
 import numpy as np
 import torch
 
-from .audio import AudioConfig, AudioFrontend, AudioStreamState, as_float_pcm
+from .audio import AudioConfig, AudioFrontend, AudioStreamState
+from .audio_resample import as_float_pcm
 from .cache import ChunkAudio, ChunkRope, ConditionCache, KVCache
 from .config import ConfigError, DiTConfig, StreamConfig
 from .dit import CausalAvatarDiT

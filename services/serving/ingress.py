@@ -44,33 +44,13 @@ from services.serving.settings import AppSettings
 from services.store.sessions import SessionNotFound, SessionRecord, SessionState, connect_store
 from services.telemetry import (CHUNK_SPAN, EGRESS_SPAN, SESSION_SPAN, context_from_grpc_metadata, inject_context,
                                 setup_telemetry, span)
+from services.telemetry.ray_metrics import RayMetrics
 
 logger = logging.getLogger("facecast.ingress")
 
 _END = object()
 BACKPRESSURE_EVENT_INTERVAL_S = 2.0
 """At most one BACKPRESSURE event per stream in this many seconds."""
-
-
-class RayMetrics:
-    """The SRE-facing metrics mirrored into Ray's metrics (Prometheus on every node's metrics agent), next to Serve's
-    own `serve_*` series; the OpenTelemetry instruments carry the same values to the OTLP collector."""
-
-    def __init__(self) -> None:
-        from ray.util import metrics
-
-        bounds = [0.02, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4]
-        self.ttff = metrics.Histogram("facecast_session_ttff_seconds", "first audio in to first video chunk out",
-                                      boundaries=bounds)
-        self.chunk_interval = metrics.Histogram("facecast_chunk_interval_seconds", "time between chunks",
-                                                boundaries=bounds)
-        self.sessions_active = metrics.Gauge("facecast_sessions_active", "sessions open on this ingress replica")
-        self.sessions_rejected = metrics.Counter("facecast_sessions_rejected_total", "sessions refused by admission")
-        self.active = 0
-
-    def session_delta(self, delta: int) -> None:
-        self.active += delta
-        self.sessions_active.set(self.active)
 
 
 def internal_error(session_id: str | None, what: str, error: BaseException) -> ApiError:

@@ -181,8 +181,8 @@ def _state_bytes(state) -> int:
                                                                     cache.prev_value)]
     tensors += [f for audio in state.audio.characters for f in audio.features]
     total = sum(t.numel() * t.element_size() for t in tensors)
-    total += sum(a.nbytes for audio in state.audio.characters for a in audio.pcm) + sum(f.nbytes for f in state.decode.features
-                                                          if isinstance(f, torch.Tensor))
+    total += sum(a.nbytes for audio in state.audio.characters for a in audio.pcm)
+    total += sum(f.nbytes for f in state.decode.features if isinstance(f, torch.Tensor))
     return total
 
 

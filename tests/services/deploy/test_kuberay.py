@@ -1,5 +1,5 @@
-"""KubeRay RayService manifests (services/deploy/kuberay.py, k8s/rayservice-*.yaml): rendering, drift and offline
-validation.
+"""KubeRay RayService manifests (services/deploy/kuberay.py, kuberay_checks.py, k8s/rayservice-*.yaml): rendering,
+drift, offline validation and the CLI.
 
 The validation tests need the vendored KubeRay CRD (../shared/schemas/kuberay, or $FACECAST_KUBERAY_SCHEMAS): a
 declared dependency, so when it is missing they fail naming the path, as the store tests fail without redis-server.
@@ -10,8 +10,8 @@ import copy
 import pytest
 import yaml
 
-from services.deploy import kuberay as k8s
-from services.deploy.kuberay import main, manifest_path, render_manifest_text, render_rayservice, validate_rayservice
+from services.deploy.kuberay import main, manifest_path, render_manifest_text, render_rayservice
+from services.deploy.kuberay_checks import schemas_dir, validate_rayservice
 from services.deploy.serve_config import DeployConfigError, config_path, load_serve_config
 from services.net import DEFAULT_GRPC_PORT, DEFAULT_HTTP_PORT
 from services.serving.settings import LAYOUTS
@@ -20,10 +20,10 @@ from services.serving.settings import LAYOUTS
 @pytest.fixture
 def kuberay_crd():
     """The vendored RayService CRD the validator checks against; a missing one fails the test, naming the path."""
-    crd = k8s.schemas_dir() / "ray.io_rayservices.yaml"
+    crd = schemas_dir() / "ray.io_rayservices.yaml"
     if not crd.is_file():
         pytest.fail(f"KubeRay CRD not found: {crd} does not exist (vendor the KubeRay v1.7 CRDs into "
-                    f"{k8s.schemas_dir()} or set FACECAST_KUBERAY_SCHEMAS to the folder holding them)", pytrace=False)
+                    f"{schemas_dir()} or set FACECAST_KUBERAY_SCHEMAS to the folder holding them)", pytrace=False)
     return crd
 
 

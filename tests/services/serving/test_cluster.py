@@ -16,7 +16,7 @@ import ray
 from PIL import Image
 from ray import serve
 
-from model_core.engine import AvatarEngine, iter_pieces
+from model_core.engine import AvatarEngine, Character, iter_pieces
 from services.api import pb
 from services.api.client import AvatarClient
 from services.deploy.local_cluster import APP_NAME, LocalCluster
@@ -25,7 +25,7 @@ from services.media import decode_image_bytes, image_to_tensor
 from services.telemetry import serve_tracing_env
 from services.serving.vae_decoder import encode_jpeg
 
-from tests.model_core.helpers import speech
+from tests.model_core.helpers import burst_audio, expected_first_changed_latent, speech
 from tests.otlp_receiver import OtlpReceiver
 
 pytestmark = pytest.mark.integration
@@ -188,6 +188,82 @@ def test_every_chunk_is_decoded_by_the_vae_decoder_on_a_gpu_the_score_group_does
         assert attributes["decoded_by.deployment"] == "VAEDecoder", (index, attributes)
         assert attributes["decoded_by.gpu_ids"].split(",") == vae["vae"], (index, attributes, vae)
         assert attributes["decoded_by.gpu_ids"] not in score["score"]
+
+
+def stream_session(client, session, messages, timeout_s: float = 180):
+    """One StreamSession with exactly these input messages after attach; returns (video chunks, events)."""
+    attach = pb.SessionInput(attach=pb.Attach(session_id=session.session_id, session_token=session.session_token))
+    outputs = list(client.stub.StreamSession(iter([attach, *messages]), metadata=client.metadata, timeout=timeout_s))
+    return ([output.video_chunk for output in outputs if output.WhichOneof("output") == "video_chunk"],
+            [output.event for output in outputs if output.WhichOneof("output") == "event"])
+
+
+def audio_message(pcm: np.ndarray, character: int = 0) -> pb.SessionInput:
+    return pb.SessionInput(audio=pb.AudioInput(pcm_s16le=pcm.astype("<i2").tobytes(), sample_rate_hz=16000,
+                                               channels=1, character=character))
+
+
+def speaking_message(*states: tuple[int, bool]) -> pb.SessionInput:
+    return pb.SessionInput(control=pb.Control(speaking=[pb.SpeakingState(character=character, speaking=value)
+                                                        for character, value in states]))
+
+
+END_OF_INPUT = pb.SessionInput(control=pb.Control(end_of_input=True))
+
+
+def test_a_tone_burst_first_changes_exactly_the_chunk_whose_audio_window_covers_it(client):
+    """Audio-video alignment through the cluster: a burst inside video frame 29 may change nothing before the chunk
+    holding the first latent frame whose 5-frame audio window covers frame 29 (worked out by hand in the helper),
+    and must change that chunk. The whole clip goes in one message, so a window reading ahead cannot hide."""
+    burst_frame, image = 29, png(60)
+    runs = []
+    for amplitude in (0.0, 0.5):
+        session = client.create_session(image)
+        chunks, _ = stream_session(client, session, [audio_message(pcm16(burst_audio(1.6, burst_frame,
+                                                                                        amplitude=amplitude))),
+                                                      END_OF_INPUT])
+        client.close_session(session.session_id, session.session_token)
+        runs.append([list(chunk.frames) for chunk in chunks])
+    silent, burst = runs
+    assert len(silent) == len(burst) >= 3
+    first_changed = next(index for index, (a, b) in enumerate(zip(silent, burst)) if a != b)
+    assert first_changed == expected_first_changed_latent(burst_frame) // 3
+
+
+def test_two_characters_take_turns_over_grpc_and_stream_the_engines_frames_and_mixed_audio(client):
+    """Two characters, left and right: character 0 talks while 1 listens, then they swap. Every chunk waits for the
+    audio of every speaking character; the video lasts as long as the longest track; each chunk carries the mix."""
+    regions = [(0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)]
+    image, first, second = png(70), pcm16(speech(1.0, seed=71)), pcm16(speech(1.0, seed=72))
+    script = [speaking_message((1, False))]
+    script += [audio_message(first[i:i + 640], 0) for i in range(0, first.shape[0], 640)]
+    script += [speaking_message((0, False), (1, True))]
+    script += [audio_message(second[i:i + 640], 1) for i in range(0, second.shape[0], 640)]
+    session = client.create_session(image, characters=regions)
+    assert len(session.characters) == 2
+    chunks, events = stream_session(client, session, script + [END_OF_INPUT])
+    client.close_session(session.session_id, session.session_token)
+    assert chunks[-1].final and events[-1].type == pb.Event.SESSION_ENDED
+    assert [chunk.chunk_index for chunk in chunks] == list(range(len(chunks)))
+    assert sum(len(chunk.frames) for chunk in chunks) == 50           # 2.0 s: the turns follow each other
+    mixed = np.frombuffer(b"".join(chunk.audio_pcm_s16le for chunk in chunks), "<i2").astype(np.int32)
+    spoken = np.concatenate([first, second]).astype(np.int32)
+    assert mixed.shape == spoken.shape and np.abs(mixed - spoken).max() <= 2   # the mix: one voice at a time
+
+    engine = AvatarEngine.from_preset("tiny", seed=0)
+    sid = engine.open_session(image_to_tensor(decode_image_bytes(image), 64, 64), "",
+                              characters=[Character(region) for region in regions])
+    expected = []
+    engine.set_speaking(sid, 1, False)
+    for piece in iter_pieces(first, 640):
+        expected += engine.push_audio(sid, piece, 16000, character=0)
+    engine.set_speaking(sid, 0, False)
+    engine.set_speaking(sid, 1, True)
+    for piece in iter_pieces(second, 640):
+        expected += engine.push_audio(sid, piece, 16000, character=1)
+    expected += engine.end_input(sid)
+    assert [jpeg for chunk in chunks for jpeg in chunk.frames] == [
+        jpeg for chunk in expected for jpeg in encode_jpeg(chunk.frames, 90)]
 
 
 def expect(code: grpc.StatusCode, call, *needles: str):

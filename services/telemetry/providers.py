@@ -1,62 +1,19 @@
-"""OpenTelemetry traces and metrics for facecast (OTLP over gRPC).
+"""Setting up OpenTelemetry for one process: the providers, the OTLP/console exporters, facecast's metric
+instruments, and the exporter hook that Ray Serve's built-in tracing loads.
 
-Call :func:`setup_telemetry` once per process: in the driver, in each Serve
-replica's ``__init__`` and in each Ray actor's ``__init__``. It is idempotent,
-and it returns a :class:`Telemetry` that holds the tracer, the meter and the
-instruments below. Where nothing is configured, the tracer and meter are
-no-op, so code can always record.
+What lives here
+---------------
+* :func:`setup_telemetry`, idempotent per process, returning a :class:`Telemetry` (tracer, meter, instruments);
+  :func:`current_telemetry` reads the process's one instance (None before setup).
+* :func:`serve_span_processors` and :func:`serve_tracing_env`: what Serve's proxies and replicas need to trace
+  the proxy -> replica -> handle chain.
 
-Span tree
----------
-One trace per session, rooted at the client's ``traceparent`` when it sends
-one::
+Where a global provider is already set, it is reused as it is; :meth:`Telemetry.shutdown` shuts down only the
+providers installed here.
 
-    <client span>                     e.g. the product backend's gRPC client span
-    └─ [Serve: proxy_grpc_request → route_to_replica → replica_handle_request]
-       └─ facecast.session            SESSION_SPAN; session.id, preset
-          └─ facecast.chunk           CHUNK_SPAN, one per chunk; session.id, chunk.index
-             ├─ facecast.audio.encode AUDIO_ENCODE_SPAN
-             ├─ facecast.score.step   SCORE_STEP_SPAN, one per denoising step; step
-             ├─ facecast.vae.decode   VAE_DECODE_SPAN
-             └─ facecast.egress       EGRESS_SPAN (publish or stream the chunk out)
-
-The Serve spans in brackets appear only when Serve's built-in tracing is on
-(see :func:`serve_tracing_env`). Use :func:`context_from_grpc_metadata` at the
-ingress to seed ``facecast.session`` from the client's metadata. For every
-other Ray hop (handle call or actor call), pass :func:`inject_context`'s plain
-dict along with the request, and open the callee's span with
-``span(NAME, carrier)``.
-
-Metrics
--------
-Durations are histograms in seconds with explicit buckets
-``0.01 … 6.4`` (:data:`SECONDS_BUCKETS`):
-
-* ``facecast.session.ttff`` (s): first audio in → first video chunk out.
-* ``facecast.chunk.interval`` (s): time between consecutive chunks of one
-  session (TTBC).
-* ``facecast.chunk.stage.duration`` (s), attribute ``stage``, one of
-  ``audio``, ``score_step_<k>`` (see :func:`score_step_stage`), ``score``,
-  ``vae`` or ``egress``.
-* ``facecast.session.fps`` (``{frame}/s``), with :data:`FPS_BUCKETS`.
-* ``facecast.chunk.realtime_factor`` (``1``): generation time / chunk
-  duration, where < 1 means faster than real time. Uses
-  :data:`REALTIME_FACTOR_BUCKETS`.
-* ``facecast.sessions.active`` (up-down counter).
-* ``facecast.chunks.in_flight`` (up-down counter).
-* ``facecast.sessions.rejected`` (counter), attribute ``reason``.
-
-Keep metric attributes low-cardinality. Never put ``session.id`` on a
-metric; it belongs on spans.
-
-Providers
----------
-:func:`setup_telemetry` installs the global tracer and meter providers only
-where none is set yet. If another component set one first, it is reused as
-is: nothing is replaced, and no exporters are added to it. Ray Serve's
-built-in tracing, for example, sets the tracer provider in each replica
-before the deployment's ``__init__`` runs. :meth:`Telemetry.shutdown` shuts
-down only the providers that this module installed.
+What this file does not know
+----------------------------
+Spans and trace-context propagation (:mod:`services.telemetry.spans`), or what the deployments record.
 """
 
 from __future__ import annotations
@@ -64,110 +21,41 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from typing import Any
 
-from opentelemetry import context as otel_context
-from opentelemetry import metrics, propagate, trace
-from opentelemetry.context import Context
+from opentelemetry import metrics, trace
 from opentelemetry.metrics import Counter, Histogram, Meter, UpDownCounter
 from opentelemetry.sdk.trace import SpanProcessor
-from opentelemetry.trace import Span, Tracer
+from opentelemetry.trace import Tracer
+
+from .names import (
+    CHUNK_INTERVAL_METRIC,
+    CHUNKS_IN_FLIGHT_METRIC,
+    FPS_BUCKETS,
+    FPS_METRIC,
+    INSTRUMENTATION_NAME,
+    REALTIME_FACTOR_BUCKETS,
+    REALTIME_FACTOR_METRIC,
+    SECONDS_BUCKETS,
+    SERVICE_NAME,
+    SESSIONS_ACTIVE_METRIC,
+    SESSIONS_REJECTED_METRIC,
+    STAGE_DURATION_METRIC,
+    TTFF_METRIC,
+)
 
 __all__ = [
-    "ATTR_CHUNK_INDEX",
-    "ATTR_PRESET",
-    "ATTR_REASON",
-    "ATTR_SESSION_ID",
-    "ATTR_STAGE",
-    "ATTR_STEP",
-    "AUDIO_ENCODE_SPAN",
-    "CHUNKS_IN_FLIGHT_METRIC",
-    "CHUNK_INTERVAL_METRIC",
-    "FPS_METRIC",
-    "METRIC_NAMES",
-    "REALTIME_FACTOR_METRIC",
-    "SESSIONS_ACTIVE_METRIC",
-    "SESSIONS_REJECTED_METRIC",
-    "STAGE_DURATION_METRIC",
-    "TTFF_METRIC",
-    "CHUNK_SPAN",
-    "EGRESS_SPAN",
-    "FPS_BUCKETS",
-    "REALTIME_FACTOR_BUCKETS",
-    "SCORE_STEP_SPAN",
-    "SECONDS_BUCKETS",
+    "DEFAULT_METRIC_INTERVAL_S",
+    "FACECAST_TELEMETRY_ENV",
     "SERVE_SPAN_PROCESSORS_IMPORT_PATH",
-    "SERVICE_NAME",
-    "SESSION_SPAN",
-    "STAGE_AUDIO",
-    "STAGE_EGRESS",
-    "STAGE_SCORE",
-    "STAGE_VAE",
     "Telemetry",
-    "VAE_DECODE_SPAN",
-    "context_from_grpc_metadata",
-    "extract_context",
-    "inject_context",
-    "score_step_stage",
+    "current_telemetry",
     "serve_span_processors",
     "serve_tracing_env",
     "setup_telemetry",
-    "span",
 ]
 
 logger = logging.getLogger(__name__)
-
-SERVICE_NAME = "facecast"
-INSTRUMENTATION_NAME = "facecast"
-
-# --- span names -------------------------------------------------------------
-SESSION_SPAN = "facecast.session"
-CHUNK_SPAN = "facecast.chunk"
-AUDIO_ENCODE_SPAN = "facecast.audio.encode"
-SCORE_STEP_SPAN = "facecast.score.step"
-VAE_DECODE_SPAN = "facecast.vae.decode"
-EGRESS_SPAN = "facecast.egress"
-
-# --- span attribute keys ----------------------------------------------------
-ATTR_SESSION_ID = "session.id"
-ATTR_PRESET = "preset"
-ATTR_CHUNK_INDEX = "chunk.index"
-ATTR_STEP = "step"
-
-# --- metric names and attribute values --------------------------------------
-TTFF_METRIC = "facecast.session.ttff"
-CHUNK_INTERVAL_METRIC = "facecast.chunk.interval"
-STAGE_DURATION_METRIC = "facecast.chunk.stage.duration"
-FPS_METRIC = "facecast.session.fps"
-REALTIME_FACTOR_METRIC = "facecast.chunk.realtime_factor"
-SESSIONS_ACTIVE_METRIC = "facecast.sessions.active"
-CHUNKS_IN_FLIGHT_METRIC = "facecast.chunks.in_flight"
-SESSIONS_REJECTED_METRIC = "facecast.sessions.rejected"
-METRIC_NAMES = (
-    TTFF_METRIC,
-    CHUNK_INTERVAL_METRIC,
-    STAGE_DURATION_METRIC,
-    FPS_METRIC,
-    REALTIME_FACTOR_METRIC,
-    SESSIONS_ACTIVE_METRIC,
-    CHUNKS_IN_FLIGHT_METRIC,
-    SESSIONS_REJECTED_METRIC,
-)
-
-ATTR_STAGE = "stage"
-ATTR_REASON = "reason"
-STAGE_AUDIO = "audio"
-STAGE_SCORE = "score"
-STAGE_VAE = "vae"
-STAGE_EGRESS = "egress"
-
-SECONDS_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4)
-# The seconds buckets would put every fps / realtime-factor value in one bucket,
-# so those two get buckets of their own.
-FPS_BUCKETS = (1.0, 5.0, 10.0, 15.0, 20.0, 24.0, 25.0, 30.0, 50.0, 60.0)
-REALTIME_FACTOR_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0)
 
 DEFAULT_METRIC_INTERVAL_S = 10.0
 
@@ -181,11 +69,6 @@ _INSECURE = "OTEL_EXPORTER_OTLP_INSECURE"
 _TRACES_INSECURE = "OTEL_EXPORTER_OTLP_TRACES_INSECURE"
 _METRICS_INSECURE = "OTEL_EXPORTER_OTLP_METRICS_INSECURE"
 _METRIC_INTERVAL = "OTEL_METRIC_EXPORT_INTERVAL"  # milliseconds, per the OTel spec
-
-
-def score_step_stage(k: int) -> str:
-    """The ``stage`` attribute value for denoising step ``k``: ``score_step_<k>``."""
-    return f"score_step_{int(k)}"
 
 
 class Telemetry:
@@ -310,6 +193,11 @@ class Telemetry:
 
 _lock = threading.Lock()
 _telemetry: Telemetry | None = None
+
+
+def current_telemetry() -> Telemetry | None:
+    """This process's :class:`Telemetry` once :func:`setup_telemetry` has run, else None."""
+    return _telemetry
 
 
 def _env_true(name: str) -> bool:
@@ -499,97 +387,6 @@ def _build(
         tracer_provider=tracer_provider,
         meter_provider=meter_provider,
     )
-
-
-# --- context propagation ----------------------------------------------------
-
-
-def inject_context(context: Context | None = None) -> dict[str, str]:
-    """The current (or given) trace context as a plain, picklable dict.
-
-    With the default propagators it holds W3C ``traceparent``/``tracestate``
-    (and ``baggage`` when there is some). Pass it through Serve handle calls
-    and Ray actor calls as a normal argument or a request field. It is ``{}``
-    when there is no active span.
-    """
-    carrier: dict[str, str] = {}
-    propagate.inject(carrier, context=context)
-    return carrier
-
-
-def extract_context(carrier: Mapping[str, str] | None) -> Context:
-    """The context a carrier from :func:`inject_context` stands for.
-
-    With no carrier, or one without a valid ``traceparent``, this is an
-    empty context, so a span started in it is a new root.
-    """
-    if not carrier:
-        return Context()
-    return propagate.extract(dict(carrier))
-
-
-def context_from_grpc_metadata(metadata: Sequence[tuple[str, str]] | None) -> Context:
-    """The client's trace context from gRPC invocation metadata.
-
-    Takes ``(key, value)`` pairs such as ``RayServegRPCContext.invocation_metadata()``
-    or ``grpc.ServicerContext.invocation_metadata()``. Keys are matched
-    case-insensitively, binary (``-bin``) entries are skipped, and the first
-    value of a repeated key wins.
-
-    Behind Serve with built-in tracing on, the current context is already
-    Serve's ``replica_handle_request`` span, which is a child of this same
-    client span. Starting ``facecast.session`` in the current context (no
-    carrier) then keeps Serve's spans in the chain. This function is for the
-    case where Serve's tracing is off.
-    """
-    carrier: dict[str, str] = {}
-    for item in metadata or ():
-        key, value = item[0], item[1]
-        if isinstance(key, bytes):
-            key = key.decode("ascii", "replace")
-        key = key.lower()
-        if key.endswith("-bin") or not isinstance(value, str) or key in carrier:
-            continue
-        carrier[key] = value
-    return extract_context(carrier)
-
-
-@contextmanager
-def span(
-    name: str, carrier: Mapping[str, str] | Context | None = None, **attributes: Any
-) -> Iterator[Span]:
-    """Start ``name`` as the current span and yield it.
-
-    The parent is:
-
-    * ``carrier`` itself, when it is a :class:`Context` holding a valid
-      span (e.g. from :func:`context_from_grpc_metadata`);
-    * the context in ``carrier``, when it is a mapping holding a valid
-      ``traceparent`` (from :func:`inject_context`);
-    * otherwise the current context. This covers no carrier and a carrier
-      of either kind with no valid span. For example, a client that sent no
-      ``traceparent`` leaves the span under Serve's replica span, if there is
-      one, or makes it a new root.
-
-    Attributes whose value is None are dropped. An exception leaving the
-    block is recorded on the span, which is marked as an error, and then
-    re-raised.
-    """
-    if isinstance(carrier, Context):
-        valid = trace.get_current_span(carrier).get_span_context().is_valid
-        parent: Context | None = carrier if valid else None
-    elif carrier:
-        # Extract over the current context: a valid traceparent replaces the
-        # current span, and an empty or invalid one leaves it in place.
-        parent = propagate.extract(dict(carrier), context=otel_context.get_current())
-    else:
-        parent = None
-    attrs = {k: v for k, v in attributes.items() if v is not None}
-    tracer = _telemetry.tracer if _telemetry is not None else trace.get_tracer(INSTRUMENTATION_NAME)
-    with tracer.start_as_current_span(
-        name, context=parent, attributes=attrs, record_exception=True, set_status_on_exception=True
-    ) as current:
-        yield current
 
 
 # --- Ray Serve built-in tracing -----------------------------------------------
