@@ -88,6 +88,8 @@ class AppSettings:
         check(1 <= self.max_batch_size <= 64, "max_batch_size", "allowed: 1 to 64")
         check(10 <= self.jpeg_quality <= 100, "jpeg_quality", "allowed: 10 to 100")
         check(self.session_ttl_s > 0, "session_ttl_s", "must be > 0 seconds")
+        if self.audio_backend is not None or self.audio_model_path is not None:
+            self.audio_config()   # the front-end's own checks name audio backend / model_path and the allowed values
         check(self.session_sweep_s > 0, "session_sweep_s", "must be > 0 seconds")
 
     @classmethod

@@ -14,6 +14,8 @@ from services.serving.ordering import ChunkTurns, MicroBatcher
     ({"layout": "2+2"}, "layout='2+2'"), ({"preset": "huge"}, "preset='huge'"), ({"steps": 7}, "steps=7"),
     ({"score_mode": "parallel"}, "score_mode"), ({"vae_placement": "gpu9"}, "vae_placement"),
     ({"max_batch_size": 0}, "max_batch_size"), ({"stepz": 2}, "unknown application args ['stepz']"),
+    ({"audio_backend": "nope"}, "backend='nope'"), ({"audio_backend": "whisper"}, "model_path=None"),
+    ({"session_ttl_s": 0}, "session_ttl_s"), ({"session_sweep_s": -1}, "session_sweep_s"),
 ])
 def test_settings_name_the_bad_field(args, needle):
     with pytest.raises(ConfigError, match=re.escape(needle)):
@@ -47,6 +49,22 @@ def test_micro_batcher_groups_concurrent_calls_by_key_and_reports_errors():
     assert results == [2, 4, 20, 6]
     assert sorted(map(sorted, calls[:2]), key=len) == [[10], [1, 2, 3]], "one group per key"
     assert isinstance(failed[0], RuntimeError) and stats["max_batch_size"] == 3
+
+
+def test_micro_batcher_fails_only_the_member_whose_result_is_an_exception():
+    async def run_group(payloads):
+        return [KeyError(f"{payload} is gone") if payload < 0 else payload * 2 for payload in payloads]
+
+    async def main():
+        batcher = MicroBatcher(run_group, max_batch_size=8, wait_s=0.05)
+        results = await asyncio.gather(batcher.submit("k", 1), batcher.submit("k", -1), batcher.submit("k", 3),
+                                       return_exceptions=True)
+        return results, batcher.stats()
+
+    results, stats = asyncio.run(main())
+    assert stats["max_batch_size"] == 3
+    assert results[0] == 2 and results[2] == 6
+    assert isinstance(results[1], KeyError)
 
 
 def test_chunk_turns_enforce_chunk_order_per_session():
