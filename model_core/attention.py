@@ -18,7 +18,8 @@ Two entry points:
 
 The switch: `set_attention_backend("auto" | "sdpa" | "math" | "flash")`, or `FACECAST_ATTENTION` in the
 environment.  "math" forces SDPA's reference kernel (used by tests to hold kernels equal).
-This module changes no global torch settings.
+This module changes no global torch settings.  What may live here: kernels and the switch between them; nothing
+that knows about chunks, caches, sessions or the model (callers build the key blocks).  Hot path: no host syncs.
 """
 
 from __future__ import annotations

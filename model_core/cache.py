@@ -9,7 +9,8 @@
 * `ChunkAudio` — the audio tokens (after the audio projection) of one chunk, per character, with each
   character's spatial region mask.
 
-Shapes use L = blocks, B = batch (sessions), H = heads, D = head channels.
+Shapes use L = blocks, B = batch (sessions), H = heads, D = head channels.  What may live here: the state objects
+and their in-place updates (static shapes, no host syncs); nothing that computes attention or knows about Ray.
 """
 
 from __future__ import annotations

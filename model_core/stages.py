@@ -26,6 +26,10 @@ Characters (K per session, one audio track each, see `AudioStage`):
     ignores those tokens).
   * At end of input the video lasts as long as the longest track.  A chunk's `audio_pcm` is the mix of every track
     over the chunk's span: the sum, clipped to [-1, 1], ending where the longest track ends.
+
+What may live here: the stages and the per-session state types they hand in and out; nothing about Ray, networks
+or processes.  Host syncs in the hot path are the step timer's (score, CUDA only) and the decode's copy of frames to
+the host — each explained where it happens.
 """
 
 from __future__ import annotations

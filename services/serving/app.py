@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from ray.serve import Application
 
+from model_core.config import ConfigError
 from services.serving.audio_encoder import AudioEncoder
 from services.serving.ingress import SessionIngress
 from services.serving.llm_bridge import LLMBridge
@@ -38,7 +39,7 @@ def build_app(args: dict | None = None, deployment_options: dict[str, dict] | No
     options = deployment_options or {}
     unknown = sorted(set(options) - set(DEPLOYMENT_NAMES))
     if unknown:
-        raise ValueError(f"deployment_options names {unknown} are not deployments; allowed: {DEPLOYMENT_NAMES}")
+        raise ConfigError(f"deployment_options names {unknown} are not deployments; allowed: {DEPLOYMENT_NAMES}")
 
     def bind(deployment, *init_args):
         return deployment.options(**options.get(deployment.name, {})).bind(*init_args)

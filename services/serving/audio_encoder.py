@@ -42,12 +42,14 @@ class _AudioSessionState:
 class AudioEncoder:
     """Streaming audio -> per-chunk tickets (to the ingress) and features (to the score group)."""
 
-    def __init__(self, settings: AppSettings):
+    def __init__(self, settings: AppSettings, stage: AudioStage | None = None):
+        """`stage`: the audio engine to serve (tests inject one); None builds it from the settings."""
         self.settings = settings
         self.telemetry = setup_telemetry("facecast-audio")
-        audio_config = settings.audio_config()
-        self.stage = AudioStage(audio_config, dit_config_for(settings.preset_config, settings.checkpoint,
-                                                             audio_config))
+        if stage is None:
+            audio_config = settings.audio_config()
+            stage = AudioStage(audio_config, dit_config_for(settings.preset_config, settings.checkpoint, audio_config))
+        self.stage = stage
         self.sessions: dict[str, _AudioSessionState] = {}
 
     def open(self, session_id: str, stream, num_characters: int) -> None:

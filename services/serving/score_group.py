@@ -27,6 +27,7 @@ import ray
 import torch
 from ray import serve
 
+from model_core.config import ConfigError
 from model_core.engine import Character, region_masks, token_grid
 from model_core.models import build_dit, build_vae
 from model_core.stages import NoisyChunk, ScoreStage
@@ -81,15 +82,20 @@ class DenoiseStepActor:
 class ScoreWorkerGroup:
     """The causal DiT for every session; see the module docstring for the two modes."""
 
-    def __init__(self, settings: AppSettings):
+    def __init__(self, settings: AppSettings, stage: ScoreStage | None = None):
+        """`stage`: the score engine to serve (tests inject one); None builds it from the settings."""
         self.settings = settings
         self.telemetry = setup_telemetry("facecast-score")
-        self.stage, self.weights_note = build_score_stage(settings)
+        if stage is None:
+            stage, self.weights_note = build_score_stage(settings)
+        else:
+            self.weights_note = "weights: injected"
+        self.stage = stage
         dit_config = self.stage.dit.config
         self.prompt_encoder = build_prompt_encoder(settings.preset_config.text_encoder, dit_config.text_dim,
                                                    dit_config.text_len)
         self.pipelined = settings.score_mode == "pipelined" and settings.steps > 1
-        self.local_steps = [0] if self.pipelined else list(range(settings.steps))
+        self.own_steps = [0] if self.pipelined else list(range(settings.steps))
         actor = ray.remote(num_cpus=0, num_gpus=1)(DenoiseStepActor)
         self.step_actors = [actor.remote(settings, [k]) for k in range(1, settings.steps)] if self.pipelined else []
         self.sessions = {}
@@ -111,12 +117,13 @@ class ScoreWorkerGroup:
                    regions: list[tuple[float, float, float, float]]) -> None:
         """reference_latent [1, 16, 1, h, w] (the decoder's encode_reference, resolved here, never in the ingress)."""
         if stream.steps != self.settings.steps:
-            raise ValueError(f"stream.steps={stream.steps} but this score group runs {self.settings.steps} steps")
+            raise ConfigError(f"stream.steps={stream.steps} is not served here: this score group runs "
+                              f"{self.settings.steps} steps")
         text_states = self.prompt_encoder([prompt])
         characters = [Character(tuple(region)) for region in regions] or [Character()]
         masks = region_masks(characters, *token_grid(self.stage.dit.config, reference_latent))
         self.sessions[session_id] = await self._compute(self.stage.open, session_id, stream, reference_latent,
-                                                        text_states, masks, self.local_steps)
+                                                        text_states, masks, self.own_steps)
         await asyncio.gather(*(actor.open.remote(session_id, stream, reference_latent, text_states, masks)
                                for actor in self.step_actors))
 

@@ -209,13 +209,15 @@ def _tensors(value):
 class VAEDecoder:
     """Reference encoding and streaming decode for every session; keeps the last chunks of each for replay."""
 
-    def __init__(self, settings: AppSettings):
+    def __init__(self, settings: AppSettings, vae=None):
+        """`vae`: the StreamingVAE to serve (tests inject one); None builds it from the settings."""
         self.settings = settings
         self.telemetry = setup_telemetry("facecast-vae")
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vae")
-        self.decoder = SessionDecoder(build_vae(settings.preset_config, checkpoint=settings.checkpoint,
-                                                device=settings.worker_device(), seed=settings.seed),
-                                      settings, self._compute, "VAEDecoder")
+        if vae is None:
+            vae = build_vae(settings.preset_config, checkpoint=settings.checkpoint, device=settings.worker_device(),
+                            seed=settings.seed)
+        self.decoder = SessionDecoder(vae, settings, self._compute, "VAEDecoder")
 
     async def _compute(self, fn, *args):
         return await run_on(self.executor, fn, *args)

@@ -27,7 +27,8 @@ from services.serving.audio_encoder import AudioEncoder
 from services.serving.ingress import SessionIngress, StreamAborted
 from services.serving.llm_bridge import LLMBridge
 from services.serving.messages import ChunkFeatures, ChunkTicket, DecodedFrames, ScoredChunk
-from services.serving.score_group import ScoreWorkerGroup
+from model_core.stages import ScoreStage
+from services.serving.score_group import ScoreWorkerGroup, build_score_stage
 from services.serving.settings import AppSettings
 from services.serving.vae_decoder import VAEDecoder, encode_jpeg
 from services.store.sessions import SessionState, connect_store
@@ -66,11 +67,11 @@ def store(redis_url):
 class Cluster:
     """The real worker classes behind recording handles, and an ingress over them."""
 
-    def __init__(self, store, **args):
+    def __init__(self, store, score_stage=None, **args):
         self.settings = AppSettings.from_args({"preset": "tiny", "redis_url": _url(store), **args})
         self.transport = Transport()
         self.audio = AudioEncoder.func_or_class(self.settings)
-        self.score = ScoreWorkerGroup.func_or_class(self.settings)
+        self.score = ScoreWorkerGroup.func_or_class(self.settings, score_stage)
         self.decoder = VAEDecoder.func_or_class(self.settings)
         self.ingress = SessionIngress.func_or_class(
             self.settings, self.transport.handle("AudioEncoder", self.audio),
@@ -317,15 +318,19 @@ def test_a_reattach_past_the_replay_buffer_warns_and_resumes_at_the_oldest_buffe
 
 
 def test_a_worker_failure_ends_the_stream_with_internal_and_a_correlation_id_and_marks_the_session_failed(store):
-    async def main():
-        cluster = Cluster(store)
-        session = await cluster.create(png(8))
+    class ExplodingStage(ScoreStage):
+        """A score engine whose forward fails the way a dead GPU worker's does, with internals in the message."""
 
-        def explode(*args):
+        def denoise(self, session, audio_input):
             raise RuntimeError("worker pid=4242 at 10.1.2.3 actor_id=abcdef exploded")
 
-        cluster.score._all_steps = explode
-        cluster.score.batcher = None
+        def denoise_batch(self, sessions, inputs):
+            return [self.denoise(session, item) for session, item in zip(sessions, inputs)]
+
+    async def main():
+        settings = AppSettings.from_args({"preset": "tiny"})
+        cluster = Cluster(store, score_stage=ExplodingStage(build_score_stage(settings)[0].dit))
+        session = await cluster.create(png(8))
         outputs, context = await cluster.stream(session, audio_messages(pcm16(speech(1.0, seed=9))))
         state = store.get(session.session_id).state
         _, again = await cluster.stream(session, [])

@@ -1,0 +1,27 @@
+"""AppSettings: the cluster's one config object names every bad field."""
+
+import re
+
+import pytest
+
+from model_core.config import ConfigError
+from services.serving.settings import AppSettings
+
+
+@pytest.mark.parametrize("args,needle", [
+    ({"layout": "2+2"}, "layout='2+2'"), ({"preset": "huge"}, "preset='huge'"), ({"steps": 7}, "steps=7"),
+    ({"score_mode": "parallel"}, "score_mode"), ({"vae_placement": "gpu9"}, "vae_placement"),
+    ({"max_batch_size": 0}, "max_batch_size"), ({"stepz": 2}, "unknown application args ['stepz']"),
+    ({"audio_backend": "nope"}, "backend='nope'"), ({"audio_backend": "whisper"}, "model_path=None"),
+    ({"session_ttl_s": 0}, "session_ttl_s"), ({"session_sweep_s": -1}, "session_sweep_s"),
+])
+def test_settings_name_the_bad_field(args, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        AppSettings.from_args(args)
+
+
+def test_settings_defaults_and_api_keys_from_env(monkeypatch):
+    settings = AppSettings.from_args({"api_keys": ["a"]})
+    monkeypatch.setenv("FACECAST_API_KEYS", "b, c")
+    assert settings.effective_api_keys() == {"a", "b", "c"}
+    assert settings.stream_defaults().steps == settings.steps == 2
