@@ -1,17 +1,19 @@
 """The one place the deployment graph is bound.
 
-    gRPC client ─► SessionIngress ─► AudioEncoder ─┐ ChunkTicket (frame span + audio) back to the ingress
+    gRPC client ─► SessionIngress ─► AudioEncoder ─┐ ChunkTicket (frame span + audio + features ref) to the ingress
      (facecast.v1)      │                          └► ChunkFeatures ─► ScoreWorkerGroup ─► ScoredChunk ─► VAEDecoder
-                        │                              (passed on unresolved)   (KV caches per step;  (unresolved)  │
+                        │                              (object ref,              (KV caches per step;  (unresolved)  │
+                        │                               unresolved)                                                │
                         │                                                        pipelined: + one actor            │
                         │                                                        per further step)                 │
                         ◄──────────────────────────── DecodedFrames (JPEG + timings + who decoded) ◄───────────────┘
                         ├─► LLMBridge  (the audio-LLM seam; sessions run on raw audio without it)
                         └─► Redis      (session records)
 
-The ingress calls every deployment itself, but the heavy data never passes through it: it hands the AudioEncoder's
-features response to the score group and the score group's response to the decoder unresolved (Serve resolves a
-top-level DeploymentResponse argument inside the callee), and gets back only frames.  In the self-contained layout
+The ingress calls every deployment itself, but the heavy data never passes through it: it hands the ticket's
+reference to the features (an ObjectRef the AudioEncoder put in the object store) to the score group and the score
+group's response to the decoder unresolved (Ray and Serve resolve a top-level ObjectRef or DeploymentResponse
+argument inside the callee), and gets back only frames.  In the self-contained layout
 (`vae_placement: colocated`) the score group is bound as the decoder too, so the ingress never knows where decoding
 runs.
 

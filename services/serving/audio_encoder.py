@@ -2,18 +2,20 @@
 `model_core.stages.AudioStage`).
 
 What leaves this deployment, and to whom:
-    push / end      -> the ingress: one `ChunkTicket` per chunk that became ready (frame span + its audio, no tensors)
-    features(chunk) -> the score group: the chunk's `ChunkFeatures` (the ingress passes the response on unresolved)
+    push / end -> the ingress: one `ChunkTicket` per chunk that became ready: its frame span, its audio, and a
+                  reference to its `ChunkFeatures` put in the object store (`put`, Ray's by default), which the
+                  ingress hands to the score group unresolved — so the features go from here to the score group
+                  without passing through the ingress, and without a second call to this deployment.
 Per session it keeps the last `REPLAY_CHUNKS` tickets (a re-attaching ingress resends their audio with the buffered
-frames, and resubmits chunks a dead ingress cut but never submitted) and the features not yet taken.
+frames, and resubmits chunks a dead ingress cut but never submitted); their references keep the features alive.
 """
 
 from __future__ import annotations
 
-import time
 from collections import deque
 
 import numpy as np
+import ray
 from ray import serve
 
 from model_core.models import dit_config_for
@@ -29,22 +31,22 @@ def pcm_to_s16le(pcm: np.ndarray) -> bytes:
 
 
 class _AudioSessionState:
-    """One session on this replica: the stage's state, recent tickets, features not yet taken, last use."""
+    """One session on this replica: the stage's state and the recent tickets."""
 
     def __init__(self, stage_session) -> None:
         self.stage = stage_session
         self.recent: deque[ChunkTicket] = deque(maxlen=REPLAY_CHUNKS)
-        self.features: dict[int, ChunkFeatures] = {}
-        self.touched_at = time.monotonic()
 
 
 @serve.deployment(name="AudioEncoder", max_ongoing_requests=256)
 class AudioEncoder:
     """Streaming audio -> per-chunk tickets (to the ingress) and features (to the score group)."""
 
-    def __init__(self, settings: AppSettings, stage: AudioStage | None = None):
-        """`stage`: the audio engine to serve (tests inject one); None builds it from the settings."""
+    def __init__(self, settings: AppSettings, stage: AudioStage | None = None, put=None):
+        """`stage`: the audio engine to serve (tests inject one); None builds it from the settings.
+        `put(value) -> reference`: where features go for the score group (None: `ray.put`)."""
         self.settings = settings
+        self.put = put or ray.put
         self.telemetry = setup_telemetry("facecast-audio")
         if stage is None:
             audio_config = settings.audio_config()
@@ -68,15 +70,6 @@ class AudioEncoder:
         with span(AUDIO_ENCODE_SPAN, carrier, **{"session.id": session_id, "end_of_input": True}):
             return self._cut(session, self.stage.end(session.stage))
 
-    def features(self, session_id: str, chunk_index: int) -> ChunkFeatures:
-        """The chunk's features, handed once to the score group."""
-        session = self._session(session_id)
-        try:
-            return session.features.pop(chunk_index)
-        except KeyError:
-            raise KeyError(f"AudioEncoder: chunk {chunk_index} of session {session_id!r} was not cut or was already "
-                           "taken") from None
-
     def recent(self, session_id: str, from_chunk: int) -> list[ChunkTicket]:
         """Tickets still kept whose index is >= from_chunk (oldest first)."""
         return [ticket for ticket in self._session(session_id).recent if ticket.chunk_index >= from_chunk]
@@ -97,21 +90,19 @@ class AudioEncoder:
         return list(self.sessions)
 
     def held_bytes(self) -> int:
-        """Bytes of features held for chunks not yet taken (the per-session state that grows with load)."""
-        return sum(item.features.nbytes + item.speaking.nbytes
-                   for session in self.sessions.values() for item in session.features.values())
+        """Bytes of audio this replica keeps in recent tickets (features live in the object store)."""
+        return sum(len(ticket.audio_pcm_s16le) for session in self.sessions.values() for ticket in session.recent)
 
     def _cut(self, session: _AudioSessionState, inputs: list[ChunkAudioInput]) -> list[ChunkTicket]:
-        session.touched_at = time.monotonic()
         tickets = []
         for item in inputs:
+            features = self.put(ChunkFeatures(item.session_id, item.chunk_index, item.features, item.speaking,
+                                              item.audio_s))
             ticket = ChunkTicket(
                 session_id=item.session_id, chunk_index=item.chunk_index, first_frame=item.first_frame,
                 num_frames=item.num_frames, fps=item.fps, final=item.final,
                 audio_pcm_s16le=pcm_to_s16le(item.audio_pcm), sample_rate_hz=item.sample_rate_hz,
-                audio_ms=item.audio_s * 1000)
-            session.features[item.chunk_index] = ChunkFeatures(item.session_id, item.chunk_index, item.features,
-                                                               item.speaking, item.audio_s)
+                audio_ms=item.audio_s * 1000, features=features)
             session.recent.append(ticket)
             tickets.append(ticket)
         return tickets

@@ -8,9 +8,9 @@ A session's lifecycle through the ingress:
     2. StreamSession   attach (NOT_FOUND / PERMISSION_DENIED / FAILED_PRECONDITION) -> ATTACHED event ->
                        [re-attach: resend buffered chunks from resume_from_chunk (WARNING for any already dropped),
                        resubmit chunks a dead ingress cut but never submitted] -> per audio message:
-                         AudioEncoder.push ─► ChunkTicket per ready chunk (frame span + its audio; no tensors)
-                         AudioEncoder.features(chunk) ─(unresolved)─► ScoreWorkerGroup.generate
-                                                      ─(unresolved)─► decoder.decode ─► DecodedFrames
+                         AudioEncoder.push ─► ChunkTicket per ready chunk (frame span, its audio, a reference to
+                         its features) ─ticket.features (unresolved)─► ScoreWorkerGroup.generate
+                                                         ─(unresolved)─► decoder.decode ─► DecodedFrames
                          egress: frames + the ticket's audio -> video_chunk
                        at most `max_chunks_in_flight` chunks per session at once (BACKPRESSURE event when input
                        reading pauses) -> end_of_input flushes -> last chunk -> SESSION_ENDED, worker state freed
@@ -519,8 +519,7 @@ class _SessionStream:
                                            f"chunk {ticket.chunk_index}"))
         await self.in_flight.acquire()
         ingress.telemetry.chunks_in_flight.add(1)
-        features = ingress.audio.features.remote(self.session_id, ticket.chunk_index)
-        scored = ingress.score.generate.remote(features, self.carrier)
+        scored = ingress.score.generate.remote(ticket.features, self.carrier)   # features resolved in the score group
         frames = ingress.decoder.decode.remote(ticket.decode_request(), scored, self.carrier)
         self._spawn(ticket.chunk_index, ticket, frames, counted=True)
 

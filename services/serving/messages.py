@@ -1,9 +1,8 @@
 """The small messages the serving deployments exchange, in the order a chunk meets them.
 
-    SessionIngress ──push(pcm)──► AudioEncoder ──► ChunkTicket ──► SessionIngress      (no features, no tensors)
-    SessionIngress ── AudioEncoder.features(chunk) ─► ChunkFeatures ──► ScoreWorkerGroup  (a response passed on
-                                                                                         unresolved: the features
-                                                                                         never enter the ingress)
+    SessionIngress ──push(pcm)──► AudioEncoder ──► ChunkTicket ──► SessionIngress   (no tensors: the chunk's
+                                                                                      features stay a reference)
+    SessionIngress ── ticket.features (a Ray ObjectRef, passed on unresolved) ──► ScoreWorkerGroup: ChunkFeatures
     ScoreWorkerGroup ──► ScoredChunk (latents, or a ref to the last step actor's output) ──► VAEDecoder
                                                                                         (again passed unresolved)
     VAEDecoder ──► DecodedFrames (JPEG frames, timings, who decoded) ──► SessionIngress ──► egress
@@ -26,6 +25,8 @@ class ChunkTicket:
     first_frame/num_frames: the video frames of this chunk (already trimmed at the end of input).
     audio_pcm_s16le: the mixed input audio over exactly those frames, mono int16 little-endian at sample_rate_hz.
     audio_ms: time the audio front-end spent on this chunk.
+    features: a reference (Ray ObjectRef) to the chunk's `ChunkFeatures` in the object store; the ingress hands it
+    to the score group as a top-level argument, so Ray resolves it there and the tensors never enter the ingress.
     """
 
     session_id: str
@@ -37,6 +38,7 @@ class ChunkTicket:
     audio_pcm_s16le: bytes
     sample_rate_hz: int
     audio_ms: float = 0.0
+    features: Any = None
 
     def decode_request(self) -> "DecodeRequest":
         return DecodeRequest(self.session_id, self.chunk_index, self.num_frames)
@@ -44,7 +46,7 @@ class ChunkTicket:
 
 @dataclass(frozen=True)
 class ChunkFeatures:
-    """One chunk's audio conditioning, from the AudioEncoder straight to the score group (never the ingress).
+    """One chunk's audio conditioning, from the AudioEncoder to the score group through the object store.
 
     features: [1, K, C, T, D] float per character, latent frame and window token; speaking: [1, K, C, T] bool.
     Duck-types the fields of `model_core.stages.ChunkAudioInput` that the score stage reads.

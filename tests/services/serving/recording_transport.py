@@ -1,8 +1,8 @@
 """A recording stand-in for Ray Serve's handle transport, so the ingress and the real worker classes run in one asyncio
 loop without Ray — and every hop of every chunk is on record.
 
-It keeps Serve's one rule that matters for the data path: a response passed as a TOP-LEVEL argument of another call
-is resolved inside the callee, not by the caller.  A response the caller awaits itself is marked
+It keeps Serve's one rule that matters for the data path: a response (or an object ref from `put`) passed as a
+TOP-LEVEL argument of another call is resolved inside the callee, not by the caller.  A response the caller awaits itself is marked
 `awaited_by_caller`, so a test can tell "handed on unresolved" from "pulled through the ingress".
 """
 
@@ -43,6 +43,19 @@ class Response:
         return await self._task
 
 
+class Ref:
+    """Stands in for a Ray ObjectRef made by `Transport.put`: resolved only where it is passed as a top-level
+    argument (recorded in `resolved_by`); not awaitable, so a caller cannot pull it in by accident."""
+
+    def __init__(self, value):
+        self.value = value
+        self.resolved_by: list[str] = []
+
+    def resolve_for(self, deployment: str):
+        self.resolved_by.append(deployment)
+        return self.value
+
+
 class _Method:
     def __init__(self, handle: "Handle", name: str):
         self.handle, self.name = handle, name
@@ -53,7 +66,8 @@ class _Method:
         handle.transport.calls.append(call)
 
         async def run():
-            call.values = [await arg.resolve_for(handle.deployment) if isinstance(arg, Response) else arg
+            call.values = [await arg.resolve_for(handle.deployment) if isinstance(arg, Response)
+                           else arg.resolve_for(handle.deployment) if isinstance(arg, Ref) else arg
                            for arg in args]
             try:
                 result = getattr(handle.target, self.name)(*call.values, **kwargs)
@@ -84,6 +98,10 @@ class Handle:
 class Transport:
     def __init__(self) -> None:
         self.calls: list[Call] = []
+
+    def put(self, value) -> Ref:
+        """`ray.put` for a deployment built in-process: the value behind a recorded reference."""
+        return Ref(value)
 
     def handle(self, deployment: str, target) -> Handle:
         return Handle(self, deployment, target)

@@ -34,7 +34,7 @@ from services.serving.vae_decoder import VAEDecoder, encode_jpeg
 from services.store.sessions import SessionState, connect_store
 from tests.model_core.helpers import speech
 
-from .recording_transport import GrpcContext, Transport
+from .recording_transport import GrpcContext, Ref, Transport
 
 
 def png(seed: int, size: int = 64) -> bytes:
@@ -70,7 +70,7 @@ class Cluster:
     def __init__(self, store, score_stage=None, **args):
         self.settings = AppSettings.from_args({"preset": "tiny", "redis_url": _url(store), **args})
         self.transport = Transport()
-        self.audio = AudioEncoder.func_or_class(self.settings)
+        self.audio = AudioEncoder.func_or_class(self.settings, put=self.transport.put)
         self.score = ScoreWorkerGroup.func_or_class(self.settings, score_stage)
         self.decoder = VAEDecoder.func_or_class(self.settings)
         self.ingress = SessionIngress.func_or_class(
@@ -174,8 +174,9 @@ def test_the_data_path_flows_one_way_and_streams_the_engines_frames(store):
                for call in generates)
 
     # 2. features, latents and the reference latent are handed on unresolved: resolved by the next deployment only
-    handed_on = {("AudioEncoder", "features"): "ScoreWorkerGroup", ("ScoreWorkerGroup", "generate"): "VAEDecoder",
-                 ("VAEDecoder", "encode_reference"): "ScoreWorkerGroup"}
+    for call in generates:
+        assert isinstance(call.args[0], Ref) and call.args[0].resolved_by == ["ScoreWorkerGroup"], call.args
+    handed_on = {("ScoreWorkerGroup", "generate"): "VAEDecoder", ("VAEDecoder", "encode_reference"): "ScoreWorkerGroup"}
     for (deployment, method), consumer in handed_on.items():
         for call in calls.to(deployment, method):
             assert not call.response.awaited_by_caller, f"{deployment}.{method} was resolved by the ingress"
