@@ -29,13 +29,16 @@ import math
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import av
 import av.error
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "MediaError",

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import io
 import os
-import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 

@@ -2,8 +2,8 @@
 loop without Ray — and every hop of every chunk is on record.
 
 It keeps Serve's one rule that matters for the data path: a response (or an object ref from `put`) passed as a
-TOP-LEVEL argument of another call is resolved inside the callee, not by the caller.  A response the caller awaits itself is marked
-`awaited_by_caller`, so a test can tell "handed on unresolved" from "pulled through the ingress".
+TOP-LEVEL argument of another call is resolved inside the callee, not by the caller.  A response the caller awaits
+itself is marked `awaited_by_caller`, so a test can tell "handed on unresolved" from "pulled through the ingress".
 """
 
 from __future__ import annotations

@@ -5,7 +5,6 @@ spans and metrics reach the collector under the client's trace."""
 
 from __future__ import annotations
 
-import io
 import threading
 import time
 
@@ -13,7 +12,6 @@ import grpc
 import numpy as np
 import pytest
 import ray
-from PIL import Image
 from ray import serve
 
 from model_core.engine import AvatarEngine, Character, iter_pieces
@@ -27,23 +25,13 @@ from services.serving.vae_decoder import encode_jpeg
 
 from tests.model_core.helpers import burst_audio, expected_first_changed_latent, speech
 from tests.otlp_receiver import OtlpReceiver
+from tests.services.serving.helpers import engine_jpegs, pcm16, png
 
 pytestmark = pytest.mark.integration
 
 API_KEY = "test-key-3f9a"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
-
-
-def png(seed: int, size: int = 64) -> bytes:
-    pixels = (np.random.default_rng(seed).random((size, size, 3)) * 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def pcm16(audio: np.ndarray) -> np.ndarray:
-    return (np.clip(audio, -1, 1) * 32767).astype(np.int16)
 
 
 @pytest.fixture(scope="module")
@@ -75,17 +63,6 @@ def client(cluster):
                               metadata=[("traceparent", f"00-{TRACE_ID}-{CLIENT_SPAN}-01")])
     yield connection
     connection.close()
-
-
-def engine_jpegs(engine, image_png: bytes, pcm: np.ndarray, quality: int = 90) -> list[bytes]:
-    image = image_to_tensor(decode_image_bytes(image_png), 64, 64)
-    session = engine.open_session(image, "")
-    chunks = []
-    for piece in iter_pieces(pcm, 640):
-        chunks += engine.push_audio(session, piece, 16000)
-    chunks += engine.end_input(session)
-    engine.close_session(session)
-    return [jpeg for chunk in chunks for jpeg in encode_jpeg(chunk.frames, quality)]
 
 
 def test_cluster_streams_the_engines_frames_for_the_same_seed(client, engine):

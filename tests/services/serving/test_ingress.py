@@ -12,15 +12,13 @@ import asyncio
 import dataclasses
 import subprocess
 import sys
-import time
 
 import grpc
 import numpy as np
 import pytest
 
-from model_core.engine import AvatarEngine, iter_pieces
+from model_core.engine import AvatarEngine
 from services.api import pb
-from services.media import decode_image_bytes, image_to_tensor
 from services.serving import audio_encoder as audio_encoder_module
 from services.serving import vae_decoder as vae_decoder_module
 from services.serving.audio_encoder import AudioEncoder
@@ -30,26 +28,12 @@ from services.serving.messages import ChunkFeatures, ChunkTicket, DecodedFrames,
 from model_core.stages import ScoreStage
 from services.serving.score_group import ScoreWorkerGroup, build_score_stage
 from services.serving.settings import AppSettings
-from services.serving.vae_decoder import VAEDecoder, encode_jpeg
+from services.serving.vae_decoder import VAEDecoder
 from services.store.sessions import SessionState, connect_store
 from tests.model_core.helpers import speech
 
+from .helpers import engine_jpegs, pcm16, png
 from .recording_transport import GrpcContext, Ref, Transport
-
-
-def png(seed: int, size: int = 64) -> bytes:
-    import io
-
-    from PIL import Image
-
-    pixels = (np.random.default_rng(seed).random((size, size, 3)) * 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def pcm16(audio: np.ndarray) -> np.ndarray:
-    return (np.clip(audio, -1, 1) * 32767).astype(np.int16)
 
 
 @pytest.fixture(scope="module")
@@ -131,16 +115,6 @@ def events_of(outputs) -> list:
     return [output.event for output in outputs if output.WhichOneof("output") == "event"]
 
 
-def engine_jpegs(image_png: bytes, pcm: np.ndarray) -> list[bytes]:
-    engine = AvatarEngine.from_preset("tiny", seed=0)
-    session = engine.open_session(image_to_tensor(decode_image_bytes(image_png), 64, 64), "")
-    chunks = []
-    for piece in iter_pieces(pcm, 640):
-        chunks += engine.push_audio(session, piece, 16000)
-    chunks += engine.end_input(session)
-    return [jpeg for chunk in chunks for jpeg in encode_jpeg(chunk.frames, 90)]
-
-
 def _carries_pcm_or_frames(value) -> bool:
     if isinstance(value, (bytes, bytearray, np.ndarray, ChunkTicket, DecodedFrames)):
         return True
@@ -159,7 +133,8 @@ def test_the_data_path_flows_one_way_and_streams_the_engines_frames(store):
     assert context.code is None, context.details
     chunks = chunks_of(outputs)
     assert chunks and chunks[-1].final
-    assert [jpeg for chunk in chunks for jpeg in chunk.frames] == engine_jpegs(image, pcm)
+    engine = AvatarEngine.from_preset("tiny", seed=0)
+    assert [jpeg for chunk in chunks for jpeg in chunk.frames] == engine_jpegs(engine, image, pcm)
     calls = cluster.transport
 
     # 1. the score replica never receives PCM (or tickets, or frames) and never returns frames

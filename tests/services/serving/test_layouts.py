@@ -17,7 +17,7 @@ from services.deploy.local_cluster import LocalCluster
 from services.net import free_port
 
 from tests.model_core.helpers import speech
-from .test_cluster import engine_jpegs, pcm16, png
+from .helpers import engine_jpegs, pcm16, png
 
 pytestmark = pytest.mark.integration
 

@@ -1,0 +1,36 @@
+"""Inputs and expectations shared by the serving tests: a seeded PNG, int16 PCM, and the in-process engine's JPEG
+frames for the same image and audio (what the cluster must stream for the same seed)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from model_core.engine import AvatarEngine, iter_pieces
+from services.media import decode_image_bytes, image_to_tensor
+from services.serving.vae_decoder import encode_jpeg
+
+
+def png(seed: int, size: int = 64) -> bytes:
+    pixels = (np.random.default_rng(seed).random((size, size, 3)) * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def pcm16(audio: np.ndarray) -> np.ndarray:
+    return (np.clip(audio, -1, 1) * 32767).astype(np.int16)
+
+
+def engine_jpegs(engine: AvatarEngine, image_png: bytes, pcm: np.ndarray, quality: int = 90) -> list[bytes]:
+    """The engine's frames as JPEG for one session fed `pcm` (16 kHz) in 40 ms pieces, then end of input."""
+    image = image_to_tensor(decode_image_bytes(image_png), 64, 64)
+    session = engine.open_session(image, "")
+    chunks = []
+    for piece in iter_pieces(pcm, 640):
+        chunks += engine.push_audio(session, piece, 16000)
+    chunks += engine.end_input(session)
+    engine.close_session(session)
+    return [jpeg for chunk in chunks for jpeg in encode_jpeg(chunk.frames, quality)]
