@@ -323,8 +323,11 @@ class SessionIngress:
                                                            "preset": self.settings.preset}) as session_span:
             session_carrier = inject_context()
             stream = _SessionStream(self, record, session_carrier, request_stream)
-            async for message in stream.run(first.attach.resume_from_chunk):
-                yield message
+            try:
+                async for message in stream.run(first.attach.resume_from_chunk):
+                    yield message
+            except Exception as error:   # a worker call failed while attaching: no Ray internals to the client
+                stream._failed(internal_error(session_id, "attaching", error))
             session_span.set_attribute("chunks", stream.chunks_sent)
         if stream.error is not None:
             _fail(grpc_context, stream.error)

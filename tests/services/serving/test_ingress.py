@@ -319,3 +319,15 @@ def test_a_worker_failure_ends_the_stream_with_internal_and_a_correlation_id_and
         assert leak not in context.details, context.details
     assert state == SessionState.FAILED
     assert again.code == grpc.StatusCode.FAILED_PRECONDITION and "failed" in again.details
+
+
+def test_an_attach_whose_worker_state_is_gone_gets_internal_with_a_correlation_id_only(store):
+    async def main():
+        cluster = Cluster(store)
+        session = await cluster.create(png(9))
+        cluster.audio.close(session.session_id)          # the AudioEncoder lost the session (e.g. a restart)
+        return await cluster.stream(session, [])
+
+    outputs, context = asyncio.run(main())
+    assert context.code == grpc.StatusCode.INTERNAL and "correlation id" in context.details, context.details
+    assert "AudioEncoder" not in context.details and "KeyError" not in context.details
