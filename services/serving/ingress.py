@@ -431,8 +431,14 @@ class _SessionStream:
                                                               f"buffered and cannot be resent; resuming at chunk "
                                                               f"{available}"))
                 first = available
+        # Chunks the score group started but the decoder never received: the previous ingress died between
+        # `generate` and `decode`. Hand the kept result over again (the decoder ignores a chunk it already has).
+        lost = set(await ingress.decoder.never_received.remote(session_id, started)) if first < started else set()
         for index in range(first, started):
-            self._spawn(index, tickets[index], ingress.decoder.fetch.remote(session_id, index), counted=False)
+            response = (ingress.decoder.decode.remote(tickets[index].decode_request(),
+                                                      ingress.score.scored.remote(session_id, index), self.carrier)
+                        if index in lost else ingress.decoder.fetch.remote(session_id, index))
+            self._spawn(index, tickets[index], response, counted=False)
         cut = audio_state["chunk_index"]
         unsubmitted = [ticket for index, ticket in sorted(tickets.items()) if index >= started]
         if cut > started and not unsubmitted:

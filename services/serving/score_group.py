@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import ray
@@ -99,6 +100,7 @@ class ScoreWorkerGroup:
         actor = ray.remote(num_cpus=0, num_gpus=1)(DenoiseStepActor)
         self.step_actors = [actor.remote(settings, [k]) for k in range(1, settings.steps)] if self.pipelined else []
         self.sessions = {}
+        self.recent: dict[str, deque] = {}     # the last scored chunks per session (see `scored`)
         self.turns = ChunkTurns()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
         self.batcher = (MicroBatcher(self._denoise_group, settings.max_batch_size)
@@ -135,6 +137,7 @@ class ScoreWorkerGroup:
 
     async def close(self, session_id: str) -> None:
         self.sessions.pop(session_id, None)
+        self.recent.pop(session_id, None)
         self.turns.forget(session_id)
         await asyncio.gather(*(actor.close.remote(session_id) for actor in self.step_actors))
 
@@ -153,6 +156,8 @@ class ScoreWorkerGroup:
                 total += sum(getattr(cache, name).nbytes for name in ("sink_key", "sink_value", "prev_key",
                                                                       "prev_value", "prev_valid"))
             total += sum(value.nbytes for value in vars(session.condition).values() if torch.is_tensor(value))
+        total += sum(scored.latents.nbytes for recent in self.recent.values() for scored in recent
+                     if scored.latents is not None)
         return total
 
     def _session(self, session_id: str):
@@ -175,23 +180,33 @@ class ScoreWorkerGroup:
         session = self._session(session_id)
         started = time.perf_counter()
         await self.turns.wait(session_id, index)
-        pending = None
         try:
             if self.pipelined:
                 chunk, pending = await self._pipelined(session, features, carrier)
             elif self.batcher is not None:
-                chunk = await self.batcher.submit(ScoreStage.batch_key(session), (session, features, carrier))
+                chunk, pending = await self.batcher.submit(ScoreStage.batch_key(session),
+                                                           (session, features, carrier)), None
             else:
-                chunk = await self._compute(self._all_steps, session, features, carrier)
+                chunk, pending = await self._compute(self._all_steps, session, features, carrier), None
+            if pending is not None:   # later steps' timings travel with the ref
+                scored = ScoredChunk(session_id, index, pending=pending,
+                                     stage_ms={"score_step_1": chunk.step_s[0] * 1000})
+            else:
+                scored = ScoredChunk(session_id, index, latents=chunk.latents, stage_ms={
+                    "score": (time.perf_counter() - started) * 1000,
+                    **{f"score_step_{k + 1}": s * 1000 for k, s in enumerate(chunk.step_s)}})
+            self.recent.setdefault(session_id, deque(maxlen=self.settings.max_chunks_in_flight + 2)).append(scored)
         finally:
             await self.turns.done(session_id, index)   # chunk n+1 may enter step 0 now
-        stage_ms = {}
-        if pending is not None:
-            stage_ms["score_step_1"] = chunk.step_s[0] * 1000   # later steps' timings travel with the ref
-            return ScoredChunk(session_id, index, pending=pending, stage_ms=stage_ms)
-        stage_ms["score"] = (time.perf_counter() - started) * 1000
-        stage_ms.update({f"score_step_{k + 1}": s * 1000 for k, s in enumerate(chunk.step_s)})
-        return ScoredChunk(session_id, index, latents=chunk.latents, stage_ms=stage_ms)
+        return scored
+
+    def scored(self, session_id: str, chunk_index: int) -> ScoredChunk:
+        """A chunk this group already scored, again: for a re-attaching ingress whose predecessor died after
+        `generate` but before handing the result to the decoder (the decoder ignores a chunk it already has)."""
+        for scored in self.recent.get(session_id, ()):
+            if scored.chunk_index == chunk_index:
+                return scored
+        raise KeyError(f"ScoreWorkerGroup: chunk {chunk_index} of session {session_id!r} is no longer kept")
 
     async def _pipelined(self, session, features: ChunkFeatures, carrier: dict | None):
         """Step 0 here, then the chain of step actors. Returns (chunk after step 0 or the clean chunk, ref or None)."""
@@ -243,6 +258,9 @@ class ScoreWorkerGroup:
 
     def oldest_buffered(self, session_id: str) -> int | None:
         return self._own_decoder().oldest_buffered(session_id)
+
+    def never_received(self, session_id: str, below: int) -> list[int]:
+        return self._own_decoder().never_received(session_id, below)
 
     def close_decode(self, session_id: str) -> None:
         self._own_decoder().close(session_id)

@@ -65,6 +65,7 @@ class SessionDecoder:
         self.caches: dict = {}
         self.replay_buffers: dict[str, deque] = {}
         self.turns = ChunkTurns()      # decode order per session
+        self.claimed: dict[str, set[int]] = {}   # chunks handed to this decoder and not yet decoded, per session
         self.buffered = ChunkTurns()   # replay-buffer order per session (JPEG encodes may finish out of order)
         self.batcher = (MicroBatcher(self._decode_group, settings.max_batch_size)
                         if settings.max_batch_size > 1 else None)
@@ -89,6 +90,7 @@ class SessionDecoder:
 
     def close(self, session_id: str) -> None:
         self.caches.pop(session_id, None)
+        self.claimed.pop(session_id, None)
         self.replay_buffers.pop(session_id, None)
         self.turns.forget(session_id)
         self.buffered.forget(session_id)
@@ -110,8 +112,15 @@ class SessionDecoder:
                 else {"batches": 0, "max_batch_size": 0, "mean_batch_size": 0.0})
 
     async def decode(self, request: DecodeRequest, scored: ScoredChunk, carrier: dict | None) -> DecodedFrames:
-        """Decode in chunk order per session; the result also lands in the replay buffer, in chunk order."""
+        """Decode in chunk order per session; the result also lands in the replay buffer, in chunk order.
+
+        Idempotent per chunk: a chunk this decoder already has (decoded, or waiting for its turn) is not decoded
+        twice — a re-attaching ingress may hand over again a chunk whose first hand-over was still on its way."""
         session_id, index = request.session_id, request.chunk_index
+        claimed = self.claimed.setdefault(session_id, set())
+        if index < self.turns.next_index(session_id) or index in claimed:
+            return await self.fetch(session_id, index, 600.0)
+        claimed.add(index)
         try:
             decoded = await self._decode(request, scored, carrier)
         except BaseException:
@@ -144,6 +153,7 @@ class SessionDecoder:
                 frames, vae_s = result
         finally:
             await self.turns.done(session_id, index)
+            self.claimed.get(session_id, set()).discard(index)
         jpeg = await run_on(self.jpeg_executor, encode_jpeg, frames, self.jpeg_quality)
         return DecodedFrames(session_id=session_id, chunk_index=index, width=int(frames.shape[-1]),
                              height=int(frames.shape[-2]), frames_jpeg=jpeg, stage_ms={**stage_ms, "vae": vae_s * 1000},
@@ -183,6 +193,11 @@ class SessionDecoder:
             if chunk.chunk_index == chunk_index:
                 return chunk
         raise KeyError(f"chunk {chunk_index} of session {session_id!r} is no longer buffered")
+
+    def never_received(self, session_id: str, below: int) -> list[int]:
+        """Chunks with index < `below` (those the score group has started) never handed to this decoder."""
+        claimed = self.claimed.get(session_id, set())
+        return [index for index in range(self.turns.next_index(session_id), below) if index not in claimed]
 
     def oldest_buffered(self, session_id: str) -> int | None:
         """Index of the oldest chunk still in the replay buffer (None: nothing buffered yet)."""
@@ -236,6 +251,9 @@ class VAEDecoder:
 
     def oldest_buffered(self, session_id: str) -> int | None:
         return self.decoder.oldest_buffered(session_id)
+
+    def never_received(self, session_id: str, below: int) -> list[int]:
+        return self.decoder.never_received(session_id, below)
 
     def close_decode(self, session_id: str) -> None:
         self.decoder.close(session_id)

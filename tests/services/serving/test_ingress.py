@@ -21,6 +21,7 @@ from model_core.engine import AvatarEngine
 from services.api import pb
 from services.serving import audio_encoder as audio_encoder_module
 from services.serving import vae_decoder as vae_decoder_module
+from services.media import decode_image_bytes, image_to_tensor
 from services.serving.audio_encoder import AudioEncoder
 from services.serving.ingress import SessionIngress, StreamAborted
 from services.serving.llm_bridge import LLMBridge
@@ -28,7 +29,7 @@ from services.serving.messages import ChunkFeatures, ChunkTicket, DecodedFrames,
 from model_core.stages import ScoreStage
 from services.serving.score_group import ScoreWorkerGroup, build_score_stage
 from services.serving.settings import AppSettings
-from services.serving.vae_decoder import VAEDecoder
+from services.serving.vae_decoder import VAEDecoder, encode_jpeg
 from services.store.sessions import SessionState, connect_store
 from tests.model_core.helpers import speech
 
@@ -331,3 +332,31 @@ def test_an_attach_whose_worker_state_is_gone_gets_internal_with_a_correlation_i
     outputs, context = asyncio.run(main())
     assert context.code == grpc.StatusCode.INTERNAL and "correlation id" in context.details, context.details
     assert "AudioEncoder" not in context.details and "KeyError" not in context.details
+
+
+def test_chunks_scored_but_never_handed_to_the_decoder_are_decoded_after_a_reattach(store):
+    """The ingress orchestrates the chunk path, so one that dies between `generate` and `decode` leaves scored chunks
+    the decoder never received. A re-attach must hand them over again, in order, and the video must be the engine's."""
+    image, pcm = png(10), pcm16(speech(1.5, seed=30))
+
+    async def main():
+        cluster = Cluster(store)
+        session = await cluster.create(image)
+        # what the dead ingress did: all the audio in, end of input, chunks 0 and 1 scored, nothing decoded
+        tickets = cluster.audio.push(session.session_id, pcm, 16000, 0) + cluster.audio.end(session.session_id)
+        for ticket in tickets[:2]:
+            await cluster.score.generate(ticket.features.value)
+        # bounded: without the re-hand-over the decoder waits forever for chunks 0 and 1
+        outputs, context = await asyncio.wait_for(cluster.stream(session, [], resume_from_chunk=0), 60)
+        return outputs, context, len(tickets), cluster.transport.to("ScoreWorkerGroup", "scored")
+
+    outputs, context, cut, rescored = asyncio.run(main())
+    assert context.code is None, context.details
+    chunks = chunks_of(outputs)
+    assert [chunk.chunk_index for chunk in chunks] == list(range(cut)) and chunks[-1].final
+    assert sorted(call.values[1] for call in rescored) == [0, 1]
+    engine = AvatarEngine.from_preset("tiny", seed=0)
+    sid = engine.open_session(image_to_tensor(decode_image_bytes(image), 64, 64), "")
+    expected = engine.push_audio(sid, pcm, 16000) + engine.end_input(sid)
+    assert [jpeg for chunk in chunks for jpeg in chunk.frames] == [
+        jpeg for chunk in expected for jpeg in encode_jpeg(chunk.frames, 90)]
