@@ -338,7 +338,7 @@ class _SessionStream:
     """One attached StreamSession: reads input, keeps <= max_chunks_in_flight chunks generating, yields output."""
 
     def __init__(self, ingress: SessionIngress, record: SessionRecord, carrier: dict, request_stream):
-        self.ingress, self.record, self.carrier = ingress, record, carrier
+        self.ingress, self.carrier = ingress, carrier
         self.session_id = record.session_id
         self.request_stream = request_stream
         self.num_characters = max(1, len(record.characters))

@@ -126,6 +126,7 @@ class ScoreWorkerGroup:
         masks = region_masks(characters, *token_grid(self.stage.dit.config, reference_latent))
         self.sessions[session_id] = await self._compute(self.stage.open, session_id, stream, reference_latent,
                                                         text_states, masks, self.own_steps)
+        self.recent[session_id] = deque(maxlen=self.settings.max_chunks_in_flight + 2)
         await asyncio.gather(*(actor.open.remote(session_id, stream, reference_latent, text_states, masks)
                                for actor in self.step_actors))
 
@@ -180,14 +181,14 @@ class ScoreWorkerGroup:
         session = self._session(session_id)
         started = time.perf_counter()
         await self.turns.wait(session_id, index)
+        pending = None
         try:
             if self.pipelined:
                 chunk, pending = await self._pipelined(session, features, carrier)
             elif self.batcher is not None:
-                chunk, pending = await self.batcher.submit(ScoreStage.batch_key(session),
-                                                           (session, features, carrier)), None
+                chunk = await self.batcher.submit(ScoreStage.batch_key(session), (session, features, carrier))
             else:
-                chunk, pending = await self._compute(self._all_steps, session, features, carrier), None
+                chunk = await self._compute(self._all_steps, session, features, carrier)
             if pending is not None:   # later steps' timings travel with the ref
                 scored = ScoredChunk(session_id, index, pending=pending,
                                      stage_ms={"score_step_1": chunk.step_s[0] * 1000})
@@ -195,7 +196,7 @@ class ScoreWorkerGroup:
                 scored = ScoredChunk(session_id, index, latents=chunk.latents, stage_ms={
                     "score": (time.perf_counter() - started) * 1000,
                     **{f"score_step_{k + 1}": s * 1000 for k, s in enumerate(chunk.step_s)}})
-            self.recent.setdefault(session_id, deque(maxlen=self.settings.max_chunks_in_flight + 2)).append(scored)
+            self.recent[session_id].append(scored)
         finally:
             await self.turns.done(session_id, index)   # chunk n+1 may enter step 0 now
         return scored

@@ -86,6 +86,7 @@ class SessionDecoder:
 
     def open(self, session_id: str) -> None:
         self.caches[session_id] = self.stage.open()
+        self.claimed[session_id] = set()
         self.replay_buffers[session_id] = deque(maxlen=REPLAY_CHUNKS)
 
     def close(self, session_id: str) -> None:
@@ -102,7 +103,7 @@ class SessionDecoder:
         """Bytes of decode caches and buffered JPEGs held for open sessions."""
         total = 0
         for cache in self.caches.values():
-            total += sum(t.nbytes for t in _tensors(cache))
+            total += sum(feature.nbytes for feature in cache.features if torch.is_tensor(feature))
         for buffer in self.replay_buffers.values():
             total += sum(len(frame) for chunk in buffer for frame in chunk.frames_jpeg)
         return total
@@ -117,7 +118,7 @@ class SessionDecoder:
         Idempotent per chunk: a chunk this decoder already has (decoded, or waiting for its turn) is not decoded
         twice — a re-attaching ingress may hand over again a chunk whose first hand-over was still on its way."""
         session_id, index = request.session_id, request.chunk_index
-        claimed = self.claimed.setdefault(session_id, set())
+        claimed = self.claimed.get(session_id, set())
         if index < self.turns.next_index(session_id) or index in claimed:
             return await self.fetch(session_id, index, 600.0)
         claimed.add(index)
@@ -127,6 +128,8 @@ class SessionDecoder:
             await self.buffered.wait(session_id, index)   # keep the order for the session's later chunks
             await self.buffered.done(session_id, index)
             raise
+        finally:
+            claimed.discard(index)   # from here on the turnstile says it was decoded (or failed)
         await self.buffered.wait(session_id, index)
         if session_id in self.replay_buffers:
             self.replay_buffers[session_id].append(decoded)
@@ -153,7 +156,6 @@ class SessionDecoder:
                 frames, vae_s = result
         finally:
             await self.turns.done(session_id, index)
-            self.claimed.get(session_id, set()).discard(index)
         jpeg = await run_on(self.jpeg_executor, encode_jpeg, frames, self.jpeg_quality)
         return DecodedFrames(session_id=session_id, chunk_index=index, width=int(frames.shape[-1]),
                              height=int(frames.shape[-2]), frames_jpeg=jpeg, stage_ms={**stage_ms, "vae": vae_s * 1000},
@@ -203,20 +205,6 @@ class SessionDecoder:
         """Index of the oldest chunk still in the replay buffer (None: nothing buffered yet)."""
         buffer = self.replay_buffers.get(session_id)
         return buffer[0].chunk_index if buffer else None
-
-
-def _tensors(value):
-    if torch.is_tensor(value):
-        yield value
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _tensors(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors(item)
-    elif hasattr(value, "__dict__"):
-        for item in vars(value).values():
-            yield from _tensors(item)
 
 
 @serve.deployment(name="VAEDecoder", max_ongoing_requests=64)

@@ -83,3 +83,14 @@ def expected_first_changed_latent(burst_frame: int, ratio: int = 4, lookahead: i
     compare the chunks of the two runs and expect the first differing chunk to be exactly that one.
     """
     return covering_latents(burst_frame, ratio, lookahead)[0]
+
+
+def split_points(n: int, rng: np.random.Generator, max_piece: int) -> list[tuple[int, int]]:
+    """Random split of ``[0, n)`` into pieces of 0..max_piece samples (empty pieces included): streaming input as a
+    caller might push it."""
+    pieces, a = [], 0
+    while a < n:
+        size = int(rng.integers(0, max_piece + 1))
+        pieces.append((a, min(n, a + size)))
+        a += size
+    return pieces

@@ -18,6 +18,8 @@ from model_core.audio_backends import load_wav2vec2, load_whisper_encoder, mel_f
 from model_core.audio_resample import RESAMPLER_LOOKAHEAD_S
 from model_core.config import ConfigError
 
+from .helpers import split_points
+
 ATOL = 1e-5
 
 
@@ -26,21 +28,11 @@ ATOL = 1e-5
 # ----------------------------------------------------------------------------------
 
 
-def _split_points(n: int, rng: np.random.Generator, max_piece: int) -> list[tuple[int, int]]:
-    """Random split of ``[0, n)`` into pieces of 0..max_piece samples (empty pieces included)."""
-    pieces, a = [], 0
-    while a < n:
-        size = int(rng.integers(0, max_piece + 1))
-        pieces.append((a, min(n, a + size)))
-        a += size
-    return pieces
-
-
 def _stream(fe: AudioFrontend, x: np.ndarray, rate: int, rng, max_piece: int):
     """push() in random pieces + flush(); returns (features [N, D], per-push frame counts)."""
     st = fe.new_state()
     outs, counts = [], []
-    for a, b in _split_points(len(x), rng, max_piece):
+    for a, b in split_points(len(x), rng, max_piece):
         st, f = fe.push(st, x[a:b], rate)
         assert f.shape[1] == fe.feature_dim
         outs.append(f)
@@ -185,7 +177,7 @@ def test_logmel_emits_as_soon_as_allowed(fps, rate):
         n = _n_samples_for(k / fps + fe.lookahead_s, rate)
         st = fe.new_state()
         emitted = 0
-        for a, b in _split_points(n, rng, 900):
+        for a, b in split_points(n, rng, 900):
             st, f = fe.push(st, x[a:b], rate)
             emitted += f.shape[0]
         assert emitted >= k, (k, emitted)
@@ -413,7 +405,7 @@ def test_encoder_lookahead_and_early_emission(request, backend):
     for k in (1, 5, 6, 12):
         n = _n_samples_for(k / fps + fe.lookahead_s, rate)
         st, emitted = fe.new_state(), 0
-        for a, b in _split_points(n, rng, 5000):
+        for a, b in split_points(n, rng, 5000):
             st, f = fe.push(st, x[a:b], rate)
             emitted += f.shape[0]
         assert emitted >= k, (k, emitted)

@@ -12,15 +12,7 @@ import pytest
 
 from model_core.audio_resample import RESAMPLER_LOOKAHEAD_S, StreamingResampler, resample
 
-
-def _split_points(n: int, rng: np.random.Generator, max_piece: int) -> list[tuple[int, int]]:
-    """Random split of ``[0, n)`` into pieces of 0..max_piece samples (empty pieces included)."""
-    pieces, a = [], 0
-    while a < n:
-        size = int(rng.integers(0, max_piece + 1))
-        pieces.append((a, min(n, a + size)))
-        a += size
-    return pieces
+from .helpers import split_points
 
 
 def _noise(rng, seconds: float, rate: int, scale: float = 0.1) -> np.ndarray:
@@ -40,7 +32,7 @@ def test_resample_chunked_equals_whole(src_rate_hz):
         outs = []
         # single samples for a short stretch only (keeps the test fast)
         xs = x if max_piece > 1 else x[: src_rate_hz // 50]
-        for a, b in _split_points(len(xs), rng, max_piece):
+        for a, b in split_points(len(xs), rng, max_piece):
             st, y = rs.push(st, xs[a:b])
             outs.append(y)
         st, y = rs.flush(st)
