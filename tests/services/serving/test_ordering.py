@@ -31,16 +31,21 @@ def test_micro_batcher_fails_only_the_member_whose_result_is_an_exception():
     async def run_group(payloads):
         return [KeyError(f"{payload} is gone") if payload < 0 else payload * 2 for payload in payloads]
 
+    async def outcome(call):
+        try:
+            return "returned", await call
+        except KeyError as error:
+            return "raised", error
+
     async def main():
         batcher = MicroBatcher(run_group, max_batch_size=8, wait_s=0.05)
-        results = await asyncio.gather(batcher.submit("k", 1), batcher.submit("k", -1), batcher.submit("k", 3),
-                                       return_exceptions=True)
+        results = await asyncio.gather(*(outcome(batcher.submit("k", payload)) for payload in (1, -1, 3)))
         return results, batcher.stats()
 
     results, stats = asyncio.run(main())
     assert stats["max_batch_size"] == 3
-    assert results[0] == 2 and results[2] == 6
-    assert isinstance(results[1], KeyError)
+    assert results[0] == ("returned", 2) and results[2] == ("returned", 6)
+    assert results[1][0] == "raised" and isinstance(results[1][1], KeyError)   # raised to its caller, not returned
 
 
 def test_chunk_turns_enforce_chunk_order_per_session():
