@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.facecast-installed
 OUT     ?= out
 PRESET  ?= small
 
-.PHONY: venv demo test bench clean redis-server
+.PHONY: venv demo test bench clean redis-server espeak-ng
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -32,8 +32,16 @@ redis-server:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
 	  else echo "redis-server is missing: install it (Debian: sudo apt-get install redis-server)"; exit 1; fi; }
 
+## espeak-ng: the speech synthesiser of the talking-face world (libespeak-ng, Debian packages; needs root)
+espeak-ng:
+	@{ ldconfig -p 2>/dev/null | grep -q libespeak-ng.so.1; } || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian espeak-ng"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng libespeak-ng1 >/dev/null; \
+	  else echo "libespeak-ng is missing: install it (Debian: sudo apt-get install espeak-ng libespeak-ng1)"; exit 1; fi; }
+
 ## test: everything that runs on a CPU machine (GPU tests skip themselves without CUDA)
-test: $(STAMP) redis-server
+test: $(STAMP) redis-server espeak-ng
 	OMP_NUM_THREADS=1 $(PY) -m pytest
 
 ## bench: the engine benchmark on the CPU demo preset
