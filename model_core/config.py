@@ -124,6 +124,8 @@ class VAEConfig:
     def __post_init__(self) -> None:
         _check(self.base_dim >= 4 and self.base_dim % 4 == 0, "base_dim", self.base_dim, "must be a multiple of 4")
         _check(self.z_dim == 16, "z_dim", self.z_dim, "must be 16 (Wan latent statistics are 16-channel)")
+        _check(len(self.temperal_downsample) == len(self.dim_mult) - 1, "temperal_downsample",
+               self.temperal_downsample, f"needs one entry per downsampling level ({len(self.dim_mult) - 1})")
 
     @property
     def spatial_compression(self) -> int:
@@ -225,6 +227,15 @@ _SMALL = PresetConfig(
     description="CPU demo: 4 blocks, 256 channels, 256x256",
 )
 
+_TALK128 = PresetConfig(
+    name="talk128",
+    dit=DiTConfig(num_layers=4, num_heads=3, head_dim=64, ffn_dim=768, text_dim=64, text_len=32, image_dim=192,
+                  audio_dim=LOGMEL_AUDIO_DIM, audio_hidden_dim=192),
+    vae=VAEConfig(base_dim=8, num_res_blocks=1, dim_mult=(1, 2, 4, 4, 4), temperal_downsample=(False, True, True, False)),
+    stream=StreamConfig(width=128, height=128, steps=2),
+    description="the talking-face world: 128x128, a 16x-compression VAE (8x8 latents), 4 blocks, 192 channels",
+)
+
 _WAN_1_3B = PresetConfig(
     name="wan-1.3b",
     dit=DiTConfig(num_layers=30, num_heads=12, head_dim=128, ffn_dim=8960, text_dim=4096, text_len=512,
@@ -243,7 +254,7 @@ _WAN_14B = PresetConfig(
     description="Wan2.1 14B shape (random weights unless a checkpoint is given), 512x512",
 )
 
-PRESETS: dict[str, PresetConfig] = {p.name: p for p in (_TINY, _SMALL, _WAN_1_3B, _WAN_14B)}
+PRESETS: dict[str, PresetConfig] = {p.name: p for p in (_TINY, _SMALL, _TALK128, _WAN_1_3B, _WAN_14B)}
 
 
 def get_preset(name: str) -> PresetConfig:

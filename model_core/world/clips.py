@@ -18,7 +18,7 @@ import numpy as np
 from .identity import identity
 from .render import FrameState, Renderer
 from .sentences import sentence
-from .speech import SAMPLE_RATE_HZ, Voice, speak
+from .speech import SAMPLE_RATE_HZ, Voice, speak_fresh
 from .split import WorldSplit
 from .visemes import mouth_track
 
@@ -124,11 +124,10 @@ def _blinks(rng: np.random.Generator, frames: int) -> np.ndarray:
 def make_clip(spec: ClipSpec, renderer: Renderer) -> Clip:
     """Synthesise the speech, lay out the turns, derive every character's mouth and motion, render the frames."""
     people = [identity(spec.seed, i) for i in spec.identities]
-    utterances, offsets, cursor = [], [], 0.0
-    for turn in spec.turns:
+    utterances = speak_fresh([(sentence(turn.sentence), turn.voice) for turn in spec.turns])
+    offsets, cursor = [], 0.0
+    for turn, utterance in zip(spec.turns, utterances):
         cursor += turn.gap_before_s
-        utterance = speak(sentence(turn.sentence), turn.voice)
-        utterances.append(utterance)
         offsets.append(cursor)
         cursor += utterance.duration_s
     duration = cursor + spec.tail_s

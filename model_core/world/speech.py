@@ -175,3 +175,53 @@ def speak(text: str, voice: Voice) -> Utterance:
             phonemes.append((start, min(end, duration), ipa))
     words = tuple((position / 1000.0, label) for kind, position, label in events if kind == _EVENT_WORD)
     return Utterance(text=text, pcm=audio, phonemes=tuple(phonemes), words=words)
+
+
+# ============================================================================================ deterministic batches
+
+_HELPER = None
+_HELPER_LOCK = threading.Lock()
+
+
+def speak_fresh(requests: list[tuple[str, Voice]]) -> list[Utterance]:
+    """`speak` each (text, voice) in order, in a freshly forked process.
+
+    libespeak-ng carries synthesiser state from one utterance to the next (the same text twice in one process comes
+    out a few ms apart), while a fresh process always gives the same samples, as the espeak-ng command line does.
+    So a clip's utterances are synthesised in a child forked from a helper process that never loaded the library
+    (`python -m model_core.world.speech_helper`), one child per call: the same requests give the same audio in any
+    process, in any order."""
+    import pickle
+    import subprocess
+    import sys
+
+    global _HELPER
+    payload = pickle.dumps(list(requests))
+    with _HELPER_LOCK:
+        for attempt in (1, 2):
+            if _HELPER is None or _HELPER.poll() is not None:
+                _HELPER = subprocess.Popen([sys.executable, "-m", "model_core.world.speech_helper"],
+                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            try:
+                _HELPER.stdin.write(len(payload).to_bytes(8, "little") + payload)
+                _HELPER.stdin.flush()
+                size = int.from_bytes(_read_exactly(_HELPER.stdout, 8), "little")
+                ok, result = pickle.loads(_read_exactly(_HELPER.stdout, size))
+                break
+            except (BrokenPipeError, EOFError):
+                _HELPER = None
+                if attempt == 2:
+                    raise RuntimeError("the speech helper process died twice in a row") from None
+    if not ok:
+        raise result
+    return result
+
+
+def _read_exactly(stream, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        piece = stream.read(size - len(data))
+        if not piece:
+            raise EOFError("speech helper closed its pipe")
+        data += piece
+    return data
