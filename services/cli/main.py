@@ -1,6 +1,7 @@
 """The `facecast` entry point: wires each command module's parser and turns user errors into one line and exit 2.
 
-    facecast generate | bench engine | bench cluster | presets | serve | call   (one module each in services/cli/)
+    facecast generate | bench engine | bench cluster | presets | serve | call | world | train | eval
+    (one module each in services/cli/)
 
 A command module exposes `add_parser(commands)`, which registers its subcommand and sets `handler`; `main` parses,
 runs the handler, and prints anything in `USER_ERRORS` as `facecast <command>: error: <message>` with status 2 (no
@@ -14,7 +15,7 @@ import sys
 
 from model_core.checkpoint import CheckpointError
 from model_core.config import ConfigError
-from services.cli import bench, call, generate, presets, serve
+from services.cli import bench, call, generate, presets, serve, train, world
 from services.cli.common import EXIT_INTERRUPTED, EXIT_USAGE, UserError
 from services.media import MediaError
 
@@ -25,7 +26,7 @@ USER_ERRORS = (UserError, MediaError, ConfigError, CheckpointError, FileNotFound
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facecast", description="Real-time audio-driven avatar video.")
     commands = parser.add_subparsers(dest="command", required=True)
-    for command in (generate, bench, presets, serve, call):
+    for command in (generate, bench, presets, serve, call, world, train):
         command.add_parser(commands)
     return parser
 

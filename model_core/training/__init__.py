@@ -1,0 +1,1 @@
+"""Training stages (pure PyTorch): the resumable loop, the data windows, and one module per stage (vae, probe)."""

@@ -1,0 +1,197 @@
+"""The VAE stage: an `AutoencoderKLWan`-family VAE trained on the world's clips, with the mouth weighted.
+
+    VAEStage(vae_config, source, ...)      the Stage the loop runs
+    latent_statistics(vae, source)         per-channel mean/std of the posterior means (the DiT's latent scale)
+    reconstruction_report(vae, source)     PSNR/SSIM overall and on the mouth region, decode ms per frame
+
+Loss: L1 on pixels, with the mouth region (from the truth's face boxes) weighted `mouth_weight` times more, plus a
+small KL term. Windows are 1 + 4k frames so the causal temporal downsampling sees whole latent frames. The export
+is a diffusers `AutoencoderKLWan` directory in fp16 whose config carries the measured latent statistics, loadable by
+`StreamingVAE.from_pretrained` (streaming decode == whole decode holds for it as for any Wan VAE).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKLWan
+
+from ..config import VAEConfig
+from ..vae import StreamingVAE
+from .data import ClipPools, frame_window
+
+
+@dataclasses.dataclass(frozen=True)
+class VAETrainConfig:
+    window_frames: int = 5
+    batch_size: int = 2
+    learning_rate: float = 4e-4
+    kl_weight: float = 1e-6
+    mouth_weight: float = 4.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.window_frames < 1 or (self.window_frames - 1) % 4:
+            raise ValueError(f"window_frames={self.window_frames} is invalid: 1 + 4k (1, 5, 9, ...)")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} is invalid: at least 1")
+
+
+def new_vae(config: VAEConfig, seed: int) -> AutoencoderKLWan:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderKLWan(base_dim=config.base_dim, z_dim=config.z_dim, dim_mult=list(config.dim_mult),
+                                num_res_blocks=config.num_res_blocks,
+                                temperal_downsample=list(config.temperal_downsample))
+
+
+class VAEObjective(torch.nn.Module):
+    """What one training step runs, as a module so data-parallel wrappers (DDP) see the whole forward pass."""
+
+    def __init__(self, vae: AutoencoderKLWan):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        posterior = self.vae.encode(video).latent_dist
+        return self.vae.decode(posterior.sample()).sample, posterior.kl().mean()
+
+
+class VAEStage:
+    name = "vae"
+
+    def __init__(self, vae_config: VAEConfig, source, train: VAETrainConfig = VAETrainConfig(), *, wrap=None,
+                 device="cpu"):
+        self.seed, self.train_config, self.device = train.seed, train, torch.device(device)
+        self.vae = new_vae(vae_config, train.seed).to(self.device)
+        objective = VAEObjective(self.vae)
+        self.objective = wrap(objective) if wrap else objective
+        self._optimizer = torch.optim.AdamW(self.vae.parameters(), lr=train.learning_rate, weight_decay=0.0)
+        self.source = source
+        self.pools = ClipPools(source, train.seed)
+
+    def modules(self):
+        return {"vae": self.vae}
+
+    def optimizer(self):
+        return self._optimizer
+
+    def batch(self, step: int, rank: int) -> dict:
+        rng = np.random.default_rng([self.seed, step, rank])
+        pool = self.pools.pool_for(step, rank)
+        videos, masks = [], []
+        length = self.train_config.window_frames
+        for _ in range(self.train_config.batch_size):
+            clip = pool[int(rng.integers(len(pool)))]
+            start = int(rng.integers(0, max(1, clip.num_frames - length + 1)))
+            video, mask = frame_window(clip, start, length)
+            videos.append(video)
+            masks.append(mask)
+        return {"video": torch.stack(videos).to(self.device), "mask": torch.stack(masks).to(self.device)}
+
+    def loss(self, batch: dict):
+        video = batch["video"]
+        decoded, kl = self.objective(video)
+        error = (decoded - video).abs()
+        weight = 1.0 + self.train_config.mouth_weight * batch["mask"]
+        l1 = (error * weight).sum() / (weight.sum() * 3)
+        loss = l1 + self.train_config.kl_weight * kl
+        mse = F.mse_loss(decoded.detach(), video)
+        return loss, {"loss": float(loss), "l1": float(l1), "psnr": float(10 * torch.log10(4.0 / mse))}
+
+    def export(self, path: Path) -> None:
+        export_vae(self.vae.cpu(), self.source, Path(path))
+
+
+@torch.no_grad()
+def latent_statistics(vae: AutoencoderKLWan, source, windows: int = 24, length: int = 5, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    latents = []
+    for _ in range(windows):
+        clip = source[int(rng.integers(len(source)))]
+        start = int(rng.integers(0, max(1, clip.num_frames - length + 1)))
+        video, _ = frame_window(clip, start, length)
+        latents.append(vae.encode(video[None]).latent_dist.mean)
+    z = torch.cat([l.flatten(2) for l in latents], 2)[0] if len(latents) == 1 else \
+        torch.cat([l.permute(1, 0, 2, 3, 4).flatten(1) for l in latents], 1)
+    return z.mean(1).tolist(), z.std(1).clamp_min(1e-3).tolist()
+
+
+def export_vae(vae: AutoencoderKLWan, source, path: Path) -> None:
+    """fp16 diffusers directory with the measured latent statistics in its config."""
+    vae = vae.eval()
+    mean, std = latent_statistics(vae, source)
+    vae.register_to_config(latents_mean=mean, latents_std=std)
+    path.mkdir(parents=True, exist_ok=True)
+    half = AutoencoderKLWan.from_config(vae.config)
+    half.load_state_dict(vae.state_dict())
+    half.to(torch.float16).save_pretrained(path, safe_serialization=True)
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean SSIM of two float images in [0, 1] ([H, W, 3]): 7x7 uniform windows, sample covariance, the valid
+    region only (scikit-image's `structural_similarity` defaults with data_range 1)."""
+    x = torch.from_numpy(np.ascontiguousarray(a, np.float64)).permute(2, 0, 1)[None]
+    y = torch.from_numpy(np.ascontiguousarray(b, np.float64)).permute(2, 0, 1)[None]
+
+    def blur(t):
+        return F.avg_pool2d(t, 7, stride=1)
+
+    c1, c2, n = 0.01 ** 2, 0.03 ** 2, 49 / 48
+    mx, my = blur(x), blur(y)
+    vx, vy = (blur(x * x) - mx * mx) * n, (blur(y * y) - my * my) * n
+    cov = (blur(x * y) - mx * my) * n
+    s = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return float(s.mean())
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
+@torch.no_grad()
+def reconstruction_report(vae: StreamingVAE, source, clips: int = 8, length: int = 25) -> dict:
+    """Encode and stream-decode `length`-frame windows of held-out clips; PSNR/SSIM overall and on the mouth box."""
+    from .data import mouth_mask
+
+    rows, decode_seconds, decoded_frames = [], 0.0, 0
+    for index in range(min(clips, len(source))):
+        clip = source[index]
+        video, _ = frame_window(clip, 0, min(length, clip.num_frames - (clip.num_frames - 1) % 4))
+        latents = vae.normalize(vae.vae.encode(video[None].to(vae.device, vae.dtype)).latent_dist.mean)
+        began = time.perf_counter()
+        frames, _ = vae.decode_chunk(latents, vae.new_decode_cache())
+        decode_seconds += time.perf_counter() - began
+        decoded_frames += frames.shape[2]
+        truth = (video.permute(1, 2, 3, 0).numpy() + 1) / 2
+        output = (frames[0].float().permute(1, 2, 3, 0).cpu().numpy() + 1) / 2
+        masks = mouth_mask(clip.truth.face_box[:len(truth)], truth.shape[1]) if clip.truth is not None else None
+        for t in range(len(truth)):
+            row = {"psnr": psnr(output[t], truth[t]), "ssim": ssim(output[t], truth[t]),
+                   "style": clip.meta.get("styles", ["?"])[0]}
+            if masks is not None and masks[t].any():
+                ys, xs = np.nonzero(masks[t])
+                box = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
+                row["mouth_psnr"] = psnr(output[t][box], truth[t][box])
+            rows.append(row)
+
+    def mean(key, subset=None):
+        values = [r[key] for r in (subset or rows) if key in r]
+        return round(float(np.mean(values)), 3) if values else None
+
+    styles = sorted({r["style"] for r in rows})
+    return {"psnr": mean("psnr"), "ssim": mean("ssim"), "mouth_psnr": mean("mouth_psnr"),
+            "per_style": {s: {"psnr": mean("psnr", [r for r in rows if r["style"] == s]),
+                              "ssim": mean("ssim", [r for r in rows if r["style"] == s])} for s in styles},
+            "frames": len(rows), "decode_ms_per_frame": round(1000 * decode_seconds / max(1, decoded_frames), 2)}
+
+
+def describe(path: Path) -> dict:
+    return json.loads((Path(path) / "config.json").read_text())

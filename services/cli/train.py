@@ -1,0 +1,95 @@
+"""`facecast train vae | probe`: one training stage through Ray Train, resumable, with a progress bar.
+
+    facecast train vae                    the talk128 VAE on out/world/train-128 (made first if missing)
+    facecast train probe                  the lip-sync probe (mouth opening + identity embedding)
+    --workers N --gpu                     data-parallel (DDP) on N GPU workers; on a cluster set RAY_ADDRESS
+    --steps / --run-dir / --export        how long, where the resumable state lives, where the weights go
+
+Interrupt it and run the same command again: it resumes from the run directory's last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from services.cli.common import EXIT_OK, UserError
+from services.cli.world import default_dir
+
+DEFAULTS = {
+    "vae": {"steps": 1800, "export": "checkpoints/talk128-vae"},
+    "probe": {"steps": 1500, "export": "checkpoints/lipsync-probe.safetensors"},
+}
+
+
+def _ensure_world(data: str, count: int, seed: int) -> None:
+    """The default dataset is made on first use (resumable, with its own progress bar)."""
+    path = Path(data)
+    if data.startswith("world:") or (path / "manifest.json").is_file() and not _incomplete(path):
+        return
+    if path.exists() and not (path / "manifest.json").is_file():
+        return  # a folder of real videos: used as it is
+    from model_core.world.split import WorldSplit
+    from model_core.world.store import WorldSource, write_shards
+
+    print(f"making the training clips first: {path} ({count} clips)")
+    write_shards(path, WorldSource(WorldSplit(seed), "train", count, 128))
+
+
+def _incomplete(path: Path) -> bool:
+    from model_core.world.store import ShardSource
+
+    try:
+        ShardSource(path)
+    except ValueError:
+        return True
+    return False
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from services.train.driver import TrainRequest, train
+
+    stage = args.stage
+    data = args.data or str(default_dir("train"))
+    steps = args.steps or DEFAULTS[stage]["steps"]
+    export = args.export or DEFAULTS[stage]["export"]
+    run_dir = args.run_dir or str(Path("out") / "train" / stage)
+    try:
+        request = TrainRequest(stage=stage, data=data, run_dir=run_dir, steps=steps, export=export,
+                               workers=args.workers, gpu=args.gpu, batch_size=args.batch_size,
+                               learning_rate=args.learning_rate, seed=args.seed, world_count=args.world_count,
+                               checkpoint_every=args.checkpoint_every, log_every=args.log_every)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    if args.gpu:
+        import torch
+
+        if not torch.cuda.is_available() and "RAY_ADDRESS" not in __import__("os").environ:
+            raise UserError("--gpu: this machine has no CUDA device (on a cluster, set RAY_ADDRESS)")
+    _ensure_world(data, args.world_count, args.seed)
+    metrics = train(request)
+    print(json.dumps({"stage": stage, "run_dir": run_dir, "export": export, **metrics}, indent=1))
+    return EXIT_OK
+
+
+def add_parser(commands) -> None:
+    """Register `train` on the `facecast` subparsers."""
+    train = commands.add_parser("train", help="train a stage (vae, probe) through Ray Train")
+    train.add_argument("stage", choices=tuple(DEFAULTS))
+    train.add_argument("--data", help="world shard directory, world:train, or a folder of videos "
+                                      "(default out/world/train-128, generated if missing)")
+    train.add_argument("--steps", type=int, help="optimiser steps (defaults: " +
+                       ", ".join(f"{k} {v['steps']}" for k, v in DEFAULTS.items()) + ")")
+    train.add_argument("--run-dir", help="resumable state and log.jsonl (default out/train/<stage>)")
+    train.add_argument("--export", help="where the trained weights go (defaults: " +
+                       ", ".join(f"{k} {v['export']}" for k, v in DEFAULTS.items()) + ")")
+    train.add_argument("--workers", type=int, default=1, help="Ray Train workers (data-parallel; default 1)")
+    train.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--learning-rate", type=float)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--world-count", type=int, default=384, help="clips when the default dataset is made")
+    train.add_argument("--checkpoint-every", type=int, default=100)
+    train.add_argument("--log-every", type=int, default=10)
+    train.set_defaults(handler=cmd_train)

@@ -1,0 +1,124 @@
+"""Ray Train driver: one stage's resumable loop on N workers (CPU by default, `gpu` for data-parallel on GPUs).
+
+    TrainRequest(stage="vae" | "probe", ...)      everything a run needs; plain data, so it travels to workers
+    train(request) -> dict                        runs it through `ray.train.torch.TorchTrainer`, returns metrics
+
+The same call works on this machine (a local Ray started here, one CPU worker) and on a cluster (`RAY_ADDRESS` set,
+as a KubeRay RayJob sets it): each worker builds its stage from the request, wraps the trainable module with
+`ray.train.torch.prepare_model` when there is more than one worker or a GPU (DDP), and runs
+`model_core.training.loop.run_stage`; rank 0 writes the run directory (resumable state, log.jsonl, the export) and
+hands each checkpoint to Ray Train. Re-running the same command resumes from the run directory's last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+STAGES = ("vae", "probe")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainRequest:
+    stage: str
+    data: str
+    run_dir: str
+    steps: int
+    preset: str = "talk128"
+    export: str | None = None
+    eval_data: str | None = None
+    workers: int = 1
+    gpu: bool = False
+    batch_size: int | None = None
+    learning_rate: float | None = None
+    seed: int = 0
+    checkpoint_every: int = 100
+    log_every: int = 10
+    world_count: int = 384
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage={self.stage!r} is unknown; allowed: {', '.join(STAGES)}")
+        if self.workers < 1:
+            raise ValueError(f"workers={self.workers} is invalid: at least 1")
+        if self.steps < 1:
+            raise ValueError(f"steps={self.steps} is invalid: at least 1")
+
+
+def build_stage(request: TrainRequest, *, wrap=None, device="cpu"):
+    """The stage object a worker trains (imported lazily: the driver process needs no torch model code)."""
+    from model_core.config import get_preset
+    from model_core.world.store import open_source
+
+    preset = get_preset(request.preset)
+    size = preset.stream.height
+    source = open_source(request.data, seed=request.seed, count=request.world_count, size=size)
+    if request.stage == "vae":
+        from model_core.training.vae_stage import VAEStage, VAETrainConfig
+
+        overrides = {k: v for k, v in (("batch_size", request.batch_size), ("learning_rate", request.learning_rate))
+                     if v is not None}
+        return VAEStage(preset.vae, source, VAETrainConfig(seed=request.seed, **overrides), wrap=wrap, device=device)
+    from model_core.training.probe_stage import ProbeStage, ProbeTrainConfig
+
+    overrides = {k: v for k, v in (("batch_size", request.batch_size), ("learning_rate", request.learning_rate))
+                 if v is not None}
+    return ProbeStage(source, ProbeTrainConfig(seed=request.seed, **overrides), wrap=wrap, device=device)
+
+
+def _worker_loop(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from model_core.training.loop import run_stage
+
+    request = TrainRequest(**config)
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    device = ray.train.torch.get_device() if request.gpu else torch.device("cpu")
+    parallel = world_size > 1 or request.gpu
+    stage = build_stage(request, wrap=ray.train.torch.prepare_model if parallel else None, device=device)
+    run_dir = Path(request.run_dir)
+
+    def report(metrics: dict, checkpointed: bool) -> None:
+        checkpoint = None
+        if checkpointed and rank == 0:
+            checkpoint = ray.train.Checkpoint.from_directory(str(run_dir))
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    run_stage(stage, run_dir, request.steps, checkpoint_every=request.checkpoint_every,
+              log_every=request.log_every, rank=rank, world_size=world_size, report=report,
+              export_to=request.export)
+
+
+def train(request: TrainRequest) -> dict:
+    """Run `request` through Ray Train; starts a local Ray (one CPU per worker) unless one is already reachable."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    run_dir = Path(request.run_dir).resolve()
+    request = dataclasses.replace(request, run_dir=str(run_dir),
+                                  export=str(Path(request.export).resolve()) if request.export else None,
+                                  data=request.data if request.data.startswith("world:")
+                                  else str(Path(request.data).resolve()))
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address)
+        else:
+            ray.init(num_cpus=max(request.workers, 1) + 1, num_gpus=1 if request.gpu else 0,
+                     include_dashboard=False, log_to_driver=True,
+                     runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}})
+    trainer = TorchTrainer(_worker_loop, train_loop_config=dataclasses.asdict(request),
+                           scaling_config=ScalingConfig(num_workers=request.workers, use_gpu=request.gpu,
+                                                        resources_per_worker={"CPU": 1}),
+                           run_config=RunConfig(name=f"facecast-{request.stage}",
+                                                storage_path=str(run_dir / "ray")))
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"training failed: {result.error}")
+    return dict(result.metrics or {})
