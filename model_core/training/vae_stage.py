@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
 
 from ..config import VAEConfig
+from ..lipsync import psnr, ssim
 from ..vae import StreamingVAE
 from .data import ClipPools, frame_window
 
@@ -31,7 +32,7 @@ from .data import ClipPools, frame_window
 class VAETrainConfig:
     window_frames: int = 5
     batch_size: int = 2
-    learning_rate: float = 4e-4
+    learning_rate: float = 1e-3
     kl_weight: float = 1e-6
     mouth_weight: float = 4.0
     seed: int = 0
@@ -43,12 +44,19 @@ class VAETrainConfig:
             raise ValueError(f"batch_size={self.batch_size} is invalid: at least 1")
 
 
-def new_vae(config: VAEConfig, seed: int) -> AutoencoderKLWan:
+def new_vae(config: VAEConfig, seed: int, initial_logvar: float = -8.0) -> AutoencoderKLWan:
+    """A fresh VAE of this shape. The posterior's log-variance starts at `initial_logvar` (the last 1x1 conv's
+    log-variance rows zeroed, their bias set): at diffusers' default (about 0, unit noise on latents whose means
+    are ~0.5) the decoder sees mostly noise and learns next to nothing for hundreds of steps."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return AutoencoderKLWan(base_dim=config.base_dim, z_dim=config.z_dim, dim_mult=list(config.dim_mult),
-                                num_res_blocks=config.num_res_blocks,
-                                temperal_downsample=list(config.temperal_downsample))
+        vae = AutoencoderKLWan(base_dim=config.base_dim, z_dim=config.z_dim, dim_mult=list(config.dim_mult),
+                               num_res_blocks=config.num_res_blocks,
+                               temperal_downsample=list(config.temperal_downsample))
+    with torch.no_grad():
+        vae.quant_conv.weight[config.z_dim:] = 0.0
+        vae.quant_conv.bias[config.z_dim:] = initial_logvar
+    return vae
 
 
 class VAEObjective(torch.nn.Module):
@@ -103,7 +111,7 @@ class VAEStage:
         l1 = (error * weight).sum() / (weight.sum() * 3)
         loss = l1 + self.train_config.kl_weight * kl
         mse = F.mse_loss(decoded.detach(), video)
-        return loss, {"loss": float(loss), "l1": float(l1), "psnr": float(10 * torch.log10(4.0 / mse))}
+        return loss, {"loss": float(loss.detach()), "l1": float(l1.detach()), "psnr": float(10 * torch.log10(4.0 / mse))}
 
     def export(self, path: Path) -> None:
         export_vae(self.vae.cpu(), self.source, Path(path))
@@ -132,28 +140,6 @@ def export_vae(vae: AutoencoderKLWan, source, path: Path) -> None:
     half = AutoencoderKLWan.from_config(vae.config)
     half.load_state_dict(vae.state_dict())
     half.to(torch.float16).save_pretrained(path, safe_serialization=True)
-
-
-def ssim(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean SSIM of two float images in [0, 1] ([H, W, 3]): 7x7 uniform windows, sample covariance, the valid
-    region only (scikit-image's `structural_similarity` defaults with data_range 1)."""
-    x = torch.from_numpy(np.ascontiguousarray(a, np.float64)).permute(2, 0, 1)[None]
-    y = torch.from_numpy(np.ascontiguousarray(b, np.float64)).permute(2, 0, 1)[None]
-
-    def blur(t):
-        return F.avg_pool2d(t, 7, stride=1)
-
-    c1, c2, n = 0.01 ** 2, 0.03 ** 2, 49 / 48
-    mx, my = blur(x), blur(y)
-    vx, vy = (blur(x * x) - mx * mx) * n, (blur(y * y) - my * my) * n
-    cov = (blur(x * y) - mx * my) * n
-    s = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
-    return float(s.mean())
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..audio_resample import resample
-from .clips import FPS, Clip, Truth, clip_spec, make_clip
+from .clips import FPS, WORLD_VERSION, Clip, Truth, clip_spec, make_clip
 from .render import Renderer
 from .speech import SAMPLE_RATE_HZ
 from .split import WorldSplit
@@ -50,7 +50,8 @@ class WorldSource:
         return make_clip(clip_spec(self.split, self.part, index), self._renderer)
 
     def describe(self) -> dict:
-        return {"kind": "world", "part": self.part, "count": self.count, "size": self.size,
+        return {"kind": "world", "world_version": WORLD_VERSION, "part": self.part, "count": self.count,
+                "size": self.size,
                 "split": self.split.record()}
 
 
@@ -66,7 +67,8 @@ def write_shards(directory: str | Path, source: WorldSource, shard_size: int = 3
     manifest = {"format": "facecast-world-shards/1", "shard_size": shard_size, **source.describe()}
     if manifest_path.exists():
         existing = json.loads(manifest_path.read_text())
-        mismatched = [k for k in ("part", "count", "size", "shard_size", "split") if existing.get(k) != manifest[k]]
+        mismatched = [k for k in ("world_version", "part", "count", "size", "shard_size", "split")
+                      if existing.get(k) != manifest[k]]
         if mismatched:
             raise ValueError(f"{directory} already holds a different dataset ({', '.join(mismatched)} differ); "
                              "choose another --out or delete it")
@@ -137,6 +139,11 @@ class ShardSource:
             raise ValueError(f"{self.directory} is incomplete: {len(missing)} of {shards} shards missing "
                              "(resume with the same `facecast world generate` command)")
         self._cache: tuple[int, dict] | None = None
+
+    @property
+    def stale(self) -> bool:
+        """Made by another version of the world's code: its pixels are usable, its truth may not match."""
+        return self.manifest.get("world_version") != WORLD_VERSION
 
     def __len__(self) -> int:
         return int(self.manifest["count"])

@@ -23,7 +23,7 @@ CLOSED, OPEN, ROUNDED, WIDE, MID, LABIODENTAL = range(len(VISEMES))
 
 # (opening 0..1, width relative to the neutral mouth, dominance strength)
 _TARGETS = {
-    CLOSED: (0.0, 1.0, 6.0),
+    CLOSED: (0.0, 1.0, 3.5),
     OPEN: (0.95, 1.05, 1.0),
     ROUNDED: (0.55, 0.62, 1.4),
     WIDE: (0.35, 1.3, 1.0),
@@ -103,8 +103,8 @@ def mouth_track(phonemes, pcm: np.ndarray, sample_rate: int, fps: float, frames:
     for start, end, viseme in spans:
         opening, width, strength = _TARGETS[viseme]
         centre, half = (start + end) / 2, max(0.02, (end - start) / 2)
-        distance = np.maximum(0.0, np.abs(times - centre) - half * 0.5)
-        weights.append(strength * np.exp(-distance / 0.045))
+        distance = np.maximum(0.0, np.abs(times - centre) - half * 0.8)
+        weights.append(strength * np.exp(-distance / 0.03))
         openings.append(opening)
         widths.append(width)
     for start, end in rests:

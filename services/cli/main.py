@@ -15,7 +15,7 @@ import sys
 
 from model_core.checkpoint import CheckpointError
 from model_core.config import ConfigError
-from services.cli import bench, call, generate, presets, serve, train, world
+from services.cli import bench, call, eval as eval_command, generate, presets, serve, train, world
 from services.cli.common import EXIT_INTERRUPTED, EXIT_USAGE, UserError
 from services.media import MediaError
 
@@ -26,7 +26,7 @@ USER_ERRORS = (UserError, MediaError, ConfigError, CheckpointError, FileNotFound
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facecast", description="Real-time audio-driven avatar video.")
     commands = parser.add_subparsers(dest="command", required=True)
-    for command in (generate, bench, presets, serve, call, world, train):
+    for command in (generate, bench, presets, serve, call, world, train, eval_command):
         command.add_parser(commands)
     return parser
 

@@ -1,0 +1,141 @@
+"""`facecast eval`'s engine: score videos of held-out world clips against their ground truth.
+
+    evaluate(source, probe, video="model" | "truth" | "shift:K" | "frozen" | "swap", engine=None) -> report dict
+
+What is scored, per clip (single-character clips of the source; two-character clips are skipped):
+* "model": the engine's video for the clip's reference (a neutral render of its identity) and its audio;
+* "truth": the ground-truth render itself (the ceiling);
+* "shift:K": the truth delayed by K frames (calibration: lag K);  "frozen": its first frame held (sync ~ 0);
+* "swap": another identity's truth render against this clip's reference (calibration: low identity).
+
+`landmark_sync_r` is sync_r read by dlib's landmarks instead of the probe (`model_core.landmarks`; present when the
+`eval` extra is installed): an independent check on the probe.
+
+Reported (see `model_core.lipsync` for the definitions): sync_r, sync_lag_frames, silence_motion, identity, psnr, ssim
+against the truth render for the same identity and audio, each overall and per style, with the clip count and the
+wall time. Clip scores are averaged over clips; the lag is the one maximising the clip-mean correlation.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .landmarks import LandmarkReader
+from .lipsync import identity_score, lagged_r, pearson, psnr, read_video, ssim, sync_scores
+from .world.identity import STYLES, identity
+from .world.render import FrameState, Renderer
+
+VIDEOS = ("model", "truth", "frozen", "swap", "shift:K")
+MAX_LAG = 8
+
+
+def check_video(video: str) -> None:
+    if video in ("model", "truth", "frozen", "swap"):
+        return
+    if video.startswith("shift:"):
+        try:
+            int(video.split(":", 1)[1])
+            return
+        except ValueError:
+            pass
+    raise ValueError(f"video={video!r} is invalid: allowed {', '.join(VIDEOS)} (K an integer number of frames)")
+
+
+def reference_render(identity_id: int, seed: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The identity's reference image: mouth closed, eyes open, head still; and its face box."""
+    frame, boxes = Renderer(size).frame([(identity(seed, identity_id), FrameState())])
+    return frame, boxes[0]
+
+
+def model_video(engine, reference: np.ndarray, audio: np.ndarray, sample_rate: int, frames: int) -> np.ndarray:
+    """The engine's frames (uint8 [T, H, W, 3]) for a reference image and its audio."""
+    image = torch.from_numpy(reference).permute(2, 0, 1).float().div(127.5).sub(1.0)
+    session = engine.open_session(image)
+    chunks = []
+    try:
+        for start in range(0, len(audio), sample_rate // 5):
+            chunks += engine.push_audio(session, audio[start:start + sample_rate // 5], sample_rate)
+        chunks += engine.end_input(session)
+    finally:
+        engine.close_session(session)
+    video = torch.cat([chunk.frames for chunk in chunks])[:frames]
+    return ((video.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def _video_for(mode: str, clip, others, engine, reference) -> np.ndarray:
+    truth = clip.frames
+    if mode == "truth":
+        return truth
+    if mode == "frozen":
+        return np.repeat(truth[:1], len(truth), axis=0)
+    if mode.startswith("shift:"):
+        k = int(mode.split(":", 1)[1])
+        index = np.clip(np.arange(len(truth)) - k, 0, len(truth) - 1)
+        return truth[index]
+    if mode == "swap":
+        other = next(o for o in others if int(o.truth.identity[0]) != int(clip.truth.identity[0]))
+        frames = other.frames[:len(truth)]
+        if len(frames) < len(truth):
+            frames = np.concatenate([frames, np.repeat(frames[-1:], len(truth) - len(frames), axis=0)])
+        return frames
+    return model_video(engine, reference, clip.audio, clip.sample_rate, len(truth))
+
+
+def evaluate(source, probe, video: str = "model", engine=None, clips: int | None = None, seed: int = 0,
+             progress: bool = True, landmarks: bool = True) -> dict:
+    check_video(video)
+    reader = LandmarkReader() if landmarks and LandmarkReader.available() else None
+    if video == "model" and engine is None:
+        raise ValueError("video='model' needs an engine")
+    began = time.perf_counter()
+    singles = [i for i in range(len(source)) if len(source[i].meta.get("identities", [0])) == 1]
+    singles = singles[:clips] if clips else singles
+    if not singles:
+        raise ValueError("the evaluation set has no single-character clips")
+    loaded = [source[i] for i in singles]
+    rows = []
+    for index, clip in enumerate(tqdm(loaded, desc=f"eval {video}", unit="clip", disable=not progress)):
+        ident = int(clip.truth.identity[0])
+        reference, reference_box = reference_render(ident, seed, clip.frames.shape[1])
+        others = loaded[index + 1:] + loaded[:index]
+        frames = _video_for(video, clip, others, engine, reference)
+        n = min(len(frames), clip.num_frames)
+        boxes = clip.truth.face_box[:n, 0]
+        measured, embeddings = read_video(probe, frames[:n], boxes)
+        _, reference_embedding = read_video(probe, reference[None], reference_box[None])
+        speaking = clip.truth.speaking[:n, 0]
+        truth_open = clip.truth.mouth_open[:n, 0]
+        scores = sync_scores(measured, truth_open, speaking, MAX_LAG)
+        truth_frames = clip.frames[:n].astype(np.float64) / 255
+        shown = frames[:n].astype(np.float64) / 255
+        rows.append({
+            **scores, "style": STYLES[int(clip.truth.style[0])],
+            "lag_curve": [lagged_r(measured, truth_open, speaking, k) for k in range(-MAX_LAG, MAX_LAG + 1)],
+            "identity": identity_score(embeddings, reference_embedding[0]),
+            "psnr": float(np.mean([psnr(a, b) for a, b in zip(shown[::4], truth_frames[::4])])),
+            "ssim": float(np.mean([ssim(a, b) for a, b in zip(shown[::4], truth_frames[::4])])),
+        })
+        if reader is not None:  # the independent check: dlib's landmarks, not trained on anything of ours
+            ratio = reader.mouth_ratio(frames[:n], boxes)
+            rows[-1]["landmark_sync_r"] = pearson(ratio[speaking], truth_open[speaking])
+    report = _aggregate(rows)
+    report["per_style"] = {style: _aggregate([r for r in rows if r["style"] == style])
+                           for style in STYLES if any(r["style"] == style for r in rows)}
+    report.update(video=video, clips=len(rows), wall_s=round(time.perf_counter() - began, 2))
+    return report
+
+
+def _aggregate(rows: list[dict]) -> dict:
+    def mean(key):
+        values = [r[key] for r in rows if r.get(key) is not None and np.isfinite(r[key])]
+        return round(float(np.mean(values)), 4) if values else None
+
+    curve = np.mean([r["lag_curve"] for r in rows], axis=0)
+    best = int(np.argmax(curve))
+    return {"sync_r": mean("sync_r"), "sync_lag_frames": best - MAX_LAG if curve[best] > 0 else None,
+            "silence_motion": mean("silence_motion"), "identity": mean("identity"), "psnr": mean("psnr"),
+            "ssim": mean("ssim"), "landmark_sync_r": mean("landmark_sync_r"), "clips": len(rows)}

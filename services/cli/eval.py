@@ -1,0 +1,96 @@
+"""`facecast eval`: how well videos follow their speech, on held-out clips of the world, as JSON.
+
+    facecast eval [--checkpoint C] [--json]          the engine's videos (default: the preset's weights)
+    facecast eval --video truth | frozen | swap | shift:K      the calibration cases (ceiling, floors, lags)
+
+Defaults: preset talk128, the held-out set out/world/eval-128 (made first if missing), the shipped probe
+checkpoints/lipsync-probe.safetensors. Keys: sync_r, sync_lag_frames, silence_motion, identity, psnr, ssim,
+landmark_sync_r (with the `eval` extra), per_style, clips, wall_s, weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from services.cli.common import EXIT_OK, UserError
+from services.cli.world import default_dir
+
+DEFAULT_PROBE = "checkpoints/lipsync-probe.safetensors"
+DEFAULT_EVAL_COUNT = 48
+
+
+def _eval_source(data: str | None, seed: int, size: int):
+    from model_core.world.split import WorldSplit
+    from model_core.world.store import ShardSource, WorldSource, open_source, write_shards
+
+    if data:
+        source = open_source(data, seed=seed, size=size)
+    else:
+        path = default_dir("eval", size)
+        if not (path / "manifest.json").is_file() or _incomplete(path):
+            print(f"making the held-out clips first: {path} ({DEFAULT_EVAL_COUNT} clips)")
+            write_shards(path, WorldSource(WorldSplit(seed), "eval", DEFAULT_EVAL_COUNT, size))
+        source = ShardSource(path)
+    if isinstance(source, ShardSource) and source.stale:
+        raise UserError(f"{source.directory} was made by another version of the world (its truth would not match); "
+                        "delete it and run again")
+    if getattr(source, "part", None) == "train" or getattr(getattr(source, "manifest", {}), "get",
+                                                           lambda k: None)("part") == "train":
+        raise UserError("--data is a training set: evaluate on held-out clips (world:eval or an eval shard dir)")
+    return source
+
+
+def _incomplete(path: Path) -> bool:
+    from model_core.world.store import ShardSource
+
+    try:
+        ShardSource(path)
+    except ValueError:
+        return True
+    return False
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from model_core.config import get_preset
+    from model_core.evaluate import check_video, evaluate
+    from model_core.training.probe_stage import load_probe
+
+    try:
+        check_video(args.video)
+    except ValueError as error:
+        raise UserError(f"--video: {error}") from None
+    preset = get_preset(args.preset)
+    probe = load_probe(args.probe)
+    source = _eval_source(args.data, args.seed, preset.stream.height)
+    engine, weights = None, None
+    if args.video == "model":
+        from model_core.engine import AvatarEngine
+
+        engine = AvatarEngine.from_preset(preset, checkpoint=args.checkpoint, seed=args.seed)
+        weights = engine.weights_note
+    report = evaluate(source, probe, args.video, engine=engine, clips=args.clips, seed=args.seed,
+                      progress=not args.json)
+    report["weights"] = weights
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(json.dumps(report, indent=1))
+    return EXIT_OK
+
+
+def add_parser(commands) -> None:
+    """Register `eval` on the `facecast` subparsers."""
+    parser = commands.add_parser("eval", help="lip-sync, identity and image scores on held-out clips (JSON)")
+    parser.add_argument("--checkpoint", help="facecast checkpoint to evaluate (default: the preset's weights)")
+    parser.add_argument("--preset", default="talk128")
+    parser.add_argument("--video", default="model",
+                        help="what to score: model (default), truth, frozen, swap or shift:K")
+    parser.add_argument("--data", help="held-out clips: an eval shard directory or world:eval "
+                                       "(default out/world/eval-128, made if missing)")
+    parser.add_argument("--probe", default=DEFAULT_PROBE, help=f"lip-sync probe (default {DEFAULT_PROBE})")
+    parser.add_argument("--clips", type=int, help="score only the first N single-character clips")
+    parser.add_argument("--seed", type=int, default=0, help="world seed (must match the eval set's)")
+    parser.add_argument("--json", action="store_true", help="one line of JSON, no progress bar")
+    parser.set_defaults(handler=cmd_eval)

@@ -1,0 +1,80 @@
+"""The training loop and the VAE stage: a few steps on tiny data lower the loss, a resumed run equals an unbroken
+one, and the export loads as a streaming VAE whose chunked decode equals its whole decode."""
+
+import shutil
+
+import pytest
+import torch
+
+from model_core.config import get_preset
+from model_core.training.loop import read_log, run_stage
+from model_core.training.vae_stage import VAEStage, VAETrainConfig, reconstruction_report
+from model_core.vae import StreamingVAE
+from model_core.world.speech import espeak_available
+from model_core.world.split import WorldSplit
+from model_core.world.store import WorldSource
+
+pytestmark = pytest.mark.skipif(not espeak_available(), reason="libespeak-ng missing: run `make espeak-ng`")
+
+
+@pytest.fixture(scope="module")
+def source():
+    class Cached:  # one rendered clip, served from memory
+        def __init__(self):
+            self.clip = WorldSource(WorldSplit(0), "train", 1, 64)[0]
+
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, index):
+            return self.clip
+    return Cached()
+
+
+def stage(source, **overrides):
+    return VAEStage(get_preset("talk128").vae, source, VAETrainConfig(batch_size=1, learning_rate=2e-3, **overrides))
+
+
+def test_vae_stage_loss_decreases(source, tmp_path):
+    run_stage(stage(source), tmp_path, 24, log_every=4, checkpoint_every=100, progress=False)
+    losses = [row["loss"] for row in read_log(tmp_path)]
+    assert len(losses) == 6
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_resumed_run_equals_unbroken_run(source, tmp_path):
+    whole = stage(source)
+    run_stage(whole, tmp_path / "whole", 6, checkpoint_every=3, progress=False)
+    first = stage(source)
+    run_stage(first, tmp_path / "broken", 3, checkpoint_every=3, progress=False)
+    resumed = stage(source)  # a new process would build the stage afresh and find the checkpoint
+    run_stage(resumed, tmp_path / "broken", 6, checkpoint_every=3, progress=False)
+    for key, value in whole.vae.state_dict().items():
+        torch.testing.assert_close(resumed.vae.state_dict()[key], value, rtol=0, atol=0)
+    assert whole.optimizer().state_dict()["state"][0]["step"] == resumed.optimizer().state_dict()["state"][0]["step"]
+
+
+def test_export_is_a_streaming_vae(source, tmp_path):
+    trained = stage(source)
+    run_stage(trained, tmp_path / "run", 2, progress=False, export_to=tmp_path / "export")
+    vae = StreamingVAE.from_pretrained(tmp_path / "export")
+    assert vae.spatial_compression == 16 and vae.temporal_compression == 4
+    assert len(vae.vae.config.latents_mean) == 16 and min(vae.vae.config.latents_std) > 0
+    latents = torch.randn(1, 16, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    cache, pieces = vae.new_decode_cache(), []
+    for start in (0, 1, 3):
+        end = {0: 1, 1: 3, 3: 4}[start]
+        frames, cache = vae.decode_chunk(latents[:, :, start:end], cache)
+        pieces.append(frames)
+    torch.testing.assert_close(torch.cat(pieces, 2), vae.decode(latents).clamp(-1, 1), atol=2e-3, rtol=2e-3)
+    report = reconstruction_report(vae, source, clips=1, length=9)
+    assert set(report) >= {"psnr", "ssim", "mouth_psnr", "per_style", "decode_ms_per_frame"}
+
+
+def test_a_run_directory_of_another_stage_is_refused(source, tmp_path):
+    run_stage(stage(source), tmp_path, 1, progress=False)
+    other = stage(source)
+    other.name = "probe"
+    with pytest.raises(ValueError, match="holds a 'vae' run"):
+        run_stage(other, tmp_path, 2, progress=False)
+    shutil.rmtree(tmp_path)
