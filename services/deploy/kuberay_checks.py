@@ -87,14 +87,15 @@ def _strictify(node: Any) -> Any:
     return node
 
 
-@functools.lru_cache(maxsize=4)
-def _rayservice_validator(directory: str):
+@functools.lru_cache(maxsize=8)
+def _crd_validator(directory: str, crd: str = _RAYSERVICE_CRD):
+    """A strict (unknown keys rejected) Draft-7 validator for one KubeRay CRD's v1 schema."""
     from jsonschema import Draft7Validator
 
-    path = Path(directory) / _RAYSERVICE_CRD
+    path = Path(directory) / crd
     if not path.is_file():
         raise DeployConfigError(
-            f"KubeRay CRD not found at {path} (set {_SCHEMA_ENV} to the folder holding {_RAYSERVICE_CRD})"
+            f"KubeRay CRD not found at {path} (set {_SCHEMA_ENV} to the folder holding {crd})"
         )
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     with path.open() as fh:
@@ -130,8 +131,9 @@ def _json_type(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _schema_problems(manifest: dict) -> list[str]:
-    validator = _rayservice_validator(str(schemas_dir()))
+def schema_problems(manifest: dict, crd: str = _RAYSERVICE_CRD) -> list[str]:
+    """Every place `manifest` breaks the CRD's schema, as 'dotted.path: what is wrong'."""
+    validator = _crd_validator(str(schemas_dir()), crd)
     problems = []
     for err in sorted(validator.iter_errors(manifest), key=lambda e: (list(map(str, e.absolute_path)), e.message)):
         path = _dotted(err.absolute_path)
@@ -384,7 +386,7 @@ def validate_rayservice(manifest: dict) -> None:
         problems.append(f"apiVersion: must be 'ray.io/v1', got {manifest.get('apiVersion')!r}")
     if manifest.get("kind") != "RayService":
         problems.append(f"kind: must be 'RayService', got {manifest.get('kind')!r}")
-    problems += _schema_problems(manifest)
+    problems += schema_problems(manifest)
     problems += _controller_problems(manifest)
 
     spec = manifest.get("spec") if isinstance(manifest.get("spec"), dict) else {}
