@@ -195,6 +195,8 @@ class PresetConfig:
     audio_backend: str = "logmel"
     text_encoder: str = "bytes"
     description: str = ""
+    vae_weights: str = ""
+    """A trained VAE shipped in `checkpoints/` (a diffusers directory name) used when no checkpoint carries one."""
 
     def check_resolution(self, stream: StreamConfig) -> None:
         """Height and width must tile into whole DiT patches and whole reference-token patches."""
@@ -231,9 +233,11 @@ _TALK128 = PresetConfig(
     name="talk128",
     dit=DiTConfig(num_layers=4, num_heads=3, head_dim=64, ffn_dim=768, text_dim=64, text_len=32, image_dim=192,
                   audio_dim=LOGMEL_AUDIO_DIM, audio_hidden_dim=192),
-    vae=VAEConfig(base_dim=8, num_res_blocks=1, dim_mult=(1, 2, 4, 4, 4), temperal_downsample=(False, True, True, False)),
+    vae=VAEConfig(base_dim=8, num_res_blocks=1, dim_mult=(1, 2, 4, 4, 4),
+                  temperal_downsample=(False, True, True, False)),
     stream=StreamConfig(width=128, height=128, steps=2),
     description="the talking-face world: 128x128, a 16x-compression VAE (8x8 latents), 4 blocks, 192 channels",
+    vae_weights="talk128-vae",
 )
 
 _WAN_1_3B = PresetConfig(

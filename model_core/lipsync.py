@@ -80,6 +80,10 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
     return float(s.mean())
 
 
+PSNR_CAP_DB = 100.0
+
+
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of float images in [0, 1]; identical images give PSNR_CAP_DB (JSON has no infinity)."""
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+    return PSNR_CAP_DB if mse <= 10 ** (-PSNR_CAP_DB / 10) else float(10 * np.log10(1.0 / mse))

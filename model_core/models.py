@@ -2,7 +2,8 @@
 
     build_models(preset, checkpoint, device, dtype, seed, audio_config) -> (dit, vae, weights note)
       build_dit    checkpoint: `load_facecast_checkpoint`; none: `random_dit(dit_config_for(...))`
-      build_vae    checkpoint with a VAE inside: its weights; otherwise the preset's VAE shape, seeded
+      build_vae    checkpoint with a VAE inside: its weights; else the preset's shipped VAE (`vae_weights`);
+                   else the preset's VAE shape, seeded
     resolve_device("auto" | "cpu" | "cuda" | "cuda:N") -> torch.device
     torch_dtype("float32" | "bfloat16" | "float16") -> torch.dtype
 
@@ -21,10 +22,11 @@ import dataclasses
 import torch
 
 from .audio import AudioConfig, AudioFrontend
-from .checkpoint import (VAE_PREFIX, dit_config_from_metadata, load_facecast_checkpoint, read_facecast_metadata,
-                         read_state_dict)
+from .checkpoint import (VAE_PREFIX, CheckpointError, dit_config_from_metadata, load_facecast_checkpoint,
+                         read_facecast_metadata, read_state_dict)
 from .config import DEVICES, DTYPES, ConfigError, DiTConfig, PresetConfig
 from .dit import CausalAvatarDiT
+from .shipped import shipped_path
 from .vae import StreamingVAE
 
 # ============================================================================================ device and dtype
@@ -94,6 +96,12 @@ def build_vae(preset: PresetConfig, *, checkpoint: str | None, device, seed: int
             state = read_state_dict(checkpoint)
             vae_state = {key[len(VAE_PREFIX):]: value for key, value in state.items() if key.startswith(VAE_PREFIX)}
             return StreamingVAE.from_state(metadata["vae_config"], vae_state, device=device)
+    if preset.vae_weights:
+        path = shipped_path(preset.vae_weights)
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"preset {preset.name!r} uses the trained VAE {str(path)!r}, which is missing; "
+                                  f"train it with `facecast train vae` (or restore checkpoints/ from git)")
+        return StreamingVAE.from_pretrained(path, device=device)
     vae = StreamingVAE.from_config(preset.vae, seed=seed)
     return StreamingVAE(vae.vae.to(device=device))
 

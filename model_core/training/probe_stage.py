@@ -33,31 +33,37 @@ EMBEDDING = 128
 @dataclasses.dataclass(frozen=True)
 class ProbeTrainConfig:
     batch_size: int = 32
-    learning_rate: float = 2e-3
-    identity_weight: float = 0.5
+    learning_rate: float = 1e-3
+    identity_weight: float = 1.0
     identity_classes: int = 1200
     seed: int = 0
 
 
+def _trunk(width: int) -> torch.nn.Sequential:
+    """64x64 -> [4 width, 4, 4]: four stride-2 stages of two 3x3 convolutions."""
+    channels = [3, width, width * 2, width * 4, width * 4]
+    layers = []
+    for c_in, c_out in zip(channels[:-1], channels[1:]):
+        layers += [torch.nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), torch.nn.GroupNorm(8, c_out),
+                   torch.nn.SiLU(), torch.nn.Conv2d(c_out, c_out, 3, padding=1), torch.nn.SiLU()]
+    return torch.nn.Sequential(*layers, torch.nn.Flatten())
+
+
 class LipSyncProbe(torch.nn.Module):
+    """Two small CNNs on the same crop: one reads the mouth, one embeds the face. (One shared trunk learned the
+    mouth far slower: the 1,080-way identity loss dominated its gradients.)"""
+
     def __init__(self, identity_classes: int = 1200, width: int = 32):
         super().__init__()
         self.config = {"identity_classes": identity_classes, "width": width}
-        channels = [3, width, width * 2, width * 4, width * 4]
-        layers = []
-        for c_in, c_out in zip(channels[:-1], channels[1:]):
-            layers += [torch.nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), torch.nn.GroupNorm(8, c_out),
-                       torch.nn.SiLU(), torch.nn.Conv2d(c_out, c_out, 3, padding=1), torch.nn.SiLU()]
-        self.trunk = torch.nn.Sequential(*layers)                       # 64 -> 4x4
-        self.mouth = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(channels[-1] * 16, 128),
-                                         torch.nn.SiLU(), torch.nn.Linear(128, 1))
-        self.embed = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(channels[-1] * 16, EMBEDDING))
+        self.mouth = torch.nn.Sequential(_trunk(width), torch.nn.Linear(width * 4 * 16, 128), torch.nn.SiLU(),
+                                         torch.nn.Linear(128, 1))
+        self.embed = torch.nn.Sequential(_trunk(width), torch.nn.Linear(width * 4 * 16, EMBEDDING))
         self.classes = torch.nn.Parameter(torch.randn(identity_classes, EMBEDDING) * 0.05)
 
     def forward(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """crops [B, 3, 64, 64] in [-1, 1] -> opening [B] (0..1), embedding [B, 128] (unit length)."""
-        features = self.trunk(crops)
-        return torch.sigmoid(self.mouth(features)[:, 0]), F.normalize(self.embed(features), dim=1)
+        return torch.sigmoid(self.mouth(crops)[:, 0]), F.normalize(self.embed(crops), dim=1)
 
     @torch.no_grad()
     def read(self, crops: torch.Tensor, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:

@@ -111,7 +111,8 @@ class VAEStage:
         l1 = (error * weight).sum() / (weight.sum() * 3)
         loss = l1 + self.train_config.kl_weight * kl
         mse = F.mse_loss(decoded.detach(), video)
-        return loss, {"loss": float(loss.detach()), "l1": float(l1.detach()), "psnr": float(10 * torch.log10(4.0 / mse))}
+        return loss, {"loss": float(loss.detach()), "l1": float(l1.detach()),
+                      "psnr": float(10 * torch.log10(4.0 / mse))}
 
     def export(self, path: Path) -> None:
         export_vae(self.vae.cpu(), self.source, Path(path))

@@ -141,7 +141,8 @@ class Renderer:
             d.rounded_rectangle((hx - a * 1.22, hy - b * 1.05, hx + a * 1.22, hy + b * drop), radius=a * 0.6,
                                 fill=hair, outline=outline, width=ow)
         if style == 3:
-            d.ellipse((hx - a * 0.45, hy - b * 1.45, hx + a * 0.45, hy - b * 0.75), fill=hair, outline=outline, width=ow)
+            d.ellipse((hx - a * 0.45, hy - b * 1.45, hx + a * 0.45, hy - b * 0.75), fill=hair, outline=outline,
+                      width=ow)
         for side in (-1, 1):  # ears
             d.ellipse((hx + side * a - a * 0.16, hy - b * 0.12, hx + side * a + a * 0.16, hy + b * 0.22),
                       fill=_scaled(skin, 0.93), outline=outline, width=ow)

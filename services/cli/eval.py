@@ -14,10 +14,11 @@ import argparse
 import json
 from pathlib import Path
 
+from model_core.shipped import LIPSYNC_PROBE, shipped_path
 from services.cli.common import EXIT_OK, UserError
 from services.cli.world import default_dir
 
-DEFAULT_PROBE = "checkpoints/lipsync-probe.safetensors"
+DEFAULT_PROBE = str(shipped_path(LIPSYNC_PROBE))
 DEFAULT_EVAL_COUNT = 48
 
 
@@ -36,8 +37,8 @@ def _eval_source(data: str | None, seed: int, size: int):
     if isinstance(source, ShardSource) and source.stale:
         raise UserError(f"{source.directory} was made by another version of the world (its truth would not match); "
                         "delete it and run again")
-    if getattr(source, "part", None) == "train" or getattr(getattr(source, "manifest", {}), "get",
-                                                           lambda k: None)("part") == "train":
+    part = source.manifest.get("part") if isinstance(source, ShardSource) else getattr(source, "part", None)
+    if part == "train":
         raise UserError("--data is a training set: evaluate on held-out clips (world:eval or an eval shard dir)")
     return source
 
@@ -62,8 +63,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise UserError(f"--video: {error}") from None
     preset = get_preset(args.preset)
-    probe = load_probe(args.probe)
     source = _eval_source(args.data, args.seed, preset.stream.height)
+    probe = load_probe(args.probe)
     engine, weights = None, None
     if args.video == "model":
         from model_core.engine import AvatarEngine

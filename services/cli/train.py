@@ -14,12 +14,13 @@ import argparse
 import json
 from pathlib import Path
 
+from model_core.shipped import LIPSYNC_PROBE, TALK128_VAE, shipped_path
 from services.cli.common import EXIT_OK, UserError
 from services.cli.world import default_dir
 
 DEFAULTS = {
-    "vae": {"steps": 1800, "export": "checkpoints/talk128-vae"},
-    "probe": {"steps": 1500, "export": "checkpoints/lipsync-probe.safetensors"},
+    "vae": {"steps": 1800, "export": str(shipped_path(TALK128_VAE))},
+    "probe": {"steps": 1500, "export": str(shipped_path(LIPSYNC_PROBE))},
 }
 
 
@@ -52,7 +53,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     stage = args.stage
     data = args.data or str(default_dir("train"))
-    steps = args.steps or DEFAULTS[stage]["steps"]
+    steps = args.steps if args.steps is not None else DEFAULTS[stage]["steps"]
     export = args.export or DEFAULTS[stage]["export"]
     run_dir = args.run_dir or str(Path("out") / "train" / stage)
     try:

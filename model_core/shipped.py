@@ -1,0 +1,19 @@
+"""Weights that ship with facecast, in the repository's `checkpoints/` folder (fp16, no optimiser state).
+
+    shipped_path(name) -> Path          where a shipped artefact lives (it may not exist yet)
+    TALK128_VAE, LIPSYNC_PROBE          the names of what issue 7's stages export
+
+`facecast train <stage>` writes its export here by default; presets and `facecast eval` read from here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
+TALK128_VAE = "talk128-vae"
+LIPSYNC_PROBE = "lipsync-probe.safetensors"
+
+
+def shipped_path(name: str) -> Path:
+    return CHECKPOINTS / name

@@ -1,0 +1,72 @@
+"""`facecast world`, `facecast train` and `facecast eval` from the command line: the world cache, a real Ray Train run
+that resumes, and user errors as one line with status 2."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from model_core.training.loop import read_log
+from model_core.world.speech import espeak_available
+from services.cli.main import main
+
+REPO = Path(__file__).resolve().parents[3]
+pytestmark = pytest.mark.skipif(not espeak_available(), reason="libespeak-ng missing: run `make espeak-ng`")
+
+
+def facecast(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "services.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_world_generate_resumes_and_info_reports_the_split(tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert main(["world", "generate", "--part", "eval", "--count", "2", "--size", "64", "--shard-size", "1",
+                 "--out", str(out), "--quiet"]) == 0
+    assert "2 new shards" in capsys.readouterr().out
+    (out / "shard-00001.npz").unlink()
+    assert main(["world", "generate", "--part", "eval", "--count", "2", "--size", "64", "--shard-size", "1",
+                 "--out", str(out), "--quiet"]) == 0
+    assert "1 new shards" in capsys.readouterr().out
+    assert main(["world", "info", str(out)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["part"] == "eval" and info["split"]["held_out_identities"] == 120
+    assert info["split"]["held_out_voice"] == "en-gb-scotland+m7"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "--video", "sideways"], "--video: video='sideways' is invalid"),
+    (["train", "vae", "--steps", "0", "--data", "world:train"], "steps=0 is invalid"),
+    (["train", "vae", "--workers", "0", "--data", "world:train"], "workers=0 is invalid"),
+    (["world", "generate", "--count", "0", "--quiet", "--out", "/tmp/facecast-never"], "clip count=0 is invalid"),
+    (["world", "info", "/nonexistent/place"], "is not a world dataset"),
+])
+def test_user_errors_are_one_line_with_status_2(args, message):
+    result = facecast(*args, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and message in result.stderr
+
+
+def test_eval_refuses_a_training_set(tmp_path):
+    assert main(["world", "generate", "--part", "train", "--count", "1", "--size", "128", "--out",
+                 str(tmp_path), "--quiet"]) == 0
+    result = facecast("eval", "--data", str(tmp_path), "--video", "truth", timeout=120)
+    assert result.returncode == 2 and "is a training set" in result.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_train_vae_runs_on_ray_train_and_resumes(tmp_path):
+    args = ["train", "vae", "--data", "world:train", "--world-count", "1", "--batch-size", "1",
+            "--run-dir", str(tmp_path / "run"), "--export", str(tmp_path / "export"), "--log-every", "1",
+            "--checkpoint-every", "2"]
+    first = facecast(*args, "--steps", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    summary = json.loads(first.stdout[first.stdout.index("{"):])
+    assert summary["step"] == 2 and summary["stage"] == "vae"
+    assert (tmp_path / "run" / "state.pt").is_file() and (tmp_path / "export" / "config.json").is_file()
+    second = facecast(*args, "--steps", "3")  # the same command, asked for one more step: resumes at step 2
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert [row["step"] for row in read_log(tmp_path / "run")] == [1, 2, 3]
