@@ -2,6 +2,7 @@
 
     facecast eval [--checkpoint C] [--json]          the engine's videos (default: the preset's weights)
     facecast eval --video truth | frozen | swap | shift:K      the calibration cases (ceiling, floors, lags)
+    facecast eval --vae-report [--vae DIR]           the VAE's reconstruction of held-out clips
 
 Defaults: preset talk128, the held-out set out/world/eval-128 (made first if missing), the shipped probe
 checkpoints/lipsync-probe.safetensors. Keys: sync_r, sync_lag_frames, silence_motion, identity, psnr, ssim,
@@ -64,6 +65,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UserError(f"--video: {error}") from None
     preset = get_preset(args.preset)
     source = _eval_source(args.data, args.seed, preset.stream.height)
+    if args.vae_report:
+        return _vae_report(args, preset, source)
     probe = load_probe(args.probe)
     engine, weights = None, None
     if args.video == "model":
@@ -81,6 +84,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _vae_report(args: argparse.Namespace, preset, source) -> int:
+    """Reconstruction of held-out clips through the preset's VAE (or --vae DIR): PSNR/SSIM overall, per style and on
+    the mouth region, and the streaming decode's cost per frame on this machine."""
+    from model_core.models import build_vae
+    from model_core.training.vae_stage import reconstruction_report
+    from model_core.vae import StreamingVAE
+
+    vae = StreamingVAE.from_pretrained(args.vae) if args.vae else build_vae(preset, checkpoint=args.checkpoint,
+                                                                             device="cpu", seed=args.seed)
+    report = reconstruction_report(vae, source, clips=args.clips or 12)
+    report["vae"] = args.vae or preset.vae_weights or "random"
+    print(json.dumps(report) if args.json else json.dumps(report, indent=1))
+    return EXIT_OK
+
+
 def add_parser(commands) -> None:
     """Register `eval` on the `facecast` subparsers."""
     parser = commands.add_parser("eval", help="lip-sync, identity and image scores on held-out clips (JSON)")
@@ -94,4 +112,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--clips", type=int, help="score only the first N single-character clips")
     parser.add_argument("--seed", type=int, default=0, help="world seed (must match the eval set's)")
     parser.add_argument("--json", action="store_true", help="one line of JSON, no progress bar")
+    parser.add_argument("--vae-report", action="store_true",
+                        help="instead: the VAE's reconstruction of held-out clips (PSNR/SSIM, mouth, decode ms)")
+    parser.add_argument("--vae", help="with --vae-report: a VAE directory (default: the preset's)")
     parser.set_defaults(handler=cmd_eval)

@@ -47,7 +47,8 @@ def test_resumed_run_equals_unbroken_run(source, tmp_path):
     run_stage(whole, tmp_path / "whole", 6, checkpoint_every=3, progress=False)
     first = stage(source)
     run_stage(first, tmp_path / "broken", 3, checkpoint_every=3, progress=False)
-    resumed = stage(source)  # a new process would build the stage afresh and find the checkpoint
+    torch.manual_seed(12345)  # a new process: the global RNG is wherever it is, not where step 3 left it
+    resumed = stage(source)  # built afresh, it finds the checkpoint
     run_stage(resumed, tmp_path / "broken", 6, checkpoint_every=3, progress=False)
     for key, value in whole.vae.state_dict().items():
         torch.testing.assert_close(resumed.vae.state_dict()[key], value, rtol=0, atol=0)
@@ -78,3 +79,25 @@ def test_a_run_directory_of_another_stage_is_refused(source, tmp_path):
     with pytest.raises(ValueError, match="holds a 'vae' run"):
         run_stage(other, tmp_path, 2, progress=False)
     shutil.rmtree(tmp_path)
+
+
+def test_probe_stage_runs_and_its_loss_decreases(tmp_path):
+    """A smoke run (the probe's quality is held by tests/model_core/test_eval.py with the shipped probe)."""
+    from model_core.training.probe_stage import ProbeStage, ProbeTrainConfig, load_probe
+
+    clips = [WorldSource(WorldSplit(0), "train", 2, 128)[i] for i in range(2)]
+
+    class Two:
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, index):
+            return clips[index]
+
+    probe = ProbeStage(Two(), ProbeTrainConfig(batch_size=32, learning_rate=2e-3))
+    run_stage(probe, tmp_path, 30, log_every=10, progress=False, export_to=tmp_path / "probe.safetensors")
+    rows = read_log(tmp_path)
+    assert rows[-1]["loss"] < 0.5 * rows[0]["loss"], [round(r["loss"], 3) for r in rows]
+    loaded = load_probe(tmp_path / "probe.safetensors")
+    crops = torch.zeros(2, 3, 64, 64)
+    torch.testing.assert_close(loaded(crops)[0], probe.probe.cpu()(crops)[0], atol=2e-2, rtol=0)
