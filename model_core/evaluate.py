@@ -53,7 +53,7 @@ def reference_render(identity_id: int, seed: int, size: int) -> tuple[np.ndarray
 
 def model_video(engine, reference: np.ndarray, audio: np.ndarray, sample_rate: int, frames: int) -> np.ndarray:
     """The engine's frames (uint8 [T, H, W, 3]) for a reference image and its audio."""
-    image = torch.from_numpy(reference).permute(2, 0, 1).float().div(127.5).sub(1.0)
+    image = torch.from_numpy(np.array(reference)).permute(2, 0, 1).float().div(127.5).sub(1.0)
     session = engine.open_session(image)
     chunks = []
     try:
@@ -85,6 +85,26 @@ def _video_for(mode: str, clip, others, engine, reference) -> np.ndarray:
     return model_video(engine, reference, clip.audio, clip.sample_rate, len(truth))
 
 
+def _balanced_singles(source, clips: int | None) -> list:
+    """The single-character clips, taken round-robin over styles so any `clips` count covers every style."""
+    by_style: dict[int, list] = {}
+    for index in range(len(source)):
+        clip = source[index]
+        if clip.truth is None:
+            raise ValueError("evaluation needs clips with ground truth (world data), not a folder of videos")
+        if clip.truth.mouth_open.shape[1] == 1:
+            by_style.setdefault(int(clip.truth.style[0]), []).append(clip)
+    if not by_style:
+        raise ValueError("the evaluation set has no single-character clips")
+    ordered: list = []
+    queues = [list(g) for _, g in sorted(by_style.items())]
+    while any(queues):
+        for queue in queues:
+            if queue:
+                ordered.append(queue.pop(0))
+    return ordered[:clips] if clips else ordered
+
+
 def evaluate(source, probe, video: str = "model", engine=None, clips: int | None = None, seed: int = 0,
              progress: bool = True, landmarks: bool = True) -> dict:
     check_video(video)
@@ -92,11 +112,7 @@ def evaluate(source, probe, video: str = "model", engine=None, clips: int | None
     if video == "model" and engine is None:
         raise ValueError("video='model' needs an engine")
     began = time.perf_counter()
-    singles = [i for i in range(len(source)) if len(source[i].meta.get("identities", [0])) == 1]
-    singles = singles[:clips] if clips else singles
-    if not singles:
-        raise ValueError("the evaluation set has no single-character clips")
-    loaded = [source[i] for i in singles]
+    loaded = _balanced_singles(source, clips)
     rows = []
     for index, clip in enumerate(tqdm(loaded, desc=f"eval {video}", unit="clip", disable=not progress)):
         ident = int(clip.truth.identity[0])

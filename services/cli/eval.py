@@ -74,8 +74,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         engine = AvatarEngine.from_preset(preset, checkpoint=args.checkpoint, seed=args.seed)
         weights = engine.weights_note
-    report = evaluate(source, probe, args.video, engine=engine, clips=args.clips, seed=args.seed,
-                      progress=not args.json)
+    try:
+        report = evaluate(source, probe, args.video, engine=engine, clips=args.clips, seed=args.seed,
+                          progress=not args.json)
+    except ValueError as error:
+        raise UserError(str(error)) from None
     report["weights"] = weights
     if args.json:
         print(json.dumps(report))
@@ -93,7 +96,7 @@ def _vae_report(args: argparse.Namespace, preset, source) -> int:
 
     vae = StreamingVAE.from_pretrained(args.vae) if args.vae else build_vae(preset, checkpoint=args.checkpoint,
                                                                              device="cpu", seed=args.seed)
-    report = reconstruction_report(vae, source, clips=args.clips or 12)
+    report = reconstruction_report(vae, source, clips=args.clips)
     report["vae"] = args.vae or preset.vae_weights or "random"
     print(json.dumps(report) if args.json else json.dumps(report, indent=1))
     return EXIT_OK
@@ -109,7 +112,8 @@ def add_parser(commands) -> None:
     parser.add_argument("--data", help="held-out clips: an eval shard directory or world:eval "
                                        "(default out/world/eval-128, made if missing)")
     parser.add_argument("--probe", default=DEFAULT_PROBE, help=f"lip-sync probe (default {DEFAULT_PROBE})")
-    parser.add_argument("--clips", type=int, help="score only the first N single-character clips")
+    parser.add_argument("--clips", type=int, default=12,
+                        help="single-character clips to score, taken round-robin over the styles (default 12)")
     parser.add_argument("--seed", type=int, default=0, help="world seed (must match the eval set's)")
     parser.add_argument("--json", action="store_true", help="one line of JSON, no progress bar")
     parser.add_argument("--vae-report", action="store_true",
