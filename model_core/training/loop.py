@@ -77,6 +77,8 @@ def run_stage(stage: Stage, run_dir: str | Path, steps: int, *, checkpoint_every
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
     start = load_state(stage, run_dir)
+    if main and start > 0:
+        _truncate_log(run_dir, start)
     if start == 0:
         torch.manual_seed(stage.seed * 1000003 + rank)
     optimizer = stage.optimizer()
@@ -111,6 +113,12 @@ def run_stage(stage: Stage, run_dir: str | Path, steps: int, *, checkpoint_every
     if main and export_to is not None:
         stage.export(Path(export_to))
     return metrics
+
+
+def _truncate_log(run_dir: Path, step: int) -> None:
+    """Drop log rows past the checkpoint a run resumes from (they will be logged again)."""
+    rows = [row for row in read_log(run_dir) if row.get("step", 0) <= step]
+    (run_dir / LOG_FILE).write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
 def read_log(run_dir: str | Path) -> list[dict]:

@@ -35,7 +35,10 @@ def _ensure_world(data: str, count: int, seed: int) -> None:
     from model_core.world.store import WorldSource, write_shards
 
     print(f"making the training clips first: {path} ({count} clips)")
-    write_shards(path, WorldSource(WorldSplit(seed), "train", count, 128))
+    try:
+        write_shards(path, WorldSource(WorldSplit(seed), "train", count, 128))
+    except ValueError as error:
+        raise UserError(f"--data: {error}") from None
 
 
 def _incomplete(path: Path) -> bool:

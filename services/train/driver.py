@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from pathlib import Path
 
 STAGES = ("vae", "probe")
+KEEP_CHECKPOINTS = 2
+"""Checkpoints Ray Train keeps in its storage (the run directory's own state.pt is always the newest)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +75,7 @@ def _worker_loop(config: dict) -> None:
     import ray.train.torch
     import torch
 
-    from model_core.training.loop import run_stage
+    from model_core.training.loop import LOG_FILE, STATE_FILE, run_stage
 
     request = TrainRequest(**config)
     context = ray.train.get_context()
@@ -84,10 +87,16 @@ def _worker_loop(config: dict) -> None:
     run_dir = Path(request.run_dir)
 
     def report(metrics: dict, checkpointed: bool) -> None:
-        checkpoint = None
-        if checkpointed and rank == 0:
-            checkpoint = ray.train.Checkpoint.from_directory(str(run_dir))
-        ray.train.report(metrics, checkpoint=checkpoint)
+        if not (checkpointed and rank == 0):
+            ray.train.report(metrics)
+            return
+        # Ray gets a directory holding only the resumable state (hard-linked, not copied); never the run directory
+        # itself, which holds Ray's storage: handing that over copies every earlier checkpoint into the next one.
+        with tempfile.TemporaryDirectory(dir=run_dir) as handoff:
+            for name in (STATE_FILE, LOG_FILE):
+                if (run_dir / name).exists():
+                    os.link(run_dir / name, Path(handoff) / name)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(handoff))
 
     run_stage(stage, run_dir, request.steps, checkpoint_every=request.checkpoint_every,
               log_every=request.log_every, rank=rank, world_size=world_size, report=report,
@@ -97,7 +106,7 @@ def _worker_loop(config: dict) -> None:
 def train(request: TrainRequest) -> dict:
     """Run `request` through Ray Train; starts a local Ray (one CPU per worker) unless one is already reachable."""
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     run_dir = Path(request.run_dir).resolve()
@@ -116,8 +125,8 @@ def train(request: TrainRequest) -> dict:
     trainer = TorchTrainer(_worker_loop, train_loop_config=dataclasses.asdict(request),
                            scaling_config=ScalingConfig(num_workers=request.workers, use_gpu=request.gpu,
                                                         resources_per_worker={"CPU": 1}),
-                           run_config=RunConfig(name=f"facecast-{request.stage}",
-                                                storage_path=str(run_dir / "ray")))
+                           run_config=RunConfig(name=f"facecast-{request.stage}", storage_path=str(run_dir / "ray"),
+                                                checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS)))
     result = trainer.fit()
     if result.error:
         raise RuntimeError(f"training failed: {result.error}")

@@ -61,7 +61,7 @@ def test_eval_refuses_a_training_set(tmp_path):
 def test_train_vae_runs_on_ray_train_and_resumes(tmp_path):
     args = ["train", "vae", "--data", "world:train", "--world-count", "1", "--batch-size", "1",
             "--run-dir", str(tmp_path / "run"), "--export", str(tmp_path / "export"), "--log-every", "1",
-            "--checkpoint-every", "2"]
+            "--checkpoint-every", "1"]
     first = facecast(*args, "--steps", "2")
     assert first.returncode == 0, first.stderr[-3000:]
     summary = json.loads(first.stdout[first.stdout.index("{"):])
@@ -70,3 +70,7 @@ def test_train_vae_runs_on_ray_train_and_resumes(tmp_path):
     second = facecast(*args, "--steps", "3")  # the same command, asked for one more step: resumes at step 2
     assert second.returncode == 0, second.stderr[-3000:]
     assert [row["step"] for row in read_log(tmp_path / "run")] == [1, 2, 3]
+    # Ray Train's copies stay bounded: two checkpoints of the state, never the run directory copied into itself
+    state_bytes = (tmp_path / "run" / "state.pt").stat().st_size
+    ray_bytes = sum(p.stat().st_size for p in (tmp_path / "run" / "ray").rglob("*") if p.is_file())
+    assert ray_bytes < 2.5 * state_bytes
