@@ -81,7 +81,7 @@ def crop_faces(frames: np.ndarray, boxes: np.ndarray, jitter: np.ndarray | None 
 
     The crop is the box made square around its centre and enlarged by 10 %; `jitter` [T, 3] (dx, dy as a fraction
     of the side, log-scale) perturbs it. Done with one grid_sample, so any box works, even partly outside."""
-    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    video = torch.from_numpy(np.array(frames)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
     height, width = frames.shape[1:3]
     box = torch.from_numpy(np.asarray(boxes, np.float32))
     centre_x, centre_y = (box[:, 0] + box[:, 2]) / 2, (box[:, 1] + box[:, 3]) / 2
