@@ -5,6 +5,7 @@
 What is scored, per clip (single-character clips of the source; two-character clips are skipped):
 * "model": the engine's video for the clip's reference (a neutral render of its identity) and its audio;
 * "truth": the ground-truth render itself (the ceiling);
+* "vae": the truth through the engine's VAE (encode, streaming decode): what the VAE alone keeps of the lip sync;
 * "shift:K": the truth delayed by K frames (calibration: lag K);  "frozen": its first frame held (sync ~ 0);
 * "swap": another identity's truth render against this clip's reference (calibration: low identity).
 
@@ -29,12 +30,12 @@ from .lipsync import identity_score, lagged_r, pearson, psnr, read_video, ssim, 
 from .world.identity import STYLES, identity
 from .world.render import FrameState, Renderer
 
-VIDEOS = ("model", "truth", "frozen", "swap", "shift:K")
+VIDEOS = ("model", "truth", "vae", "frozen", "swap", "shift:K")
 MAX_LAG = 8
 
 
 def check_video(video: str) -> None:
-    if video in ("model", "truth", "frozen", "swap"):
+    if video in ("model", "truth", "vae", "frozen", "swap"):
         return
     if video.startswith("shift:"):
         try:
@@ -82,7 +83,23 @@ def _video_for(mode: str, clip, others, engine, reference) -> np.ndarray:
         if len(frames) < len(truth):
             frames = np.concatenate([frames, np.repeat(frames[-1:], len(truth) - len(frames), axis=0)])
         return frames
+    if mode == "vae":
+        return vae_video(engine.vae, truth)
     return model_video(engine, reference, clip.audio, clip.sample_rate, len(truth))
+
+
+@torch.no_grad()
+def vae_video(vae, frames: np.ndarray) -> np.ndarray:
+    """Frames through the VAE: encode the whole clip, decode it chunk by chunk as a session would."""
+    usable = len(frames) - (len(frames) - 1) % vae.temporal_compression
+    video = torch.from_numpy(np.array(frames[:usable])).permute(3, 0, 1, 2)[None].float().div(127.5).sub(1.0)
+    latents = vae.normalize(vae.vae.encode(video.to(vae.device, vae.dtype)).latent_dist.mean)
+    cache, pieces = vae.new_decode_cache(), []
+    for start in range(0, latents.shape[2], 3):
+        decoded, cache = vae.decode_chunk(latents[:, :, start:start + 3], cache)
+        pieces.append(decoded)
+    out = ((torch.cat(pieces, 2)[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).numpy()
+    return np.concatenate([out, frames[usable:]]) if usable < len(frames) else out
 
 
 def _balanced_singles(source, clips: int | None) -> list:
@@ -109,8 +126,8 @@ def evaluate(source, probe, video: str = "model", engine=None, clips: int | None
              progress: bool = True, landmarks: bool = True) -> dict:
     check_video(video)
     reader = LandmarkReader() if landmarks and LandmarkReader.available() else None
-    if video == "model" and engine is None:
-        raise ValueError("video='model' needs an engine")
+    if video in ("model", "vae") and engine is None:
+        raise ValueError(f"video={video!r} needs an engine")
     began = time.perf_counter()
     loaded = _balanced_singles(source, clips)
     rows = []

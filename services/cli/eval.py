@@ -2,6 +2,7 @@
 
     facecast eval [--checkpoint C] [--json]          the engine's videos (default: the preset's weights)
     facecast eval --video truth | frozen | swap | shift:K      the calibration cases (ceiling, floors, lags)
+    facecast eval --video vae                        the truth through the preset's VAE (what it keeps of the mouth)
     facecast eval --vae-report [--vae DIR]           the VAE's reconstruction of held-out clips
 
 Defaults: preset talk128, the held-out set out/world/eval-128 (made first if missing), the shipped probe
@@ -69,7 +70,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _vae_report(args, preset, source)
     probe = load_probe(args.probe)
     engine, weights = None, None
-    if args.video == "model":
+    if args.video in ("model", "vae"):
         from model_core.engine import AvatarEngine
 
         engine = AvatarEngine.from_preset(preset, checkpoint=args.checkpoint, seed=args.seed)
@@ -108,7 +109,8 @@ def add_parser(commands) -> None:
     parser.add_argument("--checkpoint", help="facecast checkpoint to evaluate (default: the preset's weights)")
     parser.add_argument("--preset", default="talk128")
     parser.add_argument("--video", default="model",
-                        help="what to score: model (default), truth, frozen, swap or shift:K")
+                        help="what to score: model (default), truth, vae (the truth through the VAE), frozen, "
+                             "swap or shift:K")
     parser.add_argument("--data", help="held-out clips: an eval shard directory or world:eval "
                                        "(default out/world/eval-128, made if missing)")
     parser.add_argument("--probe", default=DEFAULT_PROBE, help=f"lip-sync probe (default {DEFAULT_PROBE})")

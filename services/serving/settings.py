@@ -33,7 +33,7 @@ class AppSettings:
     layout: str = "local"
     """Which GPU layout the config describes: local (CPU, logical GPUs), 1+1 or 4+1."""
     preset: str = "tiny"
-    """Model preset (tiny, small, wan-1.3b, wan-14b)."""
+    """Model preset (tiny, small, talk128, wan-1.3b, wan-14b)."""
     steps: int = 2
     """Denoising steps per chunk."""
     score_mode: str = "sequential"

@@ -167,7 +167,7 @@ def test_bad_engine_inputs_name_the_problem(engine):
     engine.close_session(session)
     with pytest.raises(KeyError, match="not open"):
         engine.push_audio(session, np.zeros(100, np.float32), 16000)
-    with pytest.raises(ConfigError, match="preset='huge' is unknown; allowed: tiny, small, wan-1.3b, wan-14b"):
+    with pytest.raises(ConfigError, match="preset='huge' is unknown; allowed: tiny, small, talk128, wan-1.3b, wan-14b"):
         get_preset("huge")
 
 

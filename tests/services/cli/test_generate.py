@@ -89,7 +89,7 @@ def test_unknown_preset_names_the_allowed_ones(inputs, capsys):
     image, audio, tmp = inputs
     code, err = run_bad(["generate", "--image", str(image), "--audio", str(audio), "--out", str(tmp / "o.mp4"),
                          "--preset", "huge"], capsys)
-    assert code == 2 and "preset='huge' is unknown; allowed: tiny, small, wan-1.3b, wan-14b" in err
+    assert code == 2 and "preset='huge' is unknown; allowed: tiny, small, talk128, wan-1.3b, wan-14b" in err
 
 
 @pytest.mark.parametrize("flag,value,needle", [("--steps", "9", "steps=9"), ("--chunk", "0", "chunk_latent_frames=0"),
