@@ -5,7 +5,8 @@
     reconstruction_report(vae, source)     PSNR/SSIM overall and on the mouth region, decode ms per frame
 
 Loss: L1 on pixels, with the mouth region (from the truth's face boxes) weighted `mouth_weight` times more, plus a
-small KL term. Windows are 1 + 4k frames so the causal temporal downsampling sees whole latent frames. The export
+small KL term. Windows are 1 + 4k frames so the causal temporal downsampling sees whole latent frames: 5-frame
+windows (batch 2) first, then 13-frame windows so the causal caches are trained in their steady state. The export
 is a diffusers `AutoencoderKLWan` directory in fp16 whose config carries the measured latent statistics, loadable by
 `StreamingVAE.from_pretrained` (streaming decode == whole decode holds for it as for any Wan VAE).
 """
@@ -36,10 +37,24 @@ class VAETrainConfig:
     kl_weight: float = 1e-6
     mouth_weight: float = 4.0
     seed: int = 0
+    long_window_frames: int = 13
+    """From `long_window_from_step` on, windows of this many frames (batch `long_window_batch`): the causal caches
+    only reach their steady state after 3 latent frames, and a VAE trained on 5-frame windows alone decodes long
+    streams badly (held-out PSNR 18.7 dB on 5-frame windows, 10.3 dB on 25-frame ones)."""
+    long_window_from_step: int = 1800
+    long_window_batch: int = 1
 
     def __post_init__(self) -> None:
-        if self.window_frames < 1 or (self.window_frames - 1) % 4:
-            raise ValueError(f"window_frames={self.window_frames} is invalid: 1 + 4k (1, 5, 9, ...)")
+        for name in ("window_frames", "long_window_frames"):
+            value = getattr(self, name)
+            if value < 1 or (value - 1) % 4:
+                raise ValueError(f"{name}={value} is invalid: 1 + 4k (1, 5, 9, ...)")
+
+    def window(self, step: int) -> tuple[int, int]:
+        """(frames per window, windows per batch) at this step."""
+        if step >= self.long_window_from_step:
+            return self.long_window_frames, self.long_window_batch
+        return self.window_frames, self.batch_size
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size} is invalid: at least 1")
 
@@ -94,8 +109,8 @@ class VAEStage:
         rng = np.random.default_rng([self.seed, step, rank])
         pool = self.pools.pool_for(step, rank)
         videos, masks = [], []
-        length = self.train_config.window_frames
-        for _ in range(self.train_config.batch_size):
+        length, count = self.train_config.window(step)
+        for _ in range(count):
             clip = pool[int(rng.integers(len(pool)))]
             start = int(rng.integers(0, max(1, clip.num_frames - length + 1)))
             video, mask = frame_window(clip, start, length)
@@ -141,6 +156,10 @@ def export_vae(vae: AutoencoderKLWan, source, path: Path) -> None:
     half = AutoencoderKLWan.from_config(vae.config)
     half.load_state_dict(vae.state_dict())
     half.to(torch.float16).save_pretrained(path, safe_serialization=True)
+    config_path = path / "config.json"  # diffusers writes back its init defaults here; the measured ones win
+    config = json.loads(config_path.read_text())
+    config.update(latents_mean=mean, latents_std=std)
+    config_path.write_text(json.dumps(config, indent=2))
 
 
 @torch.no_grad()

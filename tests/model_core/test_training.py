@@ -8,7 +8,7 @@ import torch
 
 from model_core.config import get_preset
 from model_core.training.loop import read_log, run_stage
-from model_core.training.vae_stage import VAEStage, VAETrainConfig, reconstruction_report
+from model_core.training.vae_stage import VAEStage, VAETrainConfig, latent_statistics, reconstruction_report
 from model_core.vae import StreamingVAE
 from model_core.world.speech import espeak_available
 from model_core.world.split import WorldSplit
@@ -61,6 +61,9 @@ def test_export_is_a_streaming_vae(source, tmp_path):
     vae = StreamingVAE.from_pretrained(tmp_path / "export")
     assert vae.spatial_compression == 16 and vae.temporal_compression == 4
     assert len(vae.vae.config.latents_mean) == 16 and min(vae.vae.config.latents_std) > 0
+    # the config carries the statistics measured on the data (not diffusers' Wan defaults)
+    mean, std = latent_statistics(trained.vae, source)
+    assert vae.vae.config.latents_mean == pytest.approx(mean) and vae.vae.config.latents_std == pytest.approx(std)
     latents = torch.randn(1, 16, 4, 4, 4, generator=torch.Generator().manual_seed(0))
     cache, pieces = vae.new_decode_cache(), []
     for start in (0, 1, 3):
