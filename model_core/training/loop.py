@@ -64,7 +64,7 @@ def load_state(stage: Stage, run_dir: Path) -> int:
 
 
 def run_stage(stage: Stage, run_dir: str | Path, steps: int, *, checkpoint_every: int = 100, log_every: int = 10,
-              rank: int = 0, world_size: int = 1, progress: bool = True,
+              rank: int = 0, progress: bool = True,
               report: Callable[[dict, bool], None] | None = None, export_to: str | Path | None = None) -> dict:
     """Train `stage` up to `steps` optimiser steps, resuming from `run_dir`. Only rank 0 writes files.
 

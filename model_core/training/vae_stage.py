@@ -197,7 +197,3 @@ def reconstruction_report(vae: StreamingVAE, source, clips: int = 8, length: int
             "per_style": {s: {"psnr": mean("psnr", [r for r in rows if r["style"] == s]),
                               "ssim": mean("ssim", [r for r in rows if r["style"] == s])} for s in styles},
             "frames": len(rows), "decode_ms_per_frame": round(1000 * decode_seconds / max(1, decoded_frames), 2)}
-
-
-def describe(path: Path) -> dict:
-    return json.loads((Path(path) / "config.json").read_text())

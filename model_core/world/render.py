@@ -248,7 +248,7 @@ class Renderer:
     def _moving_parts(self, d: ImageDraw.ImageDraw, ident: Identity, state: FrameState, g: _Geometry) -> None:
         lineart = ident.style == 2
         outline = (25, 20, 30)
-        hx, a, b = g.hx, g.a, g.b
+        hx, a = g.hx, g.a
         ey, ex, r = self._eye_frame(ident, g)
         open_eye = max(0.0, 1.0 - state.blink)
         for side in (-1, 1):

@@ -9,8 +9,6 @@ sentence indices and a test can check that no held-out sentence's text is ever p
 
 from __future__ import annotations
 
-import numpy as np
-
 _OPENERS = ("", "Well, ", "So, ", "Honestly, ", "You know, ", "Look, ", "Yesterday ", "This morning ",
             "Every summer ", "Last night ")
 _SUBJECTS = ("the old sailor", "my sister", "our neighbour", "a quiet student", "the baker", "the young doctor",

@@ -66,7 +66,7 @@ class EspeakMissing(RuntimeError):
     """libespeak-ng cannot be loaded on this machine."""
 
 
-_EVENT_WORD, _EVENT_END, _EVENT_MSG_TERMINATED, _EVENT_PHONEME = 1, 5, 6, 7
+_EVENT_WORD, _EVENT_PHONEME = 1, 7
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
 _INIT_PHONEME_EVENTS, _INIT_PHONEME_IPA = 0x1, 0x2
 _CHARS_UTF8, _ENDPAUSE = 0x1, 0x1000

@@ -2,6 +2,7 @@
 
     WorldSource(split, part, count, size)        renders clip i on demand (deterministic)
     write_shards(directory, source, shard_size)  caches a source to disk: sharded, atomic, resumable, progress bar
+    is_complete(directory)                       whether such a cache is whole (else write_shards resumes it)
     ShardSource(directory)                       reads that cache back
     VideoFolderSource(directory, size)           *.mp4 / *.mkv / *.webm / *.mov with audio; no truth
     open_source(spec)                            "world:train", "world:eval", a shard directory or a video folder
@@ -219,6 +220,15 @@ class VideoFolderSource:
             audio = resample(audio, rate, SAMPLE_RATE_HZ)
         return Clip(frames=np.stack([frames[i] for i in picks]), audio=audio.astype(np.float32),
                     meta={"path": str(path)})
+
+
+def is_complete(directory: str | Path) -> bool:
+    """A world shard directory with its manifest and every shard written (what `write_shards` resumes otherwise)."""
+    try:
+        ShardSource(directory)
+    except (FileNotFoundError, ValueError):
+        return False
+    return True
 
 
 def open_source(spec: str, *, seed: int = 0, count: int = 64, size: int = 128):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from model_core.shipped import LIPSYNC_PROBE, shipped_path
 from services.cli.common import EXIT_OK, UserError
@@ -26,13 +25,13 @@ DEFAULT_EVAL_COUNT = 48
 
 def _eval_source(data: str | None, seed: int, size: int):
     from model_core.world.split import WorldSplit
-    from model_core.world.store import ShardSource, WorldSource, open_source, write_shards
+    from model_core.world.store import ShardSource, WorldSource, is_complete, open_source, write_shards
 
     if data:
         source = open_source(data, seed=seed, size=size)
     else:
         path = default_dir("eval", size)
-        if not (path / "manifest.json").is_file() or _incomplete(path):
+        if not is_complete(path):
             print(f"making the held-out clips first: {path} ({DEFAULT_EVAL_COUNT} clips)")
             write_shards(path, WorldSource(WorldSplit(seed), "eval", DEFAULT_EVAL_COUNT, size))
         source = ShardSource(path)
@@ -43,16 +42,6 @@ def _eval_source(data: str | None, seed: int, size: int):
     if part == "train":
         raise UserError("--data is a training set: evaluate on held-out clips (world:eval or an eval shard dir)")
     return source
-
-
-def _incomplete(path: Path) -> bool:
-    from model_core.world.store import ShardSource
-
-    try:
-        ShardSource(path)
-    except ValueError:
-        return True
-    return False
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -27,28 +27,19 @@ DEFAULTS = {
 def _ensure_world(data: str, count: int, seed: int) -> None:
     """The default dataset is made on first use (resumable, with its own progress bar)."""
     path = Path(data)
-    if data.startswith("world:") or (path / "manifest.json").is_file() and not _incomplete(path):
-        return
-    if path.exists() and not (path / "manifest.json").is_file():
-        return  # a folder of real videos: used as it is
     from model_core.world.split import WorldSplit
-    from model_core.world.store import WorldSource, write_shards
+    from model_core.world.store import MANIFEST, WorldSource, is_complete, write_shards
+
+    if data.startswith("world:") or is_complete(path):
+        return
+    if path.exists() and not (path / MANIFEST).is_file():
+        return  # a folder of real videos: used as it is
 
     print(f"making the training clips first: {path} ({count} clips)")
     try:
         write_shards(path, WorldSource(WorldSplit(seed), "train", count, 128))
     except ValueError as error:
         raise UserError(f"--data: {error}") from None
-
-
-def _incomplete(path: Path) -> bool:
-    from model_core.world.store import ShardSource
-
-    try:
-        ShardSource(path)
-    except ValueError:
-        return True
-    return False
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -99,7 +99,7 @@ def _worker_loop(config: dict) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(handoff))
 
     run_stage(stage, run_dir, request.steps, checkpoint_every=request.checkpoint_every,
-              log_every=request.log_every, rank=rank, world_size=world_size, report=report,
+              log_every=request.log_every, rank=rank, report=report,
               export_to=request.export)
 
 
