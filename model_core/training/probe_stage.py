@@ -146,7 +146,8 @@ class ProbeStage:
         identity = F.cross_entropy(logits, batch["identity"])
         loss = mouth + self.train_config.identity_weight * identity
         accuracy = (logits.argmax(1) == batch["identity"]).float().mean()
-        return loss, {"loss": float(loss.detach()), "mouth_mae": float((opening - batch["opening"]).abs().mean()),
+        mae = (opening.detach() - batch["opening"]).abs().mean()
+        return loss, {"loss": float(loss.detach()), "mouth_mae": float(mae),
                       "identity_ce": float(identity.detach()), "identity_acc": float(accuracy)}
 
     def export(self, path: Path) -> None:

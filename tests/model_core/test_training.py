@@ -2,6 +2,7 @@
 one, and the export loads as a streaming VAE whose chunked decode equals its whole decode."""
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,3 +105,49 @@ def test_probe_stage_runs_and_its_loss_decreases(tmp_path):
     loaded = load_probe(tmp_path / "probe.safetensors")
     crops = torch.zeros(2, 3, 64, 64)
     torch.testing.assert_close(loaded(crops)[0], probe.probe.cpu()(crops)[0], atol=2e-2, rtol=0)
+
+
+def _data_parallel_worker(rank: int, world_size: int, port: int, stage_name: str, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from model_core.training.probe_stage import ProbeStage, ProbeTrainConfig
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    clip = WorldSource(WorldSplit(0), "train", 1, 64 if stage_name == "vae" else 128)[0]
+
+    class One:
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, index):
+            return clip
+
+    if stage_name == "vae":
+        trained = VAEStage(get_preset("talk128").vae, One(), VAETrainConfig(batch_size=1, learning_rate=2e-3),
+                           wrap=DistributedDataParallel)
+    else:
+        trained = ProbeStage(One(), ProbeTrainConfig(batch_size=8, learning_rate=2e-3), wrap=DistributedDataParallel)
+    first_batch = trained.batch(0, rank)
+    run_stage(trained, Path(out) / "run", 2, rank=rank, progress=False)
+    weights = torch.cat([p.detach().flatten() for m in trained.modules().values() for p in m.parameters()])
+    torch.save({"weights": weights, "batch": next(iter(first_batch.values()))}, Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("stage_name", ["vae", "probe"])
+def test_data_parallel_workers_see_different_data_and_keep_equal_weights(stage_name, tmp_path):
+    """What `--workers N` relies on: each rank draws its own batches, and the stage trains through the module it was
+    given to wrap (DDP), so gradients are averaged and the replicas stay identical."""
+    import torch.multiprocessing as mp
+
+    from services.net import free_port
+
+    mp.spawn(_data_parallel_worker, args=(2, free_port(), stage_name, str(tmp_path)), nprocs=2)
+    zero, one = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert not torch.equal(zero["batch"], one["batch"])
+    torch.testing.assert_close(zero["weights"], one["weights"], rtol=0, atol=0)
