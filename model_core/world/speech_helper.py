@@ -2,7 +2,9 @@
 
 Run by `speech.speak_fresh` as `python -m model_core.world.speech_helper`. Protocol on stdin/stdout: 8-byte
 little-endian length + a pickled list of (text, Voice); the answer is length + pickled (ok, utterances or the error).
-The helper itself never loads libespeak-ng and is single-threaded, so forking it is safe.
+The helper itself never loads libespeak-ng and is single-threaded, so forking it is safe. It does load Piper voices
+(a few seconds each, once) before forking: their onnxruntime session runs on one thread and holds no synthesis
+state, so children inherit it ready to use instead of loading it per request.
 """
 
 from __future__ import annotations
@@ -12,7 +14,18 @@ import pickle
 import sys
 
 
+def _preload_piper(request: bytes) -> None:
+    from model_core.world.speech import PIPER_VOICES, load_piper
+
+    for name in {voice.name for _, voice in pickle.loads(request)} & set(PIPER_VOICES):
+        try:
+            load_piper(name)
+        except Exception:  # noqa: BLE001  the child meets the same error and sends it back to the caller
+            pass
+
+
 def _serve_one(request: bytes) -> bytes:
+    _preload_piper(request)
     read_end, write_end = os.pipe()
     child = os.fork()
     if child == 0:  # the child: synthesise with a freshly loaded library, answer, exit

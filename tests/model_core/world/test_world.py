@@ -8,10 +8,10 @@ from model_core.world.clips import clip_spec, make_clip
 from model_core.world.identity import STYLES, identity
 from model_core.world.render import MOUTH_INSIDE, FrameState, Renderer
 from model_core.world.sentences import POOL_SIZE, sentence
-from model_core.world.speech import HELD_OUT_VOICE, Voice, espeak_available, speak
+from model_core.world.speech import HELD_OUT_VOICE, PIPER_VOICES, Voice, espeak_available, speak, speak_fresh
 from model_core.world.split import WorldSplit
 from model_core.world.store import ShardSource, VideoFolderSource, WorldSource, write_shards
-from model_core.world.visemes import CLOSED, OPEN, mouth_track
+from model_core.world.visemes import CLOSED, OPEN, mouth_track, viseme_of
 
 pytestmark = pytest.mark.skipif(not espeak_available(), reason="libespeak-ng missing: run `make espeak-ng`")
 
@@ -84,6 +84,39 @@ def test_speech_has_phoneme_times_and_visemes_follow_them():
     during_a = track.opening[(times > a_start) & (times < a_end)]
     assert during_m.min() < 0.1 and during_a.max() > 0.35  # coarticulated between two closures
     assert OPEN in set(track.viseme.tolist())
+
+
+def speech_span(pcm: np.ndarray, window_s: float = 0.01) -> tuple[float, float]:
+    """First and last 10 ms window whose RMS is above 5 % of the loudest: where the audio says speech is."""
+    n = int(16000 * window_s)
+    rms = np.sqrt(np.mean(pcm[:len(pcm) // n * n].reshape(-1, n) ** 2, axis=1))
+    loud = np.nonzero(rms > 0.05 * rms.max())[0]
+    return loud[0] * window_s, (loud[-1] + 1) * window_s
+
+
+@pytest.mark.parametrize("pitch", [15, 85])
+def test_piper_voice_times_follow_its_audio_at_any_pitch(pitch):
+    """Piper's pitch is a resampling: every phoneme time must shrink with the audio, or the mouth drifts off the
+    speech (13 % at pitch 85). Held against the audio's own energy, not against the code's arithmetic."""
+    voice = Voice(next(iter(PIPER_VOICES)), pitch=pitch, rate=140)
+    utterance = speak("Mama saw a bee.", voice)
+    assert [p[2] for p in utterance.phonemes][:3] == ["m", "ɑː", "m"]  # espeak-ng's spelling: visemes apply
+    assert viseme_of(utterance.phonemes[0][2]) == CLOSED
+    onset, offset = speech_span(utterance.pcm)
+    first, last = utterance.phonemes[0][0], utterance.phonemes[-1][1]
+    assert abs(first - onset) < 0.03
+    assert 0.97 < (last - first) / (offset - onset) < 1.12
+    again = speak_fresh([("Mama saw a bee.", voice)])[0]  # deterministic: another process, the same samples
+    np.testing.assert_array_equal(again.pcm, utterance.pcm)
+    assert again.phonemes == utterance.phonemes
+
+
+def test_a_missing_piper_install_is_named(monkeypatch):
+    from model_core.world import speech
+
+    monkeypatch.setitem(speech.PIPER_VOICES, "piper:nobody", "no_such_voice_package")
+    with pytest.raises(speech.PiperMissing, match="no_such_voice_package.*make venv"):
+        speak("Hello.", Voice("piper:nobody"))
 
 
 def test_split_never_leaks(split):
