@@ -103,6 +103,15 @@ def _worker_loop(config: dict) -> None:
               export_to=request.export)
 
 
+def quiet_local_workers() -> None:
+    """Runs in each worker of the local (dashboard-less) cluster. Ray Train's placement-group cleaner asks the state
+    API, which lives in the dashboard, whether the controller is alive, and logs a warning every second when it
+    cannot: hours of noise around the progress bar. A cluster (RAY_ADDRESS) has its dashboard and is left alone."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+
 def train(request: TrainRequest) -> dict:
     """Run `request` through Ray Train; starts a local Ray (one CPU per worker) unless one is already reachable."""
     import ray
@@ -121,7 +130,8 @@ def train(request: TrainRequest) -> dict:
         else:
             ray.init(num_cpus=max(request.workers, 1) + 1, num_gpus=1 if request.gpu else 0,
                      include_dashboard=False, log_to_driver=True,
-                     runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}})
+                     runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"},
+                                  "worker_process_setup_hook": "services.train.driver.quiet_local_workers"})
     trainer = TorchTrainer(_worker_loop, train_loop_config=dataclasses.asdict(request),
                            scaling_config=ScalingConfig(num_workers=request.workers, use_gpu=request.gpu,
                                                         resources_per_worker={"CPU": 1}),
