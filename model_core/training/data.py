@@ -33,7 +33,7 @@ def mouth_mask(face_box: np.ndarray, size: int) -> np.ndarray:
 
 def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
     """uint8 [T, H, W, 3] -> float [3, T, H, W] in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).float().div(127.5).sub(1.0)
+    return torch.from_numpy(np.array(frames)).permute(3, 0, 1, 2).float().div(127.5).sub(1.0)
 
 
 def frame_window(clip: Clip, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:

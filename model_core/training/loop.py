@@ -1,7 +1,8 @@
 """The resumable training loop every stage runs in, on one process or as one worker of Ray Train.
 
     run_stage(stage, run_dir, steps, ...) -> final metrics
-    Stage                 what a stage provides: modules, optimiser, batch(step), loss(batch), export(path)
+    Stage                 what a stage provides: modules, optimiser, batch(step), loss(batch), export(path);
+                          optionally `grad_clip` (max gradient norm) and `after_step(step)` (e.g. an EMA update)
 
 Determinism: step k's batch comes from a generator seeded with (seed, k, rank), and the checkpoint holds the model,
 the optimiser and the torch RNG state, so a run interrupted after step k and resumed gives the same weights as one
@@ -92,7 +93,12 @@ def run_stage(stage: Stage, run_dir: str | Path, steps: int, *, checkpoint_every
         loss, values = stage.loss(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if getattr(stage, "grad_clip", None):
+            torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]],
+                                           stage.grad_clip)
         optimizer.step()
+        if hasattr(stage, "after_step"):
+            stage.after_step(step)
         window.append(values)
         done = step + 1
         bar.update(1)

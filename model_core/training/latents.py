@@ -1,0 +1,240 @@
+"""The DiT stages' training data: world clips encoded once into what the score model sees.
+
+    encode_clip(clip, vae, frontend, dit_config) -> LatentClip     one clip
+    build_latent_cache(source, vae, out_dir, ...)                  every clip, sharded, resumable, with progress
+    LatentSource(out_dir)                                          the cache, indexable like a clip source
+    audio_windows(features, speaking, first_latent, count, ...)    per-latent-frame audio tokens, as inference cuts them
+
+A `LatentClip` holds the clip's normalised VAE latents (the whole clip encoded in one causal pass, so latent frame 0
+is video frame 0 alone and latent frame f covers video frames [4f-3, 4f], exactly as a session's stream), the
+reference latent (the identity's neutral render, as `facecast eval` and a user give it), the audio features of every
+video frame per character (each character's own track: a two-character clip's mix is split at the turns), who is
+speaking, each character's token region and a mouth weight per latent position (from the truth's face boxes).
+
+The cache records the VAE (a digest of its weights), the audio front-end and the world version; a stage refuses a
+cache made with another VAE, because latents from one VAE mean nothing to another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..config import DiTConfig
+from ..evaluate import reference_render
+from ..world.render import FrameState, Renderer
+from ..world.identity import identity
+from .data import frames_to_tensor, mouth_mask
+
+CACHE_VERSION = 1
+SHARD_CLIPS = 32
+
+
+@dataclass
+class LatentClip:
+    latents: torch.Tensor     # [16, L, h, w] float16, normalised
+    reference: torch.Tensor   # [16, 1, h, w] float16, normalised
+    features: torch.Tensor    # [K, N, D] float16, per video frame
+    speaking: torch.Tensor    # [K, N] bool, the truth's speaking flag (mouth moving with speech)
+    regions: torch.Tensor     # [K, S] float32, token masks (S = post-patch tokens per latent frame)
+    mouth: torch.Tensor       # [L, h, w] float16, mouth weight 0..1 per latent position
+    identity: int
+    style: int
+
+    @property
+    def num_latents(self) -> int:
+        return int(self.latents.shape[1])
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("latents", "reference", "features", "speaking", "regions", "mouth",
+                                              "identity", "style")}
+
+
+def vae_digest(vae) -> str:
+    """A short digest of a VAE's weights: names a latent space."""
+    digest = hashlib.sha256()
+    for key, value in sorted(vae.vae.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def speaker_tracks(clip) -> np.ndarray:
+    """[K, N] each character's own audio: a single character's is the clip's; a scene's mix is split at the turns
+    (turns never overlap: each sample belongs to the speaker of the turn that started last)."""
+    people = clip.truth.mouth_open.shape[1]
+    if people == 1:
+        return clip.audio[None].astype(np.float32)
+    tracks = np.zeros((people, len(clip.audio)), np.float32)
+    turns = sorted(clip.meta.get("turns", []), key=lambda t: t["start_s"])
+    if not turns:
+        raise ValueError("a two-character clip without turn metadata cannot be split into speakers")
+    bounds = [int(round(t["start_s"] * clip.sample_rate)) for t in turns] + [len(clip.audio)]
+    bounds[0] = 0
+    for turn, start, end in zip(turns, bounds, bounds[1:]):
+        tracks[turn["speaker"], start:end] = clip.audio[start:end]
+    return tracks
+
+
+def character_regions(face_boxes: np.ndarray, size: int, grid: tuple[int, int]) -> torch.Tensor:
+    """[K, S] token masks: one character covers the frame; several split it at the midpoints between their faces
+    (the default `Character` region, and the left/right split a two-person session would give)."""
+    people = face_boxes.shape[1]
+    gh, gw = grid
+    if people == 1:
+        return torch.ones(1, gh * gw)
+    centres = np.nanmean((face_boxes[:, :, 0] + face_boxes[:, :, 2]) / 2, axis=0) / size
+    order = np.argsort(centres)
+    cuts = [0.0] + [float((centres[order[i]] + centres[order[i + 1]]) / 2) for i in range(people - 1)] + [1.0]
+    xs = (torch.arange(gw) + 0.5) / gw
+    masks = torch.zeros(people, gh, gw)
+    for rank, slot in enumerate(order):
+        masks[slot, :, (xs >= cuts[rank]) & (xs < cuts[rank + 1])] = 1.0
+    return masks.flatten(1)
+
+
+def latent_mouth_weight(face_box: np.ndarray, size: int, num_latents: int, ratio: int, grid: tuple[int, int]):
+    """[L, h, w] fraction of each latent cell's pixels (over the video frames it covers) inside a mouth region."""
+    pixels = mouth_mask(face_box, size)                                   # [T, H, W]
+    h, w = grid
+    cells = pixels.reshape(len(pixels), h, size // h, w, size // w).mean(axis=(2, 4))
+    out = np.zeros((num_latents, h, w), np.float32)
+    for f in range(num_latents):
+        first, last = max(0, ratio * f - (ratio - 1)), min(len(cells) - 1, ratio * f)
+        out[f] = cells[first:last + 1].mean(0)
+    return torch.from_numpy(out)
+
+
+@torch.no_grad()
+def encode_clip(clip, vae, frontend, dit_config: DiTConfig, seed: int = 0) -> LatentClip:
+    """One world clip -> a `LatentClip` (see the module docstring)."""
+    ratio = vae.temporal_compression
+    usable = clip.num_frames - (clip.num_frames - 1) % ratio
+    video = frames_to_tensor(clip.frames[:usable])[None].to(vae.device, vae.dtype)
+    latents = vae.normalize(vae.vae.encode(video).latent_dist.mean)[0]
+    people = [identity(seed, int(i)) for i in clip.truth.identity]
+    size = clip.frames.shape[1]
+    if len(people) == 1:
+        reference, _ = reference_render(int(clip.truth.identity[0]), seed, size)
+    else:
+        reference, _ = Renderer(size).frame([(person, FrameState()) for person in people])
+    reference_latent = vae.encode_image(frames_to_tensor(reference[None]).permute(1, 0, 2, 3))[0]
+    tracks = speaker_tracks(clip)
+    features = torch.stack([frontend.encode(track, clip.sample_rate) for track in tracks])
+    frames = min(features.shape[1], clip.num_frames)
+    grid = (latents.shape[-2] // dit_config.patch_size[1], latents.shape[-1] // dit_config.patch_size[2])
+    return LatentClip(
+        latents=latents.half().cpu(), reference=reference_latent.half().cpu(),
+        features=features[:, :frames].half(), speaking=torch.from_numpy(clip.truth.speaking[:frames].T.copy()),
+        regions=character_regions(clip.truth.face_box, size, grid),
+        mouth=latent_mouth_weight(clip.truth.face_box[:usable], size, latents.shape[1], ratio,
+                                  latents.shape[-2:]).half(),
+        identity=int(clip.truth.identity[0]), style=int(clip.truth.style[0]))
+
+
+def audio_windows(features: torch.Tensor, speaking: torch.Tensor, first_latent: int, count: int, ratio: int,
+                  window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Audio tokens of latent frames [first_latent, +count): features [K, N, D], speaking [K, N] ->
+    [K, count, window * ratio, D] and [K, count, window * ratio].
+
+    Latent frame f's tokens are the features of video frames ratio*(f - window//2) - (ratio-1) + j, j < window*ratio
+    (the frames it shows and two latent frames either side); frames before 0 or past the audio are silence (zero
+    features, not speaking). This is how `AudioStage` cuts a stream, written out for whole clips."""
+    half, tokens = window // 2, window * ratio
+    starts = ratio * (torch.arange(first_latent, first_latent + count) - half) - (ratio - 1)
+    index = starts[:, None] + torch.arange(tokens)[None]                  # [count, T]
+    valid = (index >= 0) & (index < features.shape[1])
+    safe = index.clamp(0, features.shape[1] - 1)
+    windows = features[:, safe] * valid[None, :, :, None].to(features.dtype)
+    return windows, speaking[:, safe] & valid[None]
+
+
+# ============================================================================================ the cache
+
+
+def cache_manifest(vae, frontend_config: dict, source_manifest: dict, count: int) -> dict:
+    return {"kind": "latents", "version": CACHE_VERSION, "vae_digest": vae_digest(vae), "frontend": frontend_config,
+            "source": source_manifest, "count": count, "shard_clips": SHARD_CLIPS}
+
+
+def build_latent_cache(source, vae, frontend, dit_config: DiTConfig, out_dir: str | Path, *,
+                       progress: bool = True, seed: int = 0) -> Path:
+    """Encode every ground-truth clip of `source` into shards of `out_dir` (resumes: finished shards are kept)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    frontend_config = {"backend": frontend.config.backend, "fps": frontend.config.fps,
+                       "feature_dim": frontend.feature_dim}
+    manifest = cache_manifest(vae, frontend_config, getattr(source, "manifest", {}) or {}, len(source))
+    manifest_path = out_dir / "manifest.json"
+    if manifest_path.is_file():
+        existing = json.loads(manifest_path.read_text())
+        if {k: existing.get(k) for k in ("vae_digest", "count", "version")} != \
+                {k: manifest[k] for k in ("vae_digest", "count", "version")}:
+            raise ValueError(f"{out_dir} holds latents of another VAE or data set; remove it or choose another "
+                             "--latents directory")
+    else:
+        manifest_path.write_text(json.dumps(manifest, indent=1))
+    shards = (len(source) + SHARD_CLIPS - 1) // SHARD_CLIPS
+    bar = tqdm(total=len(source), desc="encode latents", unit="clip", disable=not progress)
+    for shard in range(shards):
+        path = out_dir / f"shard-{shard:05d}.pt"
+        first, last = shard * SHARD_CLIPS, min(len(source), (shard + 1) * SHARD_CLIPS)
+        if path.is_file():
+            bar.update(last - first)
+            continue
+        clips = []
+        for index in range(first, last):
+            clip = source[index]
+            if clip.truth is None:
+                raise ValueError("the DiT stages train on clips with ground truth (world data)")
+            clips.append(encode_clip(clip, vae, frontend, dit_config, seed).to_dict())
+            bar.update(1)
+        temporary = path.with_suffix(".tmp")
+        torch.save(clips, temporary)
+        os.replace(temporary, path)
+    bar.close()
+    return out_dir
+
+
+class LatentSource:
+    """A latent cache as a sequence of `LatentClip`s (shards loaded on demand, the last one kept)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        manifest_path = self.path / "manifest.json"
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"{self.path} is not a latent cache (no manifest.json); build one with "
+                                    "`facecast train teacher` or `build_latent_cache`")
+        self.manifest = json.loads(manifest_path.read_text())
+        self.count = int(self.manifest["count"])
+        self.shard_size = int(self.manifest["shard_clips"])
+        missing = [i for i in range((self.count + self.shard_size - 1) // self.shard_size)
+                   if not (self.path / f"shard-{i:05d}.pt").is_file()]
+        if missing:
+            raise ValueError(f"{self.path} is incomplete ({len(missing)} shard(s) missing); re-run the command "
+                             "that builds it to finish it")
+        self._loaded: tuple[int, list[LatentClip]] | None = None
+
+    def __len__(self) -> int:
+        return self.count
+
+    def check_vae(self, vae) -> None:
+        if self.manifest["vae_digest"] != vae_digest(vae):
+            raise ValueError(f"{self.path} was encoded with another VAE (digest {self.manifest['vae_digest']}, this "
+                             f"one {vae_digest(vae)}); rebuild it")
+
+    def __getitem__(self, index: int) -> LatentClip:
+        if not 0 <= index < self.count:
+            raise IndexError(index)
+        shard, offset = divmod(index, self.shard_size)
+        if self._loaded is None or self._loaded[0] != shard:
+            rows = torch.load(self.path / f"shard-{shard:05d}.pt", weights_only=False)
+            self._loaded = (shard, [LatentClip(**row) for row in rows])
+        return self._loaded[1][offset]

@@ -1,0 +1,214 @@
+"""Stage 1: the teacher — the bidirectional, audio-conditioned flow-matching model (TalkingMachines' teacher, small).
+
+    TeacherStage(dit_config, latents, TeacherTrainConfig(...))   a `loop.Stage`
+    teacher_sample(dit, batch, steps=12, guidance=..., shift=...) -> clean latents (many-step Euler, CFG on audio)
+    sigmas(steps, shift)                                           the many-step schedule
+
+Objective (rectified flow, Wan's convention): x_t = (1 - t) x0 + t noise, the model predicts v = noise - x0; t is
+drawn logit-normal (sigmoid of a standard normal), the same t for every frame of a sample (the teacher is
+bidirectional: "full" layout, absolute positions). The squared error is weighted up on the mouth region (the truth's
+face boxes say where), or the model learns to copy the reference and ignore the audio.
+
+Conditioning, as a session gives it: the reference latent (the identity's neutral render) through the reference
+tokens, the empty prompt, and the audio tokens each latent frame sees (`latents.audio_windows`, the windows
+`AudioStage` cuts). Audio dropout: a `audio_dropout` share of samples has no audio at all (every character's region
+zeroed, which is exactly `audio=None`), so classifier-free guidance on audio works at sampling time; and a
+`listening_dropout` share marks the frames where the truth says a character is not speaking as not speaking (the
+silence embedding), so `set_speaking(False)` means a closed, listening mouth.
+
+The exported checkpoint is the EMA of the weights (decay `ema_decay`), a facecast checkpoint with the stage's
+settings in its metadata.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..cache import ChunkAudio
+from ..checkpoint import save_facecast_checkpoint
+from ..config import DiTConfig
+from ..dit import CausalAvatarDiT
+from ..text import BytePromptEncoder
+from .data import ClipPools
+from .latents import audio_windows
+
+MAX_CHARACTERS = 2
+
+
+@dataclass(frozen=True)
+class TeacherTrainConfig:
+    seed: int = 0
+    batch_size: int = 8
+    learning_rate: float = 3e-4
+    warmup_steps: int = 100
+    frames: int = 9
+    """Latent frames per sample (33 video frames, 1.3 s)."""
+    mouth_weight: float = 4.0
+    audio_dropout: float = 0.1
+    listening_dropout: float = 0.5
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+
+
+def sigmas(steps: int, shift: float) -> list[float]:
+    """`steps + 1` noise levels from 1 to 0, shifted as Wan samples: s' = shift*s / (1 + (shift - 1) s)."""
+    if steps < 1:
+        raise ValueError(f"steps={steps} is invalid: at least 1")
+    raw = np.linspace(1.0, 0.0, steps + 1)
+    return [float(shift * s / (1.0 + (shift - 1.0) * s)) for s in raw]
+
+
+def text_states(config: DiTConfig, batch: int, device) -> torch.Tensor:
+    """The empty prompt's states (the world's clips have no prompt), [batch, Lt, text_dim]."""
+    return BytePromptEncoder(config.text_dim, config.text_len)([""]).to(device).expand(batch, -1, -1)
+
+
+def sample_batch(clips: list, rng: np.random.Generator, frames: int, dit_config: DiTConfig, *, batch_size: int,
+                 audio_dropout: float, listening_dropout: float, ratio: int = 4) -> dict:
+    """A training batch of `frames`-latent windows from `clips` (LatentClip), padded to MAX_CHARACTERS."""
+    usable = [clip for clip in clips if clip.num_latents >= frames]
+    if not usable:
+        raise ValueError(f"no clip has {frames} latent frames ({1 + ratio * (frames - 1)} video frames)")
+    rows = {key: [] for key in ("x0", "reference", "features", "speaking", "regions", "mouth")}
+    for _ in range(batch_size):
+        clip = usable[int(rng.integers(len(usable)))]
+        start = int(rng.integers(0, clip.num_latents - frames + 1))
+        speaking = clip.speaking.clone()
+        if rng.random() >= listening_dropout:
+            speaking[:] = True
+        features, talk = audio_windows(clip.features.float(), speaking, start, frames, ratio, dit_config.audio_window)
+        people = features.shape[0]
+        pad = MAX_CHARACTERS - people
+        regions = clip.regions.float()
+        if rng.random() < audio_dropout:
+            regions = torch.zeros_like(regions)
+        rows["x0"].append(clip.latents[:, start:start + frames].float())
+        rows["reference"].append(clip.reference.float())
+        rows["features"].append(torch.cat([features, features.new_zeros(pad, *features.shape[1:])]))
+        rows["speaking"].append(torch.cat([talk, talk.new_zeros(pad, *talk.shape[1:])]))
+        rows["regions"].append(torch.cat([regions, regions.new_zeros(pad, regions.shape[1])]))
+        rows["mouth"].append(clip.mouth[start:start + frames].float())
+    return {key: torch.stack(value) for key, value in rows.items()}
+
+
+class TeacherObjective(nn.Module):
+    """The velocity the DiT predicts for a batch at noise levels `sigma` [B] (the module DDP wraps)."""
+
+    def __init__(self, dit: CausalAvatarDiT):
+        super().__init__()
+        self.dit = dit
+
+    def forward(self, noisy: torch.Tensor, sigma: torch.Tensor, batch: dict) -> torch.Tensor:
+        return predict_velocity(self.dit, noisy, sigma, batch, layout="full")
+
+
+def predict_velocity(dit: CausalAvatarDiT, noisy: torch.Tensor, sigma: torch.Tensor, batch: dict, *,
+                     layout: str, timesteps: torch.Tensor | None = None, **layout_options) -> torch.Tensor:
+    """v for `noisy` [B, 16, F, h, w]; sigma [B] (or per-frame `timesteps` [B, F] x1000), conditioned on `batch`."""
+    size = noisy.shape[0]
+    device = noisy.device
+    cond = dit.prepare_conditions(text_states(dit.config, size, device), dit.reference_tokens(batch["reference"]),
+                                  torch.zeros(1, device=device))
+    audio = dit.project_audio(batch["features"], batch["speaking"], batch["regions"])
+    if timesteps is None:
+        timesteps = (sigma * 1000.0)[:, None].expand(-1, noisy.shape[2])
+    return dit.forward_full(noisy, timesteps, cond, audio, layout=layout, **layout_options)
+
+
+def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, mouth: torch.Tensor, mouth_weight: float):
+    """Mean squared error with the mouth cells weighted (1 + mouth_weight * mouth); mouth [B, F, h, w]."""
+    weight = (1.0 + mouth_weight * mouth)[:, None]
+    return ((prediction.float() - target.float()) ** 2 * weight).sum() / (weight.sum() * prediction.shape[1])
+
+
+class TeacherStage:
+    name = "teacher"
+
+    def __init__(self, dit_config: DiTConfig, latents, train: TeacherTrainConfig = TeacherTrainConfig(), *,
+                 wrap=None, device="cpu"):
+        self.seed, self.train_config, self.device = train.seed, train, torch.device(device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(train.seed)
+            self.dit = CausalAvatarDiT(dit_config).to(self.device)
+        self.ema = copy.deepcopy(self.dit).requires_grad_(False)
+        objective = TeacherObjective(self.dit)
+        self.objective = wrap(objective) if wrap else objective
+        self._optimizer = torch.optim.AdamW(self.dit.parameters(), lr=train.learning_rate, weight_decay=0.01,
+                                            betas=(0.9, 0.99))
+        self.grad_clip = train.grad_clip
+        self.source = latents
+        self.pools = ClipPools(latents, train.seed, steps_per_pool=32)
+
+    def modules(self):
+        return {"dit": self.dit, "ema": self.ema}
+
+    def optimizer(self):
+        return self._optimizer
+
+    def batch(self, step: int, rank: int) -> dict:
+        rng = np.random.default_rng([self.seed, step, rank])
+        config = self.train_config
+        batch = sample_batch(self.pools.pool_for(step, rank), rng, config.frames, self.dit.config,
+                             batch_size=config.batch_size, audio_dropout=config.audio_dropout,
+                             listening_dropout=config.listening_dropout)
+        size = config.batch_size
+        batch["sigma"] = torch.sigmoid(torch.from_numpy(rng.standard_normal(size)).float())
+        batch["noise"] = torch.from_numpy(rng.standard_normal(batch["x0"].shape).astype(np.float32))
+        batch["step"] = step
+        return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+    def loss(self, batch: dict):
+        warm = self.train_config.warmup_steps
+        for group in self._optimizer.param_groups:
+            group["lr"] = self.train_config.learning_rate * min(1.0, (batch["step"] + 1) / warm)
+        sigma = batch["sigma"]
+        s = sigma[:, None, None, None, None]
+        noisy = (1.0 - s) * batch["x0"] + s * batch["noise"]
+        velocity = self.objective(noisy, sigma, batch)
+        loss = weighted_mse(velocity, batch["noise"] - batch["x0"], batch["mouth"], self.train_config.mouth_weight)
+        return loss, {"loss": float(loss.detach())}
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        decay = min(self.train_config.ema_decay, (1 + step) / (10 + step))
+        for ema, live in zip(self.ema.parameters(), self.dit.parameters()):
+            ema.lerp_(live.detach(), 1.0 - decay)
+
+    def export(self, path: Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        model = copy.deepcopy(self.ema).cpu().half()
+        save_facecast_checkpoint(model, path, extra={"stage": "teacher", "train": asdict(self.train_config),
+                                                     "latents": getattr(self.source, "manifest", {})})
+
+
+# ============================================================================================ sampling
+
+
+@torch.no_grad()
+def teacher_sample(dit: CausalAvatarDiT, batch: dict, noise: torch.Tensor, *, steps: int = 12, guidance: float = 2.0,
+                   shift: float = 3.0) -> torch.Tensor:
+    """Many-step Euler from `noise` [B, 16, F, h, w] to clean latents; classifier-free guidance on the audio
+    (the unconditional pass has every region zeroed: no audio). steps x 2 network evaluations (24 NFE at 12)."""
+    levels = sigmas(steps, shift)
+    latents = noise.float()
+    silent = dict(batch, regions=torch.zeros_like(batch["regions"]))
+    for sigma, sigma_next in zip(levels, levels[1:]):
+        t = torch.full((latents.shape[0],), sigma, device=latents.device)
+        conditional = predict_velocity(dit, latents, t, batch, layout="full").float()
+        if guidance != 1.0:
+            unconditional = predict_velocity(dit, latents, t, silent, layout="full").float()
+            conditional = unconditional + guidance * (conditional - unconditional)
+        latents = latents + (sigma_next - sigma) * conditional
+    return latents
+
+
+def parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+

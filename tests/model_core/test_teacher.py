@@ -1,0 +1,168 @@
+"""The teacher's data and stage: latents and audio windows as a session sees them, a cache that refuses another VAE,
+a `tiny` teacher whose loss decreases, and many-step sampling with classifier-free guidance on the audio."""
+
+import numpy as np
+import pytest
+import torch
+
+from model_core.audio import AudioConfig, AudioFrontend
+from model_core.config import get_preset
+from model_core.stages import AudioStage
+from model_core.training.latents import (LatentSource, audio_windows, build_latent_cache, character_regions,
+                                         encode_clip, speaker_tracks)
+from model_core.training.loop import read_log, run_stage
+from model_core.training.teacher_stage import (TeacherStage, TeacherTrainConfig, predict_velocity, sample_batch,
+                                               sigmas, teacher_sample, text_states)
+from model_core.vae import StreamingVAE
+from model_core.world.speech import espeak_available
+from model_core.world.split import WorldSplit
+from model_core.world.store import WorldSource
+
+pytestmark = pytest.mark.skipif(not espeak_available(), reason="libespeak-ng missing: run `make espeak-ng`")
+TINY = get_preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def world():
+    source = WorldSource(WorldSplit(0), "train", 2, 64)
+    return [source[0], source[1]]
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return StreamingVAE.from_config(TINY.vae, seed=0)
+
+
+@pytest.fixture(scope="module")
+def latent_clips(world, vae):
+    frontend = AudioFrontend(AudioConfig())
+    return [encode_clip(clip, vae, frontend, TINY.dit) for clip in world]
+
+
+def audible(dit):
+    """A fresh DiT's audio value projection starts at zero (audio changes nothing); give it weights."""
+    for layer in dit.blocks:
+        torch.nn.init.normal_(layer.attn2.audio_v_proj.weight, std=0.2)
+    return dit
+
+
+class Listed:
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        return self.items[index]
+
+
+def test_audio_windows_are_what_a_session_feeds_the_model(world):
+    """Training must see each latent frame's audio exactly as `AudioStage` cuts a stream (held against the stage
+    itself, pushed in uneven pieces, over the whole clip including the silence past its end)."""
+    clip = world[0]
+    stage = AudioStage(AudioConfig(), TINY.dit)
+    session = stage.open("s", TINY.stream, 1)
+    inputs = []
+    for start in range(0, len(clip.audio), 3001):
+        inputs += stage.push(session, clip.audio[start:start + 3001], clip.sample_rate)
+    inputs += stage.end(session)
+    streamed = torch.cat([item.features[0] for item in inputs], dim=1)        # [K, F, T, D]
+    streamed_speaking = torch.cat([item.speaking[0] for item in inputs], dim=1)
+    features = AudioFrontend(AudioConfig()).encode(clip.audio, clip.sample_rate)[None]
+    speaking = torch.ones(features.shape[:2], dtype=torch.bool)
+    windows, talk = audio_windows(features, speaking, 0, streamed.shape[1], 4, TINY.dit.audio_window)
+    torch.testing.assert_close(windows, streamed, atol=1e-5, rtol=0)
+    assert torch.equal(talk, streamed_speaking)
+    # a window starting later is the same rows
+    later, _ = audio_windows(features, speaking, 5, 3, 4, TINY.dit.audio_window)
+    torch.testing.assert_close(later, streamed[:, 5:8], atol=1e-5, rtol=0)
+
+
+def test_encoded_clip_lines_up_with_its_video(latent_clips, world):
+    clip, encoded = world[0], latent_clips[0]
+    usable = clip.num_frames - (clip.num_frames - 1) % 4
+    assert encoded.num_latents == 1 + (usable - 1) // 4
+    assert encoded.features.shape[1] == clip.num_frames
+    # the mouth weight sits in the lower half of the face box, never above the eyes
+    rows = encoded.mouth.float().mean(dim=(0, 2))
+    box = clip.truth.face_box[0, 0] / 64 * encoded.mouth.shape[1]
+    assert rows[: int(box[1])].sum() == 0 and rows.sum() > 0
+
+
+def test_a_scene_splits_its_audio_at_the_turns_and_its_frame_between_faces():
+    class Scene:  # two speakers: 0 talks first, then 1
+        audio = np.ones(16000, np.float32)
+        sample_rate = 16000
+        meta = {"turns": [{"speaker": 0, "start_s": 0.2}, {"speaker": 1, "start_s": 0.6}]}
+
+        class truth:
+            mouth_open = np.zeros((25, 2))
+
+    tracks = speaker_tracks(Scene)
+    assert tracks[0, :9600].all() and not tracks[0, 9600:].any()
+    assert tracks[1, 9600:].all() and not tracks[1, :9600].any()
+    boxes = np.array([[[70, 10, 110, 60], [10, 10, 50, 60]]], np.float32)  # slot 0 on the right
+    regions = character_regions(boxes, 128, (4, 4)).view(2, 4, 4)
+    assert regions[0, :, 2:].all() and not regions[0, :, :2].any()
+    assert regions[1, :, :2].all() and not regions[1, :, 2:].any()
+
+
+def test_latent_cache_resumes_and_refuses_another_vae(world, vae, tmp_path):
+    frontend = AudioFrontend(AudioConfig())
+    build_latent_cache(Listed(world), vae, frontend, TINY.dit, tmp_path, progress=False)
+    cache = LatentSource(tmp_path)
+    assert len(cache) == 2 and cache[1].num_latents > 0
+    cache.check_vae(vae)
+    other = StreamingVAE.from_config(TINY.vae, seed=1)
+    with pytest.raises(ValueError, match="another VAE"):
+        cache.check_vae(other)
+    with pytest.raises(ValueError, match="another VAE"):
+        build_latent_cache(Listed(world), other, frontend, TINY.dit, tmp_path, progress=False)
+
+
+def test_teacher_loss_decreases_and_exports(latent_clips, tmp_path):
+    stage = TeacherStage(TINY.dit, Listed(latent_clips),
+                         TeacherTrainConfig(batch_size=4, frames=5, learning_rate=2e-3, warmup_steps=5))
+    run_stage(stage, tmp_path, 60, log_every=10, progress=False, export_to=tmp_path / "teacher.safetensors")
+    losses = [row["loss"] for row in read_log(tmp_path)]
+    assert losses[-1] < 0.8 * losses[0], losses
+    from model_core.checkpoint import load_facecast_checkpoint
+
+    loaded, metadata, _ = load_facecast_checkpoint(tmp_path / "teacher.safetensors")
+    assert metadata["stage"] == "teacher" and metadata["train"]["frames"] == 5
+    torch.testing.assert_close(loaded.proj_out.weight, stage.ema.proj_out.weight.half().float())
+
+
+def test_audio_dropout_is_exactly_no_audio(latent_clips):
+    """CFG's unconditional pass (regions zeroed) must equal running without the audio branch."""
+    dit = audible(TeacherStage(TINY.dit, Listed(latent_clips)).dit.eval())
+    batch = sample_batch(latent_clips, np.random.default_rng(0), 5, TINY.dit, batch_size=2, audio_dropout=0.0,
+                         listening_dropout=0.0)
+    noisy, sigma = torch.randn_like(batch["x0"]), torch.tensor([0.7, 0.3])
+    silent = dict(batch, regions=torch.zeros_like(batch["regions"]))
+    with torch.no_grad():
+        with_audio = predict_velocity(dit, noisy, sigma, batch, layout="full")
+        zeroed = predict_velocity(dit, noisy, sigma, silent, layout="full")
+        cond = dit.prepare_conditions(text_states(TINY.dit, 2, "cpu"), dit.reference_tokens(batch["reference"]),
+                                      torch.zeros(1))
+        none = dit.forward_full(noisy, (sigma * 1000)[:, None].expand(-1, 5), cond, None, layout="full")
+    torch.testing.assert_close(zeroed, none, atol=1e-5, rtol=0)
+    assert (with_audio - none).abs().max() > 1e-3
+
+
+def test_teacher_sampling_guidance_and_schedule(latent_clips):
+    levels = sigmas(12, 3.0)
+    assert levels[0] == 1.0 and levels[-1] == 0.0 and all(a > b for a, b in zip(levels, levels[1:]))
+    dit = audible(TeacherStage(TINY.dit, Listed(latent_clips)).dit.eval())
+    batch = sample_batch(latent_clips, np.random.default_rng(0), 5, TINY.dit, batch_size=1, audio_dropout=0.0,
+                         listening_dropout=0.0)
+    noise = torch.randn_like(batch["x0"])
+    one = teacher_sample(dit, batch, noise, steps=3, guidance=1.0)
+    # guidance 1 is the conditional flow alone: three Euler steps by hand
+    latents, levels = noise.clone(), sigmas(3, 3.0)
+    with torch.no_grad():
+        for a, b in zip(levels, levels[1:]):
+            latents = latents + (b - a) * predict_velocity(dit, latents, torch.tensor([a]), batch, layout="full")
+    torch.testing.assert_close(one, latents, atol=1e-5, rtol=0)
+    assert not torch.allclose(teacher_sample(dit, batch, noise, steps=3, guidance=3.0), one)
