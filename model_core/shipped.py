@@ -1,7 +1,7 @@
 """Weights that ship with facecast, in the repository's `checkpoints/` folder (fp16, no optimiser state).
 
     shipped_path(name) -> Path          where a shipped artefact lives (it may not exist yet)
-    TALK128_VAE, LIPSYNC_PROBE          the names of what issue 7's stages export
+    TALK128_VAE, LIPSYNC_PROBE, TALK128_TEACHER   the names of what the training stages export
 
 `facecast train <stage>` writes its export here by default; presets and `facecast eval` read from here.
 """
@@ -13,6 +13,7 @@ from pathlib import Path
 CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
 TALK128_VAE = "talk128-vae"
 LIPSYNC_PROBE = "lipsync-probe.safetensors"
+TALK128_TEACHER = "talk128-teacher.safetensors"
 
 
 def shipped_path(name: str) -> Path:

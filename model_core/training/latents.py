@@ -156,6 +156,13 @@ def audio_windows(features: torch.Tensor, speaking: torch.Tensor, first_latent: 
     return windows, speaking[:, safe] & valid[None]
 
 
+def dit_config_for_latents(preset, latents) -> DiTConfig:
+    """The preset's DiT shape with the audio width the cache's front-end gives."""
+    import dataclasses
+
+    return dataclasses.replace(preset.dit, audio_dim=int(latents.manifest["frontend"]["feature_dim"]))
+
+
 # ============================================================================================ the cache
 
 
@@ -203,6 +210,15 @@ def build_latent_cache(source, vae, frontend, dit_config: DiTConfig, out_dir: st
     return out_dir
 
 
+def is_latent_cache_complete(path: Path) -> bool:
+    manifest = path / "manifest.json"
+    if not manifest.is_file():
+        return False
+    record = json.loads(manifest.read_text())
+    shards = (int(record["count"]) + int(record["shard_clips"]) - 1) // int(record["shard_clips"])
+    return all((path / f"shard-{i:05d}.pt").is_file() for i in range(shards))
+
+
 class LatentSource:
     """A latent cache as a sequence of `LatentClip`s (shards loaded on demand, the last one kept)."""
 
@@ -215,11 +231,9 @@ class LatentSource:
         self.manifest = json.loads(manifest_path.read_text())
         self.count = int(self.manifest["count"])
         self.shard_size = int(self.manifest["shard_clips"])
-        missing = [i for i in range((self.count + self.shard_size - 1) // self.shard_size)
-                   if not (self.path / f"shard-{i:05d}.pt").is_file()]
-        if missing:
-            raise ValueError(f"{self.path} is incomplete ({len(missing)} shard(s) missing); re-run the command "
-                             "that builds it to finish it")
+        if not is_latent_cache_complete(self.path):
+            raise ValueError(f"{self.path} is incomplete (shards missing); re-run the command that builds it to "
+                             "finish it")
         self._loaded: tuple[int, list[LatentClip]] | None = None
 
     def __len__(self) -> int:

@@ -1,7 +1,9 @@
-"""`facecast train vae | probe`: one training stage through Ray Train, resumable, with a progress bar.
+"""`facecast train vae | probe | teacher`: one training stage through Ray Train, resumable, with a progress bar.
 
     facecast train vae                    the talk128 VAE on out/world/train-128 (made first if missing)
     facecast train probe                  the lip-sync probe (mouth opening + identity embedding)
+    facecast train teacher                the bidirectional audio-conditioned teacher on the clips' latents
+                                          (out/latents/train-128, encoded with the shipped VAE first if missing)
     --workers N --gpu                     data-parallel (DDP) on N GPU workers; on a cluster set RAY_ADDRESS
     --steps / --run-dir / --export        how long, where the resumable state lives, where the weights go
 
@@ -14,14 +16,17 @@ import argparse
 import json
 from pathlib import Path
 
-from model_core.shipped import LIPSYNC_PROBE, TALK128_VAE, shipped_path
+from model_core.shipped import LIPSYNC_PROBE, TALK128_TEACHER, TALK128_VAE, shipped_path
 from services.cli.common import EXIT_OK, UserError
 from services.cli.world import default_dir
 
 DEFAULTS = {
     "vae": {"steps": 2400, "export": str(shipped_path(TALK128_VAE))},
     "probe": {"steps": 1500, "export": str(shipped_path(LIPSYNC_PROBE))},
+    "teacher": {"steps": 4000, "export": str(shipped_path(TALK128_TEACHER))},
 }
+LATENT_STAGES = ("teacher",)
+DEFAULT_LATENTS = Path("out") / "latents" / "train-128"
 
 
 def _ensure_world(data: str, count: int, seed: int) -> None:
@@ -42,6 +47,31 @@ def _ensure_world(data: str, count: int, seed: int) -> None:
         raise UserError(f"--data: {error}") from None
 
 
+def _ensure_latents(data: str, latents: str, preset_name: str, count: int, seed: int) -> None:
+    """The DiT stages train on the clips' latents, encoded once with the preset's shipped VAE (resumable)."""
+    from model_core.audio import AudioConfig, AudioFrontend
+    from model_core.checkpoint import CheckpointError
+    from model_core.config import get_preset
+    from model_core.models import build_vae
+    from model_core.training.latents import build_latent_cache, is_latent_cache_complete
+    from model_core.world.store import open_source
+
+    if is_latent_cache_complete(Path(latents)):
+        return
+    preset = get_preset(preset_name)
+    try:
+        vae = build_vae(preset, checkpoint=None, device="cpu", seed=0)
+    except CheckpointError as error:
+        raise UserError(str(error)) from None
+    print(f"encoding the training clips into latents first: {latents}")
+    try:
+        source = open_source(data, seed=seed, count=count, size=preset.stream.height)
+        frontend = AudioFrontend(AudioConfig(backend=preset.audio_backend, fps=preset.stream.fps))
+        build_latent_cache(source, vae, frontend, preset.dit, latents, seed=seed)
+    except ValueError as error:
+        raise UserError(f"--latents: {error}") from None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from services.train.driver import TrainRequest, train
 
@@ -50,11 +80,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     steps = args.steps if args.steps is not None else DEFAULTS[stage]["steps"]
     export = args.export or DEFAULTS[stage]["export"]
     run_dir = args.run_dir or str(Path("out") / "train" / stage)
+    latents = (args.latents or str(DEFAULT_LATENTS)) if stage in LATENT_STAGES else None
     try:
         request = TrainRequest(stage=stage, data=data, run_dir=run_dir, steps=steps, export=export,
                                workers=args.workers, gpu=args.gpu, batch_size=args.batch_size,
                                learning_rate=args.learning_rate, seed=args.seed, world_count=args.world_count,
-                               checkpoint_every=args.checkpoint_every, log_every=args.log_every)
+                               checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+                               latents=latents)
     except ValueError as error:
         raise UserError(str(error)) from None
     if args.gpu:
@@ -63,6 +95,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available() and "RAY_ADDRESS" not in __import__("os").environ:
             raise UserError("--gpu: this machine has no CUDA device (on a cluster, set RAY_ADDRESS)")
     _ensure_world(data, args.world_count, args.seed)
+    if latents:
+        _ensure_latents(data, latents, request.preset, args.world_count, args.seed)
     metrics = train(request)
     print(json.dumps({"stage": stage, "run_dir": run_dir, "export": export, **metrics}, indent=1))
     return EXIT_OK
@@ -70,7 +104,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def add_parser(commands) -> None:
     """Register `train` on the `facecast` subparsers."""
-    train = commands.add_parser("train", help="train a stage (vae, probe) through Ray Train")
+    train = commands.add_parser("train", help="train a stage (vae, probe, teacher) through Ray Train")
     train.add_argument("stage", choices=tuple(DEFAULTS))
     train.add_argument("--data", help="world shard directory, world:train, or a folder of videos "
                                       "(default out/world/train-128, generated if missing)")
@@ -84,7 +118,9 @@ def add_parser(commands) -> None:
     train.add_argument("--batch-size", type=int)
     train.add_argument("--learning-rate", type=float)
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--world-count", type=int, default=384, help="clips when the default dataset is made")
+    train.add_argument("--world-count", type=int, default=768, help="clips when the default dataset is made")
+    train.add_argument("--latents", help=f"the DiT stages' latent cache (default {DEFAULT_LATENTS}, encoded from "
+                                         "--data with the shipped VAE if missing)")
     train.add_argument("--checkpoint-every", type=int, default=100)
     train.add_argument("--log-every", type=int, default=10)
     train.set_defaults(handler=cmd_train)

@@ -1,6 +1,6 @@
 """`facecast world generate | info | preview`: the talking-face world's clips, cached to disk with their truth.
 
-    facecast world generate --part train --count 384 --out out/world/train-128     (sharded, resumable, progress)
+    facecast world generate --part train --count 768 --out out/world/train-128     (sharded, resumable, progress)
     facecast world info out/world/train-128                                          the manifest and the split
     facecast world preview --out grid.png                                            a grid of identities and styles
 """
@@ -78,7 +78,7 @@ def add_parser(commands) -> None:
     verbs = world.add_subparsers(dest="verb", required=True)
     generate = verbs.add_parser("generate", help="render clips to a sharded, resumable cache")
     generate.add_argument("--part", choices=("train", "eval"), default="train")
-    generate.add_argument("--count", type=int, default=384, help="clips (default 384)")
+    generate.add_argument("--count", type=int, default=768, help="clips (default 768)")
     generate.add_argument("--out", help="directory (default out/world/<part>-<size>)")
     generate.add_argument("--size", type=int, default=DEFAULT_SIZE, help="frame side in pixels (default 128)")
     generate.add_argument("--seed", type=int, default=0, help="world seed: fixes identities, split and clips")

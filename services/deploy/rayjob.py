@@ -22,9 +22,9 @@ import yaml
 from services.deploy.kuberay import DEFAULT_IMAGE, HEADER, K8S_DIR, RAY_VERSION
 from services.deploy.kuberay_checks import GPU_RESOURCE, schema_problems
 from services.deploy.serve_config import DeployConfigError, dump_yaml
+from services.train.driver import STAGES
 
 RAYJOB_CRD = "ray.io_rayjobs.yaml"
-STAGES = ("vae", "probe")
 TRAIN_VOLUME = "facecast-train"
 TRAIN_MOUNT = "/mnt/train"
 DEFAULT_WORKERS = 4
@@ -33,7 +33,9 @@ DEFAULT_WORKERS = 4
 def entrypoint(stage: str, workers: int) -> str:
     args = ["facecast", "train", stage, "--workers", str(workers), "--gpu",
             "--data", f"{TRAIN_MOUNT}/world/train-128", "--run-dir", f"{TRAIN_MOUNT}/runs/{stage}",
-            "--export", f"{TRAIN_MOUNT}/export/{stage}" + (".safetensors" if stage == "probe" else "")]
+            "--export", f"{TRAIN_MOUNT}/export/{stage}" + ("" if stage == "vae" else ".safetensors")]
+    if stage == "teacher":
+        args += ["--latents", f"{TRAIN_MOUNT}/latents/train-128"]
     return shlex.join(args)
 
 

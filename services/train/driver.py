@@ -1,6 +1,6 @@
 """Ray Train driver: one stage's resumable loop on N workers (CPU by default, `gpu` for data-parallel on GPUs).
 
-    TrainRequest(stage="vae" | "probe", ...)      everything a run needs; plain data, so it travels to workers
+    TrainRequest(stage="vae" | "probe" | "teacher", ...)   everything a run needs; plain data, travels to workers
     train(request) -> dict                        runs it through `ray.train.torch.TorchTrainer`, returns metrics
 
 The same call works on this machine (a local Ray started here, one CPU worker) and on a cluster (`RAY_ADDRESS` set,
@@ -17,7 +17,7 @@ import os
 import tempfile
 from pathlib import Path
 
-STAGES = ("vae", "probe")
+STAGES = ("vae", "probe", "teacher")
 KEEP_CHECKPOINTS = 2
 """Checkpoints Ray Train keeps in its storage (the run directory's own state.pt is always the newest)."""
 
@@ -38,7 +38,9 @@ class TrainRequest:
     seed: int = 0
     checkpoint_every: int = 100
     log_every: int = 10
-    world_count: int = 384
+    world_count: int = 768
+    latents: str | None = None
+    """The DiT stages' latent cache (`model_core.training.latents`), built from `data` before the run."""
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -47,6 +49,8 @@ class TrainRequest:
             raise ValueError(f"workers={self.workers} is invalid: at least 1")
         if self.steps < 1:
             raise ValueError(f"steps={self.steps} is invalid: at least 1")
+        if self.stage == "teacher" and not self.latents:
+            raise ValueError("stage 'teacher' needs latents (the latent cache directory)")
 
 
 def build_stage(request: TrainRequest, *, wrap=None, device="cpu"):
@@ -55,18 +59,25 @@ def build_stage(request: TrainRequest, *, wrap=None, device="cpu"):
     from model_core.world.store import open_source
 
     preset = get_preset(request.preset)
+    overrides = {k: v for k, v in (("batch_size", request.batch_size), ("learning_rate", request.learning_rate))
+                 if v is not None}
+    if request.stage == "teacher":
+        from model_core.models import build_vae
+        from model_core.training.latents import LatentSource, dit_config_for_latents
+        from model_core.training.teacher_stage import TeacherStage, TeacherTrainConfig
+
+        latents = LatentSource(request.latents)
+        latents.check_vae(build_vae(preset, checkpoint=None, device="cpu", seed=0))
+        return TeacherStage(dit_config_for_latents(preset, latents), latents,
+                            TeacherTrainConfig(seed=request.seed, **overrides), wrap=wrap, device=device)
     size = preset.stream.height
     source = open_source(request.data, seed=request.seed, count=request.world_count, size=size)
     if request.stage == "vae":
         from model_core.training.vae_stage import VAEStage, VAETrainConfig
 
-        overrides = {k: v for k, v in (("batch_size", request.batch_size), ("learning_rate", request.learning_rate))
-                     if v is not None}
         return VAEStage(preset.vae, source, VAETrainConfig(seed=request.seed, **overrides), wrap=wrap, device=device)
     from model_core.training.probe_stage import ProbeStage, ProbeTrainConfig
 
-    overrides = {k: v for k, v in (("batch_size", request.batch_size), ("learning_rate", request.learning_rate))
-                 if v is not None}
     return ProbeStage(source, ProbeTrainConfig(seed=request.seed, **overrides), wrap=wrap, device=device)
 
 
@@ -120,6 +131,7 @@ def train(request: TrainRequest) -> dict:
 
     run_dir = Path(request.run_dir).resolve()
     request = dataclasses.replace(request, run_dir=str(run_dir),
+                                  latents=str(Path(request.latents).resolve()) if request.latents else None,
                                   export=str(Path(request.export).resolve()) if request.export else None,
                                   data=request.data if request.data.startswith("world:")
                                   else str(Path(request.data).resolve()))
