@@ -6,7 +6,8 @@
 
 Objective (rectified flow, Wan's convention): x_t = (1 - t) x0 + t noise, the model predicts v = noise - x0; t is
 drawn logit-normal (sigmoid of a standard normal), the same t for every frame of a sample (the teacher is
-bidirectional: "full" layout, absolute positions). The squared error is weighted up on the mouth region (the truth's
+bidirectional: "full" layout, absolute positions), with the reference latent as a clean first frame of the sequence
+(`predict_velocity`). The squared error is weighted up on the mouth region (the truth's
 face boxes say where), or the model learns to copy the reference and ignore the audio.
 
 Conditioning, as a session gives it: the reference latent (the identity's neutral render) through the reference
@@ -71,29 +72,30 @@ def text_states(config: DiTConfig, batch: int, device) -> torch.Tensor:
 
 def sample_batch(clips: list, rng: np.random.Generator, frames: int, dit_config: DiTConfig, *, batch_size: int,
                  audio_dropout: float, listening_dropout: float, ratio: int = 4) -> dict:
-    """A training batch of `frames`-latent windows from `clips` (LatentClip), padded to MAX_CHARACTERS."""
-    usable = [clip for clip in clips if clip.num_latents >= frames]
-    if not usable:
-        raise ValueError(f"no clip has {frames} latent frames ({1 + ratio * (frames - 1)} video frames)")
+    """A training batch of `frames`-latent windows of the clips' segments (LatentClip), padded to MAX_CHARACTERS."""
+    if not clips or clips[0].segment_latents < frames:
+        raise ValueError(f"the latent cache's segments are shorter than frames={frames}")
     rows = {key: [] for key in ("x0", "reference", "features", "speaking", "regions", "mouth")}
     for _ in range(batch_size):
-        clip = usable[int(rng.integers(len(usable)))]
-        start = int(rng.integers(0, clip.num_latents - frames + 1))
+        clip = clips[int(rng.integers(len(clips)))]
+        segment = int(rng.integers(clip.segments))
+        offset = int(rng.integers(0, clip.segment_latents - frames + 1))
         speaking = clip.speaking.clone()
         if rng.random() >= listening_dropout:
             speaking[:] = True
-        features, talk = audio_windows(clip.features.float(), speaking, start, frames, ratio, dit_config.audio_window)
-        people = features.shape[0]
-        pad = MAX_CHARACTERS - people
+        first_latent = int(clip.starts[segment]) // ratio + offset
+        features, talk = audio_windows(clip.features.float(), speaking, first_latent, frames, ratio,
+                                       dit_config.audio_window)
+        pad = MAX_CHARACTERS - features.shape[0]
         regions = clip.regions.float()
         if rng.random() < audio_dropout:
             regions = torch.zeros_like(regions)
-        rows["x0"].append(clip.latents[:, start:start + frames].float())
+        rows["x0"].append(clip.latents[segment, :, offset:offset + frames].float())
         rows["reference"].append(clip.reference.float())
         rows["features"].append(torch.cat([features, features.new_zeros(pad, *features.shape[1:])]))
         rows["speaking"].append(torch.cat([talk, talk.new_zeros(pad, *talk.shape[1:])]))
         rows["regions"].append(torch.cat([regions, regions.new_zeros(pad, regions.shape[1])]))
-        rows["mouth"].append(clip.mouth[start:start + frames].float())
+        rows["mouth"].append(clip.mouth[segment, offset:offset + frames].float())
     return {key: torch.stack(value) for key, value in rows.items()}
 
 
@@ -109,16 +111,26 @@ class TeacherObjective(nn.Module):
 
 
 def predict_velocity(dit: CausalAvatarDiT, noisy: torch.Tensor, sigma: torch.Tensor, batch: dict, *,
-                     layout: str, timesteps: torch.Tensor | None = None, **layout_options) -> torch.Tensor:
-    """v for `noisy` [B, 16, F, h, w]; sigma [B] (or per-frame `timesteps` [B, F] x1000), conditioned on `batch`."""
-    size = noisy.shape[0]
+                     layout: str, **layout_options) -> torch.Tensor:
+    """v for `noisy` [B, 16, F, h, w] at noise levels sigma [B], conditioned on `batch`.
+
+    The reference latent goes first in the sequence as a clean frame (t = 0): in the teacher's "full" layout every
+    frame sees it (TalkingMachines' reference in self-attention), and in the student's "block_sparse" layout it is
+    the attention sink, as a session starts. Only the F generated frames' velocities are returned."""
+    size, frames = noisy.shape[0], noisy.shape[2]
     device = noisy.device
     cond = dit.prepare_conditions(text_states(dit.config, size, device), dit.reference_tokens(batch["reference"]),
                                   torch.zeros(1, device=device))
-    audio = dit.project_audio(batch["features"], batch["speaking"], batch["regions"])
-    if timesteps is None:
-        timesteps = (sigma * 1000.0)[:, None].expand(-1, noisy.shape[2])
-    return dit.forward_full(noisy, timesteps, cond, audio, layout=layout, **layout_options)
+    features, speaking = batch["features"], batch["speaking"]
+    if layout == "full":  # audio covers every frame: the reference frame hears silence
+        features = torch.cat([features.new_zeros(*features.shape[:2], 1, *features.shape[3:]), features], dim=2)
+        speaking = torch.cat([speaking.new_zeros(*speaking.shape[:2], 1, speaking.shape[3]), speaking], dim=2)
+    audio = dit.project_audio(features, speaking, batch["regions"])
+    timesteps = torch.cat([torch.zeros(size, 1, device=device), (sigma * 1000.0)[:, None].expand(-1, frames)], 1)
+    sequence = torch.cat([batch["reference"].to(noisy.dtype), noisy], dim=2)
+    if layout == "block_sparse":
+        layout_options.setdefault("sink_frames", 1)
+    return dit.forward_full(sequence, timesteps, cond, audio, layout=layout, **layout_options)[:, :, 1:]
 
 
 def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, mouth: torch.Tensor, mouth_weight: float):

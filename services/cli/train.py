@@ -23,7 +23,7 @@ from services.cli.world import default_dir
 DEFAULTS = {
     "vae": {"steps": 2400, "export": str(shipped_path(TALK128_VAE))},
     "probe": {"steps": 1500, "export": str(shipped_path(LIPSYNC_PROBE))},
-    "teacher": {"steps": 4000, "export": str(shipped_path(TALK128_TEACHER))},
+    "teacher": {"steps": 3000, "export": str(shipped_path(TALK128_TEACHER))},
 }
 LATENT_STAGES = ("teacher",)
 DEFAULT_LATENTS = Path("out") / "latents" / "train-128"

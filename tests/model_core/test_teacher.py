@@ -79,14 +79,20 @@ def test_audio_windows_are_what_a_session_feeds_the_model(world):
     torch.testing.assert_close(later, streamed[:, 5:8], atol=1e-5, rtol=0)
 
 
-def test_encoded_clip_lines_up_with_its_video(latent_clips, world):
+def test_encoded_segments_line_up_with_their_video(latent_clips, world, vae):
     clip, encoded = world[0], latent_clips[0]
-    usable = clip.num_frames - (clip.num_frames - 1) % 4
-    assert encoded.num_latents == 1 + (usable - 1) // 4
+    assert encoded.segment_latents == 9 and encoded.segments >= 2
+    assert all(int(s) % 4 == 0 and int(s) + 33 <= clip.num_frames for s in encoded.starts)
     assert encoded.features.shape[1] == clip.num_frames
-    # the mouth weight sits in the lower half of the face box, never above the eyes
-    rows = encoded.mouth.float().mean(dim=(0, 2))
-    box = clip.truth.face_box[0, 0] / 64 * encoded.mouth.shape[1]
+    # a segment is what encoding its 33 frames on their own gives (a session starting there)
+    start = int(encoded.starts[1])
+    from model_core.training.data import frames_to_tensor
+    with torch.no_grad():
+        alone = vae.normalize(vae.vae.encode(frames_to_tensor(clip.frames[start:start + 33])[None]).latent_dist.mean)
+    torch.testing.assert_close(encoded.latents[1].float(), alone[0], atol=2e-2, rtol=1e-2)
+    # the mouth weight sits in the lower half of the face box, never above it
+    rows = encoded.mouth[1].float().mean(dim=(0, 2))
+    box = clip.truth.face_box[start, 0] / 64 * encoded.mouth.shape[2]
     assert rows[: int(box[1])].sum() == 0 and rows.sum() > 0
 
 
@@ -112,7 +118,7 @@ def test_latent_cache_resumes_and_refuses_another_vae(world, vae, tmp_path):
     frontend = AudioFrontend(AudioConfig())
     build_latent_cache(Listed(world), vae, frontend, TINY.dit, tmp_path, progress=False)
     cache = LatentSource(tmp_path)
-    assert len(cache) == 2 and cache[1].num_latents > 0
+    assert len(cache) == 2 and cache[1].segments > 0
     cache.check_vae(vae)
     other = StreamingVAE.from_config(TINY.vae, seed=1)
     with pytest.raises(ValueError, match="another VAE"):
@@ -146,7 +152,9 @@ def test_audio_dropout_is_exactly_no_audio(latent_clips):
         zeroed = predict_velocity(dit, noisy, sigma, silent, layout="full")
         cond = dit.prepare_conditions(text_states(TINY.dit, 2, "cpu"), dit.reference_tokens(batch["reference"]),
                                       torch.zeros(1))
-        none = dit.forward_full(noisy, (sigma * 1000)[:, None].expand(-1, 5), cond, None, layout="full")
+        timesteps = torch.cat([torch.zeros(2, 1), (sigma * 1000)[:, None].expand(-1, 5)], 1)
+        none = dit.forward_full(torch.cat([batch["reference"], noisy], 2), timesteps, cond, None,
+                                layout="full")[:, :, 1:]
     torch.testing.assert_close(zeroed, none, atol=1e-5, rtol=0)
     assert (with_audio - none).abs().max() > 1e-3
 
