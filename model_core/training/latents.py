@@ -239,7 +239,7 @@ def is_latent_cache_complete(path: Path) -> bool:
 
 
 class LatentSource:
-    """A latent cache as a sequence of `LatentClip`s (shards loaded on demand, the last one kept)."""
+    """A latent cache as a sequence of `LatentClip`s (shards loaded on first use and kept)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -253,7 +253,7 @@ class LatentSource:
         if not is_latent_cache_complete(self.path):
             raise ValueError(f"{self.path} is incomplete (shards missing); re-run the command that builds it to "
                              "finish it")
-        self._loaded: tuple[int, list[LatentClip]] | None = None
+        self._shards: dict[int, list[LatentClip]] = {}  # all kept: a cache of 768 clips is ~250 MB
 
     def __len__(self) -> int:
         return self.count
@@ -267,7 +267,7 @@ class LatentSource:
         if not 0 <= index < self.count:
             raise IndexError(index)
         shard, offset = divmod(index, self.shard_size)
-        if self._loaded is None or self._loaded[0] != shard:
+        if shard not in self._shards:
             rows = torch.load(self.path / f"shard-{shard:05d}.pt", weights_only=False)
-            self._loaded = (shard, [LatentClip(**row) for row in rows])
-        return self._loaded[1][offset]
+            self._shards[shard] = [LatentClip(**row) for row in rows]
+        return self._shards[shard][offset]

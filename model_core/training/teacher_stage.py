@@ -70,26 +70,46 @@ def text_states(config: DiTConfig, batch: int, device) -> torch.Tensor:
     return BytePromptEncoder(config.text_dim, config.text_len)([""]).to(device).expand(batch, -1, -1)
 
 
-def sample_batch(clips: list, rng: np.random.Generator, frames: int, dit_config: DiTConfig, *, batch_size: int,
-                 audio_dropout: float, listening_dropout: float, ratio: int = 4) -> dict:
-    """A training batch of `frames`-latent windows of the clips' segments (LatentClip), padded to MAX_CHARACTERS."""
-    if not clips or clips[0].segment_latents < frames:
-        raise ValueError(f"the latent cache's segments are shorter than frames={frames}")
+@dataclass(frozen=True)
+class Window:
+    """One training window: clip `clip` (index into a latent source), its segment, the first latent frame in it;
+    `listening`: frames the truth marks as not speaking get the silence embedding; `silent`: no audio at all."""
+
+    clip: int
+    segment: int
+    offset: int
+    listening: bool = False
+    silent: bool = False
+
+
+def random_windows(count: int, clips: int, rng: np.random.Generator, segments, segment_latents: int, frames: int, *,
+                   audio_dropout: float, listening_dropout: float) -> list[Window]:
+    """`count` windows drawn uniformly; `segments(i)` is clip i's segment count."""
+    if segment_latents < frames:
+        raise ValueError(f"the latent cache's segments ({segment_latents} latent frames) are shorter than "
+                         f"frames={frames}")
+    windows = []
+    for _ in range(count):
+        clip = int(rng.integers(clips))
+        windows.append(Window(clip, int(rng.integers(segments(clip))),
+                              int(rng.integers(0, segment_latents - frames + 1)),
+                              listening=bool(rng.random() < listening_dropout),
+                              silent=bool(rng.random() < audio_dropout)))
+    return windows
+
+
+def window_batch(clips, windows: list[Window], frames: int, dit_config: DiTConfig, ratio: int = 4) -> dict:
+    """The batch for `windows` of `clips` (indexable LatentClips), characters padded to MAX_CHARACTERS."""
     rows = {key: [] for key in ("x0", "reference", "features", "speaking", "regions", "mouth")}
-    for _ in range(batch_size):
-        clip = clips[int(rng.integers(len(clips)))]
-        segment = int(rng.integers(clip.segments))
-        offset = int(rng.integers(0, clip.segment_latents - frames + 1))
-        speaking = clip.speaking.clone()
-        if rng.random() >= listening_dropout:
-            speaking[:] = True
+    for window in windows:
+        clip = clips[window.clip]
+        segment, offset = window.segment, window.offset
+        speaking = clip.speaking if window.listening else torch.ones_like(clip.speaking)
         first_latent = int(clip.starts[segment]) // ratio + offset
         features, talk = audio_windows(clip.features.float(), speaking, first_latent, frames, ratio,
                                        dit_config.audio_window)
         pad = MAX_CHARACTERS - features.shape[0]
-        regions = clip.regions.float()
-        if rng.random() < audio_dropout:
-            regions = torch.zeros_like(regions)
+        regions = torch.zeros_like(clip.regions.float()) if window.silent else clip.regions.float()
         rows["x0"].append(clip.latents[segment, :, offset:offset + frames].float())
         rows["reference"].append(clip.reference.float())
         rows["features"].append(torch.cat([features, features.new_zeros(pad, *features.shape[1:])]))
@@ -97,6 +117,16 @@ def sample_batch(clips: list, rng: np.random.Generator, frames: int, dit_config:
         rows["regions"].append(torch.cat([regions, regions.new_zeros(pad, regions.shape[1])]))
         rows["mouth"].append(clip.mouth[segment, offset:offset + frames].float())
     return {key: torch.stack(value) for key, value in rows.items()}
+
+
+def sample_batch(clips: list, rng: np.random.Generator, frames: int, dit_config: DiTConfig, *, batch_size: int,
+                 audio_dropout: float, listening_dropout: float) -> dict:
+    """A random training batch of `frames`-latent windows of the clips' segments."""
+    if not clips:
+        raise ValueError("no clips to sample from")
+    windows = random_windows(batch_size, len(clips), rng, lambda i: clips[i].segments, clips[0].segment_latents,
+                             frames, audio_dropout=audio_dropout, listening_dropout=listening_dropout)
+    return window_batch(clips, windows, frames, dit_config)
 
 
 class TeacherObjective(nn.Module):
