@@ -2,7 +2,9 @@
 
     run_stage(stage, run_dir, steps, ...) -> final metrics
     Stage                 what a stage provides: modules, optimiser, batch(step), loss(batch), export(path);
-                          optionally `grad_clip` (max gradient norm) and `after_step(step)` (e.g. an EMA update)
+                          optionally `grad_clip` (max gradient norm), `after_step(step)` (e.g. an EMA update),
+                          `optimizers()` (several, by name: all are checkpointed) and `train_step(batch)` (a stage
+                          that runs its own backward passes and optimiser steps, as distillation does)
 
 Determinism: step k's batch comes from a generator seeded with (seed, k, rank), and the checkpoint holds the model,
 the optimiser and the torch RNG state, so a run interrupted after step k and resumed gives the same weights as one
@@ -19,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Callable, Protocol
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -41,9 +44,14 @@ class Stage(Protocol):
     def export(self, path: Path) -> None: ...
 
 
+def _optimizers(stage: Stage) -> dict[str, torch.optim.Optimizer]:
+    return stage.optimizers() if hasattr(stage, "optimizers") else {"optimizer": stage.optimizer()}
+
+
 def save_state(stage: Stage, run_dir: Path, step: int) -> None:
     state = {"step": step, "modules": {k: m.state_dict() for k, m in stage.modules().items()},
-             "optimizer": stage.optimizer().state_dict(), "torch_rng": torch.get_rng_state(), "stage": stage.name}
+             "optimizers": {k: o.state_dict() for k, o in _optimizers(stage).items()},
+             "torch_rng": torch.get_rng_state(), "stage": stage.name}
     temporary = run_dir / (STATE_FILE + ".tmp")
     torch.save(state, temporary)
     os.replace(temporary, run_dir / STATE_FILE)
@@ -59,7 +67,9 @@ def load_state(stage: Stage, run_dir: Path) -> int:
         raise ValueError(f"{run_dir} holds a {state.get('stage')!r} run, not {stage.name!r}: choose another --run-dir")
     for key, module in stage.modules().items():
         module.load_state_dict(state["modules"][key])
-    stage.optimizer().load_state_dict(state["optimizer"])
+    saved = state["optimizers"] if "optimizers" in state else {"optimizer": state["optimizer"]}
+    for key, optimizer in _optimizers(stage).items():
+        optimizer.load_state_dict(saved[key])
     torch.set_rng_state(state["torch_rng"])
     return int(state["step"])
 
@@ -90,20 +100,24 @@ def run_stage(stage: Stage, run_dir: str | Path, steps: int, *, checkpoint_every
     began = time.perf_counter()
     for step in range(start, steps):
         batch = stage.batch(step, rank)
-        loss, values = stage.loss(batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if getattr(stage, "grad_clip", None):
-            torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]],
-                                           stage.grad_clip)
-        optimizer.step()
+        if hasattr(stage, "train_step"):
+            values = stage.train_step(batch)
+        else:
+            loss, values = stage.loss(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if getattr(stage, "grad_clip", None):
+                torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]],
+                                               stage.grad_clip)
+            optimizer.step()
         if hasattr(stage, "after_step"):
             stage.after_step(step)
         window.append(values)
         done = step + 1
         bar.update(1)
         if done % log_every == 0 or done == steps:
-            metrics = {key: sum(v[key] for v in window) / len(window) for key in window[0]}
+            keys = list(dict.fromkeys(key for values in window for key in values))  # some keys only on some steps
+            metrics = {key: float(np.mean([v[key] for v in window if key in v])) for key in keys}
             metrics.update(step=done, seconds=round(time.perf_counter() - began, 2))
             window = []
             bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k not in ("step", "seconds")})
