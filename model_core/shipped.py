@@ -14,6 +14,7 @@ CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
 TALK128_VAE = "talk128-vae"
 LIPSYNC_PROBE = "lipsync-probe.safetensors"
 TALK128_TEACHER = "talk128-teacher.safetensors"
+TALK128_STUDENT = "talk128-student.safetensors"
 
 
 def shipped_path(name: str) -> Path:

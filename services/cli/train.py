@@ -4,6 +4,9 @@
     facecast train probe                  the lip-sync probe (mouth opening + identity embedding)
     facecast train teacher                the bidirectional audio-conditioned teacher on the clips' latents
                                           (out/latents/train-128, encoded with the shipped VAE first if missing)
+    facecast train student                the 2-step causal student: `--phase init` (the teacher's ODE pairs,
+                                          then regression onto them) and `--phase distill` (DMD with
+                                          self-forcing); both in turn by default, each a resumable run
     --workers N --gpu                     data-parallel (DDP) on N GPU workers; on a cluster set RAY_ADDRESS
     --steps / --run-dir / --export        how long, where the resumable state lives, where the weights go
 
@@ -16,7 +19,7 @@ import argparse
 import json
 from pathlib import Path
 
-from model_core.shipped import LIPSYNC_PROBE, TALK128_TEACHER, TALK128_VAE, shipped_path
+from model_core.shipped import LIPSYNC_PROBE, TALK128_STUDENT, TALK128_TEACHER, TALK128_VAE, shipped_path
 from services.cli.common import EXIT_OK, UserError
 from services.cli.world import default_dir
 
@@ -24,8 +27,14 @@ DEFAULTS = {
     "vae": {"steps": 2400, "export": str(shipped_path(TALK128_VAE))},
     "probe": {"steps": 1500, "export": str(shipped_path(LIPSYNC_PROBE))},
     "teacher": {"steps": 3000, "export": str(shipped_path(TALK128_TEACHER))},
+    "student": {"steps": None, "export": str(shipped_path(TALK128_STUDENT))},
 }
-LATENT_STAGES = ("teacher",)
+COMMANDS = tuple(DEFAULTS)
+PHASES = {  # `facecast train student`: (driver stage, default steps, default export); runs in <run-dir>/<stage>
+    "init": ("student-init", 1200, "<run-dir>/student-init/student-init.safetensors"),
+    "distill": ("distill", 3000, str(shipped_path(TALK128_STUDENT))),
+}
+PAIRS = {"count": 1024, "teacher_steps": 12, "guidance": 2.0}
 DEFAULT_LATENTS = Path("out") / "latents" / "train-128"
 
 
@@ -72,21 +81,71 @@ def _ensure_latents(data: str, latents: str, preset_name: str, count: int, seed:
         raise UserError(f"--latents: {error}") from None
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from services.train.driver import TrainRequest, train
+def _ensure_pairs(teacher: str, latents: str, pairs: str, seed: int) -> None:
+    """The teacher's ODE pairs for the student's initialisation (resumable: an interrupted file is continued)."""
+    from model_core.checkpoint import CheckpointError, load_facecast_checkpoint
+    from model_core.training.latents import LatentSource
+    from model_core.training.student_stage import StudentInitConfig, make_ode_pairs
 
+    if not Path(teacher).is_file():
+        raise UserError(f"--teacher: {teacher} does not exist; train it first with `facecast train teacher`")
+    try:
+        model = load_facecast_checkpoint(teacher)[0].float()
+    except CheckpointError as error:
+        raise UserError(f"--teacher: {error}") from None
+    config = StudentInitConfig()
+    Path(pairs).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        make_ode_pairs(model, LatentSource(latents), pairs, count=PAIRS["count"], frames=config.frames,
+                       steps=config.steps, shift=config.shift, teacher_steps=PAIRS["teacher_steps"],
+                       guidance=PAIRS["guidance"], seed=seed)
+    except ValueError as error:
+        raise UserError(f"--pairs: {error}") from None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     stage = args.stage
+    if stage != "student":
+        if args.phase:
+            raise UserError(f"--phase applies to `facecast train student` only, not {stage!r}")
+        steps = args.steps if args.steps is not None else DEFAULTS[stage]["steps"]
+        return _run(args, stage, steps, args.export or DEFAULTS[stage]["export"],
+                    args.run_dir or str(Path("out") / "train" / stage))
+    phases = [args.phase] if args.phase else list(PHASES)
+    if len(phases) > 1 and args.steps is not None:
+        raise UserError("--steps applies to one phase: add --phase init or --phase distill")
+    root = Path(args.run_dir or Path("out") / "train")
+    for phase in phases:
+        driver_stage, steps, export = PHASES[phase]
+        run_dir = root / driver_stage
+        if phase == "init":
+            export = str(run_dir / "student-init.safetensors")
+        else:
+            export = args.export or export
+        _run(args, driver_stage, args.steps if args.steps is not None else steps, export, str(run_dir),
+             init_export=str(root / "student-init" / "student-init.safetensors"))
+    return EXIT_OK
+
+
+def _run(args: argparse.Namespace, stage: str, steps: int, export: str, run_dir: str,
+         init_export: str | None = None) -> int:
+    from services.train.driver import LATENT_STAGES, TrainRequest, train
+
     data = args.data or str(default_dir("train"))
-    steps = args.steps if args.steps is not None else DEFAULTS[stage]["steps"]
-    export = args.export or DEFAULTS[stage]["export"]
-    run_dir = args.run_dir or str(Path("out") / "train" / stage)
     latents = (args.latents or str(DEFAULT_LATENTS)) if stage in LATENT_STAGES else None
+    teacher = args.teacher or DEFAULTS["teacher"]["export"]
+    pairs = args.pairs or str(Path(init_export or "").parent / "ode-pairs.pt")
+    extra = {}
+    if stage in ("student-init", "distill"):
+        extra = {"teacher": teacher, "pairs": pairs}
+    if stage == "distill":
+        extra["student"] = args.student or init_export
     try:
         request = TrainRequest(stage=stage, data=data, run_dir=run_dir, steps=steps, export=export,
                                workers=args.workers, gpu=args.gpu, batch_size=args.batch_size,
                                learning_rate=args.learning_rate, seed=args.seed, world_count=args.world_count,
                                checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-                               latents=latents)
+                               latents=latents, **extra)
     except ValueError as error:
         raise UserError(str(error)) from None
     if args.gpu:
@@ -94,9 +153,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available() and "RAY_ADDRESS" not in __import__("os").environ:
             raise UserError("--gpu: this machine has no CUDA device (on a cluster, set RAY_ADDRESS)")
+    if stage == "distill" and not Path(extra["student"]).is_file():
+        raise UserError(f"--student: {extra['student']} does not exist; run `facecast train student --phase init` "
+                        "first")
     _ensure_world(data, args.world_count, args.seed)
     if latents:
         _ensure_latents(data, latents, request.preset, args.world_count, args.seed)
+    if stage == "student-init":
+        _ensure_pairs(teacher, latents, pairs, args.seed)
     metrics = train(request)
     print(json.dumps({"stage": stage, "run_dir": run_dir, "export": export, **metrics}, indent=1))
     return EXIT_OK
@@ -104,13 +168,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def add_parser(commands) -> None:
     """Register `train` on the `facecast` subparsers."""
-    train = commands.add_parser("train", help="train a stage (vae, probe, teacher) through Ray Train")
+    train = commands.add_parser("train", help="train a stage (vae, probe, teacher, student) through Ray Train")
     train.add_argument("stage", choices=tuple(DEFAULTS))
     train.add_argument("--data", help="world shard directory, world:train, or a folder of videos "
                                       "(default out/world/train-128, generated if missing)")
     train.add_argument("--steps", type=int, help="optimiser steps (defaults: " +
-                       ", ".join(f"{k} {v['steps']}" for k, v in DEFAULTS.items()) + ")")
-    train.add_argument("--run-dir", help="resumable state and log.jsonl (default out/train/<stage>)")
+                       ", ".join(f"{k} {v['steps']}" for k, v in DEFAULTS.items() if v["steps"]) + ", student " +
+                       " + ".join(f"{p} {v[1]}" for p, v in PHASES.items()) + ")")
+    train.add_argument("--phase", choices=tuple(PHASES), help="student: one phase only (default: init, then distill)")
+    train.add_argument("--teacher", help=f"student: the teacher checkpoint (default {DEFAULTS['teacher']['export']})")
+    train.add_argument("--student", help=f"student --phase distill: the initialised student (default "
+                                         f"{PHASES['init'][2]})")
+    train.add_argument("--pairs", help="student: the teacher's ODE pairs file (default "
+                                       "<run-dir>/student-init/ode-pairs.pt, made first if missing)")
+    train.add_argument("--run-dir", help="resumable state and log.jsonl (default out/train/<stage>; for student the "
+                                         "folder holding its phases' run directories, default out/train)")
     train.add_argument("--export", help="where the trained weights go (defaults: " +
                        ", ".join(f"{k} {v['export']}" for k, v in DEFAULTS.items()) + ")")
     train.add_argument("--workers", type=int, default=1, help="Ray Train workers (data-parallel; default 1)")

@@ -22,7 +22,7 @@ import yaml
 from services.deploy.kuberay import DEFAULT_IMAGE, HEADER, K8S_DIR, RAY_VERSION
 from services.deploy.kuberay_checks import GPU_RESOURCE, schema_problems
 from services.deploy.serve_config import DeployConfigError, dump_yaml
-from services.train.driver import STAGES
+from services.cli.train import COMMANDS as STAGES
 
 RAYJOB_CRD = "ray.io_rayjobs.yaml"
 TRAIN_VOLUME = "facecast-train"
@@ -32,10 +32,13 @@ DEFAULT_WORKERS = 4
 
 def entrypoint(stage: str, workers: int) -> str:
     args = ["facecast", "train", stage, "--workers", str(workers), "--gpu",
-            "--data", f"{TRAIN_MOUNT}/world/train-128", "--run-dir", f"{TRAIN_MOUNT}/runs/{stage}",
+            "--data", f"{TRAIN_MOUNT}/world/train-128",
+            "--run-dir", f"{TRAIN_MOUNT}/runs" + ("" if stage == "student" else f"/{stage}"),
             "--export", f"{TRAIN_MOUNT}/export/{stage}" + ("" if stage == "vae" else ".safetensors")]
-    if stage == "teacher":
+    if stage in ("teacher", "student"):
         args += ["--latents", f"{TRAIN_MOUNT}/latents/train-128"]
+    if stage == "student":
+        args += ["--teacher", f"{TRAIN_MOUNT}/export/teacher.safetensors"]
     return shlex.join(args)
 
 

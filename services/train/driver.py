@@ -17,7 +17,8 @@ import os
 import tempfile
 from pathlib import Path
 
-STAGES = ("vae", "probe", "teacher")
+STAGES = ("vae", "probe", "teacher", "student-init", "distill")
+LATENT_STAGES = ("teacher", "student-init", "distill")
 KEEP_CHECKPOINTS = 2
 """Checkpoints Ray Train keeps in its storage (the run directory's own state.pt is always the newest)."""
 
@@ -41,6 +42,12 @@ class TrainRequest:
     world_count: int = 768
     latents: str | None = None
     """The DiT stages' latent cache (`model_core.training.latents`), built from `data` before the run."""
+    teacher: str | None = None
+    """student-init, distill: the teacher checkpoint."""
+    student: str | None = None
+    """distill: the initialised student checkpoint."""
+    pairs: str | None = None
+    """student-init, distill: the teacher's ODE pairs (`student_stage.make_ode_pairs`)."""
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -49,8 +56,11 @@ class TrainRequest:
             raise ValueError(f"workers={self.workers} is invalid: at least 1")
         if self.steps < 1:
             raise ValueError(f"steps={self.steps} is invalid: at least 1")
-        if self.stage == "teacher" and not self.latents:
-            raise ValueError("stage 'teacher' needs latents (the latent cache directory)")
+        needs = {"teacher": ("latents",), "student-init": ("latents", "teacher", "pairs"),
+                 "distill": ("latents", "teacher", "student", "pairs")}.get(self.stage, ())
+        missing = [name for name in needs if not getattr(self, name)]
+        if missing:
+            raise ValueError(f"stage {self.stage!r} needs {', '.join(missing)}")
 
 
 def build_stage(request: TrainRequest, *, wrap=None, device="cpu"):
@@ -61,15 +71,30 @@ def build_stage(request: TrainRequest, *, wrap=None, device="cpu"):
     preset = get_preset(request.preset)
     overrides = {k: v for k, v in (("batch_size", request.batch_size), ("learning_rate", request.learning_rate))
                  if v is not None}
-    if request.stage == "teacher":
+    if request.stage in LATENT_STAGES:
         from model_core.models import build_vae
         from model_core.training.latents import LatentSource, dit_config_for_latents
-        from model_core.training.teacher_stage import TeacherStage, TeacherTrainConfig
 
         latents = LatentSource(request.latents)
         latents.check_vae(build_vae(preset, checkpoint=None, device="cpu", seed=0))
-        return TeacherStage(dit_config_for_latents(preset, latents), latents,
-                            TeacherTrainConfig(seed=request.seed, **overrides), wrap=wrap, device=device)
+        if request.stage == "teacher":
+            from model_core.training.teacher_stage import TeacherStage, TeacherTrainConfig
+
+            return TeacherStage(dit_config_for_latents(preset, latents), latents,
+                                TeacherTrainConfig(seed=request.seed, **overrides), wrap=wrap, device=device)
+        from model_core.training.student_stage import read_pairs
+
+        pairs = read_pairs(request.pairs)
+        if request.stage == "student-init":
+            from model_core.training.student_stage import StudentInitConfig, StudentInitStage
+
+            return StudentInitStage(request.teacher, latents, pairs, StudentInitConfig(seed=request.seed, **overrides),
+                                    wrap=wrap, device=device)
+        from model_core.training.dmd_stage import DistillConfig, DistillStage
+
+        rates = {"generator_lr": overrides.pop("learning_rate")} if "learning_rate" in overrides else {}
+        return DistillStage(request.teacher, request.student, latents, pairs,
+                            DistillConfig(seed=request.seed, **overrides, **rates), device=device)
     size = preset.stream.height
     source = open_source(request.data, seed=request.seed, count=request.world_count, size=size)
     if request.stage == "vae":
@@ -131,7 +156,9 @@ def train(request: TrainRequest) -> dict:
 
     run_dir = Path(request.run_dir).resolve()
     request = dataclasses.replace(request, run_dir=str(run_dir),
-                                  latents=str(Path(request.latents).resolve()) if request.latents else None,
+                                  **{name: str(Path(getattr(request, name)).resolve())
+                                     for name in ("latents", "teacher", "student", "pairs")
+                                     if getattr(request, name)},
                                   export=str(Path(request.export).resolve()) if request.export else None,
                                   data=request.data if request.data.startswith("world:")
                                   else str(Path(request.data).resolve()))
