@@ -4,6 +4,8 @@
 
 What is scored, per clip (single-character clips of the source; two-character clips are skipped):
 * "model": the engine's video for the clip's reference (a neutral render of its identity) and its audio;
+* "teacher": the bidirectional teacher's (`TeacherSampler`): many-step CFG sampling over 33-frame windows of the
+  clip (the length it was trained on), each decoded by the VAE, joined at their shared frame;
 * "truth": the ground-truth render itself (the ceiling);
 * "vae": the truth through the engine's VAE (encode, streaming decode): what the VAE alone keeps of the lip sync;
 * "shift:K": the truth delayed by K frames (calibration: lag K);  "frozen": its first frame held (sync ~ 0);
@@ -30,12 +32,12 @@ from .lipsync import identity_score, lagged_r, pearson, psnr, read_video, ssim, 
 from .world.identity import STYLES, identity
 from .world.render import FrameState, Renderer
 
-VIDEOS = ("model", "truth", "vae", "frozen", "swap", "shift:K")
+VIDEOS = ("model", "teacher", "truth", "vae", "frozen", "swap", "shift:K")
 MAX_LAG = 8
 
 
 def check_video(video: str) -> None:
-    if video in ("model", "truth", "vae", "frozen", "swap"):
+    if video in ("model", "teacher", "truth", "vae", "frozen", "swap"):
         return
     if video.startswith("shift:"):
         try:
@@ -85,7 +87,47 @@ def _video_for(mode: str, clip, others, engine, reference) -> np.ndarray:
         return frames
     if mode == "vae":
         return vae_video(engine.vae, truth)
+    if mode == "teacher":
+        return engine.video(reference, clip.audio, clip.sample_rate, len(truth))
     return model_video(engine, reference, clip.audio, clip.sample_rate, len(truth))
+
+
+class TeacherSampler:
+    """The teacher as a video maker for `evaluate(video="teacher", engine=TeacherSampler(...))`."""
+
+    def __init__(self, teacher, vae, frontend, *, steps: int = 12, guidance: float = 2.0, shift: float = 3.0,
+                 window: int = 9, seed: int = 0):
+        self.teacher, self.vae, self.frontend = teacher.eval(), vae, frontend
+        self.steps, self.guidance, self.shift, self.window, self.seed = steps, guidance, shift, window, seed
+
+    @torch.no_grad()
+    def video(self, reference: np.ndarray, audio: np.ndarray, sample_rate: int, frames: int) -> np.ndarray:
+        from .training.latents import audio_windows
+        from .training.teacher_stage import teacher_sample
+
+        ratio = self.vae.temporal_compression
+        image = torch.from_numpy(np.array(reference)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+        reference_latent = self.vae.encode_image(image[None]).float()
+        features = self.frontend.encode(audio, sample_rate)[None]
+        speaking = torch.ones(features.shape[:2], dtype=torch.bool)
+        grid = reference_latent.shape[-2:]
+        tokens = (grid[0] // self.teacher.config.patch_size[1]) * (grid[1] // self.teacher.config.patch_size[2])
+        stride = ratio * (self.window - 1)
+        generator = torch.Generator().manual_seed(self.seed)
+        pieces = []
+        for start in range(0, max(frames - 1, 1), stride):
+            first_latent = start // ratio
+            window_features, talk = audio_windows(features, speaking, first_latent, self.window, ratio,
+                                                  self.teacher.config.audio_window)
+            batch = {"reference": reference_latent, "features": window_features[None], "speaking": talk[None],
+                     "regions": torch.ones(1, 1, tokens)}
+            noise = torch.randn(1, 16, self.window, *grid, generator=generator)
+            latents = teacher_sample(self.teacher, batch, noise, steps=self.steps, guidance=self.guidance,
+                                     shift=self.shift)
+            decoded = self.vae.decode(latents.to(self.vae.dtype))[0]               # [3, 1 + 4 (n - 1), H, W]
+            pieces.append(decoded[:, (1 if pieces else 0):])
+        video = torch.cat(pieces, 1)[:, :frames]
+        return ((video.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).numpy()
 
 
 @torch.no_grad()
@@ -126,7 +168,7 @@ def evaluate(source, probe, video: str = "model", engine=None, clips: int | None
              progress: bool = True, landmarks: bool = True) -> dict:
     check_video(video)
     reader = LandmarkReader() if landmarks and LandmarkReader.available() else None
-    if video in ("model", "vae") and engine is None:
+    if video in ("model", "vae", "teacher") and engine is None:
         raise ValueError(f"video={video!r} needs an engine")
     began = time.perf_counter()
     loaded = _balanced_singles(source, clips)

@@ -1,6 +1,7 @@
 """`facecast eval`: how well videos follow their speech, on held-out clips of the world, as JSON.
 
     facecast eval [--checkpoint C] [--json]          the engine's videos (default: the preset's weights)
+    facecast eval --video teacher [--checkpoint T]   the bidirectional teacher (12 steps x CFG = 24 NFE)
     facecast eval --video truth | frozen | swap | shift:K      the calibration cases (ceiling, floors, lags)
     facecast eval --video vae                        the truth through the preset's VAE (what it keeps of the mouth)
     facecast eval --vae-report [--vae DIR]           the VAE's reconstruction of held-out clips
@@ -59,7 +60,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _vae_report(args, preset, source)
     probe = load_probe(args.probe)
     engine, weights = None, None
-    if args.video in ("model", "vae"):
+    if args.video == "teacher":
+        engine, weights = _teacher_sampler(args, preset)
+    elif args.video in ("model", "vae"):
         from model_core.engine import AvatarEngine
 
         engine = AvatarEngine.from_preset(preset, checkpoint=args.checkpoint, seed=args.seed)
@@ -75,6 +78,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         print(json.dumps(report, indent=1))
     return EXIT_OK
+
+
+def _teacher_sampler(args: argparse.Namespace, preset):
+    from model_core.audio import AudioConfig, AudioFrontend
+    from model_core.checkpoint import CheckpointError, load_facecast_checkpoint
+    from model_core.evaluate import TeacherSampler
+    from model_core.models import build_vae
+    from model_core.shipped import TALK128_TEACHER
+
+    path = args.checkpoint or str(shipped_path(TALK128_TEACHER))
+    try:
+        teacher, metadata, _ = load_facecast_checkpoint(path)
+        vae = build_vae(preset, checkpoint=None, device="cpu", seed=args.seed)
+    except CheckpointError as error:
+        raise UserError(f"--checkpoint: {error} (train the teacher with `facecast train teacher`)") from None
+    if metadata.get("stage") != "teacher":
+        raise UserError(f"--checkpoint: {path} is a {metadata.get('stage', 'non-teacher')!r} checkpoint; "
+                        "--video teacher samples the bidirectional teacher")
+    frontend = AudioFrontend(AudioConfig(backend=preset.audio_backend, fps=preset.stream.fps))
+    return (TeacherSampler(teacher.float(), vae, frontend, steps=args.teacher_steps, guidance=args.guidance,
+                           seed=args.seed), f"weights: {path} (teacher, {args.teacher_steps} steps x CFG "
+                                            f"{args.guidance})")
 
 
 def _vae_report(args: argparse.Namespace, preset, source) -> int:
@@ -98,8 +123,11 @@ def add_parser(commands) -> None:
     parser.add_argument("--checkpoint", help="facecast checkpoint to evaluate (default: the preset's weights)")
     parser.add_argument("--preset", default="talk128")
     parser.add_argument("--video", default="model",
-                        help="what to score: model (default), truth, vae (the truth through the VAE), frozen, "
-                             "swap or shift:K")
+                        help="what to score: model (default), teacher, truth, vae (the truth through the VAE), "
+                             "frozen, swap or shift:K")
+    parser.add_argument("--teacher-steps", type=int, default=12, help="--video teacher: Euler steps (default 12)")
+    parser.add_argument("--guidance", type=float, default=2.0,
+                        help="--video teacher: classifier-free guidance on the audio (default 2.0)")
     parser.add_argument("--data", help="held-out clips: an eval shard directory or world:eval "
                                        "(default out/world/eval-128, made if missing)")
     parser.add_argument("--probe", default=DEFAULT_PROBE, help=f"lip-sync probe (default {DEFAULT_PROBE})")

@@ -174,3 +174,15 @@ def test_teacher_sampling_guidance_and_schedule(latent_clips):
             latents = latents + (b - a) * predict_velocity(dit, latents, torch.tensor([a]), batch, layout="full")
     torch.testing.assert_close(one, latents, atol=1e-5, rtol=0)
     assert not torch.allclose(teacher_sample(dit, batch, noise, steps=3, guidance=3.0), one)
+
+
+def test_teacher_video_covers_a_whole_clip(latent_clips, world, vae):
+    """`facecast eval --video teacher`: windows the teacher was trained on, joined at their shared frame."""
+    from model_core.evaluate import TeacherSampler, reference_render
+
+    dit = TeacherStage(TINY.dit, Listed(latent_clips)).dit
+    sampler = TeacherSampler(dit, vae, AudioFrontend(AudioConfig()), steps=2, guidance=1.5)
+    clip = world[1]
+    reference, _ = reference_render(int(clip.truth.identity[0]), 0, 64)
+    video = sampler.video(reference, clip.audio, clip.sample_rate, clip.num_frames)
+    assert video.shape == (clip.num_frames, 64, 64, 3) and video.dtype == np.uint8
