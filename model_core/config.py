@@ -160,6 +160,9 @@ class StreamConfig:
     """Temporal RoPE position of the sink relative to the current chunk's first frame (Rolling RoPE)."""
     adaptive_sink: bool = True
     """Adaptive Attention Sink: after the first chunk the sink becomes the model's own first generated latent frame."""
+    rolling_rope: bool = True
+    """Rolling RoPE (relative, bounded positions). False is the ablation: absolute positions, the sink at 0 and chunk
+    c at 1 + c*C, so the distance to the sink grows with the stream (what Live Avatar's ablation removes)."""
     seed: int = 0
     """Seed of the session's noise generator."""
 

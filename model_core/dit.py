@@ -335,6 +335,22 @@ class CausalAvatarDiT(nn.Module):
         return ChunkRope(current=tables(chunk_frames, chunk_frames), previous=tables(0, chunk_frames),
                          sink=tables(sink_start, sink_frames), frame_positions=(min(positions), max(positions)))
 
+    def absolute_chunk_rope(self, chunk_index: int, chunk_frames: int, grid_height: int, grid_width: int,
+                            sink_frames: int, device=None) -> ChunkRope:
+        """The ablation of Rolling RoPE: absolute positions. The sink sits at [0, Fs), chunk c at Fs + c*C; a chunk's
+        keys are stored at their own positions (so next chunk's "previous" is where it was). Positions grow."""
+        device = device or next(self.parameters()).device
+        head_dim, theta = self.config.head_dim, self.config.rope_theta
+        first = sink_frames + chunk_index * chunk_frames
+
+        def tables(start: int, count: int):
+            return rope_tables(torch.arange(start, start + count, device=device), grid_height, grid_width,
+                               head_dim, theta)
+
+        current = tables(first, chunk_frames)
+        return ChunkRope(current=current, previous=current, sink=tables(0, sink_frames),
+                         frame_positions=(0, first + chunk_frames - 1))
+
     def forward_chunk(self, latents: torch.Tensor, step_index: int, cache: KVCache, cond: ConditionCache,
                       audio: ChunkAudio | None, rope: ChunkRope,
                       latent_condition: torch.Tensor | None = None) -> torch.Tensor:

@@ -435,6 +435,11 @@ class ScoreStage:
     @torch.no_grad()
     def run_steps(self, session: ScoreSession, chunk: NoisyChunk) -> NoisyChunk:
         """Run the steps this stage owns on `chunk` (latents at the first owned step's noise level)."""
+        if not session.stream.rolling_rope:  # the ablation: absolute positions, new tables for every chunk
+            _, height, width = session.latent_shape
+            p_h, p_w = self.dit.config.patch_size[1:]
+            session.rope = self.dit.absolute_chunk_rope(chunk.chunk_index, session.stream.chunk_latent_frames,
+                                                        height // p_h, width // p_w, session.stream.sink_frames)
         cond = ChunkCondition(session.condition, chunk.audio, session.rope, session.stream.solver, chunk.renoise)
         chunk.latents = denoise(self.dit, chunk.latents.to(self.device, self.dtype), session.schedule, session.steps,
                                 session.caches, cond, self.step_fn, _StepClock(self.device, chunk.step_s))
@@ -454,7 +459,8 @@ class ScoreStage:
         """Sessions with equal keys can share one forward per step (same shapes, schedule and RoPE)."""
         stream = session.stream
         return (session.latent_shape, tuple(session.steps), stream.steps, stream.shift, stream.solver,
-                stream.sink_frames, stream.sink_rope_offset, tuple(session.regions.shape[1:]))
+                stream.sink_frames, stream.sink_rope_offset, tuple(session.regions.shape[1:]),
+                stream.rolling_rope or session.session_id)  # absolute positions differ per session: never batched
 
     @torch.no_grad()
     def denoise_batch(self, sessions: list[ScoreSession], inputs: list[ChunkAudioInput]) -> list[NoisyChunk]:

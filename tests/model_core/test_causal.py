@@ -182,3 +182,23 @@ def test_compiled_step_does_not_recompile_across_chunks():
             graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[0] == len(schedule) - 1, "one graph per denoising step"
     assert graphs[-1] == graphs[0], f"recompiled across chunks: graphs per chunk {graphs}"
+
+
+def test_absolute_positions_ablation_streams_with_growing_positions():
+    """`rolling_rope=False` (the Rolling RoPE ablation): chunk c sits at 1 + c*C from the sink at 0 and stores its keys
+    where it sat; the stream runs and differs from Rolling RoPE's from the first chunk on."""
+    from model_core.engine import AvatarEngine
+
+    from .helpers import reference_image, speech
+
+    engine = AvatarEngine.from_preset("tiny", seed=0)
+    latents = {}
+    for rolling in (True, False):
+        session = engine.open_session(reference_image(), stream=engine.stream_config(rolling_rope=rolling))
+        chunks = engine.push_audio(session, speech(2.0), 16000) + engine.end_input(session)
+        latents[rolling] = torch.cat([chunk.latents for chunk in chunks], 1)
+    assert latents[True].shape == latents[False].shape
+    assert not torch.allclose(latents[True][:, :3], latents[False][:, :3])
+    rope = engine.dit.absolute_chunk_rope(5, 3, 4, 4, 1)
+    assert rope.frame_positions == (0, 1 + 5 * 3 + 2)
+    torch.testing.assert_close(rope.previous[0], rope.current[0])
