@@ -4,6 +4,7 @@ one, and the export loads as a streaming VAE whose chunked decode equals its who
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -151,3 +152,33 @@ def test_data_parallel_workers_see_different_data_and_keep_equal_weights(stage_n
     zero, one = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert not torch.equal(zero["batch"], one["batch"])
     torch.testing.assert_close(zero["weights"], one["weights"], rtol=0, atol=0)
+
+
+def test_stream_encode_and_decode_equal_diffusers_whole_clip_paths():
+    """Phase 3 trains through `stream_encode` / `stream_decode` with carried caches: held against diffusers' own
+    whole-clip encode and decode, so the stream is what the VAE computes for the clip at once."""
+    from model_core.training.vae_stage import new_stream_caches, new_vae, stream_decode, stream_encode
+
+    vae = new_vae(get_preset("tiny").vae, seed=0).eval()
+    video = torch.rand(1, 3, 17, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    encoder_cache, decoder_cache = new_stream_caches(vae)
+    with torch.no_grad():
+        pieces = [stream_encode(vae, video[:, :, a:b], encoder_cache) for a, b in ((0, 9), (9, 17))]
+        moments = vae.quant_conv(torch.cat(pieces, 2))
+        torch.testing.assert_close(moments, vae._encode(video), atol=1e-5, rtol=1e-4)
+        z = torch.randn(1, 16, 5, 4, 4, generator=torch.Generator().manual_seed(1))
+        streamed = torch.cat([stream_decode(vae, vae.post_quant_conv(z[:, :, a:b]), decoder_cache)
+                              for a, b in ((0, 3), (3, 5))], 2)
+        torch.testing.assert_close(streamed, vae.decode(z).sample, atol=1e-5, rtol=1e-4)
+
+
+def test_stream_phase_trains_and_resumes_mid_stream(source, tmp_path):
+    config = dict(stream_from_step=0, stream_steps=3, stream_batch=1)
+    run_stage(stage(source, **config), tmp_path / "whole", 4, log_every=1, checkpoint_every=100, progress=False)
+    rows = read_log(tmp_path / "whole")
+    assert len(rows) == 4 and all(np.isfinite(r["loss"]) for r in rows)
+    broken = stage(source, **config)
+    run_stage(broken, tmp_path / "broken", 2, checkpoint_every=2, progress=False)
+    resumed = stage(source, **config)  # resumes at step 2, mid-stream: its caches are rebuilt by replay
+    run_stage(resumed, tmp_path / "broken", 4, log_every=1, checkpoint_every=100, progress=False)
+    assert [r["step"] for r in read_log(tmp_path / "broken")][-2:] == [3, 4]
