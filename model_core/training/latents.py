@@ -8,7 +8,8 @@
 A `LatentClip` holds normalised VAE latents of segments of the clip: `segment_latents` latent frames each
 (1 + 4 (n - 1) video frames, 33 for 9), starting every 32 video frames, each encoded from its own start as a session's
 stream is (its latent 0 is one video frame alone, latent k covers the segment's video frames [4k-3, 4k]); encoding
-segments in a batch costs a third of encoding the clip in one pass on a CPU. Also the reference latent (the identity's neutral render, as `facecast eval` and a user give it), the audio features of every
+segments in a batch costs a third of encoding the clip in one pass on a CPU. Also the reference latent (the
+identity's neutral render, as `facecast eval` and a user give it), the audio features of every
 video frame per character (each character's own track: a two-character clip's mix is split at the turns), who is
 speaking, each character's token region and a mouth weight per latent position (from the truth's face boxes).
 
@@ -186,7 +187,8 @@ def dit_config_for_latents(preset, latents) -> DiTConfig:
 
 
 def cache_manifest(vae, frontend_config: dict, source_manifest: dict, count: int) -> dict:
-    return {"kind": "latents", "version": CACHE_VERSION, "segment_stride": SEGMENT_STRIDE, "vae_digest": vae_digest(vae), "frontend": frontend_config,
+    return {"kind": "latents", "version": CACHE_VERSION, "segment_stride": SEGMENT_STRIDE,
+            "vae_digest": vae_digest(vae), "frontend": frontend_config,
             "source": source_manifest, "count": count, "shard_clips": SHARD_CLIPS}
 
 

@@ -164,7 +164,8 @@ class StudentInitStage:
 
     def loss(self, batch: dict):
         for group in self._optimizer.param_groups:
-            group["lr"] = self.train_config.learning_rate * min(1.0, (batch["step"] + 1) / self.train_config.warmup_steps)
+            warm = min(1.0, (batch["step"] + 1) / self.train_config.warmup_steps)
+            group["lr"] = self.train_config.learning_rate * warm
         clean = self.objective(batch["noisy"], batch["sigma"], batch)
         loss = weighted_mse(clean, batch["target"], batch["mouth"], self.train_config.mouth_weight)
         return loss, {"loss": float(loss.detach())}

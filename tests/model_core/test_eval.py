@@ -86,5 +86,5 @@ def test_measures_on_known_signals():
     image = np.random.default_rng(0).random((32, 32, 3))
     assert psnr(image, image) == 100.0 and ssim(image, image) == pytest.approx(1.0)
     assert psnr(image, np.clip(image + 0.1, 0, 1)) < 25
-    with pytest.raises(ValueError, match="allowed model, truth, vae"):
+    with pytest.raises(ValueError, match="allowed model, teacher, truth, vae"):
         check_video("shift:two")
