@@ -115,7 +115,7 @@ class VAEObjective(torch.nn.Module):
             posterior = DiagonalGaussianDistribution(self.vae.quant_conv(stream_encode(self.vae, video,
                                                                                        encoder_cache)))
             latents, kl = posterior.sample(), None
-        decoded = stream_decode(self.vae, self.vae.post_quant_conv(latents), decoder_cache)
+        decoded = stream_decode(self.vae, self.vae.post_quant_conv(latents), decoder_cache, clamp=False)
         if kl is None:
             kl = posterior.kl().mean()
         for cache in caches:
@@ -134,14 +134,16 @@ def stream_encode(vae: AutoencoderKLWan, video: torch.Tensor, cache) -> torch.Te
     return torch.cat(outputs, 2)
 
 
-def stream_decode(vae: AutoencoderKLWan, z: torch.Tensor, cache) -> torch.Tensor:
-    """The decoder on the next latent frames of a stream (post_quant_conv applied), through `cache`."""
+def stream_decode(vae: AutoencoderKLWan, z: torch.Tensor, cache, clamp: bool = True) -> torch.Tensor:
+    """The decoder on the next latent frames of a stream (post_quant_conv applied), through `cache`. Training
+    passes clamp=False: a clamped pixel has no gradient, and a decoder gone out of range could never come back."""
     outputs = []
     for index in range(z.shape[2]):
         outputs.append(vae.decoder(z[:, :, index:index + 1], feat_cache=cache.features, feat_idx=[0],
                                    first_chunk=not cache.started))
         cache.started = True
-    return torch.cat(outputs, 2).clamp(-1.0, 1.0)
+    frames = torch.cat(outputs, 2)
+    return frames.clamp(-1.0, 1.0) if clamp else frames
 
 
 def new_stream_caches(vae: AutoencoderKLWan):
