@@ -273,9 +273,14 @@ def export_vae(vae: AutoencoderKLWan, source, path: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2))
 
 
+STREAM_BLOCK = 16
+"""Frames per block of `reconstruction_report`'s `psnr_by_block`: how quality holds up along a stream."""
+
+
 @torch.no_grad()
 def reconstruction_report(vae: StreamingVAE, source, clips: int = 8, length: int = 25) -> dict:
-    """Encode and stream-decode `length`-frame windows of held-out clips; PSNR/SSIM overall and on the mouth box."""
+    """Encode and stream-decode `length`-frame windows of held-out clips; PSNR/SSIM overall and on the mouth box,
+    and the PSNR of each STREAM_BLOCK-frame block along the stream (`psnr_by_block`: a VAE that drifts falls)."""
     from .data import mouth_mask
 
     rows, decode_seconds, decoded_frames = [], 0.0, 0
@@ -292,7 +297,7 @@ def reconstruction_report(vae: StreamingVAE, source, clips: int = 8, length: int
         masks = mouth_mask(clip.truth.face_box[:len(truth)], truth.shape[1]) if clip.truth is not None else None
         for t in range(len(truth)):
             row = {"psnr": psnr(output[t], truth[t]), "ssim": ssim(output[t], truth[t]),
-                   "style": clip.meta.get("styles", ["?"])[0]}
+                   "style": clip.meta.get("styles", ["?"])[0], "block": t // STREAM_BLOCK}
             if masks is not None and masks[t].any():
                 ys, xs = np.nonzero(masks[t])
                 box = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
@@ -307,4 +312,6 @@ def reconstruction_report(vae: StreamingVAE, source, clips: int = 8, length: int
     return {"psnr": mean("psnr"), "ssim": mean("ssim"), "mouth_psnr": mean("mouth_psnr"),
             "per_style": {s: {"psnr": mean("psnr", [r for r in rows if r["style"] == s]),
                               "ssim": mean("ssim", [r for r in rows if r["style"] == s])} for s in styles},
+            "psnr_by_block": [mean("psnr", [r for r in rows if r["block"] == b])
+                              for b in range(max(r["block"] for r in rows) + 1)],
             "frames": len(rows), "decode_ms_per_frame": round(1000 * decode_seconds / max(1, decoded_frames), 2)}

@@ -4,7 +4,8 @@
     facecast eval --video teacher [--checkpoint T]   the bidirectional teacher (12 steps x CFG = 24 NFE)
     facecast eval --video truth | frozen | swap | shift:K      the calibration cases (ceiling, floors, lags)
     facecast eval --video vae                        the truth through the preset's VAE (what it keeps of the mouth)
-    facecast eval --vae-report [--vae DIR]           the VAE's reconstruction of held-out clips
+    facecast eval --vae-report [--vae DIR] [--frames N]   the VAE's reconstruction of held-out clips, and per
+                                                          16-frame block along the stream
 
 Defaults: preset talk128, the held-out set out/world/eval-128 (made first if missing), the shipped probe
 checkpoints/lipsync-probe.safetensors. Keys: sync_r, sync_lag_frames, silence_motion, identity, psnr, ssim,
@@ -109,9 +110,11 @@ def _vae_report(args: argparse.Namespace, preset, source) -> int:
     from model_core.training.vae_stage import reconstruction_report
     from model_core.vae import StreamingVAE
 
+    if args.frames < 1 or (args.frames - 1) % 4:
+        raise UserError(f"--frames={args.frames} is invalid: 1 + 4k frames (5, 9, ..., 25, ..., 97)")
     vae = StreamingVAE.from_pretrained(args.vae) if args.vae else build_vae(preset, checkpoint=args.checkpoint,
                                                                              device="cpu", seed=args.seed)
-    report = reconstruction_report(vae, source, clips=args.clips)
+    report = reconstruction_report(vae, source, clips=args.clips, length=args.frames)
     report["vae"] = args.vae or preset.vae_weights or "random"
     print(json.dumps(report) if args.json else json.dumps(report, indent=1))
     return EXIT_OK
@@ -138,4 +141,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--vae-report", action="store_true",
                         help="instead: the VAE's reconstruction of held-out clips (PSNR/SSIM, mouth, decode ms)")
     parser.add_argument("--vae", help="with --vae-report: a VAE directory (default: the preset's)")
+    parser.add_argument("--frames", type=int, default=25,
+                        help="with --vae-report: frames of each clip streamed through the VAE (default 25; "
+                             "psnr_by_block shows each 16-frame block)")
     parser.set_defaults(handler=cmd_eval)

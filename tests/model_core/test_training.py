@@ -74,7 +74,9 @@ def test_export_is_a_streaming_vae(source, tmp_path):
         pieces.append(frames)
     torch.testing.assert_close(torch.cat(pieces, 2), vae.decode(latents).clamp(-1, 1), atol=2e-3, rtol=2e-3)
     report = reconstruction_report(vae, source, clips=1, length=9)
-    assert set(report) >= {"psnr", "ssim", "mouth_psnr", "per_style", "decode_ms_per_frame"}
+    assert set(report) >= {"psnr", "ssim", "mouth_psnr", "per_style", "decode_ms_per_frame", "psnr_by_block"}
+    assert len(report["psnr_by_block"]) == 1
+    assert report["psnr_by_block"][0] == pytest.approx(report["psnr"], abs=1e-3)
 
 
 def test_a_run_directory_of_another_stage_is_refused(source, tmp_path):
