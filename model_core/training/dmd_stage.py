@@ -41,7 +41,8 @@ from ..checkpoint import load_facecast_checkpoint, save_facecast_checkpoint
 from ..dit import CausalAvatarDiT
 from ..sampler import ChunkCondition, Timestep, flow_schedule, step
 from .student_stage import student_levels
-from .teacher_stage import (Window, predict_velocity, random_windows, text_states, weighted_mse, window_batch)
+from .teacher_stage import (Window, predict_velocity, random_windows, text_states, update_ema, weighted_mse,
+                            window_batch)
 
 # ============================================================================================ the DMD gradient
 
@@ -315,13 +316,8 @@ class DistillStage:
         average_gradients(self.generator)
         torch.nn.utils.clip_grad_norm_(self.generator.parameters(), config.grad_clip)
         self.generator_optimizer.step()
-        self._update_ema()
+        update_ema(self.ema, self.generator, self.train_config.ema_decay)
         return metrics
-
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        for ema, live in zip(self.ema.parameters(), self.generator.parameters()):
-            ema.lerp_(live.detach(), 1.0 - self.train_config.ema_decay)
 
     def export(self, path: Path) -> None:
         path = Path(path)

@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from ..checkpoint import load_facecast_checkpoint, save_facecast_checkpoint
 from ..sampler import flow_schedule
-from .teacher_stage import Window, predict_velocity, random_windows, sigmas, weighted_mse, window_batch
+from .teacher_stage import (Window, predict_velocity, random_windows, sigmas, update_ema, warm_rate, weighted_mse,
+                            window_batch)
 
 
 @dataclass(frozen=True)
@@ -163,18 +164,13 @@ class StudentInitStage:
         return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
     def loss(self, batch: dict):
-        for group in self._optimizer.param_groups:
-            warm = min(1.0, (batch["step"] + 1) / self.train_config.warmup_steps)
-            group["lr"] = self.train_config.learning_rate * warm
+        warm_rate(self._optimizer, self.train_config.learning_rate, batch["step"], self.train_config.warmup_steps)
         clean = self.objective(batch["noisy"], batch["sigma"], batch)
         loss = weighted_mse(clean, batch["target"], batch["mouth"], self.train_config.mouth_weight)
         return loss, {"loss": float(loss.detach())}
 
-    @torch.no_grad()
     def after_step(self, step: int) -> None:
-        decay = min(self.train_config.ema_decay, (1 + step) / (10 + step))
-        for ema, live in zip(self.ema.parameters(), self.dit.parameters()):
-            ema.lerp_(live.detach(), 1.0 - decay)
+        update_ema(self.ema, self.dit, self.train_config.ema_decay, step)
 
     def export(self, path: Path) -> None:
         path = Path(path)

@@ -169,6 +169,21 @@ def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, mouth: torch.Te
     return ((prediction.float() - target.float()) ** 2 * weight).sum() / (weight.sum() * prediction.shape[1])
 
 
+def warm_rate(optimizer: torch.optim.Optimizer, rate: float, step: int, warmup_steps: int) -> None:
+    """Linear warm-up of the learning rate over `warmup_steps`."""
+    for group in optimizer.param_groups:
+        group["lr"] = rate * min(1.0, (step + 1) / warmup_steps)
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, live: nn.Module, decay: float, step: int | None = None) -> None:
+    """ema <- decay * ema + (1 - decay) * live; with `step`, the decay ramps up as (1 + step) / (10 + step)."""
+    if step is not None:
+        decay = min(decay, (1 + step) / (10 + step))
+    for average, parameter in zip(ema.parameters(), live.parameters()):
+        average.lerp_(parameter.detach(), 1.0 - decay)
+
+
 class TeacherStage:
     name = "teacher"
 
@@ -206,9 +221,7 @@ class TeacherStage:
         return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
     def loss(self, batch: dict):
-        warm = self.train_config.warmup_steps
-        for group in self._optimizer.param_groups:
-            group["lr"] = self.train_config.learning_rate * min(1.0, (batch["step"] + 1) / warm)
+        warm_rate(self._optimizer, self.train_config.learning_rate, batch["step"], self.train_config.warmup_steps)
         sigma = batch["sigma"]
         s = sigma[:, None, None, None, None]
         noisy = (1.0 - s) * batch["x0"] + s * batch["noise"]
@@ -216,11 +229,8 @@ class TeacherStage:
         loss = weighted_mse(velocity, batch["noise"] - batch["x0"], batch["mouth"], self.train_config.mouth_weight)
         return loss, {"loss": float(loss.detach())}
 
-    @torch.no_grad()
     def after_step(self, step: int) -> None:
-        decay = min(self.train_config.ema_decay, (1 + step) / (10 + step))
-        for ema, live in zip(self.ema.parameters(), self.dit.parameters()):
-            ema.lerp_(live.detach(), 1.0 - decay)
+        update_ema(self.ema, self.dit, self.train_config.ema_decay, step)
 
     def export(self, path: Path) -> None:
         path = Path(path)
