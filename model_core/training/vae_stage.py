@@ -6,7 +6,9 @@
 
 Loss: L1 on pixels, with the mouth region (from the truth's face boxes) weighted `mouth_weight` times more, plus a
 small KL term. Windows are 1 + 4k frames so the causal temporal downsampling sees whole latent frames: 5-frame
-windows (batch 2) first, then 13-frame windows so the causal caches are trained in their steady state. The export
+windows (batch 2) first, then 13-frame windows, then 33-frame windows (9 latent frames) so the causal caches are
+trained in the steady state a stream reaches (with 13-frame windows only, a stream fell to ~10 dB after frame 32);
+an opt-in phase 4 trains on streams with carried caches (truncated backpropagation). The export
 is a diffusers `AutoencoderKLWan` directory in fp16 whose config carries the measured latent statistics, loadable by
 `StreamingVAE.from_pretrained` (streaming decode == whole decode holds for it as for any Wan VAE).
 """
@@ -44,25 +46,40 @@ class VAETrainConfig:
     streams badly (held-out PSNR 18.7 dB on 5-frame windows, 10.3 dB on 25-frame ones)."""
     long_window_from_step: int = 1800
     long_window_batch: int = 2
-    stream_from_step: int = 2400
-    """From here on, phase 3: streams. Each of `stream_batch` clips is encoded and decoded 8 frames (2 latent frames)
+    steady_window_frames: int = 33
+    """From `steady_window_from_step` on, windows of this many frames (9 latent frames, batch `steady_window_batch`,
+    rate `steady_learning_rate`), whole windows through encoder and decoder with full backpropagation: the regime a
+    stream settles into. Trained on 13-frame windows (4 latent frames) alone, every fresh 13-frame window anywhere in
+    a clip reconstructs at 17.6-20 dB, but the last frames of a 33-frame window at 6-10 dB, and a stream at ~10 dB
+    after frame 32: the causal caches' steady state was never trained."""
+    steady_window_from_step: int = 2400
+    steady_window_batch: int = 1
+    steady_learning_rate: float = 3e-4
+    stream_from_step: int = 2500
+    """From here on, phase 4: streams. Each of `stream_batch` clips is encoded and decoded 8 frames (2 latent frames)
     per step with the encoder's and decoder's causal caches carried from step to step (gradients cut between steps),
-    for `stream_steps` steps (129 frames, 5 s) before new clips start: the caches are trained in the state a session
-    reaches, however long it runs. Windows alone (phases 1-2) left the VAE unable to stream past its window: 17.7 dB
-    on a stream's first 8 frames, 9.5 dB by frame 30."""
+    for `stream_steps` steps (129 frames, 5 s) before new clips start: the caches' state past the 33-frame window
+    (their look-back is ~20 latent frames) is trained at the cost of 8 frames a step. Started from the 13-frame
+    weights it made streams worse at every rate tried; after 100 steps of 33-frame windows it lifts a stream's
+    frames 48-96 from ~13.7 to ~16 dB."""
     stream_steps: int = 16
     stream_batch: int = 2
-    stream_learning_rate: float = 2e-4
-    """Phase 3's rate: at 1e-3 the first streams sent the training PSNR from 12 dB down to 6 dB and back."""
-    stream_decoder_only: bool = True
-    """Phase 3 trains the decoder alone on the encoder's posterior means: the encoder is stationary over long
-    streams (a whole-clip encode and fresh 33-frame encodes agree to 0.04 RMS), the decoder is what drifts."""
+    stream_learning_rate: float = 1e-4
+    """Phase 4's rate: at 1e-3 the first streams sent the training PSNR from 12 dB down to 6 dB and back."""
+    stream_decoder_only: bool = False
+    """Phase 4 trains the decoder alone on the encoder's posterior means when set (the encoder's steady state needs
+    training too: the default trains both)."""
+    grad_clip: float = 1.0
+    """Largest gradient norm from the steady-window phase on (phases 1-2 ran unclipped)."""
 
     def __post_init__(self) -> None:
-        for name in ("window_frames", "long_window_frames"):
+        for name in ("window_frames", "long_window_frames", "steady_window_frames"):
             value = getattr(self, name)
             if value < 1 or (value - 1) % 4:
                 raise ValueError(f"{name}={value} is invalid: 1 + 4k (1, 5, 9, ...)")
+        for name in ("batch_size", "long_window_batch", "steady_window_batch", "stream_batch", "stream_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} is invalid: at least 1")
 
     @property
     def stream_frames(self) -> int:
@@ -70,11 +87,19 @@ class VAETrainConfig:
 
     def window(self, step: int) -> tuple[int, int]:
         """(frames per window, windows per batch) at this step."""
+        if step >= self.steady_window_from_step:
+            return self.steady_window_frames, self.steady_window_batch
         if step >= self.long_window_from_step:
             return self.long_window_frames, self.long_window_batch
         return self.window_frames, self.batch_size
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size={self.batch_size} is invalid: at least 1")
+
+    def rate(self, step: int) -> float:
+        """The learning rate at this step (each phase has its own)."""
+        if step >= self.stream_from_step:
+            return self.stream_learning_rate
+        if step >= self.steady_window_from_step:
+            return self.steady_learning_rate
+        return self.learning_rate
 
 
 def new_vae(config: VAEConfig, seed: int, initial_logvar: float = -8.0) -> AutoencoderKLWan:
@@ -165,15 +190,23 @@ class VAEStage:
         self._optimizer = torch.optim.AdamW(self.vae.parameters(), lr=train.learning_rate, weight_decay=0.0)
         self.source = source
         self.pools = ClipPools(source, train.seed)
-        self._stream = None  # phase 3: [stream index, (encoder cache, decoder cache), next position]
+        self._step = 0
+        self._stream = None  # phase 4: [stream index, (encoder cache, decoder cache), next position]
 
     def modules(self):
         return {"vae": self.vae}
+
+    @property
+    def grad_clip(self) -> float | None:
+        """The loop clips gradients to this norm (None: not at all) on the step last batched."""
+        config = self.train_config
+        return config.grad_clip if self._step >= config.steady_window_from_step else None
 
     def optimizer(self):
         return self._optimizer
 
     def batch(self, step: int, rank: int) -> dict:
+        self._step = step
         if step >= self.train_config.stream_from_step:
             return self._stream_batch(step, rank)
         rng = np.random.default_rng([self.seed, step, rank])
@@ -186,10 +219,11 @@ class VAEStage:
             video, mask = frame_window(clip, start, length)
             videos.append(video)
             masks.append(mask)
-        return {"video": torch.stack(videos).to(self.device), "mask": torch.stack(masks).to(self.device)}
+        return {"video": torch.stack(videos).to(self.device), "mask": torch.stack(masks).to(self.device),
+                "step": step}
 
     def _stream_batch(self, step: int, rank: int) -> dict:
-        """Phase 3: this step's 8 frames (9 on a stream's first step) of `stream_batch` clips' streams."""
+        """Phase 4: this step's 8 frames (9 on a stream's first step) of `stream_batch` clips' streams."""
         config = self.train_config
         stream, position = divmod(step - config.stream_from_step, config.stream_steps)
         first_step = config.stream_from_step + stream * config.stream_steps
@@ -225,9 +259,10 @@ class VAEStage:
 
     def loss(self, batch: dict):
         video = batch["video"]
+        self._step = batch["step"]  # a mid-stream resume's replay batched earlier steps
         streaming = "position" in batch
         for group in self._optimizer.param_groups:
-            group["lr"] = self.train_config.stream_learning_rate if streaming else self.train_config.learning_rate
+            group["lr"] = self.train_config.rate(batch["step"])
         if streaming:
             decoded, kl = self.objective(video, self._stream_caches(batch))
         else:

@@ -157,7 +157,7 @@ def test_data_parallel_workers_see_different_data_and_keep_equal_weights(stage_n
 
 
 def test_stream_encode_and_decode_equal_diffusers_whole_clip_paths():
-    """Phase 3 trains through `stream_encode` / `stream_decode` with carried caches: held against diffusers' own
+    """Phase 4 trains through `stream_encode` / `stream_decode` with carried caches: held against diffusers' own
     whole-clip encode and decode, so the stream is what the VAE computes for the clip at once."""
     from model_core.training.vae_stage import new_stream_caches, new_vae, stream_decode, stream_encode
 
@@ -184,3 +184,18 @@ def test_stream_phase_trains_and_resumes_mid_stream(source, tmp_path):
     resumed = stage(source, **config)  # resumes at step 2, mid-stream: its caches are rebuilt by replay
     run_stage(resumed, tmp_path / "broken", 4, log_every=1, checkpoint_every=100, progress=False)
     assert [r["step"] for r in read_log(tmp_path / "broken")][-2:] == [3, 4]
+
+
+def test_phases_train_on_their_windows_with_their_rates(source):
+    """5-frame windows, then 13, then 33 (the caches' steady state), then streams: each phase's frames, learning
+    rate and gradient clipping as configured."""
+    trained = stage(source, long_window_from_step=1, steady_window_from_step=2, stream_from_step=3,
+                    steady_learning_rate=3e-4, stream_learning_rate=1e-4, grad_clip=0.5, stream_batch=1)
+    seen = []
+    for step in range(4):
+        batch = trained.batch(step, 0)
+        trained.loss(batch)
+        seen.append((batch["video"].shape[2], trained.optimizer().param_groups[0]["lr"], trained.grad_clip))
+    assert seen == [(5, 2e-3, None), (13, 2e-3, None), (33, 3e-4, 0.5), (9, 1e-4, 0.5)]
+    with pytest.raises(ValueError, match="steady_window_frames=32 is invalid"):
+        VAETrainConfig(steady_window_frames=32)
