@@ -67,7 +67,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from model_core.engine import AvatarEngine
 
         engine = AvatarEngine.from_preset(preset, checkpoint=args.checkpoint, seed=args.seed)
-        weights = engine.weights_note
+        # --video vae scores the truth through the VAE alone: the score model's weights play no part
+        shipped = f"the {preset.name} preset's VAE ({preset.vae_weights or 'random weights'})"
+        weights = engine.weights_note if args.video == "model" else (args.checkpoint or shipped)
     try:
         report = evaluate(source, probe, args.video, engine=engine, clips=args.clips, seed=args.seed,
                           progress=not args.json)
