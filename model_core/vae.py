@@ -81,7 +81,8 @@ class StreamingVAE:
         self.vae.save_pretrained(path)
 
     def config_dict(self) -> dict:
-        return json.loads(json.dumps(dict(self.vae.config)))
+        """diffusers' config as plain JSON (a VAE loaded from a `Path` carries it in `_name_or_path`)."""
+        return json.loads(json.dumps(dict(self.vae.config), default=str))
 
     # ------------------------------------------------------------------ latent space
 

@@ -1,4 +1,4 @@
-"""`facecast train vae | probe | teacher`: one training stage through Ray Train, resumable, with a progress bar.
+"""`facecast train vae | probe | teacher | student | all`: training through Ray Train, resumable, with progress bars.
 
     facecast train vae                    the talk128 VAE on out/world/train-128 (made first if missing)
     facecast train probe                  the lip-sync probe (mouth opening + identity embedding)
@@ -7,6 +7,8 @@
     facecast train student                the 2-step causal student: `--phase init` (the teacher's ODE pairs,
                                           then regression onto them) and `--phase distill` (DMD with
                                           self-forcing); both in turn by default, each a resumable run
+    facecast train all [--profile tiny|cpu|gpu]  every stage in order into one folder, then the eval
+                                          (services/cli/pipeline.py)
     --workers N --gpu                     data-parallel (DDP) on N GPU workers; on a cluster set RAY_ADDRESS
     --steps / --run-dir / --export        how long, where the resumable state lives, where the weights go
 
@@ -56,22 +58,25 @@ def _ensure_world(data: str, count: int, seed: int) -> None:
         raise UserError(f"--data: {error}") from None
 
 
-def _ensure_latents(data: str, latents: str, preset_name: str, count: int, seed: int) -> None:
-    """The DiT stages train on the clips' latents, encoded once with the preset's shipped VAE (resumable)."""
+def _ensure_latents(data: str, latents: str, preset_name: str, count: int, seed: int, vae_dir: str | None = None) -> None:
+    """The DiT stages train on the clips' latents, encoded once with `vae_dir` or the preset's shipped VAE
+    (resumable)."""
     from model_core.audio import AudioConfig, AudioFrontend
     from model_core.checkpoint import CheckpointError
     from model_core.config import get_preset
     from model_core.models import build_vae
     from model_core.training.latents import build_latent_cache, is_latent_cache_complete
+    from model_core.vae import StreamingVAE
     from model_core.world.store import open_source
 
     if is_latent_cache_complete(Path(latents)):
         return
     preset = get_preset(preset_name)
     try:
-        vae = build_vae(preset, checkpoint=None, device="cpu", seed=0)
-    except CheckpointError as error:
-        raise UserError(str(error)) from None
+        vae = StreamingVAE.from_pretrained(vae_dir) if vae_dir else build_vae(preset, checkpoint=None, device="cpu",
+                                                                               seed=0)
+    except (CheckpointError, FileNotFoundError) as error:
+        raise UserError(f"--vae: {error}" if vae_dir else str(error)) from None
     print(f"encoding the training clips into latents first: {latents}")
     try:
         source = open_source(data, seed=seed, count=count, size=preset.stream.height)
@@ -81,7 +86,7 @@ def _ensure_latents(data: str, latents: str, preset_name: str, count: int, seed:
         raise UserError(f"--latents: {error}") from None
 
 
-def _ensure_pairs(teacher: str, latents: str, pairs: str, seed: int) -> None:
+def _ensure_pairs(teacher: str, latents: str, pairs: str, seed: int, count: int = PAIRS["count"]) -> None:
     """The teacher's ODE pairs for the student's initialisation (resumable: an interrupted file is continued)."""
     from model_core.checkpoint import CheckpointError, load_facecast_checkpoint
     from model_core.training.latents import LatentSource
@@ -96,7 +101,7 @@ def _ensure_pairs(teacher: str, latents: str, pairs: str, seed: int) -> None:
     config = StudentInitConfig()
     Path(pairs).parent.mkdir(parents=True, exist_ok=True)
     try:
-        make_ode_pairs(model, LatentSource(latents), pairs, count=PAIRS["count"], frames=config.frames,
+        make_ode_pairs(model, LatentSource(latents), pairs, count=count, frames=config.frames,
                        steps=config.steps, shift=config.shift, teacher_steps=PAIRS["teacher_steps"],
                        guidance=PAIRS["guidance"], seed=seed)
     except ValueError as error:
@@ -105,6 +110,20 @@ def _ensure_pairs(teacher: str, latents: str, pairs: str, seed: int) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     stage = args.stage
+    if stage == "all":
+        from services.cli.pipeline import check_profile, run_pipeline
+
+        given = [flag for flag, value in (("--steps", args.steps), ("--export", args.export), ("--phase", args.phase),
+                                          ("--data", args.data), ("--latents", args.latents), ("--vae", args.vae),
+                                          ("--teacher", args.teacher), ("--student", args.student),
+                                          ("--pairs", args.pairs)) if value is not None]
+        if given:
+            raise UserError(f"{', '.join(given)}: not for `facecast train all`, which makes every input itself "
+                            "(choose --profile and --run-dir)")
+        check_profile(args.profile)
+        return run_pipeline(args)
+    if args.profile != "cpu":
+        raise UserError(f"--profile applies to `facecast train all` only, not {stage!r}")
     if stage != "student":
         if args.phase:
             raise UserError(f"--phase applies to `facecast train student` only, not {stage!r}")
@@ -145,7 +164,7 @@ def _run(args: argparse.Namespace, stage: str, steps: int, export: str, run_dir:
                                workers=args.workers, gpu=args.gpu, batch_size=args.batch_size,
                                learning_rate=args.learning_rate, seed=args.seed, world_count=args.world_count,
                                checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-                               latents=latents, **extra)
+                               latents=latents, vae=args.vae if stage in LATENT_STAGES else None, **extra)
     except ValueError as error:
         raise UserError(str(error)) from None
     if args.gpu:
@@ -158,9 +177,9 @@ def _run(args: argparse.Namespace, stage: str, steps: int, export: str, run_dir:
                         "first")
     _ensure_world(data, args.world_count, args.seed)
     if latents:
-        _ensure_latents(data, latents, request.preset, args.world_count, args.seed)
+        _ensure_latents(data, latents, request.preset, args.world_count, args.seed, request.vae)
     if stage == "student-init":
-        _ensure_pairs(teacher, latents, pairs, args.seed)
+        _ensure_pairs(teacher, latents, pairs, args.seed, getattr(args, "pairs_count", PAIRS["count"]))
     metrics = train(request)
     print(json.dumps({"stage": stage, "run_dir": run_dir, "export": export, **metrics}, indent=1))
     return EXIT_OK
@@ -169,7 +188,9 @@ def _run(args: argparse.Namespace, stage: str, steps: int, export: str, run_dir:
 def add_parser(commands) -> None:
     """Register `train` on the `facecast` subparsers."""
     train = commands.add_parser("train", help="train a stage (vae, probe, teacher, student) through Ray Train")
-    train.add_argument("stage", choices=tuple(DEFAULTS))
+    train.add_argument("stage", choices=tuple(DEFAULTS) + ("all",),
+                       help="one stage, or `all`: world, vae, probe, teacher, student and its eval in one command "
+                            "(into --run-dir, default out/pipeline-<profile>)")
     train.add_argument("--data", help="world shard directory, world:train, or a folder of videos "
                                       "(default out/world/train-128, generated if missing)")
     train.add_argument("--steps", type=int, help="optimiser steps (defaults: " +
@@ -193,6 +214,12 @@ def add_parser(commands) -> None:
     train.add_argument("--world-count", type=int, default=768, help="clips when the default dataset is made")
     train.add_argument("--latents", help=f"the DiT stages' latent cache (default {DEFAULT_LATENTS}, encoded from "
                                          "--data with the shipped VAE if missing)")
+    train.add_argument("--vae", help="the DiT stages: the VAE directory whose latents they train on (default: the "
+                                     "preset's shipped VAE, checkpoints/talk128-vae)")
+    train.add_argument("--profile", default="cpu",
+                       help="`all`: tiny (a few steps of each stage: the dry run), cpu (each stage's shipped "
+                            "defaults) or gpu (the DiT stages' batches scaled up; with --gpu)")
+    train.add_argument("--quiet", action="store_true", help="`all`: no world-generation progress bars")
     train.add_argument("--checkpoint-every", type=int, default=100)
     train.add_argument("--log-every", type=int, default=10)
     train.set_defaults(handler=cmd_train)

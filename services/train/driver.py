@@ -48,6 +48,8 @@ class TrainRequest:
     """distill: the initialised student checkpoint."""
     pairs: str | None = None
     """student-init, distill: the teacher's ODE pairs (`student_stage.make_ode_pairs`)."""
+    vae: str | None = None
+    """The DiT stages: the VAE directory whose latent space they train in (default: the preset's shipped VAE)."""
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -74,9 +76,11 @@ def build_stage(request: TrainRequest, *, wrap=None, device="cpu"):
     if request.stage in LATENT_STAGES:
         from model_core.models import build_vae
         from model_core.training.latents import LatentSource, dit_config_for_latents
+        from model_core.vae import StreamingVAE
 
         latents = LatentSource(request.latents)
-        latents.check_vae(build_vae(preset, checkpoint=None, device="cpu", seed=0))
+        latents.check_vae(StreamingVAE.from_pretrained(request.vae) if request.vae
+                          else build_vae(preset, checkpoint=None, device="cpu", seed=0))
         if request.stage == "teacher":
             from model_core.training.teacher_stage import TeacherStage, TeacherTrainConfig
 
@@ -157,7 +161,7 @@ def train(request: TrainRequest) -> dict:
     run_dir = Path(request.run_dir).resolve()
     request = dataclasses.replace(request, run_dir=str(run_dir),
                                   **{name: str(Path(getattr(request, name)).resolve())
-                                     for name in ("latents", "teacher", "student", "pairs")
+                                     for name in ("latents", "teacher", "student", "pairs", "vae")
                                      if getattr(request, name)},
                                   export=str(Path(request.export).resolve()) if request.export else None,
                                   data=request.data if request.data.startswith("world:")

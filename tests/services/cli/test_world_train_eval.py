@@ -42,6 +42,11 @@ def test_world_generate_resumes_and_info_reports_the_split(tmp_path, capsys):
     (["train", "vae", "--workers", "0", "--data", "world:train"], "workers=0 is invalid"),
     (["world", "generate", "--count", "0", "--quiet", "--out", "/tmp/facecast-never"], "clip count=0 is invalid"),
     (["world", "info", "/nonexistent/place"], "is not a world dataset"),
+    (["train", "all", "--steps", "3"], "--steps: not for `facecast train all`"),
+    (["train", "all", "--profile", "huge"], "--profile='huge' is unknown; allowed: tiny, cpu, gpu"),
+    (["train", "vae", "--profile", "tiny", "--data", "world:train"], "--profile applies to `facecast train all`"),
+    (["train", "teacher", "--vae", "/nonexistent/vae", "--data", "world:train", "--latents", "/tmp/facecast-none"],
+     "--vae: VAE directory '/nonexistent/vae' has no config.json"),
 ])
 def test_user_errors_are_one_line_with_status_2(args, message):
     result = facecast(*args, timeout=120)
