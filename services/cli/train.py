@@ -58,7 +58,8 @@ def _ensure_world(data: str, count: int, seed: int) -> None:
         raise UserError(f"--data: {error}") from None
 
 
-def _ensure_latents(data: str, latents: str, preset_name: str, count: int, seed: int, vae_dir: str | None = None) -> None:
+def _ensure_latents(data: str, latents: str, preset_name: str, count: int, seed: int,
+                    vae_dir: str | None = None) -> None:
     """The DiT stages train on the clips' latents, encoded once with `vae_dir` or the preset's shipped VAE
     (resumable)."""
     from model_core.audio import AudioConfig, AudioFrontend
