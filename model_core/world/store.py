@@ -60,8 +60,14 @@ def _shard_name(number: int) -> str:
     return f"shard-{number:05d}.npz"
 
 
-def write_shards(directory: str | Path, source: WorldSource, shard_size: int = 32, progress: bool = True) -> dict:
-    """Render `source` into shards under `directory`, skipping shards already there; returns the manifest."""
+def write_shards(directory: str | Path, source: WorldSource, shard_size: int = 32, progress: bool = True,
+                 workers: int = 1) -> dict:
+    """Render `source` into shards under `directory`, skipping shards already there; returns the manifest.
+
+    `workers` > 1 renders that many shards at once in spawned processes (each with its own speech helper); the
+    shards are the same bytes whichever process renders them."""
+    if workers < 1:
+        raise ValueError(f"workers={workers} is invalid: at least 1")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     manifest_path = directory / MANIFEST
@@ -79,18 +85,47 @@ def write_shards(directory: str | Path, source: WorldSource, shard_size: int = 3
     started, frames_done = time.perf_counter(), 0
     bar = tqdm(total=len(source), initial=(shards - len(todo)) * shard_size if todo else len(source), unit="clip",
                desc=f"world {source.part}", disable=not progress)
-    for number in todo:
-        clips = [source[i] for i in range(number * shard_size, min(len(source), (number + 1) * shard_size))]
-        _write_shard(directory / _shard_name(number), clips)
-        frames_done += sum(c.num_frames for c in clips)
-        bar.update(len(clips))
-        elapsed = time.perf_counter() - started
-        bar.set_postfix(frames_per_s=f"{frames_done / max(elapsed, 1e-9):.0f}")
+    jobs = [(source.split, source.part, source.count, source.size, shard_size, number,
+             str(directory / _shard_name(number))) for number in todo]
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            done = (future.result() for future in as_completed([pool.submit(_render_shard, job) for job in jobs]))
+            for clips, frames in done:
+                frames_done += frames
+                bar.update(clips)
+                bar.set_postfix(frames_per_s=f"{frames_done / max(time.perf_counter() - started, 1e-9):.0f}")
+    else:
+        for job in jobs:
+            clips, frames = _render_shard(job, source)
+            frames_done += frames
+            bar.update(clips)
+            bar.set_postfix(frames_per_s=f"{frames_done / max(time.perf_counter() - started, 1e-9):.0f}")
     bar.close()
     elapsed = time.perf_counter() - started
     manifest["written"] = {"shards": len(todo), "frames": frames_done, "seconds": round(elapsed, 2),
                            "frames_per_s": round(frames_done / elapsed, 1) if elapsed > 0 else None}
     return manifest
+
+
+_WORKER_SOURCE: WorldSource | None = None
+
+
+def _render_shard(job: tuple, source: WorldSource | None = None) -> tuple[int, int]:
+    """Render and write one shard; returns (clips, frames). In a worker process the source is rebuilt from the job
+    (its split, part, count and size) once and kept."""
+    global _WORKER_SOURCE
+    split, part, count, size, shard_size, number, path = job
+    if source is None:
+        if _WORKER_SOURCE is None or (_WORKER_SOURCE.split, _WORKER_SOURCE.part, _WORKER_SOURCE.count,
+                                      _WORKER_SOURCE.size) != (split, part, count, size):
+            _WORKER_SOURCE = WorldSource(split, part, count, size)
+        source = _WORKER_SOURCE
+    clips = [source[i] for i in range(number * shard_size, min(count, (number + 1) * shard_size))]
+    _write_shard(Path(path), clips)
+    return len(clips), sum(c.num_frames for c in clips)
 
 
 def _write_shard(path: Path, clips: list[Clip]) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -104,7 +105,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
         for part, count in (("train", chosen.train_clips), ("eval", chosen.eval_clips)):
             if not is_complete(world[part]):
                 write_shards(world[part], WorldSource(WorldSplit(args.seed), part, count, 128),
-                             progress=not args.quiet)
+                             progress=not args.quiet, workers=os.cpu_count() or 1)
 
     def stage(name: str, export: Path, **values):
         def work():

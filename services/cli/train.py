@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from model_core.shipped import LIPSYNC_PROBE, TALK128_STUDENT, TALK128_TEACHER, TALK128_VAE, shipped_path
@@ -53,7 +54,7 @@ def _ensure_world(data: str, count: int, seed: int) -> None:
 
     print(f"making the training clips first: {path} ({count} clips)")
     try:
-        write_shards(path, WorldSource(WorldSplit(seed), "train", count, 128))
+        write_shards(path, WorldSource(WorldSplit(seed), "train", count, 128), workers=os.cpu_count() or 1)
     except ValueError as error:
         raise UserError(f"--data: {error}") from None
 

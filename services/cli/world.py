@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from services.cli.common import EXIT_OK, UserError
@@ -31,7 +32,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else default_dir(args.part, args.size)
     try:
         source = WorldSource(WorldSplit(args.seed, identity_count=args.identities), args.part, args.count, args.size)
-        manifest = write_shards(out, source, shard_size=args.shard_size, progress=not args.quiet)
+        manifest = write_shards(out, source, shard_size=args.shard_size, progress=not args.quiet,
+                                workers=args.workers or os.cpu_count() or 1)
     except ValueError as error:
         raise UserError(str(error)) from None
     written = manifest["written"]
@@ -84,6 +86,8 @@ def add_parser(commands) -> None:
     generate.add_argument("--seed", type=int, default=0, help="world seed: fixes identities, split and clips")
     generate.add_argument("--identities", type=int, default=1200, help="identities in the world (default 1200)")
     generate.add_argument("--shard-size", type=int, default=32, help="clips per shard file (default 32)")
+    generate.add_argument("--workers", type=int, help="shards rendered at once in separate processes (default: one "
+                                                        "per CPU; the shards are identical for any count)")
     generate.add_argument("--quiet", action="store_true", help="no progress bar")
     generate.set_defaults(handler=cmd_generate)
     info = verbs.add_parser("info", help="print a cached dataset's manifest and split")

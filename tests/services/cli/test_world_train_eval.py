@@ -79,3 +79,16 @@ def test_train_vae_runs_on_ray_train_and_resumes(tmp_path):
     state_bytes = (tmp_path / "run" / "state.pt").stat().st_size
     ray_bytes = sum(p.stat().st_size for p in (tmp_path / "run" / "ray").rglob("*") if p.is_file())
     assert ray_bytes < 2.5 * state_bytes
+
+
+def test_world_shards_are_the_same_bytes_from_any_number_of_workers(tmp_path):
+    import numpy as np
+
+    for workers in (1, 2):
+        assert main(["world", "generate", "--part", "eval", "--count", "3", "--size", "64", "--shard-size", "1",
+                     "--out", str(tmp_path / str(workers)), "--workers", str(workers), "--quiet"]) == 0
+    for shard in ("shard-00000.npz", "shard-00001.npz", "shard-00002.npz"):
+        one, two = np.load(tmp_path / "1" / shard), np.load(tmp_path / "2" / shard)
+        assert sorted(one.files) == sorted(two.files)
+        for key in one.files:
+            np.testing.assert_array_equal(one[key], two[key], err_msg=f"{shard}:{key}")
