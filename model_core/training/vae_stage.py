@@ -198,7 +198,7 @@ class VAEStage:
 
     @property
     def grad_clip(self) -> float | None:
-        """The loop clips gradients to this norm (None: not at all) on the step last batched."""
+        """The loop clips gradients to this norm (None: not at all) on the step whose loss ran last."""
         config = self.train_config
         return config.grad_clip if self._step >= config.steady_window_from_step else None
 
@@ -206,7 +206,6 @@ class VAEStage:
         return self._optimizer
 
     def batch(self, step: int, rank: int) -> dict:
-        self._step = step
         if step >= self.train_config.stream_from_step:
             return self._stream_batch(step, rank)
         rng = np.random.default_rng([self.seed, step, rank])
@@ -259,7 +258,7 @@ class VAEStage:
 
     def loss(self, batch: dict):
         video = batch["video"]
-        self._step = batch["step"]  # a mid-stream resume's replay batched earlier steps
+        self._step = batch["step"]
         streaming = "position" in batch
         for group in self._optimizer.param_groups:
             group["lr"] = self.train_config.rate(batch["step"])

@@ -85,24 +85,26 @@ def write_shards(directory: str | Path, source: WorldSource, shard_size: int = 3
     started, frames_done = time.perf_counter(), 0
     bar = tqdm(total=len(source), initial=(shards - len(todo)) * shard_size if todo else len(source), unit="clip",
                desc=f"world {source.part}", disable=not progress)
-    jobs = [(source.split, source.part, source.count, source.size, shard_size, number,
-             str(directory / _shard_name(number))) for number in todo]
+    jobs = [(number, shard_size, str(directory / _shard_name(number))) for number in todo]
     if workers > 1 and len(jobs) > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
-        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
-            done = (future.result() for future in as_completed([pool.submit(_render_shard, job) for job in jobs]))
-            for clips, frames in done:
-                frames_done += frames
-                bar.update(clips)
-                bar.set_postfix(frames_per_s=f"{frames_done / max(time.perf_counter() - started, 1e-9):.0f}")
+        pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_start_worker,
+                                   initargs=(source.split, source.part, source.count, source.size))
+        results = (future.result() for future in as_completed([pool.submit(_render_in_worker, *job)
+                                                                 for job in jobs]))
     else:
-        for job in jobs:
-            clips, frames = _render_shard(job, source)
+        pool, results = None, (_render_shard(source, *job) for job in jobs)
+    try:
+        for clips, frames in results:
             frames_done += frames
             bar.update(clips)
             bar.set_postfix(frames_per_s=f"{frames_done / max(time.perf_counter() - started, 1e-9):.0f}")
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     bar.close()
     elapsed = time.perf_counter() - started
     manifest["written"] = {"shards": len(todo), "frames": frames_done, "seconds": round(elapsed, 2),
@@ -111,19 +113,21 @@ def write_shards(directory: str | Path, source: WorldSource, shard_size: int = 3
 
 
 _WORKER_SOURCE: WorldSource | None = None
+"""A shard-rendering worker process's source, built once by `_start_worker`."""
 
 
-def _render_shard(job: tuple, source: WorldSource | None = None) -> tuple[int, int]:
-    """Render and write one shard; returns (clips, frames). In a worker process the source is rebuilt from the job
-    (its split, part, count and size) once and kept."""
+def _start_worker(split: WorldSplit, part: str, count: int, size: int) -> None:
     global _WORKER_SOURCE
-    split, part, count, size, shard_size, number, path = job
-    if source is None:
-        if _WORKER_SOURCE is None or (_WORKER_SOURCE.split, _WORKER_SOURCE.part, _WORKER_SOURCE.count,
-                                      _WORKER_SOURCE.size) != (split, part, count, size):
-            _WORKER_SOURCE = WorldSource(split, part, count, size)
-        source = _WORKER_SOURCE
-    clips = [source[i] for i in range(number * shard_size, min(count, (number + 1) * shard_size))]
+    _WORKER_SOURCE = WorldSource(split, part, count, size)
+
+
+def _render_in_worker(number: int, shard_size: int, path: str) -> tuple[int, int]:
+    return _render_shard(_WORKER_SOURCE, number, shard_size, path)
+
+
+def _render_shard(source: WorldSource, number: int, shard_size: int, path: str) -> tuple[int, int]:
+    """Render and write shard `number`; returns (clips, frames)."""
+    clips = [source[i] for i in range(number * shard_size, min(len(source), (number + 1) * shard_size))]
     _write_shard(Path(path), clips)
     return len(clips), sum(c.num_frames for c in clips)
 

@@ -61,9 +61,6 @@ def profiles() -> dict[str, Profile]:
     }
 
 
-ORDER = ("world", "vae", "probe", "teacher", "student-init", "distill", "package", "eval")
-
-
 def _stage_args(args: argparse.Namespace, **values) -> argparse.Namespace:
     """The namespace `services.cli.train._run` reads, for one stage of the pipeline."""
     base = dict(data=None, latents=None, teacher=None, student=None, pairs=None, vae=None, workers=args.workers,
@@ -85,6 +82,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
     vae_dir, probe = root / "vae", root / "lipsync-probe.safetensors"
     latents, teacher = root / "latents", root / "teacher.safetensors"
     init, student = root / "runs" / "student-init" / "student-init.safetensors", root / "student.safetensors"
+    distilled = root / "runs" / "distill" / "student.safetensors"
     pairs = root / "runs" / "student-init" / "ode-pairs.pt"
     summary_path = root / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
@@ -121,10 +119,8 @@ def run_pipeline(args: argparse.Namespace) -> int:
     timed("probe", probe.is_file(), stage("probe", probe))
     timed("teacher", teacher.is_file(), stage("teacher", teacher, latents=str(latents), vae=str(vae_dir)))
     timed("student-init", init.is_file(), stage("student-init", init, **dit))
-    timed("distill", (root / "runs" / "distill" / "student.safetensors").is_file(),
-          stage("distill", root / "runs" / "distill" / "student.safetensors", student=str(init), **dit))
-    timed("package", student.is_file(), lambda: package_student(root / "runs" / "distill" / "student.safetensors",
-                                                                vae_dir, student))
+    timed("distill", distilled.is_file(), stage("distill", distilled, student=str(init), **dit))
+    timed("package", student.is_file(), lambda: package_student(distilled, vae_dir, student))
     timed("eval", "eval" in summary, lambda: summary.update(eval=evaluate_student(
         student, probe, world["eval"], chosen.scored_clips, args.seed, progress=not args.quiet)))
     summary["wall_s_total"] = round(sum(walls.values()), 1)
@@ -159,7 +155,6 @@ def evaluate_student(student: Path, probe: Path, eval_dir: Path, clips: int, see
     return {key: value for key, value in report.items() if key != "per_style"}
 
 
-def check_profile(name: str) -> str:
+def check_profile(name: str) -> None:
     if name not in profiles():
         raise UserError(f"--profile={name!r} is unknown; allowed: {', '.join(profiles())}")
-    return name

@@ -181,7 +181,7 @@ def _run(args: argparse.Namespace, stage: str, steps: int, export: str, run_dir:
     if latents:
         _ensure_latents(data, latents, request.preset, args.world_count, args.seed, request.vae)
     if stage == "student-init":
-        _ensure_pairs(teacher, latents, pairs, args.seed, getattr(args, "pairs_count", PAIRS["count"]))
+        _ensure_pairs(teacher, latents, pairs, args.seed, args.pairs_count)
     metrics = train(request)
     print(json.dumps({"stage": stage, "run_dir": run_dir, "export": export, **metrics}, indent=1))
     return EXIT_OK
@@ -224,4 +224,4 @@ def add_parser(commands) -> None:
     train.add_argument("--quiet", action="store_true", help="`all`: no world-generation progress bars")
     train.add_argument("--checkpoint-every", type=int, default=100)
     train.add_argument("--log-every", type=int, default=10)
-    train.set_defaults(handler=cmd_train)
+    train.set_defaults(handler=cmd_train, pairs_count=PAIRS["count"])  # `train all` profiles set their own
