@@ -40,7 +40,7 @@ class StreamingVAE:
         self.vae = vae.eval()
         config = vae.config
         self.z_dim = config.z_dim
-        self.spatial_compression = 2 ** (len(config.dim_mult) - 1)
+        self.spatial_compression = (config.patch_size or 1) * 2 ** (len(config.dim_mult) - 1)
         self.temporal_compression = 2 ** sum(config.temperal_downsample)
         self._conv_count = sum(type(m).__name__ == "WanCausalConv3d" for m in vae.decoder.modules())
         parameter = next(vae.parameters())
@@ -53,9 +53,7 @@ class StreamingVAE:
         """A VAE with this shape and seeded random weights (for tests and benchmarks)."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            vae = AutoencoderKLWan(base_dim=config.base_dim, z_dim=config.z_dim, dim_mult=list(config.dim_mult),
-                                   num_res_blocks=config.num_res_blocks,
-                                   temperal_downsample=list(config.temperal_downsample))
+            vae = AutoencoderKLWan(**config.diffusers_kwargs())
         return cls(_place(vae, device, dtype))
 
     @classmethod

@@ -108,9 +108,7 @@ def new_vae(config: VAEConfig, seed: int, initial_logvar: float = -8.0) -> Autoe
     are ~0.5) the decoder sees mostly noise and learns next to nothing for hundreds of steps."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        vae = AutoencoderKLWan(base_dim=config.base_dim, z_dim=config.z_dim, dim_mult=list(config.dim_mult),
-                               num_res_blocks=config.num_res_blocks,
-                               temperal_downsample=list(config.temperal_downsample))
+        vae = AutoencoderKLWan(**config.diffusers_kwargs())
     with torch.no_grad():
         vae.quant_conv.weight[config.z_dim:] = 0.0
         vae.quant_conv.bias[config.z_dim:] = initial_logvar
@@ -150,6 +148,9 @@ class VAEObjective(torch.nn.Module):
 
 def stream_encode(vae: AutoencoderKLWan, video: torch.Tensor, cache) -> torch.Tensor:
     """The encoder on the next frames of a stream (1 + 4k on its first call, 4k after), through `cache`."""
+    if vae.config.patch_size is not None:
+        from diffusers.models.autoencoders.autoencoder_kl_wan import patchify
+        video = patchify(video, patch_size=vae.config.patch_size)
     outputs, start = [], 0
     if not cache.started:
         outputs.append(vae.encoder(video[:, :, :1], feat_cache=cache.features, feat_idx=[0]))
@@ -168,6 +169,9 @@ def stream_decode(vae: AutoencoderKLWan, z: torch.Tensor, cache, clamp: bool = T
                                    first_chunk=not cache.started))
         cache.started = True
     frames = torch.cat(outputs, 2)
+    if vae.config.patch_size is not None:
+        from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+        frames = unpatchify(frames, patch_size=vae.config.patch_size)
     return frames.clamp(-1.0, 1.0) if clamp else frames
 
 

@@ -7,9 +7,17 @@ from model_core.config import VAEConfig
 from model_core.vae import StreamingVAE
 
 
-@pytest.fixture(scope="module")
-def vae():
-    return StreamingVAE.from_config(VAEConfig(base_dim=8, num_res_blocks=1), seed=0)
+SHAPES = {
+    "wan2.1": VAEConfig(base_dim=8, num_res_blocks=1),
+    # Wan2.2's layout: 2x2 pixels folded into channels, residual down/up blocks (AvgDown3D / DupUp3D shortcuts)
+    "wan2.2-residual": VAEConfig(base_dim=8, num_res_blocks=1, dim_mult=(1, 2, 2), temperal_downsample=(True, True),
+                                 patch_size=2, is_residual=True),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(SHAPES))
+def vae(request):
+    return StreamingVAE.from_config(SHAPES[request.param], seed=0)
 
 
 @pytest.mark.parametrize("splits", [(3, 3, 3), (1, 4, 2, 2), (9,)])
@@ -43,7 +51,7 @@ def test_one_decoder_interleaves_sessions(vae):
 def test_encode_image_then_decode_shapes_and_normalisation(vae):
     image = torch.rand(2, 3, 32, 32) * 2 - 1
     latent = vae.encode_image(image)
-    assert latent.shape == (2, 16, 1, 4, 4)
+    assert latent.shape == (2, 16, 1, 4, 4) and vae.spatial_compression == 8 and vae.temporal_compression == 4
     torch.testing.assert_close(vae.normalize(vae.denormalize(latent)), latent, atol=1e-5, rtol=1e-5)
     frames, _ = vae.decode_chunk(latent, vae.new_decode_cache())
     assert frames.shape == (2, 3, 1, 32, 32)
@@ -77,3 +85,13 @@ def test_batched_decode_of_several_sessions_equals_each_alone(vae):
             caches[row] = cache
     for got, want in zip(pieces, alone):
         torch.testing.assert_close(torch.cat(got, 2), want, atol=1e-5, rtol=1e-5)
+
+
+def test_vae_shape_errors_name_the_field():
+    from model_core.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^patch_size=3 is invalid: allowed: 1, 2, 4$"):
+        VAEConfig(patch_size=3)
+    with pytest.raises(ConfigError, match=r"^dim_mult=\(1, 2, 4\) is invalid: with is_residual the last two"):
+        VAEConfig(dim_mult=(1, 2, 4), temperal_downsample=(True, True), is_residual=True)
+    assert VAEConfig(dim_mult=(1, 2, 2), temperal_downsample=(True, True), patch_size=2).spatial_compression == 8
