@@ -5,10 +5,11 @@
     reconstruction_report(vae, source)     PSNR/SSIM overall and on the mouth region, decode ms per frame
 
 Loss: L1 on pixels, with the mouth region (from the truth's face boxes) weighted `mouth_weight` times more, plus a
-small KL term. Windows are 1 + 4k frames so the causal temporal downsampling sees whole latent frames: 5-frame
-windows (batch 2) first, then 13-frame windows, then 33-frame windows (9 latent frames) so the causal caches are
-trained in the steady state a stream reaches (with 13-frame windows only, a stream fell to ~10 dB after frame 32);
-an opt-in phase 4 trains on streams with carried caches (truncated backpropagation). The export
+small KL term. Windows are 1 + 4k frames so the causal temporal downsampling sees whole latent frames. The default
+run trains 17-frame windows (5 latent frames) from the first step, so the causal caches learn the steady state a
+stream lives in; longer runs go on to 33-frame windows and then to streams with carried caches (truncated
+backpropagation), the phases an earlier shape needed (trained on short windows first, its streams fell to ~10 dB
+after frame 32). The export
 is a diffusers `AutoencoderKLWan` directory in fp16 whose config carries the measured latent statistics, loadable by
 `StreamingVAE.from_pretrained` (streaming decode == whole decode holds for it as for any Wan VAE).
 """
@@ -34,7 +35,13 @@ from .data import ClipPools, frame_window
 
 @dataclasses.dataclass(frozen=True)
 class VAETrainConfig:
-    window_frames: int = 5
+    window_frames: int = 17
+    """Phase 1's windows: 17 frames (5 latent frames), batch `batch_size`, from the first step. Windows this long
+    train the causal caches in the state a stream lives in: at equal CPU time a VAE trained on them holds ~20 dB on
+    every 16-frame block of a 49-frame stream (20.5, 20.2, 20.0, 20.1), where one trained on 5-frame windows
+    (2 latent frames) decays from 21.8 to 16.4 dB, and the shipped default needs no later phase. Phases 2-4 below
+    follow when a run is given more steps than `long_window_from_step` / `steady_window_from_step` /
+    `stream_from_step` (the talk128 VAE before Wan2.2's layout needed all four)."""
     batch_size: int = 2
     learning_rate: float = 1e-3
     kl_weight: float = 1e-6
@@ -44,7 +51,8 @@ class VAETrainConfig:
     """From `long_window_from_step` on, windows of this many frames (batch `long_window_batch`): the causal caches
     only reach their steady state after 3 latent frames, and a VAE trained on 5-frame windows alone decodes long
     streams badly (held-out PSNR 18.7 dB on 5-frame windows, 10.3 dB on 25-frame ones)."""
-    long_window_from_step: int = 1800
+    long_window_from_step: int = 2000
+    """Equal to `steady_window_from_step` by default: no 13-frame phase (set it lower to have one)."""
     long_window_batch: int = 2
     steady_window_frames: int = 33
     """From `steady_window_from_step` on, windows of this many frames (9 latent frames, batch `steady_window_batch`,
@@ -52,10 +60,10 @@ class VAETrainConfig:
     stream settles into. Trained on 13-frame windows (4 latent frames) alone, every fresh 13-frame window anywhere in
     a clip reconstructs at 17.6-20 dB, but the last frames of a 33-frame window at 6-10 dB, and a stream at ~10 dB
     after frame 32: the causal caches' steady state was never trained."""
-    steady_window_from_step: int = 2400
+    steady_window_from_step: int = 2000
     steady_window_batch: int = 1
     steady_learning_rate: float = 3e-4
-    stream_from_step: int = 2500
+    stream_from_step: int = 2200
     """From here on, phase 4: streams. Each of `stream_batch` clips is encoded and decoded 8 frames (2 latent frames)
     per step with the encoder's and decoder's causal caches carried from step to step (gradients cut between steps),
     for `stream_steps` steps (129 frames, 5 s) before new clips start: the caches' state past the 33-frame window

@@ -27,7 +27,7 @@ from services.cli.common import EXIT_OK, UserError
 from services.cli.world import default_dir
 
 DEFAULTS = {
-    "vae": {"steps": 2800, "export": str(shipped_path(TALK128_VAE))},
+    "vae": {"steps": 2000, "export": str(shipped_path(TALK128_VAE))},
     "probe": {"steps": 1500, "export": str(shipped_path(LIPSYNC_PROBE))},
     "teacher": {"steps": 3000, "export": str(shipped_path(TALK128_TEACHER))},
     "student": {"steps": None, "export": str(shipped_path(TALK128_STUDENT))},

@@ -34,6 +34,7 @@ def source():
 
 
 def stage(source, **overrides):
+    overrides = {"window_frames": 5, **overrides}  # the default 17-frame windows cost 3x as much per test step
     return VAEStage(get_preset("talk128").vae, source, VAETrainConfig(batch_size=1, learning_rate=2e-3, **overrides))
 
 
@@ -61,7 +62,7 @@ def test_export_is_a_streaming_vae(source, tmp_path):
     trained = stage(source)
     run_stage(trained, tmp_path / "run", 2, progress=False, export_to=tmp_path / "export")
     vae = StreamingVAE.from_pretrained(tmp_path / "export")
-    assert vae.spatial_compression == 16 and vae.temporal_compression == 4
+    assert vae.spatial_compression == 8 and vae.temporal_compression == 4
     assert len(vae.vae.config.latents_mean) == 16 and min(vae.vae.config.latents_std) > 0
     # the config carries the statistics measured on the data (not diffusers' Wan defaults)
     mean, std = latent_statistics(trained.vae, source)
