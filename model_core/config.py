@@ -143,13 +143,11 @@ class VAEConfig:
 
     def diffusers_kwargs(self) -> dict:
         """The `AutoencoderKLWan(...)` arguments for this shape."""
-        kwargs = dict(base_dim=self.base_dim, z_dim=self.z_dim, dim_mult=list(self.dim_mult),
-                      num_res_blocks=self.num_res_blocks, temperal_downsample=list(self.temperal_downsample))
-        if self.patch_size > 1 or self.is_residual:
-            channels = 3 * self.patch_size ** 2
-            kwargs.update(is_residual=self.is_residual, in_channels=channels, out_channels=channels,
-                          patch_size=self.patch_size if self.patch_size > 1 else None)
-        return kwargs
+        channels = 3 * self.patch_size ** 2  # diffusers counts the channels after the patch is folded in
+        return dict(base_dim=self.base_dim, z_dim=self.z_dim, dim_mult=list(self.dim_mult),
+                    num_res_blocks=self.num_res_blocks, temperal_downsample=list(self.temperal_downsample),
+                    is_residual=self.is_residual, in_channels=channels, out_channels=channels,
+                    patch_size=self.patch_size if self.patch_size > 1 else None)
 
     @property
     def temporal_compression(self) -> int:

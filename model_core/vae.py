@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 
 from .config import VAEConfig
 
@@ -28,6 +29,21 @@ class DecodeCache:
 
     features: list = field(default_factory=list)
     started: bool = False
+
+
+def stream_decode(vae: AutoencoderKLWan, z: torch.Tensor, cache: DecodeCache, clamp: bool = True) -> torch.Tensor:
+    """diffusers' decoder on the next latent frames of a stream (post_quant_conv applied), latent frame by latent
+    frame through `cache` (updated in place), the patch unfolded. Training passes clamp=False: a clamped pixel has
+    no gradient, and a decoder gone out of range could never come back."""
+    outputs = []
+    for index in range(z.shape[2]):
+        outputs.append(vae.decoder(z[:, :, index:index + 1], feat_cache=cache.features, feat_idx=[0],
+                                   first_chunk=not cache.started))
+        cache.started = True
+    frames = torch.cat(outputs, 2)
+    if vae.config.patch_size is not None:
+        frames = unpatchify(frames, patch_size=vae.config.patch_size)
+    return frames.clamp(-1.0, 1.0) if clamp else frames
 
 
 def _place(vae: AutoencoderKLWan, device, dtype) -> AutoencoderKLWan:
@@ -110,17 +126,7 @@ class StreamingVAE:
     def decode_chunk(self, latents: torch.Tensor, cache: DecodeCache) -> tuple[torch.Tensor, DecodeCache]:
         """latents [B, 16, F, h, w] (normalised) -> frames [B, 3, T, H, W] in [-1, 1] and the updated cache."""
         z = self.denormalize(latents).to(self.device, self.dtype)
-        x = self.vae.post_quant_conv(z)
-        outputs = []
-        for index in range(x.shape[2]):
-            outputs.append(self.vae.decoder(x[:, :, index:index + 1], feat_cache=cache.features, feat_idx=[0],
-                                            first_chunk=not cache.started))
-            cache.started = True
-        frames = torch.cat(outputs, dim=2)
-        if self.vae.config.patch_size is not None:
-            from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
-            frames = unpatchify(frames, patch_size=self.vae.config.patch_size)
-        return frames.clamp(-1.0, 1.0), cache
+        return stream_decode(self.vae, self.vae.post_quant_conv(z), cache), cache
 
     @staticmethod
     def batchable(caches: list[DecodeCache]) -> bool:

@@ -25,11 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders.autoencoder_kl_wan import patchify
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from ..config import VAEConfig
 from ..lipsync import psnr, ssim
-from ..vae import StreamingVAE
+from ..vae import DecodeCache, StreamingVAE, stream_decode
 from .data import ClipPools, frame_window
 
 
@@ -157,7 +158,6 @@ class VAEObjective(torch.nn.Module):
 def stream_encode(vae: AutoencoderKLWan, video: torch.Tensor, cache) -> torch.Tensor:
     """The encoder on the next frames of a stream (1 + 4k on its first call, 4k after), through `cache`."""
     if vae.config.patch_size is not None:
-        from diffusers.models.autoencoders.autoencoder_kl_wan import patchify
         video = patchify(video, patch_size=vae.config.patch_size)
     outputs, start = [], 0
     if not cache.started:
@@ -168,24 +168,7 @@ def stream_encode(vae: AutoencoderKLWan, video: torch.Tensor, cache) -> torch.Te
     return torch.cat(outputs, 2)
 
 
-def stream_decode(vae: AutoencoderKLWan, z: torch.Tensor, cache, clamp: bool = True) -> torch.Tensor:
-    """The decoder on the next latent frames of a stream (post_quant_conv applied), through `cache`. Training
-    passes clamp=False: a clamped pixel has no gradient, and a decoder gone out of range could never come back."""
-    outputs = []
-    for index in range(z.shape[2]):
-        outputs.append(vae.decoder(z[:, :, index:index + 1], feat_cache=cache.features, feat_idx=[0],
-                                   first_chunk=not cache.started))
-        cache.started = True
-    frames = torch.cat(outputs, 2)
-    if vae.config.patch_size is not None:
-        from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
-        frames = unpatchify(frames, patch_size=vae.config.patch_size)
-    return frames.clamp(-1.0, 1.0) if clamp else frames
-
-
 def new_stream_caches(vae: AutoencoderKLWan):
-    from ..vae import DecodeCache
-
     count = lambda module: sum(type(m).__name__ == "WanCausalConv3d" for m in module.modules())  # noqa: E731
     return DecodeCache(features=[None] * count(vae.encoder)), DecodeCache(features=[None] * count(vae.decoder))
 

@@ -7,10 +7,13 @@ import math
 import numpy as np
 import torch
 
-from model_core.config import DiTConfig, get_preset
+from model_core.config import DiTConfig, VAEConfig, get_preset
 from model_core.models import random_dit
 
 TINY = get_preset("tiny")
+WAN22_VAE = VAEConfig(base_dim=8, num_res_blocks=1, dim_mult=(1, 2, 2), temperal_downsample=(True, True),
+                      patch_size=2, is_residual=True)
+"""A tiny VAE in Wan2.2's layout: 2x2 pixels folded into channels, residual down/up blocks (8x spatial, 4x time)."""
 
 
 def tiny_config(**changes) -> DiTConfig:

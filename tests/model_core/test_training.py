@@ -162,11 +162,11 @@ def test_stream_encode_and_decode_equal_diffusers_whole_clip_paths(residual):
     """Phase 4 trains through `stream_encode` / `stream_decode` with carried caches: held against diffusers' own
     whole-clip encode and decode, so the stream is what the VAE computes for the clip at once (for Wan2.2's
     patchified residual layout too: the patch is folded in before the encoder and unfolded after the decoder)."""
-    from model_core.config import VAEConfig
     from model_core.training.vae_stage import new_stream_caches, new_vae, stream_decode, stream_encode
 
-    shape = VAEConfig(base_dim=8, num_res_blocks=1, dim_mult=(1, 2, 2), temperal_downsample=(True, True),
-                      patch_size=2, is_residual=True) if residual else get_preset("tiny").vae
+    from .helpers import WAN22_VAE
+
+    shape = WAN22_VAE if residual else get_preset("tiny").vae
     vae = new_vae(shape, seed=0).eval()
     video = torch.rand(1, 3, 17, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     encoder_cache, decoder_cache = new_stream_caches(vae)

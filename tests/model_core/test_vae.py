@@ -6,12 +6,11 @@ import torch
 from model_core.config import VAEConfig
 from model_core.vae import StreamingVAE
 
+from .helpers import WAN22_VAE
 
 SHAPES = {
     "wan2.1": VAEConfig(base_dim=8, num_res_blocks=1),
-    # Wan2.2's layout: 2x2 pixels folded into channels, residual down/up blocks (AvgDown3D / DupUp3D shortcuts)
-    "wan2.2-residual": VAEConfig(base_dim=8, num_res_blocks=1, dim_mult=(1, 2, 2), temperal_downsample=(True, True),
-                                 patch_size=2, is_residual=True),
+    "wan2.2-residual": WAN22_VAE,
 }
 
 
@@ -95,3 +94,17 @@ def test_vae_shape_errors_name_the_field():
     with pytest.raises(ConfigError, match=r"^dim_mult=\(1, 2, 4\) is invalid: with is_residual the last two"):
         VAEConfig(dim_mult=(1, 2, 4), temperal_downsample=(True, True), is_residual=True)
     assert VAEConfig(dim_mult=(1, 2, 2), temperal_downsample=(True, True), patch_size=2).spatial_compression == 8
+
+
+def test_the_talk128_shape_builds_the_shipped_vae():
+    """The preset's VAEConfig (through `diffusers_kwargs`) is the architecture of checkpoints/talk128-vae: its weights
+    load strictly into a VAE built from the config (a lost layout option, e.g. the residual blocks, would not)."""
+    from diffusers import AutoencoderKLWan
+
+    from model_core.config import get_preset
+    from model_core.shipped import TALK128_VAE, shipped_path
+
+    shipped = StreamingVAE.from_pretrained(shipped_path(TALK128_VAE))
+    built = AutoencoderKLWan(**get_preset("talk128").vae.diffusers_kwargs())
+    built.load_state_dict(shipped.vae.state_dict(), strict=True)
+    assert shipped.spatial_compression == get_preset("talk128").vae.spatial_compression == 8
