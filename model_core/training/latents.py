@@ -64,12 +64,22 @@ class LatentClip:
                                               "mouth", "identity", "style")}
 
 
+LATENT_SPACE_WEIGHTS = ("encoder.", "quant_conv.")
+"""The weights that fix a VAE's latent space (the posterior's mean); the decoder's are not among them."""
+
+
 def vae_digest(vae) -> str:
-    """A short digest of a VAE's weights: names a latent space."""
+    """A short digest of what names a VAE's latent space: the encoder's weights and the statistics that normalise
+    its output. The decoder is left out: a VAE whose decoder alone was trained further (`facecast train vae
+    --decoder-only`) encodes the same latents, so a cache and a DiT trained on them stay valid."""
     digest = hashlib.sha256()
     for key, value in sorted(vae.vae.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(value.detach().float().cpu().numpy().tobytes())
+        if key.startswith(LATENT_SPACE_WEIGHTS):
+            digest.update(key.encode())
+            digest.update(value.detach().float().cpu().numpy().tobytes())
+    for name in ("latents_mean", "latents_std"):
+        digest.update(name.encode())
+        digest.update(np.asarray(getattr(vae.vae.config, name), np.float64).tobytes())
     return digest.hexdigest()[:16]
 
 

@@ -67,18 +67,22 @@ def _ensure_latents(data: str, latents: str, preset_name: str, count: int, seed:
     from model_core.checkpoint import CheckpointError
     from model_core.config import get_preset
     from model_core.models import build_vae
-    from model_core.training.latents import build_latent_cache, is_latent_cache_complete
+    from model_core.training.latents import LatentSource, build_latent_cache, is_latent_cache_complete
     from model_core.vae import StreamingVAE
     from model_core.world.store import open_source
 
-    if is_latent_cache_complete(Path(latents)):
-        return
     preset = get_preset(preset_name)
     try:
         vae = StreamingVAE.from_pretrained(vae_dir) if vae_dir else build_vae(preset, checkpoint=None, device="cpu",
                                                                                seed=0)
     except (CheckpointError, FileNotFoundError) as error:
         raise UserError(f"--vae: {error}" if vae_dir else str(error)) from None
+    if is_latent_cache_complete(Path(latents)):
+        try:  # here, before Ray starts: a stale cache is one line, not a worker's traceback
+            LatentSource(latents).check_vae(vae)
+        except ValueError as error:
+            raise UserError(f"--latents: {error} (delete it, or pass the --vae it was encoded with)") from None
+        return
     print(f"encoding the training clips into latents first: {latents}")
     try:
         source = open_source(data, seed=seed, count=count, size=preset.stream.height)

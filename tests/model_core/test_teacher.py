@@ -1,6 +1,8 @@
 """The teacher's data and stage: latents and audio windows as a session sees them, a cache that refuses another VAE,
 a `tiny` teacher whose loss decreases, and many-step sampling with classifier-free guidance on the audio."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ from model_core.audio import AudioConfig, AudioFrontend
 from model_core.config import get_preset
 from model_core.stages import AudioStage
 from model_core.training.latents import (LatentSource, audio_windows, build_latent_cache, character_regions,
-                                         encode_clip, speaker_tracks)
+                                         encode_clip, speaker_tracks, vae_digest)
 from model_core.training.loop import read_log, run_stage
 from model_core.training.teacher_stage import (TeacherStage, TeacherTrainConfig, predict_velocity, sample_batch,
                                                sigmas, teacher_sample, text_states)
@@ -125,6 +127,23 @@ def test_latent_cache_resumes_and_refuses_another_vae(world, vae, tmp_path):
         cache.check_vae(other)
     with pytest.raises(ValueError, match="another VAE"):
         build_latent_cache(Listed(world), other, frontend, TINY.dit, tmp_path, progress=False)
+
+
+def test_the_latent_space_digest_is_the_encoders_not_the_decoders(vae):
+    """A decoder trained further keeps the latent space (and every cache and DiT trained in it); a changed encoder
+    or changed latent statistics name another one."""
+    digest = vae_digest(vae)
+    changed = copy.deepcopy(vae)
+    with torch.no_grad():
+        next(changed.vae.decoder.parameters()).add_(1.0)
+        changed.vae.post_quant_conv.weight.add_(1.0)
+    assert vae_digest(changed) == digest
+    with torch.no_grad():
+        next(changed.vae.encoder.parameters()).add_(1.0)
+    assert vae_digest(changed) != digest
+    restated = copy.deepcopy(vae)
+    restated.vae.register_to_config(latents_std=[2.0 * s for s in vae.vae.config.latents_std])
+    assert vae_digest(restated) != digest
 
 
 def test_teacher_loss_decreases_and_exports(latent_clips, tmp_path):

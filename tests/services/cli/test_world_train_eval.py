@@ -54,6 +54,17 @@ def test_user_errors_are_one_line_with_status_2(args, message):
     assert "Traceback" not in result.stderr and message in result.stderr
 
 
+def test_a_latent_cache_of_another_vae_is_refused_in_one_line_before_ray_starts(tmp_path):
+    cache = tmp_path / "latents"
+    cache.mkdir()
+    (cache / "manifest.json").write_text(json.dumps({"count": 1, "shard_clips": 1, "vae_digest": "0123456789abcdef"}))
+    (cache / "shard-00000.pt").write_bytes(b"")
+    result = facecast("train", "teacher", "--data", "world:train", "--latents", str(cache), timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "was encoded with another VAE (digest 0123456789abcdef" in result.stderr
+    assert "Traceback" not in result.stderr and "Ray" not in result.stderr
+
+
 def test_eval_refuses_a_training_set(tmp_path):
     assert main(["world", "generate", "--part", "train", "--count", "1", "--size", "128", "--out",
                  str(tmp_path), "--quiet"]) == 0
