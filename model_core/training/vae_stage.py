@@ -1,6 +1,8 @@
 """The VAE stage: an `AutoencoderKLWan`-family VAE trained on the world's clips, with the mouth weighted.
 
-    VAEStage(vae_config, source, ...)      the Stage the loop runs
+    VAEStage(vae_config, source, ...)      the Stage the loop runs (encoder and decoder, from scratch)
+    DecoderStage(vae_dir, source, ...)     the decoder alone, trained further on a finished VAE's posterior means:
+                                           the latent space (and every cache and DiT trained in it) stays as it is
     latent_statistics(vae, source)         per-channel mean/std of the posterior means (the DiT's latent scale)
     reconstruction_report(vae, source)     PSNR/SSIM overall and on the mouth region, decode ms per frame
 
@@ -124,6 +126,27 @@ def new_vae(config: VAEConfig, seed: int, initial_logvar: float = -8.0) -> Autoe
     return vae
 
 
+def window_batch(pools: ClipPools, seed: int, step: int, rank: int, length: int, count: int, device) -> dict:
+    """Step `step`'s batch: `count` windows of `length` frames from random clips of this step's pool, with their
+    mouth masks (seeded by (seed, step, rank): the same batch on a resume)."""
+    rng = np.random.default_rng([seed, step, rank])
+    pool = pools.pool_for(step, rank)
+    videos, masks = [], []
+    for _ in range(count):
+        clip = pool[int(rng.integers(len(pool)))]
+        start = int(rng.integers(0, max(1, clip.num_frames - length + 1)))
+        video, mask = frame_window(clip, start, length)
+        videos.append(video)
+        masks.append(mask)
+    return {"video": torch.stack(videos).to(device), "mask": torch.stack(masks).to(device), "step": step}
+
+
+def mouth_weighted_l1(decoded: torch.Tensor, video: torch.Tensor, mask: torch.Tensor, mouth_weight: float):
+    """Mean L1 over pixels and channels, each pixel weighted 1 + `mouth_weight` inside the mouth mask."""
+    weight = 1.0 + mouth_weight * mask
+    return ((decoded - video).abs() * weight).sum() / (weight.sum() * 3)
+
+
 class VAEObjective(torch.nn.Module):
     """What one training step runs, as a module so data-parallel wrappers (DDP) see the whole forward pass.
 
@@ -203,18 +226,8 @@ class VAEStage:
     def batch(self, step: int, rank: int) -> dict:
         if step >= self.train_config.stream_from_step:
             return self._stream_batch(step, rank)
-        rng = np.random.default_rng([self.seed, step, rank])
-        pool = self.pools.pool_for(step, rank)
-        videos, masks = [], []
         length, count = self.train_config.window(step)
-        for _ in range(count):
-            clip = pool[int(rng.integers(len(pool)))]
-            start = int(rng.integers(0, max(1, clip.num_frames - length + 1)))
-            video, mask = frame_window(clip, start, length)
-            videos.append(video)
-            masks.append(mask)
-        return {"video": torch.stack(videos).to(self.device), "mask": torch.stack(masks).to(self.device),
-                "step": step}
+        return window_batch(self.pools, self.seed, step, rank, length, count, self.device)
 
     def _stream_batch(self, step: int, rank: int) -> dict:
         """Phase 4: this step's 8 frames (9 on a stream's first step) of `stream_batch` clips' streams."""
@@ -261,9 +274,7 @@ class VAEStage:
             decoded, kl = self.objective(video, self._stream_caches(batch))
         else:
             decoded, kl = self.objective(video)
-        error = (decoded - video).abs()
-        weight = 1.0 + self.train_config.mouth_weight * batch["mask"]
-        l1 = (error * weight).sum() / (weight.sum() * 3)
+        l1 = mouth_weighted_l1(decoded, video, batch["mask"], self.train_config.mouth_weight)
         loss = l1 + self.train_config.kl_weight * kl
         mse = F.mse_loss(decoded.detach(), video)
         return loss, {"loss": float(loss.detach()), "l1": float(l1.detach()),
@@ -271,6 +282,105 @@ class VAEStage:
 
     def export(self, path: Path) -> None:
         export_vae(self.vae.cpu(), self.source, Path(path))
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderTrainConfig:
+    """`facecast train vae --phase decoder`: the decoder trained further on a finished VAE's posterior means (the
+    latents inference gives it), the encoder frozen. The latent space does not move, so a latent cache and a DiT
+    trained in it stay valid (their digest is the encoder's, `latents.vae_digest`). At the end of the from-scratch
+    phase the encoder's latents carry more of the mouth than the decoder draws (a linear read-out of the mouth's
+    opening from them: r ~0.6; the probe on the decoded frames: 0.33), and a decoder step costs about two thirds of a
+    whole one; the rate warms up, holds, then falls linearly to 0 at `steps`."""
+    steps: int = 1800
+    """The schedule's length: the rate reaches 0 here (`facecast train vae --phase decoder --steps N` sets it)."""
+    window_frames: int = 17
+    batch_size: int = 2
+    learning_rate: float = 1e-3
+    warmup_steps: int = 50
+    decay_from: float = 0.7
+    """The rate starts falling at this fraction of `steps`."""
+    mouth_weight: float = 4.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.window_frames < 1 or (self.window_frames - 1) % 4:
+            raise ValueError(f"window_frames={self.window_frames} is invalid: 1 + 4k (1, 5, 9, ...)")
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} is invalid: at least 1")
+        if not 0.0 <= self.decay_from <= 1.0:
+            raise ValueError(f"decay_from={self.decay_from} is invalid: a fraction in [0, 1]")
+
+    def rate(self, step: int) -> float:
+        warm = min(1.0, (step + 1) / max(1, self.warmup_steps))
+        fall = int(self.steps * self.decay_from)
+        if step < fall:
+            return self.learning_rate * warm
+        return self.learning_rate * warm * max(0.0, (self.steps - step) / max(1, self.steps - fall))
+
+
+class DecoderObjective(torch.nn.Module):
+    """The decoder on the frozen encoder's posterior means (a module, so DDP wraps the whole forward pass)."""
+
+    def __init__(self, vae: AutoencoderKLWan):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            latents = self.vae.encode(video).latent_dist.mean
+        return self.vae.decode(latents).sample
+
+
+def load_trainable_vae(path: str | Path, device="cpu") -> AutoencoderKLWan:
+    """A VAE directory in float32 for training (fp16 exports are widened)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"VAE directory {str(path)!r} has no config.json")
+    return AutoencoderKLWan.from_pretrained(path, torch_dtype=torch.float32).to(device)
+
+
+class DecoderStage:
+    name = "vae-decoder"
+
+    def __init__(self, vae_dir: str | Path, source, train: DecoderTrainConfig = DecoderTrainConfig(), *, wrap=None,
+                 device="cpu"):
+        self.seed, self.train_config, self.device = train.seed, train, torch.device(device)
+        self.vae_dir = Path(vae_dir)
+        self.vae = load_trainable_vae(vae_dir, self.device)
+        for module in (self.vae.encoder, self.vae.quant_conv):
+            module.requires_grad_(False)
+        objective = DecoderObjective(self.vae)
+        self.objective = wrap(objective) if wrap else objective
+        trained = [p for p in self.vae.parameters() if p.requires_grad]
+        self._optimizer = torch.optim.AdamW(trained, lr=train.learning_rate, weight_decay=0.0)
+        self.source = source
+        self.pools = ClipPools(source, train.seed)
+
+    def modules(self):
+        return {"vae": self.vae}
+
+    def optimizer(self):
+        return self._optimizer
+
+    def batch(self, step: int, rank: int) -> dict:
+        config = self.train_config
+        return window_batch(self.pools, self.seed, step, rank, config.window_frames, config.batch_size, self.device)
+
+    def loss(self, batch: dict):
+        for group in self._optimizer.param_groups:
+            group["lr"] = self.train_config.rate(batch["step"])
+        video = batch["video"]
+        decoded = self.objective(video)
+        l1 = mouth_weighted_l1(decoded, video, batch["mask"], self.train_config.mouth_weight)
+        mse = F.mse_loss(decoded.detach(), video)
+        return l1, {"loss": float(l1.detach()), "psnr": float(10 * torch.log10(4.0 / mse))}
+
+    def export(self, path: Path) -> None:
+        """fp16 diffusers directory; the latent statistics are the source VAE's (the encoder did not move)."""
+        config = self.vae.config
+        write_vae(self.vae.cpu().eval(), list(config.latents_mean), list(config.latents_std), Path(path))
 
 
 @torch.no_grad()
@@ -291,6 +401,11 @@ def export_vae(vae: AutoencoderKLWan, source, path: Path) -> None:
     """fp16 diffusers directory with the measured latent statistics in its config."""
     vae = vae.eval()
     mean, std = latent_statistics(vae, source)
+    write_vae(vae, mean, std, path)
+
+
+def write_vae(vae: AutoencoderKLWan, mean: list, std: list, path: Path) -> None:
+    """`vae` as an fp16 diffusers directory whose config carries these latent statistics."""
     vae.register_to_config(latents_mean=mean, latents_std=std)
     path.mkdir(parents=True, exist_ok=True)
     half = AutoencoderKLWan.from_config(vae.config)

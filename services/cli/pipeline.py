@@ -1,7 +1,7 @@
 """`facecast train all`: every stage in order, in one resumable command, into one folder.
 
-    world (train + held-out clips) -> vae -> probe -> latents -> teacher -> ODE pairs -> student init -> distill
-    -> the student with its VAE in one checkpoint -> `facecast eval` of it on the held-out clips
+    world (train + held-out clips) -> vae (full, then decoder) -> probe -> latents -> teacher -> ODE pairs
+    -> student init -> distill -> the student with its VAE in one checkpoint -> `facecast eval` of it (held-out clips)
 
 Profiles: `tiny` (a few steps of each stage on a handful of clips: the dry run that proves the command end to end
 before a GPU is spent on it), `cpu` (each stage's shipped default, as `facecast train <stage>` runs it) and `gpu`
@@ -31,7 +31,7 @@ class Profile:
     train_clips: int
     eval_clips: int
     steps: dict
-    """Optimiser steps per driver stage (vae, probe, teacher, student-init, distill)."""
+    """Optimiser steps per driver stage (vae, vae-decoder, probe, teacher, student-init, distill)."""
     pairs: int
     """The teacher's ODE pairs for the student's initialisation."""
     scored_clips: int
@@ -41,9 +41,10 @@ class Profile:
 
 
 def _shipped_steps() -> dict:
-    from services.cli.train import DEFAULTS, PHASES
+    from services.cli.train import DEFAULTS, PHASES, VAE_PHASES
 
-    return {"vae": DEFAULTS["vae"]["steps"], "probe": DEFAULTS["probe"]["steps"],
+    return {"vae": VAE_PHASES["full"][1], "vae-decoder": VAE_PHASES["decoder"][1],
+            "probe": DEFAULTS["probe"]["steps"],
             "teacher": DEFAULTS["teacher"]["steps"], "student-init": PHASES["init"][1],
             "distill": PHASES["distill"][1]}
 
@@ -54,7 +55,8 @@ def profiles() -> dict[str, Profile]:
     shipped = _shipped_steps()
     return {
         "tiny": Profile(train_clips=6, eval_clips=3, pairs=4, scored_clips=3,
-                        steps={"vae": 3, "probe": 3, "teacher": 3, "student-init": 3, "distill": 2}),
+                        steps={"vae": 3, "vae-decoder": 2, "probe": 3, "teacher": 3, "student-init": 3,
+                               "distill": 2}),
         "cpu": Profile(train_clips=768, eval_clips=48, pairs=PAIRS["count"], scored_clips=12, steps=shipped),
         "gpu": Profile(train_clips=768, eval_clips=48, pairs=4 * PAIRS["count"], scored_clips=12, steps=shipped,
                        batch_sizes={"teacher": 32, "student-init": 32}),
@@ -115,7 +117,9 @@ def run_pipeline(args: argparse.Namespace) -> int:
 
     dit = dict(latents=str(latents), vae=str(vae_dir), teacher=str(teacher), pairs=str(pairs))
     timed("world", all(is_complete(path) for path in world.values()), make_world)
-    timed("vae", (vae_dir / "config.json").is_file(), stage("vae", vae_dir))
+    full_vae = root / "runs" / "vae" / "vae-full"
+    timed("vae", (full_vae / "config.json").is_file() or (vae_dir / "config.json").is_file(), stage("vae", full_vae))
+    timed("vae-decoder", (vae_dir / "config.json").is_file(), stage("vae-decoder", vae_dir, vae=str(full_vae)))
     timed("probe", probe.is_file(), stage("probe", probe))
     timed("teacher", teacher.is_file(), stage("teacher", teacher, latents=str(latents), vae=str(vae_dir)))
     timed("student-init", init.is_file(), stage("student-init", init, **dit))

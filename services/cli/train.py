@@ -1,6 +1,8 @@
 """`facecast train vae | probe | teacher | student | all`: training through Ray Train, resumable, with progress bars.
 
-    facecast train vae                    the talk128 VAE on out/world/train-128 (made first if missing)
+    facecast train vae                    the talk128 VAE on out/world/train-128 (made first if missing):
+                                          `--phase full` (encoder and decoder from scratch), then `--phase
+                                          decoder` (the decoder alone, further, on the frozen encoder's latents)
     facecast train probe                  the lip-sync probe (mouth opening + identity embedding)
     facecast train teacher                the bidirectional audio-conditioned teacher on the clips' latents
                                           (out/latents/train-128, encoded with the shipped VAE first if missing)
@@ -27,7 +29,7 @@ from services.cli.common import EXIT_OK, UserError
 from services.cli.world import default_dir
 
 DEFAULTS = {
-    "vae": {"steps": 2000, "export": str(shipped_path(TALK128_VAE))},
+    "vae": {"steps": None, "export": str(shipped_path(TALK128_VAE))},
     "probe": {"steps": 1500, "export": str(shipped_path(LIPSYNC_PROBE))},
     "teacher": {"steps": 3000, "export": str(shipped_path(TALK128_TEACHER))},
     "student": {"steps": None, "export": str(shipped_path(TALK128_STUDENT))},
@@ -36,6 +38,10 @@ COMMANDS = tuple(DEFAULTS)
 PHASES = {  # `facecast train student`: (driver stage, default steps, default export); runs in <run-dir>/<stage>
     "init": ("student-init", 1200, "<run-dir>/student-init/student-init.safetensors"),
     "distill": ("distill", 3000, str(shipped_path(TALK128_STUDENT))),
+}
+VAE_PHASES = {  # `facecast train vae`: the same, runs in <run-dir>/<stage>
+    "full": ("vae", 2000, "<run-dir>/vae/vae-full"),
+    "decoder": ("vae-decoder", 1800, str(shipped_path(TALK128_VAE))),
 }
 PAIRS = {"count": 1024, "teacher_steps": 12, "guidance": 2.0}
 DEFAULT_LATENTS = Path("out") / "latents" / "train-128"
@@ -130,34 +136,51 @@ def cmd_train(args: argparse.Namespace) -> int:
         return run_pipeline(args)
     if args.profile != "cpu":
         raise UserError(f"--profile applies to `facecast train all` only, not {stage!r}")
-    if stage != "student":
+    table = {"student": PHASES, "vae": VAE_PHASES}.get(stage)
+    if table is None:
         if args.phase:
-            raise UserError(f"--phase applies to `facecast train student` only, not {stage!r}")
+            raise UserError(f"--phase applies to `facecast train student` and `vae` only, not {stage!r}")
         steps = args.steps if args.steps is not None else DEFAULTS[stage]["steps"]
         return _run(args, stage, steps, args.export or DEFAULTS[stage]["export"],
                     args.run_dir or str(Path("out") / "train" / stage))
-    phases = [args.phase] if args.phase else list(PHASES)
+    if args.phase and args.phase not in table:
+        raise UserError(f"--phase={args.phase!r} is not a phase of `facecast train {stage}`; allowed: "
+                        f"{', '.join(table)}")
+    phases = [args.phase] if args.phase else list(table)
     if len(phases) > 1 and args.steps is not None:
-        raise UserError("--steps applies to one phase: add --phase init or --phase distill")
+        raise UserError(f"--steps applies to one phase: add --phase {' or --phase '.join(table)}")
     root = Path(args.run_dir or Path("out") / "train")
+    first = root / table[list(table)[0]][0]  # the first phase's run directory holds its export
+    full_vae = first / "vae-full"
     for phase in phases:
-        driver_stage, steps, export = PHASES[phase]
+        driver_stage, steps, export = table[phase]
         run_dir = root / driver_stage
+        steps = args.steps if args.steps is not None else steps
         if phase == "init":
             export = str(run_dir / "student-init.safetensors")
+        elif phase == "full":
+            export = str(full_vae)
         else:
             export = args.export or export
-        _run(args, driver_stage, args.steps if args.steps is not None else steps, export, str(run_dir),
-             init_export=str(root / "student-init" / "student-init.safetensors"))
+        if phase == "decoder":
+            source = args.vae or str(full_vae)
+            if not (Path(source) / "config.json").is_file():
+                raise UserError(f"--vae: {source} is not a VAE directory; run `facecast train vae --phase full` "
+                                "first, or pass the finished VAE whose decoder to train")
+            _run(args, driver_stage, steps, export, str(run_dir), vae_source=source)
+        else:
+            _run(args, driver_stage, steps, export, str(run_dir),
+                 init_export=str(root / "student-init" / "student-init.safetensors"))
     return EXIT_OK
 
 
 def _run(args: argparse.Namespace, stage: str, steps: int, export: str, run_dir: str,
-         init_export: str | None = None) -> int:
+         init_export: str | None = None, vae_source: str | None = None) -> int:
     from services.train.driver import LATENT_STAGES, TrainRequest, train
 
     data = args.data or str(default_dir("train"))
     latents = (args.latents or str(DEFAULT_LATENTS)) if stage in LATENT_STAGES else None
+    takes_vae = stage in LATENT_STAGES or stage == "vae-decoder"
     teacher = args.teacher or DEFAULTS["teacher"]["export"]
     pairs = args.pairs or str(Path(init_export or "").parent / "ode-pairs.pt")
     extra = {}
@@ -170,7 +193,7 @@ def _run(args: argparse.Namespace, stage: str, steps: int, export: str, run_dir:
                                workers=args.workers, gpu=args.gpu, batch_size=args.batch_size,
                                learning_rate=args.learning_rate, seed=args.seed, world_count=args.world_count,
                                checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-                               latents=latents, vae=args.vae if stage in LATENT_STAGES else None, **extra)
+                               latents=latents, vae=vae_source or (args.vae if takes_vae else None), **extra)
     except ValueError as error:
         raise UserError(str(error)) from None
     if args.gpu:
@@ -199,17 +222,19 @@ def add_parser(commands) -> None:
                             "(into --run-dir, default out/pipeline-<profile>)")
     train.add_argument("--data", help="world shard directory, world:train, or a folder of videos "
                                       "(default out/world/train-128, generated if missing)")
-    train.add_argument("--steps", type=int, help="optimiser steps (defaults: " +
+    train.add_argument("--steps", type=int, help="optimiser steps of one stage or phase (defaults: vae " +
+                       " + ".join(f"{p} {v[1]}" for p, v in VAE_PHASES.items()) + ", " +
                        ", ".join(f"{k} {v['steps']}" for k, v in DEFAULTS.items() if v["steps"]) + ", student " +
                        " + ".join(f"{p} {v[1]}" for p, v in PHASES.items()) + ")")
-    train.add_argument("--phase", choices=tuple(PHASES), help="student: one phase only (default: init, then distill)")
+    train.add_argument("--phase", help="one phase only: student init|distill (default both in turn), vae "
+                                       "full|decoder (default both in turn)")
     train.add_argument("--teacher", help=f"student: the teacher checkpoint (default {DEFAULTS['teacher']['export']})")
     train.add_argument("--student", help=f"student --phase distill: the initialised student (default "
                                          f"{PHASES['init'][2]})")
     train.add_argument("--pairs", help="student: the teacher's ODE pairs file (default "
                                        "<run-dir>/student-init/ode-pairs.pt, made first if missing)")
-    train.add_argument("--run-dir", help="resumable state and log.jsonl (default out/train/<stage>; for student the "
-                                         "folder holding its phases' run directories, default out/train)")
+    train.add_argument("--run-dir", help="resumable state and log.jsonl (default out/train/<stage>; for student and "
+                                         "vae the folder holding their phases' run directories, default out/train)")
     train.add_argument("--export", help="where the trained weights go (defaults: " +
                        ", ".join(f"{k} {v['export']}" for k, v in DEFAULTS.items()) + ")")
     train.add_argument("--workers", type=int, default=1, help="Ray Train workers (data-parallel; default 1)")
@@ -221,7 +246,8 @@ def add_parser(commands) -> None:
     train.add_argument("--latents", help=f"the DiT stages' latent cache (default {DEFAULT_LATENTS}, encoded from "
                                          "--data with the shipped VAE if missing)")
     train.add_argument("--vae", help="the DiT stages: the VAE directory whose latents they train on (default: the "
-                                     "preset's shipped VAE, checkpoints/talk128-vae)")
+                                     "preset's shipped VAE, checkpoints/talk128-vae); vae --phase decoder: the "
+                                     "finished VAE whose decoder to train (default <run-dir>/vae/vae-full)")
     train.add_argument("--profile", default="cpu",
                        help="`all`: tiny (a few steps of each stage: the dry run), cpu (each stage's shipped "
                             "defaults) or gpu (the DiT stages' batches scaled up; with --gpu)")

@@ -17,7 +17,7 @@ import os
 import tempfile
 from pathlib import Path
 
-STAGES = ("vae", "probe", "teacher", "student-init", "distill")
+STAGES = ("vae", "vae-decoder", "probe", "teacher", "student-init", "distill")
 LATENT_STAGES = ("teacher", "student-init", "distill")
 KEEP_CHECKPOINTS = 2
 """Checkpoints Ray Train keeps in its storage (the run directory's own state.pt is always the newest)."""
@@ -49,7 +49,8 @@ class TrainRequest:
     pairs: str | None = None
     """student-init, distill: the teacher's ODE pairs (`student_stage.make_ode_pairs`)."""
     vae: str | None = None
-    """The DiT stages: the VAE directory whose latent space they train in (default: the preset's shipped VAE)."""
+    """The DiT stages: the VAE directory whose latent space they train in (default: the preset's shipped VAE);
+    vae-decoder: the finished VAE whose decoder it trains further."""
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -58,7 +59,7 @@ class TrainRequest:
             raise ValueError(f"workers={self.workers} is invalid: at least 1")
         if self.steps < 1:
             raise ValueError(f"steps={self.steps} is invalid: at least 1")
-        needs = {"teacher": ("latents",), "student-init": ("latents", "teacher", "pairs"),
+        needs = {"vae-decoder": ("vae",), "teacher": ("latents",), "student-init": ("latents", "teacher", "pairs"),
                  "distill": ("latents", "teacher", "student", "pairs")}.get(self.stage, ())
         missing = [name for name in needs if not getattr(self, name)]
         if missing:
@@ -105,6 +106,11 @@ def build_stage(request: TrainRequest, *, wrap=None, device="cpu"):
         from model_core.training.vae_stage import VAEStage, VAETrainConfig
 
         return VAEStage(preset.vae, source, VAETrainConfig(seed=request.seed, **overrides), wrap=wrap, device=device)
+    if request.stage == "vae-decoder":
+        from model_core.training.vae_stage import DecoderStage, DecoderTrainConfig
+
+        train = DecoderTrainConfig(seed=request.seed, steps=request.steps, **overrides)
+        return DecoderStage(request.vae, source, train, wrap=wrap, device=device)
     from model_core.training.probe_stage import ProbeStage, ProbeTrainConfig
 
     return ProbeStage(source, ProbeTrainConfig(seed=request.seed, **overrides), wrap=wrap, device=device)

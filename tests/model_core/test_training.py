@@ -10,7 +10,9 @@ import torch
 
 from model_core.config import get_preset
 from model_core.training.loop import read_log, run_stage
-from model_core.training.vae_stage import VAEStage, VAETrainConfig, latent_statistics, reconstruction_report
+from model_core.training.latents import vae_digest
+from model_core.training.vae_stage import (DecoderStage, DecoderTrainConfig, VAEStage, VAETrainConfig,
+                                           latent_statistics, reconstruction_report)
 from model_core.vae import StreamingVAE
 from model_core.world.speech import espeak_available
 from model_core.world.split import WorldSplit
@@ -205,3 +207,29 @@ def test_phases_train_on_their_windows_with_their_rates(source):
     assert seen == [(5, 2e-3, None), (13, 2e-3, None), (33, 3e-4, 0.5), (9, 1e-4, 0.5)]
     with pytest.raises(ValueError, match="steady_window_frames=32 is invalid"):
         VAETrainConfig(steady_window_frames=32)
+
+
+def test_the_decoder_phase_trains_the_decoder_alone_and_keeps_the_latent_space(source, tmp_path):
+    first = stage(source)
+    run_stage(first, tmp_path / "full", 4, progress=False, export_to=tmp_path / "full-vae")
+    before = StreamingVAE.from_pretrained(tmp_path / "full-vae")
+    tune = DecoderStage(tmp_path / "full-vae", source, DecoderTrainConfig(steps=16, window_frames=5, batch_size=1,
+                                                                          warmup_steps=1, learning_rate=2e-3))
+    run_stage(tune, tmp_path / "decoder", 16, log_every=4, progress=False, export_to=tmp_path / "tuned")
+    losses = [row["loss"] for row in read_log(tmp_path / "decoder")]
+    assert losses[-1] < 0.9 * losses[0]
+    after = StreamingVAE.from_pretrained(tmp_path / "tuned")
+    assert vae_digest(after) == vae_digest(before)  # the same latent space: caches and DiTs trained in it stay valid
+    for name, value in before.vae.state_dict().items():
+        same = torch.equal(after.vae.state_dict()[name], value)
+        assert same == name.startswith(("encoder.", "quant_conv.")), name
+    assert after.vae.config.latents_mean == before.vae.config.latents_mean
+
+
+def test_the_decoder_rate_warms_up_holds_and_falls_to_zero():
+    config = DecoderTrainConfig(steps=100, learning_rate=1.0, warmup_steps=10, decay_from=0.5)
+    assert config.rate(0) == pytest.approx(0.1) and config.rate(9) == pytest.approx(1.0)
+    assert config.rate(49) == pytest.approx(1.0) and config.rate(75) == pytest.approx(0.5)
+    assert config.rate(100) == 0.0
+    with pytest.raises(ValueError, match="window_frames=6 is invalid"):
+        DecoderTrainConfig(window_frames=6)

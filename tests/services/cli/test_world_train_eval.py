@@ -38,7 +38,7 @@ def test_world_generate_resumes_and_info_reports_the_split(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["eval", "--video", "sideways"], "--video: video='sideways' is invalid"),
-    (["train", "vae", "--steps", "0", "--data", "world:train"], "steps=0 is invalid"),
+    (["train", "probe", "--steps", "0", "--data", "world:train"], "steps=0 is invalid"),
     (["train", "vae", "--workers", "0", "--data", "world:train"], "workers=0 is invalid"),
     (["world", "generate", "--count", "0", "--quiet", "--out", "/tmp/facecast-never"], "clip count=0 is invalid"),
     (["world", "info", "/nonexistent/place"], "is not a world dataset"),
@@ -47,6 +47,12 @@ def test_world_generate_resumes_and_info_reports_the_split(tmp_path, capsys):
     (["train", "vae", "--profile", "tiny", "--data", "world:train"], "--profile applies to `facecast train all`"),
     (["train", "teacher", "--vae", "/nonexistent/vae", "--data", "world:train", "--latents", "/tmp/facecast-none"],
      "--vae: VAE directory '/nonexistent/vae' has no config.json"),
+    (["train", "vae", "--phase", "init", "--data", "world:train"],
+     "--phase='init' is not a phase of `facecast train vae`; allowed: full, decoder"),
+    (["train", "vae", "--steps", "5", "--data", "world:train"], "--steps applies to one phase: add --phase full or"),
+    (["train", "vae", "--phase", "decoder", "--vae", "/nonexistent/vae", "--data", "world:train"],
+     "--vae: /nonexistent/vae is not a VAE directory"),
+    (["train", "probe", "--phase", "full", "--data", "world:train"], "--phase applies to `facecast train student`"),
 ])
 def test_user_errors_are_one_line_with_status_2(args, message):
     result = facecast(*args, timeout=120)
@@ -78,18 +84,28 @@ def test_train_vae_runs_on_ray_train_and_resumes(tmp_path):
     args = ["train", "vae", "--data", "world:train", "--world-count", "1", "--batch-size", "1",
             "--run-dir", str(tmp_path / "run"), "--export", str(tmp_path / "export"), "--log-every", "1",
             "--checkpoint-every", "1"]
-    first = facecast(*args, "--steps", "2")
+    run = tmp_path / "run" / "vae"
+    first = facecast(*args, "--phase", "full", "--steps", "2")
     assert first.returncode == 0, first.stderr[-3000:]
     summary = json.loads(first.stdout[first.stdout.index("{"):])
     assert summary["step"] == 2 and summary["stage"] == "vae"
-    assert (tmp_path / "run" / "state.pt").is_file() and (tmp_path / "export" / "config.json").is_file()
-    second = facecast(*args, "--steps", "3")  # the same command, asked for one more step: resumes at step 2
+    assert (run / "state.pt").is_file() and (run / "vae-full" / "config.json").is_file()
+    second = facecast(*args, "--phase", "full", "--steps", "3")  # the same command, one more step: resumes at 2
     assert second.returncode == 0, second.stderr[-3000:]
-    assert [row["step"] for row in read_log(tmp_path / "run")] == [1, 2, 3]
+    assert [row["step"] for row in read_log(run)] == [1, 2, 3]
     # Ray Train's copies stay bounded: two checkpoints of the state, never the run directory copied into itself
-    state_bytes = (tmp_path / "run" / "state.pt").stat().st_size
-    ray_bytes = sum(p.stat().st_size for p in (tmp_path / "run" / "ray").rglob("*") if p.is_file())
+    state_bytes = (run / "state.pt").stat().st_size
+    ray_bytes = sum(p.stat().st_size for p in (run / "ray").rglob("*") if p.is_file())
     assert ray_bytes < 2.5 * state_bytes
+    # the decoder phase starts from the full phase's export and writes --export, in the same latent space
+    third = facecast(*args, "--phase", "decoder", "--steps", "2")
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert json.loads(third.stdout[third.stdout.index("{"):])["stage"] == "vae-decoder"
+    from model_core.training.latents import vae_digest
+    from model_core.vae import StreamingVAE
+
+    full, tuned = (StreamingVAE.from_pretrained(path) for path in (run / "vae-full", tmp_path / "export"))
+    assert vae_digest(tuned) == vae_digest(full)
 
 
 def test_world_shards_are_the_same_bytes_from_any_number_of_workers(tmp_path):
