@@ -414,6 +414,7 @@ def write_vae(vae: AutoencoderKLWan, mean: list, std: list, path: Path) -> None:
     config_path = path / "config.json"  # diffusers writes back its init defaults here; the measured ones win
     config = json.loads(config_path.read_text())
     config.update(latents_mean=mean, latents_std=std)
+    config.pop("_name_or_path", None)  # where the source was loaded from on this machine: not part of the weights
     config_path.write_text(json.dumps(config, indent=2))
 
 

@@ -224,6 +224,7 @@ def test_the_decoder_phase_trains_the_decoder_alone_and_keeps_the_latent_space(s
         same = torch.equal(after.vae.state_dict()[name], value)
         assert same == name.startswith(("encoder.", "quant_conv.")), name
     assert after.vae.config.latents_mean == before.vae.config.latents_mean
+    assert "_name_or_path" not in (tmp_path / "tuned" / "config.json").read_text()  # no local path is shipped
 
 
 def test_the_decoder_rate_warms_up_holds_and_falls_to_zero():
