@@ -71,7 +71,7 @@ LATENT_SPACE_WEIGHTS = ("encoder.", "quant_conv.")
 def vae_digest(vae) -> str:
     """A short digest of what names a VAE's latent space: the encoder's weights and the statistics that normalise
     its output. The decoder is left out: a VAE whose decoder alone was trained further (`facecast train vae
-    --decoder-only`) encodes the same latents, so a cache and a DiT trained on them stay valid."""
+    --phase decoder`) encodes the same latents, so a cache and a DiT trained on them stay valid."""
     digest = hashlib.sha256()
     for key, value in sorted(vae.vae.state_dict().items()):
         if key.startswith(LATENT_SPACE_WEIGHTS):

@@ -333,22 +333,13 @@ class DecoderObjective(torch.nn.Module):
         return self.vae.decode(latents).sample
 
 
-def load_trainable_vae(path: str | Path, device="cpu") -> AutoencoderKLWan:
-    """A VAE directory in float32 for training (fp16 exports are widened)."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"VAE directory {str(path)!r} has no config.json")
-    return AutoencoderKLWan.from_pretrained(path, torch_dtype=torch.float32).to(device)
-
-
 class DecoderStage:
     name = "vae-decoder"
 
     def __init__(self, vae_dir: str | Path, source, train: DecoderTrainConfig = DecoderTrainConfig(), *, wrap=None,
                  device="cpu"):
         self.seed, self.train_config, self.device = train.seed, train, torch.device(device)
-        self.vae_dir = Path(vae_dir)
-        self.vae = load_trainable_vae(vae_dir, self.device)
+        self.vae = StreamingVAE.from_pretrained(vae_dir, device=self.device, dtype=torch.float32).vae  # fp16 widened
         for module in (self.vae.encoder, self.vae.quant_conv):
             module.requires_grad_(False)
         objective = DecoderObjective(self.vae)

@@ -150,8 +150,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if len(phases) > 1 and args.steps is not None:
         raise UserError(f"--steps applies to one phase: add --phase {' or --phase '.join(table)}")
     root = Path(args.run_dir or Path("out") / "train")
-    first = root / table[list(table)[0]][0]  # the first phase's run directory holds its export
-    full_vae = first / "vae-full"
+    full_vae = root / VAE_PHASES["full"][0] / "vae-full"  # phase full's export, in its run directory
     for phase in phases:
         driver_stage, steps, export = table[phase]
         run_dir = root / driver_stage
