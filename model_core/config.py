@@ -73,6 +73,10 @@ class DiTConfig:
     """Hidden size of the audio projection MLP (0: same as the model's hidden size)."""
     temporal_compression: int = 4
     """Video frames per latent frame (the VAE's temporal stride)."""
+    audio_injection_dim: int = 0
+    """Per-frame audio injection (`AudioInjection`): each audio token is reduced to this many channels, the frame's
+    window of them is mapped linearly to one vector and added to the tokens of the speaker's region before the
+    first block. 0: off (cross-attention alone, as TalkingMachines and Wan checkpoints)."""
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_heads", "head_dim", "ffn_dim", "text_dim", "text_len", "image_dim",
@@ -80,6 +84,8 @@ class DiTConfig:
             _check(int(getattr(self, name)) >= 1, name, getattr(self, name), "must be a positive integer")
         _check(self.head_dim % 2 == 0 and self.head_dim >= 6, "head_dim", self.head_dim,
                "must be even and >= 6 (3D RoPE splits it into frame/height/width parts)")
+        _check(int(self.audio_injection_dim) >= 0, "audio_injection_dim", self.audio_injection_dim,
+               "must be >= 0 (0: off)")
         _check(self.audio_window % 2 == 1, "audio_window", self.audio_window, "must be an odd number of latent frames")
         _check(self.in_channels >= self.out_channels, "in_channels", self.in_channels,
                f"must be >= out_channels ({self.out_channels})")

@@ -8,6 +8,7 @@ with every base key matched; the audio and reference layers are new):
     prompt   ─► condition_embedder.text_embedder  ─┐
     reference latent ─► reference_embedder ─► condition_embedder.image_embedder ─┤ cross-attention context
     audio features ─► audio_projection ─► audio tokens (window of 5 latent frames per frame) ─┘
+                      (optional audio_injection: the window -> one vector added to the speaker's tokens)
     blocks x L:  norm1 → attn1 (3D RoPE self-attention, causal chunk mask / KV cache)
                  norm2 → attn2 (text + image + local-window audio cross-attention, audio masked to regions)
                  norm3 → ffn
@@ -202,6 +203,37 @@ class AudioProjection(nn.Module):
         return tokens + self.position_embedding.to(tokens.dtype)
 
 
+class AudioInjection(nn.Module):
+    """A direct per-frame audio path: each latent frame's window of audio tokens -> one vector, added to the tokens
+    of the character's region before the first block.
+
+    tokens [B, K, F, T, dim] -> reduce (Linear dim -> r) -> flatten the window (T*r) -> Linear -> [B, K, F, dim].
+    Cross-attention starts uniform over the window (a 0.8 s average, zero values) and must find the frame's own
+    audio before it can use it; this linear filter over the window sees every token at its offset from the first
+    step, so a lag or a coarticulation pattern is one weight each. The output layer starts at zero: a model with
+    it computes what it computes without it until trained.
+    """
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.reduce = nn.Linear(config.dim, config.audio_injection_dim)
+        self.out = nn.Linear(config.audio_tokens_per_frame * config.audio_injection_dim, config.dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, hidden: torch.Tensor, audio: ChunkAudio, first_frame: int, frames: int) -> torch.Tensor:
+        """hidden [B, F*S, dim]; audio covers frames [first_frame, frames) -> hidden with the audio added."""
+        batch, tokens, dim = hidden.shape
+        per_frame = tokens // frames
+        vectors = self.out(self.reduce(audio.tokens).flatten(-2))            # [B, K, Fa, dim]
+        added = (vectors[:, :, :, None, :] * audio.regions.to(vectors.dtype)[:, :, None, :, None]).sum(1)
+        added = added.reshape(batch, (frames - first_frame) * per_frame, dim).to(hidden.dtype)
+        if first_frame == 0:
+            return hidden + added
+        start = first_frame * per_frame
+        return torch.cat([hidden[:, :start], hidden[:, start:] + added], dim=1)
+
+
 class CausalAvatarDiT(nn.Module):
     """The causal, chunked, audio-conditioned score model. See the module docstring for the layout."""
 
@@ -222,6 +254,7 @@ class CausalAvatarDiT(nn.Module):
         rh, rw = config.reference_patch
         self.reference_embedder = nn.Linear(config.out_channels * rh * rw, config.image_dim)
         self.audio_projection = AudioProjection(config)
+        self.audio_injection = AudioInjection(config) if config.audio_injection_dim else None
 
     # ------------------------------------------------------------------ session-level conditioning (once)
 
@@ -280,6 +313,11 @@ class CausalAvatarDiT(nn.Module):
         tokens = self.patch_embedding(latents)
         grid = tuple(tokens.shape[2:])
         return tokens.flatten(2).transpose(1, 2), grid
+
+    def _inject(self, hidden: torch.Tensor, audio: ChunkAudio | None, first_frame: int, frames: int) -> torch.Tensor:
+        if self.audio_injection is None or audio is None:
+            return hidden
+        return self.audio_injection(hidden, audio, first_frame, frames)
 
     def _head(self, hidden: torch.Tensor, temb: torch.Tensor, grid: tuple) -> torch.Tensor:
         """hidden [B, F*S, dim], temb [B, F or 1, dim] -> velocity [B, 16, F, H, W]."""
@@ -361,6 +399,7 @@ class CausalAvatarDiT(nn.Module):
         Returns the velocity [B, 16, C, h, w].
         """
         hidden, grid = self._embed(latents, latent_condition)
+        hidden = self._inject(hidden, audio, 0, grid[0])
         (cos_cur, sin_cur), (cos_prev, sin_prev), (cos_sink, sin_sink) = rope.current, rope.previous, rope.sink
         modulation = cond.step_modulation[step_index][:, None]
         for index, block in enumerate(self.blocks):
@@ -432,6 +471,7 @@ class CausalAvatarDiT(nn.Module):
 
             audio_first = sink_frames
 
+        hidden = self._inject(hidden, audio, audio_first, frames)
         for index, block in enumerate(self.blocks):
             hidden = block(hidden, modulation, frames, self_attention, self._context(cond, index), audio, audio_first)
         return self._head(hidden, temb, grid)

@@ -107,7 +107,7 @@ def build_vae(preset: PresetConfig, *, checkpoint: str | None, device, seed: int
 
 
 def random_dit(config: DiTConfig, seed: int, device="cpu", dtype=torch.float32) -> CausalAvatarDiT:
-    """A model with seeded random weights everywhere (the zero-initialised audio value projection included,
+    """A model with seeded random weights everywhere (the zero-initialised audio layers included,
     so audio changes the output as it would in a trained model). Built directly on `device`, so the
     wan-14b shape never materialises in host memory; the same seed gives the same weights on the same device type.
     """
@@ -117,4 +117,6 @@ def random_dit(config: DiTConfig, seed: int, device="cpu", dtype=torch.float32) 
         model = CausalAvatarDiT(config)
         for block in model.blocks:
             torch.nn.init.normal_(block.attn2.audio_v_proj.weight, std=config.dim ** -0.5)
+        if model.audio_injection is not None:
+            torch.nn.init.normal_(model.audio_injection.out.weight, std=model.audio_injection.out.in_features ** -0.5)
     return model.to(dtype)

@@ -65,13 +65,16 @@ def full_sequence(model, schedule, text, reference, features, speaking, regions,
     return latents
 
 
-@pytest.mark.parametrize("steps,chunk_frames,offset,characters,sink_frames", [
-    (2, 3, 3, 1, 1),
-    (3, 2, -5, 2, 1),
-    (1, 3, 0, 1, 2),
+@pytest.mark.parametrize("steps,chunk_frames,offset,characters,sink_frames,injection", [
+    (2, 3, 3, 1, 1, 0),
+    (3, 2, -5, 2, 1, 0),
+    (1, 3, 0, 1, 2, 0),
+    (2, 3, 3, 2, 1, 8),
+    (1, 2, 0, 1, 2, 8),
 ])
-def test_chunked_with_caches_equals_full_sequence_block_sparse(steps, chunk_frames, offset, characters, sink_frames):
-    model = tiny_model(seed=steps)
+def test_chunked_with_caches_equals_full_sequence_block_sparse(steps, chunk_frames, offset, characters, sink_frames,
+                                                               injection):
+    model = tiny_model(seed=steps, audio_injection_dim=injection)
     schedule = flow_schedule(steps, shift=5.0)
     inputs = make_inputs(model, chunks=4, chunk_frames=chunk_frames, characters=characters)
     with torch.no_grad():

@@ -119,3 +119,37 @@ def test_i2v_layout_with_36_input_channels_loads_and_runs(tmp_path):
         actual = model.forward_full(latents, timestep[:, None].expand(1, 2), cond, layout="full",
                                     latent_condition=condition)
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_audio_injection_adds_each_speakers_window_filter_inside_its_region_only():
+    """AudioInjection against a written-out expectation: character k's vector for frame f is a linear filter over
+    its window's reduced tokens, added to the tokens of k's region only; zeroed regions add nothing."""
+    from model_core.cache import ChunkAudio
+    from model_core.dit import AudioInjection
+
+    from .helpers import tiny_config
+
+    config = tiny_config(audio_injection_dim=4)
+    torch.manual_seed(0)
+    injection = AudioInjection(config)
+    assert float(injection.out.weight.abs().sum()) == 0.0, "starts at zero: a fresh model is unchanged"
+    torch.nn.init.normal_(injection.out.weight)
+    batch, characters, frames, per_frame, dim = 2, 2, 3, 4, config.dim
+    window = config.audio_tokens_per_frame
+    tokens = torch.randn(batch, characters, frames, window, dim)
+    regions = torch.tensor([[[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]], [[1.0, 0.0, 0.0, 0.0], [0.0] * 4]])
+    hidden = torch.randn(batch, (1 + frames) * per_frame, dim)   # one leading frame (a sink) hears nothing
+    out = injection(hidden, ChunkAudio(tokens=tokens, regions=regions), 1, 1 + frames)
+
+    expected = hidden.clone()
+    for b in range(batch):
+        for k in range(characters):
+            for f in range(frames):
+                reduced = tokens[b, k, f] @ injection.reduce.weight.T + injection.reduce.bias   # [T, r]
+                vector = injection.out.weight @ reduced.reshape(-1) + injection.out.bias
+                for s in range(per_frame):
+                    if regions[b, k, s]:
+                        expected[b, (1 + f) * per_frame + s] += vector
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    silent = injection(hidden, ChunkAudio(tokens=tokens, regions=torch.zeros_like(regions)), 1, 1 + frames)
+    torch.testing.assert_close(silent, hidden, atol=0, rtol=0)
