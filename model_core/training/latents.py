@@ -11,7 +11,9 @@ stream is (its latent 0 is one video frame alone, latent k covers the segment's 
 segments in a batch costs a third of encoding the clip in one pass on a CPU. Also the reference latent (the
 identity's neutral render, as `facecast eval` and a user give it), the audio features of every
 video frame per character (each character's own track: a two-character clip's mix is split at the turns), who is
-speaking, each character's token region and a mouth weight per latent position (from the truth's face boxes).
+speaking, each character's token region, a mouth weight per latent position (from the truth's face boxes) and each
+character's mouth opening per latent frame (the truth's, averaged over the video frames the latent frame covers: what
+the teacher's latent lip reader is fitted to).
 
 The cache records the VAE (a digest of its weights), the audio front-end and the world version; a stage refuses a
 cache made with another VAE, because latents from one VAE mean nothing to another.
@@ -35,7 +37,8 @@ from ..world.render import FrameState, Renderer
 from ..world.identity import identity
 from .data import frames_to_tensor, mouth_mask
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+"""2: `LatentClip.opening` (the truth's mouth opening per latent frame)."""
 SHARD_CLIPS = 32
 
 
@@ -48,6 +51,7 @@ class LatentClip:
     speaking: torch.Tensor    # [K, N] bool, the truth's speaking flag (mouth moving with speech)
     regions: torch.Tensor     # [K, S] float32, token masks (S = post-patch tokens per latent frame)
     mouth: torch.Tensor       # [G, n, h, w] float16, mouth weight 0..1 per latent position
+    opening: torch.Tensor     # [K, G, n] float16, each character's mean mouth opening (0..1) per latent frame
     identity: int
     style: int
 
@@ -61,7 +65,7 @@ class LatentClip:
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("latents", "starts", "reference", "features", "speaking", "regions",
-                                              "mouth", "identity", "style")}
+                                              "mouth", "opening", "identity", "style")}
 
 
 LATENT_SPACE_WEIGHTS = ("encoder.", "quant_conv.")
@@ -131,6 +135,17 @@ def latent_mouth_weight(face_box: np.ndarray, size: int, num_latents: int, ratio
     return torch.from_numpy(out)
 
 
+def latent_openings(mouth_open: np.ndarray, num_latents: int, ratio: int) -> torch.Tensor:
+    """[T, K] per-video-frame openings of one segment -> [K, L]: latent frame f's mean over the video frames it
+    covers ([ratio*f - (ratio-1), ratio*f], frame 0 alone), as `latent_mouth_weight` groups them."""
+    out = np.zeros((mouth_open.shape[1], num_latents), np.float32)
+    for f in range(num_latents):
+        first, last = max(0, ratio * f - (ratio - 1)), min(len(mouth_open) - 1, ratio * f)
+        if first <= last:
+            out[:, f] = mouth_open[first:last + 1].mean(0)
+    return torch.from_numpy(out)
+
+
 SEGMENT_STRIDE = 32
 """Video frames between segment starts (a multiple of the VAE's temporal stride)."""
 
@@ -162,10 +177,12 @@ def encode_clip(clip, vae, frontend, dit_config: DiTConfig, seed: int = 0, segme
     grid = (latents.shape[-2] // dit_config.patch_size[1], latents.shape[-1] // dit_config.patch_size[2])
     mouth = torch.stack([latent_mouth_weight(clip.truth.face_box[s:s + length], size, segment_latents, ratio,
                                              latents.shape[-2:]) for s in chosen])
+    opening = torch.stack([latent_openings(clip.truth.mouth_open[s:s + length], segment_latents, ratio)
+                           for s in chosen], dim=1)
     return LatentClip(
         latents=latents.half().cpu(), starts=torch.tensor(chosen), reference=reference_latent.half().cpu(),
         features=features[:, :frames].half(), speaking=torch.from_numpy(clip.truth.speaking[:frames].T.copy()),
-        regions=character_regions(clip.truth.face_box, size, grid), mouth=mouth.half(),
+        regions=character_regions(clip.truth.face_box, size, grid), mouth=mouth.half(), opening=opening.half(),
         identity=int(clip.truth.identity[0]), style=int(clip.truth.style[0]))
 
 
@@ -260,6 +277,9 @@ class LatentSource:
             raise FileNotFoundError(f"{self.path} is not a latent cache (no manifest.json); build one with "
                                     "`facecast train teacher` or `build_latent_cache`")
         self.manifest = json.loads(manifest_path.read_text())
+        if self.manifest.get("version") != CACHE_VERSION:
+            raise ValueError(f"{self.path} is a version-{self.manifest.get('version')} latent cache; this facecast "
+                             f"reads version {CACHE_VERSION} (it adds the mouth openings): rebuild it")
         self.count = int(self.manifest["count"])
         self.shard_size = int(self.manifest["shard_clips"])
         if not is_latent_cache_complete(self.path):

@@ -13,8 +13,9 @@ from model_core.stages import AudioStage
 from model_core.training.latents import (LatentSource, audio_windows, build_latent_cache, character_regions,
                                          encode_clip, speaker_tracks, vae_digest)
 from model_core.training.loop import read_log, run_stage
-from model_core.training.teacher_stage import (TeacherStage, TeacherTrainConfig, predict_velocity, sample_batch,
-                                               sigmas, teacher_sample, text_states)
+from model_core.training.teacher_stage import (LatentLipReader, TeacherStage, TeacherTrainConfig, predict_velocity,
+                                               sample_batch, sigmas, sync_loss, sync_mask, teacher_sample,
+                                               text_states)
 from model_core.vae import StreamingVAE
 from model_core.world.speech import espeak_available
 from model_core.world.split import WorldSplit
@@ -96,6 +97,12 @@ def test_encoded_segments_line_up_with_their_video(latent_clips, world, vae):
     rows = encoded.mouth[1].float().mean(dim=(0, 2))
     box = clip.truth.face_box[start, 0] / 64 * encoded.mouth.shape[2]
     assert rows[: int(box[1])].sum() == 0 and rows.sum() > 0
+    # latent frame f's opening is the truth's over the video frames it shows: frame 0 alone, then [4f-3, 4f]
+    truth = clip.truth.mouth_open[start:start + 33, 0]
+    assert encoded.opening.shape == (1, encoded.segments, 9)
+    assert abs(float(encoded.opening[0, 1, 0]) - truth[0]) < 1e-3
+    for f in (1, 5, 8):
+        assert abs(float(encoded.opening[0, 1, f]) - truth[4 * f - 3:4 * f + 1].mean()) < 1e-3
 
 
 def test_a_scene_splits_its_audio_at_the_turns_and_its_frame_between_faces():
@@ -127,6 +134,12 @@ def test_latent_cache_resumes_and_refuses_another_vae(world, vae, tmp_path):
         cache.check_vae(other)
     with pytest.raises(ValueError, match="another VAE"):
         build_latent_cache(Listed(world), other, frontend, TINY.dit, tmp_path, progress=False)
+    # a cache of an older layout (no openings) is refused with what to do, before anything reads it
+    import json
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    (tmp_path / "manifest.json").write_text(json.dumps(dict(manifest, version=1)))
+    with pytest.raises(ValueError, match="version-1 latent cache.*rebuild it"):
+        LatentSource(tmp_path)
 
 
 def test_the_latent_space_digest_is_the_encoders_not_the_decoders(vae):
@@ -205,3 +218,70 @@ def test_teacher_video_covers_a_whole_clip(latent_clips, world, vae):
     reference, _ = reference_render(int(clip.truth.identity[0]), 0, 64)
     video = sampler.video(reference, clip.audio, clip.sample_rate, clip.num_frames)
     assert video.shape == (clip.num_frames, 64, 64, 3) and video.dtype == np.uint8
+
+
+class Planted:
+    """Single-character clips whose openings are a known linear read of the cells around a moving mouth."""
+
+    def __init__(self, count, weight, bias, seed=0, noise=0.0):
+        rng = np.random.default_rng(seed)
+        self.items = []
+        for _ in range(count):
+            latents = torch.from_numpy(rng.standard_normal((2, 16, 5, 8, 8))).float()
+            mouth = torch.zeros(2, 5, 8, 8)
+            for g in range(2):
+                for f in range(5):
+                    top, left = rng.integers(0, 7, size=2)
+                    mouth[g, f, top:top + 2, left:left + 2] = 1.0
+            crops = LatentLipReader.crops(latents, mouth)
+            opening = crops @ weight + bias + noise * torch.from_numpy(rng.standard_normal((2, 5))).float()
+            self.items.append(type("Clip", (), dict(latents=latents, mouth=mouth, opening=opening[None],
+                                                    regions=torch.ones(1, 4))))
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        return self.items[index]
+
+
+def test_lip_reader_crops_the_cells_around_the_mouth():
+    latents = torch.arange(2 * 16 * 1 * 8 * 8, dtype=torch.float32).reshape(2, 16, 1, 8, 8)
+    mouth = torch.zeros(2, 1, 8, 8)
+    mouth[0, 0, 5:7, 3:5] = 1.0        # centred on rows 5-6, columns 3-4: crop rows 4..7, columns 2..5
+    mouth[1, 0, 7, 0] = 1.0            # in a corner: the crop is clamped inside the grid
+    crops = LatentLipReader.crops(latents, mouth).view(2, 1, 16, 4, 4)
+    torch.testing.assert_close(crops[0, 0], latents[0, :, 0, 4:8, 2:6])
+    torch.testing.assert_close(crops[1, 0], latents[1, :, 0, 4:8, 0:4])
+
+
+def test_lip_reader_recovers_a_planted_read_out():
+    weight = torch.randn(16 * 16, generator=torch.Generator().manual_seed(1)) * 0.1
+    reader = LatentLipReader.fit(Planted(80, weight, 0.3, noise=0.01), max_clips=80)
+    assert reader.heldout_r > 0.99
+    fresh = Planted(1, weight, 0.3, seed=9)[0]
+    torch.testing.assert_close(reader.read(fresh.latents, fresh.mouth), fresh.opening[0], atol=0.05, rtol=0)
+
+
+def test_sync_term_sees_the_models_clean_estimate(latent_clips):
+    """The sync term reads x0 = x_t - t v: zero for the true velocity, positive when the estimate's mouth differs;
+    only single-character samples that hear their audio count."""
+    stage = TeacherStage(TINY.dit, Listed(latent_clips), TeacherTrainConfig(batch_size=4, frames=5))
+    batch = stage.batch(0, 0)
+    batch["regions"][:, 0] = 1.0
+    batch["regions"][:, 1] = 0.0
+    stage.objective = lambda noisy, sigma, b: b["noise"] - b["x0"]
+    _, values = stage.loss(batch)
+    assert values["sync"] == 0.0 and values["mse"] == 0.0
+    stage.objective = lambda noisy, sigma, b: b["noise"] - b["x0"] + 0.5 * torch.randn_like(b["x0"])
+    _, values = stage.loss(batch)
+    assert values["sync"] > 0.0
+    regions = torch.zeros(3, 2, 4)
+    regions[0, 0] = 1.0                                    # one character, audio on
+    regions[2] = 1.0                                       # two characters
+    assert sync_mask({"regions": regions}).tolist() == [1.0, 0.0, 0.0]
+    estimate = torch.randn(3, 16, 5, 8, 8, requires_grad=True)
+    mouth = torch.ones(3, 5, 8, 8)
+    loss = sync_loss(stage.reader, estimate, torch.zeros(3, 16, 5, 8, 8), mouth, torch.tensor([1.0, 0.0, 0.0]))
+    loss.backward()
+    assert estimate.grad[0].abs().sum() > 0 and estimate.grad[1:].abs().sum() == 0
