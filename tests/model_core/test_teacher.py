@@ -255,12 +255,19 @@ def test_lip_reader_crops_the_cells_around_the_mouth():
     torch.testing.assert_close(crops[1, 0], latents[1, :, 0, 4:8, 0:4])
 
 
-def test_lip_reader_recovers_a_planted_read_out():
+def test_lip_reader_recovers_a_planted_read_out(monkeypatch):
     weight = torch.randn(16 * 16, generator=torch.Generator().manual_seed(1)) * 0.1
-    reader = LatentLipReader.fit(Planted(80, weight, 0.3, noise=0.01), max_clips=80)
+    clips = Planted(80, weight, 0.3, noise=0.01)
+    monkeypatch.setattr(LatentLipReader, "KEEP", 1.0)            # the best-reading ridge
+    reader = LatentLipReader.fit(clips, max_clips=80)
     assert reader.heldout_r > 0.99
     fresh = Planted(1, weight, 0.3, seed=9)[0]
     torch.testing.assert_close(reader.read(fresh.latents, fresh.mouth), fresh.opening[0], atol=0.05, rtol=0)
+    # the loss's reader: the strongest ridge that keeps KEEP of that correlation, with smaller weights
+    monkeypatch.setattr(LatentLipReader, "KEEP", 0.8)
+    strong = LatentLipReader.fit(clips, max_clips=80)
+    assert 0.8 * reader.heldout_r <= strong.heldout_r < reader.heldout_r
+    assert strong.weight.norm() < 0.5 * reader.weight.norm()
 
 
 def test_sync_term_sees_the_models_clean_estimate(latent_clips):
