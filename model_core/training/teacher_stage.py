@@ -16,7 +16,7 @@ a teacher trained on it ignores the audio (BENCHMARKS, "the teacher ignores the 
 lip-sync expert loss does in pixel space (Wav2Lip): a `LatentLipReader`, a linear read-out of the opening from the
 4x4 latent cells around the mouth fitted (ridge) to the truth's openings in the cache before training, reads the
 model's clean estimate x0 = x_t - t v and the true latent, and the squared difference of the two readings (over the
-openings' variance) is added with weight `sync_weight`, on single-character samples that hear their audio.
+readings' variance) is added with weight `sync_weight`, on single-character samples that hear their audio.
 
 Conditioning, as a session gives it: the reference latent (the identity's neutral render) through the reference
 tokens, the empty prompt, and the audio tokens each latent frame sees (`latents.audio_windows`, the windows
@@ -84,7 +84,8 @@ class LatentLipReader:
         reader.read(latents [B, C, F, h, w], mouth [B, F, h, w]) -> openings [B, F]
 
     The crop's centre is the mouth weight's centroid (the truth's face box, per latent frame), so the same cells are
-    read from a prediction and from the truth. `heldout_r`: correlation with the truth on the held-out clips.
+    read from a prediction and from the truth. `heldout_r`: correlation with the truth on the held-out clips;
+    `scale`: the spread (std) of its readings of the true latents, which the sync term is measured in.
 
     The ridge is the strongest of `RIDGE` that keeps `KEEP` of the best held-out correlation: in a loss, a reader
     with large weights amplifies every error of the clean estimate in the crop (at t = 0.9 the best-reading ridge
@@ -144,7 +145,6 @@ class LatentLipReader:
         if not features:
             raise ValueError("no single-character clips with a visible mouth to fit the latent lip reader on")
         x, y, held = torch.cat(features).double(), torch.cat(targets).double(), torch.cat(held)
-        scale = float(y.std().clamp(min=1e-3))
 
         def solve(rows, strength):
             a, t = x[rows], y[rows]
@@ -166,6 +166,7 @@ class LatentLipReader:
             best = max(k for k, v in scores.items() if v >= cls.KEEP * top)
             best_r = scores[best]
         weight, bias = solve(torch.ones_like(held), best)
+        scale = float((x @ weight + bias).std().clamp(min=1e-6))
         return cls(weight.float(), bias, scale, best_r)
 
 
@@ -281,8 +282,8 @@ def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, mouth: torch.Te
 
 def sync_loss(reader: LatentLipReader, estimate: torch.Tensor, x0: torch.Tensor, mouth: torch.Tensor,
               mask: torch.Tensor) -> torch.Tensor:
-    """Mean squared difference of the lip reader's readings of `estimate` and `x0` [B, C, F, h, w] over the openings'
-    variance, on the samples `mask` [B] selects (0 when none)."""
+    """Mean squared difference of the lip reader's readings of `estimate` and `x0` [B, C, F, h, w] over the readings'
+    variance (1: no better than a constant), on the samples `mask` [B] selects (0 when none)."""
     difference = (reader.read(estimate, mouth) - reader.read(x0, mouth).detach()) / reader.scale
     per_sample = (difference ** 2).mean(1)
     return (per_sample * mask).sum() / mask.sum().clamp(min=1.0)
