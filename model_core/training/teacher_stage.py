@@ -32,6 +32,7 @@ settings in its metadata.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -321,7 +322,12 @@ class TeacherStage:
         self.grad_clip = train.grad_clip
         self.source = latents
         self.pools = ClipPools(latents, train.seed, steps_per_pool=32)
-        self.reader = LatentLipReader.fit(latents, train.sync_fit_clips) if train.sync_weight else None
+        self.reader = None
+        if train.sync_weight:
+            try:
+                self.reader = LatentLipReader.fit(latents, train.sync_fit_clips)
+            except ValueError as error:   # e.g. only two-character clips: train on the velocity error alone
+                warnings.warn(f"teacher: the sync term is off: {error}", stacklevel=2)
 
     def modules(self):
         return {"dit": self.dit, "ema": self.ema}

@@ -292,3 +292,12 @@ def test_sync_term_sees_the_models_clean_estimate(latent_clips):
     loss = sync_loss(stage.reader, estimate, torch.zeros(3, 16, 5, 8, 8), mouth, torch.tensor([1.0, 0.0, 0.0]))
     loss.backward()
     assert estimate.grad[0].abs().sum() > 0 and estimate.grad[1:].abs().sum() == 0
+
+
+def test_without_single_character_clips_the_sync_term_is_off_with_a_warning():
+    scenes = Planted(3, torch.zeros(256), 0.0)
+    for clip in scenes.items:
+        clip.regions = torch.ones(2, 4)
+    with pytest.warns(UserWarning, match="sync term is off: no single-character clips"):
+        stage = TeacherStage(TINY.dit, scenes)
+    assert stage.reader is None
