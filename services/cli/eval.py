@@ -4,6 +4,8 @@
     facecast eval --video teacher [--checkpoint T]   the bidirectional teacher (12 steps x CFG = 24 NFE)
     facecast eval --video truth | frozen | swap | shift:K      the calibration cases (ceiling, floors, lags)
     facecast eval --video vae                        the truth through the preset's VAE (what it keeps of the mouth)
+    facecast eval --ablate sink | rope               the engine without the Adaptive Attention Sink (the reference
+                                                     stays the sink) or without Rolling RoPE (absolute positions)
     facecast eval --vae-report [--vae DIR] [--frames N]   the VAE's reconstruction of held-out clips, and per
                                                           16-frame block along the stream
 
@@ -23,6 +25,8 @@ from services.cli.world import default_dir
 
 DEFAULT_PROBE = str(shipped_path(LIPSYNC_PROBE))
 DEFAULT_EVAL_COUNT = 48
+ABLATIONS = {"sink": {"adaptive_sink": False}, "rope": {"rolling_rope": False}}
+"""`--ablate NAME`: the session settings that switch one of the student's streaming mechanisms off."""
 
 
 def _eval_source(data: str | None, seed: int, size: int):
@@ -56,6 +60,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise UserError(f"--video: {error}") from None
     preset = get_preset(args.preset)
+    if args.ablate:
+        if args.video != "model":
+            raise UserError(f"--ablate {args.ablate} switches off a mechanism of the streaming engine: it needs "
+                            f"--video model, not --video {args.video}")
+        import dataclasses
+
+        preset = dataclasses.replace(preset, stream=preset.stream.replace(**ABLATIONS[args.ablate]))
     source = _eval_source(args.data, args.seed, preset.stream.height)
     if args.vae_report:
         return _vae_report(args, preset, source)
@@ -76,6 +87,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise UserError(str(error)) from None
     report["weights"] = weights
+    if args.ablate:
+        report["ablation"] = {"sink": "no Adaptive Attention Sink", "rope": "no Rolling RoPE"}[args.ablate]
     if args.json:
         print(json.dumps(report))
     else:
@@ -143,6 +156,9 @@ def add_parser(commands) -> None:
     parser.add_argument("--vae-report", action="store_true",
                         help="instead: the VAE's reconstruction of held-out clips (PSNR/SSIM, mouth, decode ms)")
     parser.add_argument("--vae", help="with --vae-report: a VAE directory (default: the preset's)")
+    parser.add_argument("--ablate", choices=sorted(ABLATIONS),
+                        help="score the engine with one streaming mechanism off: sink (the reference stays the "
+                             "attention sink) or rope (absolute positions instead of Rolling RoPE)")
     parser.add_argument("--frames", type=int, default=25,
                         help="with --vae-report: frames of each clip streamed through the VAE (default 25; "
                              "psnr_by_block shows each 16-frame block)")

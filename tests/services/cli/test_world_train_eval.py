@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from model_core.training.latents import CACHE_VERSION
 from model_core.training.loop import read_log
 from model_core.world.speech import espeak_available
 from services.cli.main import main
@@ -53,6 +54,8 @@ def test_world_generate_resumes_and_info_reports_the_split(tmp_path, capsys):
     (["train", "vae", "--phase", "decoder", "--vae", "/nonexistent/vae", "--data", "world:train"],
      "--vae: /nonexistent/vae is not a VAE directory"),
     (["train", "probe", "--phase", "full", "--data", "world:train"], "--phase applies to `facecast train student`"),
+    (["eval", "--ablate", "sink", "--video", "truth"], "--ablate sink switches off a mechanism of the streaming engine"),
+    (["eval", "--ablate", "corrupt"], "argument --ablate: invalid choice: 'corrupt'"),
 ])
 def test_user_errors_are_one_line_with_status_2(args, message):
     result = facecast(*args, timeout=120)
@@ -60,14 +63,19 @@ def test_user_errors_are_one_line_with_status_2(args, message):
     assert "Traceback" not in result.stderr and message in result.stderr
 
 
-def test_a_latent_cache_of_another_vae_is_refused_in_one_line_before_ray_starts(tmp_path):
+@pytest.mark.parametrize("version, message", [
+    (CACHE_VERSION, "was encoded with another VAE (digest 0123456789abcdef"),
+    (1, "is a version-1 latent cache; this facecast reads version 2 (it adds the mouth openings): rebuild it"),
+])
+def test_a_stale_latent_cache_is_refused_in_one_line_before_ray_starts(tmp_path, version, message):
     cache = tmp_path / "latents"
     cache.mkdir()
-    (cache / "manifest.json").write_text(json.dumps({"count": 1, "shard_clips": 1, "vae_digest": "0123456789abcdef"}))
+    (cache / "manifest.json").write_text(json.dumps({"count": 1, "shard_clips": 1, "vae_digest": "0123456789abcdef",
+                                                     "version": version}))
     (cache / "shard-00000.pt").write_bytes(b"")
     result = facecast("train", "teacher", "--data", "world:train", "--latents", str(cache), timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "was encoded with another VAE (digest 0123456789abcdef" in result.stderr
+    assert message in result.stderr
     assert "Traceback" not in result.stderr and "Ray" not in result.stderr
 
 
