@@ -132,7 +132,7 @@ def test_audio_injection_adds_each_speakers_window_filter_inside_its_region_only
     config = tiny_config(audio_injection_dim=4)
     torch.manual_seed(0)
     injection = AudioInjection(config)
-    assert float(injection.out.weight.abs().sum()) == 0.0, "starts at zero: a fresh model is unchanged"
+    assert float(injection.out.weight.detach().abs().sum()) == 0.0, "starts at zero: a fresh model is unchanged"
     torch.nn.init.normal_(injection.out.weight)
     batch, characters, frames, per_frame, dim = 2, 2, 3, 4, config.dim
     window = config.audio_tokens_per_frame
