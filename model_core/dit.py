@@ -256,6 +256,14 @@ class CausalAvatarDiT(nn.Module):
         self.audio_projection = AudioProjection(config)
         self.audio_injection = AudioInjection(config) if config.audio_injection_dim else None
 
+    AUDIO_LAYERS = ("audio_projection.", "audio_injection.", ".attn2.audio_", ".attn2.norm_audio_k.")
+
+    def audio_parameters(self) -> list[nn.Parameter]:
+        """The layers that read the audio (projection, injection, the audio keys/values of every cross-attention):
+        what a loss may train alone to teach the model to listen without moving the rest of it."""
+        return [parameter for name, parameter in self.named_parameters()
+                if name.startswith(self.AUDIO_LAYERS[:2]) or any(part in name for part in self.AUDIO_LAYERS[2:])]
+
     # ------------------------------------------------------------------ session-level conditioning (once)
 
     def reference_tokens(self, reference_latent: torch.Tensor) -> torch.Tensor:

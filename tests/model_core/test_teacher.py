@@ -273,7 +273,7 @@ def test_lip_reader_recovers_a_planted_read_out(monkeypatch):
 def test_sync_term_sees_the_models_clean_estimate(latent_clips):
     """The sync term reads x0 = x_t - t v: zero for the true velocity, positive when the estimate's mouth differs;
     only single-character samples that hear their audio count."""
-    stage = TeacherStage(TINY.dit, Listed(latent_clips), TeacherTrainConfig(batch_size=4, frames=5))
+    stage = TeacherStage(TINY.dit, Listed(latent_clips), TeacherTrainConfig(batch_size=4, frames=5, sync_layers="all"))
     batch = stage.batch(0, 0)
     batch["regions"][:, 0] = 1.0
     batch["regions"][:, 1] = 0.0
@@ -301,3 +301,31 @@ def test_without_single_character_clips_the_sync_term_is_off_with_a_warning():
     with pytest.warns(UserWarning, match="sync term is off: no single-character clips"):
         stage = TeacherStage(TINY.dit, scenes)
     assert stage.reader is None
+
+
+def test_the_sync_term_trains_only_the_audio_layers(latent_clips):
+    """Every weight outside the audio layers gets exactly the velocity error's gradient; the audio layers get more."""
+    stage = TeacherStage(TINY.dit, Listed(latent_clips), TeacherTrainConfig(batch_size=4, frames=5))
+    audible(stage.dit)
+    batch = stage.batch(0, 0)
+    batch["regions"][:, 0] = 1.0
+    batch["regions"][:, 1] = 0.0
+    loss, values = stage.loss(batch)
+    loss.backward()
+    combined = {name: p.grad.clone() for name, p in stage.dit.named_parameters() if p.grad is not None}
+    stage.dit.zero_grad(set_to_none=True)
+    velocity_only = copy.copy(stage)
+    velocity_only.reader = None
+    loss, _ = velocity_only.loss(batch)
+    loss.backward()
+    audio = {id(p) for p in stage.dit.audio_parameters()}
+    assert len(audio) >= 4 * TINY.dit.num_layers
+    moved = 0
+    for name, parameter in stage.dit.named_parameters():
+        if id(parameter) in audio:
+            moved += not torch.allclose(combined[name], parameter.grad, atol=1e-7)
+        else:
+            torch.testing.assert_close(combined[name], parameter.grad, atol=1e-7, rtol=1e-5, msg=name)
+    assert moved > 0 and values["sync"] > 0
+    with pytest.raises(ValueError, match="sync_layers='some' is invalid; allowed: 'audio', 'all'"):
+        TeacherTrainConfig(sync_layers="some")
