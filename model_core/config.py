@@ -259,13 +259,12 @@ _SMALL = PresetConfig(
 _TALK128 = PresetConfig(
     name="talk128",
     dit=DiTConfig(num_layers=4, num_heads=3, head_dim=64, ffn_dim=768, text_dim=64, text_len=32, image_dim=192,
-                  audio_dim=LOGMEL_AUDIO_DIM, audio_hidden_dim=192, patch_size=(1, 4, 4), reference_patch=(4, 4),
-                  audio_injection_dim=32),
+                  audio_dim=LOGMEL_AUDIO_DIM, audio_hidden_dim=192, patch_size=(1, 4, 4), reference_patch=(4, 4)),
     vae=VAEConfig(base_dim=16, num_res_blocks=1, dim_mult=(1, 2, 2), temperal_downsample=(True, True),
                   patch_size=2, is_residual=True),
     stream=StreamConfig(width=128, height=128, steps=2),
     description="the talking-face world: 128x128, a Wan2.2-layout VAE (2x2 patches, residual blocks, 16x16x16 "
-                "latents), DiT patch 4 (16 tokens a latent frame), 4 blocks, 192 channels, per-frame audio injection",
+                "latents), DiT patch 4 (16 tokens a latent frame), 4 blocks, 192 channels",
     vae_weights="talk128-vae",
 )
 

@@ -273,7 +273,8 @@ def test_lip_reader_recovers_a_planted_read_out(monkeypatch):
 def test_sync_term_sees_the_models_clean_estimate(latent_clips):
     """The sync term reads x0 = x_t - t v: zero for the true velocity, positive when the estimate's mouth differs;
     only single-character samples that hear their audio count."""
-    stage = TeacherStage(TINY.dit, Listed(latent_clips), TeacherTrainConfig(batch_size=4, frames=5, sync_layers="all"))
+    stage = TeacherStage(TINY.dit, Listed(latent_clips), TeacherTrainConfig(batch_size=4, frames=5, sync_weight=1.0,
+                                                                            sync_layers="all"))
     batch = stage.batch(0, 0)
     batch["regions"][:, 0] = 1.0
     batch["regions"][:, 1] = 0.0
@@ -299,13 +300,13 @@ def test_without_single_character_clips_the_sync_term_is_off_with_a_warning():
     for clip in scenes.items:
         clip.regions = torch.ones(2, 4)
     with pytest.warns(UserWarning, match="sync term is off: no single-character clips"):
-        stage = TeacherStage(TINY.dit, scenes)
+        stage = TeacherStage(TINY.dit, scenes, TeacherTrainConfig(sync_weight=1.0))
     assert stage.reader is None
 
 
 def test_the_sync_term_trains_only_the_audio_layers(latent_clips):
     """Every weight outside the audio layers gets exactly the velocity error's gradient; the audio layers get more."""
-    stage = TeacherStage(TINY.dit, Listed(latent_clips), TeacherTrainConfig(batch_size=4, frames=5))
+    stage = TeacherStage(TINY.dit, Listed(latent_clips), TeacherTrainConfig(batch_size=4, frames=5, sync_weight=1.0))
     audible(stage.dit)
     batch = stage.batch(0, 0)
     batch["regions"][:, 0] = 1.0
