@@ -1,6 +1,8 @@
 """`facecast eval`'s engine: score videos of held-out world clips against their ground truth.
 
     evaluate(source, probe, video="model" | "truth" | "shift:K" | "frozen" | "swap", engine=None) -> report dict
+    horizon(source, probe, engine, seconds, window_s=10) -> report dict   one session streaming `seconds` of speech,
+                                                                          scored on its first and last window
 
 What is scored, per clip (single-character clips of the source; two-character clips are skipped):
 * "model": the engine's video for the clip's reference (a neutral render of its identity) and its audio;
@@ -164,6 +166,90 @@ def _balanced_singles(source, clips: int | None) -> list:
     return ordered[:clips] if clips else ordered
 
 
+def score_frames(probe, frames: np.ndarray, truth_frames: np.ndarray, boxes: np.ndarray, truth_open: np.ndarray,
+                 speaking: np.ndarray, reference_embedding: np.ndarray) -> dict:
+    """One video's scores against its truth (all arrays frame-aligned): sync, lag curve, identity, psnr, ssim."""
+    measured, embeddings = read_video(probe, frames, boxes)
+    shown, truth = frames.astype(np.float64) / 255, truth_frames.astype(np.float64) / 255
+    return {
+        **sync_scores(measured, truth_open, speaking, MAX_LAG),
+        "lag_curve": [lagged_r(measured, truth_open, speaking, k) for k in range(-MAX_LAG, MAX_LAG + 1)],
+        "identity": identity_score(embeddings, reference_embedding),
+        "psnr": float(np.mean([psnr(a, b) for a, b in zip(shown[::4], truth[::4])])),
+        "ssim": float(np.mean([ssim(a, b) for a, b in zip(shown[::4], truth[::4])])),
+    }
+
+
+HORIZON_METRICS = ("sync_r", "identity", "psnr", "ssim")
+
+
+@torch.no_grad()
+def horizon(source, probe, engine, seconds: float, window_s: float = 10.0, seed: int = 0,
+            progress: bool = True) -> dict:
+    """The long horizon: one session streams `seconds` of speech (the first single-character held-out clip's audio,
+    looped, cut to its frames so the loop keeps frame t on the clip's frame t mod N), and its video is scored on the
+    first `window_s` seconds and on the last `window_s`, each against the clip's truth at the same place in the loop.
+    `change` is last / first - 1 per metric (the issue's target: within 3 %). Only the two windows' frames are kept,
+    so an hour of streaming holds 2 x `window_s` of video in memory."""
+    if window_s <= 0 or seconds < 2 * window_s:
+        raise ValueError(f"seconds={seconds:g} is invalid: at least two windows ({2 * window_s:g} s) of window_s="
+                         f"{window_s:g}")
+    clip = _balanced_singles(source, 1)[0]
+    fps, rate = float(engine.preset.stream.fps), int(clip.sample_rate)
+    period = clip.num_frames
+    samples = int(round(period * rate / fps))
+    loop_audio = np.zeros(samples, np.float32)
+    loop_audio[:min(samples, len(clip.audio))] = clip.audio[:samples]
+    total = int(round(seconds * fps))
+    width = int(round(window_s * fps))
+    windows = {"first": (0, width), "last": (total - width, total)}
+    reference, reference_box = reference_render(int(clip.truth.identity[0]), seed, clip.frames.shape[1])
+    _, reference_embedding = read_video(probe, reference[None], reference_box[None])
+    kept = {name: [] for name in windows}
+    image = torch.from_numpy(np.array(reference)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+    began = time.perf_counter()
+    session = engine.open_session(image)
+    bar = tqdm(total=total, desc=f"horizon {seconds:g} s", unit="frame", disable=not progress)
+    produced, pushed, piece = 0, 0, rate // 5
+
+    def keep(chunks):
+        nonlocal produced
+        for chunk in chunks:
+            frames = ((chunk.frames.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+            for name, (start, stop) in windows.items():
+                first, last = max(start, produced), min(stop, produced + len(frames))
+                if first < last:
+                    kept[name].append(frames[first - produced:last - produced])
+            produced += len(frames)
+            bar.update(len(frames))
+
+    try:
+        needed = int(round(total * rate / fps))
+        while pushed < needed:
+            offset = pushed % samples
+            size = min(piece, samples - offset, needed - pushed)
+            keep(engine.push_audio(session, loop_audio[offset:offset + size], rate))
+            pushed += size
+        keep(engine.end_input(session))
+    finally:
+        engine.close_session(session)
+        bar.close()
+    report = {"seconds": seconds, "window_s": window_s, "frames": produced, "clip_frames": period,
+              "wall_s": round(time.perf_counter() - began, 2)}
+    for name, (start, stop) in windows.items():
+        frames = np.concatenate(kept[name])[:stop - start]
+        index = np.arange(start, start + len(frames)) % period
+        scores = score_frames(probe, frames, clip.frames[index], clip.truth.face_box[index, 0],
+                              clip.truth.mouth_open[index, 0], clip.truth.speaking[index, 0], reference_embedding[0])
+        scores.pop("lag_curve")
+        report[name] = {key: (round(float(value), 4) if value is not None else None) for key, value in scores.items()}
+        report[name]["span_s"] = [round(start / fps, 2), round(stop / fps, 2)]
+    report["change"] = {key: (round(report["last"][key] / report["first"][key] - 1.0, 4)
+                              if report["first"].get(key) not in (None, 0.0) and report["last"].get(key) is not None
+                              else None) for key in HORIZON_METRICS}
+    return report
+
+
 def evaluate(source, probe, video: str = "model", engine=None, clips: int | None = None, seed: int = 0,
              progress: bool = True, landmarks: bool = True) -> dict:
     check_video(video)
@@ -180,20 +266,12 @@ def evaluate(source, probe, video: str = "model", engine=None, clips: int | None
         frames = _video_for(video, clip, others, engine, reference)
         n = min(len(frames), clip.num_frames)
         boxes = clip.truth.face_box[:n, 0]
-        measured, embeddings = read_video(probe, frames[:n], boxes)
         _, reference_embedding = read_video(probe, reference[None], reference_box[None])
         speaking = clip.truth.speaking[:n, 0]
         truth_open = clip.truth.mouth_open[:n, 0]
-        scores = sync_scores(measured, truth_open, speaking, MAX_LAG)
-        truth_frames = clip.frames[:n].astype(np.float64) / 255
-        shown = frames[:n].astype(np.float64) / 255
-        rows.append({
-            **scores, "style": STYLES[int(clip.truth.style[0])],
-            "lag_curve": [lagged_r(measured, truth_open, speaking, k) for k in range(-MAX_LAG, MAX_LAG + 1)],
-            "identity": identity_score(embeddings, reference_embedding[0]),
-            "psnr": float(np.mean([psnr(a, b) for a, b in zip(shown[::4], truth_frames[::4])])),
-            "ssim": float(np.mean([ssim(a, b) for a, b in zip(shown[::4], truth_frames[::4])])),
-        })
+        rows.append({**score_frames(probe, frames[:n], clip.frames[:n], boxes, truth_open, speaking,
+                                    reference_embedding[0]),
+                     "style": STYLES[int(clip.truth.style[0])]})
         if reader is not None:  # the independent check: dlib's landmarks, not trained on anything of ours
             ratio = reader.mouth_ratio(frames[:n], boxes)
             rows[-1]["landmark_sync_r"] = pearson(ratio[speaking], truth_open[speaking])

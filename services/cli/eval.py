@@ -4,6 +4,8 @@
     facecast eval --video teacher [--checkpoint T]   the bidirectional teacher (12 steps x CFG = 24 NFE)
     facecast eval --video truth | frozen | swap | shift:K      the calibration cases (ceiling, floors, lags)
     facecast eval --video vae                        the truth through the preset's VAE (what it keeps of the mouth)
+    facecast eval --horizon SECONDS [--window S]     one session streaming SECONDS of speech (a held-out clip's
+                                                     audio looped), scored on its first and last S seconds
     facecast eval --ablate sink | rope               the engine without the Adaptive Attention Sink (the reference
                                                      stays the sink) or without Rolling RoPE (absolute positions)
     facecast eval --vae-report [--vae DIR] [--frames N]   the VAE's reconstruction of held-out clips, and per
@@ -60,6 +62,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise UserError(f"--video: {error}") from None
     preset = get_preset(args.preset)
+    if args.horizon is not None:
+        if args.video != "model":
+            raise UserError(f"--horizon streams one long session of the engine: it needs --video model, not --video "
+                            f"{args.video}")
+        if args.window <= 0 or args.horizon < 2 * args.window:
+            raise UserError(f"--horizon {args.horizon:g} is invalid: at least two --window spans "
+                            f"({2 * max(args.window, 0):g} s; --window must be > 0)")
     if args.ablate:
         if args.video != "model":
             raise UserError(f"--ablate {args.ablate} switches off a mechanism of the streaming engine: it needs "
@@ -82,10 +91,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         shipped = f"the {preset.name} preset's VAE ({preset.vae_weights or 'random weights'})"
         weights = engine.weights_note if args.video == "model" else (args.checkpoint or shipped)
     try:
-        report = evaluate(source, probe, args.video, engine=engine, clips=args.clips, seed=args.seed,
-                          progress=not args.json)
+        if args.horizon is not None:
+            from model_core.evaluate import horizon
+
+            report = horizon(source, probe, engine, args.horizon, window_s=args.window, seed=args.seed,
+                             progress=not args.json)
+        else:
+            report = evaluate(source, probe, args.video, engine=engine, clips=args.clips, seed=args.seed,
+                              progress=not args.json)
     except ValueError as error:
-        raise UserError(str(error)) from None
+        raise UserError(f"--horizon: {error}" if args.horizon is not None else str(error)) from None
     report["weights"] = weights
     if args.ablate:
         report["ablation"] = {"sink": "no Adaptive Attention Sink", "rope": "no Rolling RoPE"}[args.ablate]
@@ -156,6 +171,10 @@ def add_parser(commands) -> None:
     parser.add_argument("--vae-report", action="store_true",
                         help="instead: the VAE's reconstruction of held-out clips (PSNR/SSIM, mouth, decode ms)")
     parser.add_argument("--vae", help="with --vae-report: a VAE directory (default: the preset's)")
+    parser.add_argument("--horizon", type=float, metavar="SECONDS",
+                        help="the long horizon: stream SECONDS of speech through one session and score its first and "
+                             "last --window seconds (the video is not kept in between)")
+    parser.add_argument("--window", type=float, default=10.0, help="--horizon: seconds scored at each end (default 10)")
     parser.add_argument("--ablate", choices=sorted(ABLATIONS),
                         help="score the engine with one streaming mechanism off: sink (the reference stays the "
                              "attention sink) or rope (absolute positions instead of Rolling RoPE)")

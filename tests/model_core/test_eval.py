@@ -88,3 +88,51 @@ def test_measures_on_known_signals():
     assert psnr(image, np.clip(image + 0.1, 0, 1)) < 25
     with pytest.raises(ValueError, match="allowed model, teacher, truth, vae"):
         check_video("shift:two")
+
+
+class LoopedTruth:
+    """A protocol-level engine that streams the clip's own truth frames for the audio it is fed (frame t = clip frame
+    t mod N), optionally fading to grey after `fade_after` frames: the long horizon's independent expectation."""
+
+    def __init__(self, clip, fade_after=None, fps=25.0):
+        from model_core.config import get_preset
+        self.preset, self.clip, self.fade_after, self.fps = get_preset("talk128"), clip, fade_after, fps
+
+    def open_session(self, image):
+        return {"samples": 0, "sent": 0}
+
+    def _frames(self, session, count):
+        import torch
+
+        index = np.arange(session["sent"], session["sent"] + count)
+        frames = self.clip.frames[index % self.clip.num_frames].astype(np.float32)
+        if self.fade_after is not None:
+            frames[index >= self.fade_after] = 128.0
+        session["sent"] += count
+        return [type("Chunk", (), {"frames": torch.from_numpy(frames).permute(0, 3, 1, 2) / 127.5 - 1.0})]
+
+    def push_audio(self, session, pcm, rate):
+        session["samples"] += len(pcm)
+        return self._frames(session, int(session["samples"] * self.fps / rate) - session["sent"])
+
+    def end_input(self, session):
+        return self._frames(session, int(np.ceil(session["samples"] * self.fps / 16000)) - session["sent"])
+
+    def close_session(self, session):
+        pass
+
+
+def test_the_long_horizon_scores_its_first_and_last_window_against_the_looped_truth(probe, held_out):
+    from model_core.evaluate import horizon
+
+    clip = held_out[0] if held_out[0].truth.mouth_open.shape[1] == 1 else held_out[1]
+    steady = horizon(held_out, probe, LoopedTruth(clip), seconds=12.0, window_s=3.0, progress=False)
+    assert steady["frames"] == 300
+    assert steady["first"]["span_s"] == [0.0, 3.0] and steady["last"]["span_s"] == [9.0, 12.0]
+    for window in ("first", "last"):       # the loop keeps frame t on the clip's frame t mod N: the truth's scores
+        assert steady[window]["sync_r"] > 0.8 and steady[window]["psnr"] == 100.0
+    assert abs(steady["change"]["sync_r"]) < 0.15 and steady["change"]["psnr"] == 0.0
+    faded = horizon(held_out, probe, LoopedTruth(clip, fade_after=200), seconds=12.0, window_s=3.0, progress=False)
+    assert faded["first"]["psnr"] == 100.0 and faded["change"]["psnr"] < -0.5
+    with pytest.raises(ValueError, match="at least two windows"):
+        horizon(held_out, probe, LoopedTruth(clip), seconds=5.0, window_s=3.0, progress=False)

@@ -56,6 +56,8 @@ def test_world_generate_resumes_and_info_reports_the_split(tmp_path, capsys):
     (["train", "probe", "--phase", "full", "--data", "world:train"], "--phase applies to `facecast train student`"),
     (["eval", "--ablate", "sink", "--video", "truth"], "--ablate sink switches off a mechanism of the streaming engine"),
     (["eval", "--ablate", "corrupt"], "argument --ablate: invalid choice: 'corrupt'"),
+    (["eval", "--horizon", "60", "--video", "truth"], "--horizon streams one long session of the engine"),
+    (["eval", "--horizon", "15", "--window", "10"], "--horizon 15 is invalid: at least two --window spans (20 s"),
 ])
 def test_user_errors_are_one_line_with_status_2(args, message):
     result = facecast(*args, timeout=120)
