@@ -75,9 +75,9 @@ class TeacherTrainConfig:
     sync_fit_clips: int = 256
     sync_layers: str = "audio"
     """What the sync term trains: "audio" (only the layers that read the audio, `CausalAvatarDiT.audio_parameters`;
-    the rest learns from the velocity error alone) or "all" (every weight). Both cost the picture on talk128 (BENCHMARKS):
-    through every weight the term dominates the update; through the audio layers alone they learn to push the hidden
-    state, not the mouth."""
+    the rest learns from the velocity error alone) or "all" (every weight). Both cost the picture on talk128
+    (BENCHMARKS): through every weight the term dominates the update; through the audio layers alone they learn to
+    push the hidden state, not the mouth."""
 
     def __post_init__(self) -> None:
         if self.sync_layers not in ("audio", "all"):
