@@ -256,13 +256,14 @@ class CausalAvatarDiT(nn.Module):
         self.audio_projection = AudioProjection(config)
         self.audio_injection = AudioInjection(config) if config.audio_injection_dim else None
 
-    AUDIO_LAYERS = ("audio_projection.", "audio_injection.", ".attn2.audio_", ".attn2.norm_audio_k.")
+    AUDIO_MODULES = ("audio_projection.", "audio_injection.")
+    AUDIO_CROSS_ATTENTION = (".attn2.audio_", ".attn2.norm_audio_k.")
 
     def audio_parameters(self) -> list[nn.Parameter]:
         """The layers that read the audio (projection, injection, the audio keys/values of every cross-attention):
         what a loss may train alone to teach the model to listen without moving the rest of it."""
         return [parameter for name, parameter in self.named_parameters()
-                if name.startswith(self.AUDIO_LAYERS[:2]) or any(part in name for part in self.AUDIO_LAYERS[2:])]
+                if name.startswith(self.AUDIO_MODULES) or any(part in name for part in self.AUDIO_CROSS_ATTENTION)]
 
     # ------------------------------------------------------------------ session-level conditioning (once)
 

@@ -338,6 +338,7 @@ class TeacherStage:
         self.source = latents
         self.pools = ClipPools(latents, train.seed, steps_per_pool=32)
         self.reader = None
+        self._audio_layers = self.dit.audio_parameters()   # the sync term's only weights with sync_layers="audio"
         if train.sync_weight:
             try:
                 self.reader = LatentLipReader.fit(latents, train.sync_fit_clips)
@@ -378,9 +379,8 @@ class TeacherStage:
             return mse + weighted, values
         # the sync term's gradient for the audio layers alone, added through a surrogate whose gradient it is (one
         # backward more; the optimiser sees the velocity error's gradient plus this, every rank the same sum)
-        layers = self.dit.audio_parameters()
-        grads = torch.autograd.grad(weighted, layers, retain_graph=True, allow_unused=True)
-        surrogate = sum((layer * grad).sum() for layer, grad in zip(layers, grads) if grad is not None)
+        grads = torch.autograd.grad(weighted, self._audio_layers, retain_graph=True, allow_unused=True)
+        surrogate = sum((layer * grad).sum() for layer, grad in zip(self._audio_layers, grads) if grad is not None)
         return mse + surrogate, values
 
     def after_step(self, step: int) -> None:
