@@ -2,24 +2,25 @@
 
     .venv/bin/python assets/make_assets.py
 
-* ``reference.png`` - a 256x256 stylised portrait drawn procedurally with
-  Pillow (always regenerated; deterministic).
-* ``speech.wav`` - ~4.3 s of English speech, 16 kHz mono 16-bit PCM,
-  synthesised with the ``espeak-ng`` command-line tool and resampled with
-  PyAV. Regenerated only when ``espeak-ng`` is installed; otherwise the
-  shipped file is kept.
+* ``reference.png`` - the demo's face: a held-out identity of the talking-face world (never in a training clip),
+  rendered at 128x128 as the world renders a reference (mouth closed, eyes open, head still).
+* ``speech.wav`` - two held-out sentences (never in a training clip) in the held-out voice, 16 kHz mono 16-bit PCM,
+  synthesised through libespeak-ng as the world's speech is (needs `make espeak-ng`; otherwise the shipped file is
+  kept).
+* ``demo.json`` - what the two above are: the world seed, the identity id and style, the sentence indices and text,
+  the voice (a test holds them held out and the image equal to the world's render).
+* ``drawn.png`` - a 256x256 stylised portrait drawn here with Pillow: a face the world never produced.
+* ``photo.png`` - a 256x256 crop of a photograph (NASA's portrait of astronaut Eileen Collins, public domain, as
+  shipped in scikit-image's sample data); regenerated only when ``scikit-image`` is installed.
 
-Both outputs are generated from scratch here and are public domain (CC0).
+All are deterministic and public domain (CC0; the photograph: public domain).
 """
 
 from __future__ import annotations
 
-import io
-import shutil
-import subprocess
+import json
 import sys
 import wave
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +29,20 @@ from PIL import Image, ImageDraw, ImageFilter
 ASSETS_DIR = Path(__file__).resolve().parent
 IMAGE_PATH = ASSETS_DIR / "reference.png"
 SPEECH_PATH = ASSETS_DIR / "speech.wav"
+MANIFEST_PATH = ASSETS_DIR / "demo.json"
+DRAWN_PATH = ASSETS_DIR / "drawn.png"
+PHOTO_PATH = ASSETS_DIR / "photo.png"
+
+WORLD_SEED = 0
+"""The world (and split) the demo's identity and sentences are held out of: the shipped checkpoints' world."""
+REFERENCE_SIZE = 128
+"""The trained preset's (talk128's) resolution."""
+DEMO_STYLE = "flat"
+DEMO_SENTENCES = 2
+SPEECH_RATE_HZ = 16000
 
 IMAGE_SIZE = 256
 SUPERSAMPLE = 4  # draw at 4x and downsample for smooth edges
-SPEECH_TEXT = "Hello, I am a facecast avatar. I turn your voice into live video."
-SPEECH_RATE_HZ = 16000
-SPEECH_VOICE = "en-us"
 
 # Palette (RGB).
 SKIN = (238, 196, 164)
@@ -165,71 +174,84 @@ def draw_reference(size: int = IMAGE_SIZE) -> Image.Image:
     return image.resize((size, size), Image.Resampling.LANCZOS)
 
 
-def write_reference(path: Path = IMAGE_PATH) -> None:
+def write_drawn(path: Path = DRAWN_PATH) -> None:
     draw_reference().save(path, format="PNG", optimize=True)
     print(f"wrote {path} ({path.stat().st_size} bytes)")
 
 
-# --------------------------------------------------------------------------- #
-# Speech
-# --------------------------------------------------------------------------- #
-
-
-def _resample_s16(samples: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
-    """Resample mono int16 samples with FFmpeg's swresample (via PyAV)."""
-    import av
-
-    if src_rate == dst_rate:
-        return samples
-    resampler = av.AudioResampler(format="s16", layout="mono", rate=dst_rate)
-    frame = av.AudioFrame.from_ndarray(samples[None, :], format="s16", layout="mono")
-    frame.sample_rate = src_rate
-    frame.pts = 0
-    frame.time_base = Fraction(1, src_rate)
-    out = [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
-    out += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
-    return np.concatenate(out).astype(np.int16)
-
-
-def write_speech(path: Path = SPEECH_PATH) -> bool:
-    """Synthesise the demo sentence; returns False if espeak-ng is unavailable."""
-    espeak = shutil.which("espeak-ng")
-    if espeak is None:
-        print(f"espeak-ng not found; keeping shipped {path}")
+def write_photo(path: Path = PHOTO_PATH) -> bool:
+    """The photograph's head and shoulders, 256x256; False (the shipped file kept) without scikit-image."""
+    try:
+        from skimage import data
+    except ImportError:
+        print(f"scikit-image not installed; keeping shipped {path}")
         return False
-    wav_bytes = subprocess.run(
-        [espeak, "-v", SPEECH_VOICE, "--stdout", SPEECH_TEXT],
-        check=True,
-        capture_output=True,
-    ).stdout
-    with wave.open(io.BytesIO(wav_bytes)) as src:
-        if src.getsampwidth() != 2:
-            raise RuntimeError(f"unexpected espeak-ng sample width {src.getsampwidth()}")
-        rate = src.getframerate()
-        channels = src.getnchannels()
-        # espeak-ng's streamed header may carry a bogus frame count: read all.
-        raw = src.readframes(1 << 30)
-    samples = np.frombuffer(raw, dtype="<i2").reshape(-1, channels).mean(axis=1)
-    samples = _resample_s16(samples.astype(np.int16), rate, SPEECH_RATE_HZ)
+    photo = Image.fromarray(data.astronaut())            # 512x512, NASA, public domain
+    photo.crop((106, 0, 346, 240)).resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS).save(path, "PNG")
+    print(f"wrote {path} ({path.stat().st_size} bytes)")
+    return True
 
-    # Normalise the peak to -1 dBFS so the demo plays at a consistent level.
-    peak = int(np.abs(samples.astype(np.int32)).max()) or 1
-    gain = (10 ** (-1 / 20) * 32767) / peak
-    samples = np.clip(np.round(samples * gain), -32768, 32767).astype("<i2")
 
+# --------------------------------------------------------------------------- #
+# The held-out demo: identity, sentences, voice
+# --------------------------------------------------------------------------- #
+
+
+def demo_choice(seed: int = WORLD_SEED) -> dict:
+    """The first held-out identity of `DEMO_STYLE` and the first `DEMO_SENTENCES` held-out sentences of the world."""
+    sys.path.insert(0, str(ASSETS_DIR.parent))
+    from model_core.world.identity import STYLES, identity
+    from model_core.world.sentences import sentence
+    from model_core.world.split import WorldSplit
+
+    split = WorldSplit(seed)
+    person = next(i for i in split.identities("eval") if identity(seed, i).style == STYLES.index(DEMO_STYLE))
+    indices, index = [], 0
+    while len(indices) < DEMO_SENTENCES:
+        if split.held_out_sentence(index):
+            indices.append(index)
+        index += 1
+    return {"world_seed": seed, "identity": person, "style": DEMO_STYLE, "sentences": indices,
+            "text": " ".join(sentence(i) for i in indices), "voice": split.held_out_voice,
+            "reference_size": REFERENCE_SIZE}
+
+
+def write_reference(choice: dict, path: Path = IMAGE_PATH) -> None:
+    from model_core.evaluate import reference_render
+
+    frame, _ = reference_render(choice["identity"], choice["world_seed"], choice["reference_size"])
+    Image.fromarray(frame).save(path, format="PNG", optimize=True)
+    print(f"wrote {path} (held-out identity {choice['identity']}, {choice['style']})")
+
+
+def write_speech(choice: dict, path: Path = SPEECH_PATH) -> bool:
+    """The held-out sentences in the held-out voice; False (the shipped file kept) without libespeak-ng."""
+    from model_core.world.speech import EspeakMissing, Voice, speak
+
+    try:
+        utterance = speak(choice["text"], Voice(choice["voice"]))
+    except EspeakMissing as error:
+        print(f"{error}; keeping shipped {path}")
+        return False
+    pcm = utterance.pcm / max(1e-6, float(np.abs(utterance.pcm).max())) * 10 ** (-1 / 20)  # peak at -1 dBFS
+    samples = np.clip(np.round(pcm * 32767), -32768, 32767).astype("<i2")
     with wave.open(str(path), "wb") as dst:
         dst.setnchannels(1)
         dst.setsampwidth(2)
         dst.setframerate(SPEECH_RATE_HZ)
         dst.writeframes(samples.tobytes())
-    seconds = len(samples) / SPEECH_RATE_HZ
-    print(f"wrote {path} ({path.stat().st_size} bytes, {seconds:.2f} s)")
+    print(f"wrote {path} ({len(samples) / SPEECH_RATE_HZ:.2f} s: {choice['text']!r}, voice {choice['voice']})")
     return True
 
 
 def main() -> int:
-    write_reference()
-    write_speech()
+    choice = demo_choice()
+    write_reference(choice)
+    write_speech(choice)
+    MANIFEST_PATH.write_text(json.dumps(choice, indent=2) + "\n")
+    print(f"wrote {MANIFEST_PATH}")
+    write_drawn()
+    write_photo()
     return 0
 
 

@@ -196,3 +196,26 @@ def test_renderer_rejects_bad_sizes_and_crowds():
         Renderer(100)
     with pytest.raises(ValueError, match="1 or 2 characters"):
         Renderer(64).frame([(identity(0, i), FrameState()) for i in range(3)])
+
+
+def test_the_demo_assets_are_held_out(split):
+    """`make demo`'s face and speech are a held-out identity, held-out sentences and the held-out voice, as
+    assets/demo.json records them; the image is that identity's reference render, pixel for pixel."""
+    import json
+    from pathlib import Path
+
+    from PIL import Image
+
+    from model_core.evaluate import reference_render
+
+    assets = Path(__file__).resolve().parents[3] / "assets"
+    record = json.loads((assets / "demo.json").read_text())
+    assert record["world_seed"] == split.seed
+    assert split.held_out_identity(record["identity"])
+    assert record["sentences"] and all(split.held_out_sentence(i) for i in record["sentences"])
+    assert record["text"] == " ".join(sentence(i) for i in record["sentences"])
+    assert record["voice"] == HELD_OUT_VOICE
+    assert STYLES[identity(split.seed, record["identity"]).style] == record["style"]
+    shipped = np.asarray(Image.open(assets / "reference.png").convert("RGB"))
+    rendered, _ = reference_render(record["identity"], split.seed, record["reference_size"])
+    assert np.array_equal(shipped, rendered)
