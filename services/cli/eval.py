@@ -69,6 +69,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.window <= 0 or args.horizon < 2 * args.window:
             raise UserError(f"--horizon {args.horizon:g} is invalid: at least two --window spans "
                             f"({2 * max(args.window, 0):g} s; --window must be > 0)")
+        for mark in args.at or ():
+            if not args.window <= mark <= args.horizon - 2 * args.window:
+                raise UserError(f"--at {mark:g} is invalid: allowed {args.window:g} to "
+                                f"{args.horizon - 2 * args.window:g} s (after the first window, a window before the "
+                                "last)")
+    elif args.at:
+        raise UserError("--at scores a window of a long run: it needs --horizon SECONDS")
     if args.ablate:
         if args.video != "model":
             raise UserError(f"--ablate {args.ablate} switches off a mechanism of the streaming engine: it needs "
@@ -95,7 +102,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             from model_core.evaluate import horizon
 
             report = horizon(source, probe, engine, args.horizon, window_s=args.window, seed=args.seed,
-                             progress=not args.json)
+                             progress=not args.json, at=tuple(args.at or ()))
         else:
             report = evaluate(source, probe, args.video, engine=engine, clips=args.clips, seed=args.seed,
                               progress=not args.json)
@@ -175,6 +182,9 @@ def add_parser(commands) -> None:
                         help="the long horizon: stream SECONDS of speech through one session and score its first and "
                              "last --window seconds (the video is not kept in between)")
     parser.add_argument("--window", type=float, default=10.0, help="--horizon: seconds scored at each end (default 10)")
+    parser.add_argument("--at", type=float, action="append", metavar="SECONDS",
+                        help="--horizon: also score the window starting at SECONDS (repeatable), e.g. --horizon 3600 "
+                             "--at 1000")
     parser.add_argument("--ablate", choices=sorted(ABLATIONS),
                         help="score the engine with one streaming mechanism off: sink (the reference stays the "
                              "attention sink) or rope (absolute positions instead of Rolling RoPE)")

@@ -132,7 +132,14 @@ def test_the_long_horizon_scores_its_first_and_last_window_against_the_looped_tr
     for window in ("first", "last"):       # the loop keeps frame t on the clip's frame t mod N: the truth's scores
         assert steady[window]["sync_r"] > 0.8 and steady[window]["psnr"] == 100.0
     assert abs(steady["change"]["sync_r"]) < 0.15 and steady["change"]["psnr"] == 0.0
-    faded = horizon(held_out, probe, LoopedTruth(clip, fade_after=200), seconds=12.0, window_s=3.0, progress=False)
+    faded = horizon(held_out, probe, LoopedTruth(clip, fade_after=200), seconds=12.0, window_s=3.0, progress=False,
+                    at=(3.0, 6.0))
     assert faded["first"]["psnr"] == 100.0 and faded["change"]["psnr"] < -0.5
+    # the windows asked for in between: [3, 6) s is before the fade (frame 200), [6, 9) s straddles it
+    assert faded["at_3"]["span_s"] == [3.0, 6.0] and faded["at_6"]["span_s"] == [6.0, 9.0]
+    assert faded["at_3"]["psnr"] == 100.0 and faded["change_at_3"]["psnr"] == 0.0
+    assert faded["at_6"]["psnr"] < 100.0 and faded["change_at_6"]["psnr"] < 0.0
+    with pytest.raises(ValueError, match="at=7 is invalid"):
+        horizon(held_out, probe, LoopedTruth(clip), seconds=12.0, window_s=3.0, progress=False, at=(7.0,))
     with pytest.raises(ValueError, match="at least two windows"):
         horizon(held_out, probe, LoopedTruth(clip), seconds=5.0, window_s=3.0, progress=False)

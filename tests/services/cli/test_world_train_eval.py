@@ -59,6 +59,8 @@ def test_world_generate_resumes_and_info_reports_the_split(tmp_path, capsys):
     (["eval", "--ablate", "corrupt"], "argument --ablate: invalid choice: 'corrupt'"),
     (["eval", "--horizon", "60", "--video", "truth"], "--horizon streams one long session of the engine"),
     (["eval", "--horizon", "15", "--window", "10"], "--horizon 15 is invalid: at least two --window spans (20 s"),
+    (["eval", "--horizon", "60", "--at", "55"], "--at 55 is invalid: allowed 10 to 40 s"),
+    (["eval", "--at", "1000"], "--at scores a window of a long run: it needs --horizon SECONDS"),
 ])
 def test_user_errors_are_one_line_with_status_2(args, message):
     result = facecast(*args, timeout=120)
