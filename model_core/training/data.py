@@ -3,6 +3,10 @@
     ClipPools(source, pool_size)        which clips are in memory for a given step (whole shards where possible)
     frame_window(clip, start, length)   frames [3, F, H, W] in [-1, 1] and the mouth weight map [1, F, H, W]
     mouth_mask(face_box, size)          the lower-face region the truth's face box implies
+    window_openings(clip, start, length)  the first character's mouth opening per frame (NaN without a single one)
+    latent_mouth(mask, spatial)         the mouth weight per latent position: [B, 1, T, H, W] -> [B, F, h, w]
+    frame_openings(openings)            per-frame openings grouped as the latent frames cover them: [B, T] -> [B, F, 4]
+    mouth_crops(latents, mouth, crop)   the crop x crop latent cells centred on the mouth, per latent frame
 
 Reading one window per random clip would load a whole shard each step; instead a group of steps shares one pool of
 clips (one shard for shard sources), and the pool for step k is picked by a seeded permutation of k // steps_per_pool.
@@ -34,6 +38,56 @@ def mouth_mask(face_box: np.ndarray, size: int) -> np.ndarray:
 def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
     """uint8 [T, H, W, 3] -> float [3, T, H, W] in [-1, 1]."""
     return torch.from_numpy(np.array(frames)).permute(3, 0, 1, 2).float().div(127.5).sub(1.0)
+
+
+TEMPORAL = 4
+"""Video frames per latent frame after the first (the Wan VAE's causal temporal compression)."""
+
+
+def window_openings(clip: Clip, start: int, length: int) -> torch.Tensor:
+    """[length] the truth's mouth opening of a single-character clip's character per frame; NaN for clips with two
+    characters or no truth (what a per-frame opening means there is not one number)."""
+    truth = clip.truth
+    if truth is None or truth.mouth_open.shape[1] != 1:
+        return torch.full((length,), float("nan"))
+    return torch.from_numpy(np.array(truth.mouth_open[start:start + length, 0], np.float32))
+
+
+def latent_mouth(mask: torch.Tensor, spatial: int) -> torch.Tensor:
+    """[B, 1, T, H, W] pixel mouth mask (T = 1 + 4k) -> [B, F, H / spatial, W / spatial]: each latent frame's mean
+    over the video frames it codes (the first alone, then groups of TEMPORAL) and its spatial cell."""
+    frames = mask[:, 0]
+    groups = [frames[:, :1]] + [frames[:, k:k + TEMPORAL] for k in range(1, frames.shape[1], TEMPORAL)]
+    return torch.nn.functional.avg_pool2d(torch.stack([g.mean(1) for g in groups], 1), spatial)
+
+
+def frame_openings(openings: torch.Tensor) -> torch.Tensor:
+    """[B, T] per-frame openings (T = 1 + 4k) -> [B, F, TEMPORAL]: latent frame 0 codes frame 0 alone (repeated),
+    latent frame k >= 1 codes frames 4k-3 .. 4k."""
+    first = openings[:, :1].expand(-1, TEMPORAL)[:, None]
+    return torch.cat([first, openings[:, 1:].reshape(openings.shape[0], -1, TEMPORAL)], 1)
+
+
+def mouth_crops(latents: torch.Tensor, mouth: torch.Tensor, crop: int) -> torch.Tensor:
+    """latents [B, C, F, h, w], mouth [B, F, h, w] -> [B, F, C * crop * crop]: the crop x crop cells centred on the
+    mouth weight's centroid in each latent frame (clamped inside the latent; differentiable in the latents)."""
+    batch, channels, frames, height, width = latents.shape
+    if height < crop or width < crop:
+        raise ValueError(f"latents of {height}x{width} cells are smaller than the {crop}x{crop} mouth crop")
+    weight = mouth.float().clamp(min=0)
+    total = weight.sum((2, 3)).clamp(min=1e-6)
+    device = latents.device
+    rows = (weight.sum(3) * torch.arange(height, device=device)).sum(2) / total               # [B, F]
+    cols = (weight.sum(2) * torch.arange(width, device=device)).sum(2) / total
+    top = (rows - (crop - 1) / 2).round().long().clamp(0, height - crop)
+    left = (cols - (crop - 1) / 2).round().long().clamp(0, width - crop)
+    offsets = torch.arange(crop, device=device)
+    row_index = (top[..., None] + offsets)[..., :, None].expand(-1, -1, crop, crop)   # [B, F, crop, crop]
+    col_index = (left[..., None] + offsets)[..., None, :].expand(-1, -1, crop, crop)
+    b = torch.arange(batch, device=device)[:, None, None, None].expand_as(row_index)
+    f = torch.arange(frames, device=device)[None, :, None, None].expand_as(row_index)
+    cells = latents.permute(0, 2, 3, 4, 1)[b, f, row_index, col_index]                 # [B, F, crop, crop, C]
+    return cells.permute(0, 1, 4, 2, 3).flatten(2)
 
 
 def frame_window(clip: Clip, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:

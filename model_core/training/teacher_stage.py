@@ -49,7 +49,7 @@ from ..checkpoint import save_facecast_checkpoint
 from ..config import DiTConfig
 from ..dit import CausalAvatarDiT
 from ..text import BytePromptEncoder
-from .data import ClipPools
+from .data import ClipPools, mouth_crops
 from .latents import audio_windows
 
 MAX_CHARACTERS = 2
@@ -119,24 +119,7 @@ class LatentLipReader:
     @classmethod
     def crops(cls, latents: torch.Tensor, mouth: torch.Tensor) -> torch.Tensor:
         """latents [B, C, F, h, w], mouth [B, F, h, w] -> [B, F, C * CROP * CROP] (differentiable in latents)."""
-        batch, channels, frames, height, width = latents.shape
-        crop = cls.CROP
-        if height < crop or width < crop:
-            raise ValueError(f"latents of {height}x{width} cells are smaller than the lip reader's {crop}x{crop} crop")
-        weight = mouth.float().clamp(min=0)
-        total = weight.sum((2, 3)).clamp(min=1e-6)
-        device = latents.device
-        rows = (weight.sum(3) * torch.arange(height, device=device)).sum(2) / total               # [B, F]
-        cols = (weight.sum(2) * torch.arange(width, device=device)).sum(2) / total
-        top = (rows - (crop - 1) / 2).round().long().clamp(0, height - crop)
-        left = (cols - (crop - 1) / 2).round().long().clamp(0, width - crop)
-        offsets = torch.arange(crop, device=device)
-        row_index = (top[..., None] + offsets)[..., :, None].expand(-1, -1, crop, crop)   # [B, F, crop, crop]
-        col_index = (left[..., None] + offsets)[..., None, :].expand(-1, -1, crop, crop)
-        b = torch.arange(batch, device=device)[:, None, None, None].expand_as(row_index)
-        f = torch.arange(frames, device=device)[None, :, None, None].expand_as(row_index)
-        cells = latents.permute(0, 2, 3, 4, 1)[b, f, row_index, col_index]                 # [B, F, crop, crop, C]
-        return cells.permute(0, 1, 4, 2, 3).flatten(2)
+        return mouth_crops(latents, mouth, cls.CROP)
 
     def read(self, latents: torch.Tensor, mouth: torch.Tensor) -> torch.Tensor:
         return self.crops(latents.float(), mouth) @ self.weight.to(latents.device) + self.bias

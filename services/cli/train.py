@@ -128,7 +128,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         given = [flag for flag, value in (("--steps", args.steps), ("--export", args.export), ("--phase", args.phase),
                                           ("--data", args.data), ("--latents", args.latents), ("--vae", args.vae),
                                           ("--teacher", args.teacher), ("--student", args.student),
-                                          ("--pairs", args.pairs)) if value is not None]
+                                          ("--pairs", args.pairs), ("--opening-weight", args.opening_weight))
+                 if value is not None]
         if given:
             raise UserError(f"{', '.join(given)}: not for `facecast train all`, which makes every input itself "
                             "(choose --profile and --run-dir)")
@@ -136,6 +137,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         return run_pipeline(args)
     if args.profile != "cpu":
         raise UserError(f"--profile applies to `facecast train all` only, not {stage!r}")
+    if args.opening_weight is not None:
+        if stage != "vae" or args.phase == "decoder":
+            raise UserError(f"--opening-weight applies to `facecast train vae` (its phase full), not "
+                            f"{' '.join([stage] + (['--phase', args.phase] if args.phase else []))}")
+        if args.opening_weight < 0:
+            raise UserError(f"--opening-weight {args.opening_weight:g} is invalid: at least 0 (0: off)")
     table = {"student": PHASES, "vae": VAE_PHASES}.get(stage)
     if table is None:
         if args.phase:
@@ -187,6 +194,8 @@ def _run(args: argparse.Namespace, stage: str, steps: int, export: str, run_dir:
         extra = {"teacher": teacher, "pairs": pairs}
     if stage == "distill":
         extra["student"] = args.student or init_export
+    if getattr(args, "opening_weight", None) is not None and stage == "vae":
+        extra["opening_weight"] = args.opening_weight
     try:
         request = TrainRequest(stage=stage, data=data, run_dir=run_dir, steps=steps, export=export,
                                workers=args.workers, gpu=args.gpu, batch_size=args.batch_size,
@@ -240,6 +249,8 @@ def add_parser(commands) -> None:
     train.add_argument("--gpu", action="store_true", help="one GPU per worker")
     train.add_argument("--batch-size", type=int)
     train.add_argument("--learning-rate", type=float)
+    train.add_argument("--opening-weight", type=float, help="vae: weight of the latent opening head's error (a linear "
+                       "read-out of each frame's mouth opening from the latent at the mouth; default 0, off)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--world-count", type=int, default=768, help="clips when the default dataset is made")
     train.add_argument("--latents", help=f"the DiT stages' latent cache (default {DEFAULT_LATENTS}, encoded from "

@@ -36,6 +36,8 @@ class TrainRequest:
     gpu: bool = False
     batch_size: int | None = None
     learning_rate: float | None = None
+    opening_weight: float | None = None
+    """vae: the weight of the latent opening head's error (`VAETrainConfig.opening_weight`; default: the recipe's)."""
     seed: int = 0
     checkpoint_every: int = 100
     log_every: int = 10
@@ -59,6 +61,8 @@ class TrainRequest:
             raise ValueError(f"workers={self.workers} is invalid: at least 1")
         if self.steps < 1:
             raise ValueError(f"steps={self.steps} is invalid: at least 1")
+        if self.opening_weight is not None and self.stage != "vae":
+            raise ValueError(f"opening_weight applies to the vae stage (its phase full), not {self.stage!r}")
         needs = {"vae-decoder": ("vae",), "teacher": ("latents",), "student-init": ("latents", "teacher", "pairs"),
                  "distill": ("latents", "teacher", "student", "pairs")}.get(self.stage, ())
         missing = [name for name in needs if not getattr(self, name)]
@@ -105,6 +109,8 @@ def build_stage(request: TrainRequest, *, wrap=None, device="cpu"):
     if request.stage == "vae":
         from model_core.training.vae_stage import VAEStage, VAETrainConfig
 
+        if request.opening_weight is not None:
+            overrides["opening_weight"] = request.opening_weight
         return VAEStage(preset.vae, source, VAETrainConfig(seed=request.seed, **overrides), wrap=wrap, device=device)
     if request.stage == "vae-decoder":
         from model_core.training.vae_stage import DecoderStage, DecoderTrainConfig

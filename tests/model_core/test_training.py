@@ -234,3 +234,64 @@ def test_the_decoder_rate_warms_up_holds_and_falls_to_zero():
     assert config.rate(100) == 0.0
     with pytest.raises(ValueError, match="window_frames=6 is invalid"):
         DecoderTrainConfig(window_frames=6)
+
+
+def test_frames_and_the_mouth_are_grouped_as_the_latent_frames_code_them():
+    """Latent frame 0 codes video frame 0 alone; latent frame k codes frames 4k-3 .. 4k (written out by hand)."""
+    from model_core.training.data import frame_openings, latent_mouth
+
+    assert frame_openings(torch.arange(9.0)[None]).tolist() == [[[0, 0, 0, 0], [1, 2, 3, 4], [5, 6, 7, 8]]]
+    mask = torch.zeros(1, 1, 9, 16, 16)
+    mask[0, 0, 0, :8, :8] = 1             # frame 0: the top-left cell
+    mask[0, 0, 1:3, 8:, 8:] = 1           # frames 1-2 of latent frame 1 (half its frames): the bottom-right cell
+    mouth = latent_mouth(mask, 8)
+    assert mouth.shape == (1, 3, 2, 2)
+    assert mouth[0, 0].tolist() == [[1, 0], [0, 0]] and mouth[0, 1].tolist() == [[0, 0], [0, 0.5]]
+    assert mouth[0, 2].abs().sum() == 0
+
+
+def test_the_opening_term_reaches_the_encoder_and_head_only_and_skips_unknown_windows(source):
+    from model_core.training.data import latent_mouth
+    from model_core.training.vae_stage import OPENING_VARIANCE, opening_error
+
+    # the error by hand: readings 0 against openings 0.1 everywhere; a window without a known opening adds nothing
+    known = torch.full((1, 9), 0.1)
+    unknown = torch.full((1, 9), float("nan"))
+    readings = torch.zeros(2, 3, 4, requires_grad=True)
+    assert float(opening_error(readings, torch.cat([known, unknown]))) == pytest.approx(0.01 / OPENING_VARIANCE)
+    nothing = opening_error(readings, torch.cat([unknown, unknown]))
+    assert float(nothing) == 0.0 and not torch.autograd.grad(nothing, readings)[0].any()
+
+    trained = stage(source, opening_weight=1.0)
+    assert stage(source).head is None and "opening_head" in trained.modules()
+    torch.nn.init.normal_(trained.head.linear.weight, std=0.1)  # a fresh head is zero: it passes no signal back yet
+    batch = trained.batch(0, 0)
+    assert batch["opening"].shape == (1, 5) and not torch.isnan(batch["opening"]).any()  # one character: known
+    _, _, readings = trained.objective(batch["video"], mouth=latent_mouth(batch["mask"], 8))
+    error = opening_error(readings, batch["opening"])
+    encoder = list(trained.vae.encoder.parameters()) + list(trained.vae.quant_conv.parameters())
+    decoder = list(trained.vae.decoder.parameters()) + list(trained.vae.post_quant_conv.parameters())
+    grads = torch.autograd.grad(error, encoder + decoder + list(trained.head.parameters()), allow_unused=True)
+    encoder_grads, rest = grads[:len(encoder)], grads[len(encoder):]
+    decoder_grads, head_grads = rest[:len(decoder)], rest[len(decoder):]
+    assert any(g is not None and g.abs().sum() > 0 for g in encoder_grads)
+    assert all(g is None or not g.any() for g in decoder_grads)      # the decoder learns from the pixels alone
+    assert all(g is not None and g.abs().sum() > 0 for g in head_grads)
+    loss, values = trained.loss(batch)
+    assert values["opening"] == pytest.approx(float(error), rel=1e-4)
+
+
+def test_the_opening_term_trains_a_head_that_reads_the_mouth(source):
+    """On one window, steps of the stage's loss drive the opening head's error down (the windows of a run differ
+    too much in speech for a few steps' logged error to say it)."""
+    trained = stage(source, opening_weight=1.0)
+    batch = next(b for b in map(lambda step: trained.batch(step, 0), range(64)) if b["opening"].std() > 0.1)
+    optimizer = trained.optimizer()
+    errors = []
+    for _ in range(30):
+        loss, values = trained.loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        errors.append(values["opening"])
+    assert errors[-1] < 0.2 * errors[0], errors
