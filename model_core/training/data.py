@@ -7,6 +7,7 @@
     latent_mouth(mask, spatial)         the mouth weight per latent position: [B, 1, T, H, W] -> [B, F, h, w]
     frame_openings(openings)            per-frame openings grouped as the latent frames cover them: [B, T] -> [B, F, 4]
     mouth_crops(latents, mouth, crop)   the crop x crop latent cells centred on the mouth, per latent frame
+    interior_mask(video, mask)          the world's painted mouth interior, any frame of the window, dilated
 
 Reading one window per random clip would load a whole shard each step; instead a group of steps shares one pool of
 clips (one shard for shard sources), and the pool for step k is picked by a seeded permutation of k // steps_per_pool.
@@ -88,6 +89,24 @@ def mouth_crops(latents: torch.Tensor, mouth: torch.Tensor, crop: int) -> torch.
     f = torch.arange(frames, device=device)[None, :, None, None].expand_as(row_index)
     cells = latents.permute(0, 2, 3, 4, 1)[b, f, row_index, col_index]                 # [B, F, crop, crop, C]
     return cells.permute(0, 1, 4, 2, 3).flatten(2)
+
+
+INTERIOR_TOLERANCE = 0.12
+"""How close (max over RGB, in [-1, 1] units: ~15 of 255) a pixel must be to the world's mouth-interior colour."""
+
+
+def interior_mask(video: torch.Tensor, mask: torch.Tensor, dilate: int = 2) -> torch.Tensor:
+    """[B, 3, T, H, W] frames in [-1, 1], [B, 1, T, H, W] mouth mask -> [B, 1, 1, H, W]: the pixels inside the mouth
+    mask that show the world's mouth interior (`render.MOUTH_INSIDE`, the one colour the renderer paints it) in any
+    frame of the window, grown by `dilate` pixels so the lips around it count too. The pixels where the opening is
+    drawn, open or closed; empty for clips without truth (their mouth mask is empty)."""
+    from ..world.render import MOUTH_INSIDE
+
+    inside = torch.tensor(MOUTH_INSIDE, dtype=video.dtype, device=video.device).div(127.5).sub(1.0)
+    near = ((video - inside[:, None, None, None]).abs().amax(1, keepdim=True) < INTERIOR_TOLERANCE) & (mask > 0)
+    seen = near.any(2).float()                                                          # [B, 1, H, W]
+    grown = torch.nn.functional.max_pool2d(seen, 2 * dilate + 1, 1, dilate) if dilate else seen
+    return grown[:, :, None]
 
 
 def frame_window(clip: Clip, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -128,7 +128,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         given = [flag for flag, value in (("--steps", args.steps), ("--export", args.export), ("--phase", args.phase),
                                           ("--data", args.data), ("--latents", args.latents), ("--vae", args.vae),
                                           ("--teacher", args.teacher), ("--student", args.student),
-                                          ("--pairs", args.pairs), ("--opening-weight", args.opening_weight))
+                                          ("--pairs", args.pairs), ("--opening-weight", args.opening_weight),
+                                          ("--interior-weight", args.interior_weight))
                  if value is not None]
         if given:
             raise UserError(f"{', '.join(given)}: not for `facecast train all`, which makes every input itself "
@@ -143,6 +144,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                             f"{' '.join([stage] + (['--phase', args.phase] if args.phase else []))}")
         if args.opening_weight < 0:
             raise UserError(f"--opening-weight {args.opening_weight:g} is invalid: at least 0 (0: off)")
+    if args.interior_weight is not None:
+        if stage != "vae":
+            raise UserError(f"--interior-weight applies to `facecast train vae`, not {stage}")
+        if args.interior_weight < 0:
+            raise UserError(f"--interior-weight {args.interior_weight:g} is invalid: at least 0 (0: off)")
     table = {"student": PHASES, "vae": VAE_PHASES}.get(stage)
     if table is None:
         if args.phase:
@@ -196,6 +202,8 @@ def _run(args: argparse.Namespace, stage: str, steps: int, export: str, run_dir:
         extra["student"] = args.student or init_export
     if getattr(args, "opening_weight", None) is not None and stage == "vae":
         extra["opening_weight"] = args.opening_weight
+    if getattr(args, "interior_weight", None) is not None and stage in ("vae", "vae-decoder"):
+        extra["interior_weight"] = args.interior_weight
     try:
         request = TrainRequest(stage=stage, data=data, run_dir=run_dir, steps=steps, export=export,
                                workers=args.workers, gpu=args.gpu, batch_size=args.batch_size,
@@ -251,6 +259,8 @@ def add_parser(commands) -> None:
     train.add_argument("--learning-rate", type=float)
     train.add_argument("--opening-weight", type=float, help="vae: weight of the latent opening head's error (a linear "
                        "read-out of each frame's mouth opening from the latent at the mouth; default 0, off)")
+    train.add_argument("--interior-weight", type=float, help="vae: extra L1 weight on the pixels where the world draws "
+                       "the mouth's inside (both phases; default 0, off)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--world-count", type=int, default=768, help="clips when the default dataset is made")
     train.add_argument("--latents", help=f"the DiT stages' latent cache (default {DEFAULT_LATENTS}, encoded from "

@@ -38,6 +38,8 @@ class TrainRequest:
     learning_rate: float | None = None
     opening_weight: float | None = None
     """vae: the weight of the latent opening head's error (`VAETrainConfig.opening_weight`; default: the recipe's)."""
+    interior_weight: float | None = None
+    """vae, vae-decoder: the extra weight on the mouth interior's pixels (`VAETrainConfig.interior_weight`)."""
     seed: int = 0
     checkpoint_every: int = 100
     log_every: int = 10
@@ -63,6 +65,8 @@ class TrainRequest:
             raise ValueError(f"steps={self.steps} is invalid: at least 1")
         if self.opening_weight is not None and self.stage != "vae":
             raise ValueError(f"opening_weight applies to the vae stage (its phase full), not {self.stage!r}")
+        if self.interior_weight is not None and self.stage not in ("vae", "vae-decoder"):
+            raise ValueError(f"interior_weight applies to the vae stages, not {self.stage!r}")
         needs = {"vae-decoder": ("vae",), "teacher": ("latents",), "student-init": ("latents", "teacher", "pairs"),
                  "distill": ("latents", "teacher", "student", "pairs")}.get(self.stage, ())
         missing = [name for name in needs if not getattr(self, name)]
@@ -111,10 +115,14 @@ def build_stage(request: TrainRequest, *, wrap=None, device="cpu"):
 
         if request.opening_weight is not None:
             overrides["opening_weight"] = request.opening_weight
+        if request.interior_weight is not None:
+            overrides["interior_weight"] = request.interior_weight
         return VAEStage(preset.vae, source, VAETrainConfig(seed=request.seed, **overrides), wrap=wrap, device=device)
     if request.stage == "vae-decoder":
         from model_core.training.vae_stage import DecoderStage, DecoderTrainConfig
 
+        if request.interior_weight is not None:
+            overrides["interior_weight"] = request.interior_weight
         train = DecoderTrainConfig(seed=request.seed, steps=request.steps, **overrides)
         return DecoderStage(request.vae, source, train, wrap=wrap, device=device)
     from model_core.training.probe_stage import ProbeStage, ProbeTrainConfig

@@ -295,3 +295,31 @@ def test_the_opening_term_trains_a_head_that_reads_the_mouth(source):
         optimizer.step()
         errors.append(values["opening"])
     assert errors[-1] < 0.2 * errors[0], errors
+
+
+def test_the_interior_weight_lands_where_the_world_paints_the_mouth_open():
+    """Pixels of the world's mouth-interior colour inside the mouth mask, in any frame, grown 2 px, get the extra
+    weight; the same colour outside the mouth mask does not; without it the loss is the mouth-weighted L1."""
+    from model_core.training.data import interior_mask
+    from model_core.training.vae_stage import mouth_weighted_l1
+    from model_core.world.render import MOUTH_INSIDE
+
+    video = torch.zeros(1, 3, 5, 32, 32)
+    inside = torch.tensor(MOUTH_INSIDE, dtype=torch.float32).div(127.5).sub(1.0)
+    video[0, :, 3, 20, 16] = inside            # one frame shows the open mouth at (20, 16)
+    video[0, :, 1, 2, 2] = inside              # the same colour far from the mouth (a background detail)
+    mask = torch.zeros(1, 1, 5, 32, 32)
+    mask[..., 14:26, 8:24] = 1
+    interior = interior_mask(video, mask)
+    assert interior.shape == (1, 1, 1, 32, 32)
+    expected = torch.zeros(32, 32)
+    expected[18:23, 14:19] = 1                 # (20, 16) grown by 2 px, in every frame of the window
+    assert torch.equal(interior[0, 0, 0], expected)
+    decoded = video + 0.5
+    plain = mouth_weighted_l1(decoded, video, mask, 4.0)
+    assert float(plain) == pytest.approx(0.5)  # a uniform error is that error, whatever the weights
+    error = torch.zeros_like(video)
+    error[0, :, :, 20, 16] = 1.0               # an error only at the interior pixel: weighted 1 + 4 + 30 there
+    weight = 1.0 + 4.0 * mask + 30.0 * interior
+    total = float(weight.expand_as(mask).sum() * 3)
+    assert float(mouth_weighted_l1(video + error, video, mask, 4.0, 30.0)) == pytest.approx(35.0 * 3 * 5 / total)
