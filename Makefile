@@ -5,7 +5,7 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.facecast-installed
 OUT     ?= out
-PRESET  ?= small
+PRESET  ?= talk128
 
 .PHONY: venv demo test bench clean redis-server espeak-ng
 
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-## demo: a short talking video from the bundled reference image and speech -> out/demo.mp4
+## demo: the trained talk128 model on the bundled held-out face and speech -> out/demo.mp4
 demo: $(STAMP)
 	@mkdir -p $(OUT)
 	$(VENV)/bin/facecast generate --image assets/reference.png --audio assets/speech.wav \
@@ -44,7 +44,7 @@ espeak-ng:
 test: $(STAMP) redis-server espeak-ng
 	OMP_NUM_THREADS=1 $(PY) -m pytest
 
-## bench: the engine benchmark on the CPU demo preset
+## bench: the engine benchmark on the demo preset (PRESET=small for the random-weight 256x256 shape)
 bench: $(STAMP)
 	$(VENV)/bin/facecast bench engine --preset $(PRESET)
 

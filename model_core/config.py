@@ -1,4 +1,4 @@
-"""Frozen configuration dataclasses and the named presets (`tiny`, `small`, `wan-1.3b`, `wan-14b`).
+"""Frozen configuration dataclasses and the named presets (`tiny`, `small`, `talk128`, `wan-1.3b`, `wan-14b`).
 
 One config per component: `DiTConfig` (the causal score model), `VAEConfig` (the Wan VAE shape),
 `StreamConfig` (how a session streams: chunk size, steps, sink, resolution, fps) and `PresetConfig`
@@ -224,6 +224,9 @@ class PresetConfig:
     description: str = ""
     vae_weights: str = ""
     """A trained VAE shipped in `checkpoints/` (a diffusers directory name) used when no checkpoint carries one."""
+    weights: str = ""
+    """The trained score model shipped in `checkpoints/` (a facecast checkpoint file name) used when no checkpoint is
+    given; empty: the preset's shape with seeded random weights (the benchmark shapes)."""
 
     def check_resolution(self, stream: StreamConfig) -> None:
         """Height and width must tile into whole DiT patches and whole reference-token patches."""
@@ -263,9 +266,10 @@ _TALK128 = PresetConfig(
     vae=VAEConfig(base_dim=16, num_res_blocks=1, dim_mult=(1, 2, 2), temperal_downsample=(True, True),
                   patch_size=2, is_residual=True),
     stream=StreamConfig(width=128, height=128, steps=2),
-    description="the talking-face world: 128x128, a Wan2.2-layout VAE (2x2 patches, residual blocks, 16x16x16 "
-                "latents), DiT patch 4 (16 tokens a latent frame), 4 blocks, 192 channels",
+    description="the trained one, for the talking-face world: 128x128, a Wan2.2-layout VAE (2x2 patches, residual "
+                "blocks, 16x16x16 latents), DiT patch 4 (16 tokens a latent frame), 4 blocks, 192 channels",
     vae_weights="talk128-vae",
+    weights="talk128-student.safetensors",
 )
 
 _WAN_1_3B = PresetConfig(

@@ -1,6 +1,7 @@
 """Model construction: the DiT and VAE of a preset, from a facecast checkpoint or seeded random weights, on a device.
 
     build_models(preset, checkpoint, device, dtype, seed, audio_config) -> (dit, vae, weights note)
+      resolve_checkpoint  the checkpoint given, else the preset's shipped weights (`weights`), else None (random)
       build_dit    checkpoint: `load_facecast_checkpoint`; none: `random_dit(dit_config_for(...))`
       build_vae    checkpoint with a VAE inside: its weights; else the preset's shipped VAE (`vae_weights`);
                    else the preset's VAE shape, seeded
@@ -71,8 +72,25 @@ def build_models(preset: PresetConfig, *, checkpoint: str | None, device, dtype,
     return dit, build_vae(preset, checkpoint=checkpoint, device=device, seed=seed), note
 
 
+def resolve_checkpoint(preset: PresetConfig, checkpoint: str | None, required: bool = True) -> str | None:
+    """The checkpoint to load: the one given; else the trained weights the preset ships (`preset.weights`, in
+    `checkpoints/`), which must then exist (`required`; else None when they do not); else None (the preset's shape
+    with seeded random weights)."""
+    if checkpoint or not preset.weights:
+        return checkpoint or None
+    path = shipped_path(preset.weights)
+    if not path.is_file():
+        if not required:
+            return None
+        raise CheckpointError(f"preset {preset.name!r} streams the trained weights {str(path)!r}, which are missing; "
+                              f"train them with `facecast train student` (or restore checkpoints/ from git), or "
+                              f"choose a random-weight preset (tiny, small)")
+    return str(path)
+
+
 def dit_config_for(preset: PresetConfig, checkpoint: str | None, audio_config: AudioConfig) -> DiTConfig:
     """The DiT shape a preset/checkpoint gives (random weights: audio width follows the audio front-end)."""
+    checkpoint = resolve_checkpoint(preset, checkpoint)
     if checkpoint:
         return dit_config_from_metadata(read_facecast_metadata(checkpoint))
     return dataclasses.replace(preset.dit, audio_dim=AudioFrontend(audio_config).feature_dim)
@@ -80,7 +98,9 @@ def dit_config_for(preset: PresetConfig, checkpoint: str | None, audio_config: A
 
 def build_dit(preset: PresetConfig, *, checkpoint: str | None, device, dtype, seed: int,
               audio_config: AudioConfig) -> tuple[CausalAvatarDiT, str]:
-    """The DiT from `checkpoint`, or seeded random weights of the preset's shape; and a note saying which."""
+    """The DiT from `checkpoint` (or the preset's shipped weights), or seeded random weights of the preset's shape;
+    and a note saying which."""
+    checkpoint = resolve_checkpoint(preset, checkpoint)
     if checkpoint:
         dit, _, _ = load_facecast_checkpoint(checkpoint, device=device, dtype=dtype)
         return dit, f"weights: {checkpoint}"
@@ -89,7 +109,10 @@ def build_dit(preset: PresetConfig, *, checkpoint: str | None, device, dtype, se
 
 
 def build_vae(preset: PresetConfig, *, checkpoint: str | None, device, seed: int) -> StreamingVAE:
-    """The VAE stored in `checkpoint` when it carries one, else the preset's VAE shape with seeded weights."""
+    """The VAE stored in `checkpoint` (or the preset's shipped weights) when it carries one, else the preset's shipped
+    VAE (`vae_weights`), else the preset's VAE shape with seeded weights. (The training stages ask for the preset's
+    VAE before its score model exists: missing shipped weights are not an error here.)"""
+    checkpoint = resolve_checkpoint(preset, checkpoint, required=False)
     if checkpoint:
         metadata = read_facecast_metadata(checkpoint)
         if "vae_config" in metadata:

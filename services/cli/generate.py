@@ -20,6 +20,7 @@ import numpy as np
 from model_core.audio import SUPPORTED_BACKENDS, AudioConfig
 from model_core.config import DEVICES, DTYPES, PRESETS, get_preset
 from model_core.engine import AvatarEngine, Character, iter_pieces
+from model_core.shipped import TRAINED_PRESET
 from services.api.validation import MAX_SAMPLE_RATE_HZ, MIN_SAMPLE_RATE_HZ
 from services.cli.common import UserError, output_mp4, parse_device, parse_dtype, positive_float
 from services.media import Mp4Writer, frames_to_uint8, image_to_tensor, load_audio, load_image
@@ -29,8 +30,9 @@ PUSH_PIECE_S = 0.04
 
 
 def default_checkpoint(preset_name: str) -> str | None:
-    """The best checkpoint on this machine for a preset: $FACECAST_CHECKPOINTS/<preset>.safetensors, else
-    ./checkpoints/<preset>.safetensors; None (random weights) when neither exists."""
+    """A local checkpoint for a preset: $FACECAST_CHECKPOINTS/<preset>.safetensors, else
+    ./checkpoints/<preset>.safetensors; None when neither exists (then the preset's shipped weights, if any, else
+    random weights: `model_core.models.resolve_checkpoint`)."""
     directory = Path(os.environ.get("FACECAST_CHECKPOINTS", "checkpoints"))
     candidate = directory / f"{preset_name}.safetensors"
     return str(candidate) if candidate.is_file() else None
@@ -119,9 +121,11 @@ def add_parser(commands) -> None:
     gen.add_argument("--image", required=True, help="reference image (PNG/JPEG/WebP)")
     gen.add_argument("--audio", required=True, help="speech (WAV/MP3/FLAC/OGG/M4A, any sample rate)")
     gen.add_argument("--out", required=True, help="output .mp4")
-    gen.add_argument("--preset", default="small", help=f"model preset: {', '.join(PRESETS)} (default small)")
-    gen.add_argument("--checkpoint", help="facecast .safetensors checkpoint (default: checkpoints/<preset>.safetensors "
-                     "or $FACECAST_CHECKPOINTS/<preset>.safetensors if present, else random weights)")
+    gen.add_argument("--preset", default=TRAINED_PRESET, help=f"model preset: {', '.join(PRESETS)} (default "
+                     f"{TRAINED_PRESET}, the trained one; the others are random-weight shapes for benchmarks)")
+    gen.add_argument("--checkpoint", help="facecast .safetensors checkpoint (default: $FACECAST_CHECKPOINTS/<preset>"
+                     ".safetensors or checkpoints/<preset>.safetensors if present, else the preset's shipped "
+                     "weights, else random weights)")
     gen.add_argument("--steps", type=int, help="denoising steps per chunk, 1-4 (default: the preset's)")
     gen.add_argument("--chunk", type=int, help="latent frames per chunk (default 3)")
     gen.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")

@@ -11,8 +11,9 @@ from services.cli.common import EXIT_OK
 def cmd_presets(args: argparse.Namespace) -> int:
     for name, preset in PRESETS.items():
         stream = preset.stream
+        weights = f"trained: checkpoints/{preset.weights}" if preset.weights else "random weights"
         print(f"{name:10s} {preset.description}  (defaults: {stream.width}x{stream.height}, "
-              f"chunk {stream.chunk_latent_frames}, {stream.steps} steps)")
+              f"chunk {stream.chunk_latent_frames}, {stream.steps} steps; {weights})")
     return EXIT_OK
 
 

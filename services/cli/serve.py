@@ -1,6 +1,10 @@
 """`facecast serve`: run the Ray Serve cluster of a deploy config on this machine until Ctrl-C / SIGTERM.
 
-    facecast serve [--config ray_configs/local.yaml] [--port 9000] [--num-gpus N] [--redis-url URL] [--api-key K]
+    facecast serve [--config ray_configs/local.yaml] [--preset P] [--port 9000] [--num-gpus N] [--redis-url URL]
+                   [--api-key K]
+
+With no --config it serves the local layout (ray_configs/local.yaml: CPU, logical GPUs) with the trained preset
+(`talk128` and its shipped weights); a --config serves that file as written, and --preset replaces its preset.
 
 Everything that can be checked is checked before anything starts (the config, its application args, GPUs, custom
 resources, the port); then a local Ray (logical GPUs on a CPU box), the Serve application and, unless a Redis URL is
@@ -21,7 +25,10 @@ from pathlib import Path
 
 import torch
 
+from model_core.checkpoint import CheckpointError
 from model_core.config import ConfigError
+from model_core.models import resolve_checkpoint
+from model_core.shipped import TRAINED_PRESET
 from services.cli.common import EXIT_FAILED, EXIT_OK, UserError, one_line
 from services.deploy.serve_config import (
     DeployConfigError,
@@ -63,6 +70,8 @@ def _serve_plan(args: argparse.Namespace) -> tuple[dict, dict, int | None]:
                         "this one on its cluster with `serve deploy`")
     application = serve_config["applications"][0]
     app_args = dict(application.get("args") or {})
+    if args.preset:
+        app_args["preset"] = args.preset
     api_keys = list(args.api_key or [])
     api_keys += [key.strip() for key in os.environ.get("FACECAST_API_KEYS", "").split(",") if key.strip()]
     if api_keys:
@@ -71,8 +80,11 @@ def _serve_plan(args: argparse.Namespace) -> tuple[dict, dict, int | None]:
         app_args["redis_url"] = args.redis_url
     try:
         settings = AppSettings.from_args(app_args)
+        resolve_checkpoint(settings.preset_config, settings.checkpoint)
     except ConfigError as error:
         raise UserError(f"--config {args.config}: application args: {error}") from None
+    except CheckpointError as error:
+        raise UserError(f"--config {args.config}: {error}") from None
 
     needed = config_gpus(serve_config)
     real = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -116,6 +128,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.config is None:
         local = Path("ray_configs") / "local.yaml"
         args.config = str(local if local.is_file() else config_path("local"))
+        args.preset = args.preset or TRAINED_PRESET
     serve_config, app_args, num_gpus = _serve_plan(args)
     check_port_free(args.port)
     settings = app_args.pop("_settings")
@@ -260,7 +273,10 @@ def _stop_serving(cluster, local_redis) -> None:
 def add_parser(commands) -> None:
     """Register `serve` on the `facecast` subparsers."""
     srv = commands.add_parser("serve", help="run the gRPC cluster of a Serve config on this machine until Ctrl-C")
-    srv.add_argument("--config", help="Ray Serve config (default ray_configs/local.yaml)")
+    srv.add_argument("--config", help="Ray Serve config (default: ray_configs/local.yaml with --preset "
+                     f"{TRAINED_PRESET})")
+    srv.add_argument("--preset", help=f"model preset, replacing the config's (default: {TRAINED_PRESET}, the "
+                     "trained one, without --config; the config's own with it)")
     srv.add_argument("--port", type=int, default=DEFAULT_GRPC_PORT, help=f"gRPC port (default {DEFAULT_GRPC_PORT})")
     srv.add_argument("--num-gpus", type=int, help="GPUs for the local Ray (default: on a CPU config, as many "
                      "logical GPUs as its deployments ask for; on a cuda config, the real ones)")

@@ -53,3 +53,33 @@ def test_device_names_with_two_cuda_devices(monkeypatch):
     with pytest.raises(ConfigError, match=r"^device='cuda:2' is invalid: this machine has 2 CUDA device\(s\), "
                                           r"cuda:0 to cuda:1$"):
         resolve_device("cuda:2")
+
+
+def test_a_preset_streams_its_shipped_weights_and_names_them_when_missing(tmp_path, monkeypatch):
+    """A preset with `weights` loads that file from checkpoints/ when no checkpoint is given (the trained default of
+    generate/serve/demo); missing, the score model refuses in one message naming the file and the command that makes
+    it, while the VAE alone (what the training stages ask for before the score model exists) still builds."""
+    import dataclasses
+
+    from model_core import shipped
+    from model_core.audio import AudioConfig
+    from model_core.checkpoint import CheckpointError, save_facecast_checkpoint
+    from model_core.config import get_preset
+    from model_core.models import build_dit, build_vae
+
+    monkeypatch.setattr(shipped, "CHECKPOINTS", tmp_path)
+    preset = dataclasses.replace(get_preset("tiny"), weights="tiny-trained.safetensors")
+    audio = AudioConfig()
+    with pytest.raises(CheckpointError, match="tiny-trained.safetensors.*missing.*facecast train student"):
+        build_dit(preset, checkpoint=None, device="cpu", dtype=torch.float32, seed=0, audio_config=audio)
+    assert build_vae(preset, checkpoint=None, device="cpu", seed=0) is not None
+    trained, _ = build_dit(get_preset("tiny"), checkpoint=None, device="cpu", dtype=torch.float32, seed=7,
+                           audio_config=audio)
+    save_facecast_checkpoint(trained, tmp_path / "tiny-trained.safetensors")
+    loaded, note = build_dit(preset, checkpoint=None, device="cpu", dtype=torch.float32, seed=0, audio_config=audio)
+    assert note == f"weights: {tmp_path / 'tiny-trained.safetensors'}"
+    for (name, weight), expected in zip(loaded.state_dict().items(), trained.state_dict().values()):
+        assert torch.equal(weight, expected), name
+    random, note = build_dit(get_preset("tiny"), checkpoint=None, device="cpu", dtype=torch.float32, seed=0,
+                             audio_config=audio)
+    assert "RANDOM" in note

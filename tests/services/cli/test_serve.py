@@ -35,7 +35,7 @@ def test_too_few_gpus_are_refused(capsys):
 
 @pytest.mark.parametrize("port", [0, 70000])
 def test_an_impossible_port_is_refused(port, capsys):
-    assert f"--port {port} is invalid: allowed 1 to 65535" in refused(["--port", str(port)], capsys)
+    assert f"--port {port} is invalid: allowed 1 to 65535" in refused(["--preset", "tiny", "--port", str(port)], capsys)
 
 
 def test_a_port_in_use_is_refused(capsys):
@@ -43,4 +43,19 @@ def test_a_port_in_use_is_refused(capsys):
         listener.bind(("0.0.0.0", 0))
         listener.listen()
         port = listener.getsockname()[1]
-        assert f"--port {port} is in use" in refused(["--port", str(port)], capsys)
+        assert f"--port {port} is in use" in refused(["--preset", "tiny", "--port", str(port)], capsys)
+
+
+def test_an_unknown_preset_is_refused(capsys):
+    err = refused(["--preset", "huge", "--port", str(free_port())], capsys)
+    assert "preset='huge' is unknown; allowed: tiny, small, talk128" in err
+
+
+def test_missing_trained_weights_are_named_before_anything_starts(capsys, monkeypatch, tmp_path):
+    """No --config serves the trained preset: without its shipped weights, one line says which file and how to make
+    it (and no cluster starts to find out)."""
+    from model_core import shipped
+
+    monkeypatch.setattr(shipped, "CHECKPOINTS", tmp_path)
+    err = refused(["--port", str(free_port())], capsys)
+    assert f"{tmp_path}/talk128-student.safetensors" in err and "facecast train student" in err

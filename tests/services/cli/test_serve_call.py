@@ -78,7 +78,7 @@ def server(tmp_path_factory):
     port, ready, log = free_port(), tmp / "ready", tmp / "serve.log"
     with open(log, "wb") as sink:
         proc = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "--port", str(port),
-                                 "--ready-file", str(ready)], cwd=REPO, env=_env(), stdout=sink,
+                                 "--preset", "tiny", "--ready-file", str(ready)], cwd=REPO, env=_env(), stdout=sink,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     started = Server(proc, port, log, ready)
     try:
