@@ -129,7 +129,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                                           ("--data", args.data), ("--latents", args.latents), ("--vae", args.vae),
                                           ("--teacher", args.teacher), ("--student", args.student),
                                           ("--pairs", args.pairs), ("--opening-weight", args.opening_weight),
-                                          ("--interior-weight", args.interior_weight))
+                                          ("--interior-weight", args.interior_weight),
+                                          ("--history-corrupt", args.history_corrupt))
                  if value is not None]
         if given:
             raise UserError(f"{', '.join(given)}: not for `facecast train all`, which makes every input itself "
@@ -144,6 +145,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                             f"{' '.join([stage] + (['--phase', args.phase] if args.phase else []))}")
         if args.opening_weight < 0:
             raise UserError(f"--opening-weight {args.opening_weight:g} is invalid: at least 0 (0: off)")
+    if args.history_corrupt is not None:
+        if stage != "student" or args.phase != "distill":
+            raise UserError("--history-corrupt applies to `facecast train student --phase distill`")
+        if not 0 <= args.history_corrupt <= 1:
+            raise UserError(f"--history-corrupt {args.history_corrupt:g} is invalid: allowed 0 to 1 (0: off)")
     if args.interior_weight is not None:
         if stage != "vae":
             raise UserError(f"--interior-weight applies to `facecast train vae`, not {stage}")
@@ -202,6 +208,8 @@ def _run(args: argparse.Namespace, stage: str, steps: int, export: str, run_dir:
         extra["student"] = args.student or init_export
     if getattr(args, "opening_weight", None) is not None and stage == "vae":
         extra["opening_weight"] = args.opening_weight
+    if getattr(args, "history_corrupt", None) is not None and stage == "distill":
+        extra["history_corrupt"] = args.history_corrupt
     if getattr(args, "interior_weight", None) is not None and stage in ("vae", "vae-decoder"):
         extra["interior_weight"] = args.interior_weight
     try:
@@ -259,6 +267,8 @@ def add_parser(commands) -> None:
     train.add_argument("--learning-rate", type=float)
     train.add_argument("--opening-weight", type=float, help="vae: weight of the latent opening head's error (a linear "
                        "read-out of each frame's mouth opening from the latent at the mouth; default 0, off)")
+    train.add_argument("--history-corrupt", type=float, help="student --phase distill: History Corrupt noise on the "
+                       "cached keys/values (default 0.1; 0: the ablation without it)")
     train.add_argument("--interior-weight", type=float, help="vae: extra L1 weight on the pixels where the world draws "
                        "the mouth's inside (both phases; default 0, off)")
     train.add_argument("--seed", type=int, default=0)

@@ -38,6 +38,9 @@ class TrainRequest:
     learning_rate: float | None = None
     opening_weight: float | None = None
     """vae: the weight of the latent opening head's error (`VAETrainConfig.opening_weight`; default: the recipe's)."""
+    history_corrupt: float | None = None
+    """distill: the History Corrupt noise on the cached keys/values (`DistillConfig.history_corrupt`; 0: the
+    ablation without it)."""
     interior_weight: float | None = None
     """vae, vae-decoder: the extra weight on the mouth interior's pixels (`VAETrainConfig.interior_weight`)."""
     seed: int = 0
@@ -65,6 +68,8 @@ class TrainRequest:
             raise ValueError(f"steps={self.steps} is invalid: at least 1")
         if self.opening_weight is not None and self.stage != "vae":
             raise ValueError(f"opening_weight applies to the vae stage (its phase full), not {self.stage!r}")
+        if self.history_corrupt is not None and self.stage != "distill":
+            raise ValueError(f"history_corrupt applies to the distill stage, not {self.stage!r}")
         if self.interior_weight is not None and self.stage not in ("vae", "vae-decoder"):
             raise ValueError(f"interior_weight applies to the vae stages, not {self.stage!r}")
         needs = {"vae-decoder": ("vae",), "teacher": ("latents",), "student-init": ("latents", "teacher", "pairs"),
@@ -106,6 +111,8 @@ def build_stage(request: TrainRequest, *, wrap=None, device="cpu"):
         from model_core.training.dmd_stage import DistillConfig, DistillStage
 
         rates = {"generator_lr": overrides.pop("learning_rate")} if "learning_rate" in overrides else {}
+        if request.history_corrupt is not None:
+            overrides["history_corrupt"] = request.history_corrupt
         return DistillStage(request.teacher, request.student, latents, pairs,
                             DistillConfig(seed=request.seed, **overrides, **rates), device=device)
     size = preset.stream.height

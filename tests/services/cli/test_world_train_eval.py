@@ -56,6 +56,8 @@ def test_world_generate_resumes_and_info_reports_the_split(tmp_path, capsys):
     (["train", "probe", "--phase", "full", "--data", "world:train"], "--phase applies to `facecast train student`"),
     (["train", "teacher", "--opening-weight", "0.1"], "--opening-weight applies to `facecast train vae` (its phase"),
     (["train", "vae", "--opening-weight", "-1", "--data", "world:train"], "--opening-weight -1 is invalid: at least 0"),
+    (["train", "student", "--history-corrupt", "0"], "--history-corrupt applies to `facecast train student --phase"),
+    (["train", "student", "--phase", "distill", "--history-corrupt", "2"], "--history-corrupt 2 is invalid: allowed"),
     (["train", "probe", "--interior-weight", "30"], "--interior-weight applies to `facecast train vae`, not probe"),
     (["eval", "--ablate", "sink", "--video", "truth"],
      "--ablate sink switches off a mechanism of the streaming engine"),

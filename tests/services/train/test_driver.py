@@ -1,0 +1,40 @@
+"""The training driver's request (services/train/driver.py): what each stage accepts, and that a request's
+recipe overrides reach the stage it builds."""
+
+import pytest
+
+from services.train.driver import TrainRequest, build_stage
+
+
+def test_overrides_are_refused_on_stages_they_do_not_belong_to():
+    with pytest.raises(ValueError, match="history_corrupt applies to the distill stage, not 'teacher'"):
+        TrainRequest(stage="teacher", data="world:train", run_dir="x", steps=1, latents="l", history_corrupt=0.0)
+    with pytest.raises(ValueError, match="opening_weight applies to the vae stage"):
+        TrainRequest(stage="probe", data="world:train", run_dir="x", steps=1, opening_weight=0.1)
+    with pytest.raises(ValueError, match="interior_weight applies to the vae stages"):
+        TrainRequest(stage="probe", data="world:train", run_dir="x", steps=1, interior_weight=30.0)
+
+
+def test_the_history_corrupt_override_reaches_the_distillation(monkeypatch):
+    """`--history-corrupt 0` is the ablation the eval table needs: the DistillConfig built must carry it."""
+    from model_core.training import dmd_stage, latents, student_stage
+
+    built = {}
+
+    class Latents:
+        def __init__(self, path):
+            pass
+
+        def check_vae(self, vae):
+            pass
+
+    monkeypatch.setattr(latents, "LatentSource", Latents)
+    monkeypatch.setattr(student_stage, "read_pairs", lambda path: {})
+    monkeypatch.setattr(dmd_stage, "DistillStage", lambda *args, **kwargs: built.setdefault("config", args[4]))
+    request = TrainRequest(stage="distill", data="world:train", run_dir="x", steps=1, latents="l", teacher="t",
+                           student="s", pairs="p", history_corrupt=0.0)
+    assert build_stage(request).history_corrupt == 0.0
+    default = TrainRequest(stage="distill", data="world:train", run_dir="x", steps=1, latents="l", teacher="t",
+                           student="s", pairs="p")
+    built.clear()
+    assert build_stage(default).history_corrupt == dmd_stage.DistillConfig().history_corrupt == 0.1
