@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..world.clips import Clip
+from ..world.render import MOUTH_INSIDE
 
 
 def mouth_mask(face_box: np.ndarray, size: int) -> np.ndarray:
@@ -100,8 +101,6 @@ def interior_mask(video: torch.Tensor, mask: torch.Tensor, dilate: int = 2) -> t
     mask that show the world's mouth interior (`render.MOUTH_INSIDE`, the one colour the renderer paints it) in any
     frame of the window, grown by `dilate` pixels so the lips around it count too. The pixels where the opening is
     drawn, open or closed; empty for clips without truth (their mouth mask is empty)."""
-    from ..world.render import MOUTH_INSIDE
-
     inside = torch.tensor(MOUTH_INSIDE, dtype=video.dtype, device=video.device).div(127.5).sub(1.0)
     near = ((video - inside[:, None, None, None]).abs().amax(1, keepdim=True) < INTERIOR_TOLERANCE) & (mask > 0)
     seen = near.any(2).float()                                                          # [B, 1, H, W]

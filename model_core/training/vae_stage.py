@@ -263,8 +263,7 @@ class VAEStage:
         self.head = OpeningHead(vae_config.z_dim).to(self.device) if train.opening_weight > 0 else None
         objective = VAEObjective(self.vae, decoder_only_streams=train.stream_decoder_only, head=self.head)
         self.objective = wrap(objective) if wrap else objective
-        trained = list(self.vae.parameters()) + (list(self.head.parameters()) if self.head is not None else [])
-        self._optimizer = torch.optim.AdamW(trained, lr=train.learning_rate, weight_decay=0.0)
+        self._optimizer = torch.optim.AdamW(objective.parameters(), lr=train.learning_rate, weight_decay=0.0)
         self._spatial = vae_config.spatial_compression
         self.source = source
         self.pools = ClipPools(source, train.seed)

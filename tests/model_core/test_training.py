@@ -250,6 +250,19 @@ def test_frames_and_the_mouth_are_grouped_as_the_latent_frames_code_them():
     assert mouth[0, 2].abs().sum() == 0
 
 
+
+def test_the_batch_mouth_cells_are_the_latent_caches(source):
+    """The VAE stage's latent mouth (pooled from a window's pixel mask) is the latent cache's (`latent_mouth_weight`,
+    from the face boxes): one grouping rule, two inputs."""
+    from model_core.training.data import frame_window, latent_mouth
+    from model_core.training.latents import latent_mouth_weight
+
+    clip = source[0]
+    _, mask = frame_window(clip, 8, 17)
+    cache = latent_mouth_weight(clip.truth.face_box[8:25], 64, 5, 4, (8, 8))
+    torch.testing.assert_close(latent_mouth(mask[None], 8)[0], cache)
+
+
 def test_the_opening_term_reaches_the_encoder_and_head_only_and_skips_unknown_windows(source):
     from model_core.training.data import latent_mouth
     from model_core.training.vae_stage import OPENING_VARIANCE, opening_error
