@@ -11,6 +11,7 @@ Timing lives here and in BENCHMARKS.md, never in tests.
 from __future__ import annotations
 
 import math
+import os
 import platform
 import resource
 import time
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from .config import DiTConfig, get_preset
-from .engine import AvatarEngine
+from .engine import AvatarEngine, Character, region_masks, token_grid
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) of GPUs we run on.
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -56,6 +57,29 @@ def speechlike(duration_s: float, sample_rate_hz: int = 16000, seed: int = 0) ->
     return (0.3 * signal / np.max(np.abs(signal))).astype(np.float32)
 
 
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+"""The instruction-set flags that decide which CPU kernels PyTorch runs (named in every CPU figure)."""
+
+
+def cpu_label() -> str:
+    """The CPU as `lscpu` names it, with its cores and the flags of `CPU_FLAGS` it has: the label every absolute CPU
+    figure carries (two VMs of one class can differ by 2-3x)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    present = [flag for flag in CPU_FLAGS if flag in flags]
+    return f"{name}, {os.cpu_count()} cores, {' '.join(present) or 'no AVX2'}"
+
+
 def _gpu_peak(device: torch.device) -> tuple[str, float | None]:
     name = torch.cuda.get_device_name(device)
     for key, peak in PEAK_BF16_TFLOPS.items():
@@ -66,8 +90,11 @@ def _gpu_peak(device: torch.device) -> tuple[str, float | None]:
 
 def bench_engine(preset_name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, steps: int | None = None,
                  chunk: int | None = None, chunks: int = 6, width: int | None = None, height: int | None = None,
-                 compile: bool = False, progress: bool = True) -> dict:
+                 compile: bool = False, progress: bool = True, sessions: int = 1) -> dict:
+    """One session streamed through the engine; with `sessions` > 1 also `bench_batch` (the report's "batch")."""
     preset = get_preset(preset_name)
+    if sessions < 1:
+        raise ValueError(f"sessions={sessions} is invalid: at least 1")
     if chunks < 1:
         raise ValueError(f"chunks={chunks} is invalid; need at least 1 measured chunk")
     torch_device = torch.device(device)
@@ -120,8 +147,7 @@ def bench_engine(preset_name: str, device: str = "cpu", dtype: torch.dtype = tor
     report = {
         "preset": preset.name,
         "device": str(torch_device),
-        "device_name": torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else platform.processor()
-        or platform.machine(),
+        "device_name": torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else cpu_label(),
         "dtype": str(dtype).replace("torch.", ""),
         "compiled": compile,
         "resolution": f"{stream.width}x{stream.height}",
@@ -147,12 +173,60 @@ def bench_engine(preset_name: str, device: str = "cpu", dtype: torch.dtype = tor
                             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30,
         "peak_memory_kind": "cuda max allocated" if torch_device.type == "cuda" else "process max RSS",
     }
+    if sessions > 1:
+        report["batch"] = bench_batch(engine, stream, sessions, chunks, progress=progress)
     if torch_device.type == "cuda":
         name, peak = _gpu_peak(torch_device)
         if peak:
             bound_ms = flops / (peak * 1e12) * 1000
             report["flop_bound_step_ms"] = bound_ms
             report["step_efficiency"] = bound_ms / float(np.mean(step_ms))
+    return report
+
+
+def bench_batch(engine: AvatarEngine, stream, sessions: int, chunks: int, progress: bool = True) -> dict:
+    """Cross-session batching on the engine's score stage: `sessions` + 1 sessions share one pool; `chunks` batches
+    of the `sessions` in consecutive slots (a view of the pool: the forward reads and writes the caches where they
+    live), then `chunks` batches of as many sessions with a hole in their slots (the gathered path: each step copies
+    the sessions' caches out of the pool and their new entries back, as every batch did before the pool). Reports
+    the time per batched chunk and the bytes of session state copied per denoising step for each."""
+    from tqdm import tqdm
+
+    stage = engine.score
+    reference = torch.rand(3, stream.height, stream.width, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    latent = engine.decoder.encode_reference(reference)
+    grid = token_grid(engine.dit.config, latent)
+    text = engine.text_states("a person talking to the camera")
+    ratio = engine.dit.config.temporal_compression
+    duration_s = (ratio * (2 * chunks + 2) * stream.chunk_latent_frames + 8) / stream.fps
+    members, feeds = [], []
+    for index in range(sessions + 1):
+        session_stream = stream.replace(seed=stream.seed + index)
+        members.append(stage.open(f"batch-{index}", session_stream, latent, text, region_masks([Character()], *grid)))
+        audio = engine.audio.open(f"batch-{index}", session_stream, 1)
+        pcm = speechlike(duration_s, seed=index)
+        feeds.append(iter(engine.audio.push(audio, pcm, 16000) + engine.audio.end(audio)))
+    pool = members[0].pool
+    layouts = {"pool view": members[:sessions], "gathered": [members[0]] + members[2:]}
+    report = {"sessions": sessions, "pool_capacity": pool.capacity}
+    with tqdm(total=2 * (chunks + 1), unit="batch", desc=f"bench batch x{sessions}", disable=not progress) as bar:
+        for layout, batch in layouts.items():
+            times, copied = [], []
+            for position in range(chunks + 1):       # the first batch of each layout warms up
+                before = pool.gathered_bytes
+                started = time.perf_counter()
+                stage.denoise_batch(batch, [next(feeds[members.index(session)]) for session in batch])
+                times.append(time.perf_counter() - started)
+                copied.append(pool.gathered_bytes - before)
+                bar.update(1)
+            report[layout.replace(" ", "_")] = {
+                "slots": [pool.slot_of(session) for session in batch],
+                "chunk_ms": float(np.mean(times[1:]) * 1000),
+                "copied_bytes_per_step": float(np.mean(copied[1:])) / stream.steps,
+            }
+    report["state_bytes_per_session"] = pool.nbytes / pool.capacity
+    for session in members:
+        stage.close(session)
     return report
 
 
@@ -174,6 +248,14 @@ def format_engine_report(report: dict) -> str:
         f"  step FLOPs              {report['step_tflops']:.3f} TFLOP",
         f"  peak memory             {report['peak_memory_gib']:.2f} GiB ({report['peak_memory_kind']})",
     ]
+    if "batch" in report:
+        batch = report["batch"]
+        lines.append(f"  batch of {batch['sessions']} sessions ({batch['state_bytes_per_session'] / 2**20:.2f} MiB of "
+                     "state each):")
+        for layout in ("pool_view", "gathered"):
+            row = batch[layout]
+            lines.append(f"    {layout.replace('_', ' '):10s} slots {row['slots']}: {row['chunk_ms']:.1f} ms a chunk, "
+                         f"{row['copied_bytes_per_step'] / 2**20:.2f} MiB copied per step")
     if "flop_bound_step_ms" in report:
         lines.append(f"  FLOP-bound step         {report['flop_bound_step_ms']:.1f} ms  "
                      f"(achieved {report['step_efficiency'] * 100:.0f}% of peak bf16)")

@@ -104,3 +104,167 @@ class ChunkRope:
     previous: tuple[torch.Tensor, torch.Tensor]
     sink: tuple[torch.Tensor, torch.Tensor]
     frame_positions: tuple[int, int]  # (min, max) frame position used, for bounds checks
+
+
+_KV_BATCH_DIM = {"sink_key": 1, "sink_value": 1, "prev_key": 1, "prev_value": 1, "prev_valid": 0}
+_CONDITION_BATCH_DIM = {"text_key": 1, "text_value": 1, "image_key": 1, "image_value": 1, "step_temb": 1,
+                        "step_modulation": 1, "sink_temb": 0, "sink_modulation": 0}
+
+
+def _batch_map(state, dims: dict[str, int], fn):
+    return type(state)(**{name: fn(getattr(state, name), dim) for name, dim in dims.items()})
+
+
+class SessionPool:
+    """The score state of many sessions of one shape, preallocated once and indexed by slot, as static-cache LLM
+    servers keep their KV caches.
+
+        pool = SessionPool(capacity=4)
+        slot = pool.add(owner, caches, condition)     copies a new session's state into the lowest free slot
+        caches, condition = pool.views(slot, count)   views of `count` consecutive slots (no copy)
+        cache = pool.gather_cache(slots, step)        a copy of any slots' caches of one step (slots not consecutive)
+        pool.scatter(slots, step, cache)              ... and their new previous-chunk entries written back
+        moved = pool.remove(slot)                     frees the slot; the last session moves into it
+
+    Per owned step one `KVCache` and one `ConditionCache` whose batch dimension is the slot (batch-major within each
+    block: `prev_key[l]` is [slots, tokens, heads, head_dim], contiguous). A session's caches and conditioning are
+    views of its slot, so its own steps write the pool in place; a batch of sessions in consecutive slots is a view
+    of the range, and one forward per step over it reads and writes every session's state where it lives, gathering
+    and copying nothing. `remove` keeps the occupied slots consecutive ([0, size)) by moving the last session into the
+    freed slot (one session's state copied once, at close), so a batch of every open session is always a view. When
+    the pool is full its capacity doubles (one copy of every slot) and every owner is re-pointed. `gathered_bytes`
+    counts what the non-consecutive path copied, which the bench reports.
+
+    `owner` is anything with assignable `caches` and `condition` attributes (a `stages.ScoreSession`): the pool
+    re-points them when a growth or a compaction moves its state.
+    """
+
+    def __init__(self, capacity: int = 4):
+        if capacity < 1:
+            raise ValueError(f"capacity={capacity} is invalid: at least 1")
+        self.capacity = capacity
+        self.caches: dict[int, KVCache] = {}
+        self.condition: ConditionCache | None = None
+        self.owners: list = []                       # slot -> owner; slots [0, len) are occupied
+        self.gathered_bytes = 0
+        self.growths = 0
+
+    def __len__(self) -> int:
+        return len(self.owners)
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [getattr(cache, name) for cache in self.caches.values() for name in _KV_BATCH_DIM]
+        if self.condition is not None:
+            tensors += [getattr(self.condition, name) for name in _CONDITION_BATCH_DIM]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def _allocate(self, capacity: int, caches: dict[int, KVCache], condition: ConditionCache):
+        def empty(template: torch.Tensor, dim: int) -> torch.Tensor:
+            shape = list(template.shape)
+            shape[dim] = capacity
+            return torch.zeros(shape, dtype=template.dtype, device=template.device)
+
+        return ({k: _batch_map(cache, _KV_BATCH_DIM, empty) for k, cache in caches.items()},
+                _batch_map(condition, _CONDITION_BATCH_DIM, empty))
+
+    def add(self, owner, caches: dict[int, KVCache], condition: ConditionCache) -> int:
+        """Copy one session's state (batch 1) into the next slot and point `owner` at its views. Returns the slot."""
+        if not self.caches:
+            self.caches, self.condition = self._allocate(self.capacity, caches, condition)
+        elif sorted(caches) != sorted(self.caches):
+            raise ValueError(f"a session owning steps {sorted(caches)} cannot join a pool of steps "
+                             f"{sorted(self.caches)}")
+        if len(self.owners) == self.capacity:
+            self._grow()
+        slot = len(self.owners)
+        self.owners.append(owner)
+        views, condition_view = self.views(slot)
+        for k, cache in caches.items():
+            _copy_into(views[k], cache, _KV_BATCH_DIM)
+        _copy_into(condition_view, condition, _CONDITION_BATCH_DIM)
+        owner.caches, owner.condition = views, condition_view
+        return slot
+
+    def _grow(self) -> None:
+        capacity = self.capacity * 2
+        caches, condition = self._allocate(capacity, self.caches, self.condition)
+        size = len(self.owners)
+        for k, cache in self.caches.items():
+            _copy_into(_batch_map(caches[k], _KV_BATCH_DIM, lambda t, dim: t.narrow(dim, 0, size)),
+                       _batch_map(cache, _KV_BATCH_DIM, lambda t, dim: t.narrow(dim, 0, size)), _KV_BATCH_DIM)
+        _copy_into(_batch_map(condition, _CONDITION_BATCH_DIM, lambda t, dim: t.narrow(dim, 0, size)),
+                   _batch_map(self.condition, _CONDITION_BATCH_DIM, lambda t, dim: t.narrow(dim, 0, size)),
+                   _CONDITION_BATCH_DIM)
+        self.caches, self.condition, self.capacity = caches, condition, capacity
+        self.growths += 1
+        for slot, owner in enumerate(self.owners):
+            owner.caches, owner.condition = self.views(slot)
+
+    def slot_of(self, owner) -> int:
+        for slot, held in enumerate(self.owners):
+            if held is owner:
+                return slot
+        raise KeyError("this session holds no slot of the pool")
+
+    def views(self, slot: int, count: int = 1) -> tuple[dict[int, KVCache], ConditionCache]:
+        """The state of slots [slot, slot + count): views of the pool, batch dimension `count`."""
+        if not (0 <= slot and slot + count <= len(self.owners)):
+            raise IndexError(f"slots [{slot}, {slot + count}) are not all occupied (size {len(self.owners)})")
+
+        def narrow(t: torch.Tensor, dim: int) -> torch.Tensor:
+            return t.narrow(dim, slot, count)
+
+        return ({k: _batch_map(cache, _KV_BATCH_DIM, narrow) for k, cache in self.caches.items()},
+                _batch_map(self.condition, _CONDITION_BATCH_DIM, narrow))
+
+    def gather_cache(self, slots: list[int], step: int) -> KVCache:
+        """A copy of step `step`'s caches of any `slots`, in that order (the fallback when they are not consecutive;
+        one step's copy at a time, so a batch needs one stacked cache of extra memory whatever its step count)."""
+        return _batch_map(self.caches[step], _KV_BATCH_DIM, self._taker(slots))
+
+    def gather_condition(self, slots: list[int]) -> ConditionCache:
+        return _batch_map(self.condition, _CONDITION_BATCH_DIM, self._taker(slots))
+
+    def _taker(self, slots: list[int]):
+        index = torch.tensor(slots, device=self.condition.text_key.device)
+
+        def take(t: torch.Tensor, dim: int) -> torch.Tensor:
+            taken = t.index_select(dim, index)
+            self.gathered_bytes += taken.numel() * taken.element_size()
+            return taken
+
+        return take
+
+    def scatter(self, slots: list[int], step: int, cache: KVCache) -> None:
+        """Write a gathered batch's new previous-chunk entries of `step` back to their slots (a step never changes
+        the sink)."""
+        index = torch.tensor(slots, device=cache.prev_key.device)
+        own = self.caches[step]
+        for name in ("prev_key", "prev_value", "prev_valid"):
+            value = getattr(cache, name)
+            getattr(own, name).index_copy_(_KV_BATCH_DIM[name], index, value)
+            self.gathered_bytes += value.numel() * value.element_size()
+
+    def remove(self, owner) -> object | None:
+        """Free `owner`'s slot. The session in the last slot moves into it (returned, re-pointed), so the occupied
+        slots stay consecutive; None when nothing moved."""
+        slot = self.slot_of(owner)
+        last = len(self.owners) - 1
+        moved = None
+        if slot != last:
+            moved = self.owners[last]
+            source, source_condition = self.views(last)
+            target, target_condition = self.views(slot)
+            for k in self.caches:
+                _copy_into(target[k], source[k], _KV_BATCH_DIM)
+            _copy_into(target_condition, source_condition, _CONDITION_BATCH_DIM)
+            self.owners[slot] = moved
+            moved.caches, moved.condition = target, target_condition
+        self.owners.pop()
+        return moved
+
+
+def _copy_into(target, source, dims: dict[str, int]) -> None:
+    for name in dims:
+        getattr(target, name).copy_(getattr(source, name))

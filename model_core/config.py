@@ -227,6 +227,9 @@ class PresetConfig:
     weights: str = ""
     """The trained score model shipped in `checkpoints/` (a facecast checkpoint file name) used when no checkpoint is
     given; empty: the preset's shape with seeded random weights (the benchmark shapes)."""
+    fast_decoder_weights: str = ""
+    """The fast decoder distilled from the shipped VAE (`model_core.fastdecode`, a directory in `checkpoints/`):
+    sessions may choose it with decoder='fast'; empty: the preset has none."""
 
     def check_resolution(self, stream: StreamConfig) -> None:
         """Height and width must tile into whole DiT patches and whole reference-token patches."""
@@ -270,6 +273,7 @@ _TALK128 = PresetConfig(
                 "blocks, 16x16x16 latents), DiT patch 4 (16 tokens a latent frame), 4 blocks, 192 channels",
     vae_weights="talk128-vae",
     weights="talk128-student.safetensors",
+    fast_decoder_weights="talk128-fast-decoder",
 )
 
 _WAN_1_3B = PresetConfig(

@@ -36,9 +36,10 @@ import torch
 from .audio import AudioConfig
 from .config import ConfigError, PresetConfig, StreamConfig, get_preset
 from .dit import CausalAvatarDiT
-from .models import build_models
+from .models import build_fast_decoder, build_models
 from .sampler import step
-from .stages import AudioSession, AudioStage, ChunkAudioInput, DecodeStage, ScoreSession, ScoreStage
+from .decode import DecodeStage
+from .stages import AudioSession, AudioStage, ChunkAudioInput, ScoreSession, ScoreStage
 from .text import build_prompt_encoder
 from .vae import DecodeCache, StreamingVAE
 
@@ -109,12 +110,14 @@ class AvatarEngine:
 
     def __init__(self, preset: PresetConfig, dit: CausalAvatarDiT, vae: StreamingVAE, *,
                  audio_config: AudioConfig | None = None, text_encoder_path: str | None = None,
-                 device="cpu", dtype=torch.float32, weights_note: str = ""):
+                 device="cpu", dtype=torch.float32, weights_note: str = "", fast_decoder=None,
+                 decoder: str = "full"):
+        """`fast_decoder`: a `fastdecode.FastDecoder` sessions may choose; `decoder`: the sessions' default."""
         self.preset = preset
         self.device, self.dtype = torch.device(device), dtype
         self.audio_config = audio_config or AudioConfig(backend=preset.audio_backend)
         self.score = ScoreStage(dit, device, dtype)
-        self.decoder = DecodeStage(vae)
+        self.decoder = DecodeStage(vae, fast_decoder, decoder)
         self.audio = AudioStage(self.audio_config, dit.config, dtype)
         self.prompt_encoder = build_prompt_encoder(preset.text_encoder, dit.config.text_dim, dit.config.text_len,
                                                    text_encoder_path, device)
@@ -141,8 +144,11 @@ class AvatarEngine:
 
     @classmethod
     def from_preset(cls, preset: str | PresetConfig, *, checkpoint: str | None = None, device="cpu",
-                    dtype=torch.float32, seed: int = 0, audio_config: AudioConfig | None = None) -> "AvatarEngine":
+                    dtype=torch.float32, seed: int = 0, audio_config: AudioConfig | None = None,
+                    decoder: str = "full", fast_decoder: str | None = None) -> "AvatarEngine":
         """Build the engine for a preset: weights from `checkpoint` (a facecast .safetensors) or seeded random.
+        `decoder`: the sessions' default decoder ("full" or "fast"); `fast_decoder`: a fast decoder directory
+        (default: the preset's shipped one, when it has one for this VAE).
 
         With random weights the DiT's audio input width follows the audio front-end (so any backend works); a
         checkpoint must have been trained with the front-end it is given.
@@ -151,7 +157,9 @@ class AvatarEngine:
         audio_config = audio_config or AudioConfig(backend=preset.audio_backend)
         dit, vae, note = build_models(preset, checkpoint=checkpoint, device=device, dtype=dtype, seed=seed,
                                       audio_config=audio_config)
-        return cls(preset, dit, vae, audio_config=audio_config, device=device, dtype=dtype, weights_note=note)
+        fast = build_fast_decoder(preset, vae, device=device, path=fast_decoder)
+        return cls(preset, dit, vae, audio_config=audio_config, device=device, dtype=dtype, weights_note=note,
+                   fast_decoder=fast, decoder=decoder)
 
     def compile(self, **options) -> None:
         """Compile the denoising step (one graph per step index, reused for every chunk of every session)."""
@@ -186,20 +194,23 @@ class AvatarEngine:
 
     @torch.no_grad()
     def open_session(self, reference_image: torch.Tensor, prompt: str = "", stream: StreamConfig | None = None,
-                     characters: list[Character] | None = None, session_id: str | None = None) -> str:
-        """reference_image: [3, H, W] in [-1, 1] at the stream's resolution. Returns the session id."""
+                     characters: list[Character] | None = None, session_id: str | None = None,
+                     decoder: str | None = None) -> str:
+        """reference_image: [3, H, W] in [-1, 1] at the stream's resolution; decoder: "full" or "fast" (None: the
+        engine's default). Returns the session id."""
         stream = stream or self.preset.stream
         characters = check_session_inputs(self.preset, stream, reference_image, characters)
         session_id = session_id or uuid.uuid4().hex
         if session_id in self._sessions:
             raise ConfigError(f"session_id={session_id!r} is already open")
+        decode = self.decoder.open(decoder)        # an unknown or unavailable decoder fails before any work
         reference_latent = self.decoder.encode_reference(reference_image)
         grid = token_grid(self.dit.config, reference_latent)
         score = self.score.open(session_id, stream, reference_latent, self.text_states(prompt),
                                 region_masks(characters, *grid))
         self._sessions[session_id] = EngineSession(session_id, stream,
                                                    self.audio.open(session_id, stream, len(characters)), score,
-                                                   self.decoder.open())
+                                                   decode)
         return session_id
 
     # ------------------------------------------------------------------ 2. audio in, chunks out
@@ -222,7 +233,9 @@ class AvatarEngine:
         return [self._generate(session, inputs) for inputs in self.audio.end(session.audio)]
 
     def close_session(self, session_id: str) -> None:
-        self._sessions.pop(session_id, None)
+        session = self._sessions.pop(session_id, None)
+        if session is not None:
+            self.score.close(session.score)
 
     def _generate(self, session: EngineSession, inputs: ChunkAudioInput) -> VideoChunk:
         started = time.perf_counter()

@@ -19,6 +19,7 @@ device and dtype names are `model_core.config.DEVICES` / `DTYPES` (torch-free, s
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
 
@@ -127,6 +128,31 @@ def build_vae(preset: PresetConfig, *, checkpoint: str | None, device, seed: int
         return StreamingVAE.from_pretrained(path, device=device)
     vae = StreamingVAE.from_config(preset.vae, seed=seed)
     return StreamingVAE(vae.vae.to(device=device))
+
+
+def build_fast_decoder(preset: PresetConfig, vae: StreamingVAE, *, device="cpu", dtype=torch.float32,
+                       path: str | None = None):
+    """The fast decoder at `path`, else the preset's shipped one (`fast_decoder_weights`); None when the preset has
+    none, its file is missing or it belongs to another VAE (sessions then cannot choose decoder='fast', and say so).
+    A `path` distilled for another VAE than `vae` is refused: it would draw nonsense from these latents."""
+    import json
+
+    from .fastdecode import CONFIG_FILE, FastDecoder
+    from .vae import vae_digest
+
+    shipped = path is None
+    if shipped:
+        if not preset.fast_decoder_weights or not (shipped_path(preset.fast_decoder_weights) / CONFIG_FILE).is_file():
+            return None
+        path = str(shipped_path(preset.fast_decoder_weights))
+    recorded = json.loads((Path(path) / CONFIG_FILE).read_text()).get("vae_digest") if Path(path).is_dir() else None
+    if shipped and recorded != vae_digest(vae):
+        return None          # a checkpoint brought its own VAE: the shipped fast decoder does not belong to it
+    decoder = FastDecoder.from_pretrained(path, device=device, dtype=dtype)
+    if recorded and recorded != vae_digest(vae):
+        raise CheckpointError(f"the fast decoder {path!r} was distilled for another VAE (digest {recorded}, this one "
+                              f"{vae_digest(vae)}); train one for it with `facecast train fast-decoder --vae ...`")
+    return decoder
 
 
 def random_dit(config: DiTConfig, seed: int, device="cpu", dtype=torch.float32) -> CausalAvatarDiT:

@@ -1,7 +1,7 @@
 """Weights that ship with facecast, in the repository's `checkpoints/` folder (fp16, no optimiser state).
 
     shipped_path(name) -> Path          where a shipped artefact lives (it may not exist yet)
-    TALK128_VAE, LIPSYNC_PROBE, TALK128_TEACHER, TALK128_STUDENT   the names of what the training stages export
+    TALK128_VAE, LIPSYNC_PROBE, TALK128_TEACHER, TALK128_STUDENT, TALK128_FAST_DECODER   what the stages export
     TRAINED_PRESET                      the preset the shipped weights belong to (the commands' default)
 
 `facecast train <stage>` writes its export here by default; presets and `facecast eval` read from here.
@@ -16,6 +16,7 @@ TALK128_VAE = "talk128-vae"
 LIPSYNC_PROBE = "lipsync-probe.safetensors"
 TALK128_TEACHER = "talk128-teacher.safetensors"
 TALK128_STUDENT = "talk128-student.safetensors"
+TALK128_FAST_DECODER = "talk128-fast-decoder"
 TRAINED_PRESET = "talk128"
 """The preset whose weights ship (its score model `PresetConfig.weights`, its VAE `vae_weights`): what `make demo`,
 `facecast generate` and `facecast serve` stream by default."""

@@ -2,7 +2,7 @@
 
     AudioStage   pcm -> per-video-frame features -> one `ChunkAudioInput` per chunk whose audio window is complete
     ScoreStage   ChunkAudioInput -> noise -> denoising steps (each with its own KV cache) -> clean latents
-    DecodeStage  clean latents -> streaming VAE decode (per-session decode cache) -> RGB frames
+    DecodeStage  clean latents -> streaming decode (per-session decode cache) -> RGB frames (`model_core.decode`)
 
 `AvatarEngine` runs the three in one process; the Ray Serve deployments host the very same classes on different
 workers (score and VAE on different GPUs), so both produce the same frames for the same seed.  What moves between
@@ -28,8 +28,9 @@ Characters (K per session, one audio track each, see `AudioStage`):
     over the chunk's span: the sum, clipped to [-1, 1], ending where the longest track ends.
 
 What may live here: the stages and the per-session state types they hand in and out; nothing about Ray, networks
-or processes.  Host syncs in the hot path are the step timer's (score, CUDA only) and the decode's copy of frames to
-the host — each explained where it happens.
+or processes.  The denoising steps never wait for the device (`syncguard.no_host_sync` holds them to it in the
+tests); the waits are once per chunk where a result leaves the device: the step timer's last CUDA event when the
+chunk's latents are handed on, and the decode's copy of frames to the host — each explained where it happens.
 """
 
 from __future__ import annotations
@@ -45,11 +46,11 @@ import torch
 
 from .audio import AudioConfig, AudioFrontend, AudioStreamState
 from .audio_resample import as_float_pcm
-from .cache import ChunkAudio, ChunkRope, ConditionCache, KVCache
+from .cache import ChunkAudio, ChunkRope, ConditionCache, KVCache, SessionPool
 from .config import ConfigError, DiTConfig, StreamConfig
 from .dit import CausalAvatarDiT
 from .sampler import ChunkCondition, Timestep, denoise, flow_schedule, step
-from .vae import DecodeCache, StreamingVAE
+from .syncguard import result_leaves_device
 
 # ============================================================================================ audio
 
@@ -348,6 +349,7 @@ class ScoreSession:
     generator: torch.Generator
     latent_shape: tuple[int, int, int]    # (C, h, w)
     chunk_index: int = 0
+    pool: SessionPool | None = None       # where `caches` and `condition` live (views of this session's slot)
 
     @property
     def steps(self) -> list[int]:
@@ -369,10 +371,31 @@ class NoisyChunk:
 class ScoreStage:
     """The causal DiT and the denoising steps. Owns either every step (sequential) or a subset (pipelined)."""
 
-    def __init__(self, dit: CausalAvatarDiT, device="cpu", dtype=torch.float32, step_fn=step):
+    def __init__(self, dit: CausalAvatarDiT, device="cpu", dtype=torch.float32, step_fn=step, pool_capacity: int = 4):
+        """`pool_capacity`: slots preallocated per shape class of sessions (`batch_key`); a full pool doubles."""
         self.dit = dit.to(device=device, dtype=dtype).eval()
         self.device, self.dtype = torch.device(device), dtype
         self.step_fn = step_fn
+        self.pool_capacity = pool_capacity
+        self.pools: dict[tuple, SessionPool] = {}
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the session pools (preallocated slots included)."""
+        return sum(pool.nbytes for pool in self.pools.values())
+
+    def close(self, session: ScoreSession) -> None:
+        """Free the session's slot (the last session of its pool moves into it); idempotent. The session can run no
+        chunk after this (its slot may hold another session)."""
+        pool = session.pool
+        if pool is None:
+            return
+        pool.remove(session)
+        session.pool = None
+        session.condition = None
+        session.caches = {k: None for k in session.caches}
+        if not len(pool):
+            self.pools = {key: held for key, held in self.pools.items() if held is not pool}
 
     @torch.no_grad()
     def open(self, session_id: str, stream: StreamConfig, reference_latent: torch.Tensor, text_states: torch.Tensor,
@@ -398,20 +421,25 @@ class ScoreStage:
             caches=caches, regions=regions.to(self.device), reference_latent=reference_latent,
             generator=torch.Generator(device=self.device).manual_seed(stream.seed),
             latent_shape=(stream.chunk_latent_frames, height, width))
+        session.pool = self.pools.setdefault(self.batch_key(session), SessionPool(self.pool_capacity))
+        session.pool.add(session, caches, condition)     # the session's state now lives in its slot
         self.set_sink(session, reference_latent)
         return session
 
     @torch.no_grad()
     def set_prompt(self, session: ScoreSession, text_states: torch.Tensor) -> None:
         """A new prompt from the next chunk on: the session's conditioning is rebuilt (caches and sink stay)."""
+        self._check_open(session)
         step_timesteps = torch.tensor([t.model_timestep for t in session.schedule[:-1]], device=self.device)
-        session.condition = self.dit.prepare_conditions(text_states.to(self.device, self.dtype),
-                                                        self.dit.reference_tokens(session.reference_latent),
-                                                        step_timesteps)
+        condition = self.dit.prepare_conditions(text_states.to(self.device, self.dtype),
+                                                self.dit.reference_tokens(session.reference_latent), step_timesteps)
+        for name, value in vars(condition).items():      # into the session's slot of the pool
+            getattr(session.condition, name).copy_(value)
 
     @torch.no_grad()
     def set_sink(self, session: ScoreSession, sink_latent: torch.Tensor) -> None:
         """sink_latent [1, 16, 1, h, w]: recompute the sink's keys/values (t = 0) in every owned cache."""
+        self._check_open(session)
         sink = sink_latent.to(self.device, self.dtype).repeat(1, 1, session.stream.sink_frames, 1, 1)
         key, value = self.dit.compute_sink(sink, session.condition)
         for cache in session.caches.values():
@@ -435,14 +463,17 @@ class ScoreStage:
     @torch.no_grad()
     def run_steps(self, session: ScoreSession, chunk: NoisyChunk) -> NoisyChunk:
         """Run the steps this stage owns on `chunk` (latents at the first owned step's noise level)."""
+        self._check_open(session)
         if not session.stream.rolling_rope:  # the ablation: absolute positions, new tables for every chunk
             _, height, width = session.latent_shape
             p_h, p_w = self.dit.config.patch_size[1:]
             session.rope = self.dit.absolute_chunk_rope(chunk.chunk_index, session.stream.chunk_latent_frames,
                                                         height // p_h, width // p_w, session.stream.sink_frames)
         cond = ChunkCondition(session.condition, chunk.audio, session.rope, session.stream.solver, chunk.renoise)
+        clock = _StepClock(self.device, chunk.step_s)
         chunk.latents = denoise(self.dit, chunk.latents.to(self.device, self.dtype), session.schedule, session.steps,
-                                session.caches, cond, self.step_fn, _StepClock(self.device, chunk.step_s))
+                                session.caches, cond, self.step_fn, clock)
+        clock.finish()
         session.chunk_index = chunk.chunk_index + 1
         return chunk
 
@@ -453,6 +484,15 @@ class ScoreStage:
         if chunk.chunk_index == 0 and session.stream.adaptive_sink:
             self.set_sink(session, chunk.latents[:, :, :1])
         return chunk
+
+    @staticmethod
+    def closed_error(session: ScoreSession) -> KeyError:
+        return KeyError(f"session {session.session_id!r} is closed; its score state was freed")
+
+    def _check_open(self, *sessions: ScoreSession) -> None:
+        for session in sessions:
+            if session.pool is None:
+                raise self.closed_error(session)
 
     @staticmethod
     def batch_key(session: ScoreSession) -> tuple:
@@ -474,110 +514,86 @@ class ScoreStage:
             raise ValueError("denoise_batch needs sessions with equal batch_key (shapes, schedule, RoPE, characters)")
         if len({session.session_id for session in sessions}) != len(sessions):
             raise ValueError("denoise_batch got two chunks of one session; a session's chunks must run in order")
+        self._check_open(*sessions)
         if len(sessions) == 1:
             return [self.denoise(sessions[0], inputs[0])]
+        pool = sessions[0].pool
+        if any(session.pool is not pool or pool is None for session in sessions):
+            raise ValueError("denoise_batch needs sessions opened on this ScoreStage")
+        order = sorted(range(len(sessions)), key=lambda row: pool.slot_of(sessions[row]))
+        sessions, inputs = [sessions[row] for row in order], [inputs[row] for row in order]
+        slots = [pool.slot_of(session) for session in sessions]
         chunks = [self.begin_chunk(session, item) for session, item in zip(sessions, inputs)]
         first = sessions[0]
-        condition = ConditionCache(**{
-            name: torch.cat([getattr(s.condition, name) for s in sessions], dim=_CONDITION_BATCH_DIM[name])
-            for name in _CONDITION_BATCH_DIM})
+        if slots == list(range(slots[0], slots[0] + len(slots))):
+            caches, condition = pool.views(slots[0], len(slots))   # the batch is a view of the pool: no copy
+        else:
+            caches, condition = _GatheredCaches(pool, slots), pool.gather_condition(slots)
         audio = ChunkAudio(tokens=torch.cat([c.audio.tokens for c in chunks]),
                            regions=torch.cat([c.audio.regions for c in chunks]))
         renoise = (torch.cat([c.renoise for c in chunks], dim=1) if chunks[0].renoise is not None else None)
         cond = ChunkCondition(condition, audio, first.rope, first.stream.solver, renoise)
         step_s = []
+        clock = _StepClock(self.device, step_s)
         latents = denoise(self.dit, torch.cat([c.latents for c in chunks]), first.schedule, first.steps,
-                          _BatchedCaches(sessions), cond, self.step_fn, _StepClock(self.device, step_s))
+                          caches, cond, self.step_fn, clock)
+        clock.finish()
         for row, (session, chunk) in enumerate(zip(sessions, chunks)):
             chunk.latents, chunk.step_s = latents[row:row + 1], list(step_s)
             session.chunk_index = chunk.chunk_index + 1
             if chunk.chunk_index == 0 and session.stream.adaptive_sink:
                 self.set_sink(session, chunk.latents[:, :, :1])
-        return chunks
+        results = [None] * len(chunks)
+        for row, chunk in zip(order, chunks):
+            results[row] = chunk
+        return results
 
 
 class _StepClock:
-    """`on_step` of `sampler.denoise`: appends each step's wall-clock seconds to `durations_s`.
+    """`on_step` of `sampler.denoise`: each step's seconds, into `durations_s` when `finish` is called.
 
-    Host sync, on purpose: on CUDA it waits for the step's kernels before reading the clock, because the per-step
-    times are reported (`ChunkTimings.step_s`, the cluster's `score_step_k` timings) and would otherwise measure only
-    the kernel launches.  The price is that the next step's launches no longer overlap this step's compute; timing
-    with CUDA events instead would remove the wait.
+    On CUDA an event is recorded after each step and nothing waits in between, so the next step's launches overlap
+    this step's compute; `finish` (once per chunk, where the chunk's latents are handed on) waits for the last event
+    and reads the elapsed times. On the CPU the clock is read after each step (the step has run by then).
     """
 
     def __init__(self, device: torch.device, durations_s: list[float]):
         self.device, self.durations_s = device, durations_s
+        self.events = []
+        if device.type == "cuda":
+            self.events.append(torch.cuda.Event(enable_timing=True))
+            self.events[0].record()
         self.last = time.perf_counter()
 
     def __call__(self, index: int, latents: torch.Tensor) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        if self.events:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.events.append(event)
+            return
         now = time.perf_counter()
         self.durations_s.append(now - self.last)
         self.last = now
 
+    def finish(self) -> None:
+        if len(self.events) > 1:
+            with result_leaves_device():
+                self.events[-1].synchronize()
+            self.durations_s.extend(start.elapsed_time(end) / 1000.0
+                                    for start, end in zip(self.events, self.events[1:]))
+            self.events = self.events[-1:]
 
-class _BatchedCaches:
-    """The `caches` of `sampler.denoise` for a cross-session batch: step index -> that step's caches stacked on B.
 
-    Reading step k stacks the sessions' own caches of step k ([L, B, ...]); assigning the cache step k returns writes
-    each row's new previous-chunk entries back into its session's cache (a step never changes the sink).  Only one
-    step's stacked copy exists at a time, so a batch needs one stacked cache of extra memory whatever its step count.
-    """
+class _GatheredCaches:
+    """The `caches` of `sampler.denoise` for a batch whose slots are not consecutive: reading step k gathers the
+    slots' caches of step k from the pool (a copy); assigning it writes their new previous-chunk entries back. Only
+    one step's gathered copy exists at a time."""
 
-    def __init__(self, sessions: list[ScoreSession]):
-        self.sessions = sessions
+    def __init__(self, pool: SessionPool, slots: list[int]):
+        self.pool, self.slots = pool, slots
 
     def __getitem__(self, index: int) -> KVCache:
-        return KVCache(*(torch.cat([getattr(session.caches[index], name) for session in self.sessions],
-                                   dim=0 if name == "prev_valid" else 1) for name in _CACHE_FIELDS))
+        return self.pool.gather_cache(self.slots, index)
 
     def __setitem__(self, index: int, cache: KVCache) -> None:
-        for row, session in enumerate(self.sessions):
-            own = session.caches[index]
-            own.prev_key.copy_(cache.prev_key[:, row:row + 1])
-            own.prev_value.copy_(cache.prev_value[:, row:row + 1])
-            own.prev_valid.copy_(cache.prev_valid[row:row + 1])
-
-
-_CACHE_FIELDS = ("sink_key", "sink_value", "prev_key", "prev_value", "prev_valid")
-_CONDITION_BATCH_DIM = {"text_key": 1, "text_value": 1, "image_key": 1, "image_value": 1, "step_temb": 1,
-                        "step_modulation": 1, "sink_temb": 0, "sink_modulation": 0}
-
-
-# ============================================================================================ decode
-
-
-class DecodeStage:
-    """Reference encoding and streaming decode on one VAE, any number of sessions (each its own DecodeCache)."""
-
-    def __init__(self, vae: StreamingVAE):
-        self.vae = vae
-
-    @torch.no_grad()
-    def encode_reference(self, image: torch.Tensor) -> torch.Tensor:
-        """image [3, H, W] in [-1, 1] -> normalised latent [1, 16, 1, H/8, W/8] (float32, CPU)."""
-        # Host copy (a sync) once per session, outside the chunk loop: the latent travels to the score workers.
-        return self.vae.encode_image(image[None].to(self.vae.device)).float().cpu()
-
-    def open(self) -> DecodeCache:
-        return self.vae.new_decode_cache()
-
-    @torch.no_grad()
-    def decode_batch(self, caches: list[DecodeCache], latents: list[torch.Tensor],
-                     num_frames: list[int]) -> tuple[list[torch.Tensor], float]:
-        """`decode` for chunks of several sessions at once (see `StreamingVAE.decode_chunk_batch`)."""
-        started = time.perf_counter()
-        decoded = self.vae.decode_chunk_batch(latents, caches)
-        # Host sync, on purpose: the frames leave the device here (JPEG encoding and egress are host work), so the
-        # copy below waits for the decode anyway; the explicit sync only makes `seconds` the decode's device time.
-        if self.vae.device.type == "cuda":
-            torch.cuda.synchronize(self.vae.device)
-        frames = [out[0].transpose(0, 1)[:count].float().cpu() for (out, _), count in zip(decoded, num_frames)]
-        return frames, time.perf_counter() - started
-
-    @torch.no_grad()
-    def decode(self, cache: DecodeCache, latents: torch.Tensor, num_frames: int) -> tuple[torch.Tensor, float]:
-        """latents [1, 16, C, h, w] -> (frames [num_frames, 3, H, W] float32 CPU in [-1, 1], seconds)."""
-        (frames,), seconds = self.decode_batch([cache], [latents], [num_frames])
-        return frames, seconds
+        self.pool.scatter(self.slots, index, cache)

@@ -12,10 +12,12 @@ This module knows nothing of the DiT, sessions or audio.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
 from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
@@ -167,3 +169,22 @@ class StreamingVAE:
         """Whole-clip decode through diffusers' own path. latents [B, 16, F, h, w] -> [B, 3, T, H, W]."""
         z = self.denormalize(latents).to(self.device, self.dtype)
         return self.vae.decode(z, return_dict=False)[0]
+
+
+LATENT_SPACE_WEIGHTS = ("encoder.", "quant_conv.")
+"""The weights that fix a VAE's latent space (the posterior's mean); the decoder's are not among them."""
+
+
+def vae_digest(vae) -> str:
+    """A short digest of what names a VAE's latent space: the encoder's weights and the statistics that normalise
+    its output. The decoder is left out: a VAE whose decoder alone was trained further (`facecast train vae
+    --phase decoder`) encodes the same latents, so a cache and a DiT trained on them stay valid."""
+    digest = hashlib.sha256()
+    for key, value in sorted(vae.vae.state_dict().items()):
+        if key.startswith(LATENT_SPACE_WEIGHTS):
+            digest.update(key.encode())
+            digest.update(value.detach().float().cpu().numpy().tobytes())
+    for name in ("latents_mean", "latents_std"):
+        digest.update(name.encode())
+        digest.update(np.asarray(getattr(vae.vae.config, name), np.float64).tobytes())
+    return digest.hexdigest()[:16]

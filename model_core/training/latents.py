@@ -21,7 +21,6 @@ cache made with another VAE, because latents from one VAE mean nothing to anothe
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from tqdm import tqdm
 
 from ..config import DiTConfig
 from ..evaluate import reference_render
+from ..vae import vae_digest
 from ..world.render import FrameState, Renderer
 from ..world.identity import identity
 from .data import frames_to_tensor, mouth_mask
@@ -66,25 +66,6 @@ class LatentClip:
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("latents", "starts", "reference", "features", "speaking", "regions",
                                               "mouth", "opening", "identity", "style")}
-
-
-LATENT_SPACE_WEIGHTS = ("encoder.", "quant_conv.")
-"""The weights that fix a VAE's latent space (the posterior's mean); the decoder's are not among them."""
-
-
-def vae_digest(vae) -> str:
-    """A short digest of what names a VAE's latent space: the encoder's weights and the statistics that normalise
-    its output. The decoder is left out: a VAE whose decoder alone was trained further (`facecast train vae
-    --phase decoder`) encodes the same latents, so a cache and a DiT trained on them stay valid."""
-    digest = hashlib.sha256()
-    for key, value in sorted(vae.vae.state_dict().items()):
-        if key.startswith(LATENT_SPACE_WEIGHTS):
-            digest.update(key.encode())
-            digest.update(value.detach().float().cpu().numpy().tobytes())
-    for name in ("latents_mean", "latents_std"):
-        digest.update(name.encode())
-        digest.update(np.asarray(getattr(vae.vae.config, name), np.float64).tobytes())
-    return digest.hexdigest()[:16]
 
 
 def speaker_tracks(clip) -> np.ndarray:

@@ -10,22 +10,23 @@ buys against it on one local Ray (`services.cli.bench_cluster`).  This module on
 from __future__ import annotations
 
 import argparse
-import json
 
 from model_core.config import DTYPES, PRESETS, get_preset
-from services.cli.common import EXIT_OK, UserError, parse_device, parse_dtype
+from services.cli.common import EXIT_OK, UserError, parse_device, parse_dtype, print_report
 
 
 def cmd_bench_engine(args: argparse.Namespace) -> int:
     from model_core.bench import bench_engine, format_engine_report
 
+    if not 1 <= args.sessions <= 64:
+        raise UserError(f"--sessions {args.sessions} is invalid; allowed: 1 to 64")
     device = parse_device(args.device)
     if args.dtype is None:
         args.dtype = "bfloat16" if device.startswith("cuda") else "float32"
     report = bench_engine(args.preset, device=device, dtype=parse_dtype(args.dtype), steps=args.steps,
                           chunk=args.chunk, chunks=args.chunks, width=args.width, height=args.height,
-                          compile=args.compile, progress=not args.quiet and not args.json)
-    print(json.dumps(report, indent=2) if args.json else format_engine_report(report))
+                          compile=args.compile, progress=not args.quiet, sessions=args.sessions)
+    print_report(report if args.json else format_engine_report(report))
     return EXIT_OK
 
 
@@ -38,8 +39,8 @@ def cmd_bench_cluster(args: argparse.Namespace) -> int:
     from services.cli.bench_cluster import bench_cluster, format_cluster_report  # Ray: only once the args are good
 
     report = bench_cluster(args.preset, chunks=args.chunks, max_sessions=args.max_sessions,
-                           progress=not args.quiet and not args.json)
-    print(json.dumps(report, indent=2) if args.json else format_cluster_report(report))
+                           progress=not args.quiet)
+    print_report(report if args.json else format_cluster_report(report))
     return EXIT_OK
 
 
@@ -58,7 +59,11 @@ def add_parser(commands) -> None:
     engine.add_argument("--dtype", default=None, help=f"{', '.join(DTYPES)} (default: bfloat16 on CUDA, float32 "
                         "on CPU)")
     engine.add_argument("--compile", action="store_true", help="torch.compile the denoising step")
-    engine.add_argument("--json", action="store_true", help="print the report as JSON")
+    engine.add_argument("--sessions", type=int, default=1,
+                        help="also batch this many sessions in one forward per step: through the session pool's view "
+                             "and through the gathered path (default 1: no batch)")
+    engine.add_argument("--json", action="store_true",
+                        help="print the report as JSON (stdout: the JSON alone; progress and logs on stderr)")
     engine.add_argument("--quiet", action="store_true")
     engine.set_defaults(handler=cmd_bench_engine)
     cluster = targets.add_parser("cluster", help="cluster vs engine overhead, disaggregated vs self-contained, "
@@ -66,6 +71,7 @@ def add_parser(commands) -> None:
     cluster.add_argument("--preset", default="tiny", help=f"{', '.join(PRESETS)} (default tiny: CPU-sized)")
     cluster.add_argument("--chunks", type=int, default=8, help="chunks per measured stream (default 8)")
     cluster.add_argument("--max-sessions", type=int, default=6, help="largest concurrent load tried (default 6)")
-    cluster.add_argument("--json", action="store_true", help="print the report as JSON")
+    cluster.add_argument("--json", action="store_true",
+                         help="print the report as JSON (stdout: the JSON alone; progress and logs on stderr)")
     cluster.add_argument("--quiet", action="store_true")
     cluster.set_defaults(handler=cmd_bench_cluster)

@@ -14,14 +14,13 @@ Three Serve applications share one local Ray cluster (logical GPUs), so all figu
 from __future__ import annotations
 
 import io
-import platform
 import threading
 import time
 
 import numpy as np
 from PIL import Image
 
-from model_core.bench import speechlike
+from model_core.bench import cpu_label, speechlike
 from model_core.config import get_preset
 from model_core.engine import AvatarEngine
 from services.api.client import AvatarClient
@@ -130,7 +129,7 @@ def bench_cluster(preset_name: str = "tiny", chunks: int = 8, max_sessions: int 
     engine_ms, cluster_ms = float(np.mean(engine_ttbc) * 1000), float(np.mean(cluster_ttbc) * 1000)
     self_contained_ms = float(np.mean(self_contained_ttbc) * 1000)
     return {
-        "preset": preset_name, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "preset": preset_name, "machine": cpu_label(),
         "chunk_duration_ms": chunk_s * 1000, "chunks": chunks,
         "engine_ttbc_ms": engine_ms, "cluster_ttbc_ms": cluster_ms,
         "cluster_overhead_ratio": cluster_ms / engine_ms,

@@ -9,7 +9,12 @@ A command raises `UserError` (or `MediaError`, `ConfigError`, `CheckpointError`,
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import json
 import math
+import os
+import sys
 from pathlib import Path
 
 EXIT_OK = 0
@@ -22,6 +27,57 @@ EXIT_INTERRUPTED = 130
 
 class UserError(Exception):
     """A problem the user can fix; printed as one line, exit status 2."""
+
+
+_report_stream = None
+
+
+@contextlib.contextmanager
+def stdout_for_the_report_only():
+    """While a `--json` command runs: everything written to standard output (by this process's Python and C code,
+    its threads, and the processes it starts — Ray's raylet, GCS and workers inherit the descriptor) goes to standard
+    error instead, and `print_report` writes to the real standard output, so the command's stdout is its JSON and
+    nothing else (`facecast bench cluster --json | jq` works). Progress bars and logs stay on stderr.
+
+    Where stdout is not a file descriptor (a test's captured stream) only Python's `sys.stdout` is redirected."""
+    global _report_stream
+    sys.stdout.flush()
+    try:
+        descriptor = sys.stdout.fileno()
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        descriptor = None
+    previous = _report_stream
+    if descriptor is None:
+        _report_stream = sys.stdout
+        try:
+            with contextlib.redirect_stdout(sys.stderr):
+                yield
+        finally:
+            _report_stream = previous
+        return
+    saved = os.dup(descriptor)
+    try:
+        sys.stderr.flush()
+        os.dup2(sys.stderr.fileno(), descriptor)
+        with os.fdopen(os.dup(saved), "w", encoding="utf-8", closefd=True) as report:
+            _report_stream = report
+            try:
+                with contextlib.redirect_stdout(sys.stderr):
+                    yield
+            finally:
+                _report_stream = previous
+                report.flush()
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, descriptor)
+        os.close(saved)
+
+
+def print_report(report, indent: int | None = 2) -> None:
+    """The command's result on standard output: a dict as JSON (`indent` None: one line), text as it is. Inside
+    `stdout_for_the_report_only` this is the only thing that reaches stdout."""
+    text = report if isinstance(report, str) else json.dumps(report, indent=indent)
+    print(text, file=_report_stream or sys.stdout, flush=True)
 
 
 def one_line(error: Exception) -> str:

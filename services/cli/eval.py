@@ -19,10 +19,9 @@ landmark_sync_r (with the `eval` extra), per_style, clips, wall_s, weights.
 from __future__ import annotations
 
 import argparse
-import json
 
 from model_core.shipped import LIPSYNC_PROBE, shipped_path
-from services.cli.common import EXIT_OK, UserError
+from services.cli.common import EXIT_OK, UserError, print_report
 from services.cli.world import default_dir
 
 DEFAULT_PROBE = str(shipped_path(LIPSYNC_PROBE))
@@ -102,19 +101,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
             from model_core.evaluate import horizon
 
             report = horizon(source, probe, engine, args.horizon, window_s=args.window, seed=args.seed,
-                             progress=not args.json, at=tuple(args.at or ()))
+                             progress=True, at=tuple(args.at or ()))
         else:
             report = evaluate(source, probe, args.video, engine=engine, clips=args.clips, seed=args.seed,
-                              progress=not args.json)
+                              progress=True)
     except ValueError as error:
         raise UserError(f"--horizon: {error}" if args.horizon is not None else str(error)) from None
     report["weights"] = weights
     if args.ablate:
         report["ablation"] = {"sink": "no Adaptive Attention Sink", "rope": "no Rolling RoPE"}[args.ablate]
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print(json.dumps(report, indent=1))
+    print_report(report, indent=None if args.json else 1)
     return EXIT_OK
 
 
@@ -153,7 +149,7 @@ def _vae_report(args: argparse.Namespace, preset, source) -> int:
                                                                              device="cpu", seed=args.seed)
     report = reconstruction_report(vae, source, clips=args.clips, length=args.frames)
     report["vae"] = args.vae or preset.vae_weights or "random"
-    print(json.dumps(report) if args.json else json.dumps(report, indent=1))
+    print_report(report, indent=None if args.json else 1)
     return EXIT_OK
 
 
@@ -174,7 +170,8 @@ def add_parser(commands) -> None:
     parser.add_argument("--clips", type=int, default=12,
                         help="single-character clips to score, taken round-robin over the styles (default 12)")
     parser.add_argument("--seed", type=int, default=0, help="world seed (must match the eval set's)")
-    parser.add_argument("--json", action="store_true", help="one line of JSON, no progress bar")
+    parser.add_argument("--json", action="store_true", help="the report as one line of JSON: stdout carries it "
+                        "alone (progress bars and logs on stderr)")
     parser.add_argument("--vae-report", action="store_true",
                         help="instead: the VAE's reconstruction of held-out clips (PSNR/SSIM, mouth, decode ms)")
     parser.add_argument("--vae", help="with --vae-report: a VAE directory (default: the preset's)")

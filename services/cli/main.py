@@ -4,8 +4,9 @@
     (one module each in services/cli/)
 
 A command module exposes `add_parser(commands)`, which registers its subcommand and sets `handler`; `main` parses,
-runs the handler, and prints anything in `USER_ERRORS` as `facecast <command>: error: <message>` with status 2 (no
-traceback), Ctrl-C as status 130.
+runs the handler (with `--json` inside `common.stdout_for_the_report_only`: stdout is the report alone), and prints
+anything in `USER_ERRORS` as `facecast <command>: error: <message>` with status 2 (no traceback), Ctrl-C as status
+130.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 from model_core.checkpoint import CheckpointError
 from model_core.config import ConfigError
 from services.cli import bench, call, eval as eval_command, generate, presets, serve, train, world
-from services.cli.common import EXIT_INTERRUPTED, EXIT_USAGE, UserError
+from services.cli.common import EXIT_INTERRUPTED, EXIT_USAGE, UserError, stdout_for_the_report_only
 from services.media import MediaError
 
 USER_ERRORS = (UserError, MediaError, ConfigError, CheckpointError, FileNotFoundError)
@@ -34,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "json", False):   # stdout carries the JSON report and nothing else
+            with stdout_for_the_report_only():
+                return args.handler(args)
         return args.handler(args)
     except USER_ERRORS as error:
         print(f"facecast {args.command}: error: {error}", file=sys.stderr)

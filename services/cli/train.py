@@ -9,6 +9,7 @@
     facecast train student                the 2-step causal student: `--phase init` (the teacher's ODE pairs,
                                           then regression onto them) and `--phase distill` (DMD with
                                           self-forcing); both in turn by default, each a resumable run
+    facecast train fast-decoder           the fast streaming decoder distilled from the VAE's (on the latent cache)
     facecast train all [--profile tiny|cpu|gpu]  every stage in order into one folder, then the eval
                                           (services/cli/pipeline.py)
     --workers N --gpu                     data-parallel (DDP) on N GPU workers; on a cluster set RAY_ADDRESS
@@ -24,7 +25,8 @@ import json
 import os
 from pathlib import Path
 
-from model_core.shipped import LIPSYNC_PROBE, TALK128_STUDENT, TALK128_TEACHER, TALK128_VAE, shipped_path
+from model_core.shipped import (LIPSYNC_PROBE, TALK128_FAST_DECODER, TALK128_STUDENT, TALK128_TEACHER, TALK128_VAE,
+                                shipped_path)
 from services.cli.common import EXIT_OK, UserError
 from services.cli.world import default_dir
 
@@ -33,6 +35,7 @@ DEFAULTS = {
     "probe": {"steps": 1500, "export": str(shipped_path(LIPSYNC_PROBE))},
     "teacher": {"steps": 3000, "export": str(shipped_path(TALK128_TEACHER))},
     "student": {"steps": None, "export": str(shipped_path(TALK128_STUDENT))},
+    "fast-decoder": {"steps": 1500, "export": str(shipped_path(TALK128_FAST_DECODER))},
 }
 COMMANDS = tuple(DEFAULTS)
 PHASES = {  # `facecast train student`: (driver stage, default steps, default export); runs in <run-dir>/<stage>
@@ -160,6 +163,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.phase:
             raise UserError(f"--phase applies to `facecast train student` and `vae` only, not {stage!r}")
         steps = args.steps if args.steps is not None else DEFAULTS[stage]["steps"]
+        if stage == "fast-decoder" and args.vae and not args.export:
+            raise UserError("--vae: a fast decoder for another VAE needs its own --export (the default is the "
+                            "shipped VAE's fast decoder)")
         return _run(args, stage, steps, args.export or DEFAULTS[stage]["export"],
                     args.run_dir or str(Path("out") / "train" / stage))
     if args.phase and args.phase not in table:
@@ -198,7 +204,7 @@ def _run(args: argparse.Namespace, stage: str, steps: int, export: str, run_dir:
 
     data = args.data or str(default_dir("train"))
     latents = (args.latents or str(DEFAULT_LATENTS)) if stage in LATENT_STAGES else None
-    takes_vae = stage in LATENT_STAGES or stage == "vae-decoder"
+    takes_vae = stage in LATENT_STAGES or stage == "vae-decoder"   # fast-decoder: the VAE it is distilled from
     teacher = args.teacher or DEFAULTS["teacher"]["export"]
     pairs = args.pairs or str(Path(init_export or "").parent / "ode-pairs.pt")
     extra = {}
@@ -240,7 +246,8 @@ def _run(args: argparse.Namespace, stage: str, steps: int, export: str, run_dir:
 
 def add_parser(commands) -> None:
     """Register `train` on the `facecast` subparsers."""
-    train = commands.add_parser("train", help="train a stage (vae, probe, teacher, student) through Ray Train")
+    train = commands.add_parser("train", help="train a stage (vae, probe, teacher, student, fast-decoder) through "
+                                              "Ray Train")
     train.add_argument("stage", choices=tuple(DEFAULTS) + ("all",),
                        help="one stage, or `all`: world, vae, probe, teacher, student and its eval in one command "
                             "(into --run-dir, default out/pipeline-<profile>)")
@@ -275,9 +282,10 @@ def add_parser(commands) -> None:
     train.add_argument("--world-count", type=int, default=768, help="clips when the default dataset is made")
     train.add_argument("--latents", help=f"the DiT stages' latent cache (default {DEFAULT_LATENTS}, encoded from "
                                          "--data with the shipped VAE if missing)")
-    train.add_argument("--vae", help="the DiT stages: the VAE directory whose latents they train on (default: the "
-                                     "preset's shipped VAE, checkpoints/talk128-vae); vae --phase decoder: the "
-                                     "finished VAE whose decoder to train (default <run-dir>/vae/vae-full)")
+    train.add_argument("--vae", help="the DiT stages and fast-decoder: the VAE directory whose latents they train "
+                                     "on (default: the preset's shipped VAE, checkpoints/talk128-vae); vae --phase "
+                                     "decoder: the finished VAE whose decoder to train (default "
+                                     "<run-dir>/vae/vae-full)")
     train.add_argument("--profile", default="cpu",
                        help="`all`: tiny (a few steps of each stage: the dry run), cpu (each stage's shipped "
                             "defaults) or gpu (the DiT stages' batches scaled up; with --gpu)")

@@ -73,7 +73,9 @@ class DenoiseStepActor:
         self.stage.set_prompt(self.sessions[session_id], text_states)
 
     def close(self, session_id: str) -> None:
-        self.sessions.pop(session_id, None)
+        session = self.sessions.pop(session_id, None)
+        if session is not None:
+            self.stage.close(session)
 
     def gpu_ids(self) -> list[str]:
         return [str(gpu) for gpu in ray.get_gpu_ids()]
@@ -137,9 +139,11 @@ class ScoreWorkerGroup:
         await asyncio.gather(*(actor.set_prompt.remote(session_id, text_states) for actor in self.step_actors))
 
     async def close(self, session_id: str) -> None:
-        self.sessions.pop(session_id, None)
+        session = self.sessions.pop(session_id, None)
         self.recent.pop(session_id, None)
         self.turns.forget(session_id)
+        if session is not None:   # on the score thread, after any chunk of it in flight: the pool may move a session
+            await self._compute(self.stage.close, session)
         await asyncio.gather(*(actor.close.remote(session_id) for actor in self.step_actors))
 
     def progress(self, session_id: str) -> int:
@@ -151,12 +155,7 @@ class ScoreWorkerGroup:
 
     def held_bytes(self) -> int:
         """Bytes of per-session tensors on this replica (KV caches and conditioning; step actors not counted)."""
-        total = 0
-        for session in self.sessions.values():
-            for cache in session.caches.values():
-                total += sum(getattr(cache, name).nbytes for name in ("sink_key", "sink_value", "prev_key",
-                                                                      "prev_value", "prev_valid"))
-            total += sum(value.nbytes for value in vars(session.condition).values() if torch.is_tensor(value))
+        total = self.stage.held_bytes     # the session pools, preallocated slots included
         total += sum(scored.latents.nbytes for recent in self.recent.values() for scored in recent
                      if scored.latents is not None)
         return total
@@ -240,8 +239,19 @@ class ScoreWorkerGroup:
                 spans.enter_context(span(SCORE_STEP_SPAN, carrier, **{
                     "session.id": session.session_id, "chunk.index": features.chunk_index, "step": "all",
                     "batch.size": len(group)}))
-            return await self._compute(self.stage.denoise_batch, [item[0] for item in group],
-                                       [item[1] for item in group])
+            return await self._compute(self._denoise_open, group)
+
+    def _denoise_open(self, group: list) -> list:
+        """On the score thread: the group's members whose sessions are still open, as one batch; a member closed
+        while its chunk waited fails alone (its slot of the pool may hold another session by now)."""
+        results: list = [ScoreStage.closed_error(session) if session.pool is None else None
+                         for session, _, _ in group]
+        live = [row for row, result in enumerate(results) if result is None]
+        if live:
+            chunks = self.stage.denoise_batch([group[row][0] for row in live], [group[row][1] for row in live])
+            for row, chunk in zip(live, chunks):
+                results[row] = chunk
+        return results
 
     # ------------------------------------------------------------------ the decoder's calls (colocated layout only)
 

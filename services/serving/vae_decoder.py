@@ -24,7 +24,7 @@ from PIL import Image
 from ray import serve
 
 from model_core.models import build_vae
-from model_core.stages import DecodeStage
+from model_core.decode import DecodeStage
 from services.media import decode_image_bytes, image_to_tensor
 from services.serving.messages import DecodedFrames, DecodeRequest, ScoredChunk
 from services.serving.ordering import ChunkTurns, MicroBatcher, run_on

@@ -17,8 +17,8 @@ import os
 import tempfile
 from pathlib import Path
 
-STAGES = ("vae", "vae-decoder", "probe", "teacher", "student-init", "distill")
-LATENT_STAGES = ("teacher", "student-init", "distill")
+STAGES = ("vae", "vae-decoder", "probe", "teacher", "student-init", "distill", "fast-decoder")
+LATENT_STAGES = ("teacher", "student-init", "distill", "fast-decoder")
 KEEP_CHECKPOINTS = 2
 """Checkpoints Ray Train keeps in its storage (the run directory's own state.pt is always the newest)."""
 
@@ -72,7 +72,8 @@ class TrainRequest:
             raise ValueError(f"history_corrupt applies to the distill stage, not {self.stage!r}")
         if self.interior_weight is not None and self.stage not in ("vae", "vae-decoder"):
             raise ValueError(f"interior_weight applies to the vae stages, not {self.stage!r}")
-        needs = {"vae-decoder": ("vae",), "teacher": ("latents",), "student-init": ("latents", "teacher", "pairs"),
+        needs = {"vae-decoder": ("vae",), "teacher": ("latents",), "fast-decoder": ("latents",),
+                 "student-init": ("latents", "teacher", "pairs"),
                  "distill": ("latents", "teacher", "student", "pairs")}.get(self.stage, ())
         missing = [name for name in needs if not getattr(self, name)]
         if missing:
@@ -93,8 +94,14 @@ def build_stage(request: TrainRequest, *, wrap=None, device="cpu"):
         from model_core.vae import StreamingVAE
 
         latents = LatentSource(request.latents)
-        latents.check_vae(StreamingVAE.from_pretrained(request.vae) if request.vae
-                          else build_vae(preset, checkpoint=None, device="cpu", seed=0))
+        vae = (StreamingVAE.from_pretrained(request.vae, device=device) if request.vae
+               else build_vae(preset, checkpoint=None, device=device, seed=0))
+        latents.check_vae(vae)
+        if request.stage == "fast-decoder":
+            from model_core.training.fastdecode_stage import FastDecoderStage, FastDecoderTrainConfig
+
+            train = FastDecoderTrainConfig(seed=request.seed, steps=request.steps, **overrides)
+            return FastDecoderStage(None, latents, train, vae=vae, wrap=wrap, device=device)
         if request.stage == "teacher":
             from model_core.training.teacher_stage import TeacherStage, TeacherTrainConfig
 

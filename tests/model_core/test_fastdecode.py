@@ -1,0 +1,113 @@
+"""The fast streaming decoder (model_core/fastdecode.py) and its distillation stage: a stream decoded chunk by chunk
+equals the clip decoded whole, the frame counts are the full VAE's, batched streams equal single ones, the saved
+decoder loads, and on a `tiny` latent cache the distillation's loss falls."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from model_core.config import get_preset
+from model_core.fastdecode import FastDecoder, FastDecoderConfig
+from model_core.vae import StreamingVAE
+
+TINY = get_preset("tiny")
+
+
+def decoder(seed: int = 0) -> FastDecoder:
+    torch.manual_seed(seed)
+    return FastDecoder(FastDecoderConfig(channels=(16, 12, 8, 8), blocks=(1, 1, 1))).eval()
+
+
+def test_a_stream_decoded_chunk_by_chunk_equals_the_clip_decoded_whole():
+    model = decoder()
+    latents = torch.randn(1, 16, 9, 8, 8, generator=torch.Generator().manual_seed(1))
+    whole = model.decode(latents)
+    assert whole.shape == (1, 3, 1 + 4 * 8, 64, 64)
+    cache, pieces = model.new_decode_cache(), []
+    for start, stop in ((0, 1), (1, 4), (4, 7), (7, 9)):
+        frames, cache = model.decode_chunk(latents[:, :, start:stop], cache)
+        assert frames.shape[2] == model.frames_for_latents(start, stop - start)
+        pieces.append(frames)
+    torch.testing.assert_close(torch.cat(pieces, 2), whole, atol=1e-5, rtol=1e-5)
+    # the memory matters: the same chunk decoded from a fresh stream (past started) differs
+    fresh = model.new_decode_cache()
+    fresh.started = True
+    alone, _ = model.decode_chunk(latents[:, :, 4:7], fresh)
+    assert not torch.allclose(alone, whole[:, :, model.frames_for_latents(0, 4):model.frames_for_latents(0, 7)],
+                              atol=1e-3)
+
+
+def test_frame_counts_are_the_full_vaes():
+    model, full = decoder(), StreamingVAE.from_config(TINY.vae, seed=0)
+    for first, count in ((0, 1), (0, 3), (3, 3), (1, 2)):
+        assert model.frames_for_latents(first, count) == full.frames_for_latents(first, count)
+
+
+def test_batched_streams_equal_each_stream_alone():
+    model = decoder()
+    generator = torch.Generator().manual_seed(2)
+    clips = [torch.randn(1, 16, 7, 8, 8, generator=generator) for _ in range(3)]
+    caches = [model.new_decode_cache() for _ in clips]
+    alone = [model.decode(clip) for clip in clips]
+    got = [[] for _ in clips]
+    for start, stop in ((0, 1), (1, 4), (4, 7)):
+        for row, (frames, _) in enumerate(model.decode_chunk_batch([clip[:, :, start:stop] for clip in clips],
+                                                                   caches)):
+            got[row].append(frames)
+    for row, frames in enumerate(got):
+        torch.testing.assert_close(torch.cat(frames, 2), alone[row], atol=1e-5, rtol=1e-5)
+
+
+def test_the_saved_decoder_loads_and_a_missing_one_names_the_command(tmp_path):
+    model = decoder(3)
+    model.save_pretrained(tmp_path / "fast", {"vae_digest": "abc"})
+    loaded = FastDecoder.from_pretrained(tmp_path / "fast")
+    assert loaded.config == model.config
+    assert json.loads((tmp_path / "fast" / "fast-decoder.json").read_text())["vae_digest"] == "abc"
+    latents = torch.randn(1, 16, 3, 8, 8)
+    torch.testing.assert_close(loaded.decode(latents), model.half().float().decode(latents), atol=1e-6, rtol=0)
+    with pytest.raises(FileNotFoundError, match="facecast train fast-decoder"):
+        FastDecoder.from_pretrained(tmp_path / "nothing")
+
+
+def test_bad_shapes_are_refused_by_name():
+    with pytest.raises(ValueError, match="channels=.*blocks="):
+        FastDecoderConfig(channels=(8, 8, 8))
+
+
+@pytest.mark.skipif(not __import__("model_core.world.speech", fromlist=["x"]).espeak_available(),
+                    reason="libespeak-ng missing: run `make espeak-ng`")
+def test_the_distillation_loss_falls_and_the_export_records_its_vae(tmp_path):
+    from model_core.audio import AudioConfig, AudioFrontend
+    from model_core.training.fastdecode_stage import FastDecoderStage, FastDecoderTrainConfig
+    from model_core.training.latents import LatentSource, build_latent_cache, vae_digest
+    from model_core.training.loop import read_log, run_stage
+    from model_core.world.split import WorldSplit
+    from model_core.world.store import WorldSource
+
+    source = WorldSource(WorldSplit(0), "train", 2, 64)
+
+    class Listed:
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, index):
+            return source[index]
+
+    vae = StreamingVAE.from_config(TINY.vae, seed=0)
+    build_latent_cache(Listed(), vae, AudioFrontend(AudioConfig()), TINY.dit, tmp_path / "latents", progress=False)
+    train = FastDecoderTrainConfig(steps=40, batch_size=1, window_latents=3, learning_rate=3e-3, warmup_steps=5,
+                                   channels=(16, 12, 8, 8), blocks=(1, 1, 1))
+    stage = FastDecoderStage(None, LatentSource(tmp_path / "latents"), train, vae=vae)
+    run_stage(stage, tmp_path / "run", 40, checkpoint_every=20, log_every=5, progress=False,
+              export_to=tmp_path / "fast")
+    losses = [row["loss"] for row in read_log(tmp_path / "run")]
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
+    exported = json.loads((tmp_path / "fast" / "fast-decoder.json").read_text())
+    assert exported["vae_digest"] == vae_digest(vae)
+    FastDecoder.from_pretrained(tmp_path / "fast")
+    with pytest.raises(ValueError, match="another VAE"):
+        other = StreamingVAE.from_config(TINY.vae, seed=1)
+        FastDecoderStage(None, LatentSource(tmp_path / "latents"), train, vae=other)
