@@ -90,7 +90,7 @@ def _gpu_peak(device: torch.device) -> tuple[str, float | None]:
 
 def bench_engine(preset_name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, steps: int | None = None,
                  chunk: int | None = None, chunks: int = 6, width: int | None = None, height: int | None = None,
-                 compile: bool = False, progress: bool = True, sessions: int = 1) -> dict:
+                 compile: bool = False, progress: bool = True, sessions: int = 1, decoder: str = "full") -> dict:
     """One session streamed through the engine; with `sessions` > 1 also `bench_batch` (the report's "batch")."""
     preset = get_preset(preset_name)
     if sessions < 1:
@@ -101,7 +101,7 @@ def bench_engine(preset_name: str, device: str = "cpu", dtype: torch.dtype = tor
     if torch_device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(torch_device)
     build_started = time.perf_counter()
-    engine = AvatarEngine.from_preset(preset, device=device, dtype=dtype)
+    engine = AvatarEngine.from_preset(preset, device=device, dtype=dtype, decoder=decoder)
     if compile:
         engine.compile()
     stream = engine.stream_config(steps=steps, chunk_latent_frames=chunk, width=width, height=height)
@@ -150,6 +150,8 @@ def bench_engine(preset_name: str, device: str = "cpu", dtype: torch.dtype = tor
         "device_name": torch.cuda.get_device_name(torch_device) if torch_device.type == "cuda" else cpu_label(),
         "dtype": str(dtype).replace("torch.", ""),
         "compiled": compile,
+        "decoder": decoder,
+        "weights": engine.weights_note,
         "resolution": f"{stream.width}x{stream.height}",
         "chunk_latent_frames": stream.chunk_latent_frames,
         "steps": stream.steps,
@@ -234,7 +236,7 @@ def format_engine_report(report: dict) -> str:
     stages = ", ".join(f"{name} {value:.1f}" for name, value in report["stage_ms"].items())
     lines = [
         f"facecast bench engine — preset {report['preset']} on {report['device']} ({report['device_name']}), "
-        f"{report['dtype']}{' compiled' if report['compiled'] else ''}",
+        f"{report['dtype']}{' compiled' if report['compiled'] else ''}, {report['decoder']} decoder",
         f"  {report['resolution']}, chunk {report['chunk_latent_frames']} latent frames, {report['steps']} steps, "
         f"{report['parameters'] / 1e6:.1f} M parameters",
         f"  session open            {report['session_open_ms']:.1f} ms",

@@ -189,6 +189,9 @@ class StreamConfig:
     c at 1 + c*C, so the distance to the sink grows with the stream (what Live Avatar's ablation removes)."""
     seed: int = 0
     """Seed of the session's noise generator."""
+    decoder: str = ""
+    """'full' (the VAE's decoder, the reference) or 'fast' (the small decoder distilled from it, when one is
+    loaded); '': the engine's or server's default."""
 
     def __post_init__(self) -> None:
         _check(16 <= self.width <= 4096, "width", self.width, "must be in [16, 4096]")
@@ -202,6 +205,7 @@ class StreamConfig:
         _check(1 <= self.sink_frames <= 4, "sink_frames", self.sink_frames, "must be in [1, 4]")
         _check(-64 <= self.sink_rope_offset <= 64, "sink_rope_offset", self.sink_rope_offset, "must be in [-64, 64]")
         _check(0 <= self.seed < 2**63, "seed", self.seed, "must be in [0, 2^63)")
+        _check(self.decoder in ("", "full", "fast"), "decoder", self.decoder, "allowed: 'full', 'fast'")
 
     def replace(self, **changes) -> "StreamConfig":
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}

@@ -197,13 +197,13 @@ class AvatarEngine:
                      characters: list[Character] | None = None, session_id: str | None = None,
                      decoder: str | None = None) -> str:
         """reference_image: [3, H, W] in [-1, 1] at the stream's resolution; decoder: "full" or "fast" (None: the
-        engine's default). Returns the session id."""
+        stream's `decoder`, else the engine's default). Returns the session id."""
         stream = stream or self.preset.stream
         characters = check_session_inputs(self.preset, stream, reference_image, characters)
         session_id = session_id or uuid.uuid4().hex
         if session_id in self._sessions:
             raise ConfigError(f"session_id={session_id!r} is already open")
-        decode = self.decoder.open(decoder)        # an unknown or unavailable decoder fails before any work
+        decode = self.decoder.open(decoder or stream.decoder or None)   # unknown / unavailable: fails before work
         reference_latent = self.decoder.encode_reference(reference_image)
         grid = token_grid(self.dit.config, reference_latent)
         score = self.score.open(session_id, stream, reference_latent, self.text_states(prompt),

@@ -9,7 +9,8 @@ What is scored, per clip (single-character clips of the source; two-character cl
 * "teacher": the bidirectional teacher's (`TeacherSampler`): many-step CFG sampling over 33-frame windows of the
   clip (the length it was trained on), each decoded by the VAE, joined at their shared frame;
 * "truth": the ground-truth render itself (the ceiling);
-* "vae": the truth through the engine's VAE (encode, streaming decode): what the VAE alone keeps of the lip sync;
+* "vae": the truth through the engine's VAE (encode, streaming decode with the engine's default decoder): what the
+  VAE alone keeps of the lip sync;
 * "shift:K": the truth delayed by K frames (calibration: lag K);  "frozen": its first frame held (sync ~ 0);
 * "swap": another identity's truth render against this clip's reference (calibration: low identity).
 
@@ -88,7 +89,7 @@ def _video_for(mode: str, clip, others, engine, reference) -> np.ndarray:
             frames = np.concatenate([frames, np.repeat(frames[-1:], len(truth) - len(frames), axis=0)])
         return frames
     if mode == "vae":
-        return vae_video(engine.vae, truth)
+        return vae_video(engine.vae, truth, engine.decoder.fast if engine.decoder.default == "fast" else None)
     if mode == "teacher":
         return engine.video(reference, clip.audio, clip.sample_rate, len(truth))
     return model_video(engine, reference, clip.audio, clip.sample_rate, len(truth))
@@ -133,14 +134,16 @@ class TeacherSampler:
 
 
 @torch.no_grad()
-def vae_video(vae, frames: np.ndarray) -> np.ndarray:
-    """Frames through the VAE: encode the whole clip, decode it chunk by chunk as a session would."""
+def vae_video(vae, frames: np.ndarray, decoder=None) -> np.ndarray:
+    """Frames through the VAE: encode the whole clip, decode it chunk by chunk as a session would (with `decoder`, a
+    fast decoder for the VAE's latents, instead of the VAE's own)."""
+    decoder = decoder or vae
     usable = len(frames) - (len(frames) - 1) % vae.temporal_compression
     video = torch.from_numpy(np.array(frames[:usable])).permute(3, 0, 1, 2)[None].float().div(127.5).sub(1.0)
     latents = vae.normalize(vae.vae.encode(video.to(vae.device, vae.dtype)).latent_dist.mean)
-    cache, pieces = vae.new_decode_cache(), []
+    cache, pieces = decoder.new_decode_cache(), []
     for start in range(0, latents.shape[2], 3):
-        decoded, cache = vae.decode_chunk(latents[:, :, start:start + 3], cache)
+        decoded, cache = decoder.decode_chunk(latents[:, :, start:start + 3], cache)
         pieces.append(decoded)
     out = ((torch.cat(pieces, 2)[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).numpy()
     return np.concatenate([out, frames[usable:]]) if usable < len(frames) else out

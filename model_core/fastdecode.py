@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-WEIGHTS_FILE = "fast-decoder.safetensors"
-CONFIG_FILE = "fast-decoder.json"
+from .shipped import FAST_DECODER_CONFIG as CONFIG_FILE
+from .shipped import FAST_DECODER_WEIGHTS as WEIGHTS_FILE
 
 
 @dataclass(frozen=True)

@@ -22,5 +22,16 @@ TRAINED_PRESET = "talk128"
 `facecast generate` and `facecast serve` stream by default."""
 
 
+FAST_DECODER_CONFIG = "fast-decoder.json"
+FAST_DECODER_WEIGHTS = "fast-decoder.safetensors"
+"""The files of a fast decoder directory (`model_core.fastdecode`)."""
+
+
 def shipped_path(name: str) -> Path:
     return CHECKPOINTS / name
+
+
+def fast_decoder_shipped(preset) -> bool:
+    """Whether `preset` ships a fast decoder (`PresetConfig.fast_decoder_weights` present in checkpoints/)."""
+    name = getattr(preset, "fast_decoder_weights", "")
+    return bool(name) and (shipped_path(name) / FAST_DECODER_CONFIG).is_file()

@@ -487,40 +487,63 @@ STREAM_BLOCK = 16
 
 
 @torch.no_grad()
-def reconstruction_report(vae: StreamingVAE, source, clips: int = 8, length: int = 25) -> dict:
+def reconstruction_report(vae: StreamingVAE, source, clips: int = 8, length: int = 25, fast=None) -> dict:
     """Encode and stream-decode `length`-frame windows of held-out clips; PSNR/SSIM overall and on the mouth box,
-    and the PSNR of each STREAM_BLOCK-frame block along the stream (`psnr_by_block`: a VAE that drifts falls)."""
+    and the PSNR of each STREAM_BLOCK-frame block along the stream (`psnr_by_block`: a VAE that drifts falls).
+    With `fast` (a `fastdecode.FastDecoder`), the same latents through it too: its scores against the truth, against
+    the full decoder's frames (`psnr_vs_full`, `ssim_vs_full`) and its decode cost, under "fast"."""
     from .data import mouth_mask
 
-    rows, decode_seconds, decoded_frames = [], 0.0, 0
+    decoders = {"full": vae, **({"fast": fast} if fast is not None else {})}
+    rows = {name: [] for name in decoders}
+    seconds = {name: 0.0 for name in decoders}
+    decoded_frames = 0
     for index in range(min(clips, len(source))):
         clip = source[index]
         video, _ = frame_window(clip, 0, min(length, clip.num_frames - (clip.num_frames - 1) % 4))
         latents = vae.normalize(vae.vae.encode(video[None].to(vae.device, vae.dtype)).latent_dist.mean)
-        began = time.perf_counter()
-        frames, _ = vae.decode_chunk(latents, vae.new_decode_cache())
-        decode_seconds += time.perf_counter() - began
-        decoded_frames += frames.shape[2]
         truth = (video.permute(1, 2, 3, 0).numpy() + 1) / 2
-        output = (frames[0].float().permute(1, 2, 3, 0).cpu().numpy() + 1) / 2
         masks = mouth_mask(clip.truth.face_box[:len(truth)], truth.shape[1]) if clip.truth is not None else None
-        for t in range(len(truth)):
-            row = {"psnr": psnr(output[t], truth[t]), "ssim": ssim(output[t], truth[t]),
-                   "style": clip.meta.get("styles", ["?"])[0], "block": t // STREAM_BLOCK}
-            if masks is not None and masks[t].any():
-                ys, xs = np.nonzero(masks[t])
-                box = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
-                row["mouth_psnr"] = psnr(output[t][box], truth[t][box])
-            rows.append(row)
+        outputs = {}
+        for name, decoder in decoders.items():
+            began = time.perf_counter()
+            frames, _ = decoder.decode_chunk(latents, decoder.new_decode_cache())
+            seconds[name] += time.perf_counter() - began
+            outputs[name] = (frames[0].float().permute(1, 2, 3, 0).cpu().numpy() + 1) / 2
+        decoded_frames += len(truth)
+        for name, output in outputs.items():
+            for t in range(len(truth)):
+                row = {"psnr": psnr(output[t], truth[t]), "ssim": ssim(output[t], truth[t]),
+                       "style": clip.meta.get("styles", ["?"])[0], "block": t // STREAM_BLOCK}
+                if name != "full":
+                    row["psnr_vs_full"] = psnr(output[t], outputs["full"][t])
+                    row["ssim_vs_full"] = ssim(output[t], outputs["full"][t])
+                if masks is not None and masks[t].any():
+                    ys, xs = np.nonzero(masks[t])
+                    box = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
+                    row["mouth_psnr"] = psnr(output[t][box], truth[t][box])
+                rows[name].append(row)
 
-    def mean(key, subset=None):
-        values = [r[key] for r in (subset or rows) if key in r]
+    def mean(key, subset):
+        values = [r[key] for r in subset if key in r]
         return round(float(np.mean(values)), 3) if values else None
 
-    styles = sorted({r["style"] for r in rows})
-    return {"psnr": mean("psnr"), "ssim": mean("ssim"), "mouth_psnr": mean("mouth_psnr"),
-            "per_style": {s: {"psnr": mean("psnr", [r for r in rows if r["style"] == s]),
-                              "ssim": mean("ssim", [r for r in rows if r["style"] == s])} for s in styles},
-            "psnr_by_block": [mean("psnr", [r for r in rows if r["block"] == b])
-                              for b in range(max(r["block"] for r in rows) + 1)],
-            "frames": len(rows), "decode_ms_per_frame": round(1000 * decode_seconds / max(1, decoded_frames), 2)}
+    def summary(name: str) -> dict:
+        subset = rows[name]
+        styles = sorted({r["style"] for r in subset})
+        report = {"psnr": mean("psnr", subset), "ssim": mean("ssim", subset), "mouth_psnr": mean("mouth_psnr", subset),
+                  "per_style": {s: {"psnr": mean("psnr", [r for r in subset if r["style"] == s]),
+                                    "ssim": mean("ssim", [r for r in subset if r["style"] == s])} for s in styles},
+                  "psnr_by_block": [mean("psnr", [r for r in subset if r["block"] == b])
+                                    for b in range(max(r["block"] for r in subset) + 1)],
+                  "frames": len(subset),
+                  "decode_ms_per_frame": round(1000 * seconds[name] / max(1, decoded_frames), 2)}
+        if name != "full":
+            report.update(psnr_vs_full=mean("psnr_vs_full", subset), ssim_vs_full=mean("ssim_vs_full", subset),
+                          speedup=round(seconds["full"] / max(seconds[name], 1e-9), 2))
+        return report
+
+    report = summary("full")
+    if fast is not None:
+        report["fast"] = summary("fast")
+    return report

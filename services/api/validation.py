@@ -103,7 +103,8 @@ def _check_prompt(prompt: str, limits: ApiLimits) -> str:
     return prompt
 
 
-def _apply_options(request, preset_stream: StreamConfig, preset: PresetConfig | None) -> StreamConfig:
+def _apply_options(request, preset_stream: StreamConfig, preset: PresetConfig | None,
+                   decoders: tuple[str, ...] = ("full",)) -> StreamConfig:
     stream = preset_stream
     if request.HasField("options"):
         options = request.options
@@ -114,6 +115,11 @@ def _apply_options(request, preset_stream: StreamConfig, preset: PresetConfig | 
                 changes[name] = float(value) if name == "fps" else int(value)
         if options.HasField("seed"):
             changes["seed"] = int(options.seed)
+        if options.decoder:
+            if options.decoder not in decoders:
+                raise _invalid(f"options.decoder={options.decoder!r} is invalid; allowed on this server: "
+                               f"{', '.join(decoders)}")
+            changes["decoder"] = options.decoder
         for name, value in changes.items():  # one at a time, so the error names the exact field
             try:
                 stream.replace(**{name: value})
@@ -176,11 +182,12 @@ def _check_image(data: bytes, limits: ApiLimits) -> PIL.Image.Image:
 
 
 def validate_create(request, preset_stream: StreamConfig, limits: ApiLimits = ApiLimits(), *,
-                    preset: PresetConfig | None = None) -> CreateSpec:
+                    preset: PresetConfig | None = None, decoders: tuple[str, ...] = ("full",)) -> CreateSpec:
     """Check a `CreateSessionRequest` and resolve it against the server's defaults.
 
     `preset_stream` supplies the defaults for unset options; pass `preset` too to also check that width and
-    height tile into the model's patches. Cheap checks run first; the image is decoded last.
+    height tile into the model's patches; `decoders`: the decoders this server offers (`options.decoder`). Cheap
+    checks run first; the image is decoded last.
 
     Raises:
         ApiError: UNIMPLEMENTED for LiveKit delivery; INVALID_ARGUMENT naming the field for anything else.
@@ -192,7 +199,7 @@ def validate_create(request, preset_stream: StreamConfig, limits: ApiLimits = Ap
         raise _invalid(f"owner is {len(request.owner)} characters long; at most {limits.max_owner_chars} "
                        "are allowed")
     prompt = _check_prompt(request.prompt, limits)
-    stream = _apply_options(request, preset_stream, preset)
+    stream = _apply_options(request, preset_stream, preset, decoders)
     characters = _check_characters(request, limits)
     image = _check_image(request.reference_image, limits)
     return CreateSpec(image=image, prompt=prompt, stream=stream, characters=characters, owner=request.owner)
@@ -368,7 +375,7 @@ def session_to_proto(session_id: str, state: str | int, stream: StreamConfig,
         state=state_value,
         options=pb.SessionOptions(fps=float(stream.fps), width=stream.width, height=stream.height,
                                   steps=stream.steps, chunk_latent_frames=stream.chunk_latent_frames,
-                                  seed=stream.seed),
+                                  seed=stream.seed, decoder=stream.decoder),
         characters=[pb.Character(region=pb.Region(x0=r[0], y0=r[1], x1=r[2], y1=r[3])) for r in characters],
         chunks_emitted=int(chunks_emitted),
         frames_emitted=int(frames_emitted),

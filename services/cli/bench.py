@@ -25,7 +25,8 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
         args.dtype = "bfloat16" if device.startswith("cuda") else "float32"
     report = bench_engine(args.preset, device=device, dtype=parse_dtype(args.dtype), steps=args.steps,
                           chunk=args.chunk, chunks=args.chunks, width=args.width, height=args.height,
-                          compile=args.compile, progress=not args.quiet, sessions=args.sessions)
+                          compile=args.compile, progress=not args.quiet, sessions=args.sessions,
+                          decoder=args.decoder)
     print_report(report if args.json else format_engine_report(report))
     return EXIT_OK
 
@@ -59,6 +60,8 @@ def add_parser(commands) -> None:
     engine.add_argument("--dtype", default=None, help=f"{', '.join(DTYPES)} (default: bfloat16 on CUDA, float32 "
                         "on CPU)")
     engine.add_argument("--compile", action="store_true", help="torch.compile the denoising step")
+    engine.add_argument("--decoder", choices=("full", "fast"), default="full",
+                        help="the VAE's decoder (full) or the fast one distilled from it")
     engine.add_argument("--sessions", type=int, default=1,
                         help="also batch this many sessions in one forward per step: through the session pool's view "
                              "and through the gathered path (default 1: no batch)")

@@ -59,7 +59,7 @@ def cmd_call(args: argparse.Namespace) -> int:
     pcm = (np.clip(audio, -1, 1) * 32767).round().astype(np.int16)
     options = {name: value for name, value in (("fps", args.fps), ("width", args.width), ("height", args.height),
                                                ("steps", args.steps), ("chunk_latent_frames", args.chunk),
-                                               ("seed", args.seed)) if value is not None}
+                                               ("seed", args.seed), ("decoder", args.decoder)) if value is not None}
     api_key = args.api_key or os.environ.get("FACECAST_API_KEY")
     client = AvatarClient(args.target, api_key=api_key)
     session = None
@@ -70,7 +70,8 @@ def cmd_call(args: argparse.Namespace) -> int:
         duration_s = pcm.shape[0] / sample_rate_hz
         expected = math.ceil(duration_s * fps)
         print(f"facecast call: session {session.session_id} at {args.target}: {width}x{height} @ {fps:g} fps, "
-              f"chunk {effective.chunk_latent_frames} latent frames, {effective.steps} steps; streaming "
+              f"chunk {effective.chunk_latent_frames} latent frames, {effective.steps} steps, "
+              f"{effective.decoder or 'full'} decoder; streaming "
               f"{duration_s:.2f} s of audio at {sample_rate_hz} Hz "
               f"{'as fast as possible' if args.no_realtime else 'in real time'}", flush=True)
         from tqdm import tqdm
@@ -138,6 +139,8 @@ def add_parser(commands) -> None:
     call.add_argument("--height", type=int, help="height (default: the served preset's)")
     call.add_argument("--steps", type=int, help="denoising steps (must match the cluster's; default: its)")
     call.add_argument("--chunk", type=int, help="latent frames per chunk (default: the server's)")
+    call.add_argument("--decoder", choices=("full", "fast"), help="this session's decoder: full (the VAE's) or fast "
+                      "(where the server ships one; default: the server's)")
     call.add_argument("--seed", type=int, help="noise seed (default: the server's)")
     call.add_argument("--prompt", default="", help="optional text prompt")
     call.add_argument("--no-realtime", action="store_true", help="send the audio as fast as possible, not paced")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 
+from model_core.checkpoint import CheckpointError
 from model_core.shipped import LIPSYNC_PROBE, shipped_path
 from services.cli.common import EXIT_OK, UserError, print_report
 from services.cli.world import default_dir
@@ -92,7 +93,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     elif args.video in ("model", "vae"):
         from model_core.engine import AvatarEngine
 
-        engine = AvatarEngine.from_preset(preset, checkpoint=args.checkpoint, seed=args.seed)
+        try:
+            engine = AvatarEngine.from_preset(preset, checkpoint=args.checkpoint, seed=args.seed,
+                                              decoder=args.decoder, fast_decoder=args.fast_decoder)
+        except (CheckpointError, FileNotFoundError) as error:
+            raise UserError(f"--fast-decoder: {error}" if args.fast_decoder else str(error)) from None
         # --video vae scores the truth through the VAE alone: the score model's weights play no part
         shipped = f"the {preset.name} preset's VAE ({preset.vae_weights or 'random weights'})"
         weights = engine.weights_note if args.video == "model" else (args.checkpoint or shipped)
@@ -116,7 +121,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _teacher_sampler(args: argparse.Namespace, preset):
     from model_core.audio import AudioConfig, AudioFrontend
-    from model_core.checkpoint import CheckpointError, load_facecast_checkpoint
+    from model_core.checkpoint import load_facecast_checkpoint
     from model_core.evaluate import TeacherSampler
     from model_core.models import build_vae
     from model_core.shipped import TALK128_TEACHER
@@ -147,7 +152,18 @@ def _vae_report(args: argparse.Namespace, preset, source) -> int:
         raise UserError(f"--frames={args.frames} is invalid: 1 + 4k frames (5, 9, ..., 25, ..., 97)")
     vae = StreamingVAE.from_pretrained(args.vae) if args.vae else build_vae(preset, checkpoint=args.checkpoint,
                                                                              device="cpu", seed=args.seed)
-    report = reconstruction_report(vae, source, clips=args.clips, length=args.frames)
+    fast = None
+    if args.decoder == "fast":
+        from model_core.models import build_fast_decoder
+
+        try:
+            fast = build_fast_decoder(preset, vae, path=args.fast_decoder)
+        except (CheckpointError, FileNotFoundError) as error:
+            raise UserError(f"--fast-decoder: {error}") from None
+        if fast is None:
+            raise UserError(f"--decoder fast: preset {preset.name!r} has no fast decoder for this VAE; train one with "
+                            "`facecast train fast-decoder` or pass --fast-decoder DIR")
+    report = reconstruction_report(vae, source, clips=args.clips, length=args.frames, fast=fast)
     report["vae"] = args.vae or preset.vae_weights or "random"
     print_report(report, indent=None if args.json else 1)
     return EXIT_OK
@@ -175,6 +191,11 @@ def add_parser(commands) -> None:
     parser.add_argument("--vae-report", action="store_true",
                         help="instead: the VAE's reconstruction of held-out clips (PSNR/SSIM, mouth, decode ms)")
     parser.add_argument("--vae", help="with --vae-report: a VAE directory (default: the preset's)")
+    parser.add_argument("--decoder", choices=("full", "fast"), default="full",
+                        help="decode with the VAE's decoder (full, the reference) or the fast one distilled from it; "
+                             "with --vae-report, fast adds its scores against the full decoder and its cost")
+    parser.add_argument("--fast-decoder", metavar="DIR", help="a fast decoder directory (default: the preset's "
+                                                               "shipped one)")
     parser.add_argument("--horizon", type=float, metavar="SECONDS",
                         help="the long horizon: stream SECONDS of speech through one session and score its first and "
                              "last --window seconds (the video is not kept in between)")

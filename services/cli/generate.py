@@ -66,12 +66,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise UserError(f"--audio-encoder: {error}") from None
     engine = AvatarEngine.from_preset(preset, checkpoint=checkpoint, device=device, dtype=dtype, seed=args.seed,
-                                      audio_config=audio_config)
+                                      audio_config=audio_config, decoder=args.decoder)
     stream = engine.stream_config(steps=args.steps, chunk_latent_frames=args.chunk, seed=args.seed, fps=args.fps,
                                   width=args.width, height=args.height)
     characters = [Character(parse_region(args.face_region))] if args.face_region else None
     print(f"facecast generate: preset {preset.name}, {stream.width}x{stream.height} @ {stream.fps:g} fps, "
-          f"chunk {stream.chunk_latent_frames} latent frames, {stream.steps} steps, {device}/{args.dtype}")
+          f"chunk {stream.chunk_latent_frames} latent frames, {stream.steps} steps, {device}/{args.dtype}, "
+          f"{args.decoder} decoder")
     print(f"  {engine.weights_note}")
     duration_s = audio.shape[0] / sample_rate_hz
     expected_frames = math.ceil(duration_s * stream.fps)
@@ -139,5 +140,8 @@ def add_parser(commands) -> None:
     gen.add_argument("--audio-encoder-path", help="local transformers directory for --audio-encoder wav2vec2/whisper")
     gen.add_argument("--device", default="auto", help=f"auto, {', '.join(DEVICES)} or cuda:N (default auto)")
     gen.add_argument("--dtype", default="float32", help=f"{', '.join(DTYPES)} (default float32)")
+    gen.add_argument("--decoder", choices=("full", "fast"), default="full",
+                     help="the VAE's decoder (full, the reference) or the fast one distilled from it (several times "
+                          "cheaper on a CPU; the preset must ship one)")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(handler=cmd_generate)

@@ -72,6 +72,8 @@ def _serve_plan(args: argparse.Namespace) -> tuple[dict, dict, int | None]:
     app_args = dict(application.get("args") or {})
     if args.preset:
         app_args["preset"] = args.preset
+    if args.decoder:
+        app_args["decoder"] = args.decoder
     api_keys = list(args.api_key or [])
     api_keys += [key.strip() for key in os.environ.get("FACECAST_API_KEYS", "").split(",") if key.strip()]
     if api_keys:
@@ -277,6 +279,9 @@ def add_parser(commands) -> None:
                      f"{TRAINED_PRESET})")
     srv.add_argument("--preset", help=f"model preset, replacing the config's (default: {TRAINED_PRESET}, the "
                      "trained one, without --config; the config's own with it)")
+    srv.add_argument("--decoder", choices=("full", "fast"), help="the sessions' default decoder, replacing the "
+                     "config's: full (the VAE's, the reference) or fast (the preset's shipped fast decoder); a session "
+                     "may still choose (default: the config's, full)")
     srv.add_argument("--port", type=int, default=DEFAULT_GRPC_PORT, help=f"gRPC port (default {DEFAULT_GRPC_PORT})")
     srv.add_argument("--num-gpus", type=int, help="GPUs for the local Ray (default: on a CPU config, as many "
                      "logical GPUs as its deployments ask for; on a cuda config, the real ones)")

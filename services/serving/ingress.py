@@ -87,6 +87,7 @@ class SessionIngress:
         self.settings = settings
         self.audio, self.score, self.decoder, self.llm = audio, score, decoder, llm
         self.stream_defaults = settings.stream_defaults()
+        self.decoders = settings.decoders()
         self.limits = ApiLimits()
         self.api_keys = settings.effective_api_keys()
         if store is None:
@@ -155,7 +156,8 @@ class SessionIngress:
         session_id = None
         try:
             check_api_key(_metadata(grpc_context), self.api_keys)
-            spec = validate_create(request, self.stream_defaults, self.limits, preset=self.settings.preset_config)
+            spec = validate_create(request, self.stream_defaults, self.limits, preset=self.settings.preset_config,
+                                   decoders=self.decoders)
             if spec.stream.steps != self.settings.steps:
                 raise ApiError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"options.steps={spec.stream.steps} is not served here: this cluster's score group "
@@ -200,7 +202,7 @@ class SessionIngress:
         regions = [tuple(region) for region in spec.characters]
         await asyncio.gather(self.score.open.remote(session_id, stream, latent, spec.prompt, regions),
                              self.audio.open.remote(session_id, stream, max(1, len(regions))),
-                             self.decoder.open_decode.remote(session_id))
+                             self.decoder.open_decode.remote(session_id, stream.decoder))
 
     async def _release_workers(self, session_id: str) -> None:
         """Free the session's state on every worker (KV caches, decode cache, replay buffer, audio state)."""

@@ -258,8 +258,8 @@ class ScoreWorkerGroup:
     async def encode_reference(self, image_png: bytes, width: int, height: int) -> torch.Tensor:
         return await self._own_decoder().encode_reference(image_png, width, height)
 
-    def open_decode(self, session_id: str) -> None:
-        self._own_decoder().open(session_id)
+    def open_decode(self, session_id: str, decoder: str | None = None) -> None:
+        self._own_decoder().open(session_id, decoder)
 
     async def decode(self, request: DecodeRequest, scored: ScoredChunk, carrier: dict | None = None) -> DecodedFrames:
         return await asyncio.shield(asyncio.ensure_future(self._own_decoder().decode(request, scored, carrier)))

@@ -68,6 +68,9 @@ class AppSettings:
     """How often the ingress frees worker state of sessions whose record has expired or ended."""
     redis_url: str | None = None
     """Session store; None: $REDIS_URL."""
+    decoder: str = "full"
+    """The sessions' default decoder: full (the VAE's, the reference) or fast (the preset's shipped fast decoder,
+    several times cheaper); a session may choose either (`SessionOptions.decoder`) when the preset ships a fast one."""
     api_keys: tuple[str, ...] = ()
     """Accepted API keys; empty: no authentication. Also read from $FACECAST_API_KEYS (comma-separated)."""
 
@@ -91,6 +94,9 @@ class AppSettings:
         if self.audio_backend is not None or self.audio_model_path is not None:
             self.audio_config()   # the front-end's own checks name audio backend / model_path and the allowed values
         check(self.session_sweep_s > 0, "session_sweep_s", "must be > 0 seconds")
+        check(self.decoder in self.decoders(), "decoder",
+              f"allowed: {', '.join(self.decoders())}" + ("" if "fast" in self.decoders() else
+                                                          f" (preset {self.preset!r} ships no fast decoder)"))
 
     @classmethod
     def from_args(cls, args: dict | None) -> "AppSettings":
@@ -127,7 +133,13 @@ class AppSettings:
                            model_path=self.audio_model_path)
 
     def stream_defaults(self):
-        return get_preset(self.preset).stream.replace(steps=self.steps)
+        return get_preset(self.preset).stream.replace(steps=self.steps, decoder=self.decoder)
+
+    def decoders(self) -> tuple[str, ...]:
+        """The decoders sessions may choose: full, and fast when the preset ships one (a file check: no torch)."""
+        from model_core.shipped import fast_decoder_shipped
+
+        return ("full", "fast") if fast_decoder_shipped(self.preset_config) else ("full",)
 
     def effective_api_keys(self) -> frozenset[str]:
         env = {key.strip() for key in os.environ.get("FACECAST_API_KEYS", "").split(",") if key.strip()}

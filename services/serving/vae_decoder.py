@@ -23,8 +23,9 @@ import torch
 from PIL import Image
 from ray import serve
 
-from model_core.models import build_vae
 from model_core.decode import DecodeStage
+from model_core.fastdecode import FastDecodeCache
+from model_core.models import build_fast_decoder, build_vae
 from services.media import decode_image_bytes, image_to_tensor
 from services.serving.messages import DecodedFrames, DecodeRequest, ScoredChunk
 from services.serving.ordering import ChunkTurns, MicroBatcher, run_on
@@ -60,7 +61,10 @@ class SessionDecoder:
     this decoder (reported in every `DecodedFrames.decoded_by`)."""
 
     def __init__(self, vae, settings: AppSettings, compute, owner: str):
-        self.stage = DecodeStage(vae)
+        """Sessions choose the VAE's decoder or the preset's fast one (when it ships one for this VAE);
+        `settings.decoder` is the default."""
+        fast = build_fast_decoder(settings.preset_config, vae, device=vae.device, dtype=vae.dtype)
+        self.stage = DecodeStage(vae, fast, settings.decoder)
         self.jpeg_quality, self.compute, self.owner = settings.jpeg_quality, compute, owner
         self.caches: dict = {}
         self.replay_buffers: dict[str, deque] = {}
@@ -84,8 +88,8 @@ class SessionDecoder:
         image = image_to_tensor(decode_image_bytes(image_png), width, height)
         return await self.compute(self.stage.encode_reference, image)
 
-    def open(self, session_id: str) -> None:
-        self.caches[session_id] = self.stage.open()
+    def open(self, session_id: str, decoder: str | None = None) -> None:
+        self.caches[session_id] = self.stage.open(decoder or None)
         self.claimed[session_id] = set()
         self.replay_buffers[session_id] = deque(maxlen=REPLAY_CHUNKS)
 
@@ -103,7 +107,8 @@ class SessionDecoder:
         """Bytes of decode caches and buffered JPEGs held for open sessions."""
         total = 0
         for cache in self.caches.values():
-            total += sum(feature.nbytes for feature in cache.features if torch.is_tensor(feature))
+            state = cache.memory if isinstance(cache, FastDecodeCache) else cache.features
+            total += sum(feature.nbytes for feature in state if torch.is_tensor(feature))
         for buffer in self.replay_buffers.values():
             total += sum(len(frame) for chunk in buffer for frame in chunk.frames_jpeg)
         return total
@@ -227,8 +232,8 @@ class VAEDecoder:
     async def encode_reference(self, image_png: bytes, width: int, height: int) -> torch.Tensor:
         return await self.decoder.encode_reference(image_png, width, height)
 
-    def open_decode(self, session_id: str) -> None:
-        self.decoder.open(session_id)
+    def open_decode(self, session_id: str, decoder: str | None = None) -> None:
+        self.decoder.open(session_id, decoder)
 
     async def decode(self, request: DecodeRequest, scored: ScoredChunk, carrier: dict | None = None) -> DecodedFrames:
         """Decode in chunk order per session (shielded: completes even if the caller goes away)."""

@@ -111,3 +111,34 @@ def test_the_distillation_loss_falls_and_the_export_records_its_vae(tmp_path):
     with pytest.raises(ValueError, match="another VAE"):
         other = StreamingVAE.from_config(TINY.vae, seed=1)
         FastDecoderStage(None, LatentSource(tmp_path / "latents"), train, vae=other)
+
+
+def test_each_session_decodes_with_the_decoder_it_chose():
+    """An engine with a fast decoder: a fast session's frames are the fast decoder's decode of its latents, a full
+    session's the VAE's, in one engine at once; an unknown or missing decoder is refused before any work."""
+    from model_core.config import ConfigError
+    from model_core.engine import AvatarEngine
+
+    from .helpers import reference_image, speech
+
+    base = AvatarEngine.from_preset("tiny", seed=1)
+    fast = decoder(4)
+    engine = AvatarEngine(base.preset, base.dit, base.vae, fast_decoder=fast)
+    image, audio = reference_image(seed=2), speech(1.2, seed=3)
+    sessions = {name: engine.open_session(image, "", engine.stream_config(seed=5), decoder=name)
+                for name in ("full", "fast")}
+    chunks = {name: engine.push_audio(session, audio, 16000) + engine.end_input(session)
+              for name, session in sessions.items()}
+    latents = torch.stack([chunk.latents for chunk in chunks["full"]], 0)
+    assert torch.equal(latents, torch.stack([chunk.latents for chunk in chunks["fast"]], 0)), "same seed, same DiT"
+    clip = torch.cat([chunk.latents for chunk in chunks["full"]], 1)[None]
+    for name, want in (("full", base.vae.decode_chunk(clip, base.vae.new_decode_cache())[0]),
+                       ("fast", fast.decode(clip))):
+        got = torch.cat([chunk.frames for chunk in chunks[name]])
+        torch.testing.assert_close(got, want[0].transpose(0, 1)[:len(got)], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ConfigError, match="decoder='slow' is invalid; allowed: full, fast"):
+        engine.open_session(image, "", decoder="slow")
+    with pytest.raises(ConfigError, match="facecast train fast-decoder"):
+        base.open_session(image, "", decoder="fast")
+    with pytest.raises(ConfigError, match="decoder"):
+        engine.stream_config(decoder="slow")

@@ -517,3 +517,16 @@ def test_grpc_loopback_status_codes(channel):
     health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
                                                        timeout=10)
     assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_the_decoder_option_is_offered_only_where_the_server_has_it():
+    request = _create(options=pb.SessionOptions(decoder="fast"))
+    both = validate_create(request, PRESET_STREAM, ApiLimits(), decoders=("full", "fast"))
+    assert both.stream.decoder == "fast"
+    message = _raises(INVALID, validate_create, request, PRESET_STREAM, ApiLimits())
+    assert message == "options.decoder='fast' is invalid; allowed on this server: full"
+    message = _raises(INVALID, validate_create, _create(options=pb.SessionOptions(decoder="tiny")), PRESET_STREAM,
+                      ApiLimits(), decoders=("full", "fast"))
+    assert message == "options.decoder='tiny' is invalid; allowed on this server: full, fast"
+    # unset: the server's default, reported back in the session's options
+    assert validate_create(_create(), PRESET_STREAM.replace(decoder="fast"), ApiLimits()).stream.decoder == "fast"

@@ -25,3 +25,10 @@ def test_settings_defaults_and_api_keys_from_env(monkeypatch):
     monkeypatch.setenv("FACECAST_API_KEYS", "b, c")
     assert settings.effective_api_keys() == {"a", "b", "c"}
     assert settings.stream_defaults().steps == settings.steps == 2
+
+
+def test_the_default_decoder_must_be_one_the_preset_ships():
+    with pytest.raises(ConfigError, match="decoder='fast' is invalid: allowed: full \\(preset 'tiny' ships no fast "
+                                          "decoder\\)"):
+        AppSettings(preset="tiny", decoder="fast")
+    assert AppSettings(preset="tiny").stream_defaults().decoder == "full"
