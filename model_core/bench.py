@@ -232,6 +232,63 @@ def bench_batch(engine: AvatarEngine, stream, sessions: int, chunks: int, progre
     return report
 
 
+def bench_decode(preset_name: str, chunks: int = 6, progress: bool = True) -> dict:
+    """The streaming decode of one session's chunks, in one run, by every decoder the preset has: the full VAE with
+    PyTorch's own conv3d choice (the before), the full VAE with its 3D convolutions through oneDNN (the default) and
+    the fast decoder (when the preset ships one). Milliseconds per chunk and per frame, and the speed-up over the
+    first; the same random latents (the decoders' cost does not depend on what they draw)."""
+    from tqdm import tqdm
+
+    from .models import build_fast_decoder, build_vae
+    from .vae import set_conv3d_path
+
+    preset = get_preset(preset_name)
+    if chunks < 1:
+        raise ValueError(f"chunks={chunks} is invalid; need at least 1 measured chunk")
+    vae = build_vae(preset, checkpoint=None, device="cpu", seed=0)
+    fast = build_fast_decoder(preset, vae)
+    stream = preset.stream
+    latent_h = stream.height // vae.spatial_compression
+    latents = torch.randn(1, vae.z_dim, (chunks + 1) * stream.chunk_latent_frames, latent_h,
+                          stream.width // vae.spatial_compression, generator=torch.Generator().manual_seed(0))
+    variants = [("full, PyTorch's conv3d", vae, "native"), ("full", vae, "onednn")]
+    if fast is not None:
+        variants.append(("fast", fast, None))
+    rows = []
+    with tqdm(total=len(variants) * (chunks + 1), unit="chunk", desc=f"bench decode {preset.name}",
+              disable=not progress) as bar:
+        for name, decoder, conv3d in variants:
+            if conv3d:
+                set_conv3d_path(decoder.vae, conv3d)
+            cache, times, frames = decoder.new_decode_cache(), [], 0
+            for index in range(chunks + 1):      # chunk 0 (one latent frame less of video) warms up
+                piece = latents[:, :, index * stream.chunk_latent_frames:(index + 1) * stream.chunk_latent_frames]
+                started = time.perf_counter()
+                out, cache = decoder.decode_chunk(piece, cache)
+                if index:
+                    times.append(time.perf_counter() - started)
+                    frames += out.shape[2]
+                bar.update(1)
+            rows.append({"decoder": name, "chunk_ms": float(np.mean(times) * 1000),
+                         "frame_ms": float(np.sum(times) * 1000 / frames)})
+    set_conv3d_path(vae.vae, "onednn")
+    for row in rows:
+        row["speedup"] = rows[0]["chunk_ms"] / row["chunk_ms"]
+    return {"preset": preset.name, "device_name": cpu_label(), "resolution": f"{stream.width}x{stream.height}",
+            "chunk_latent_frames": stream.chunk_latent_frames, "chunks": chunks,
+            "threads": torch.get_num_threads(), "decoders": rows}
+
+
+def format_decode_report(report: dict) -> str:
+    lines = [f"facecast bench decode — preset {report['preset']} ({report['resolution']}, chunk "
+             f"{report['chunk_latent_frames']} latent frames) on {report['device_name']}, {report['threads']} "
+             f"thread(s), {report['chunks']} chunks"]
+    for row in report["decoders"]:
+        lines.append(f"  {row['decoder']:24s} {row['chunk_ms']:8.1f} ms a chunk  {row['frame_ms']:6.2f} ms a frame  "
+                     f"x{row['speedup']:.2f}")
+    return "\n".join(lines)
+
+
 def format_engine_report(report: dict) -> str:
     stages = ", ".join(f"{name} {value:.1f}" for name, value in report["stage_ms"].items())
     lines = [

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,14 +49,44 @@ def stream_decode(vae: AutoencoderKLWan, z: torch.Tensor, cache: DecodeCache, cl
     return frames.clamp(-1.0, 1.0) if clamp else frames
 
 
+CONV3D_PATHS = ("onednn", "native")
+
+
+def _onednn_conv3d_forward(self, input: torch.Tensor, weight: torch.Tensor, bias):
+    """`nn.Conv3d._conv_forward` through oneDNN where PyTorch would pick its slow reference kernel. For batch 1 and
+    3x3 kernels PyTorch's CPU heuristic (tuned on 2D) sends a conv3d to `slow_conv3d` (an unfold + GEMM per frame),
+    which on talk128's decoder is ~80 % of a chunk; the same convolution through oneDNN is 3-5x faster and equal to
+    float rounding. Inference only (no autograd graph), float32 on the CPU; everything else takes the usual path."""
+    if (not torch.is_grad_enabled() and input.device.type == "cpu" and input.dtype == torch.float32
+            and self.padding_mode == "zeros" and isinstance(self.padding, tuple)):
+        return torch.ops.aten.mkldnn_convolution(input, weight, bias, list(self.padding), list(self.stride),
+                                                 list(self.dilation), self.groups)
+    return torch.nn.Conv3d._conv_forward(self, input, weight, bias)
+
+
+def set_conv3d_path(vae: AutoencoderKLWan, path: str) -> None:
+    """"onednn" (the default of every `StreamingVAE`): the VAE's 3D convolutions run through oneDNN on the CPU at
+    inference; "native": PyTorch's own choice (the before of `facecast bench decode`)."""
+    if path not in CONV3D_PATHS:
+        raise ValueError(f"conv3d path {path!r} is invalid; allowed: {', '.join(CONV3D_PATHS)}")
+    usable = path == "onednn" and torch.backends.mkldnn.is_available()
+    for module in vae.modules():
+        if isinstance(module, torch.nn.Conv3d):
+            if usable:
+                module._conv_forward = types.MethodType(_onednn_conv3d_forward, module)
+            else:
+                module.__dict__.pop("_conv_forward", None)
+
+
 def _place(vae: AutoencoderKLWan, device, dtype) -> AutoencoderKLWan:
     vae = vae.to(device)
     return vae if dtype == torch.float32 else vae.to(dtype=dtype)
 
 
 class StreamingVAE:
-    def __init__(self, vae: AutoencoderKLWan):
+    def __init__(self, vae: AutoencoderKLWan, conv3d: str = "onednn"):
         self.vae = vae.eval()
+        set_conv3d_path(vae, conv3d)
         config = vae.config
         self.z_dim = config.z_dim
         self.spatial_compression = (config.patch_size or 1) * 2 ** (len(config.dim_mult) - 1)
@@ -90,7 +121,8 @@ class StreamingVAE:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"VAE directory {str(path)!r} has no config.json "
                                     "(diffusers AutoencoderKLWan layout)")
-        vae = AutoencoderKLWan.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
+        vae = AutoencoderKLWan.from_pretrained(path, local_files_only=True, torch_dtype=dtype,
+                                               low_cpu_mem_usage=False)   # (also silences the `accelerate` hint)
         return cls(vae.to(device))
 
     def save_pretrained(self, path: str | Path) -> None:

@@ -1,10 +1,13 @@
-"""`facecast bench engine` and `facecast bench cluster`: the benchmarks, printed as a report or as JSON.
+"""`facecast bench engine | decode | cluster`: the benchmarks, printed as a report or as JSON.
 
-    facecast bench engine --preset P [--steps --chunk --chunks --device --dtype --compile] [--json]
+    facecast bench engine --preset P [--steps --chunk --chunks --device --dtype --compile --decoder --sessions N]
+    facecast bench decode --preset talk128 [--chunks 6]
     facecast bench cluster --preset tiny [--chunks 8 --max-sessions 6] [--json]
 
-`engine` times the in-process engine per stage (`model_core.bench`); `cluster` measures what the cluster costs and
-buys against it on one local Ray (`services.cli.bench_cluster`).  This module only parses, checks and prints.
+`engine` times the in-process engine per stage (`model_core.bench`; `--sessions N` adds a cross-session batch through
+the session pool and through the gathered path); `decode` times the streaming decoders one after the other in one run;
+`cluster` measures what the cluster costs and buys against it on one local Ray (`services.cli.bench_cluster`).  With
+`--json` stdout carries the JSON alone. This module only parses, checks and prints.
 """
 
 from __future__ import annotations
@@ -28,6 +31,17 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
                           compile=args.compile, progress=not args.quiet, sessions=args.sessions,
                           decoder=args.decoder)
     print_report(report if args.json else format_engine_report(report))
+    return EXIT_OK
+
+
+def cmd_bench_decode(args: argparse.Namespace) -> int:
+    from model_core.bench import bench_decode, format_decode_report
+
+    get_preset(args.preset)
+    if args.chunks < 1:
+        raise UserError(f"--chunks {args.chunks} is too few; need at least 1")
+    report = bench_decode(args.preset, chunks=args.chunks, progress=not args.quiet)
+    print_report(report if args.json else format_decode_report(report))
     return EXIT_OK
 
 
@@ -69,6 +83,14 @@ def add_parser(commands) -> None:
                         help="print the report as JSON (stdout: the JSON alone; progress and logs on stderr)")
     engine.add_argument("--quiet", action="store_true")
     engine.set_defaults(handler=cmd_bench_engine)
+    decode = targets.add_parser("decode", help="streaming decode per chunk by decoder: the full VAE before and after "
+                                               "its CPU convolution fix, and the fast decoder")
+    decode.add_argument("--preset", default="talk128", help=f"{', '.join(PRESETS)} (default talk128: the trained one)")
+    decode.add_argument("--chunks", type=int, default=6, help="measured chunks after one warm-up (default 6)")
+    decode.add_argument("--json", action="store_true",
+                        help="print the report as JSON (stdout: the JSON alone; progress and logs on stderr)")
+    decode.add_argument("--quiet", action="store_true")
+    decode.set_defaults(handler=cmd_bench_decode)
     cluster = targets.add_parser("cluster", help="cluster vs engine overhead, disaggregated vs self-contained, "
                                                  "real-time sessions per score group with/without batching")
     cluster.add_argument("--preset", default="tiny", help=f"{', '.join(PRESETS)} (default tiny: CPU-sized)")

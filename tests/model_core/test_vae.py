@@ -108,3 +108,35 @@ def test_the_talk128_shape_builds_the_shipped_vae():
     built = AutoencoderKLWan(**get_preset("talk128").vae.diffusers_kwargs())
     built.load_state_dict(shipped.vae.state_dict(), strict=True)
     assert shipped.spatial_compression == get_preset("talk128").vae.spatial_compression == 8
+
+
+def test_the_cpu_decoder_runs_its_3d_convolutions_through_onednn_with_the_same_frames():
+    """PyTorch sends batch-1 3x3x3 conv3d on the CPU to its slow reference kernel; the VAE routes them through
+    oneDNN (3-5x faster): same frames to float rounding, and the slow kernel never runs. Training (autograd on)
+    keeps PyTorch's path."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from model_core.vae import set_conv3d_path
+
+    vae = StreamingVAE.from_config(WAN22_VAE, seed=3)
+    latents = torch.randn(1, 16, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+
+    def decode():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            frames, _ = vae.decode_chunk(latents, vae.new_decode_cache())
+        return frames, {event.key for event in prof.key_averages()}
+
+    set_conv3d_path(vae.vae, "native")
+    native, native_ops = decode()
+    set_conv3d_path(vae.vae, "onednn")
+    fast, fast_ops = decode()
+    assert "aten::slow_conv3d_forward" in native_ops
+    assert "aten::slow_conv3d_forward" not in fast_ops and "aten::mkldnn_convolution" in fast_ops
+    torch.testing.assert_close(fast, native, atol=1e-5, rtol=1e-4)
+    with torch.enable_grad():
+        conv = next(m for m in vae.vae.modules() if isinstance(m, torch.nn.Conv3d))
+        x = torch.randn(1, conv.in_channels, 3, 4, 4, requires_grad=True)
+        conv(x).sum().backward()
+        assert x.grad is not None
+    with pytest.raises(ValueError, match="allowed: onednn, native"):
+        set_conv3d_path(vae.vae, "fast")

@@ -29,3 +29,12 @@ def test_bad_arguments_exit_2_with_one_line(argv, needle, capsys):
     assert main(["bench", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("facecast bench: error: ") and needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_bench_decode_times_each_decoder_in_one_run(capsys):
+    assert main(["bench", "decode", "--preset", "tiny", "--chunks", "1", "--json", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    names = [row["decoder"] for row in report["decoders"]]
+    assert names == ["full, PyTorch's conv3d", "full"]          # tiny ships no fast decoder
+    assert all(row["chunk_ms"] > 0 and row["frame_ms"] > 0 for row in report["decoders"])
+    assert report["decoders"][0]["speedup"] == 1.0 and "cores" in report["device_name"]
