@@ -90,8 +90,10 @@ def _gpu_peak(device: torch.device) -> tuple[str, float | None]:
 
 def bench_engine(preset_name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, steps: int | None = None,
                  chunk: int | None = None, chunks: int = 6, width: int | None = None, height: int | None = None,
-                 compile: bool = False, progress: bool = True, sessions: int = 1, decoder: str = "full") -> dict:
-    """One session streamed through the engine; with `sessions` > 1 also `bench_batch` (the report's "batch")."""
+                 compile: bool = False, progress: bool = True, sessions: int = 1, decoder: str = "full",
+                 engine: AvatarEngine | None = None) -> dict:
+    """One session streamed through the engine; with `sessions` > 1 also `bench_batch` (the report's "batch").
+    `engine`: one already built for this preset, device and dtype (`bench gpu` builds each model once)."""
     preset = get_preset(preset_name)
     if sessions < 1:
         raise ValueError(f"sessions={sessions} is invalid: at least 1")
@@ -101,7 +103,8 @@ def bench_engine(preset_name: str, device: str = "cpu", dtype: torch.dtype = tor
     if torch_device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(torch_device)
     build_started = time.perf_counter()
-    engine = AvatarEngine.from_preset(preset, device=device, dtype=dtype, decoder=decoder)
+    if engine is None:
+        engine = AvatarEngine.from_preset(preset, device=device, dtype=dtype, decoder=decoder)
     if compile:
         engine.compile()
     stream = engine.stream_config(steps=steps, chunk_latent_frames=chunk, width=width, height=height)

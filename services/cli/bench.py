@@ -2,6 +2,7 @@
 
     facecast bench engine --preset P [--steps --chunk --chunks --device --dtype --compile --decoder --sessions N]
     facecast bench decode --preset talk128 [--chunks 6]
+    facecast bench gpu [--shapes full|tiny] [--out report.json] [--table table.md]
     facecast bench cluster --preset tiny [--chunks 8 --max-sessions 6] [--json]
 
 `engine` times the in-process engine per stage (`model_core.bench`; `--sessions N` adds a cross-session batch through
@@ -13,6 +14,8 @@ the session pool and through the gathered path); `decode` times the streaming de
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 from model_core.config import DTYPES, PRESETS, get_preset
 from services.cli.common import EXIT_OK, UserError, parse_device, parse_dtype, print_report
@@ -42,6 +45,24 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
         raise UserError(f"--chunks {args.chunks} is too few; need at least 1")
     report = bench_decode(args.preset, chunks=args.chunks, progress=not args.quiet)
     print_report(report if args.json else format_decode_report(report))
+    return EXIT_OK
+
+
+def cmd_bench_gpu(args: argparse.Namespace) -> int:
+    from model_core.bench_gpu import bench_gpu, format_gpu_table
+
+    device = parse_device(args.device)
+    if args.shapes == "full" and not device.startswith("cuda"):
+        raise UserError(f"--device {args.device}: `bench gpu` needs a CUDA device for the wan shapes; on a CPU run the "
+                        "dry run with --shapes tiny")
+    report = bench_gpu(args.shapes, device=device, chunks=args.chunks,
+                       compile_modes=(False,) if args.no_compile else (False, True), progress=not args.quiet)
+    table = format_gpu_table(report)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    if args.table:
+        Path(args.table).write_text(table + "\n")
+    print_report(report if args.json else table)
     return EXIT_OK
 
 
@@ -91,6 +112,19 @@ def add_parser(commands) -> None:
                         help="print the report as JSON (stdout: the JSON alone; progress and logs on stderr)")
     decode.add_argument("--quiet", action="store_true")
     decode.set_defaults(handler=cmd_bench_decode)
+    gpu = targets.add_parser("gpu", help="wan-1.3b / wan-14b steps and the Wan2.1 VAE decode on one GPU against the "
+                                         "FLOP bound, and the 1+1 / 4+1 layouts' projected FPS and TTFF")
+    gpu.add_argument("--shapes", choices=("full", "tiny"), default="full",
+                     help="full: the wan shapes (needs a GPU); tiny: the same code on tiny shapes (the CPU dry run)")
+    gpu.add_argument("--device", default="auto")
+    gpu.add_argument("--chunks", type=int, default=3, help="measured chunks per case after one warm-up (default 3)")
+    gpu.add_argument("--no-compile", action="store_true", help="eager steps only (skip the compiled cases)")
+    gpu.add_argument("--out", help="also write the JSON report to this file")
+    gpu.add_argument("--table", help="also write the BENCHMARKS.md tables (Markdown) to this file")
+    gpu.add_argument("--json", action="store_true", help="print the JSON report instead of the tables (stdout: the "
+                                                         "JSON alone)")
+    gpu.add_argument("--quiet", action="store_true")
+    gpu.set_defaults(handler=cmd_bench_gpu)
     cluster = targets.add_parser("cluster", help="cluster vs engine overhead, disaggregated vs self-contained, "
                                                  "real-time sessions per score group with/without batching")
     cluster.add_argument("--preset", default="tiny", help=f"{', '.join(PRESETS)} (default tiny: CPU-sized)")

@@ -38,3 +38,25 @@ def test_bench_decode_times_each_decoder_in_one_run(capsys):
     assert names == ["full, PyTorch's conv3d", "full"]          # tiny ships no fast decoder
     assert all(row["chunk_ms"] > 0 and row["frame_ms"] > 0 for row in report["decoders"])
     assert report["decoders"][0]["speedup"] == 1.0 and "cores" in report["device_name"]
+
+
+def test_bench_gpu_dry_run_on_tiny_shapes_writes_json_and_the_tables(tmp_path, capsys):
+    out, table = tmp_path / "gpu.json", tmp_path / "gpu.md"
+    assert main(["bench", "gpu", "--shapes", "tiny", "--device", "cpu", "--no-compile", "--chunks", "1", "--quiet",
+                 "--out", str(out), "--table", str(table)]) == 0
+    report = json.loads(out.read_text())
+    assert [(row["preset"], row["resolution"]) for row in report["cases"]] == [("tiny", "64x64"), ("tiny", "96x64")]
+    layouts = {row["layout"]: row for row in report["projections"]}
+    one, four = layouts["1+1"], layouts["4+1"]
+    case = {row["resolution"]: row for row in report["cases"]}
+    # the projection's arithmetic, held to the formulas: 1+1 overlaps score and decode; 4+1 one step per GPU
+    small, large = case["64x64"], case["96x64"]
+    assert one["chunk_interval_ms"] == max(small["audio_ms"] + 2 * small["step_ms"], small["vae_decode_ms"])
+    assert four["chunk_interval_ms"] == max(large["audio_ms"] + large["step_ms"], large["vae_decode_ms"])
+    assert four["ttff_ms"] == large["audio_ms"] + 4 * large["step_ms"] + large["vae_decode_ms"]
+    assert "| tiny | 4+1 | 4 | 96x64 |" in table.read_text() and "| preset | layout |" in capsys.readouterr().out
+
+
+def test_bench_gpu_full_shapes_need_a_gpu(capsys):
+    assert main(["bench", "gpu", "--device", "cpu"]) == 2
+    assert "--shapes tiny" in capsys.readouterr().err
