@@ -52,15 +52,25 @@ def _engine_intervals(engine: AvatarEngine, image_png: bytes, pcm: np.ndarray) -
     return list(np.diff(arrivals))
 
 
-def _cluster_intervals(target: str, application: str, image_png: bytes, pcm: np.ndarray) -> list[float]:
+def _cluster_intervals(target: str, application: str, image_png: bytes, pcm: np.ndarray):
     client = AvatarClient(target, application=application)
     try:
         session = client.create_session(image_png)
         result = client.stream(session, pcm, 16000, realtime=False)
         client.close_session(session.session_id, session.session_token)
-        return result.intervals_s
+        return result
     finally:
         client.close()
+
+
+def stage_split(chunks) -> dict[str, float]:
+    """Mean milliseconds of each stage a chunk passed (ChunkStats.stage_ms: audio, score steps, VAE decode, JPEG,
+    ...) over the chunks of a stream, skipping the first (warm-up)."""
+    totals: dict[str, list[float]] = {}
+    for chunk in chunks[1:] or chunks:
+        for name, value in chunk.stats.stage_ms.items():
+            totals.setdefault(name, []).append(value)
+    return {name: float(np.mean(values)) for name, values in sorted(totals.items())}
 
 
 def _realtime_sessions(target: str, application: str, image_png: bytes, pcm: np.ndarray, count: int,
@@ -87,7 +97,7 @@ def _realtime_sessions(target: str, application: str, image_png: bytes, pcm: np.
 
 
 def bench_cluster(preset_name: str = "tiny", chunks: int = 8, max_sessions: int = 6,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, decoder: str = "full") -> dict:
     preset = get_preset(preset_name)
     stream = preset.stream
     ratio = preset.dit.temporal_compression
@@ -96,13 +106,13 @@ def bench_cluster(preset_name: str = "tiny", chunks: int = 8, max_sessions: int 
     image = _png(stream)
     say = print if progress else (lambda *a, **k: None)
 
-    engine = AvatarEngine.from_preset(preset, seed=0)
+    engine = AvatarEngine.from_preset(preset, seed=0, decoder=decoder)
     _engine_intervals(engine, image, pcm[: 16000])            # warm-up
     engine_ttbc = _engine_intervals(engine, image, pcm)
 
     say("starting the local cluster (3 applications) ...")
     base = {"preset": preset_name, "max_sessions": max_sessions * 2 + 2, "max_batch_size": 1,
-            "max_chunks_in_flight": 2}
+            "max_chunks_in_flight": 2, "decoder": decoder}
     cluster = LocalCluster.start(base, grpc_port=free_port(), num_cpus=8, num_gpus=8)
     try:
         cluster.deploy_app(SELF_CONTAINED, {"vae_placement": "colocated"})
@@ -110,8 +120,9 @@ def bench_cluster(preset_name: str = "tiny", chunks: int = 8, max_sessions: int 
         for application in (APP_NAME, SELF_CONTAINED, BATCHED):          # warm-up
             _cluster_intervals(cluster.target, application, image, pcm[: 16000])
         say("overhead and disaggregation ...")
-        cluster_ttbc = _cluster_intervals(cluster.target, APP_NAME, image, pcm)
-        self_contained_ttbc = _cluster_intervals(cluster.target, SELF_CONTAINED, image, pcm)
+        streamed = _cluster_intervals(cluster.target, APP_NAME, image, pcm)
+        cluster_ttbc, stages = streamed.intervals_s, stage_split(streamed.chunks)
+        self_contained_ttbc = _cluster_intervals(cluster.target, SELF_CONTAINED, image, pcm).intervals_s
         capacity = {}
         for application, label in ((APP_NAME, "without_batching"), (BATCHED, "with_batching")):
             trials = []
@@ -129,7 +140,7 @@ def bench_cluster(preset_name: str = "tiny", chunks: int = 8, max_sessions: int 
     engine_ms, cluster_ms = float(np.mean(engine_ttbc) * 1000), float(np.mean(cluster_ttbc) * 1000)
     self_contained_ms = float(np.mean(self_contained_ttbc) * 1000)
     return {
-        "preset": preset_name, "machine": cpu_label(),
+        "preset": preset_name, "machine": cpu_label(), "decoder": decoder, "stage_ms": stages,
         "chunk_duration_ms": chunk_s * 1000, "chunks": chunks,
         "engine_ttbc_ms": engine_ms, "cluster_ttbc_ms": cluster_ms,
         "cluster_overhead_ratio": cluster_ms / engine_ms,
@@ -143,7 +154,10 @@ def format_cluster_report(report: dict) -> str:
     capacity = report["capacity"]
     lines = [
         f"facecast bench cluster — preset {report['preset']} on {report['machine']} "
-        f"(chunk plays {report['chunk_duration_ms']:.0f} ms, {report['chunks']} chunks per stream)",
+        f"(chunk plays {report['chunk_duration_ms']:.0f} ms, {report['chunks']} chunks per stream, "
+        f"{report['decoder']} decoder)",
+        "  by stage (ms, the disaggregated layout) " + ", ".join(f"{name} {value:.1f}"
+                                                                 for name, value in report["stage_ms"].items()),
         f"  TTBC in-process engine     {report['engine_ttbc_ms']:.1f} ms",
         f"  TTBC through the cluster   {report['cluster_ttbc_ms']:.1f} ms   "
         f"overhead x{report['cluster_overhead_ratio']:.2f}",
