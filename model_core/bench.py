@@ -105,8 +105,8 @@ def bench_engine(preset_name: str, device: str = "cpu", dtype: torch.dtype = tor
     build_started = time.perf_counter()
     if engine is None:
         engine = AvatarEngine.from_preset(preset, device=device, dtype=dtype, decoder=decoder)
-    if compile:
-        engine.compile()
+    if compile:   # True: inductor; "reduce-overhead": inductor with the step captured as a CUDA graph
+        engine.compile(**({"mode": compile} if isinstance(compile, str) else {}))
     stream = engine.stream_config(steps=steps, chunk_latent_frames=chunk, width=width, height=height)
     build_s = time.perf_counter() - build_started
     config = engine.dit.config

@@ -5,10 +5,12 @@ and what they project for the 1+1 and 4+1 layouts. One command, sized to run in 
     format_gpu_table(report) -> the BENCHMARKS.md table
 
 Cases: `wan-1.3b` and `wan-14b` (random weights: a step costs the same whatever the weights), each at 512x512 and at
-720x416 (the 720x400 class: the reference patches tile at multiples of 32), chunk 3, bf16, eager and compiled
-(`torch.compile` of the step). Each case streams one session of 4 steps through the engine (`bench.bench_engine` with
-the model built once per preset) and records the mean time of a step, of the VAE decode of a chunk (the preset's VAE
-is the real Wan2.1 shape) and of the audio front-end. 2 and 4 steps cost 2 and 4 of those steps.
+720x416 (the 720x400 class: the reference patches tile at multiples of 32), chunk 3, bf16, eager, compiled
+(`torch.compile` of the step) and, on CUDA, compiled with the step captured as a CUDA graph (mode
+"reduce-overhead": one graph launch per step instead of one launch per kernel). Each case streams one session of 4
+steps through the engine (`bench.bench_engine` with the model built once per preset) and records the mean time of
+a step, of the VAE decode of a chunk (the preset's VAE is the real Wan2.1 shape) and of the audio front-end. 2 and
+4 steps cost 2 and 4 of those steps.
 
 Projections from the measured stage times (one session, no batching):
 * 1+1 (TalkingMachines: score on one GPU, VAE on another, 2 steps, 512x512): the two GPUs overlap consecutive
@@ -32,8 +34,10 @@ LAYOUTS = {"1+1": {"steps": 2, "resolution": (512, 512)}, "4+1": {"steps": 4, "r
 TINY_LAYOUTS = {"1+1": {"steps": 2, "resolution": (64, 64)}, "4+1": {"steps": 4, "resolution": (96, 64)}}
 
 
-def bench_gpu(shapes: str = "full", device: str = "cuda", chunks: int = 3, compile_modes=(False, True),
+def bench_gpu(shapes: str = "full", device: str = "cuda", chunks: int = 3, compile_modes=None,
               progress: bool = True) -> dict:
+    """`compile_modes`: the step variants measured per case (default: eager, compiled and, on CUDA, compiled as a
+    CUDA graph)."""
     from .bench import bench_engine, cpu_label
     from .engine import AvatarEngine
     from .sampler import step
@@ -44,6 +48,8 @@ def bench_gpu(shapes: str = "full", device: str = "cuda", chunks: int = 3, compi
     if shapes == "full" and torch_device.type != "cuda":
         raise ValueError("shapes='full' needs a CUDA device (wan-14b bf16 steps); the CPU dry run is shapes='tiny'")
     dtype = torch.bfloat16 if torch_device.type == "cuda" else torch.float32
+    if compile_modes is None:
+        compile_modes = (False, True, "reduce-overhead") if torch_device.type == "cuda" else (False, True)
     cases = FULL_CASES if shapes == "full" else TINY_CASES
     began = time.perf_counter()
     rows, engines = [], {}
@@ -110,7 +116,8 @@ def format_gpu_table(report: dict) -> str:
     for row in report["cases"]:
         bound = f"{row['flop_bound_step_ms']:.1f}" if row["flop_bound_step_ms"] else "–"
         fraction = f"{row['fraction_of_flop_bound'] * 100:.0f} %" if row["fraction_of_flop_bound"] else "–"
-        lines.append(f"| {row['preset']} | {row['resolution']} | {'yes' if row['compiled'] else 'no'} | "
+        compiled = {False: "no", True: "yes"}.get(row["compiled"], f"yes, {row['compiled']} (CUDA graph)")
+        lines.append(f"| {row['preset']} | {row['resolution']} | {compiled} | "
                      f"{row['step_ms']:.1f} | {bound} | {fraction} | {row['vae_decode_ms']:.1f} | "
                      f"{row['peak_memory_gib']:.1f} |")
     lines += ["", "| preset | layout | steps | resolution | chunk every ms | FPS | TTFF ms | real time |",
