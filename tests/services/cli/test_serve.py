@@ -59,3 +59,8 @@ def test_missing_trained_weights_are_named_before_anything_starts(capsys, monkey
     monkeypatch.setattr(shipped, "CHECKPOINTS", tmp_path)
     err = refused(["--port", str(free_port())], capsys)
     assert f"{tmp_path}/talk128-student.safetensors" in err and "facecast train student" in err
+
+
+def test_a_fast_decoder_the_preset_does_not_ship_is_refused_before_anything_starts(capsys):
+    err = refused(["--preset", "tiny", "--decoder", "fast", "--port", str(free_port())], capsys)
+    assert "decoder='fast' is invalid: allowed: full (preset 'tiny' ships no fast decoder)" in err
