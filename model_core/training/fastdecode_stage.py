@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from ..fastdecode import FastDecoder, FastDecoderConfig
 from ..vae import StreamingVAE, stream_decode
 from .latents import LatentSource, vae_digest
+from .loop import warm_hold_decay
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,11 +50,8 @@ class FastDecoderTrainConfig:
             raise ValueError(f"window_latents={self.window_latents} is invalid: at least 2 (the motion term)")
 
     def rate(self, step: int) -> float:
-        warm = min(1.0, (step + 1) / max(1, self.warmup_steps))
-        fall = int(self.steps * self.decay_from)
-        if step < fall:
-            return self.learning_rate * warm
-        return self.learning_rate * warm * max(0.0, (self.steps - step) / max(1, self.steps - fall))
+        return warm_hold_decay(step, steps=self.steps, peak=self.learning_rate, warmup_steps=self.warmup_steps,
+                               decay_from=self.decay_from)
 
 
 class FastDecoderStage:

@@ -44,6 +44,16 @@ class Stage(Protocol):
     def export(self, path: Path) -> None: ...
 
 
+def warm_hold_decay(step: int, *, steps: int, peak: float, warmup_steps: int, decay_from: float) -> float:
+    """The learning rate at `step`: a linear warm-up over `warmup_steps`, `peak` until `decay_from` of `steps`,
+    then a linear fall to 0 at `steps`."""
+    warm = min(1.0, (step + 1) / max(1, warmup_steps))
+    fall = int(steps * decay_from)
+    if step < fall:
+        return peak * warm
+    return peak * warm * max(0.0, (steps - step) / max(1, steps - fall))
+
+
 def _optimizers(stage: Stage) -> dict[str, torch.optim.Optimizer]:
     return stage.optimizers() if hasattr(stage, "optimizers") else {"optimizer": stage.optimizer()}
 

@@ -36,6 +36,7 @@ from ..lipsync import psnr, ssim
 from ..vae import DecodeCache, StreamingVAE, stream_decode
 from .data import (TEMPORAL, ClipPools, frame_openings, frame_window, interior_mask, latent_mouth, mouth_crops,
                    window_openings)
+from .loop import warm_hold_decay
 
 
 @dataclasses.dataclass(frozen=True)
@@ -385,11 +386,8 @@ class DecoderTrainConfig:
             raise ValueError(f"decay_from={self.decay_from} is invalid: a fraction in [0, 1]")
 
     def rate(self, step: int) -> float:
-        warm = min(1.0, (step + 1) / max(1, self.warmup_steps))
-        fall = int(self.steps * self.decay_from)
-        if step < fall:
-            return self.learning_rate * warm
-        return self.learning_rate * warm * max(0.0, (self.steps - step) / max(1, self.steps - fall))
+        return warm_hold_decay(step, steps=self.steps, peak=self.learning_rate, warmup_steps=self.warmup_steps,
+                               decay_from=self.decay_from)
 
 
 class DecoderObjective(torch.nn.Module):

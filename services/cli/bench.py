@@ -80,6 +80,12 @@ def cmd_bench_cluster(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _output_flags(parser, what: str = "print the report as JSON") -> None:
+    parser.add_argument("--json", action="store_true",
+                        help=f"{what} (stdout: the JSON alone; progress and logs on stderr)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def add_parser(commands) -> None:
     """Register `bench engine` and `bench cluster` on the `facecast` subparsers."""
     bench = commands.add_parser("bench", help="benchmarks")
@@ -100,17 +106,13 @@ def add_parser(commands) -> None:
     engine.add_argument("--sessions", type=int, default=1,
                         help="also batch this many sessions in one forward per step: through the session pool's view "
                              "and through the gathered path (default 1: no batch)")
-    engine.add_argument("--json", action="store_true",
-                        help="print the report as JSON (stdout: the JSON alone; progress and logs on stderr)")
-    engine.add_argument("--quiet", action="store_true")
+    _output_flags(engine)
     engine.set_defaults(handler=cmd_bench_engine)
     decode = targets.add_parser("decode", help="streaming decode per chunk by decoder: the full VAE before and after "
                                                "its CPU convolution fix, and the fast decoder")
     decode.add_argument("--preset", default="talk128", help=f"{', '.join(PRESETS)} (default talk128: the trained one)")
     decode.add_argument("--chunks", type=int, default=6, help="measured chunks after one warm-up (default 6)")
-    decode.add_argument("--json", action="store_true",
-                        help="print the report as JSON (stdout: the JSON alone; progress and logs on stderr)")
-    decode.add_argument("--quiet", action="store_true")
+    _output_flags(decode)
     decode.set_defaults(handler=cmd_bench_decode)
     gpu = targets.add_parser("gpu", help="wan-1.3b / wan-14b steps and the Wan2.1 VAE decode on one GPU against the "
                                          "FLOP bound, and the 1+1 / 4+1 layouts' projected FPS and TTFF")
@@ -121,9 +123,7 @@ def add_parser(commands) -> None:
     gpu.add_argument("--no-compile", action="store_true", help="eager steps only (skip the compiled cases)")
     gpu.add_argument("--out", help="also write the JSON report to this file")
     gpu.add_argument("--table", help="also write the BENCHMARKS.md tables (Markdown) to this file")
-    gpu.add_argument("--json", action="store_true", help="print the JSON report instead of the tables (stdout: the "
-                                                         "JSON alone)")
-    gpu.add_argument("--quiet", action="store_true")
+    _output_flags(gpu, "print the JSON report instead of the tables")
     gpu.set_defaults(handler=cmd_bench_gpu)
     cluster = targets.add_parser("cluster", help="cluster vs engine overhead, disaggregated vs self-contained, "
                                                  "real-time sessions per score group with/without batching")
@@ -132,7 +132,5 @@ def add_parser(commands) -> None:
     cluster.add_argument("--max-sessions", type=int, default=6, help="largest concurrent load tried (default 6)")
     cluster.add_argument("--decoder", choices=("full", "fast"), default="full",
                          help="the sessions' decoder (fast: the preset must ship one)")
-    cluster.add_argument("--json", action="store_true",
-                         help="print the report as JSON (stdout: the JSON alone; progress and logs on stderr)")
-    cluster.add_argument("--quiet", action="store_true")
+    _output_flags(cluster)
     cluster.set_defaults(handler=cmd_bench_cluster)
