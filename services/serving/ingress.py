@@ -174,7 +174,7 @@ class SessionIngress:
             record = SessionRecord(
                 session_id=session_id, token_sha256=token_hash, owner=spec.owner,
                 options={name: getattr(spec.stream, name) for name in
-                         ("fps", "width", "height", "steps", "chunk_latent_frames", "seed")},
+                         ("fps", "width", "height", "steps", "chunk_latent_frames", "seed", "decoder")},
                 characters=[list(region) for region in spec.characters], prompt=spec.prompt,
                 state=SessionState.CREATED, created_at=now, updated_at=now, heartbeat_at=now)
             self.store.create(record)   # before the workers open, so a sweep never frees a session being opened

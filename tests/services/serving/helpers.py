@@ -26,7 +26,8 @@ def pcm16(audio: np.ndarray) -> np.ndarray:
 
 def engine_jpegs(engine: AvatarEngine, image_png: bytes, pcm: np.ndarray, quality: int = 90) -> list[bytes]:
     """The engine's frames as JPEG for one session fed `pcm` (16 kHz) in 40 ms pieces, then end of input."""
-    image = image_to_tensor(decode_image_bytes(image_png), 64, 64)
+    stream = engine.preset.stream
+    image = image_to_tensor(decode_image_bytes(image_png), stream.width, stream.height)
     session = engine.open_session(image, "")
     chunks = []
     for piece in iter_pieces(pcm, 640):

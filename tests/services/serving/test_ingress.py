@@ -360,3 +360,34 @@ def test_chunks_scored_but_never_handed_to_the_decoder_are_decoded_after_a_reatt
     expected = engine.push_audio(sid, pcm, 16000) + engine.end_input(sid)
     assert [jpeg for chunk in chunks for jpeg in chunk.frames] == [
         jpeg for chunk in expected for jpeg in encode_jpeg(chunk.frames, 90)]
+
+
+def test_a_session_streams_with_the_decoder_it_chose_where_the_server_ships_it(store):
+    """talk128 ships a fast decoder: a session asking for it gets the engine's fast-decoder frames exactly, and its
+    options say so; the default stays the full decoder. tiny ships none: asking for it is INVALID_ARGUMENT."""
+    pcm = pcm16(speech(1.2, seed=8))
+
+    async def main():
+        tiny = Cluster(store)
+        refused = GrpcContext()
+        await tiny.ingress.CreateSession(pb.CreateSessionRequest(
+            reference_image=png(3), options=pb.SessionOptions(decoder="fast")), refused)
+        cluster = Cluster(store, preset="talk128", max_batch_size=1)
+        image = png(3, size=128)
+        sessions = {}
+        for decoder in ("fast", ""):
+            context = GrpcContext()
+            sessions[decoder or "default"] = await cluster.ingress.CreateSession(pb.CreateSessionRequest(
+                reference_image=image, options=pb.SessionOptions(decoder=decoder)), context)
+            assert context.code is None, context.details
+        outputs = {name: await cluster.stream(session, audio_messages(pcm)) for name, session in sessions.items()}
+        return refused, sessions, outputs, image
+
+    refused, sessions, outputs, image = asyncio.run(main())
+    assert refused.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.details == "options.decoder='fast' is invalid; allowed on this server: full"
+    assert sessions["fast"].options.decoder == "fast" and sessions["default"].options.decoder == "full"
+    for name, decoder in (("fast", "fast"), ("default", "full")):
+        frames = [frame for chunk in chunks_of(outputs[name][0]) for frame in chunk.frames]
+        want = engine_jpegs(AvatarEngine.from_preset("talk128", decoder=decoder), image, pcm)
+        assert frames == want, f"{name}: the cluster's frames are not the engine's with the {decoder} decoder"
