@@ -75,7 +75,7 @@ def cmd_bench_cluster(args: argparse.Namespace) -> int:
     from services.cli.bench_cluster import bench_cluster, format_cluster_report  # Ray: only once the args are good
 
     report = bench_cluster(args.preset, chunks=args.chunks, max_sessions=args.max_sessions,
-                           progress=not args.quiet, decoder=args.decoder)
+                           progress=not args.quiet, decoder=args.decoder, latent_transport=args.latent_transport)
     print_report(report if args.json else format_cluster_report(report))
     return EXIT_OK
 
@@ -130,6 +130,8 @@ def add_parser(commands) -> None:
     cluster.add_argument("--preset", default="tiny", help=f"{', '.join(PRESETS)} (default tiny: CPU-sized)")
     cluster.add_argument("--chunks", type=int, default=8, help="chunks per measured stream (default 8)")
     cluster.add_argument("--max-sessions", type=int, default=6, help="largest concurrent load tried (default 6)")
+    cluster.add_argument("--latent-transport", choices=("object_store", "collective"), default="object_store",
+                         help="how the disaggregated layouts move latents to the VAEDecoder (default object_store)")
     cluster.add_argument("--decoder", choices=("full", "fast"), default="full",
                          help="the sessions' decoder (fast: the preset must ship one)")
     _output_flags(cluster)

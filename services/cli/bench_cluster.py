@@ -97,7 +97,8 @@ def _realtime_sessions(target: str, application: str, image_png: bytes, pcm: np.
 
 
 def bench_cluster(preset_name: str = "tiny", chunks: int = 8, max_sessions: int = 6,
-                  progress: bool = True, decoder: str = "full") -> dict:
+                  progress: bool = True, decoder: str = "full", latent_transport: str = "object_store") -> dict:
+    """The disaggregated applications move latents by `latent_transport`; the self-contained one decodes in place."""
     preset = get_preset(preset_name)
     stream = preset.stream
     ratio = preset.dit.temporal_compression
@@ -112,10 +113,10 @@ def bench_cluster(preset_name: str = "tiny", chunks: int = 8, max_sessions: int 
 
     say("starting the local cluster (3 applications) ...")
     base = {"preset": preset_name, "max_sessions": max_sessions * 2 + 2, "max_batch_size": 1,
-            "max_chunks_in_flight": 2, "decoder": decoder}
+            "max_chunks_in_flight": 2, "decoder": decoder, "latent_transport": latent_transport}
     cluster = LocalCluster.start(base, grpc_port=free_port(), num_cpus=8, num_gpus=8)
     try:
-        cluster.deploy_app(SELF_CONTAINED, {"vae_placement": "colocated"})
+        cluster.deploy_app(SELF_CONTAINED, {"vae_placement": "colocated", "latent_transport": "object_store"})
         cluster.deploy_app(BATCHED, {"max_batch_size": 8})
         for application in (APP_NAME, SELF_CONTAINED, BATCHED):          # warm-up
             _cluster_intervals(cluster.target, application, image, pcm[: 16000])
@@ -140,7 +141,8 @@ def bench_cluster(preset_name: str = "tiny", chunks: int = 8, max_sessions: int 
     engine_ms, cluster_ms = float(np.mean(engine_ttbc) * 1000), float(np.mean(cluster_ttbc) * 1000)
     self_contained_ms = float(np.mean(self_contained_ttbc) * 1000)
     return {
-        "preset": preset_name, "machine": cpu_label(), "decoder": decoder, "stage_ms": stages,
+        "preset": preset_name, "machine": cpu_label(), "decoder": decoder, "latent_transport": latent_transport,
+        "stage_ms": stages,
         "chunk_duration_ms": chunk_s * 1000, "chunks": chunks,
         "engine_ttbc_ms": engine_ms, "cluster_ttbc_ms": cluster_ms,
         "cluster_overhead_ratio": cluster_ms / engine_ms,
@@ -155,7 +157,7 @@ def format_cluster_report(report: dict) -> str:
     lines = [
         f"facecast bench cluster — preset {report['preset']} on {report['machine']} "
         f"(chunk plays {report['chunk_duration_ms']:.0f} ms, {report['chunks']} chunks per stream, "
-        f"{report['decoder']} decoder)",
+        f"{report['decoder']} decoder, latents by {report.get('latent_transport', 'object_store')})",
         "  by stage (ms, the disaggregated layout) " + ", ".join(f"{name} {value:.1f}"
                                                                  for name, value in report["stage_ms"].items()),
         f"  TTBC in-process engine     {report['engine_ttbc_ms']:.1f} ms",

@@ -74,6 +74,8 @@ def _serve_plan(args: argparse.Namespace) -> tuple[dict, dict, int | None]:
         app_args["preset"] = args.preset
     if args.decoder:
         app_args["decoder"] = args.decoder
+    if args.latent_transport:
+        app_args["latent_transport"] = args.latent_transport
     api_keys = list(args.api_key or [])
     api_keys += [key.strip() for key in os.environ.get("FACECAST_API_KEYS", "").split(",") if key.strip()]
     if api_keys:
@@ -282,6 +284,9 @@ def add_parser(commands) -> None:
     srv.add_argument("--decoder", choices=("full", "fast"), help="the sessions' default decoder, replacing the "
                      "config's: full (the VAE's, the reference) or fast (the preset's shipped fast decoder); a session "
                      "may still choose (default: the config's, full)")
+    srv.add_argument("--latent-transport", choices=("object_store", "collective"),
+                     help="how latents reach the VAEDecoder, replacing the config's: object_store (through Ray's "
+                     "object store) or collective (the latent link: NCCL GPU to GPU, gloo on CPU)")
     srv.add_argument("--port", type=int, default=DEFAULT_GRPC_PORT, help=f"gRPC port (default {DEFAULT_GRPC_PORT})")
     srv.add_argument("--num-gpus", type=int, help="GPUs for the local Ray (default: on a CPU config, as many "
                      "logical GPUs as its deployments ask for; on a cuda config, the real ones)")

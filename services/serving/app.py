@@ -43,11 +43,14 @@ def build_app(args: dict | None = None, deployment_options: dict[str, dict] | No
     if unknown:
         raise ConfigError(f"deployment_options names {unknown} are not deployments; allowed: {DEPLOYMENT_NAMES}")
 
-    def bind(deployment, *init_args):
-        return deployment.options(**options.get(deployment.name, {})).bind(*init_args)
+    def bind(deployment, *init_args, **init_kwargs):
+        return deployment.options(**options.get(deployment.name, {})).bind(*init_args, **init_kwargs)
 
-    score = bind(ScoreWorkerGroup, settings)
-    decoder = score if settings.vae_placement == "colocated" else bind(VAEDecoder, settings)
+    if settings.vae_placement == "colocated":
+        decoder = score = bind(ScoreWorkerGroup, settings)
+    else:   # the score group holds the decoder's handle for the latent link (latent_transport 'collective')
+        decoder = bind(VAEDecoder, settings)
+        score = bind(ScoreWorkerGroup, settings, decoder=decoder)
     audio = bind(AudioEncoder, settings)
     llm = bind(LLMBridge, settings)
     return bind(SessionIngress, settings, audio, score, decoder, llm)

@@ -5,6 +5,8 @@
     SessionIngress ── ticket.features (a Ray ObjectRef, passed on unresolved) ──► ScoreWorkerGroup: ChunkFeatures
     ScoreWorkerGroup ──► ScoredChunk (latents, or a ref to the last step actor's output) ──► VAEDecoder
                                                                                         (again passed unresolved)
+                         with latent_transport 'collective': a LatentTicket instead of the latents, which go over
+                         the latent link (`services.serving.latent_link`), device to device
     VAEDecoder ──► DecodedFrames (JPEG frames, timings, who decoded) ──► SessionIngress ──► egress
                    + the ChunkTicket's audio span, which went straight from the AudioEncoder to the ingress
 
@@ -59,13 +61,26 @@ class ChunkFeatures:
     audio_s: float = 0.0
 
 
+@dataclass(frozen=True)
+class LatentTicket:
+    """A chunk's clean latents went over a latent link instead of travelling in the message: the decoder takes
+    them from its end of link `link` by (session, chunk). shape/dtype: what was sent, for checks and errors."""
+
+    link: str
+    session_id: str
+    chunk_index: int
+    shape: tuple[int, ...]
+    dtype: str
+
+
 @dataclass
 class ScoredChunk:
     """The score group's output for one chunk, handed to the decoder unresolved.
 
-    latents: [1, 16, C, h, w] clean latents, or None when `pending` is set: a Ray ObjectRef to the last step
-    actor's `NoisyChunk` (latents plus per-step timings), which only the decoder resolves — so in the pipelined
-    layout the latents go from the last step actor to the decoder without touching the score replica.
+    latents: [1, 16, C, h, w] clean latents; or None when `ticket` is set (they went over the latent link), or when
+    `pending` is set: a Ray ObjectRef to the last step actor's `NoisyChunk` (latents plus per-step timings) or
+    `LinkedChunk` (its ticket), which only the decoder resolves — so in the pipelined layout the latents go from
+    the last step actor to the decoder without touching the score replica.
     """
 
     session_id: str
@@ -73,6 +88,17 @@ class ScoredChunk:
     latents: Any = None
     pending: Any = None
     stage_ms: dict[str, float] = field(default_factory=dict)
+    ticket: LatentTicket | None = None
+
+
+@dataclass
+class LinkedChunk:
+    """The last pipelined step's answer when its latents went over the latent link: the ticket, the step timings,
+    and for chunk 0 the first clean latent frame [1, 16, 1, h, w] (the adaptive sink the score replica needs)."""
+
+    ticket: LatentTicket
+    step_s: list[float]
+    sink: Any = None
 
 
 @dataclass(frozen=True)

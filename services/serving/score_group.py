@@ -9,6 +9,10 @@ group) owns the rest; chunk n+1 enters step 0 as soon as chunk n has left it, an
 the decoder as an ObjectRef that this replica never resolves.  Every step owns its own KV cache (per-timestep
 caches), so only latents move between steps.
 
+With `latent_transport: collective` the clean latents do not travel in the `ScoredChunk` at all: the process that
+holds them (this replica; pipelined: the last step actor) sends them over the latent link to the VAEDecoder, device
+to device (`services.serving.latent_link`, joined on the first session), and the message carries a `LatentTicket`.
+
 What may live here: per-session `ScoreSession`s keyed by id, the device thread, ordering.  Never PCM, never frames:
 the score group neither receives audio samples nor returns pixels (a test asserts the hops).  In the self-contained
 layout (`vae_placement: colocated`, the baseline the disaggregation benchmark compares against) this replica also
@@ -33,7 +37,8 @@ from model_core.engine import Character, region_masks, token_grid
 from model_core.models import build_dit, build_vae
 from model_core.stages import NoisyChunk, ScoreStage
 from model_core.text import build_prompt_encoder
-from services.serving.messages import ChunkFeatures, DecodedFrames, DecodeRequest, ScoredChunk
+from services.serving.latent_link import LatentSender, backend_for, check_available, connect, new_link_name
+from services.serving.messages import ChunkFeatures, DecodedFrames, DecodeRequest, LinkedChunk, ScoredChunk
 from services.serving.ordering import ChunkTurns, MicroBatcher, run_on
 from services.serving.settings import AppSettings
 from services.serving.vae_decoder import SessionDecoder, worker_identity
@@ -56,15 +61,28 @@ class DenoiseStepActor:
         self.stage, _ = build_score_stage(settings)
         self.steps = steps
         self.sessions = {}
+        self.sender: LatentSender | None = None   # the last step's end of the latent link, when there is one
+
+    def join_latent_link(self, name: str, backend: str) -> None:
+        """Become the sending end of latent link `name` (blocks until the VAEDecoder joins too)."""
+        sender = LatentSender(name, backend, self.stage.device)
+        sender.join()
+        self.sender = sender
 
     def open(self, session_id, stream, reference_latent, text_states, regions) -> None:
         self.sessions[session_id] = self.stage.open(session_id, stream, reference_latent, text_states, regions,
                                                     steps=self.steps)
 
-    def run(self, chunk: NoisyChunk, carrier: dict | None = None) -> NoisyChunk:
+    def run(self, chunk: NoisyChunk, carrier: dict | None = None) -> NoisyChunk | LinkedChunk:
+        """This actor's steps. The last step, when it holds the latent link, sends the clean latents over it and
+        answers with their ticket (plus, for chunk 0, the first clean frame: the adaptive sink)."""
         with span(SCORE_STEP_SPAN, carrier, **{"session.id": chunk.session_id, "chunk.index": chunk.chunk_index,
                                                "step": ",".join(map(str, self.steps))}):
-            return self.stage.run_steps(self.sessions[chunk.session_id], chunk)
+            out = self.stage.run_steps(self.sessions[chunk.session_id], chunk)
+        if self.sender is None:
+            return out
+        sink = out.latents[:, :, :1].clone() if out.chunk_index == 0 else None
+        return LinkedChunk(self.sender.send(out.session_id, out.chunk_index, out.latents), out.step_s, sink)
 
     def set_sink(self, session_id: str, sink_latent: torch.Tensor) -> None:
         self.stage.set_sink(self.sessions[session_id], sink_latent)
@@ -85,9 +103,16 @@ class DenoiseStepActor:
 class ScoreWorkerGroup:
     """The causal DiT for every session; see the module docstring for the two modes."""
 
-    def __init__(self, settings: AppSettings, stage: ScoreStage | None = None):
-        """`stage`: the score engine to serve (tests inject one); None builds it from the settings."""
+    def __init__(self, settings: AppSettings, stage: ScoreStage | None = None, decoder=None):
+        """`stage`: the score engine to serve (tests inject one); None builds it from the settings. `decoder`: the
+        VAEDecoder's handle, for the latent link (latent_transport 'collective'; bound by `build_app`)."""
         self.settings = settings
+        self.decoder_handle = decoder
+        if settings.latent_transport == "collective":   # a missing backend fails the deploy, not the first session
+            check_available(backend_for(settings.worker_device()))
+        self.link_name: str | None = None     # the latent link, once joined (on the first session)
+        self.sender: LatentSender | None = None   # this replica's end of it (sequential; pipelined: the last step's)
+        self.link_lock = asyncio.Lock()
         self.telemetry = setup_telemetry("facecast-score")
         if stage is None:
             stage, self.weights_note = build_score_stage(settings)
@@ -123,6 +148,7 @@ class ScoreWorkerGroup:
         if stream.steps != self.settings.steps:
             raise ConfigError(f"stream.steps={stream.steps} is not served here: this score group runs "
                               f"{self.settings.steps} steps")
+        await self._ensure_link()
         text_states = self.prompt_encoder([prompt])
         characters = [Character(tuple(region)) for region in regions] or [Character()]
         masks = region_masks(characters, *token_grid(self.stage.dit.config, reference_latent))
@@ -145,6 +171,26 @@ class ScoreWorkerGroup:
         if session is not None:   # on the score thread, after any chunk of it in flight: the pool may move a session
             await self._compute(self.stage.close, session)
         await asyncio.gather(*(actor.close.remote(session_id) for actor in self.step_actors))
+
+    async def _ensure_link(self) -> None:
+        """latent_transport 'collective': join the latent link to the VAEDecoder once, before the first session."""
+        if self.settings.latent_transport != "collective" or self.link_name is not None:
+            return
+        async with self.link_lock:
+            if self.link_name is not None:
+                return
+            if self.decoder_handle is None:
+                raise ConfigError("latent_transport='collective' needs the VAEDecoder's handle in the ScoreWorkerGroup "
+                                  "(build_app binds it with vae_placement 'separate')")
+            name, backend = new_link_name(), backend_for(self.settings.worker_device())
+            accept = self.decoder_handle.accept_latent_link.remote(name, backend)
+            if self.pipelined:     # the last step actor holds the clean latents
+                await connect(self.step_actors[-1].join_latent_link.remote(name, backend), accept)
+            else:
+                sender = LatentSender(name, backend, self.settings.worker_device())
+                await connect(sender.join, accept)
+                self.sender = sender
+            self.link_name = name
 
     def progress(self, session_id: str) -> int:
         """The next chunk index this group will accept for the session (chunks below it were started)."""
@@ -192,9 +238,15 @@ class ScoreWorkerGroup:
                 scored = ScoredChunk(session_id, index, pending=pending,
                                      stage_ms={"score_step_1": chunk.step_s[0] * 1000})
             else:
-                scored = ScoredChunk(session_id, index, latents=chunk.latents, stage_ms={
-                    "score": (time.perf_counter() - started) * 1000,
-                    **{f"score_step_{k + 1}": s * 1000 for k, s in enumerate(chunk.step_s)}})
+                stage_ms = {"score": (time.perf_counter() - started) * 1000,
+                            **{f"score_step_{k + 1}": s * 1000 for k, s in enumerate(chunk.step_s)}}
+                if isinstance(chunk, LinkedChunk):      # pipelined chunk 0: the last step sent it over the link
+                    scored = ScoredChunk(session_id, index, ticket=chunk.ticket, stage_ms=stage_ms)
+                elif self.sender is not None:
+                    scored = ScoredChunk(session_id, index, stage_ms=stage_ms,
+                                         ticket=self.sender.send(session_id, index, chunk.latents))
+                else:
+                    scored = ScoredChunk(session_id, index, latents=chunk.latents, stage_ms=stage_ms)
             self.recent[session_id].append(scored)
         finally:
             await self.turns.done(session_id, index)   # chunk n+1 may enter step 0 now
@@ -216,7 +268,7 @@ class ScoreWorkerGroup:
             ref = actor.run.remote(ref, carrier)
         if features.chunk_index == 0 and session.stream.adaptive_sink:
             clean = await ref   # secondary warm-up: every step needs the new sink before chunk 1 enters
-            sink = clean.latents[:, :, :1]
+            sink = clean.sink if isinstance(clean, LinkedChunk) else clean.latents[:, :, :1]
             await self._compute(self.stage.set_sink, session, sink)
             await asyncio.gather(*(actor.set_sink.remote(session.session_id, sink) for actor in self.step_actors))
             return clean, None

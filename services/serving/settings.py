@@ -22,6 +22,7 @@ GRPC_SERVICER = "services.api.generated.facecast.v1.avatar_pb2_grpc.add_AvatarSe
 GRPC_SERVICERS = (GRPC_SERVICER, "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server")
 SCORE_MODES = ("sequential", "pipelined")
 VAE_PLACEMENTS = ("separate", "colocated")
+LATENT_TRANSPORTS = ("object_store", "collective")
 REPLAY_CHUNKS = 16
 """Decoded chunks (and their audio tickets) kept per session for a re-attaching client."""
 
@@ -41,6 +42,10 @@ class AppSettings:
     vae_placement: str = "separate"
     """separate: the VAEDecoder decodes on its own GPU (disaggregated); colocated: the score worker decodes itself
     (self-contained, the baseline disaggregation is measured against)."""
+    latent_transport: str = "object_store"
+    """How a chunk's clean latents go from the score worker (or the last pipelined step) to the VAEDecoder:
+    object_store (a Ray object, through host memory) or collective (a point-to-point link over Ray's collective API:
+    NCCL GPU to GPU, gloo on CPU; `services.serving.latent_link`). collective needs vae_placement separate."""
     device: str = "cpu"
     """Where the score and VAE workers compute."""
     dtype: str = "float32"
@@ -84,6 +89,11 @@ class AppSettings:
         check(1 <= self.steps <= 4, "steps", "allowed: 1 to 4")
         check(self.score_mode in SCORE_MODES, "score_mode", f"allowed: {', '.join(SCORE_MODES)}")
         check(self.vae_placement in VAE_PLACEMENTS, "vae_placement", f"allowed: {', '.join(VAE_PLACEMENTS)}")
+        check(self.latent_transport in LATENT_TRANSPORTS, "latent_transport",
+              f"allowed: {', '.join(LATENT_TRANSPORTS)}")
+        check(self.latent_transport == "object_store" or self.vae_placement == "separate", "latent_transport",
+              "collective moves latents between the score and the VAEDecoder processes; with vae_placement "
+              "'colocated' they share one process, allowed: object_store")
         check(self.device in DEVICES, "device", f"allowed: {', '.join(DEVICES)}")
         check(self.dtype in DTYPES, "dtype", f"allowed: {', '.join(DTYPES)}")
         check(self.max_sessions >= 1, "max_sessions", "must be >= 1")

@@ -4,9 +4,13 @@
     ScoredChunk (from the score group, resolved here) ─► streaming VAE decode (per-session DecodeCache) ─► JPEG
         ─► DecodedFrames ─► the ingress (and this replica's replay buffer, for a re-attaching client)
 
+The latents arrive in the message (or its ref), or — `latent_transport: collective` — over a latent link whose
+receiving end lives here (`services.serving.latent_link`), the message carrying only a `LatentTicket`.
+
 What may live here: per-session decode caches and replay buffers keyed by session id, the device thread, a JPEG
-thread pool.  Chunks of one session decode strictly in chunk order (`ChunkTurns`); chunks of different sessions with
-equal latent shapes decode as one batch (`MicroBatcher`), and a member whose session is gone fails alone.
+thread pool, the receiving ends of latent links.  Chunks of one session decode strictly in chunk order
+(`ChunkTurns`); chunks of different sessions with equal latent shapes decode as one batch (`MicroBatcher`), and a
+member whose session is gone fails alone.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from model_core.decode import DecodeStage
 from model_core.fastdecode import FastDecodeCache
 from model_core.models import build_fast_decoder, build_vae
 from services.media import decode_image_bytes, image_to_tensor
-from services.serving.messages import DecodedFrames, DecodeRequest, ScoredChunk
+from services.serving.latent_link import LatentReceiver, LinkError
+from services.serving.messages import DecodedFrames, DecodeRequest, LinkedChunk, ScoredChunk
 from services.serving.ordering import ChunkTurns, MicroBatcher, run_on
 from services.serving.settings import REPLAY_CHUNKS, AppSettings
 from services.telemetry import VAE_DECODE_SPAN, setup_telemetry, span
@@ -76,6 +81,27 @@ class SessionDecoder:
         # JPEG encoding stays off the device thread, so the next decode starts while this chunk is encoded.
         self.jpeg_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="jpeg")
         self.identity = None
+        self.device = vae.device
+        self.links: dict[str, LatentReceiver] = {}   # latent links by name (latent_transport 'collective')
+        self.arrivals = {"message": 0, "link": 0}     # how decoded chunks' latents arrived
+
+    async def accept_link(self, name: str, backend: str) -> None:
+        """Join latent link `name` as its receiving end (the score side joins at the same time)."""
+        receiver = LatentReceiver(name, backend, self.device, asyncio.get_running_loop())
+        await asyncio.to_thread(receiver.join)
+        self.links[name] = receiver
+
+    def latent_stats(self) -> dict:
+        """How the latents of the chunks decoded here arrived (in the message or its ref: through the object store;
+        over a latent link), and per link: chunks and bytes received, kept (not yet decoded), broken or not."""
+        return {"arrived": dict(self.arrivals), "links": [link.stats() for link in self.links.values()]}
+
+    async def _take(self, ticket) -> torch.Tensor:
+        link = self.links.get(ticket.link)
+        if link is None:
+            raise LinkError(f"{self.owner} is not the receiving end of latent link {ticket.link!r} (chunk "
+                            f"{ticket.chunk_index} of session {ticket.session_id!r}); it has {sorted(self.links)}")
+        return await link.take(ticket)
 
     def worker(self) -> dict:
         """Who decodes here: deployment, replica and GPU ids (looked up once)."""
@@ -95,6 +121,8 @@ class SessionDecoder:
 
     def close(self, session_id: str) -> None:
         self.caches.pop(session_id, None)
+        for link in self.links.values():
+            link.forget(session_id)
         self.claimed.pop(session_id, None)
         self.replay_buffers.pop(session_id, None)
         self.turns.forget(session_id)
@@ -111,7 +139,7 @@ class SessionDecoder:
             total += sum(feature.nbytes for feature in state if torch.is_tensor(feature))
         for buffer in self.replay_buffers.values():
             total += sum(len(frame) for chunk in buffer for frame in chunk.frames_jpeg)
-        return total
+        return total + sum(link.held_bytes() for link in self.links.values())
 
     def stats(self) -> dict:
         return (self.batcher.stats() if self.batcher is not None
@@ -144,12 +172,18 @@ class SessionDecoder:
     async def _decode(self, request: DecodeRequest, scored: ScoredChunk, carrier: dict | None) -> DecodedFrames:
         session_id, index = request.session_id, request.chunk_index
         stage_ms = dict(scored.stage_ms)
-        latents = scored.latents
+        latents, ticket = scored.latents, scored.ticket
         if scored.pending is not None:   # pipelined: the last step actor's output, resolved only here
             noisy = await scored.pending
-            latents = noisy.latents
+            if isinstance(noisy, LinkedChunk):
+                ticket = noisy.ticket
+            else:
+                latents = noisy.latents
             stage_ms.update({f"score_step_{k + 1}": s * 1000 for k, s in enumerate(noisy.step_s)})
             stage_ms["score"] = sum(noisy.step_s) * 1000
+        if ticket is not None:   # latent_transport 'collective': they came over the latent link
+            latents = await self._take(ticket)
+        self.arrivals["message" if ticket is None else "link"] += 1
         await self.turns.wait(session_id, index)
         try:
             if self.batcher is not None:
@@ -234,6 +268,13 @@ class VAEDecoder:
 
     def open_decode(self, session_id: str, decoder: str | None = None) -> None:
         self.decoder.open(session_id, decoder)
+
+    async def accept_latent_link(self, name: str, backend: str) -> None:
+        """The receiving end of a latent link (latent_transport 'collective'); the score side joins meanwhile."""
+        await self.decoder.accept_link(name, backend)
+
+    def latent_stats(self) -> dict:
+        return self.decoder.latent_stats()
 
     async def decode(self, request: DecodeRequest, scored: ScoredChunk, carrier: dict | None = None) -> DecodedFrames:
         """Decode in chunk order per session (shielded: completes even if the caller goes away)."""

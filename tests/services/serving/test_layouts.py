@@ -21,17 +21,19 @@ from .helpers import engine_jpegs, pcm16, png
 
 pytestmark = pytest.mark.integration
 
-PIPELINED, SELF_CONTAINED = "pipelined", "selfcontained"
+PIPELINED, SELF_CONTAINED, LINKED = "pipelined", "selfcontained", "linked"
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    started = LocalCluster.start({"max_sessions": 8}, grpc_port=free_port(), num_cpus=8, num_gpus=8)
-    started.deploy_app(PIPELINED, {"score_mode": "pipelined", "steps": 3, "max_batch_size": 1}, {
+    started = LocalCluster.start({"max_sessions": 8}, grpc_port=free_port(), num_cpus=10, num_gpus=10)
+    started.deploy_app(PIPELINED, {"score_mode": "pipelined", "steps": 3, "max_batch_size": 1,
+                                   "latent_transport": "collective"}, {
         "ScoreWorkerGroup": {"placement_group_bundles": [{"CPU": 0.25, "GPU": 1}] * 3,
                              "placement_group_strategy": "STRICT_PACK",
                              "ray_actor_options": {"num_cpus": 0.25, "num_gpus": 1}}})
     started.deploy_app(SELF_CONTAINED, {"vae_placement": "colocated", "max_batch_size": 4})
+    started.deploy_app(LINKED, {"latent_transport": "collective", "max_batch_size": 4})
     yield started
     started.stop()
 
@@ -50,6 +52,10 @@ def test_pipelined_score_group_streams_the_engines_frames(cluster):
     vae = serve.get_deployment_handle("VAEDecoder", app_name=PIPELINED).placement.remote().result()["vae"]
     gpus = [tuple(placement["score"])] + [tuple(ids) for ids in placement["steps"]] + [tuple(vae)]
     assert len(gpus) == 4 and len(set(gpus)) == 4, f"every step and the VAE need their own GPU: {gpus}"
+    latents = serve.get_deployment_handle("VAEDecoder", app_name=PIPELINED).latent_stats.remote().result()
+    chunks = len(result.chunks)   # every chunk, chunk 0 (whose first frame the score replica gets as the sink) too
+    assert latents["arrived"] == {"message": 0, "link": chunks}, latents
+    assert [link["received"] for link in latents["links"]] == [chunks], "from the last step actor, over one link"
     client.close_session(session.session_id, session.session_token)
     client.close()
 
@@ -86,6 +92,39 @@ def test_self_contained_worker_batches_sessions_and_matches_the_engine(cluster):
     assert stats["max_batch_size"] >= 2, stats               # score forwards batched across sessions
     decodes = serve.get_deployment_handle("ScoreWorkerGroup", app_name=SELF_CONTAINED).decode_stats.remote().result()
     assert decodes["max_batch_size"] >= 2, decodes            # and VAE decodes too
+    for session in sessions:
+        client.close_session(session.session_id, session.session_token)
+    client.close()
+
+
+def test_latents_go_from_the_score_worker_to_the_decoder_over_the_latent_link(cluster):
+    """latent_transport 'collective' (gloo here, NCCL on GPUs): no chunk's latents travel in a message; two sessions
+    streaming at once (their score forwards batched) get the engine's frames."""
+    client = AvatarClient(cluster.target, application=LINKED)
+    inputs = [(png(50 + i), pcm16(speech(1.6, seed=50 + i))) for i in range(2)]
+    sessions = [client.create_session(image) for image, _ in inputs]
+    results = [None] * len(inputs)
+
+    def run(index):
+        results[index] = client.stream(sessions[index], inputs[index][1], 16000, realtime=True)
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(len(inputs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=180)
+    engine = AvatarEngine.from_preset("tiny", seed=0)
+    for (image, pcm), result in zip(inputs, results):
+        assert result is not None and result.chunks[-1].final
+        expected, got = _decode(engine_jpegs(engine, image, pcm)), _decode(result.frames_jpeg)
+        assert got.shape == expected.shape
+        mse = np.mean((got.astype(np.float64) - expected) ** 2)   # batched forwards: float rounding only
+        assert 10 * np.log10(255.0**2 / max(mse, 1e-12)) > 45, f"PSNR too low (MSE {mse:.4f})"
+    chunks = sum(len(result.chunks) for result in results)
+    latents = serve.get_deployment_handle("VAEDecoder", app_name=LINKED).latent_stats.remote().result()
+    assert latents["arrived"] == {"message": 0, "link": chunks}, latents
+    (link,) = latents["links"]
+    assert link["backend"] == "gloo" and link["received"] == chunks and link["kept"] == 0 and not link["broken"]
     for session in sessions:
         client.close_session(session.session_id, session.session_token)
     client.close()

@@ -14,6 +14,8 @@ from services.serving.settings import AppSettings
     ({"max_batch_size": 0}, "max_batch_size"), ({"stepz": 2}, "unknown application args ['stepz']"),
     ({"audio_backend": "nope"}, "backend='nope'"), ({"audio_backend": "whisper"}, "model_path=None"),
     ({"session_ttl_s": 0}, "session_ttl_s"), ({"session_sweep_s": -1}, "session_sweep_s"),
+    ({"latent_transport": "rdma"}, "latent_transport='rdma' is invalid: allowed: object_store, collective"),
+    ({"latent_transport": "collective", "vae_placement": "colocated"}, "allowed: object_store"),
 ])
 def test_settings_name_the_bad_field(args, needle):
     with pytest.raises(ConfigError, match=re.escape(needle)):
@@ -32,3 +34,16 @@ def test_the_default_decoder_must_be_one_the_preset_ships():
                                           "decoder\\)"):
         AppSettings(preset="tiny", decoder="fast")
     assert AppSettings(preset="tiny").stream_defaults().decoder == "full"
+
+
+def test_a_collective_latent_transport_without_its_backend_fails_the_deploy_naming_the_fix(monkeypatch):
+    """NCCL on GPUs needs cupy: a score group asked for the link where the backend is missing refuses to start with
+    the setting and the fix named, not at the first session."""
+    from ray.util import collective
+
+    from services.serving.latent_link import LinkError, check_available
+
+    monkeypatch.setattr(collective, "nccl_available", lambda: False)
+    with pytest.raises(LinkError, match=re.escape("pip install 'facecast[gpu]'")):
+        check_available("nccl")
+    check_available("gloo")   # on CPU the same path runs on gloo, which is here
