@@ -23,7 +23,8 @@ import numpy as np
 
 from services.api.client import AvatarClient
 from services.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UserError, one_line, output_mp4, positive_float
-from services.media import Mp4Writer, load_audio
+from services.media import load_audio
+from services.video import Mp4Writer
 from services.net import DEFAULT_GRPC_PORT
 
 CALL_USER_ERRORS = ("INVALID_ARGUMENT", "UNAUTHENTICATED", "PERMISSION_DENIED", "NOT_FOUND", "RESOURCE_EXHAUSTED")

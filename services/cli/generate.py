@@ -23,7 +23,8 @@ from model_core.engine import AvatarEngine, Character, iter_pieces
 from model_core.shipped import TRAINED_PRESET
 from services.api.validation import MAX_SAMPLE_RATE_HZ, MIN_SAMPLE_RATE_HZ
 from services.cli.common import UserError, output_mp4, parse_device, parse_dtype, positive_float
-from services.media import Mp4Writer, frames_to_uint8, image_to_tensor, load_audio, load_image
+from services.media import frames_to_uint8, image_to_tensor, load_audio, load_image
+from services.video import Mp4Writer
 
 PUSH_PIECE_S = 0.04
 """Audio pushed into the engine per call, seconds (a live caller's packet)."""

@@ -14,15 +14,13 @@ from PIL import Image
 
 from services.media import (
     MediaError,
-    Mp4Writer,
-    VideoInfo,
     decode_image_bytes,
     frames_to_uint8,
     image_to_tensor,
     load_audio,
     load_image,
-    probe_video,
 )
+from services.video import Mp4Writer, VideoInfo, probe_video
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 

@@ -178,7 +178,7 @@ def test_shards_round_trip_and_resume(split, tmp_path):
 
 
 def test_video_folder_source_reads_real_videos(split, tmp_path):
-    from services.media import Mp4Writer
+    from services.video import Mp4Writer
 
     clip = WorldSource(split, "train", 1, 64)[0]
     with Mp4Writer(tmp_path / "talk.mp4", 25.0, 64, 64, clip.audio, 16000) as writer:

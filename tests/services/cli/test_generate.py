@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from services.cli.main import main
-from services.media import probe_video
+from services.video import probe_video
 
 from tests.model_core.helpers import speech
 

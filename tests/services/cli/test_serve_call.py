@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from services.net import free_port
-from services.media import probe_video
+from services.video import probe_video
 
 from tests.model_core.helpers import speech
 
