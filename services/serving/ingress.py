@@ -37,32 +37,14 @@ from ray import serve
 
 from services.api import SERVICE_NAME, pb
 from services.api.validation import (ApiError, ApiLimits, check_api_key, check_token, new_token, require_session_id,
-                                     session_to_proto, validate_audio, validate_control, validate_create,
-                                     validate_update)
-from services.serving.messages import ChunkTicket, DecodedFrames
+                                     session_to_proto, validate_create, validate_update)
+from services.serving.session_stream import SessionStream, internal_error
 from services.serving.settings import AppSettings
 from services.store.sessions import SessionNotFound, SessionRecord, SessionState, connect_store
-from services.telemetry import (CHUNK_SPAN, EGRESS_SPAN, SESSION_SPAN, context_from_grpc_metadata, inject_context,
-                                setup_telemetry, span)
+from services.telemetry import SESSION_SPAN, context_from_grpc_metadata, inject_context, setup_telemetry, span
 from services.telemetry.ray_metrics import RayMetrics
 
 logger = logging.getLogger("facecast.ingress")
-
-_END = object()
-BACKPRESSURE_EVENT_INTERVAL_S = 2.0
-"""At most one BACKPRESSURE event per stream in this many seconds."""
-
-
-def internal_error(session_id: str | None, what: str, error: BaseException) -> ApiError:
-    """INTERNAL for a failure the caller cannot cause: a short message and a correlation id; the full error (Ray's
-    text, tracebacks, pids, addresses) goes only to the server log under that id."""
-    correlation_id = uuid.uuid4().hex[:16]
-    logger.error("%s failed (session %s, correlation id %s)", what, session_id, correlation_id,
-                 exc_info=(type(error), error, error.__traceback__))
-    where = f" for session {session_id}" if session_id else ""
-    return ApiError(grpc.StatusCode.INTERNAL, f"{what} failed{where}; correlation id {correlation_id} (the server "
-                                              "log has the details)")
-
 
 def _metadata(grpc_context) -> list[tuple[str, str]]:
     return list(grpc_context.invocation_metadata() or []) if grpc_context is not None else []
@@ -101,7 +83,7 @@ class SessionIngress:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
         except Exception:  # outside a replica (unit tests)
             self.replica_id = uuid.uuid4().hex[:8]
-        self.streams: dict[str, "_SessionStream"] = {}   # session id -> the stream attached here
+        self.streams: dict[str, SessionStream] = {}   # session id -> the stream attached here
         self._sweeper: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ helpers
@@ -324,7 +306,7 @@ class SessionIngress:
         with span(SESSION_SPAN, inject_context(parent), **{"session.id": session_id,
                                                            "preset": self.settings.preset}) as session_span:
             session_carrier = inject_context()
-            stream = _SessionStream(self, record, session_carrier, request_stream)
+            stream = SessionStream(self, record, session_carrier, request_stream)
             try:
                 async for message in stream.run(first.attach.resume_from_chunk):
                     yield message
@@ -334,260 +316,3 @@ class SessionIngress:
         if stream.error is not None:
             _fail(grpc_context, stream.error)
             raise StreamAborted(stream.error.message)
-
-
-class _SessionStream:
-    """One attached StreamSession: reads input, keeps <= max_chunks_in_flight chunks generating, yields output."""
-
-    def __init__(self, ingress: SessionIngress, record: SessionRecord, carrier: dict, request_stream):
-        self.ingress, self.carrier = ingress, carrier
-        self.session_id = record.session_id
-        self.request_stream = request_stream
-        self.num_characters = max(1, len(record.characters))
-        self.in_flight = asyncio.Semaphore(ingress.settings.max_chunks_in_flight)
-        self.outputs: asyncio.Queue = asyncio.Queue()
-        self.tasks: set[asyncio.Task] = set()
-        self.error: ApiError | None = None
-        self.chunks_sent = 0
-        self.sample_rate_hz: int | None = None
-        self.input_ended = False
-        self.stop = asyncio.Event()
-        self.stop_reason = ""
-        self.attached_at = time.perf_counter()
-        self.last_sent_at: float | None = None
-        self.first_audio_at: float | None = None
-        self.last_backpressure_at = -BACKPRESSURE_EVENT_INTERVAL_S
-        self.frames_sent = record.frames_emitted
-        self.samples_received = 0
-
-    async def run(self, resume_from_chunk: int):
-        ingress, session_id = self.ingress, self.session_id
-        previous = ingress.streams.get(session_id)
-        if previous is not None:
-            previous.end("taken_over")   # a newer attach takes the session over
-        ingress.streams[session_id] = self
-        audio_state = await ingress.audio.state.remote(session_id)
-        self.sample_rate_hz = audio_state["sample_rate_hz"]   # fixed by the first audio, whoever received it
-        self.samples_received = audio_state["samples_received"]
-        self.input_ended = audio_state["input_ended"]
-        next_chunk, warnings = await self._resume(resume_from_chunk, audio_state)
-        ingress.store.update(session_id, state=SessionState.STREAMING, attached_by=ingress.replica_id)
-        yield pb.SessionOutput(event=pb.Event(type=pb.Event.ATTACHED, session_id=session_id,
-                                              audio_samples_received=audio_state["samples_received"],
-                                              next_chunk_index=next_chunk))
-        for warning in warnings:
-            yield warning
-        reader = asyncio.ensure_future(self._read())
-        pending: dict[int, tuple[ChunkTicket, DecodedFrames]] = {}
-        try:
-            while True:
-                item = await self._next_output()
-                if item is _END:
-                    if self.stop_reason == "closed":
-                        yield pb.SessionOutput(event=pb.Event(type=pb.Event.SESSION_ENDED, session_id=session_id,
-                                                              message="the session was closed"))
-                    elif self.stop_reason == "taken_over":
-                        self.error = ApiError(grpc.StatusCode.ABORTED, "another stream attached to this session")
-                    break
-                if isinstance(item, pb.SessionOutput):
-                    yield item
-                    continue
-                ticket, frames = item
-                pending[ticket.chunk_index] = item
-                while next_chunk in pending:
-                    ticket, frames = pending.pop(next_chunk)
-                    next_chunk += 1
-                    yield self._video_chunk(ticket, frames)
-                    if ticket.final:
-                        ingress.store.update(session_id, state=SessionState.ENDED)
-                        await ingress._release_workers(session_id)   # nothing can re-attach to an ENDED session
-                        yield pb.SessionOutput(event=pb.Event(type=pb.Event.SESSION_ENDED, session_id=session_id,
-                                                              message="all video delivered"))
-                        return
-        finally:
-            reader.cancel()
-            if ingress.streams.get(session_id) is self:
-                ingress.streams.pop(session_id, None)
-
-    def end(self, reason: str) -> None:
-        """Stop this stream from outside: "closed" (CloseSession) or "taken_over" (a newer attach)."""
-        self.stop_reason = reason
-        self.stop.set()
-
-    def _event(self, kind, message: str) -> pb.SessionOutput:
-        return pb.SessionOutput(event=pb.Event(type=kind, session_id=self.session_id, message=message))
-
-    async def _resume(self, resume_from_chunk: int, audio_state: dict) -> tuple[int, list[pb.SessionOutput]]:
-        """Re-attach: resend what is buffered from `resume_from_chunk`, resubmit chunks cut but never submitted.
-        Returns the first chunk index this stream will send, and WARNING events to send after ATTACHED."""
-        ingress, session_id = self.ingress, self.session_id
-        started = await ingress.score.progress.remote(session_id)
-        first = min(resume_from_chunk, started)
-        tickets = {ticket.chunk_index: ticket for ticket in await ingress.audio.recent.remote(session_id, first)}
-        warnings = []
-        if first < started:
-            oldest = await ingress.decoder.oldest_buffered.remote(session_id)
-            available = max(oldest if oldest is not None else first, min(tickets, default=started))
-            if available > first:
-                warnings.append(self._event(pb.Event.WARNING, f"chunks {first} to {available - 1} are no longer "
-                                                              f"buffered and cannot be resent; resuming at chunk "
-                                                              f"{available}"))
-                first = available
-        # Chunks the score group started but the decoder never received: the previous ingress died between
-        # `generate` and `decode`. Hand the kept result over again (the decoder ignores a chunk it already has).
-        lost = set(await ingress.decoder.never_received.remote(session_id, started)) if first < started else set()
-        for index in range(first, started):
-            response = (ingress.decoder.decode.remote(tickets[index].decode_request(),
-                                                      ingress.score.scored.remote(session_id, index), self.carrier)
-                        if index in lost else ingress.decoder.fetch.remote(session_id, index))
-            self._spawn(index, tickets[index], response, counted=False)
-        cut = audio_state["chunk_index"]
-        unsubmitted = [ticket for index, ticket in sorted(tickets.items()) if index >= started]
-        if cut > started and not unsubmitted:
-            self.error = ApiError(grpc.StatusCode.DATA_LOSS, "chunks were lost across the re-attach")
-        for ticket in unsubmitted:
-            await self._submit(ticket)
-        return first, warnings
-
-    async def _next_output(self):
-        while True:
-            if self.stop.is_set():
-                return _END
-            getter = asyncio.ensure_future(self.outputs.get())
-            stopper = asyncio.ensure_future(self.stop.wait())
-            done, _ = await asyncio.wait({getter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            stopper.cancel()
-            if getter in done:
-                return getter.result()
-            getter.cancel()
-
-    async def _read(self) -> None:
-        """Consume client messages; an error ends the stream with its status, other sessions are unaffected."""
-        ingress, session_id = self.ingress, self.session_id
-        try:
-            async for message in self.request_stream:
-                kind = message.WhichOneof("input")
-                if kind == "audio":
-                    if self.input_ended:
-                        raise ApiError(grpc.StatusCode.FAILED_PRECONDITION,
-                                       "audio after control.end_of_input: this session's input has ended; create a "
-                                       "new session to continue speaking")
-                    pcm, rate = validate_audio(message.audio, self.num_characters, self.sample_rate_hz,
-                                               ingress.limits)
-                    self.sample_rate_hz = rate
-                    if self.first_audio_at is None:
-                        self.first_audio_at = time.perf_counter()
-                    character = int(message.audio.character)
-                    tickets = await ingress.audio.push.remote(session_id, pcm, rate, character, self.carrier)
-                    if character == 0:
-                        self.samples_received += int(pcm.shape[0])
-                    for ticket in tickets:
-                        await self._submit(ticket)
-                elif kind == "control":
-                    speaking, end_of_input = validate_control(message.control, self.num_characters)
-                    for character, value in speaking:
-                        await ingress.audio.set_speaking.remote(session_id, character, value)
-                    if end_of_input and not self.input_ended:
-                        self.input_ended = True
-                        for ticket in await ingress.audio.end.remote(session_id, self.carrier):
-                            await self._submit(ticket)
-                        await self.outputs.put(self._event(pb.Event.INPUT_ENDED, "flushing remaining video"))
-                else:
-                    raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, "attach may only be the first message")
-            await self._finish(wait=True)    # the client closed its side: deliver what is in flight, then end
-        except ApiError as error:
-            self.error = error
-            await self._finish(wait=False)
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:          # a worker failed: end this stream loudly, other sessions go on
-            self._failed(internal_error(session_id, "streaming", error))
-            await self._finish(wait=False)
-
-    def _failed(self, error: ApiError) -> None:
-        if self.error is None:
-            self.error = error
-        try:
-            self.ingress.store.update(self.session_id, state=SessionState.FAILED)
-        except Exception:
-            logger.exception("could not mark session %s FAILED", self.session_id)
-
-    async def _finish(self, wait: bool) -> None:
-        if wait and self.tasks:
-            await asyncio.gather(*list(self.tasks), return_exceptions=True)
-        await self.outputs.put(_END)
-
-    async def _submit(self, ticket: ChunkTicket) -> None:
-        """Send one chunk down the one-way path; waits (backpressure) while the session's pipeline is full."""
-        ingress = self.ingress
-        if self.in_flight.locked():
-            now = time.monotonic()
-            if now - self.last_backpressure_at >= BACKPRESSURE_EVENT_INTERVAL_S:
-                self.last_backpressure_at = now
-                await self.outputs.put(self._event(
-                    pb.Event.BACKPRESSURE, f"generation is behind real time: {len(self.tasks)} chunks in flight "
-                                           f"(limit {ingress.settings.max_chunks_in_flight}); input reading paused at "
-                                           f"chunk {ticket.chunk_index}"))
-        await self.in_flight.acquire()
-        ingress.telemetry.chunks_in_flight.add(1)
-        scored = ingress.score.generate.remote(ticket.features, self.carrier)   # features resolved in the score group
-        frames = ingress.decoder.decode.remote(ticket.decode_request(), scored, self.carrier)
-        self._spawn(ticket.chunk_index, ticket, frames, counted=True)
-
-    def _spawn(self, index: int, ticket: ChunkTicket, response, counted: bool) -> None:
-        async def wait() -> None:
-            try:
-                await self.outputs.put((ticket, await response))
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:      # generation failed: the stream ends with INTERNAL and a correlation id
-                self._failed(internal_error(self.session_id, f"generating chunk {index}", error))
-                await self.outputs.put(_END)
-            finally:
-                if counted:
-                    self.in_flight.release()
-                    self.ingress.telemetry.chunks_in_flight.add(-1)
-
-        task = asyncio.ensure_future(wait())
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    def _video_chunk(self, ticket: ChunkTicket, frames: DecodedFrames) -> pb.SessionOutput:
-        ingress, telemetry = self.ingress, self.ingress.telemetry
-        now = time.perf_counter()
-        ttbc_s = now - (self.last_sent_at or self.attached_at)
-        stage_ms = {"audio": ticket.audio_ms, **frames.stage_ms}
-        with span(CHUNK_SPAN, self.carrier, **{"session.id": self.session_id, "chunk.index": ticket.chunk_index}):
-            with span(EGRESS_SPAN, None, **{"session.id": self.session_id, "chunk.index": ticket.chunk_index,
-                                            "frames": len(frames.frames_jpeg),
-                                            "decoded_by.deployment": frames.decoded_by.get("deployment", ""),
-                                            "decoded_by.replica": frames.decoded_by.get("replica", ""),
-                                            "decoded_by.gpu_ids": ",".join(frames.decoded_by.get("gpu_ids", []))}):
-                message = pb.SessionOutput(video_chunk=pb.VideoChunk(
-                    chunk_index=ticket.chunk_index, pts_ms=round(ticket.first_frame * 1000 / ticket.fps),
-                    width=frames.width, height=frames.height, frames=frames.frames_jpeg,
-                    audio_pcm_s16le=ticket.audio_pcm_s16le, sample_rate_hz=ticket.sample_rate_hz,
-                    fps=ticket.fps, final=ticket.final, first_frame=ticket.first_frame,
-                    stats=pb.ChunkStats(ttbc_ms=ttbc_s * 1000, stage_ms=stage_ms,
-                                        chunks_in_flight=len(self.tasks))))
-        if self.chunks_sent == 0 and self.first_audio_at is not None:
-            telemetry.ttff.record(now - self.first_audio_at)
-            if ingress.ray_metrics:
-                ingress.ray_metrics.ttff.observe(now - self.first_audio_at)
-        elif self.chunks_sent:
-            telemetry.chunk_interval.record(ttbc_s)
-            if ingress.ray_metrics:
-                ingress.ray_metrics.chunk_interval.observe(ttbc_s)
-        for stage, value_ms in stage_ms.items():
-            telemetry.stage_duration.record(value_ms / 1000, {"stage": stage})
-        chunk_s = len(frames.frames_jpeg) / ticket.fps if frames.frames_jpeg else 0.0
-        if chunk_s:
-            telemetry.realtime_factor.record(stage_ms.get("score", 0) / 1000 / chunk_s)
-            telemetry.fps.record(len(frames.frames_jpeg) / max(ttbc_s, 1e-6))
-        self.last_sent_at = now
-        self.chunks_sent += 1
-        self.frames_sent = ticket.first_frame + len(frames.frames_jpeg)
-        ingress.store.record_progress(self.session_id, ticket.chunk_index + 1, self.frames_sent,
-                                      self.samples_received)
-        ingress.store.heartbeat(self.session_id, ingress.replica_id)
-        return message
