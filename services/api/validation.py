@@ -9,8 +9,8 @@ Servicers call these functions first and turn an `ApiError` into the RPC's statu
 
 Messages name the offending field the way the client spells it (`options.fps`, `characters[1].region`,
 `audio.sample_rate_hz`) together with the bad value and what is allowed; secrets (API keys, tokens) are never
-echoed. Status codes: INVALID_ARGUMENT for malformed input, UNIMPLEMENTED for LiveKit delivery (not available
-yet), UNAUTHENTICATED for a missing/unknown API key, PERMISSION_DENIED for a wrong session token. NOT_FOUND and
+echoed. Status codes: INVALID_ARGUMENT for malformed input, FAILED_PRECONDITION for LiveKit delivery on a server
+without LiveKit configured, UNAUTHENTICATED for a missing/unknown API key, PERMISSION_DENIED for a wrong session token. NOT_FOUND and
 RESOURCE_EXHAUSTED belong to the session registry / admission control, which raise `ApiError` themselves.
 
 Nothing here touches torch, Ray or the engine; the image is decoded with `services.media.decode_image_bytes`, and a
@@ -22,6 +22,7 @@ from __future__ import annotations
 import hmac
 import io
 import math
+import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,6 +48,9 @@ class ApiError(Exception):
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
+
+
+_LIVEKIT_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
 
 
 def _invalid(message: str) -> ApiError:
@@ -83,6 +87,8 @@ class CreateSpec:
     characters: list[tuple[float, float, float, float]] = field(default_factory=lambda: [FULL_FRAME])
     """Regions (x0, y0, x1, y1) in fractions of the frame; one full-frame character when none were given."""
     owner: str = ""
+    delivery: dict = field(default_factory=lambda: {"kind": "grpc"})
+    """{"kind": "grpc"} or {"kind": "livekit", "room", "identity" (None: the server's default), "also_stream"}."""
 
 
 @dataclass(frozen=True)
@@ -182,19 +188,19 @@ def _check_image(data: bytes, limits: ApiLimits) -> PIL.Image.Image:
 
 
 def validate_create(request, preset_stream: StreamConfig, limits: ApiLimits = ApiLimits(), *,
-                    preset: PresetConfig | None = None, decoders: tuple[str, ...] = ("full",)) -> CreateSpec:
+                    preset: PresetConfig | None = None, decoders: tuple[str, ...] = ("full",),
+                    livekit: bool = False) -> CreateSpec:
     """Check a `CreateSessionRequest` and resolve it against the server's defaults.
 
     `preset_stream` supplies the defaults for unset options; pass `preset` too to also check that width and
-    height tile into the model's patches; `decoders`: the decoders this server offers (`options.decoder`). Cheap
-    checks run first; the image is decoded last.
+    height tile into the model's patches; `decoders`: the decoders this server offers (`options.decoder`);
+    `livekit`: whether this server has LiveKit configured. Cheap checks run first; the image is decoded last.
 
     Raises:
-        ApiError: UNIMPLEMENTED for LiveKit delivery; INVALID_ARGUMENT naming the field for anything else.
+        ApiError: FAILED_PRECONDITION for LiveKit delivery on a server without LiveKit; INVALID_ARGUMENT naming the
+        field for anything else.
     """
-    if request.HasField("delivery") and request.delivery.WhichOneof("kind") == "livekit":
-        raise ApiError(grpc.StatusCode.UNIMPLEMENTED, "LiveKit delivery is not available yet; leave "
-                       "delivery unset (or set delivery.grpc) to receive video on StreamSession")
+    delivery = _check_delivery(request, livekit)
     if len(request.owner) > limits.max_owner_chars:
         raise _invalid(f"owner is {len(request.owner)} characters long; at most {limits.max_owner_chars} "
                        "are allowed")
@@ -202,7 +208,26 @@ def validate_create(request, preset_stream: StreamConfig, limits: ApiLimits = Ap
     stream = _apply_options(request, preset_stream, preset, decoders)
     characters = _check_characters(request, limits)
     image = _check_image(request.reference_image, limits)
-    return CreateSpec(image=image, prompt=prompt, stream=stream, characters=characters, owner=request.owner)
+    return CreateSpec(image=image, prompt=prompt, stream=stream, characters=characters, owner=request.owner,
+                      delivery=delivery)
+
+
+def _check_delivery(request, livekit: bool) -> dict:
+    if not request.HasField("delivery") or request.delivery.WhichOneof("kind") != "livekit":
+        return {"kind": "grpc"}
+    if not livekit:
+        raise ApiError(grpc.StatusCode.FAILED_PRECONDITION, "delivery.livekit: this server has no LiveKit "
+                       "configured (its livekit_url and LIVEKIT_API_KEY / LIVEKIT_API_SECRET); leave delivery unset "
+                       "to receive video on StreamSession")
+    wanted = request.delivery.livekit
+    for name, value, required in (("room", wanted.room, True), ("identity", wanted.identity, False)):
+        if not value and not required:
+            continue
+        if not _LIVEKIT_NAME.fullmatch(value):
+            raise _invalid(f"delivery.livekit.{name} is invalid: 1 to 128 characters of letters, digits, '-', '_' "
+                           f"and '.' (got {len(value)} characters)")
+    return {"kind": "livekit", "room": wanted.room, "identity": wanted.identity or None,
+            "also_stream": bool(wanted.also_stream)}
 
 
 # --------------------------------------------------------------------------------------------------------------- #

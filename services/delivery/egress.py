@@ -93,12 +93,14 @@ class SinkState:
 class Egress:
     """The fan-out of one session's chunks to its sinks (see the module docstring)."""
 
-    def __init__(self, sinks: list[Sink]):
+    def __init__(self, sinks: list[Sink], on_error=None):
+        """`on_error(sink name, message)`: called (on the loop) when a sink fails and is detached."""
         names = [sink.name for sink in sinks]
         if len(set(names)) != len(names):
             raise ValueError(f"sink names must be unique per session, got {names}")
         self.states = {sink.name: SinkState(sink, asyncio.Queue()) for sink in sinks}
         self.closed = False
+        self.on_error = on_error
 
     async def start(self) -> None:
         for state in self.states.values():
@@ -153,6 +155,8 @@ class Egress:
         except Exception as error:   # this sink is out; the session and the other sinks go on
             state.error = f"{type(error).__name__}: {error}"
             logger.warning("egress sink %s failed and was detached: %s", sink.name, state.error)
+            if self.on_error is not None:
+                self.on_error(sink.name, state.error)
             while not state.queue.empty():
                 state.queue.get_nowait()
         finally:

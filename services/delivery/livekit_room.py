@@ -181,8 +181,10 @@ class LiveKitSink(Sink):
         self.offsets_ms: list[float] = []     # video time - audio time after each chunk (A/V sync, + = video ahead)
 
     async def open(self) -> None:
-        """Join the room now, so a server that does not answer fails the delivery before the first chunk."""
-        self.room = await self._connect()
+        """Join the room now, so a server that does not answer fails the delivery before the first chunk (once:
+        a second call does nothing)."""
+        if self.room is None:
+            self.room = await self._connect()
 
     async def _connect(self) -> AvatarRoom:
         token = avatar_token(self.config, self.room_name, self.identity, publish_on_behalf=self.publish_on_behalf)

@@ -72,6 +72,8 @@ class SessionIngress:
         self.decoders = settings.decoders()
         self.limits = ApiLimits()
         self.api_keys = settings.effective_api_keys()
+        self.livekit = settings.livekit_config()       # None: LiveKit delivery is off on this server
+        self.room_connector = None                     # None: real LiveKit rooms (tests put a fake room here)
         if store is None:
             store, self._local_redis = connect_store(settings.effective_redis_url(), ttl_s=settings.session_ttl_s)
         else:
@@ -139,7 +141,7 @@ class SessionIngress:
         try:
             check_api_key(_metadata(grpc_context), self.api_keys)
             spec = validate_create(request, self.stream_defaults, self.limits, preset=self.settings.preset_config,
-                                   decoders=self.decoders)
+                                   decoders=self.decoders, livekit=self.livekit is not None)
             if spec.stream.steps != self.settings.steps:
                 raise ApiError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"options.steps={spec.stream.steps} is not served here: this cluster's score group "
@@ -158,7 +160,7 @@ class SessionIngress:
                 options={name: getattr(spec.stream, name) for name in
                          ("fps", "width", "height", "steps", "chunk_latent_frames", "seed", "decoder")},
                 characters=[list(region) for region in spec.characters], prompt=spec.prompt,
-                state=SessionState.CREATED, created_at=now, updated_at=now, heartbeat_at=now)
+                state=SessionState.CREATED, created_at=now, updated_at=now, heartbeat_at=now, delivery=spec.delivery)
             self.store.create(record)   # before the workers open, so a sweep never frees a session being opened
             try:
                 await self._open_workers(session_id, spec, request.reference_image)

@@ -20,6 +20,8 @@ import grpc
 
 from services.api import pb
 from services.api.validation import ApiError, validate_audio, validate_control
+from services.delivery.egress import Egress, MediaChunk
+from services.delivery.livekit_room import DeliveryError, LiveKitSink
 from services.serving.messages import ChunkTicket, DecodedFrames
 from services.store.sessions import SessionRecord, SessionState
 from services.telemetry import CHUNK_SPAN, EGRESS_SPAN, span
@@ -66,6 +68,9 @@ class SessionStream:
         self.last_backpressure_at = -BACKPRESSURE_EVENT_INTERVAL_S
         self.frames_sent = record.frames_emitted
         self.samples_received = 0
+        self.delivery = record.delivery
+        self.video_on_stream = record.delivery.get("kind", "grpc") == "grpc" or record.delivery.get("also_stream")
+        self.egress: Egress | None = None
 
     async def run(self, resume_from_chunk: int):
         ingress, session_id = self.ingress, self.session_id
@@ -77,6 +82,13 @@ class SessionStream:
         self.sample_rate_hz = audio_state["sample_rate_hz"]   # fixed by the first audio, whoever received it
         self.samples_received = audio_state["samples_received"]
         self.input_ended = audio_state["input_ended"]
+        try:
+            await self._open_egress()
+        except DeliveryError as error:   # the session's room is out of reach: say where, end this stream only
+            self.error = ApiError(grpc.StatusCode.UNAVAILABLE, str(error))
+            if ingress.streams.get(session_id) is self:
+                ingress.streams.pop(session_id, None)
+            return
         next_chunk, warnings = await self._resume(resume_from_chunk, audio_state)
         ingress.store.update(session_id, state=SessionState.STREAMING, attached_by=ingress.replica_id)
         yield pb.SessionOutput(event=pb.Event(type=pb.Event.ATTACHED, session_id=session_id,
@@ -104,7 +116,11 @@ class SessionStream:
                 while next_chunk in pending:
                     ticket, frames = pending.pop(next_chunk)
                     next_chunk += 1
-                    yield self._video_chunk(ticket, frames)
+                    message = self._video_chunk(ticket, frames)
+                    if self.egress is not None:
+                        self.egress.offer(MediaChunk.from_video_chunk(session_id, message.video_chunk))
+                    if self.video_on_stream:
+                        yield message
                     if ticket.final:
                         ingress.store.update(session_id, state=SessionState.ENDED)
                         await ingress._release_workers(session_id)   # nothing can re-attach to an ENDED session
@@ -115,6 +131,29 @@ class SessionStream:
             reader.cancel()
             if ingress.streams.get(session_id) is self:
                 ingress.streams.pop(session_id, None)
+            if self.egress is not None:    # the sinks finish what they have without holding this stream up
+                asyncio.ensure_future(self.egress.close())
+
+    async def _open_egress(self) -> None:
+        """The session's sinks besides this gRPC stream (LiveKit delivery joins its room here, before ATTACHED,
+        so a server that does not answer fails the attach with UNAVAILABLE naming its URL)."""
+        if self.delivery.get("kind") != "livekit":
+            return
+        if self.ingress.livekit is None:
+            raise DeliveryError("this session delivers to LiveKit, and this server has no LiveKit configured "
+                                "(livekit_url, LIVEKIT_API_KEY / LIVEKIT_API_SECRET)")
+        identity = self.delivery.get("identity") or f"facecast-avatar-{self.session_id[:8]}"
+        sink = LiveKitSink(self.ingress.livekit, self.delivery["room"], identity, self.ingress.room_connector)
+        try:
+            await sink.open()
+        except BaseException:
+            await sink.close()
+            raise
+        self.egress = Egress([sink], on_error=self._sink_failed)
+        await self.egress.start()
+
+    def _sink_failed(self, name: str, message: str) -> None:
+        self.outputs.put_nowait(self._event(pb.Event.WARNING, f"delivery to {name} stopped: {message}"))
 
     def end(self, reason: str) -> None:
         """Stop this stream from outside: "closed" (CloseSession) or "taken_over" (a newer attach)."""

@@ -76,6 +76,14 @@ class AppSettings:
     decoder: str = "full"
     """The sessions' default decoder: full (the VAE's, the reference) or fast (the preset's shipped fast decoder,
     several times cheaper); a session may choose either (`SessionOptions.decoder`) when the preset ships a fast one."""
+    livekit_url: str | None = None
+    """LiveKit server for `delivery.livekit` sessions (ws:// or wss://); None: $LIVEKIT_URL, and without either
+    LiveKit delivery is off. The key and secret: $LIVEKIT_API_KEY / $LIVEKIT_API_SECRET (or the two fields below;
+    prefer the environment, a config file is easily shared). Clients never name the server."""
+    livekit_api_key: str | None = None
+    livekit_api_secret: str | None = None
+    livekit_token_ttl_s: float = 6 * 3600.0
+    """Lifetime of the avatar tokens facecast mints."""
     api_keys: tuple[str, ...] = ()
     """Accepted API keys; empty: no authentication. Also read from $FACECAST_API_KEYS (comma-separated)."""
 
@@ -104,9 +112,21 @@ class AppSettings:
         if self.audio_backend is not None or self.audio_model_path is not None:
             self.audio_config()   # the front-end's own checks name audio backend / model_path and the allowed values
         check(self.session_sweep_s > 0, "session_sweep_s", "must be > 0 seconds")
+        check(self.livekit_token_ttl_s >= 60, "livekit_token_ttl_s", "must be >= 60 seconds")
+        self.livekit_config()   # a URL without its credentials fails here, naming what is missing
         check(self.decoder in self.decoders(), "decoder",
               f"allowed: {', '.join(self.decoders())}" + ("" if "fast" in self.decoders() else
                                                           f" (preset {self.preset!r} ships no fast decoder)"))
+
+    def livekit_config(self):
+        """The LiveKit server config (`services.delivery.livekit_room.LiveKitConfig`), or None when none is set."""
+        from services.delivery.livekit_room import DeliveryError, LiveKitConfig
+
+        try:
+            return LiveKitConfig.from_settings(self.livekit_url, self.livekit_api_key, self.livekit_api_secret,
+                                               self.livekit_token_ttl_s)
+        except DeliveryError as error:
+            raise ConfigError(str(error)) from None
 
     @classmethod
     def from_args(cls, args: dict | None) -> "AppSettings":

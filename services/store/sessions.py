@@ -92,7 +92,7 @@ def hash_token(token: str | bytes) -> str:
 _STR_FIELDS = ("session_id", "token_sha256", "owner", "prompt", "attached_by")
 _FLOAT_FIELDS = ("created_at", "updated_at", "heartbeat_at")
 _INT_FIELDS = ("chunks_emitted", "frames_emitted", "audio_samples_received", "sample_rate_hz")
-_JSON_FIELDS = ("options", "characters")
+_JSON_FIELDS = ("options", "characters", "delivery")
 _PROGRESS_FIELDS = ("chunks_emitted", "frames_emitted", "audio_samples_received")
 
 
@@ -113,6 +113,7 @@ class SessionRecord:
     audio_samples_received: int = 0
     sample_rate_hz: int = 0
     attached_by: str = ""  # replica id currently streaming it ("" when none)
+    delivery: dict = dataclasses.field(default_factory=lambda: {"kind": "grpc"})  # where its video goes
 
     def __post_init__(self) -> None:
         self.state = SessionState(self.state)
@@ -129,6 +130,7 @@ class SessionRecord:
         prompt: str = "",
         sample_rate_hz: int = 0,
         now: float | None = None,
+        delivery: dict | None = None,
     ) -> "SessionRecord":
         """A fresh CREATED record; hashes ``token`` and stamps all three timestamps with ``now`` (default: now)."""
         ts = time.time() if now is None else float(now)
@@ -144,6 +146,7 @@ class SessionRecord:
             updated_at=ts,
             heartbeat_at=ts,
             sample_rate_hz=int(sample_rate_hz),
+            delivery=dict(delivery or {"kind": "grpc"}),
         )
 
     def to_dict(self) -> dict:
@@ -201,8 +204,8 @@ def _encode_field(name: str, value: Any) -> str:
             raise ValueError(f"{name} must be >= 0, got {v}")
         return str(v)
     if name in _JSON_FIELDS:
-        if name == "options" and not isinstance(value, dict):
-            raise ValueError(f"options must be a dict, got {type(value).__name__}")
+        if name in ("options", "delivery") and not isinstance(value, dict):
+            raise ValueError(f"{name} must be a dict, got {type(value).__name__}")
         if name == "characters" and not isinstance(value, (list, tuple)):
             raise ValueError(f"characters must be a list, got {type(value).__name__}")
         try:
@@ -235,7 +238,8 @@ def _record_from_hash(session_id: str, raw: dict) -> SessionRecord:
             if name in h:
                 data[name] = int(h[name])
         for name in _JSON_FIELDS:
-            data[name] = json.loads(h[name])
+            if name in h or name != "delivery":   # records written before delivery was kept have none
+                data[name] = json.loads(h[name])
         data["state"] = SessionState(h["state"])
         return SessionRecord.from_dict(data)
     except (KeyError, ValueError, TypeError) as e:

@@ -118,7 +118,7 @@ def test_proto_builds_from_scratch_into_any_directory(tmp_path):
         "Character": {"region"},
         "Region": {"x0", "y0", "x1", "y1"},
         "Delivery": {"grpc", "livekit"},
-        "LiveKitDelivery": {"url", "room", "identity"},
+        "LiveKitDelivery": {"room", "identity", "also_stream"},
         "Session": {"session_id", "session_token", "state", "options", "characters", "created_at",
                     "chunks_emitted", "frames_emitted"},
         "SessionInput": {"attach", "audio", "control"},
@@ -294,10 +294,16 @@ def test_validate_create_prompt_owner_characters_delivery():
         message = _raises(INVALID, validate_create, _create(characters=characters), PRESET_STREAM, limits)
         assert message.startswith("characters[1].region"), message
 
-    livekit = pb.Delivery(livekit=pb.LiveKitDelivery(url="wss://x", room="r", identity="a"))
-    message = _raises(grpc.StatusCode.UNIMPLEMENTED, validate_create, _create(delivery=livekit), PRESET_STREAM,
+    livekit = pb.Delivery(livekit=pb.LiveKitDelivery(room="r", identity="a"))
+    message = _raises(grpc.StatusCode.FAILED_PRECONDITION, validate_create, _create(delivery=livekit), PRESET_STREAM,
                       limits)
-    assert message.startswith("LiveKit delivery is not available yet")
+    assert message.startswith("delivery.livekit: this server has no LiveKit configured")
+    spec = validate_create(_create(delivery=livekit), PRESET_STREAM, limits, livekit=True)
+    assert spec.delivery == {"kind": "livekit", "room": "r", "identity": "a", "also_stream": False}
+    for room in ("", "a b", "x" * 129, "r/../s"):
+        wanted = pb.Delivery(livekit=pb.LiveKitDelivery(room=room))
+        message = _raises(INVALID, validate_create, _create(delivery=wanted), PRESET_STREAM, limits, livekit=True)
+        assert message.startswith("delivery.livekit.room is invalid"), message
 
 
 # ------------------------------------------------------------------------------------------------------------- #
@@ -498,11 +504,11 @@ def test_grpc_loopback_status_codes(channel):
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "x-api-key" in info.value.details()
 
-    livekit = pb.Delivery(livekit=pb.LiveKitDelivery(url="wss://x"))
+    livekit = pb.Delivery(livekit=pb.LiveKitDelivery(room="call-7"))
     with pytest.raises(grpc.RpcError) as info:
         stub.CreateSession(pb.CreateSessionRequest(reference_image=_png(), delivery=livekit),
                            metadata=(("x-api-key", "secret-key"),), timeout=10)
-    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
     session = stub.CreateSession(pb.CreateSessionRequest(reference_image=_png(), prompt="hi",
                                                          options=pb.SessionOptions(fps=30.0)),
