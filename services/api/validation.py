@@ -10,8 +10,9 @@ Servicers call these functions first and turn an `ApiError` into the RPC's statu
 Messages name the offending field the way the client spells it (`options.fps`, `characters[1].region`,
 `audio.sample_rate_hz`) together with the bad value and what is allowed; secrets (API keys, tokens) are never
 echoed. Status codes: INVALID_ARGUMENT for malformed input, FAILED_PRECONDITION for LiveKit delivery on a server
-without LiveKit configured, UNAUTHENTICATED for a missing/unknown API key, PERMISSION_DENIED for a wrong session token. NOT_FOUND and
-RESOURCE_EXHAUSTED belong to the session registry / admission control, which raise `ApiError` themselves.
+without LiveKit configured, UNAUTHENTICATED for a missing/unknown API key, PERMISSION_DENIED for a wrong session
+token. NOT_FOUND and RESOURCE_EXHAUSTED belong to the session registry / admission control, which raise `ApiError`
+themselves.
 
 Nothing here touches torch, Ray or the engine; the image is decoded with `services.media.decode_image_bytes`, and a
 session token is hashed by `services.store.sessions.hash_token` (the store owns what it stores).
@@ -88,7 +89,8 @@ class CreateSpec:
     """Regions (x0, y0, x1, y1) in fractions of the frame; one full-frame character when none were given."""
     owner: str = ""
     delivery: dict = field(default_factory=lambda: {"kind": "grpc"})
-    """{"kind": "grpc"} or {"kind": "livekit", "room", "identity" (None: the server's default), "also_stream"}."""
+    """{"kind": "grpc"} or {"kind": "livekit", "room", "identity" (None: the server's default), "also_stream",
+    "agent_identity" (None: the client streams the audio; set: a voice agent's avatar)}."""
 
 
 @dataclass(frozen=True)
@@ -220,14 +222,17 @@ def _check_delivery(request, livekit: bool) -> dict:
                        "configured (its livekit_url and LIVEKIT_API_KEY / LIVEKIT_API_SECRET); leave delivery unset "
                        "to receive video on StreamSession")
     wanted = request.delivery.livekit
-    for name, value, required in (("room", wanted.room, True), ("identity", wanted.identity, False)):
+    for name, value, required in (("room", wanted.room, True), ("identity", wanted.identity, False),
+                                  ("agent_identity", wanted.agent_identity, False)):
         if not value and not required:
             continue
         if not _LIVEKIT_NAME.fullmatch(value):
             raise _invalid(f"delivery.livekit.{name} is invalid: 1 to 128 characters of letters, digits, '-', '_' "
                            f"and '.' (got {len(value)} characters)")
+    if wanted.agent_identity and wanted.agent_identity == wanted.identity:
+        raise _invalid("delivery.livekit.agent_identity is the avatar's own identity; the avatar needs one of its own")
     return {"kind": "livekit", "room": wanted.room, "identity": wanted.identity or None,
-            "also_stream": bool(wanted.also_stream)}
+            "also_stream": bool(wanted.also_stream), "agent_identity": wanted.agent_identity or None}
 
 
 # --------------------------------------------------------------------------------------------------------------- #

@@ -107,6 +107,11 @@ class RoomConnector(ABC):
     async def connect(self, url: str, token: str, timeout_s: float) -> AvatarRoom:
         """Join; raise `DeliveryError` naming the URL when the server does not answer."""
 
+    @abstractmethod
+    async def connect_rtc(self, url: str, token: str, timeout_s: float):
+        """Join and return the connected `rtc.Room` itself (or an object with its surface): the avatar protocol's
+        livekit-agents classes work on the room directly. `DeliveryError` as `connect`."""
+
 
 class _LiveKitRoom(AvatarRoom):
     def __init__(self, room):
@@ -133,6 +138,9 @@ class LiveKitConnector(RoomConnector):
     """The real thing: an `rtc.Room` per connection."""
 
     async def connect(self, url: str, token: str, timeout_s: float) -> AvatarRoom:
+        return _LiveKitRoom(await self.connect_rtc(url, token, timeout_s))
+
+    async def connect_rtc(self, url: str, token: str, timeout_s: float):
         from livekit import rtc
 
         room = rtc.Room()
@@ -142,7 +150,7 @@ class LiveKitConnector(RoomConnector):
                                    timeout_s * 4)
         except (rtc.ConnectError, TimeoutError, OSError) as error:
             raise DeliveryError(f"the LiveKit server at {url} did not answer: {error}") from None
-        return _LiveKitRoom(room)
+        return room
 
 
 def jpeg_to_rgba(data: bytes) -> tuple[int, int, bytes]:

@@ -76,10 +76,14 @@ class LocalCluster:
         ray.init(address="local", num_cpus=num_cpus or max(os.cpu_count() or 2, 4), num_gpus=num_gpus,
                  include_dashboard=False, runtime_env={"env_vars": env_vars}, log_to_driver=False,
                  _metrics_export_port=metrics_port)
-        serve.start(grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=list(GRPC_SERVICERS)),
-                    http_options={"host": "127.0.0.1", "port": http_port or free_port()})
-        serve.run(build_app(args, options), name=APP_NAME, route_prefix="/")
         cluster = cls(grpc_port, redis_url, local_redis, saved_env)
+        try:
+            serve.start(grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=list(GRPC_SERVICERS)),
+                        http_options={"host": "127.0.0.1", "port": http_port or free_port()})
+            serve.run(build_app(args, options), name=APP_NAME, route_prefix="/")
+        except BaseException:      # a failed deploy leaves no Ray, Redis or environment change behind
+            cluster.stop()
+            raise
         cluster.metrics_port = metrics_port
         cluster.config_args, cluster.config_options = args, options
         return cluster

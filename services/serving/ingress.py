@@ -38,13 +38,19 @@ from ray import serve
 from services.api import SERVICE_NAME, pb
 from services.api.validation import (ApiError, ApiLimits, check_api_key, check_token, new_token, require_session_id,
                                      session_to_proto, validate_create, validate_update)
-from services.serving.session_stream import SessionStream, internal_error
+from services.delivery.avatar import AvatarWorker
+from services.delivery.livekit_room import DeliveryError, LiveKitConnector
+from services.serving.session_stream import LocalSessionLink, SessionStream, internal_error
 from services.serving.settings import AppSettings
 from services.store.sessions import SessionNotFound, SessionRecord, SessionState, connect_store
 from services.telemetry import SESSION_SPAN, context_from_grpc_metadata, inject_context, setup_telemetry, span
 from services.telemetry.ray_metrics import RayMetrics
 
 logger = logging.getLogger("facecast.ingress")
+
+AVATAR_SAMPLE_RATE_HZ = 16000
+"""A voice agent's avatar session runs at this rate (the agent helper streams its speech at it; other rates are
+resampled by the worker)."""
 
 def _metadata(grpc_context) -> list[tuple[str, str]]:
     return list(grpc_context.invocation_metadata() or []) if grpc_context is not None else []
@@ -74,6 +80,8 @@ class SessionIngress:
         self.api_keys = settings.effective_api_keys()
         self.livekit = settings.livekit_config()       # None: LiveKit delivery is off on this server
         self.room_connector = None                     # None: real LiveKit rooms (tests put a fake room here)
+        self.avatars: dict[str, AvatarWorker] = {}     # voice agents' avatars hosted here, by session id
+        self.avatar_agent_timeout_s = 30.0             # how long CreateSession waits for the agent to be in the room
         if store is None:
             store, self._local_redis = connect_store(settings.effective_redis_url(), ttl_s=settings.session_ttl_s)
         else:
@@ -164,6 +172,8 @@ class SessionIngress:
             self.store.create(record)   # before the workers open, so a sweep never frees a session being opened
             try:
                 await self._open_workers(session_id, spec, request.reference_image)
+                if spec.delivery.get("agent_identity"):
+                    await self._start_avatar(record)
             except BaseException:
                 self.store.close(session_id)
                 self.store.release(session_id)
@@ -187,6 +197,32 @@ class SessionIngress:
         await asyncio.gather(self.score.open.remote(session_id, stream, latent, spec.prompt, regions),
                              self.audio.open.remote(session_id, stream, max(1, len(regions))),
                              self.decoder.open_decode.remote(session_id, stream.decoder))
+
+    async def _start_avatar(self, record: SessionRecord) -> None:
+        """A voice agent's avatar: join its room now and drive the session from the agent's speech there
+        (`services.delivery.avatar`); the session closes when the agent leaves. UNAVAILABLE naming the URL when the
+        LiveKit server does not answer."""
+        delivery, options = record.delivery, record.options
+        link = LocalSessionLink(self, record, inject_context())
+        worker = AvatarWorker(self.livekit, self.room_connector or LiveKitConnector(), delivery["room"],
+                              delivery["identity"] or f"facecast-avatar-{record.session_id[:8]}",
+                              delivery["agent_identity"], link, sample_rate=AVATAR_SAMPLE_RATE_HZ,
+                              fps=options["fps"], width=options["width"], height=options["height"],
+                              agent_timeout_s=self.avatar_agent_timeout_s)
+        try:
+            await worker.start()
+        except DeliveryError as error:
+            await worker.aclose()
+            raise ApiError(grpc.StatusCode.UNAVAILABLE, str(error)) from None
+        self.avatars[record.session_id] = worker
+
+        async def run() -> None:
+            await worker.done.wait()
+            await worker.aclose()
+            if self.avatars.pop(record.session_id, None) is worker:
+                await self._close(record.session_id)
+
+        asyncio.ensure_future(run())
 
     async def _release_workers(self, session_id: str) -> None:
         """Free the session's state on every worker (KV caches, decode cache, replay buffer, audio state)."""
@@ -235,6 +271,9 @@ class SessionIngress:
             return pb.Session()
 
     async def _close(self, session_id: str) -> None:
+        avatar = self.avatars.pop(session_id, None)
+        if avatar is not None:
+            await avatar.aclose()
         stream = self.streams.pop(session_id, None)
         if stream is not None:
             stream.end("closed")

@@ -20,6 +20,7 @@ import grpc
 
 from services.api import pb
 from services.api.validation import ApiError, validate_audio, validate_control
+from services.delivery.avatar import SessionLink
 from services.delivery.egress import Egress, MediaChunk
 from services.delivery.livekit_room import DeliveryError, LiveKitSink
 from services.serving.messages import ChunkTicket, DecodedFrames
@@ -69,7 +70,8 @@ class SessionStream:
         self.frames_sent = record.frames_emitted
         self.samples_received = 0
         self.delivery = record.delivery
-        self.video_on_stream = record.delivery.get("kind", "grpc") == "grpc" or record.delivery.get("also_stream")
+        self.video_on_stream = (record.delivery.get("kind", "grpc") == "grpc" or record.delivery.get("also_stream")
+                                or record.delivery.get("agent_identity"))   # an avatar's stream feeds its worker
         self.egress: Egress | None = None
 
     async def run(self, resume_from_chunk: int):
@@ -137,8 +139,8 @@ class SessionStream:
     async def _open_egress(self) -> None:
         """The session's sinks besides this gRPC stream (LiveKit delivery joins its room here, before ATTACHED,
         so a server that does not answer fails the attach with UNAVAILABLE naming its URL)."""
-        if self.delivery.get("kind") != "livekit":
-            return
+        if self.delivery.get("kind") != "livekit" or self.delivery.get("agent_identity"):
+            return   # gRPC only; or a voice agent's avatar, whose worker publishes to the room itself
         if self.ingress.livekit is None:
             raise DeliveryError("this session delivers to LiveKit, and this server has no LiveKit configured "
                                 "(livekit_url, LIVEKIT_API_KEY / LIVEKIT_API_SECRET)")
@@ -337,3 +339,32 @@ class SessionStream:
                                       self.samples_received)
         ingress.store.heartbeat(self.session_id, ingress.replica_id)
         return message
+
+
+class LocalSessionLink(SessionLink):
+    """A session driven from inside the ingress (a voice agent's avatar): a `SessionStream` whose input is a queue."""
+
+    def __init__(self, ingress, record: SessionRecord, carrier: dict):
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.stream = SessionStream(ingress, record, carrier, self._requests())
+        self.closed = False
+
+    async def _requests(self):
+        while True:
+            message = await self.queue.get()
+            if message is None:
+                return
+            yield message
+
+    async def send(self, message: pb.SessionInput) -> None:
+        if not self.closed:
+            self.queue.put_nowait(message)
+
+    def outputs(self):
+        return self.stream.run(0)
+
+    async def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.stream.end("closed")
+            self.queue.put_nowait(None)

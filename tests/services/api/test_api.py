@@ -118,7 +118,7 @@ def test_proto_builds_from_scratch_into_any_directory(tmp_path):
         "Character": {"region"},
         "Region": {"x0", "y0", "x1", "y1"},
         "Delivery": {"grpc", "livekit"},
-        "LiveKitDelivery": {"room", "identity", "also_stream"},
+        "LiveKitDelivery": {"room", "identity", "also_stream", "agent_identity"},
         "Session": {"session_id", "session_token", "state", "options", "characters", "created_at",
                     "chunks_emitted", "frames_emitted"},
         "SessionInput": {"attach", "audio", "control"},
@@ -299,7 +299,8 @@ def test_validate_create_prompt_owner_characters_delivery():
                       limits)
     assert message.startswith("delivery.livekit: this server has no LiveKit configured")
     spec = validate_create(_create(delivery=livekit), PRESET_STREAM, limits, livekit=True)
-    assert spec.delivery == {"kind": "livekit", "room": "r", "identity": "a", "also_stream": False}
+    assert spec.delivery == {"kind": "livekit", "room": "r", "identity": "a", "also_stream": False,
+                             "agent_identity": None}
     for room in ("", "a b", "x" * 129, "r/../s"):
         wanted = pb.Delivery(livekit=pb.LiveKitDelivery(room=room))
         message = _raises(INVALID, validate_create, _create(delivery=wanted), PRESET_STREAM, limits, livekit=True)

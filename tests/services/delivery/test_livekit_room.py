@@ -57,8 +57,18 @@ class FakeRoom(AvatarRoom):
 
 
 class FakeConnector(RoomConnector):
-    def __init__(self, refuse: int = 0):
-        self.rooms, self.refuse = [], refuse
+    """Connects to `FakeRoom`s (the sink's interface) or, for the avatar protocol, joins a `FakeLiveKit` server the
+    way a LiveKit server would admit the token: verified, identity, kind and attributes from its claims."""
+
+    def __init__(self, refuse: int = 0, server=None):
+        self.rooms, self.refuse, self.server = [], refuse, server
+
+    async def connect_rtc(self, url, token, timeout_s):
+        claims = api.TokenVerifier("devkey", CONFIG.api_secret).verify(token)
+        assert claims.video.room == self.server.name, (claims.video.room, self.server.name)
+        kind = rtc.ParticipantKind.PARTICIPANT_KIND_AGENT if claims.kind == "agent" else \
+            rtc.ParticipantKind.PARTICIPANT_KIND_STANDARD
+        return self.server.join(claims.identity, kind, dict(claims.attributes or {}))
 
     async def connect(self, url, token, timeout_s):
         if self.refuse:
