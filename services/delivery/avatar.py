@@ -26,16 +26,15 @@ runs the runner until the agent leaves or the session closes.  The session it dr
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from services.api import pb
+from services.delivery.pacing import SpeechTrack
 from services.delivery.livekit_room import DeliveryError, LiveKitConfig, RoomConnector, avatar_token, jpeg_to_rgba
 
 logger = logging.getLogger(__name__)
@@ -63,22 +62,6 @@ class SessionLink(ABC):
 
 
 @dataclass
-class _Segment:
-    ident: int
-    end: int | None = None          # track sample where its speech ended (known once its end marker was sent)
-    closing: bool = False           # the agent closed its byte stream (AudioSegmentEnd arrived)
-    ended: bool = False             # AudioSegmentEnd passed on to the runner
-    interrupted: bool = False       # cleared by the agent: neither its audio nor its end goes out any more
-
-
-@dataclass
-class _Run:
-    start: int
-    end: int
-    segment: _Segment
-
-
-@dataclass
 class AvatarStats:
     speech_s_in: float = 0.0
     speech_s_out: float = 0.0
@@ -99,11 +82,7 @@ class FacecastVideoGenerator:
                  lead_s: float = LEAD_S):
         self.link, self.rate, self.fps, self.lead_s = link, int(sample_rate), float(fps), lead_s
         self.size = (width, height)
-        self.pending: deque = deque()              # (int16 samples | None end marker, segment), oldest first
-        self.runs: list[_Run] = []                 # speech in the session's track, by sample
-        self.segment: _Segment | None = None       # receiving audio now
-        self.segments = itertools.count()
-        self.sent = 0                              # samples sent to the session so far
+        self.track = SpeechTrack(sample_rate)
         self.out: asyncio.Queue = asyncio.Queue()
         self.stats = AvatarStats()
         self.started_at: float | None = None
@@ -120,32 +99,17 @@ class FacecastVideoGenerator:
         from livekit.agents.voice.avatar import AudioSegmentEnd
 
         if isinstance(frame, AudioSegmentEnd):
-            if self.segment is not None:
-                self.pending.append((None, self.segment))
-                self.segment.closing = True
-                self.segment = None
+            self.track.end_segment()
             return
         samples = self._mono_at_rate(frame)
-        if self.segment is None:
-            self.segment = _Segment(next(self.segments))
-        self.pending.append((samples, self.segment))
+        self.track.say(samples)
         self.stats.speech_s_in += len(samples) / self.rate
 
     def clear_buffer(self) -> None:
         """The agent interrupted itself: drop what it sent and we did not play (see the module docstring)."""
-        dropped = sum(len(samples) for samples, _ in self.pending if samples is not None)
-        self.stats.dropped_s += dropped / self.rate
+        self.stats.clears.append((self.track.sent / self.rate, self.emitted_to / self.rate))
+        self.stats.dropped_s += self.track.clear() / self.rate
         self.stats.interruptions += 1
-        self.stats.clears.append((self.sent / self.rate, self.emitted_to / self.rate))
-        for run in self.runs:
-            if not run.segment.ended:
-                run.segment.interrupted = True
-        for _, segment in self.pending:
-            segment.interrupted = True
-        if self.segment is not None:
-            self.segment.interrupted = True
-        self.pending.clear()
-        self.segment = None
         kept = []                                  # frames already queued: pictures stay, that speech does not
         while not self.out.empty():
             item = self.out.get_nowait()
@@ -189,41 +153,7 @@ class FacecastVideoGenerator:
 
     async def _pace(self) -> None:
         """Feed the session at real time + lead: pending speech first, silence when there is none."""
-        while True:
-            target = int((time.monotonic() - self.started_at + self.lead_s) * self.rate)
-            if target > self.sent:
-                await self.link.send(pb.SessionInput(audio=pb.AudioInput(
-                    pcm_s16le=self._take(target - self.sent).astype("<i2").tobytes(), sample_rate_hz=self.rate,
-                    channels=1)))
-            await asyncio.sleep(TICK_S)
-
-    def _take(self, count: int) -> np.ndarray:
-        out = []
-        while count and self.pending:
-            samples, segment = self.pending[0]
-            if samples is None:                    # the segment's end: it ends where its speech stopped
-                segment.end = self.sent
-                self.pending.popleft()
-                continue
-            piece = samples[:count]
-            if len(piece) == len(samples):
-                self.pending.popleft()
-            else:
-                self.pending[0] = (samples[count:], segment)
-            if self.runs and self.runs[-1].segment is segment and self.runs[-1].end == self.sent:
-                self.runs[-1].end += len(piece)
-            else:
-                self.runs.append(_Run(self.sent, self.sent + len(piece), segment))
-            out.append(piece)
-            self.sent += len(piece)
-            count -= len(piece)
-        if self.pending and self.pending[0][0] is None:   # an end right behind the speech just sent
-            self.pending[0][1].end = self.sent
-            self.pending.popleft()
-        if count:
-            out.append(np.zeros(count, np.int16))
-            self.sent += count
-        return np.concatenate(out) if out else np.zeros(0, np.int16)
+        await pace(self.track, self.link, self.started_at, self.lead_s)
 
     async def _receive(self) -> None:
         try:
@@ -235,6 +165,7 @@ class FacecastVideoGenerator:
 
     def _emit(self, chunk) -> None:
         from livekit import rtc
+        from livekit.agents.voice.avatar import AudioSegmentEnd
 
         per_frame = self.rate / self.fps
         audio = np.frombuffer(chunk.audio_pcm_s16le, dtype="<i2")
@@ -245,27 +176,27 @@ class FacecastVideoGenerator:
             self.stats.frames += 1
             start = round((chunk.first_frame + index) * per_frame)
             end = round((chunk.first_frame + index + 1) * per_frame)
-            for run in self.runs:
-                lo, hi = max(start, run.start), min(end, run.end)
-                if lo < hi and not run.segment.interrupted:
-                    piece = audio[lo - chunk_start:hi - chunk_start]
-                    if len(piece):
-                        self.out.put_nowait(rtc.AudioFrame(piece.tobytes(), self.rate, 1, len(piece)))
-                        self.stats.speech_s_out += len(piece) / self.rate
-            self._end_segments(end)
-            self.emitted_to = end
-        self.runs = [run for run in self.runs if run.end > round((chunk.first_frame + len(chunk.frames)) * per_frame)
-                     or not (run.segment.ended or run.segment.interrupted)]
-
-    def _end_segments(self, played_to: int) -> None:
-        from livekit.agents.voice.avatar import AudioSegmentEnd
-
-        for segment in {id(run.segment): run.segment for run in self.runs}.values():
-            if segment.closing and not segment.ended and not segment.interrupted and segment.end is not None \
-                    and segment.end <= played_to:
-                segment.ended = True
+            for lo, hi, _ in self.track.speech_in(start, end):
+                piece = audio[lo - chunk_start:hi - chunk_start]
+                if len(piece):
+                    self.out.put_nowait(rtc.AudioFrame(piece.tobytes(), self.rate, 1, len(piece)))
+                    self.stats.speech_s_out += len(piece) / self.rate
+            for _ in self.track.ended_by(end):
                 self.stats.segments_ended += 1
                 self.out.put_nowait(AudioSegmentEnd())
+            self.emitted_to = end
+        self.track.forget_before(self.emitted_to)
+
+
+async def pace(track: SpeechTrack, link: SessionLink, started_at: float, lead_s: float) -> None:
+    """Feed `track` into the session behind `link` at real time + `lead_s`, every TICK_S, forever."""
+    while True:
+        target = int((time.monotonic() - started_at + lead_s) * track.rate)
+        if target > track.sent:
+            await link.send(pb.SessionInput(audio=pb.AudioInput(
+                pcm_s16le=track.take(target - track.sent).astype("<i2").tobytes(), sample_rate_hz=track.rate,
+                channels=1)))
+        await asyncio.sleep(TICK_S)
 
 
 def _is_video(item) -> bool:
