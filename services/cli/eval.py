@@ -76,6 +76,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                 "last)")
     elif args.at:
         raise UserError("--at scores a window of a long run: it needs --horizon SECONDS")
+    if args.vae and not (args.vae_report or (args.video == "vae" and args.decoder == "full")):
+        raise UserError("--vae DIR replaces the preset's VAE for --vae-report, or for --video vae (full decoder)")
     if args.ablate:
         if args.video != "model":
             raise UserError(f"--ablate {args.ablate} switches off a mechanism of the streaming engine: it needs "
@@ -100,7 +102,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise UserError(f"--fast-decoder: {error}" if args.fast_decoder else str(error)) from None
         # --video vae scores the truth through the VAE alone: the score model's weights play no part
         shipped = f"the {preset.name} preset's VAE ({preset.vae_weights or 'random weights'})"
-        weights = engine.weights_note if args.video == "model" else (args.checkpoint or shipped)
+        weights = engine.weights_note if args.video == "model" else (args.vae or args.checkpoint or shipped)
+        if args.video == "vae" and args.vae:     # another VAE (a training run's export) in the preset's place
+            from model_core.decode import DecodeStage
+            from model_core.vae import StreamingVAE
+
+            engine.decoder = DecodeStage(StreamingVAE.from_pretrained(args.vae), None, "full")
     try:
         if args.horizon is not None:
             from model_core.evaluate import horizon
@@ -190,7 +197,7 @@ def add_parser(commands) -> None:
                         "alone (progress bars and logs on stderr)")
     parser.add_argument("--vae-report", action="store_true",
                         help="instead: the VAE's reconstruction of held-out clips (PSNR/SSIM, mouth, decode ms)")
-    parser.add_argument("--vae", help="with --vae-report: a VAE directory (default: the preset's)")
+    parser.add_argument("--vae", help="with --vae-report or --video vae: a VAE directory (default: the preset's)")
     parser.add_argument("--decoder", choices=("full", "fast"), default="full",
                         help="decode with the VAE's decoder (full, the reference) or the fast one distilled from it; "
                              "with --vae-report, fast adds its scores against the full decoder and its cost")
