@@ -88,6 +88,8 @@ class CreateSpec:
     characters: list[tuple[float, float, float, float]] = field(default_factory=lambda: [FULL_FRAME])
     """Regions (x0, y0, x1, y1) in fractions of the frame; one full-frame character when none were given."""
     owner: str = ""
+    conversation: dict | None = None
+    """None, or {"mode": "realtime", "instructions": str}: the caller talks to an audio LLM through the avatar."""
     delivery: dict = field(default_factory=lambda: {"kind": "grpc"})
     """{"kind": "grpc"} or {"kind": "livekit", "room", "identity" (None: the server's default), "also_stream",
     "agent_identity" (None: the client streams the audio; set: a voice agent's avatar)}."""
@@ -191,18 +193,20 @@ def _check_image(data: bytes, limits: ApiLimits) -> PIL.Image.Image:
 
 def validate_create(request, preset_stream: StreamConfig, limits: ApiLimits = ApiLimits(), *,
                     preset: PresetConfig | None = None, decoders: tuple[str, ...] = ("full",),
-                    livekit: bool = False) -> CreateSpec:
+                    livekit: bool = False, realtime: bool = False) -> CreateSpec:
     """Check a `CreateSessionRequest` and resolve it against the server's defaults.
 
     `preset_stream` supplies the defaults for unset options; pass `preset` too to also check that width and
     height tile into the model's patches; `decoders`: the decoders this server offers (`options.decoder`);
-    `livekit`: whether this server has LiveKit configured. Cheap checks run first; the image is decoded last.
+    `livekit` / `realtime`: whether this server has LiveKit / a realtime LLM configured. Cheap checks run first; the
+    image is decoded last.
 
     Raises:
         ApiError: FAILED_PRECONDITION for LiveKit delivery on a server without LiveKit; INVALID_ARGUMENT naming the
         field for anything else.
     """
     delivery = _check_delivery(request, livekit)
+    conversation = _check_conversation(request, realtime, limits)
     if len(request.owner) > limits.max_owner_chars:
         raise _invalid(f"owner is {len(request.owner)} characters long; at most {limits.max_owner_chars} "
                        "are allowed")
@@ -211,7 +215,28 @@ def validate_create(request, preset_stream: StreamConfig, limits: ApiLimits = Ap
     characters = _check_characters(request, limits)
     image = _check_image(request.reference_image, limits)
     return CreateSpec(image=image, prompt=prompt, stream=stream, characters=characters, owner=request.owner,
-                      delivery=delivery)
+                      delivery=delivery, conversation=conversation)
+
+
+MAX_INSTRUCTIONS_CHARS = 4000
+
+
+def _check_conversation(request, realtime: bool, limits: ApiLimits) -> dict | None:
+    if not request.HasField("conversation") or not request.conversation.mode:
+        return None
+    wanted = request.conversation
+    if wanted.mode == wanted.OFFLINE:
+        raise ApiError(grpc.StatusCode.UNIMPLEMENTED, "conversation.mode=OFFLINE: the on-server cascade is not "
+                       "available yet; use REALTIME with a server that has realtime_url configured")
+    if wanted.mode != wanted.REALTIME:
+        raise _invalid(f"conversation.mode={wanted.mode} is invalid: allowed REALTIME (1), OFFLINE (2)")
+    if not realtime:
+        raise ApiError(grpc.StatusCode.FAILED_PRECONDITION, "conversation.mode=REALTIME: this server has no realtime "
+                       "LLM configured (its realtime_url and OPENAI_API_KEY)")
+    if len(wanted.instructions) > MAX_INSTRUCTIONS_CHARS:
+        raise _invalid(f"conversation.instructions is {len(wanted.instructions)} characters long; at most "
+                       f"{MAX_INSTRUCTIONS_CHARS} are allowed")
+    return {"mode": "realtime", "instructions": wanted.instructions}
 
 
 def _check_delivery(request, livekit: bool) -> dict:

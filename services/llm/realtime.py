@@ -4,9 +4,9 @@
                                                                                        ▼  the server's VAD decides
     ◄─ UserSpeech / ReplyAudio / ReplyDone / Transcript ◄── input_audio_buffer.speech_started|stopped,
                                                             response.output_audio.delta, response.done, ...
-    barge-in: speech_started while a reply plays ─► response.cancel
-                                                 ─► conversation.item.truncate {item_id, audio_end_ms = played}
-                                                 ─► ClearReply (the avatar drops the reply audio it has not played)
+    barge-in: speech_started while a reply is generated ─► response.cancel
+              or still playing on the avatar           ─► conversation.item.truncate {item_id, audio_end_ms = played}
+                                                       ─► ClearReply (the avatar drops the reply it has not played)
 
 The connection is the `openai` package's own (`AsyncOpenAI(websocket_base_url=...).realtime.connect`), and every
 event is validated against its typed models (`RealtimeClientEvent` before it is sent, `RealtimeServerEvent` when it
@@ -89,7 +89,9 @@ class RealtimeConversation(Conversation):
         self.queue: asyncio.Queue = asyncio.Queue()
         self.reader: asyncio.Task | None = None
         self.replying: dict | None = None        # {"response_id", "item_id"} of the reply being spoken
-        self.played_ms: dict[str, int] = {}
+        self.played_ms: dict[str, int] = {}      # per reply item: what the avatar has played
+        self.audio_ms: dict[str, int] = {}       # per reply item: what the LLM sent
+        self.last_item: str | None = None        # the reply item the avatar may still be speaking
         self.resamplers: dict[int, object] = {}
         self.sent_events: list[str] = []
 
@@ -175,8 +177,7 @@ class RealtimeConversation(Conversation):
         if kind == "error":
             raise ConversationError(f"the realtime LLM reported an error: {event.error.type}: {event.error.message}")
         if kind == "input_audio_buffer.speech_started":
-            if self.replying is not None:        # barge-in
-                await self._interrupt()
+            await self._interrupt()              # barge-in, when a reply is being generated or still playing
             self.queue.put_nowait(UserSpeech(True, time.monotonic()))
         elif kind == "input_audio_buffer.speech_stopped":
             self.queue.put_nowait(UserSpeech(False, time.monotonic()))
@@ -185,8 +186,9 @@ class RealtimeConversation(Conversation):
         elif kind == "response.output_audio.delta":
             if self.replying is None or self.replying["response_id"] != event.response_id:
                 return                           # a cancelled reply's late audio
-            self.replying["item_id"] = event.item_id
+            self.replying["item_id"] = self.last_item = event.item_id
             pcm = np.frombuffer(base64.b64decode(event.delta), dtype="<i2").astype(np.int16)
+            self.audio_ms[event.item_id] = self.audio_ms.get(event.item_id, 0) + len(pcm) * 1000 // SAMPLE_RATE_HZ
             self.queue.put_nowait(ReplyAudio(pcm, SAMPLE_RATE_HZ, event.response_id, event.item_id))
         elif kind == "response.done":
             status = getattr(event.response, "status", None)
@@ -199,13 +201,20 @@ class RealtimeConversation(Conversation):
             self.queue.put_nowait(Transcript("assistant", event.transcript))
 
     async def _interrupt(self) -> None:
-        """The caller spoke over the reply: stop it, make the LLM remember only what was heard, clear the avatar."""
+        """The caller spoke: stop a reply still being generated, make the LLM remember only what was heard of the
+        last one (when the avatar had not finished it), and clear what the avatar has not played."""
         reply, self.replying = self.replying, None
-        await self._send({"type": "response.cancel", "response_id": reply["response_id"]})
-        if reply["item_id"] is not None:
-            await self._send({"type": "conversation.item.truncate", "item_id": reply["item_id"], "content_index": 0,
-                              "audio_end_ms": self.played_ms.get(reply["item_id"], 0)})
-        self.queue.put_nowait(ClearReply(reply["response_id"]))
+        if reply is not None:
+            await self._send({"type": "response.cancel", "response_id": reply["response_id"]})
+        item = self.last_item
+        if item is None:
+            return
+        played = self.played_ms.get(item, 0)
+        if reply is not None or played < self.audio_ms.get(item, 0) - 20:
+            await self._send({"type": "conversation.item.truncate", "item_id": item, "content_index": 0,
+                              "audio_end_ms": min(played, self.audio_ms.get(item, 0))})
+            self.queue.put_nowait(ClearReply(reply["response_id"] if reply else None))
+        self.last_item = None
 
     def _at_24k(self, samples: np.ndarray, rate: int) -> np.ndarray:
         if rate == SAMPLE_RATE_HZ:

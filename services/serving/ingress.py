@@ -40,6 +40,7 @@ from services.api.validation import (ApiError, ApiLimits, check_api_key, check_t
                                      session_to_proto, validate_create, validate_update)
 from services.delivery.avatar import AvatarWorker
 from services.delivery.livekit_room import DeliveryError, LiveKitConnector
+from services.serving.conversation import ConversationCall
 from services.serving.session_stream import LocalSessionLink, SessionStream, internal_error
 from services.serving.settings import AppSettings
 from services.store.sessions import SessionNotFound, SessionRecord, SessionState, connect_store
@@ -79,6 +80,7 @@ class SessionIngress:
         self.limits = ApiLimits()
         self.api_keys = settings.effective_api_keys()
         self.livekit = settings.livekit_config()       # None: LiveKit delivery is off on this server
+        self.realtime = settings.realtime_config()     # None: no conversation mode on this server
         self.room_connector = None                     # None: real LiveKit rooms (tests put a fake room here)
         self.avatars: dict[str, AvatarWorker] = {}     # voice agents' avatars hosted here, by session id
         self.avatar_agent_timeout_s = 30.0             # how long CreateSession waits for the agent to be in the room
@@ -149,7 +151,8 @@ class SessionIngress:
         try:
             check_api_key(_metadata(grpc_context), self.api_keys)
             spec = validate_create(request, self.stream_defaults, self.limits, preset=self.settings.preset_config,
-                                   decoders=self.decoders, livekit=self.livekit is not None)
+                                   decoders=self.decoders, livekit=self.livekit is not None,
+                                   realtime=self.realtime is not None)
             if spec.stream.steps != self.settings.steps:
                 raise ApiError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"options.steps={spec.stream.steps} is not served here: this cluster's score group "
@@ -168,7 +171,8 @@ class SessionIngress:
                 options={name: getattr(spec.stream, name) for name in
                          ("fps", "width", "height", "steps", "chunk_latent_frames", "seed", "decoder")},
                 characters=[list(region) for region in spec.characters], prompt=spec.prompt,
-                state=SessionState.CREATED, created_at=now, updated_at=now, heartbeat_at=now, delivery=spec.delivery)
+                state=SessionState.CREATED, created_at=now, updated_at=now, heartbeat_at=now, delivery=spec.delivery,
+                conversation=spec.conversation or {})
             self.store.create(record)   # before the workers open, so a sweep never frees a session being opened
             try:
                 await self._open_workers(session_id, spec, request.reference_image)
@@ -227,7 +231,8 @@ class SessionIngress:
     async def _release_workers(self, session_id: str) -> None:
         """Free the session's state on every worker (KV caches, decode cache, replay buffer, audio state)."""
         await asyncio.gather(self.audio.close.remote(session_id), self.score.close.remote(session_id),
-                             self.decoder.close_decode.remote(session_id), return_exceptions=True)
+                             self.decoder.close_decode.remote(session_id), self.llm.close.remote(session_id),
+                             return_exceptions=True)
 
     async def GetSession(self, request, grpc_context=None):
         try:
@@ -347,7 +352,8 @@ class SessionIngress:
         with span(SESSION_SPAN, inject_context(parent), **{"session.id": session_id,
                                                            "preset": self.settings.preset}) as session_span:
             session_carrier = inject_context()
-            stream = SessionStream(self, record, session_carrier, request_stream)
+            stream = (ConversationCall(self, record, session_carrier, request_stream) if record.conversation
+                      else SessionStream(self, record, session_carrier, request_stream))
             try:
                 async for message in stream.run(first.attach.resume_from_chunk):
                     yield message

@@ -1,28 +1,102 @@
-"""`LLMBridge`: where an audio LLM will turn a caller's speech into the avatar's reply audio.
+"""`LLMBridge`: the audio LLM of every conversation session (`services.llm`), one conversation per session.
 
-Until a provider is configured (the delivery-and-conversation issue: OpenAI Realtime protocol, or the offline
-VAD -> ASR -> LLM -> TTS cascade), sessions are driven by raw audio from the product backend, and this deployment says
-so instead of pretending to answer.  It holds no session state.
+    ingress ── push(caller's speech) ──► LLMBridge ── RealtimeConversation ──► the realtime LLM (OpenAI protocol)
+    ingress ◄─ next_events (long poll: UserSpeech, ReplyAudio, ReplyDone, ClearReply, Transcript) ◄──┘
+    ingress ── played(item, ms) ──► (a barge-in truncates the reply at what the caller heard)
+
+The ingress feeds the reply into the avatar's session itself (`services.serving.conversation`); this deployment
+only holds the LLM connections.  Events are fetched by long poll, so no streaming handle is needed and a re-attaching
+ingress replica picks up where the previous one stopped.  What may live here: conversations keyed by session id.
 """
 
 from __future__ import annotations
 
+import asyncio
+
 from ray import serve
 
+from services.llm.conversation import ConversationError
 from services.serving.settings import AppSettings
 
 
-@serve.deployment(name="LLMBridge", max_ongoing_requests=64)
+@serve.deployment(name="LLMBridge", max_ongoing_requests=256)
 class LLMBridge:
-    """Where an audio LLM (OpenAI Realtime protocol, or the offline VAD -> ASR -> LLM -> TTS cascade) will turn a
-    caller's speech into the avatar's reply audio.  Until a provider is configured (a later issue), sessions are
-    driven by raw audio from the product backend and this deployment says so instead of pretending to answer."""
-
     def __init__(self, settings: AppSettings):
         self.settings = settings
+        self.realtime = settings.realtime_config()
+        self.conversations: dict = {}
+        self.queues: dict[str, asyncio.Queue] = {}
+        self.pumps: dict[str, asyncio.Task] = {}
 
     def status(self) -> dict:
-        """Whether a provider is attached. The bridge (realtime LLM session per avatar session, reply audio pushed
-        into AudioEncoder, barge-in clearing queued chunks) is the next delivery issue's work."""
-        return {"available": False,
-                "message": "no audio-LLM provider is configured; drive sessions with raw audio (StreamSession audio)"}
+        """Which conversation modes this server offers."""
+        if self.realtime is None:
+            return {"available": False, "modes": [],
+                    "message": "no audio LLM is configured (realtime_url); drive sessions with raw audio"}
+        return {"available": True, "modes": ["realtime"], "message": f"realtime LLM at {self.realtime.url} "
+                                                                       f"({self.realtime.model})"}
+
+    async def open(self, session_id: str, mode: str, instructions: str = "") -> None:
+        """Connect the session's conversation; ConversationError (the LLM's URL named) when it cannot."""
+        from services.llm.realtime import RealtimeConversation
+
+        if mode != "realtime" or self.realtime is None:
+            raise ConversationError(f"conversation mode {mode!r} is not available here")
+        await self.close(session_id)
+        conversation = RealtimeConversation(self.realtime, instructions or None)
+        await conversation.start()
+        self.conversations[session_id] = conversation
+        self.queues[session_id] = queue = asyncio.Queue()
+
+        async def pump() -> None:
+            try:
+                async for event in conversation.events():
+                    queue.put_nowait(event)
+            except ConversationError as error:
+                queue.put_nowait(error)
+
+        self.pumps[session_id] = asyncio.ensure_future(pump())
+
+    async def push(self, session_id: str, pcm, sample_rate_hz: int) -> None:
+        await self._conversation(session_id).push_user_audio(pcm, sample_rate_hz)
+
+    async def next_events(self, session_id: str, timeout_s: float = 1.0) -> list:
+        """The events since the last call (waits up to `timeout_s` for the first). A failed conversation's error is
+        raised here, once."""
+        self._conversation(session_id)
+        queue = self.queues[session_id]
+        events = []
+        try:
+            events.append(await asyncio.wait_for(queue.get(), timeout_s))
+        except TimeoutError:
+            return []
+        while not queue.empty():
+            events.append(queue.get_nowait())
+        for event in events:
+            if isinstance(event, BaseException):
+                raise event
+        return events
+
+    def played(self, session_id: str, item_id: str, ms: int) -> None:
+        conversation = self.conversations.get(session_id)
+        if conversation is not None:
+            conversation.played(item_id, ms)
+
+    async def close(self, session_id: str) -> None:
+        conversation = self.conversations.pop(session_id, None)
+        pump = self.pumps.pop(session_id, None)
+        self.queues.pop(session_id, None)
+        if conversation is not None:
+            await conversation.aclose()
+        if pump is not None:
+            pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
+
+    def session_ids(self) -> list[str]:
+        return list(self.conversations)
+
+    def _conversation(self, session_id: str):
+        try:
+            return self.conversations[session_id]
+        except KeyError:
+            raise KeyError(f"LLMBridge has no conversation for session {session_id!r}") from None

@@ -84,6 +84,13 @@ class AppSettings:
     livekit_api_secret: str | None = None
     livekit_token_ttl_s: float = 6 * 3600.0
     """Lifetime of the avatar tokens facecast mints."""
+    realtime_url: str | None = None
+    """WebSocket base URL of a realtime speech LLM speaking the OpenAI Realtime protocol (e.g. wss://api.openai.com/v1)
+    for `conversation.mode=REALTIME` sessions; None: $FACECAST_REALTIME_URL, and without either the mode is off.
+    The key: $OPENAI_API_KEY (or realtime_api_key)."""
+    realtime_api_key: str | None = None
+    realtime_model: str | None = None
+    """The realtime model (None: $FACECAST_REALTIME_MODEL, else gpt-realtime)."""
     api_keys: tuple[str, ...] = ()
     """Accepted API keys; empty: no authentication. Also read from $FACECAST_API_KEYS (comma-separated)."""
 
@@ -114,6 +121,7 @@ class AppSettings:
         check(self.session_sweep_s > 0, "session_sweep_s", "must be > 0 seconds")
         check(self.livekit_token_ttl_s >= 60, "livekit_token_ttl_s", "must be >= 60 seconds")
         self.livekit_config()   # a URL without its credentials fails here, naming what is missing
+        self.realtime_config()
         check(self.decoder in self.decoders(), "decoder",
               f"allowed: {', '.join(self.decoders())}" + ("" if "fast" in self.decoders() else
                                                           f" (preset {self.preset!r} ships no fast decoder)"))
@@ -126,6 +134,16 @@ class AppSettings:
             return LiveKitConfig.from_settings(self.livekit_url, self.livekit_api_key, self.livekit_api_secret,
                                                self.livekit_token_ttl_s)
         except DeliveryError as error:
+            raise ConfigError(str(error)) from None
+
+    def realtime_config(self):
+        """The realtime LLM config (`services.llm.realtime.RealtimeConfig`), or None when none is set."""
+        from services.llm.conversation import ConversationError
+        from services.llm.realtime import RealtimeConfig
+
+        try:
+            return RealtimeConfig.from_settings(self.realtime_url, self.realtime_api_key, self.realtime_model)
+        except ConversationError as error:
             raise ConfigError(str(error)) from None
 
     @classmethod

@@ -92,7 +92,7 @@ def hash_token(token: str | bytes) -> str:
 _STR_FIELDS = ("session_id", "token_sha256", "owner", "prompt", "attached_by")
 _FLOAT_FIELDS = ("created_at", "updated_at", "heartbeat_at")
 _INT_FIELDS = ("chunks_emitted", "frames_emitted", "audio_samples_received", "sample_rate_hz")
-_JSON_FIELDS = ("options", "characters", "delivery")
+_JSON_FIELDS = ("options", "characters", "delivery", "conversation")
 _PROGRESS_FIELDS = ("chunks_emitted", "frames_emitted", "audio_samples_received")
 
 
@@ -114,6 +114,7 @@ class SessionRecord:
     sample_rate_hz: int = 0
     attached_by: str = ""  # replica id currently streaming it ("" when none)
     delivery: dict = dataclasses.field(default_factory=lambda: {"kind": "grpc"})  # where its video goes
+    conversation: dict = dataclasses.field(default_factory=dict)  # {} or {"mode", "instructions"}: an LLM call
 
     def __post_init__(self) -> None:
         self.state = SessionState(self.state)
@@ -204,7 +205,7 @@ def _encode_field(name: str, value: Any) -> str:
             raise ValueError(f"{name} must be >= 0, got {v}")
         return str(v)
     if name in _JSON_FIELDS:
-        if name in ("options", "delivery") and not isinstance(value, dict):
+        if name in ("options", "delivery", "conversation") and not isinstance(value, dict):
             raise ValueError(f"{name} must be a dict, got {type(value).__name__}")
         if name == "characters" and not isinstance(value, (list, tuple)):
             raise ValueError(f"characters must be a list, got {type(value).__name__}")
@@ -238,7 +239,7 @@ def _record_from_hash(session_id: str, raw: dict) -> SessionRecord:
             if name in h:
                 data[name] = int(h[name])
         for name in _JSON_FIELDS:
-            if name in h or name != "delivery":   # records written before delivery was kept have none
+            if name in h or name not in ("delivery", "conversation"):   # older records have neither
                 data[name] = json.loads(h[name])
         data["state"] = SessionState(h["state"])
         return SessionRecord.from_dict(data)

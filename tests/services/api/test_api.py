@@ -113,7 +113,9 @@ def test_proto_builds_from_scratch_into_any_directory(tmp_path):
     }
     msgs = info["messages"]
     required = {
-        "CreateSessionRequest": {"reference_image", "prompt", "options", "characters", "delivery", "owner"},
+        "CreateSessionRequest": {"reference_image", "prompt", "options", "characters", "delivery", "owner",
+                                 "conversation"},
+        "ConversationOptions": {"mode", "instructions"},
         "SessionOptions": {"fps", "width", "height", "steps", "chunk_latent_frames", "seed"},
         "Character": {"region"},
         "Region": {"x0", "y0", "x1", "y1"},
@@ -130,7 +132,7 @@ def test_proto_builds_from_scratch_into_any_directory(tmp_path):
         "VideoChunk": {"chunk_index", "pts_ms", "width", "height", "frames", "audio_pcm_s16le", "sample_rate_hz",
                        "fps", "final", "stats"},
         "ChunkStats": {"ttbc_ms", "stage_ms", "chunks_in_flight"},
-        "Event": {"type", "message", "session_id"},
+        "Event": {"type", "message", "session_id", "turn_latency_ms"},
         "UpdateSessionRequest": {"session_id", "session_token", "prompt", "speaking"},
         "GetSessionRequest": {"session_id", "session_token"},
         "CloseSessionRequest": {"session_id", "session_token"},
@@ -144,7 +146,9 @@ def test_proto_builds_from_scratch_into_any_directory(tmp_path):
     assert info["enums"]["SessionState"] == ["SESSION_STATE_UNSPECIFIED", "CREATED", "STREAMING", "ENDED", "CLOSED",
                                              "FAILED"]
     assert info["enums"]["Event.Type"] == ["EVENT_TYPE_UNSPECIFIED", "ATTACHED", "INPUT_ENDED", "SESSION_ENDED",
-                                           "BACKPRESSURE", "WARNING"]
+                                           "BACKPRESSURE", "WARNING", "USER_SPEECH_STARTED", "USER_SPEECH_ENDED",
+                                           "REPLY_STARTED"]
+    assert info["enums"]["ConversationOptions.Mode"] == ["CONVERSATION_MODE_UNSPECIFIED", "REALTIME", "OFFLINE"]
 
 
 def test_generated_field_types_and_package_exports():

@@ -23,8 +23,9 @@ RATE = 24000
 
 
 class RealtimePeer:
-    def __init__(self, reply_s: float = 1.0, delta_s: float = 0.1, beta_names: bool = False):
-        self.reply_s, self.delta_s, self.beta_names = reply_s, delta_s, beta_names
+    def __init__(self, reply_s: float = 1.0, delta_s: float = 0.1, beta_names: bool = False, speedup: float = 1.0):
+        """`speedup`: how much faster than real time the reply is generated (real LLMs are several times)."""
+        self.reply_s, self.delta_s, self.beta_names, self.speedup = reply_s, delta_s, beta_names, speedup
         self.adapter = TypeAdapter(RealtimeClientEvent)
         self.received: list = []
         self.invalid: list = []
@@ -72,7 +73,7 @@ class RealtimePeer:
                     await send({"type": "response.output_audio.delta", "response_id": response_id,
                                 "item_id": item_id, "output_index": 0, "content_index": 0,
                                 "delta": base64.b64encode(tone[start:start + step].tobytes()).decode()})
-                    await asyncio.sleep(self.delta_s)
+                    await asyncio.sleep(self.delta_s / self.speedup)
                 await send({"type": "response.output_audio.done", "response_id": response_id, "item_id": item_id,
                             "output_index": 0, "content_index": 0})
                 status = "completed"

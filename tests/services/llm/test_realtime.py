@@ -46,6 +46,8 @@ def test_a_turn_and_a_barge_in_over_the_realtime_protocol():
                 await conversation.push_user_audio(piece, RATE)
             first = []
             done = await until(events, ReplyDone, collected=first)
+            item = next(e.item_id for e in first if isinstance(e, ReplyAudio))
+            conversation.played(item, 1000)                            # the avatar played all of it
             for piece in speech_then_quiet(0.4, 0.4):                  # a second question
                 await conversation.push_user_audio(piece, RATE)
             second = []

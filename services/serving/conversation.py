@@ -1,0 +1,194 @@
+"""A conversation session's StreamSession (`ConversationCall`): the caller talks to an audio LLM, the avatar answers.
+
+    caller's mic (StreamSession audio) ──► LLMBridge.push ──► the LLM
+    LLMBridge.next_events ──► UserSpeech ─► USER_SPEECH_STARTED / _ENDED events (the turn's clock starts at the end)
+                          ──► ReplyAudio ─► SpeechTrack.say ─┐ paced at real time, silence between turns
+                          ──► ClearReply ─► SpeechTrack.clear│ (barge-in: the unplayed reply is dropped)
+                                                             ▼
+                      the avatar's own session (a `SessionStream` fed from a queue, `LocalSessionLink`)
+                          ──► video chunks (frames + the avatar's voice) ──► the caller; REPLY_STARTED with the
+                              turn latency when the first frame of a reply goes out; `played` back to the bridge
+
+The avatar's session runs at the LLM's rate (24 kHz).  Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+import numpy as np
+
+from services.api import pb
+from services.api.validation import ApiError, validate_audio, validate_control
+from services.delivery.avatar import LEAD_S, pace
+from services.delivery.pacing import SpeechTrack
+from services.llm.conversation import ClearReply, ReplyAudio, ReplyDone, UserSpeech
+from services.serving.session_stream import LocalSessionLink, internal_error
+from services.store.sessions import SessionRecord
+from services.telemetry import span
+
+logger = logging.getLogger("facecast.ingress")
+
+REPLY_RATE_HZ = 24000
+TURN_SPAN = "facecast.turn"
+
+
+class ConversationCall:
+    """One attached StreamSession of a conversation session (the interface of `SessionStream`: run, error)."""
+
+    def __init__(self, ingress, record: SessionRecord, carrier: dict, request_stream):
+        self.ingress, self.record, self.carrier = ingress, record, carrier
+        self.session_id = record.session_id
+        self.request_stream = request_stream
+        self.link = LocalSessionLink(ingress, record, carrier)
+        self.track = SpeechTrack(REPLY_RATE_HZ)
+        self.error: ApiError | None = None
+        self.chunks_sent = 0
+        self.events: asyncio.Queue = asyncio.Queue()
+        self.speech_ended_at: float | None = None       # the turn's clock (ingress monotonic)
+        self.reply_pending = False                       # a reply's audio arrived and its first frame is not out yet
+        self.turn_latencies_ms: list[float] = []
+        self.sample_rate_hz: int | None = None
+        self.pacer: asyncio.Task | None = None
+
+    def _failed(self, error: ApiError) -> None:
+        if self.error is None:
+            self.error = error
+
+    def _event(self, kind, message: str = "", **fields) -> pb.SessionOutput:
+        return pb.SessionOutput(event=pb.Event(type=kind, session_id=self.session_id, message=message, **fields))
+
+    async def run(self, resume_from_chunk: int):
+        ingress = self.ingress
+        conversation = self.record.conversation
+        try:
+            await ingress.llm.open.remote(self.session_id, conversation["mode"], conversation.get("instructions", ""))
+        except Exception as error:   # the LLM did not answer: say where, end this stream only
+            self.error = ApiError(grpc.StatusCode.UNAVAILABLE, str(error).strip().splitlines()[-1][:500])
+            return
+        self.pacer = asyncio.ensure_future(pace(self.track, self.link, time.monotonic(), LEAD_S))
+        tasks = [self.pacer, asyncio.ensure_future(self._listen()), asyncio.ensure_future(self._read())]
+        try:
+            async for output in self._merged():
+                yield output
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.link.close()
+            await asyncio.gather(ingress.llm.close.remote(self.session_id), return_exceptions=True)
+
+    async def _merged(self):
+        """The avatar's outputs and the turn events, as they come."""
+        outputs = self.link.outputs().__aiter__()
+        next_output = asyncio.ensure_future(outputs.__anext__())
+        next_event = asyncio.ensure_future(self.events.get())
+        try:
+            while True:
+                done, _ = await asyncio.wait({next_output, next_event}, return_when=asyncio.FIRST_COMPLETED)
+                if next_event in done:
+                    event = next_event.result()
+                    if event is None:
+                        return
+                    yield event
+                    next_event = asyncio.ensure_future(self.events.get())
+                if next_output in done:
+                    try:
+                        output = next_output.result()
+                    except StopAsyncIteration:
+                        if self.link.stream.error is not None:
+                            self._failed(self.link.stream.error)
+                        return
+                    for message in self._on_output(output):
+                        yield message
+                    next_output = asyncio.ensure_future(outputs.__anext__())
+        finally:
+            next_output.cancel()
+            next_event.cancel()
+
+    def _on_output(self, output: pb.SessionOutput) -> list[pb.SessionOutput]:
+        if output.WhichOneof("output") != "video_chunk":
+            return [output]
+        chunk = output.video_chunk
+        per_frame = REPLY_RATE_HZ / chunk.fps
+        start = round(chunk.first_frame * per_frame)
+        end = round((chunk.first_frame + len(chunk.frames)) * per_frame)
+        messages = []
+        speech = self.track.speech_in(start, end)
+        if speech and self.reply_pending:
+            self.reply_pending = False
+            if self.speech_ended_at is not None:
+                latency_ms = (time.monotonic() - self.speech_ended_at) * 1000
+                self.turn_latencies_ms.append(latency_ms)
+                self.ingress.telemetry.stage_duration.record(latency_ms / 1000, {"stage": "turn"})
+                with span(TURN_SPAN, self.carrier, **{"session.id": self.session_id, "turn.latency_ms": latency_ms}):
+                    pass
+                messages.append(self._event(pb.Event.REPLY_STARTED, "the avatar is answering",
+                                            turn_latency_ms=latency_ms))
+                self.speech_ended_at = None
+        played: dict[str, int] = {}
+        for lo, hi, segment in self.track.speech_in(0, end):
+            played[segment.tag] = played.get(segment.tag, 0) + hi - lo
+        for item_id, samples in played.items():
+            asyncio.ensure_future(self.ingress.llm.played.remote(self.session_id, item_id,
+                                                                 samples * 1000 // REPLY_RATE_HZ))
+        self.track.ended_by(end)
+        self.track.forget_before(end)
+        self.chunks_sent += 1
+        return [output, *messages]
+
+    async def _listen(self) -> None:
+        """The LLM's events, by long poll."""
+        while True:
+            try:
+                events = await self.ingress.llm.next_events.remote(self.session_id, 1.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                self._failed(internal_error(self.session_id, "the conversation", error))
+                self.events.put_nowait(None)
+                return
+            for event in events:
+                if isinstance(event, UserSpeech):
+                    if event.started:
+                        self.events.put_nowait(self._event(pb.Event.USER_SPEECH_STARTED, "the caller is speaking"))
+                    else:
+                        self.speech_ended_at = time.monotonic()
+                        self.events.put_nowait(self._event(pb.Event.USER_SPEECH_ENDED, "the caller stopped"))
+                elif isinstance(event, ReplyAudio):
+                    if not self.track.pending_samples and self.track.segment is None:
+                        self.reply_pending = True
+                    self.track.say(event.pcm, tag=event.item_id)
+                elif isinstance(event, ReplyDone):
+                    self.track.end_segment()
+                elif isinstance(event, ClearReply):
+                    self.track.clear()
+                    self.reply_pending = False
+
+    async def _read(self) -> None:
+        """The caller's messages: audio to the LLM; end_of_input ends the call (the avatar finishes its sentence)."""
+        try:
+            async for message in self.request_stream:
+                kind = message.WhichOneof("input")
+                if kind == "audio":
+                    pcm, rate = validate_audio(message.audio, 1, self.sample_rate_hz, self.ingress.limits)
+                    self.sample_rate_hz = rate
+                    if len(pcm):
+                        await self.ingress.llm.push.remote(self.session_id, np.asarray(pcm), rate)
+                elif kind == "control":
+                    _, end_of_input = validate_control(message.control, 1)
+                    if end_of_input:
+                        break
+                else:
+                    raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, "attach may only be the first message")
+            while self.track.pending_samples or self.track.segment is not None:
+                await asyncio.sleep(0.1)        # let the avatar finish what it is saying
+            self.pacer.cancel()
+            await asyncio.gather(self.pacer, return_exceptions=True)
+            await self.link.send(pb.SessionInput(control=pb.Control(end_of_input=True)))
+        except ApiError as error:
+            self._failed(error)
+            self.events.put_nowait(None)

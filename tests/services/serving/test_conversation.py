@@ -1,0 +1,106 @@
+"""A conversation session through the real ingress and workers, the LLM a local peer speaking the OpenAI Realtime
+protocol: the caller's speech goes to the LLM, the avatar answers with the LLM's voice (the reply is in the video
+chunks' audio), the turn events arrive in order with the turn latency, and a caller talking over the reply cuts it
+(the LLM is told where); without a realtime LLM the mode is refused, OFFLINE is not available yet."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import numpy as np
+
+from services.api import pb
+from services.serving.llm_bridge import LLMBridge
+
+from ..llm.realtime_peer import RealtimePeer
+from ..llm.test_realtime import speech_then_quiet
+from .helpers import png
+from .recording_transport import GrpcContext
+from .test_ingress import Cluster, chunks_of, events_of, redis_url, store  # noqa: F401 (fixtures)
+
+
+def conversation_request(mode=pb.ConversationOptions.REALTIME) -> pb.CreateSessionRequest:
+    return pb.CreateSessionRequest(reference_image=png(11), conversation=pb.ConversationOptions(mode=mode))
+
+
+def realtime_cluster(store, peer) -> Cluster:
+    cluster = Cluster(store, realtime_url=peer.url, realtime_api_key="test-key")
+    cluster.llm = LLMBridge.func_or_class(cluster.settings)   # the bridge the ingress talks to, reachable here
+    cluster.ingress.llm = cluster.transport.handle("LLMBridge", cluster.llm)
+    return cluster
+
+
+async def caller(messages_then_wait):
+    for item in messages_then_wait:
+        if isinstance(item, float):
+            await asyncio.sleep(item)
+        else:
+            yield item
+
+
+def audio(pieces):
+    return [pb.SessionInput(audio=pb.AudioInput(pcm_s16le=piece.astype("<i2").tobytes(), sample_rate_hz=16000,
+                                                channels=1)) for piece in pieces]
+
+
+def test_the_caller_speaks_and_the_avatar_answers_with_the_llms_voice(store):
+    async def main():
+        async with RealtimePeer(reply_s=1.0) as peer:
+            cluster = realtime_cluster(store, peer)
+            context = GrpcContext()
+            session = await cluster.ingress.CreateSession(conversation_request(), context)
+            assert context.code is None, context.details
+            script = [*audio(speech_then_quiet(0.6, 0.5)), 3.0,
+                      pb.SessionInput(control=pb.Control(end_of_input=True))]
+            outputs, context = await cluster.stream(session, caller(script))
+            return peer, outputs, context
+
+    peer, outputs, context = asyncio.run(main())
+    assert context.code is None, context.details
+    kinds = [event.type for event in events_of(outputs)]
+    assert kinds.index(pb.Event.USER_SPEECH_STARTED) < kinds.index(pb.Event.USER_SPEECH_ENDED) < \
+        kinds.index(pb.Event.REPLY_STARTED), kinds
+    (reply_started,) = [event for event in events_of(outputs) if event.type == pb.Event.REPLY_STARTED]
+    assert 0 < reply_started.turn_latency_ms < 5000
+    chunks = chunks_of(outputs)
+    assert chunks and chunks[-1].final and {chunk.sample_rate_hz for chunk in chunks} == {24000}
+    voice = np.concatenate([np.frombuffer(chunk.audio_pcm_s16le, "<i2") for chunk in chunks]).astype(np.float64)
+    loud = np.sqrt(np.mean(voice[: len(voice) // 2400 * 2400].reshape(-1, 2400) ** 2, axis=1)) > 1000   # 100 ms
+    assert 0.8 <= loud.sum() / 10 <= 1.1, "the avatar's voice is the LLM's 1 s reply"
+    assert peer.types()[0] == "session.update" and "input_audio_buffer.append" in peer.types()
+
+
+def test_a_caller_talking_over_the_reply_cuts_it_and_the_llm_is_told_where(store):
+    async def main():
+        async with RealtimePeer(reply_s=3.0, speedup=5.0) as peer:     # the reply arrives well ahead of playback
+            cluster = realtime_cluster(store, peer)
+            context = GrpcContext()
+            session = await cluster.ingress.CreateSession(conversation_request(), context)
+            script = [*audio(speech_then_quiet(0.6, 0.5)), 2.2, *audio(speech_then_quiet(0.4, 0.0)), 2.0,
+                      pb.SessionInput(control=pb.Control(end_of_input=True))]
+            outputs, context = await cluster.stream(session, caller(script))
+            return peer, outputs, context
+
+    peer, outputs, context = asyncio.run(main())
+    assert context.code is None, context.details
+    ((item, played_ms),) = peer.truncations       # the LLM had finished; the avatar had not
+    assert 0 < played_ms < 3000, played_ms
+    voice = np.concatenate([np.frombuffer(c.audio_pcm_s16le, "<i2") for c in chunks_of(outputs)]).astype(float)
+    loud = np.sqrt(np.mean(voice[: len(voice) // 2400 * 2400].reshape(-1, 2400) ** 2, axis=1)) > 1000
+    assert loud.sum() / 10 < 2.5, "the rest of the 3 s reply was not spoken"
+
+
+def test_conversation_modes_the_server_does_not_offer_are_refused(store):
+    async def main():
+        cluster = Cluster(store)
+        results = []
+        for mode in (pb.ConversationOptions.REALTIME, pb.ConversationOptions.OFFLINE):
+            context = GrpcContext()
+            await cluster.ingress.CreateSession(conversation_request(mode), context)
+            results.append((context.code, context.details))
+        return results
+
+    (realtime, offline) = asyncio.run(main())
+    assert realtime[0] == grpc.StatusCode.FAILED_PRECONDITION and "no realtime LLM configured" in realtime[1]
+    assert offline[0] == grpc.StatusCode.UNIMPLEMENTED
