@@ -157,6 +157,8 @@ class SessionDecoder:
         claimed.add(index)
         try:
             decoded = await self._decode(request, scored, carrier)
+        except asyncio.CancelledError:   # shutting down (callers never cancel: `decode` is shielded): no turn wait
+            raise
         except BaseException:
             await self.buffered.wait(session_id, index)   # keep the order for the session's later chunks
             await self.buffered.done(session_id, index)

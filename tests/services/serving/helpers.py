@@ -35,3 +35,16 @@ def engine_jpegs(engine: AvatarEngine, image_png: bytes, pcm: np.ndarray, qualit
     chunks += engine.end_input(session)
     engine.close_session(session)
     return [jpeg for chunk in chunks for jpeg in encode_jpeg(chunk.frames, quality)]
+
+
+async def settle_tasks(timeout_s: float = 10.0) -> None:
+    """Cancel whatever the test left running on this loop and wait for it; a task that will not stop fails the test
+    by name (instead of hanging `asyncio.run` at exit)."""
+    import asyncio
+
+    pending = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in pending:
+        task.cancel()
+    if pending:
+        _, stuck = await asyncio.wait(pending, timeout=timeout_s)
+        assert not stuck, f"tasks that would not stop: {[repr(task) for task in stuck]}"

@@ -19,7 +19,7 @@ from services.store.sessions import SessionState
 
 from ..delivery.fake_livekit import FakeLiveKit
 from ..delivery.test_livekit_room import CONFIG, FakeConnector
-from .helpers import png
+from .helpers import png, settle_tasks
 from .test_avatar import say
 from .test_ingress import Cluster, redis_url, store  # noqa: F401 (fixtures)
 
@@ -60,6 +60,7 @@ def test_the_agent_helper_gives_the_agent_its_facecast_face(store):
             for session_id in list(cluster.ingress.avatars):
                 await cluster.ingress._close(session_id)
             await grpc_server.stop(None)
+            await settle_tasks()
 
     cluster, joined, output, finished, length, session_id = asyncio.run(main())
     assert joined == {"lk.publish_on_behalf": "agent-1"}

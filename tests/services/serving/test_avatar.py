@@ -19,7 +19,7 @@ from tests.model_core.helpers import speech
 
 from ..delivery.fake_livekit import FakeLiveKit
 from ..delivery.test_livekit_room import CONFIG, FakeConnector
-from .helpers import pcm16, png
+from .helpers import pcm16, png, settle_tasks
 from .recording_transport import GrpcContext
 from .test_ingress import Cluster, redis_url, store  # noqa: F401 (fixtures)
 
@@ -53,6 +53,7 @@ def test_a_voice_agent_speaks_through_the_facecast_avatar_and_can_interrupt_it(s
         finally:                 # whatever failed, no avatar is left running into the next test
             for session_id in list(cluster.ingress.avatars):
                 await cluster.ingress._close(session_id)
+            await settle_tasks()
 
     async def converse(cluster):
         cluster.ingress.room_connector = FakeConnector(server=server)
