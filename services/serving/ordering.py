@@ -82,6 +82,10 @@ class MicroBatcher:
                 self.batch_sizes.append(len(group))
                 try:
                     results = await self.run_group([payload for payload, _ in group])
+                except asyncio.CancelledError:      # the batcher itself is stopping: its callers are told, it stops
+                    for _, future in (member for members in groups.values() for member in members):
+                        future.cancel()
+                    raise
                 except BaseException as error:
                     results = [error] * len(group)
                 for (_, future), result in zip(group, results):

@@ -64,3 +64,22 @@ def test_chunk_turns_enforce_chunk_order_per_session():
 
     asyncio.run(main())
     assert [i for s, i in order if s == "x"] == [0, 1, 2] and [i for s, i in order if s == "y"] == [0, 1]
+
+
+def test_a_cancelled_micro_batcher_stops_and_cancels_its_waiting_callers():
+    """It used to take its own cancellation for a failed group and wait for more work: asyncio.run never ended."""
+    started = asyncio.Event()
+
+    async def run_group(payloads):
+        started.set()
+        await asyncio.sleep(3600)
+
+    async def main():
+        batcher = MicroBatcher(run_group, max_batch_size=4)
+        caller = asyncio.ensure_future(batcher.submit("k", 1))
+        await started.wait()
+        batcher.task.cancel()
+        done, _ = await asyncio.wait({batcher.task, caller}, timeout=2)
+        return batcher.task in done, caller in done and caller.cancelled()
+
+    assert asyncio.run(main()) == (True, True)
