@@ -64,9 +64,8 @@ def _decode(jpegs: list[bytes]) -> np.ndarray:
     return np.stack([np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16) for data in jpegs])
 
 
-def test_self_contained_worker_batches_sessions_and_matches_the_engine(cluster):
-    client = AvatarClient(cluster.target, application=SELF_CONTAINED)
-    inputs = [(png(40 + i), pcm16(speech(2.0, seed=40 + i))) for i in range(3)]
+def _stream_together(client, inputs) -> list:
+    """Stream every (image, pcm) as its own session at once, paced in real time; returns (sessions, results)."""
     sessions = [client.create_session(image) for image, _ in inputs]
     results = [None] * len(inputs)
 
@@ -78,16 +77,26 @@ def test_self_contained_worker_batches_sessions_and_matches_the_engine(cluster):
         thread.start()
     for thread in threads:
         thread.join(timeout=180)
+    return sessions, results
+
+
+def _assert_engine_frames(inputs, results) -> None:
+    """Each session's frames are the engine's: batched forwards differ from single ones only by float rounding (~1e-6
+    in the latents), which JPEG turns into the odd flipped quantisation step, so compare pictures, not bytes."""
     engine = AvatarEngine.from_preset("tiny", seed=0)
     for (image, pcm), result in zip(inputs, results):
         assert result is not None and result.chunks[-1].final
-        expected = _decode(engine_jpegs(engine, image, pcm))
-        got = _decode(result.frames_jpeg)
+        expected, got = _decode(engine_jpegs(engine, image, pcm)), _decode(result.frames_jpeg)
         assert got.shape == expected.shape
-        # batched forwards differ from single ones only by float rounding (~1e-6 in the latents); JPEG turns that
-        # into the odd flipped quantisation step, so compare the pictures, not the bytes
         mse = np.mean((got.astype(np.float64) - expected) ** 2)
         assert 10 * np.log10(255.0**2 / max(mse, 1e-12)) > 45, f"PSNR too low (MSE {mse:.4f})"
+
+
+def test_self_contained_worker_batches_sessions_and_matches_the_engine(cluster):
+    client = AvatarClient(cluster.target, application=SELF_CONTAINED)
+    inputs = [(png(40 + i), pcm16(speech(2.0, seed=40 + i))) for i in range(3)]
+    sessions, results = _stream_together(client, inputs)
+    _assert_engine_frames(inputs, results)
     stats = serve.get_deployment_handle("ScoreWorkerGroup", app_name=SELF_CONTAINED).batch_stats.remote().result()
     assert stats["max_batch_size"] >= 2, stats               # score forwards batched across sessions
     decodes = serve.get_deployment_handle("ScoreWorkerGroup", app_name=SELF_CONTAINED).decode_stats.remote().result()
@@ -102,24 +111,8 @@ def test_latents_go_from_the_score_worker_to_the_decoder_over_the_latent_link(cl
     streaming at once (their score forwards batched) get the engine's frames."""
     client = AvatarClient(cluster.target, application=LINKED)
     inputs = [(png(50 + i), pcm16(speech(1.6, seed=50 + i))) for i in range(2)]
-    sessions = [client.create_session(image) for image, _ in inputs]
-    results = [None] * len(inputs)
-
-    def run(index):
-        results[index] = client.stream(sessions[index], inputs[index][1], 16000, realtime=True)
-
-    threads = [threading.Thread(target=run, args=(index,)) for index in range(len(inputs))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=180)
-    engine = AvatarEngine.from_preset("tiny", seed=0)
-    for (image, pcm), result in zip(inputs, results):
-        assert result is not None and result.chunks[-1].final
-        expected, got = _decode(engine_jpegs(engine, image, pcm)), _decode(result.frames_jpeg)
-        assert got.shape == expected.shape
-        mse = np.mean((got.astype(np.float64) - expected) ** 2)   # batched forwards: float rounding only
-        assert 10 * np.log10(255.0**2 / max(mse, 1e-12)) > 45, f"PSNR too low (MSE {mse:.4f})"
+    sessions, results = _stream_together(client, inputs)
+    _assert_engine_frames(inputs, results)
     chunks = sum(len(result.chunks) for result in results)
     latents = serve.get_deployment_handle("VAEDecoder", app_name=LINKED).latent_stats.remote().result()
     assert latents["arrived"] == {"message": 0, "link": chunks}, latents
