@@ -81,7 +81,6 @@ class FacecastVideoGenerator:
     def __init__(self, link: SessionLink, sample_rate: int, fps: float, width: int, height: int,
                  lead_s: float = LEAD_S):
         self.link, self.rate, self.fps, self.lead_s = link, int(sample_rate), float(fps), lead_s
-        self.size = (width, height)
         self.track = SpeechTrack(sample_rate)
         self.out: asyncio.Queue = asyncio.Queue()
         self.stats = AvatarStats()

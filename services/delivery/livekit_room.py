@@ -23,6 +23,7 @@ import io
 import logging
 import os
 from abc import ABC, abstractmethod
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -186,7 +187,7 @@ class LiveKitSink(Sink):
         self.sync = self.video_source = self.audio_source = None
         self.format: tuple[int, int, int, float] | None = None   # width, height, sample rate, fps
         self.connects = 0
-        self.offsets_ms: list[float] = []     # video time - audio time after each chunk (A/V sync, + = video ahead)
+        self.offsets_ms: deque = deque(maxlen=1024)   # video - audio time after each recent chunk (+ = video ahead)
 
     async def open(self) -> None:
         """Join the room now, so a server that does not answer fails the delivery before the first chunk (once:

@@ -18,10 +18,10 @@ from services.delivery.agent_avatar import AvatarError, FacecastAvatarSession, G
 from services.store.sessions import SessionState
 
 from ..delivery.fake_livekit import FakeLiveKit
-from ..delivery.test_livekit_room import CONFIG, FakeConnector
+from ..delivery.test_livekit_room import FakeConnector
 from .helpers import png, settle_tasks
 from .test_avatar import say
-from .test_ingress import Cluster, redis_url, store  # noqa: F401 (fixtures)
+from .test_ingress import Cluster, livekit_cluster, redis_url, store  # noqa: F401 (fixtures)
 
 AGENT = rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
 
@@ -38,9 +38,7 @@ def test_the_agent_helper_gives_the_agent_its_facecast_face(store):
     server = FakeLiveKit("call-7")
 
     async def main():
-        cluster = Cluster(store, livekit_url=CONFIG.url, livekit_api_key=CONFIG.api_key,
-                          livekit_api_secret=CONFIG.api_secret)
-        cluster.ingress.room_connector = FakeConnector(server=server)
+        cluster = livekit_cluster(store, FakeConnector(server=server))
         grpc_server, target = await serve_ingress(cluster.ingress)
         try:
             agent_room = server.join("agent-1", AGENT)

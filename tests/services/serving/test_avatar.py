@@ -18,10 +18,10 @@ from services.store.sessions import SessionState
 from tests.model_core.helpers import speech
 
 from ..delivery.fake_livekit import FakeLiveKit
-from ..delivery.test_livekit_room import CONFIG, FakeConnector
+from ..delivery.test_livekit_room import FakeConnector
 from .helpers import pcm16, png, settle_tasks
 from .recording_transport import GrpcContext
-from .test_ingress import Cluster, redis_url, store  # noqa: F401 (fixtures)
+from .test_ingress import livekit_cluster, redis_url, store  # noqa: F401 (fixtures)
 
 RATE = 16000
 FRAME = RATE // 50     # 20 ms, as an agent's TTS output comes
@@ -46,8 +46,7 @@ def test_a_voice_agent_speaks_through_the_facecast_avatar_and_can_interrupt_it(s
     server = FakeLiveKit("call-7")
 
     async def main():
-        cluster = Cluster(store, livekit_url=CONFIG.url, livekit_api_key=CONFIG.api_key,
-                          livekit_api_secret=CONFIG.api_secret)
+        cluster = livekit_cluster(store)
         try:
             return await asyncio.wait_for(converse(cluster), 120)
         finally:                 # whatever failed, no avatar is left running into the next test
@@ -111,9 +110,7 @@ def test_an_avatar_for_an_agent_that_is_not_in_the_room_fails_clearly(store):
     server = FakeLiveKit("call-7")
 
     async def main():
-        cluster = Cluster(store, livekit_url=CONFIG.url, livekit_api_key=CONFIG.api_key,
-                          livekit_api_secret=CONFIG.api_secret)
-        cluster.ingress.room_connector = FakeConnector(server=server)
+        cluster = livekit_cluster(store, FakeConnector(server=server))
         cluster.ingress.avatar_agent_timeout_s = 1.0
         context = GrpcContext()
         await cluster.ingress.CreateSession(avatar_request("nobody"), context)

@@ -20,7 +20,8 @@ from tests.model_core.helpers import speech
 from ..delivery.test_livekit_room import FakeConnector, RecordingAudioSource, RecordingVideoSource
 from .helpers import engine_jpegs, pcm16, png
 from .recording_transport import GrpcContext
-from .test_ingress import Cluster, audio_messages, chunks_of, events_of, redis_url, store  # noqa: F401 (fixtures)
+from .test_ingress import (Cluster, audio_messages, chunks_of, events_of, livekit_cluster, redis_url,  # noqa: F401
+                           store)
 
 SECRET = "a-secret-of-at-least-32-characters-long"
 
@@ -45,9 +46,7 @@ def test_a_livekit_session_publishes_the_engines_frames_and_voice_to_its_room(st
     image, pcm = png(5), pcm16(speech(1.2, seed=5))
 
     async def main():
-        cluster = Cluster(store, livekit_url="ws://livekit.test:7880", livekit_api_key="devkey",
-                          livekit_api_secret=SECRET)
-        cluster.ingress.room_connector = connector = FakeConnector()
+        cluster = livekit_cluster(store, connector := FakeConnector())
         context = GrpcContext()
         session = await cluster.ingress.CreateSession(livekit_request(image), context)
         assert context.code is None, context.details
@@ -111,9 +110,7 @@ def test_a_livekit_session_can_also_stream_its_video_on_grpc(store):
     image, pcm = png(7), pcm16(speech(0.8, seed=7))
 
     async def main():
-        cluster = Cluster(store, livekit_url="ws://livekit.test:7880", livekit_api_key="devkey",
-                          livekit_api_secret=SECRET)
-        cluster.ingress.room_connector = FakeConnector()
+        cluster = livekit_cluster(store, FakeConnector())
         context = GrpcContext()
         session = await cluster.ingress.CreateSession(livekit_request(image, also_stream=True), context)
         return await cluster.stream(session, audio_messages(pcm))

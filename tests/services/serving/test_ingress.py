@@ -97,6 +97,17 @@ class Cluster:
                 "decoder_bytes": self.decoder.held_bytes(), "audio_bytes": self.audio.held_bytes()}
 
 
+LIVEKIT_ARGS = {"livekit_url": "ws://livekit.test:7880", "livekit_api_key": "devkey",
+                "livekit_api_secret": "a-secret-of-at-least-32-characters-long"}
+
+
+def livekit_cluster(store, connector=None, **args) -> Cluster:
+    """A cluster whose server has LiveKit configured; `connector` (a fake room's) stands in for real rooms."""
+    cluster = Cluster(store, **LIVEKIT_ARGS, **args)
+    cluster.ingress.room_connector = connector
+    return cluster
+
+
 def _url(store) -> str:
     kwargs = store.client.connection_pool.connection_kwargs
     return f"redis://{kwargs['host']}:{kwargs['port']}/{kwargs.get('db', 0)}"
