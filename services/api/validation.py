@@ -193,12 +193,13 @@ def _check_image(data: bytes, limits: ApiLimits) -> PIL.Image.Image:
 
 def validate_create(request, preset_stream: StreamConfig, limits: ApiLimits = ApiLimits(), *,
                     preset: PresetConfig | None = None, decoders: tuple[str, ...] = ("full",),
-                    livekit: bool = False, realtime: bool = False) -> CreateSpec:
+                    livekit: bool = False, conversation_modes: tuple[str, ...] = ()) -> CreateSpec:
     """Check a `CreateSessionRequest` and resolve it against the server's defaults.
 
     `preset_stream` supplies the defaults for unset options; pass `preset` too to also check that width and
     height tile into the model's patches; `decoders`: the decoders this server offers (`options.decoder`);
-    `livekit` / `realtime`: whether this server has LiveKit / a realtime LLM configured. Cheap checks run first; the
+    `livekit`: whether this server has LiveKit configured; `conversation_modes`: the conversation modes it offers
+    ("realtime", "offline"). Cheap checks run first; the
     image is decoded last.
 
     Raises:
@@ -206,7 +207,7 @@ def validate_create(request, preset_stream: StreamConfig, limits: ApiLimits = Ap
         field for anything else.
     """
     delivery = _check_delivery(request, livekit)
-    conversation = _check_conversation(request, realtime, limits)
+    conversation = _check_conversation(request, conversation_modes, limits)
     if len(request.owner) > limits.max_owner_chars:
         raise _invalid(f"owner is {len(request.owner)} characters long; at most {limits.max_owner_chars} "
                        "are allowed")
@@ -221,22 +222,23 @@ def validate_create(request, preset_stream: StreamConfig, limits: ApiLimits = Ap
 MAX_INSTRUCTIONS_CHARS = 4000
 
 
-def _check_conversation(request, realtime: bool, limits: ApiLimits) -> dict | None:
+def _check_conversation(request, modes: tuple[str, ...], limits: ApiLimits) -> dict | None:
     if not request.HasField("conversation") or not request.conversation.mode:
         return None
     wanted = request.conversation
-    if wanted.mode == wanted.OFFLINE:
-        raise ApiError(grpc.StatusCode.UNIMPLEMENTED, "conversation.mode=OFFLINE: the on-server cascade is not "
-                       "available yet; use REALTIME with a server that has realtime_url configured")
-    if wanted.mode != wanted.REALTIME:
+    names = {wanted.REALTIME: "realtime", wanted.OFFLINE: "offline"}
+    if wanted.mode not in names:
         raise _invalid(f"conversation.mode={wanted.mode} is invalid: allowed REALTIME (1), OFFLINE (2)")
-    if not realtime:
-        raise ApiError(grpc.StatusCode.FAILED_PRECONDITION, "conversation.mode=REALTIME: this server has no realtime "
-                       "LLM configured (its realtime_url and OPENAI_API_KEY)")
+    mode = names[wanted.mode]
+    if mode not in modes:
+        why = ("this server has no realtime LLM configured (its realtime_url and OPENAI_API_KEY)" if mode == "realtime"
+               else "this server does not offer the on-server cascade (offline_conversation is off, or its "
+                    "packages are not installed: `make cascade`)")
+        raise ApiError(grpc.StatusCode.FAILED_PRECONDITION, f"conversation.mode={mode.upper()}: {why}")
     if len(wanted.instructions) > MAX_INSTRUCTIONS_CHARS:
         raise _invalid(f"conversation.instructions is {len(wanted.instructions)} characters long; at most "
                        f"{MAX_INSTRUCTIONS_CHARS} are allowed")
-    return {"mode": "realtime", "instructions": wanted.instructions}
+    return {"mode": mode, "instructions": wanted.instructions}
 
 
 def _check_delivery(request, livekit: bool) -> dict:

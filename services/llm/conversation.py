@@ -51,6 +51,39 @@ class Transcript:
     final: bool = True
 
 
+class PcmResampler:
+    """int16 mono PCM at any rate -> `rate_hz` (livekit's resampler; one per stream, as it keeps state)."""
+
+    def __init__(self, rate_hz: int):
+        self.rate_hz = rate_hz
+        self.resamplers: dict[int, object] = {}
+
+    def push(self, pcm: np.ndarray, rate_hz: int) -> np.ndarray:
+        """The next piece of a stream (the resampler holds back a few samples until more arrive)."""
+        if rate_hz == self.rate_hz:
+            return np.asarray(pcm, dtype=np.int16)
+        from livekit import rtc
+
+        resampler = self.resamplers.setdefault(rate_hz, rtc.AudioResampler(rate_hz, self.rate_hz, num_channels=1))
+        pcm = np.ascontiguousarray(pcm, dtype=np.int16)
+        return _joined(resampler.push(rtc.AudioFrame(pcm.tobytes(), rate_hz, 1, len(pcm))))
+
+    def convert(self, pcm: np.ndarray, rate_hz: int) -> np.ndarray:
+        """A whole clip (flushed: nothing held back)."""
+        if rate_hz == self.rate_hz:
+            return np.asarray(pcm, dtype=np.int16)
+        from livekit import rtc
+
+        resampler = rtc.AudioResampler(rate_hz, self.rate_hz, num_channels=1)
+        pcm = np.ascontiguousarray(pcm, dtype=np.int16)
+        return _joined(resampler.push(rtc.AudioFrame(pcm.tobytes(), rate_hz, 1, len(pcm))) + resampler.flush())
+
+
+def _joined(frames) -> np.ndarray:
+    return (np.concatenate([np.frombuffer(bytes(frame.data), dtype=np.int16) for frame in frames]) if frames
+            else np.zeros(0, np.int16))
+
+
 class ConversationError(RuntimeError):
     """The LLM side failed (cannot connect, rejected the session, sent an invalid event); the message says which."""
 

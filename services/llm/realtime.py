@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.llm.conversation import (ClearReply, Conversation, ConversationError, ReplyAudio, ReplyDone, Transcript,
-                                       UserSpeech)
+from services.llm.conversation import (ClearReply, Conversation, ConversationError, PcmResampler, ReplyAudio,
+                                       ReplyDone, Transcript, UserSpeech)
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class RealtimeConversation(Conversation):
         self.played_ms: dict[str, int] = {}      # per reply item: what the avatar has played
         self.audio_ms: dict[str, int] = {}       # per reply item: what the LLM sent
         self.last_item: str | None = None        # the reply item the avatar may still be speaking
-        self.resamplers: dict[int, object] = {}
+        self.inbound = PcmResampler(SAMPLE_RATE_HZ)
         self.sent_events: list[str] = []
 
     async def start(self) -> None:
@@ -114,7 +114,7 @@ class RealtimeConversation(Conversation):
         self.reader = asyncio.ensure_future(self._read())
 
     async def push_user_audio(self, pcm: np.ndarray, sample_rate_hz: int) -> None:
-        samples = self._at_24k(np.asarray(pcm, dtype=np.int16), sample_rate_hz)
+        samples = self.inbound.push(np.asarray(pcm, dtype=np.int16), sample_rate_hz)
         if len(samples):
             await self._send({"type": "input_audio_buffer.append",
                               "audio": base64.b64encode(samples.astype("<i2").tobytes()).decode()})
@@ -216,12 +216,3 @@ class RealtimeConversation(Conversation):
             self.queue.put_nowait(ClearReply(reply["response_id"] if reply else None))
         self.last_item = None
 
-    def _at_24k(self, samples: np.ndarray, rate: int) -> np.ndarray:
-        if rate == SAMPLE_RATE_HZ:
-            return samples
-        from livekit import rtc
-
-        resampler = self.resamplers.setdefault(rate, rtc.AudioResampler(rate, SAMPLE_RATE_HZ, num_channels=1))
-        frames = resampler.push(rtc.AudioFrame(samples.tobytes(), rate, 1, len(samples)))
-        return (np.concatenate([np.frombuffer(bytes(f.data), dtype=np.int16) for f in frames]) if frames
-                else np.zeros(0, np.int16))

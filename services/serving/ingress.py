@@ -80,7 +80,7 @@ class SessionIngress:
         self.limits = ApiLimits()
         self.api_keys = settings.effective_api_keys()
         self.livekit = settings.livekit_config()       # None: LiveKit delivery is off on this server
-        self.realtime = settings.realtime_config()     # None: no conversation mode on this server
+        self.conversation_modes = settings.conversation_modes()   # "realtime", "offline": what CreateSession allows
         self.room_connector = None                     # None: real LiveKit rooms (tests put a fake room here)
         self.avatars: dict[str, AvatarWorker] = {}     # voice agents' avatars hosted here, by session id
         self.avatar_agent_timeout_s = 30.0             # how long CreateSession waits for the agent to be in the room
@@ -152,7 +152,7 @@ class SessionIngress:
             check_api_key(_metadata(grpc_context), self.api_keys)
             spec = validate_create(request, self.stream_defaults, self.limits, preset=self.settings.preset_config,
                                    decoders=self.decoders, livekit=self.livekit is not None,
-                                   realtime=self.realtime is not None)
+                                   conversation_modes=self.conversation_modes)
             if spec.stream.steps != self.settings.steps:
                 raise ApiError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"options.steps={spec.stream.steps} is not served here: this cluster's score group "

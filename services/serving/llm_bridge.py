@@ -1,6 +1,7 @@
 """`LLMBridge`: the audio LLM of every conversation session (`services.llm`), one conversation per session.
 
-    ingress ── push(caller's speech) ──► LLMBridge ── RealtimeConversation ──► the realtime LLM (OpenAI protocol)
+    ingress ── push(caller's speech) ──► LLMBridge ─┬ RealtimeConversation ──► the realtime LLM (OpenAI protocol)
+                                                    └ OfflineConversation  ──► the cascade, in this process
     ingress ◄─ next_events (long poll: UserSpeech, ReplyAudio, ReplyDone, ClearReply, Transcript) ◄──┘
     ingress ── played(item, ms) ──► (a barge-in truncates the reply at what the caller heard)
 
@@ -24,26 +25,37 @@ class LLMBridge:
     def __init__(self, settings: AppSettings):
         self.settings = settings
         self.realtime = settings.realtime_config()
+        self.modes = settings.conversation_modes()
+        self.offline = None                 # the cascade's config, once an offline conversation was opened
         self.conversations: dict = {}
         self.queues: dict[str, asyncio.Queue] = {}
         self.pumps: dict[str, asyncio.Task] = {}
 
     def status(self) -> dict:
         """Which conversation modes this server offers."""
-        if self.realtime is None:
+        if not self.modes:
             return {"available": False, "modes": [],
-                    "message": "no audio LLM is configured (realtime_url); drive sessions with raw audio"}
-        return {"available": True, "modes": ["realtime"], "message": f"realtime LLM at {self.realtime.url} "
-                                                                       f"({self.realtime.model})"}
+                    "message": "no audio LLM is configured (realtime_url, or the cascade: `make cascade`); drive "
+                               "sessions with raw audio"}
+        where = {"realtime": f"realtime LLM at {self.realtime.url} ({self.realtime.model})" if self.realtime else "",
+                 "offline": "the on-server cascade (Whisper base, SmolLM2-135M, Piper)"}
+        return {"available": True, "modes": list(self.modes), "message": "; ".join(where[m] for m in self.modes)}
 
     async def open(self, session_id: str, mode: str, instructions: str = "") -> None:
-        """Connect the session's conversation; ConversationError (the LLM's URL named) when it cannot."""
-        from services.llm.realtime import RealtimeConversation
-
-        if mode != "realtime" or self.realtime is None:
+        """Connect the session's conversation; ConversationError (the LLM's URL named) when it cannot. The cascade's
+        models load on the first offline conversation (in a thread; later ones share them)."""
+        if mode not in self.modes:
             raise ConversationError(f"conversation mode {mode!r} is not available here")
         await self.close(session_id)
-        conversation = RealtimeConversation(self.realtime, instructions or None)
+        if mode == "realtime":
+            from services.llm.realtime import RealtimeConversation
+
+            conversation = RealtimeConversation(self.realtime, instructions or None)
+        else:
+            from services.llm.offline import OfflineConfig, OfflineConversation
+
+            self.offline = self.offline or OfflineConfig.from_settings(self.settings.cascade_cache_dir)
+            conversation = OfflineConversation(self.offline, instructions or None)
         await conversation.start()
         self.conversations[session_id] = conversation
         self.queues[session_id] = queue = asyncio.Queue()

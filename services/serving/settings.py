@@ -91,6 +91,12 @@ class AppSettings:
     realtime_api_key: str | None = None
     realtime_model: str | None = None
     """The realtime model (None: $FACECAST_REALTIME_MODEL, else gpt-realtime)."""
+    offline_conversation: bool = True
+    """Offer `conversation.mode=OFFLINE`: the on-server cascade (silero VAD -> Whisper base -> SmolLM2-135M -> Piper,
+    `services.llm.offline`), when its packages are installed (`make cascade`)."""
+    cascade_cache_dir: str | None = None
+    """Where the cascade keeps the models it prepares once from their wheels (None: $FACECAST_CACHE_DIR, else
+    ~/.cache/facecast)."""
     api_keys: tuple[str, ...] = ()
     """Accepted API keys; empty: no authentication. Also read from $FACECAST_API_KEYS (comma-separated)."""
 
@@ -145,6 +151,14 @@ class AppSettings:
             return RealtimeConfig.from_settings(self.realtime_url, self.realtime_api_key, self.realtime_model)
         except ConversationError as error:
             raise ConfigError(str(error)) from None
+
+    def conversation_modes(self) -> tuple[str, ...]:
+        """The conversation modes this server offers: "realtime" when a realtime LLM is configured, "offline" when
+        the cascade is on and installed."""
+        from services.llm.offline import missing_packages
+
+        return ((("realtime",) if self.realtime_config() is not None else ())
+                + (("offline",) if self.offline_conversation and not missing_packages() else ()))
 
     @classmethod
     def from_args(cls, args: dict | None) -> "AppSettings":

