@@ -51,6 +51,38 @@ def parse_region(text: str) -> tuple[float, float, float, float]:
     return values
 
 
+def render(engine: AvatarEngine, stream, reference, prompt: str, characters, audio: np.ndarray, sample_rate_hz: int,
+           out: Path, quiet: bool = False) -> tuple[int, float, list[float], float]:
+    """Stream `audio` through a new engine session in live-sized pieces, every chunk written to the MP4 `out` (the
+    audio muxed in) as it arrives. Returns (frames written, TTFF s, per-chunk latencies s, elapsed s)."""
+    from tqdm import tqdm
+
+    session = engine.open_session(reference, prompt, stream, characters)
+    latencies, first_frame_s, frames_written = [], None, 0
+    expected_frames = math.ceil(audio.shape[0] / sample_rate_hz * stream.fps)
+    piece = max(1, round(PUSH_PIECE_S * sample_rate_hz))
+    with Mp4Writer(out, stream.fps, stream.width, stream.height, audio, sample_rate_hz) as writer, \
+            tqdm(total=expected_frames, unit="frame", desc="generating", disable=quiet) as bar:
+        started = time.perf_counter()
+
+        def consume(chunks):
+            nonlocal first_frame_s, frames_written
+            for chunk in chunks:
+                if first_frame_s is None:
+                    first_frame_s = time.perf_counter() - started
+                latencies.append(chunk.timings.total_s)
+                writer.write(frames_to_uint8(chunk.frames))
+                frames_written += chunk.num_frames
+                bar.update(chunk.num_frames)
+
+        for pcm in iter_pieces(audio, piece):
+            consume(engine.push_audio(session, pcm, sample_rate_hz))
+        consume(engine.end_input(session))
+        elapsed_s = time.perf_counter() - started
+    engine.close_session(session)
+    return frames_written, first_frame_s, latencies, elapsed_s
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     preset = get_preset(args.preset)
     device, dtype = parse_device(args.device), parse_dtype(args.dtype)
@@ -76,33 +108,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
           f"{args.decoder} decoder")
     print(f"  {engine.weights_note}")
     duration_s = audio.shape[0] / sample_rate_hz
-    expected_frames = math.ceil(duration_s * stream.fps)
 
     reference = image_to_tensor(image, stream.width, stream.height)
-    session = engine.open_session(reference, args.prompt, stream, characters)
-    latencies, first_frame_s, frames_written = [], None, 0
-    from tqdm import tqdm
-
-    piece = max(1, round(PUSH_PIECE_S * sample_rate_hz))
-    with Mp4Writer(out, stream.fps, stream.width, stream.height, audio, sample_rate_hz) as writer, \
-            tqdm(total=expected_frames, unit="frame", desc="generating", disable=args.quiet) as bar:
-        started = time.perf_counter()
-
-        def consume(chunks):
-            nonlocal first_frame_s, frames_written
-            for chunk in chunks:
-                if first_frame_s is None:
-                    first_frame_s = time.perf_counter() - started
-                latencies.append(chunk.timings.total_s)
-                writer.write(frames_to_uint8(chunk.frames))
-                frames_written += chunk.num_frames
-                bar.update(chunk.num_frames)
-
-        for pcm in iter_pieces(audio, piece):
-            consume(engine.push_audio(session, pcm, sample_rate_hz))
-        consume(engine.end_input(session))
-        elapsed_s = time.perf_counter() - started
-    engine.close_session(session)
+    frames_written, first_frame_s, latencies, elapsed_s = render(engine, stream, reference, args.prompt, characters,
+                                                                 audio, sample_rate_hz, out, quiet=args.quiet)
 
     fps = frames_written / elapsed_s if elapsed_s > 0 else float("inf")
     print(f"wrote {out}: {frames_written} frames ({frames_written / stream.fps:.2f} s) with audio")

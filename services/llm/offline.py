@@ -219,6 +219,16 @@ class CascadeModels:
                            sampling_rate=VAD_RATE_HZ, min_silence_duration_ms=self.config.min_silence_ms,
                            speech_pad_ms=30)
 
+    def speech_span(self, audio: np.ndarray) -> tuple[int, int] | None:
+        """Where a recording's speech is, (first sample, end sample) at 16 kHz, by the VAD; None when there is none
+        (Whisper would 'hear' words in silence)."""
+        import torch
+        from silero_vad import get_speech_timestamps, load_silero_vad
+
+        spans = get_speech_timestamps(torch.from_numpy(np.asarray(audio, np.float32)), load_silero_vad(onnx=True),
+                                      threshold=self.config.vad_threshold, sampling_rate=VAD_RATE_HZ)
+        return (spans[0]["start"], spans[-1]["end"]) if spans else None
+
     def transcribe(self, audio: np.ndarray) -> str:
         """16 kHz float32 mono speech -> text.
 
