@@ -67,9 +67,8 @@ class StreamAborted(Exception):
     without raising is dropped once a stream has started)."""
 
 
-@serve.deployment(name="SessionIngress", max_ongoing_requests=1000)
-class SessionIngress:
-    """The gRPC servicer. `audio`, `score`, `decoder`, `llm` are deployment handles (or, in unit tests, objects with
+class SessionIngressServicer:
+    """The gRPC servicer (and, over HTTP, the browser call page: `services.serving.call_page`). `audio`, `score`, `decoder`, `llm` are deployment handles (or, in unit tests, objects with
     the same `.method.remote(...)` surface); `store` overrides the Redis session store (tests)."""
 
     def __init__(self, settings: AppSettings, audio, score, decoder, llm, *, store=None, ray_metrics: bool = True):
@@ -97,6 +96,12 @@ class SessionIngress:
             self.replica_id = uuid.uuid4().hex[:8]
         self.streams: dict[str, SessionStream] = {}   # session id -> the stream attached here
         self._sweeper: asyncio.Task | None = None
+
+    def __serve_build_asgi_app__(self):
+        """The browser call page and its calls (HTTP, Serve's proxy)."""
+        from services.serving.call_page import build_call_app
+
+        return build_call_app(self)
 
     # ------------------------------------------------------------------ helpers
 
@@ -363,3 +368,9 @@ class SessionIngress:
         if stream.error is not None:
             _fail(grpc_context, stream.error)
             raise StreamAborted(stream.error.message)
+
+
+SessionIngress = serve.deployment(name="SessionIngress", max_ongoing_requests=1000)(
+    serve.ingress()(SessionIngressServicer))
+"""The deployment: gRPC through Serve's gRPC proxy, the call page through its HTTP proxy (the ASGI app is built per
+replica, after __init__, by `__serve_build_asgi_app__`)."""

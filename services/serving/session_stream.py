@@ -253,6 +253,8 @@ class SessionStream:
             await self._finish(wait=False)
 
     def _failed(self, error: ApiError) -> None:
+        if self.stop_reason == "closed":    # what fails after a close is the close's doing: the session stays CLOSED
+            return
         if self.error is None:
             self.error = error
         try:
@@ -289,6 +291,8 @@ class SessionStream:
             except asyncio.CancelledError:
                 raise
             except Exception as error:      # generation failed: the stream ends with INTERNAL and a correlation id
+                if self.stop_reason == "closed":
+                    return                  # CloseSession freed the workers under this chunk: not a failure
                 self._failed(internal_error(self.session_id, f"generating chunk {index}", error))
                 await self.outputs.put(_END)
             finally:

@@ -23,7 +23,7 @@ from services.serving import audio_encoder as audio_encoder_module
 from services.serving import vae_decoder as vae_decoder_module
 from services.media import decode_image_bytes, image_to_tensor
 from services.serving.audio_encoder import AudioEncoder
-from services.serving.ingress import SessionIngress, StreamAborted
+from services.serving.ingress import SessionIngressServicer, StreamAborted
 from services.serving.llm_bridge import LLMBridge
 from services.serving.messages import ChunkFeatures, ChunkTicket, DecodedFrames, ScoredChunk
 from model_core.stages import ScoreStage
@@ -58,7 +58,7 @@ class Cluster:
         self.audio = AudioEncoder.func_or_class(self.settings, put=self.transport.put)
         self.score = ScoreWorkerGroup.func_or_class(self.settings, score_stage)
         self.decoder = VAEDecoder.func_or_class(self.settings)
-        self.ingress = SessionIngress.func_or_class(
+        self.ingress = SessionIngressServicer(
             self.settings, self.transport.handle("AudioEncoder", self.audio),
             self.transport.handle("ScoreWorkerGroup", self.score), self.transport.handle("VAEDecoder", self.decoder),
             self.transport.handle("LLMBridge", LLMBridge.func_or_class(self.settings)), ray_metrics=False)
@@ -406,3 +406,4 @@ def test_a_session_streams_with_the_decoder_it_chose_where_the_server_ships_it(s
         frames = [frame for chunk in chunks_of(outputs[name][0]) for frame in chunk.frames]
         want = engine_jpegs(AvatarEngine.from_preset("talk128", decoder=decoder), image, pcm)
         assert frames == want, f"{name}: the cluster's frames are not the engine's with the {decoder} decoder"
+
