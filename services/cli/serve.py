@@ -42,16 +42,16 @@ from services.net import DEFAULT_GRPC_PORT
 from services.serving.settings import AppSettings
 
 
-def check_port_free(port: int) -> None:
+def check_port_free(port: int, flag: str = "--port") -> None:
     """Refuse a port something already listens on (the gRPC proxy would otherwise fail inside Ray, quietly)."""
     if not 1 <= port <= 65535:
-        raise UserError(f"--port {port} is invalid: allowed 1 to 65535")
+        raise UserError(f"{flag} {port} is invalid: allowed 1 to 65535")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a TIME_WAIT leftover is not "in use"
         try:
             sock.bind(("0.0.0.0", port))
         except OSError as error:
-            raise UserError(f"--port {port} is in use ({error.strerror}); stop what listens there or pick another "
+            raise UserError(f"{flag} {port} is in use ({error.strerror}); stop what listens there or pick another "
                             "port") from None
 
 
@@ -135,6 +135,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.preset = args.preset or TRAINED_PRESET
     serve_config, app_args, num_gpus = _serve_plan(args)
     check_port_free(args.port)
+    check_port_free(args.http_port, "--http-port")
     settings = app_args.pop("_settings")
     ready_file = Path(args.ready_file) if args.ready_file else None
     if ready_file is not None:
@@ -181,7 +182,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   flush=True)
             try:
                 cluster = LocalCluster.start(app_args, config=args.config, grpc_port=args.port,
-                                             num_cpus=args.num_cpus, num_gpus=num_gpus)
+                                             http_port=args.http_port, num_cpus=args.num_cpus, num_gpus=num_gpus)
             finally:
                 ray.init = real_init
             claim_signals()
@@ -192,6 +193,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       flush=True)
             else:
                 print(f"  redis: {redis_url} (external)", flush=True)
+            modes = settings.conversation_modes()
+            print(f"  call page: http://127.0.0.1:{cluster.http_port}/ (conversation: "
+                  f"{', '.join(modes) if modes else 'none: configure realtime_url or run `make cascade`'})",
+                  flush=True)
             keys = settings.effective_api_keys()
             print(f"  auth: {'%d API key(s) required' % len(keys) if keys else 'none (no API keys configured)'}",
                   flush=True)
@@ -288,6 +293,7 @@ def add_parser(commands) -> None:
                      help="how latents reach the VAEDecoder, replacing the config's: object_store (through Ray's "
                      "object store) or collective (the latent link: NCCL GPU to GPU, gloo on CPU)")
     srv.add_argument("--port", type=int, default=DEFAULT_GRPC_PORT, help=f"gRPC port (default {DEFAULT_GRPC_PORT})")
+    srv.add_argument("--http-port", type=int, default=8000, help="HTTP port of the browser call page (default 8000)")
     srv.add_argument("--num-gpus", type=int, help="GPUs for the local Ray (default: on a CPU config, as many "
                      "logical GPUs as its deployments ask for; on a cuda config, the real ones)")
     srv.add_argument("--num-cpus", type=int, help="CPUs for the local Ray (default: max(cores, 4))")

@@ -36,6 +36,8 @@ class LocalCluster:
     saved_env: dict[str, str | None]
     config_args: dict | None = None
     config_options: dict | None = None
+    http_port: int | None = None
+    """Serve's HTTP proxy: the browser call page at http://127.0.0.1:<http_port>/."""
     metrics_port: int | None = None
     """Ray's Prometheus metrics endpoint on this node: http://127.0.0.1:<metrics_port>/metrics."""
 
@@ -77,9 +79,10 @@ class LocalCluster:
                  include_dashboard=False, runtime_env={"env_vars": env_vars}, log_to_driver=False,
                  _metrics_export_port=metrics_port)
         cluster = cls(grpc_port, redis_url, local_redis, saved_env)
+        cluster.http_port = http_port or free_port()
         try:
             serve.start(grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=list(GRPC_SERVICERS)),
-                        http_options={"host": "127.0.0.1", "port": http_port or free_port()})
+                        http_options={"host": "127.0.0.1", "port": cluster.http_port})
             serve.run(build_app(args, options), name=APP_NAME, route_prefix="/")
         except BaseException:      # a failed deploy leaves no Ray, Redis or environment change behind
             cluster.stop()

@@ -76,11 +76,13 @@ class Server:
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     port, ready, log = free_port(), tmp / "ready", tmp / "serve.log"
+    http_port = free_port()
     with open(log, "wb") as sink:
         proc = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "--port", str(port),
-                                 "--preset", "tiny", "--ready-file", str(ready)], cwd=REPO, env=_env(), stdout=sink,
+                                 "--http-port", str(http_port), "--preset", "tiny", "--ready-file", str(ready)], cwd=REPO, env=_env(), stdout=sink,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     started = Server(proc, port, log, ready)
+    started.http_port = http_port
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not ready.exists():
@@ -134,6 +136,21 @@ def test_call_streams_the_audio_and_writes_the_mp4(server, inputs):
     assert re.search(r"TTFF \d+ ms", result.stdout), result.stdout
     assert re.search(r"between chunks: mean \d+ / p50 \d+ / p95 \d+ / max \d+ ms", result.stdout), result.stdout
     assert f"frames {info.num_frames}" in result.stdout and "FPS delivered" in result.stdout
+
+
+def test_serve_also_serves_the_browser_call_page_over_http(server):
+    """The ingress answers gRPC (the tests around this one) and, through Serve's HTTP proxy, the call page."""
+    import json
+    import urllib.request
+
+    base = f"http://127.0.0.1:{server.http_port}"
+    with urllib.request.urlopen(base + "/", timeout=30) as response:
+        page = response.read().decode()
+    assert response.status == 200 and "<title>facecast" in page and "RTCPeerConnection" in page
+    with urllib.request.urlopen(base + "/call/config", timeout=30) as response:
+        config = json.loads(response.read())
+    assert "reference" in config["faces"] and config["needs_key"] is False and isinstance(config["modes"], list)
+    assert f"call page: {base}/" in server.output()
 
 
 def test_call_with_a_non_image_exits_2_naming_the_field(server, inputs):
