@@ -80,6 +80,20 @@ def cmd_bench_cluster(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_bench_call(args: argparse.Namespace) -> int:
+    if not 2 <= args.turns <= 50:
+        raise UserError(f"--turns {args.turns} is invalid; allowed: 2 to 50 (p95 wants at least 10)")
+    from services.llm.offline import missing_packages
+
+    if missing_packages():
+        raise UserError(f"the offline cascade needs {', '.join(missing_packages())}: run `make cascade`")
+    from services.cli.bench_call import bench_call, format_call_report  # Ray: only once the args are good
+
+    report = bench_call(args.turns, decoder=args.decoder, progress=not args.quiet)
+    print_report(report if args.json else format_call_report(report))
+    return EXIT_OK
+
+
 def _output_flags(parser, what: str = "print the report as JSON") -> None:
     parser.add_argument("--json", action="store_true",
                         help=f"{what} (stdout: the JSON alone; progress and logs on stderr)")
@@ -87,7 +101,7 @@ def _output_flags(parser, what: str = "print the report as JSON") -> None:
 
 
 def add_parser(commands) -> None:
-    """Register `bench engine` and `bench cluster` on the `facecast` subparsers."""
+    """Register `bench engine`, `decode`, `gpu`, `cluster` and `call` on the `facecast` subparsers."""
     bench = commands.add_parser("bench", help="benchmarks")
     targets = bench.add_subparsers(dest="target", required=True)
     engine = targets.add_parser("engine", help="TTFF, time between chunks per stage, FPS, RTF, peak memory")
@@ -136,3 +150,9 @@ def add_parser(commands) -> None:
                          help="the sessions' decoder (fast: the preset must ship one)")
     _output_flags(cluster)
     cluster.set_defaults(handler=cmd_bench_cluster)
+    call = targets.add_parser("call", help="a scripted caller's turns on a local cluster with the offline cascade: end "
+                                           "of speech -> first avatar frame of the answer, p50/p95")
+    call.add_argument("--turns", type=int, default=10, help="measured turns after one warm-up turn (default 10)")
+    call.add_argument("--decoder", choices=("full", "fast"), default="fast", help="the sessions' decoder (default fast)")
+    _output_flags(call)
+    call.set_defaults(handler=cmd_bench_call)

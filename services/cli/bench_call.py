@@ -1,0 +1,132 @@
+"""`facecast bench call`: the turn latency a caller feels, on a real local cluster (separate Ray processes for the
+ingress, the workers and the LLMBridge), through the public gRPC API.
+
+    a scripted caller: question 1 (spoken by Piper), silence, question 2, ... sent at real time on one
+    conversation session  ─►  per turn: the moment the question's last sample was sent  ->  REPLY_STARTED (sent with
+    the first video chunk that shows the reply) arrives  =  end of speech -> first avatar frame of the answer
+
+The silence after each question is long enough for the whole answer, so no turn interrupts the one before.  The first
+turn is a warm-up (models load on the first conversation) and is reported apart.  Modes: `offline` (the on-server
+cascade); `realtime` needs a realtime LLM configured for `facecast serve` and is not started here.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import numpy as np
+
+from model_core.bench import cpu_label
+from services.api import pb, pb_grpc
+from services.deploy.local_cluster import LocalCluster
+from services.net import free_port
+
+QUESTIONS = (
+    "What is the capital of France?", "Can you tell me a fun fact about the ocean?", "How are you today?",
+    "What should I cook for dinner tonight?", "Why is the sky blue?", "What is your favourite book?",
+    "How far away is the moon?", "Can you recommend a good movie?", "What is the tallest mountain on Earth?",
+    "How do plants make their food?", "What is the best way to learn a language?", "Tell me a short joke.",
+)
+GAP_S = 9.0
+"""Silence after each question: the reply (at most ~72 tokens, ~6 s of speech) is over before the next one."""
+
+
+def _questions(count: int) -> tuple[np.ndarray, list[float]]:
+    """16 kHz int16 audio of `count` questions with GAP_S of silence after each, and where each question ends (s)."""
+    from services.llm.conversation import PcmResampler
+    from services.llm.offline import REPLY_RATE_HZ, CascadeModels, OfflineConfig
+
+    models = CascadeModels.shared(OfflineConfig.from_settings())
+    pieces, ends, at = [np.zeros(8000, np.int16)], [], 0.5
+    for k in range(count):
+        speech = PcmResampler(16000).convert(models.speak(QUESTIONS[k % len(QUESTIONS)]), REPLY_RATE_HZ)
+        pieces += [speech, np.zeros(int(GAP_S * 16000), np.int16)]
+        at += len(speech) / 16000
+        ends.append(at)
+        at += GAP_S
+    return np.concatenate(pieces), ends
+
+
+def _call(target: str, image: bytes, pcm: np.ndarray, mode: int) -> tuple[float, list[tuple[float, str, float]]]:
+    """Stream `pcm` at real time into a new conversation session; returns (the time its first sample was sent,
+    [(arrival time, event type, turn_latency_ms)])."""
+    channel = grpc.insecure_channel(target)
+    stub = pb_grpc.AvatarServiceStub(channel)
+    session = stub.CreateSession(pb.CreateSessionRequest(reference_image=image,
+                                                         conversation=pb.ConversationOptions(mode=mode)), timeout=120)
+    attached, started, events = threading.Event(), [0.0], []
+
+    def requests():
+        yield pb.SessionInput(attach=pb.Attach(session_id=session.session_id, session_token=session.session_token))
+        attached.wait(60)
+        piece = 640
+        started[0] = clock = time.perf_counter()
+        for index, start in enumerate(range(0, len(pcm), piece)):
+            time.sleep(max(0.0, clock + index * piece / 16000 - time.perf_counter()))
+            yield pb.SessionInput(audio=pb.AudioInput(pcm_s16le=pcm[start:start + piece].astype("<i2").tobytes(),
+                                                      sample_rate_hz=16000, channels=1))
+        yield pb.SessionInput(control=pb.Control(end_of_input=True))
+
+    try:
+        for output in stub.StreamSession(requests(), timeout=len(pcm) / 16000 + 300):
+            if output.WhichOneof("output") != "event":
+                continue
+            event = output.event
+            if event.type == pb.Event.ATTACHED:
+                attached.set()
+            events.append((time.perf_counter(), pb.Event.Type.Name(event.type), event.turn_latency_ms))
+            if event.type == pb.Event.SESSION_ENDED:
+                break
+    finally:
+        channel.close()
+    return started[0], events
+
+
+def bench_call(turns: int = 10, preset_name: str = "talk128", decoder: str = "fast", progress: bool = True) -> dict:
+    say = print if progress else (lambda *a, **k: None)
+    say(f"speaking {turns + 1} questions with Piper ...")
+    pcm, ends = _questions(turns + 1)
+    with open("assets/reference.png", "rb") as handle:
+        image = handle.read()
+    say("starting the local cluster ...")
+    cluster = LocalCluster.start({"preset": preset_name, "decoder": decoder, "max_chunks_in_flight": 2},
+                                 grpc_port=free_port(), num_cpus=4, num_gpus=3)
+    try:
+        say(f"calling: {len(pcm) / 16000:.0f} s of a caller at real time ...")
+        started, events = _call(cluster.target, image, pcm, pb.ConversationOptions.OFFLINE)
+    finally:
+        cluster.stop()
+    replies = [(at - started, latency) for at, kind, latency in events if kind == "REPLY_STARTED"]
+    per_turn = []
+    for k, end in enumerate(ends):
+        window_end = ends[k + 1] if k + 1 < len(ends) else float("inf")
+        reply = next(((at, latency) for at, latency in replies if end < at < window_end), None)
+        per_turn.append({"question": QUESTIONS[k % len(QUESTIONS)], "speech_end_s": end,
+                         "first_frame_after_s": None if reply is None else reply[0] - end,
+                         "server_turn_latency_ms": None if reply is None else reply[1]})
+    measured = [t["first_frame_after_s"] for t in per_turn[1:] if t["first_frame_after_s"] is not None]
+    return {"machine": cpu_label(), "preset": preset_name, "decoder": decoder, "mode": "offline",
+            "turns": turns, "answered": len(measured), "warmup_turn": per_turn[0],
+            "p50_s": float(np.percentile(measured, 50)) if measured else None,
+            "p95_s": float(np.percentile(measured, 95)) if measured else None,
+            "server_p50_ms": float(np.percentile([t["server_turn_latency_ms"] for t in per_turn[1:]
+                                                  if t["server_turn_latency_ms"] is not None], 50))
+            if measured else None,
+            "per_turn": per_turn[1:]}
+
+
+def format_call_report(report: dict) -> str:
+    lines = [f"facecast bench call — {report['mode']} cascade, preset {report['preset']} ({report['decoder']} "
+             f"decoder) on {report['machine']}",
+             f"  end of the caller's speech -> first avatar frame of the answer, {report['answered']}/"
+             f"{report['turns']} turns answered: p50 {report['p50_s']:.2f} s, p95 {report['p95_s']:.2f} s"
+             if report["p50_s"] is not None else "  no turn was answered",
+             f"  (the server's own figure, from the VAD's end of speech: p50 {report['server_p50_ms']:.0f} ms; "
+             f"warm-up turn: {report['warmup_turn']['first_frame_after_s']} s)"]
+    for turn in report["per_turn"]:
+        after = turn["first_frame_after_s"]
+        lines.append(f"    {turn['question']:45s} {'no answer' if after is None else f'{after:.2f} s'}")
+    return "\n".join(lines)
+
