@@ -19,6 +19,7 @@ landmark_sync_r (with the `eval` extra), per_style, clips, wall_s, weights.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from model_core.checkpoint import CheckpointError
 from model_core.shipped import LIPSYNC_PROBE, shipped_path
@@ -76,8 +77,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                 "last)")
     elif args.at:
         raise UserError("--at scores a window of a long run: it needs --horizon SECONDS")
-    if args.vae and not (args.vae_report or (args.video == "vae" and args.decoder == "full")):
-        raise UserError("--vae DIR replaces the preset's VAE for --vae-report, or for --video vae (full decoder)")
+    if args.vae and args.decoder != "full":
+        raise UserError("--vae DIR replaces the preset's VAE; its fast decoder belongs to the preset's VAE: use "
+                        "--decoder full")
+    if args.vae and not args.vae_report:     # the score model and the truth in another VAE's latent space
+        import dataclasses
+
+        if not Path(args.vae).is_dir():
+            raise UserError(f"--vae {args.vae}: not a VAE directory (`facecast train vae --export DIR` makes one)")
+        preset = dataclasses.replace(preset, vae_weights=str(Path(args.vae).resolve()))
     if args.ablate:
         if args.video != "model":
             raise UserError(f"--ablate {args.ablate} switches off a mechanism of the streaming engine: it needs "
@@ -103,11 +111,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         # --video vae scores the truth through the VAE alone: the score model's weights play no part
         shipped = f"the {preset.name} preset's VAE ({preset.vae_weights or 'random weights'})"
         weights = engine.weights_note if args.video == "model" else (args.vae or args.checkpoint or shipped)
-        if args.video == "vae" and args.vae:     # another VAE (a training run's export) in the preset's place
-            from model_core.decode import DecodeStage
-            from model_core.vae import StreamingVAE
-
-            engine.decoder = DecodeStage(StreamingVAE.from_pretrained(args.vae), None, "full")
     try:
         if args.horizon is not None:
             from model_core.evaluate import horizon
@@ -197,7 +200,8 @@ def add_parser(commands) -> None:
                         "alone (progress bars and logs on stderr)")
     parser.add_argument("--vae-report", action="store_true",
                         help="instead: the VAE's reconstruction of held-out clips (PSNR/SSIM, mouth, decode ms)")
-    parser.add_argument("--vae", help="with --vae-report or --video vae: a VAE directory (default: the preset's)")
+    parser.add_argument("--vae", help="a VAE directory in the preset's place (default: the preset's): for --vae-report, "
+                        "and for the videos (the score model, the teacher and the truth in its latent space)")
     parser.add_argument("--decoder", choices=("full", "fast"), default="full",
                         help="decode with the VAE's decoder (full, the reference) or the fast one distilled from it; "
                              "with --vae-report, fast adds its scores against the full decoder and its cost")

@@ -313,6 +313,8 @@ class _Reply:
     pieces: list                     # (text, end_ms within the reply)
     sent_ms: int = 0
     finished: bool = False
+    began: float = 0.0               # monotonic time the caller's turn was handed to the cascade
+    first_audio_s: float | None = None
 
 
 class OfflineConversation(Conversation):
@@ -389,8 +391,10 @@ class OfflineConversation(Conversation):
 
     async def _answer(self, utterance: np.ndarray, cancelled: threading.Event) -> None:
         """One turn: what the caller said -> the reply, spoken piece by piece."""
+        began = time.monotonic()
         try:
             text = await asyncio.to_thread(self.models.transcribe, utterance)
+            heard_s = time.monotonic() - began
             if not text or cancelled.is_set():
                 return
             self.queue.put_nowait(Transcript("user", text))
@@ -398,7 +402,7 @@ class OfflineConversation(Conversation):
             messages = [{"role": "system", "content": self.instructions},
                         *self.history[-(2 * self.config.history_turns + 1):]]
             number = next(self.ids)
-            reply = self.reply = _Reply(f"resp_offline_{number}", f"item_offline_{number}", [])
+            reply = self.reply = _Reply(f"resp_offline_{number}", f"item_offline_{number}", [], began=began)
             self.history.append({"role": "assistant", "content": ""})
             loop = asyncio.get_running_loop()
             resampler = PcmResampler(REPLY_RATE_HZ)
@@ -411,6 +415,9 @@ class OfflineConversation(Conversation):
                     loop.call_soon_threadsafe(self._spoken, reply, piece, pcm, cancelled)
 
             await asyncio.to_thread(produce)
+            logger.info("offline turn %s: heard in %.2f s (%.1f s of speech), first reply audio after %.2f s, "
+                        "whole reply after %.2f s", reply.response_id, heard_s, len(utterance) / VAD_RATE_HZ,
+                        reply.first_audio_s or -1, time.monotonic() - began)
             if not cancelled.is_set():
                 reply.finished = True
                 self.queue.put_nowait(ReplyDone(reply.response_id))
@@ -424,6 +431,7 @@ class OfflineConversation(Conversation):
     def _spoken(self, reply: _Reply, piece: str, pcm: np.ndarray, cancelled: threading.Event) -> None:
         if cancelled.is_set() or not len(pcm):
             return
+        reply.first_audio_s = reply.first_audio_s or time.monotonic() - reply.began
         reply.sent_ms += len(pcm) * 1000 // REPLY_RATE_HZ
         reply.pieces.append((piece, reply.sent_ms))
         self.history[-1]["content"] = " ".join(text for text, _ in reply.pieces)
