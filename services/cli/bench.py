@@ -85,11 +85,11 @@ def cmd_bench_call(args: argparse.Namespace) -> int:
         raise UserError(f"--turns {args.turns} is invalid; allowed: 2 to 50 (p95 wants at least 10)")
     from services.llm.offline import missing_packages
 
-    if missing_packages():
+    if missing_packages():   # the caller's questions are spoken by the cascade's voice in both modes
         raise UserError(f"the offline cascade needs {', '.join(missing_packages())}: run `make cascade`")
     from services.cli.bench_call import bench_call, format_call_report  # Ray: only once the args are good
 
-    report = bench_call(args.turns, decoder=args.decoder, progress=not args.quiet)
+    report = bench_call(args.turns, decoder=args.decoder, mode=args.mode, progress=not args.quiet)
     print_report(report if args.json else format_call_report(report))
     return EXIT_OK
 
@@ -150,9 +150,12 @@ def add_parser(commands) -> None:
                          help="the sessions' decoder (fast: the preset must ship one)")
     _output_flags(cluster)
     cluster.set_defaults(handler=cmd_bench_cluster)
-    call = targets.add_parser("call", help="a scripted caller's turns on a local cluster with the offline cascade: end "
-                                           "of speech -> first avatar frame of the answer, p50/p95")
+    call = targets.add_parser("call", help="a scripted caller's turns on a local cluster: end of speech -> first "
+                                           "avatar frame of the answer, p50/p95 (offline cascade or realtime peer)")
     call.add_argument("--turns", type=int, default=10, help="measured turns after one warm-up turn (default 10)")
     call.add_argument("--decoder", choices=("full", "fast"), default="fast", help="the sessions' decoder (default fast)")
+    call.add_argument("--mode", choices=("offline", "realtime"), default="offline",
+                      help="offline: the on-server cascade (default); realtime: against the local protocol peer "
+                           "(a scripted reply: what the avatar adds to the LLM's first audio)")
     _output_flags(call)
     call.set_defaults(handler=cmd_bench_call)

@@ -7,7 +7,9 @@ ingress, the workers and the LLMBridge), through the public gRPC API.
 
 The silence after each question is long enough for the whole answer, so no turn interrupts the one before.  The first
 turn is a warm-up (models load on the first conversation) and is reported apart.  Modes: `offline` (the on-server
-cascade); `realtime` needs a realtime LLM configured for `facecast serve` and is not started here.
+cascade) and `realtime`, against the local protocol peer (`services.llm.realtime_peer`: a scripted 3 s reply, no
+model): there the figure that matters is what the avatar adds to the LLM's own first audio (the peer's first audio
+delta of the turn -> the answer's first frame).
 """
 
 from __future__ import annotations
@@ -84,30 +86,66 @@ def _call(target: str, image: bytes, pcm: np.ndarray, mode: int) -> tuple[float,
     return started[0], events
 
 
-def bench_call(turns: int = 10, preset_name: str = "talk128", decoder: str = "fast", progress: bool = True) -> dict:
+class _Peer:
+    """The realtime protocol peer on an event loop of its own (the bench's calls are synchronous)."""
+
+    def __enter__(self):
+        import asyncio
+
+        from services.llm.realtime_peer import RealtimePeer
+
+        self.peer, self.loop = RealtimePeer(reply_s=3.0), asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.peer.__aenter__(), self.loop).result(10)
+        return self.peer
+
+    def __exit__(self, *exc):
+        import asyncio
+
+        asyncio.run_coroutine_threadsafe(self.peer.__aexit__(None, None, None), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+def bench_call(turns: int = 10, preset_name: str = "talk128", decoder: str = "fast", mode: str = "offline",
+               progress: bool = True) -> dict:
+    import contextlib
+
     say = print if progress else (lambda *a, **k: None)
     say(f"speaking {turns + 1} questions with Piper ...")
     pcm, ends = _questions(turns + 1)
     with open("assets/reference.png", "rb") as handle:
         image = handle.read()
-    say("starting the local cluster ...")
-    cluster = LocalCluster.start({"preset": preset_name, "decoder": decoder, "max_chunks_in_flight": 2},
-                                 grpc_port=free_port(), num_cpus=4, num_gpus=3)
-    try:
-        say(f"calling: {len(pcm) / 16000:.0f} s of a caller at real time ...")
-        started, events = _call(cluster.target, image, pcm, pb.ConversationOptions.OFFLINE)
-    finally:
-        cluster.stop()
+    args = {"preset": preset_name, "decoder": decoder, "max_chunks_in_flight": 2}
+    with (_Peer() if mode == "realtime" else contextlib.nullcontext()) as peer:
+        if peer is not None:
+            args.update(realtime_url=peer.url, realtime_api_key="bench-key", offline_conversation=False)
+        say("starting the local cluster ...")
+        cluster = LocalCluster.start(args, grpc_port=free_port(), num_cpus=4, num_gpus=3)
+        try:
+            say(f"calling: {len(pcm) / 16000:.0f} s of a caller at real time ...")
+            started, events = _call(cluster.target, image, pcm, pb.ConversationOptions.OFFLINE if mode == "offline"
+                                    else pb.ConversationOptions.REALTIME)
+        finally:
+            cluster.stop()
+        llm_first_audio = [at - started for at in peer.first_audio_at] if peer is not None else []
     replies = [(at - started, latency) for at, kind, latency in events if kind == "REPLY_STARTED"]
     per_turn = []
     for k, end in enumerate(ends):
         window_end = ends[k + 1] if k + 1 < len(ends) else float("inf")
         reply = next(((at, latency) for at, latency in replies if end < at < window_end), None)
+        llm = next((at for at in llm_first_audio if end < at < window_end), None)
         per_turn.append({"question": QUESTIONS[k % len(QUESTIONS)], "speech_end_s": end,
                          "first_frame_after_s": None if reply is None else reply[0] - end,
-                         "server_turn_latency_ms": None if reply is None else reply[1]})
+                         "server_turn_latency_ms": None if reply is None else reply[1],
+                         "llm_first_audio_after_s": None if llm is None else llm - end,
+                         "avatar_adds_s": None if llm is None or reply is None else reply[0] - llm})
     measured = [t["first_frame_after_s"] for t in per_turn[1:] if t["first_frame_after_s"] is not None]
-    return {"machine": cpu_label(), "preset": preset_name, "decoder": decoder, "mode": "offline",
+    added = [t["avatar_adds_s"] for t in per_turn[1:] if t["avatar_adds_s"] is not None]
+    return {"machine": cpu_label(), "preset": preset_name, "decoder": decoder, "mode": mode,
+            "avatar_adds_p50_s": float(np.percentile(added, 50)) if added else None,
+            "avatar_adds_p95_s": float(np.percentile(added, 95)) if added else None,
             "turns": turns, "answered": len(measured), "warmup_turn": per_turn[0],
             "p50_s": float(np.percentile(measured, 50)) if measured else None,
             "p95_s": float(np.percentile(measured, 95)) if measured else None,
@@ -118,13 +156,16 @@ def bench_call(turns: int = 10, preset_name: str = "talk128", decoder: str = "fa
 
 
 def format_call_report(report: dict) -> str:
-    lines = [f"facecast bench call — {report['mode']} cascade, preset {report['preset']} ({report['decoder']} "
+    lines = [f"facecast bench call — {report['mode']} mode, preset {report['preset']} ({report['decoder']} "
              f"decoder) on {report['machine']}",
              f"  end of the caller's speech -> first avatar frame of the answer, {report['answered']}/"
              f"{report['turns']} turns answered: p50 {report['p50_s']:.2f} s, p95 {report['p95_s']:.2f} s"
              if report["p50_s"] is not None else "  no turn was answered",
              f"  (the server's own figure, from the VAD's end of speech: p50 {report['server_p50_ms']:.0f} ms; "
              f"warm-up turn: {report['warmup_turn']['first_frame_after_s']} s)"]
+    if report["avatar_adds_p50_s"] is not None:
+        lines.append(f"  the LLM's first audio -> the answer's first frame (what the avatar adds): p50 "
+                     f"{report['avatar_adds_p50_s']:.2f} s, p95 {report['avatar_adds_p95_s']:.2f} s")
     for turn in report["per_turn"]:
         after = turn["first_frame_after_s"]
         lines.append(f"    {turn['question']:45s} {'no answer' if after is None else f'{after:.2f} s'}")

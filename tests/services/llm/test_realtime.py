@@ -14,7 +14,7 @@ from services.llm.conversation import ClearReply, ConversationError, ReplyAudio,
 from services.llm.realtime import RealtimeConfig, RealtimeConversation
 from services.net import free_port
 
-from .realtime_peer import RealtimePeer
+from services.llm.realtime_peer import RealtimePeer
 
 RATE = 16000
 

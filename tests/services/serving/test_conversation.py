@@ -17,7 +17,7 @@ from services.llm.conversation import PcmResampler
 from services.llm.offline import CascadeModels, OfflineConfig, missing_packages
 from services.serving.llm_bridge import LLMBridge
 
-from ..llm.realtime_peer import RealtimePeer
+from services.llm.realtime_peer import RealtimePeer
 from ..llm.test_realtime import speech_then_quiet
 from .helpers import png
 from .recording_transport import GrpcContext

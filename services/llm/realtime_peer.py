@@ -1,8 +1,10 @@
-"""A local WebSocket peer that speaks the OpenAI Realtime event protocol (GA names), for tests: no cloud LLM here.
+"""A local WebSocket peer that speaks the OpenAI Realtime event protocol (GA names), for the tests and for
+`facecast bench call --mode realtime`: no cloud LLM here, and no model — it is a protocol peer, never a product path.
 
 It validates every client event against the `openai` package's typed models, runs a crude server VAD on the
 appended audio (speech = RMS above a threshold; 300 ms of quiet ends it), answers each user turn with a reply of
-`reply_s` seconds of a tone streamed as `response.output_audio.delta` in real time, and honours `response.cancel`
+`reply_s` seconds of a tone streamed as `response.output_audio.delta` in real time (`first_audio_at`: when each
+reply's first delta went out, `time.perf_counter()`), and honours `response.cancel`
 (the reply stops, `response.done` says cancelled) and `conversation.item.truncate`. `beta_names` sends the beta /
 Azure event names instead (`response.audio.delta`, ...).
 """
@@ -13,6 +15,7 @@ import asyncio
 import base64
 import itertools
 import json
+import time
 
 import numpy as np
 import websockets
@@ -33,6 +36,7 @@ class RealtimePeer:
         self.ids = itertools.count()
         self.server = None
         self.port = None
+        self.first_audio_at: list[float] = []
         self.inject: list[dict] = []     # raw events to send after the next session.updated (tests of bad input)
 
     async def __aenter__(self):
@@ -70,6 +74,8 @@ class RealtimePeer:
             step = int(self.delta_s * RATE)
             try:
                 for start in range(0, len(tone), step):
+                    if start == 0:
+                        self.first_audio_at.append(time.perf_counter())
                     await send({"type": "response.output_audio.delta", "response_id": response_id,
                                 "item_id": item_id, "output_index": 0, "content_index": 0,
                                 "delta": base64.b64encode(tone[start:start + step].tobytes()).decode()})
