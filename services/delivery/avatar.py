@@ -187,15 +187,43 @@ class FacecastVideoGenerator:
         self.track.forget_before(self.emitted_to)
 
 
-async def pace(track: SpeechTrack, link: SessionLink, started_at: float, lead_s: float) -> None:
-    """Feed `track` into the session behind `link` at real time + `lead_s`, every TICK_S, forever."""
+async def pace(track: SpeechTrack, link: SessionLink, started_at: float, lead_s: float,
+               chunk_ready=None) -> None:
+    """Feed `track` into the session behind `link` at real time + `lead_s`, every TICK_S, forever.
+
+    `chunk_ready(sample)`: the track position at which the chunk showing `sample` can be generated (its audio and
+    lookahead complete). With it, speech that begins after silence may be fed ahead of real time, as fast as it
+    arrives, up to that point: the chunk that shows the reply's start is made as soon as its speech is there instead
+    of when real time reaches the end of its window and lookahead (up to a chunk plus the lookahead later: ~0.8 s at
+    25 fps, chunk 3). Past that point speech goes at real time again, and silence never runs ahead, so the session
+    is back on real time within a chunk and an interruption costs at most that much more of the reply."""
+    hold = 0                # the track position speech may run ahead to (0: none)
     while True:
         target = int((time.monotonic() - started_at + lead_s) * track.rate)
-        if target > track.sent:
+        pending = track.pending_samples
+        if chunk_ready is not None and pending and not track.speaking():
+            hold = chunk_ready(track.sent)
+        if hold <= target:
+            hold = 0
+        count = max(min(pending, hold - track.sent), target - track.sent)
+        if count > 0:
             await link.send(pb.SessionInput(audio=pb.AudioInput(
-                pcm_s16le=track.take(target - track.sent).astype("<i2").tobytes(), sample_rate_hz=track.rate,
-                channels=1)))
+                pcm_s16le=track.take(count).astype("<i2").tobytes(), sample_rate_hz=track.rate, channels=1)))
         await asyncio.sleep(TICK_S)
+
+
+def chunk_ready_points(fps: float, rate: int, chunk_latent_frames: int, temporal_compression: int,
+                       lookahead_latent_frames: int):
+    """`chunk_ready` for `pace`: the engine's timeline (latent frame f shows video frames 4f-3..4f, frame 0 alone; a
+    chunk of C latent frames is made once the audio reaches `lookahead` latent frames past its last one)."""
+    def ready(sample: int) -> int:
+        frame = sample * fps / rate                                   # the video frame this sample shows
+        latent = max(0, -(-int(frame) // temporal_compression))       # the latent frame showing it
+        last = (latent // chunk_latent_frames + 1) * chunk_latent_frames - 1
+        frames_needed = temporal_compression * (last + lookahead_latent_frames) + 1
+        return int(np.ceil(frames_needed * rate / fps))
+
+    return ready
 
 
 def _is_video(item) -> bool:

@@ -43,6 +43,7 @@ class SpeechTrack:
         self.segment: Segment | None = None    # receiving speech now
         self.ids = itertools.count()
         self.sent = 0                          # samples fed so far (speech and silence)
+        self.last_fed_speech = False
 
     def say(self, samples: np.ndarray, tag: object = None) -> Segment:
         """Queue speech (int16 mono) on the current segment; a new segment starts after `end_segment`, or when the
@@ -72,6 +73,10 @@ class SpeechTrack:
         self.segment = None
         return dropped
 
+    def speaking(self) -> bool:
+        """Whether the last sample fed was speech."""
+        return self.last_fed_speech
+
     @property
     def pending_samples(self) -> int:
         return sum(len(samples) for samples, _ in self.pending if samples is not None)
@@ -97,6 +102,7 @@ class SpeechTrack:
             out.append(piece)
             self.sent += len(piece)
             count -= len(piece)
+        self.last_fed_speech = bool(out) and not count
         if count:
             out.append(np.zeros(count, np.int16))
             self.sent += count

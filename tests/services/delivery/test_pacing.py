@@ -33,3 +33,51 @@ def test_an_interruption_drops_what_was_not_fed_and_silences_what_was():
     after = track.say(np.full(4, 3, np.int16))
     track.end_segment()
     assert not after.interrupted and list(track.take(4)) == [3] * 4
+
+
+def test_chunk_ready_points_follow_the_engines_timeline():
+    from services.delivery.avatar import chunk_ready_points
+
+    ready = chunk_ready_points(fps=25, rate=24000, chunk_latent_frames=3, temporal_compression=4,
+                               lookahead_latent_frames=2)
+    per_frame = 24000 // 25
+    # chunk 0 shows frames 0-8 and needs audio through frame 16; chunk 1 frames 9-20, through frame 28
+    assert [ready(f * per_frame) // per_frame for f in (0, 8, 9, 20, 21)] == [17, 17, 29, 29, 41]
+
+
+def test_speech_after_silence_runs_ahead_to_where_its_chunk_can_be_made_then_goes_at_real_time():
+    import asyncio
+
+    from services.delivery.avatar import pace
+
+    class Link:
+        async def send(self, message):
+            pass
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        track = SpeechTrack(1000)
+        pacer = asyncio.ensure_future(pace(track, Link(), loop.time(), 0.0,
+                                           chunk_ready=lambda sample: (sample // 500 + 1) * 500 + 200))
+        await asyncio.sleep(0.3)                      # 300 ms of listening: fed at real time
+        before = track.sent
+        track.say(np.full(300, 3, np.int16))          # a reply begins: 300 ms of it are here already
+        await asyncio.sleep(0.05)
+        burst = track.sent
+        track.say(np.full(300, 3, np.int16))          # more arrives; the reply ends
+        track.end_segment()
+        await asyncio.sleep(0.05)
+        ahead = track.sent
+        await asyncio.sleep(0.6)
+        waited = track.sent                           # silence is not fed until real time catches up
+        await asyncio.sleep(0.6)
+        caught_up = track.sent
+        pacer.cancel()
+        return before, burst, ahead, waited, caught_up, list(track.take(0))
+
+    before, burst, ahead, waited, caught_up, _ = asyncio.run(main())
+    assert 250 <= before <= 360
+    assert before + 300 <= burst <= before + 330, "the speech there was fed at once (no silence after it)"
+    assert 700 <= ahead <= 720, "then up to where the chunk showing the reply's start can be made, no further"
+    assert waited <= 1060, "after the reply, silence is fed no further than real time (at ~1.0 s)"
+    assert 1550 <= caught_up <= 1700, (ahead, waited, caught_up)
