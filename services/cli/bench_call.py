@@ -7,8 +7,8 @@ ingress, the workers and the LLMBridge), through the public gRPC API.
 
 The silence after each question is long enough for the whole answer, so no turn interrupts the one before.  The first
 turn is a warm-up (models load on the first conversation) and is reported apart.  Modes: `offline` (the on-server
-cascade) and `realtime`, against the local protocol peer (`services.llm.realtime_peer`: a scripted 3 s reply, no
-model): there the figure that matters is what the avatar adds to the LLM's own first audio (the peer's first audio
+cascade) and `realtime`, against the local protocol peer (`services.llm.realtime_peer`: a scripted 3 s reply
+streamed at PEER_SPEEDUP x real time, no model): there the figure that matters is what the avatar adds to the LLM's own first audio (the peer's first audio
 delta of the turn -> the answer's first frame).
 """
 
@@ -31,6 +31,9 @@ QUESTIONS = (
     "How far away is the moon?", "Can you recommend a good movie?", "What is the tallest mountain on Earth?",
     "How do plants make their food?", "What is the best way to learn a language?", "Tell me a short joke.",
 )
+PEER_SPEEDUP = 4.0
+"""How much faster than real time the protocol peer streams its reply (hosted realtime LLMs stream several times
+faster than they speak; at 1.0 the avatar could not see a chunk's audio before real time brings it)."""
 GAP_S = 9.0
 """Silence after each question: the reply (at most ~72 tokens, ~6 s of speech) is over before the next one."""
 
@@ -78,7 +81,7 @@ def _call(target: str, image: bytes, pcm: np.ndarray, mode: int) -> tuple[float,
             event = output.event
             if event.type == pb.Event.ATTACHED:
                 attached.set()
-            events.append((time.perf_counter(), pb.Event.Type.Name(event.type), event.turn_latency_ms))
+            events.append((time.perf_counter(), pb.Event.Type.Name(event.type), event.turn_latency_ms, event.message))
             if event.type == pb.Event.SESSION_ENDED:
                 break
     finally:
@@ -94,7 +97,7 @@ class _Peer:
 
         from services.llm.realtime_peer import RealtimePeer
 
-        self.peer, self.loop = RealtimePeer(reply_s=3.0), asyncio.new_event_loop()
+        self.peer, self.loop = RealtimePeer(reply_s=3.0, speedup=PEER_SPEEDUP), asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         asyncio.run_coroutine_threadsafe(self.peer.__aenter__(), self.loop).result(10)
@@ -130,15 +133,16 @@ def bench_call(turns: int = 10, preset_name: str = "talk128", decoder: str = "fa
         finally:
             cluster.stop()
         llm_first_audio = [at - started for at in peer.first_audio_at] if peer is not None else []
-    replies = [(at - started, latency) for at, kind, latency in events if kind == "REPLY_STARTED"]
+    replies = [(at - started, latency, note) for at, kind, latency, note in events if kind == "REPLY_STARTED"]
     per_turn = []
     for k, end in enumerate(ends):
         window_end = ends[k + 1] if k + 1 < len(ends) else float("inf")
-        reply = next(((at, latency) for at, latency in replies if end < at < window_end), None)
+        reply = next((r for r in replies if end < r[0] < window_end), None)
         llm = next((at for at in llm_first_audio if end < at < window_end), None)
         per_turn.append({"question": QUESTIONS[k % len(QUESTIONS)], "speech_end_s": end,
                          "first_frame_after_s": None if reply is None else reply[0] - end,
                          "server_turn_latency_ms": None if reply is None else reply[1],
+                         "server_note": None if reply is None else reply[2],
                          "llm_first_audio_after_s": None if llm is None else llm - end,
                          "avatar_adds_s": None if llm is None or reply is None else reply[0] - llm})
     measured = [t["first_frame_after_s"] for t in per_turn[1:] if t["first_frame_after_s"] is not None]
@@ -168,6 +172,7 @@ def format_call_report(report: dict) -> str:
                      f"{report['avatar_adds_p50_s']:.2f} s, p95 {report['avatar_adds_p95_s']:.2f} s")
     for turn in report["per_turn"]:
         after = turn["first_frame_after_s"]
-        lines.append(f"    {turn['question']:45s} {'no answer' if after is None else f'{after:.2f} s'}")
+        lines.append(f"    {turn['question']:45s} {'no answer' if after is None else f'{after:.2f} s'}  "
+                     f"{turn['server_note'] or ''}")
     return "\n".join(lines)
 

@@ -50,6 +50,7 @@ class ConversationCall:
         self.events: asyncio.Queue = asyncio.Queue()
         self.speech_ended_at: float | None = None       # the turn's clock (ingress monotonic)
         self.reply_pending = False                       # a reply's audio arrived and its first frame is not out yet
+        self.reply_audio_at = 0.0                        # when that audio arrived (ingress monotonic)
         self.turn_latencies_ms: list[float] = []
         self.sample_rate_hz: int | None = None
         self.pacer: asyncio.Task | None = None
@@ -126,12 +127,15 @@ class ConversationCall:
             self.reply_pending = False
             if self.speech_ended_at is not None:
                 latency_ms = (time.monotonic() - self.speech_ended_at) * 1000
+                avatar_ms = (time.monotonic() - self.reply_audio_at) * 1000
                 self.turn_latencies_ms.append(latency_ms)
                 self.ingress.telemetry.stage_duration.record(latency_ms / 1000, {"stage": "turn"})
-                with span(TURN_SPAN, self.carrier, **{"session.id": self.session_id, "turn.latency_ms": latency_ms}):
+                self.ingress.telemetry.stage_duration.record(avatar_ms / 1000, {"stage": "turn_avatar"})
+                with span(TURN_SPAN, self.carrier, **{"session.id": self.session_id, "turn.latency_ms": latency_ms,
+                                                      "turn.avatar_ms": avatar_ms}):
                     pass
-                messages.append(self._event(pb.Event.REPLY_STARTED, "the avatar is answering",
-                                            turn_latency_ms=latency_ms))
+                messages.append(self._event(pb.Event.REPLY_STARTED, f"the avatar is answering ({avatar_ms:.0f} ms "
+                                            "after the reply's first audio)", turn_latency_ms=latency_ms))
                 self.speech_ended_at = None
         played: dict[str, int] = {}
         for lo, hi, segment in self.track.speech_in(0, end):
@@ -165,6 +169,7 @@ class ConversationCall:
                 elif isinstance(event, ReplyAudio):
                     if not self.track.pending_samples and self.track.segment is None:
                         self.reply_pending = True
+                        self.reply_audio_at = time.monotonic()
                     self.track.say(event.pcm, tag=event.item_id)
                 elif isinstance(event, ReplyDone):
                     self.track.end_segment()
