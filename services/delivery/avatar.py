@@ -79,8 +79,9 @@ class FacecastVideoGenerator:
     time: `as_video_generator()` returns the livekit-agents subclass (livekit-agents loads only where it is used)."""
 
     def __init__(self, link: SessionLink, sample_rate: int, fps: float, width: int, height: int,
-                 lead_s: float = LEAD_S):
+                 lead_s: float = LEAD_S, chunk_ready=None):
         self.link, self.rate, self.fps, self.lead_s = link, int(sample_rate), float(fps), lead_s
+        self.chunk_ready = chunk_ready             # `pace`'s: the start of each segment is made without waiting
         self.track = SpeechTrack(sample_rate)
         self.out: asyncio.Queue = asyncio.Queue()
         self.stats = AvatarStats()
@@ -152,7 +153,7 @@ class FacecastVideoGenerator:
 
     async def _pace(self) -> None:
         """Feed the session at real time + lead: pending speech first, silence when there is none."""
-        await pace(self.track, self.link, self.started_at, self.lead_s)
+        await pace(self.track, self.link, self.started_at, self.lead_s, self.chunk_ready)
 
     async def _receive(self) -> None:
         try:
@@ -254,10 +255,10 @@ class AvatarWorker:
 
     def __init__(self, config: LiveKitConfig, connector: RoomConnector, room: str, identity: str,
                  agent_identity: str, link: SessionLink, *, sample_rate: int, fps: float, width: int, height: int,
-                 agent_timeout_s: float = 30.0):
+                 agent_timeout_s: float = 30.0, chunk_ready=None):
         self.config, self.connector, self.room_name, self.identity = config, connector, room, identity
         self.agent_identity, self.agent_timeout_s = agent_identity, agent_timeout_s
-        self.generator = FacecastVideoGenerator(link, sample_rate, fps, width, height)
+        self.generator = FacecastVideoGenerator(link, sample_rate, fps, width, height, chunk_ready=chunk_ready)
         self.options = (width, height, fps, sample_rate)
         self.room = self.runner = None
         self.done = asyncio.Event()

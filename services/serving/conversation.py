@@ -23,7 +23,7 @@ import numpy as np
 
 from services.api import pb
 from services.api.validation import ApiError, validate_audio, validate_control
-from services.delivery.avatar import LEAD_S, chunk_ready_points, pace
+from services.delivery.avatar import LEAD_S, pace
 from services.delivery.pacing import SpeechTrack
 from services.llm.conversation import ClearReply, ReplyAudio, ReplyDone, UserSpeech
 from services.serving.session_stream import LocalSessionLink, internal_error
@@ -70,10 +70,7 @@ class ConversationCall:
         except Exception as error:   # the LLM did not answer: say where, end this stream only
             self.error = ApiError(grpc.StatusCode.UNAVAILABLE, str(error).strip().splitlines()[-1][:500])
             return
-        stream = ingress.stream_defaults.replace(**self.record.options)
-        dit = ingress.settings.preset_config.dit
-        ready = chunk_ready_points(stream.fps, REPLY_RATE_HZ, stream.chunk_latent_frames, dit.temporal_compression,
-                                   dit.audio_lookahead_latent_frames)
+        ready = ingress.chunk_ready_points(self.record, REPLY_RATE_HZ)
         self.pacer = asyncio.ensure_future(pace(self.track, self.link, time.monotonic(), LEAD_S, ready))
         tasks = [self.pacer, asyncio.ensure_future(self._listen()), asyncio.ensure_future(self._read())]
         try:

@@ -38,7 +38,7 @@ from ray import serve
 from services.api import SERVICE_NAME, pb
 from services.api.validation import (ApiError, ApiLimits, check_api_key, check_token, new_token, require_session_id,
                                      session_to_proto, validate_create, validate_update)
-from services.delivery.avatar import AvatarWorker
+from services.delivery.avatar import AvatarWorker, chunk_ready_points
 from services.delivery.livekit_room import DeliveryError, LiveKitConnector
 from services.serving.conversation import ConversationCall
 from services.serving.session_stream import LocalSessionLink, SessionStream, internal_error
@@ -96,6 +96,13 @@ class SessionIngressServicer:
             self.replica_id = uuid.uuid4().hex[:8]
         self.streams: dict[str, SessionStream] = {}   # session id -> the stream attached here
         self._sweeper: asyncio.Task | None = None
+
+    def chunk_ready_points(self, record: SessionRecord, sample_rate_hz: int):
+        """`pace`'s chunk_ready for this session's stream (its fps and chunk, the preset's timeline)."""
+        stream = self.stream_defaults.replace(**record.options)
+        dit = self.settings.preset_config.dit
+        return chunk_ready_points(stream.fps, sample_rate_hz, stream.chunk_latent_frames, dit.temporal_compression,
+                                  dit.audio_lookahead_latent_frames)
 
     def __serve_build_asgi_app__(self):
         """The browser call page and its calls (HTTP, Serve's proxy)."""
@@ -217,7 +224,8 @@ class SessionIngressServicer:
                               delivery["identity"] or f"facecast-avatar-{record.session_id[:8]}",
                               delivery["agent_identity"], link, sample_rate=AVATAR_SAMPLE_RATE_HZ,
                               fps=options["fps"], width=options["width"], height=options["height"],
-                              agent_timeout_s=self.avatar_agent_timeout_s)
+                              agent_timeout_s=self.avatar_agent_timeout_s,
+                              chunk_ready=self.chunk_ready_points(record, AVATAR_SAMPLE_RATE_HZ))
         try:
             await worker.start()
         except DeliveryError as error:
