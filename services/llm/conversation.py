@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -97,9 +98,17 @@ class Conversation(ABC):
     async def push_user_audio(self, pcm: np.ndarray, sample_rate_hz: int) -> None:
         """The caller's speech (int16 mono), as it arrives."""
 
-    @abstractmethod
-    def events(self):
-        """Async iterator of the events above, until the conversation closes."""
+    queue: "asyncio.Queue"     # the engine puts events here; None ends the stream, an exception is raised
+
+    async def events(self):
+        """Async iterator of the events above, until the conversation closes (an engine's failure is raised)."""
+        while True:
+            item = await self.queue.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
 
     def played(self, item_id: str, ms: int) -> None:
         """The avatar has played `ms` of reply item `item_id` (engines that can truncate their memory use it)."""

@@ -122,15 +122,6 @@ class RealtimeConversation(Conversation):
     def played(self, item_id: str, ms: int) -> None:
         self.played_ms[item_id] = max(self.played_ms.get(item_id, 0), int(ms))
 
-    async def events(self):
-        while True:
-            item = await self.queue.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
     async def aclose(self) -> None:
         if self.reader is not None:
             self.reader.cancel()
