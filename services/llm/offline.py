@@ -48,6 +48,8 @@ VAD_RATE_HZ = 16000
 VAD_WINDOW = 512                    # samples per silero window at 16 kHz (32 ms)
 REPLY_RATE_HZ = 24000
 WHISPER_BYTES = 145_217_532         # model.bin joined from the two wheels (the upstream file's size)
+FIRST_WORDS = 10                    # the reply's first piece is spoken after at most this many words
+MAX_WORDS = 24
 ASR_SHORT_S = 24.0                  # speech up to this long is encoded in a window of its own length
 ASR_TAIL_S = 5                      # seconds of silence after it
 PIPER_VOICE = "piper:en_US-joe-medium"
@@ -145,17 +147,23 @@ class _Cancelled(Exception):
 
 
 def split_pieces(text: str, first: bool) -> tuple[list[str], str]:
-    """Complete pieces at the front of `text` and the rest: sentences (. ! ? and a space); the reply's first piece
-    may also end at a comma, colon or semicolon once it has four words, so speech starts early."""
+    """Complete pieces at the front of `text` and the rest: sentences (. ! ? and a space), or a clause (, ; : or a
+    dash, once it has four words) for the reply's first piece, so speech starts early; a run of FIRST_WORDS words
+    (MAX_WORDS later) without any of these is a piece too (a long first sentence would hold the face still)."""
     pieces = []
     while True:
         match = re.search(r"[.!?…]+[\"')\]]*\s", text)
         if first and not pieces:
-            comma = next((c for c in re.finditer(r"[,;:]\s", text) if len(text[:c.start()].split()) >= 4), None)
-            if comma and (match is None or comma.start() < match.start()):
-                match = comma
+            clause = next((c for c in re.finditer(r"(?:[,;:]|\s[-–—])\s", text)
+                           if len(text[:c.start()].split()) >= 4), None)
+            if clause and (match is None or clause.start() < match.start()):
+                match = clause
+        limit = FIRST_WORDS if first and not pieces else MAX_WORDS
         if match is None:
-            return pieces, text
+            words = list(re.finditer(r"\S+\s", text))
+            if len(words) < limit:
+                return pieces, text
+            match = words[limit - 1]
         piece, text = text[:match.end()].strip(), text[match.end():]
         if piece:
             pieces.append(piece)

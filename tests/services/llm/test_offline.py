@@ -28,6 +28,11 @@ def test_text_is_cut_into_speakable_pieces_as_it_streams():
     assert split_pieces("The ocean covers most of Earth, and more", first=False) == \
         ([], "The ocean covers most of Earth, and more")
     assert split_pieces("3.5 is a number", first=False) == ([], "3.5 is a number")   # no space after the dot
+    assert split_pieces("The ocean is home to many life forms - from plankton", first=True) == \
+        (["The ocean is home to many life forms -"], "from plankton")
+    long = "one two three four five six seven eight nine ten eleven twelve"
+    assert split_pieces(long, first=True) == (["one two three four five six seven eight nine ten"], "eleven twelve")
+    assert split_pieces(long, first=False) == ([], long), "later pieces wait for a sentence (up to 24 words)"
 
 
 @pytest.fixture(scope="module")
