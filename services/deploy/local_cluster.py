@@ -80,6 +80,8 @@ class LocalCluster:
                  _metrics_export_port=metrics_port)
         cluster = cls(grpc_port, redis_url, local_redis, saved_env)
         cluster.http_port = http_port or free_port()
+        while cluster.http_port == grpc_port and not http_port:    # the OS may hand the same free port out twice
+            cluster.http_port = free_port()
         try:
             serve.start(grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=list(GRPC_SERVICERS)),
                         http_options={"host": "127.0.0.1", "port": cluster.http_port})
