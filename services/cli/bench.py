@@ -153,7 +153,8 @@ def add_parser(commands) -> None:
     call = targets.add_parser("call", help="a scripted caller's turns on a local cluster: end of speech -> first "
                                            "avatar frame of the answer, p50/p95 (offline cascade or realtime peer)")
     call.add_argument("--turns", type=int, default=10, help="measured turns after one warm-up turn (default 10)")
-    call.add_argument("--decoder", choices=("full", "fast"), default="fast", help="the sessions' decoder (default fast)")
+    call.add_argument("--decoder", choices=("full", "fast"), default="fast",
+                      help="the sessions' decoder (default fast)")
     call.add_argument("--mode", choices=("offline", "realtime"), default="offline",
                       help="offline: the on-server cascade (default); realtime: against the local protocol peer "
                            "(a scripted reply: what the avatar adds to the LLM's first audio)")

@@ -5,11 +5,11 @@ ingress, the workers and the LLMBridge), through the public gRPC API.
     conversation session  ─►  per turn: the moment the question's last sample was sent  ->  REPLY_STARTED (sent with
     the first video chunk that shows the reply) arrives  =  end of speech -> first avatar frame of the answer
 
-The silence after each question is long enough for the whole answer, so no turn interrupts the one before.  The first
-turn is a warm-up (models load on the first conversation) and is reported apart.  Modes: `offline` (the on-server
+The silence after each question is long enough for the whole answer, so no turn interrupts the one before. The first
+turn is a warm-up (models load on the first conversation) and is reported apart. Modes: `offline` (the on-server
 cascade) and `realtime`, against the local protocol peer (`services.llm.realtime_peer`: a scripted 3 s reply
-streamed at PEER_SPEEDUP x real time, no model): there the figure that matters is what the avatar adds to the LLM's own first audio (the peer's first audio
-delta of the turn -> the answer's first frame).
+streamed at PEER_SPEEDUP x real time, no model): there the figure that matters is what the avatar adds to the LLM's
+own first audio (the peer's first audio delta of the turn -> the answer's first frame).
 """
 
 from __future__ import annotations

@@ -200,7 +200,8 @@ def add_parser(commands) -> None:
                         "alone (progress bars and logs on stderr)")
     parser.add_argument("--vae-report", action="store_true",
                         help="instead: the VAE's reconstruction of held-out clips (PSNR/SSIM, mouth, decode ms)")
-    parser.add_argument("--vae", help="a VAE directory in the preset's place (default: the preset's): for --vae-report, "
+    parser.add_argument("--vae", help="a VAE directory in the preset's place (default: the preset's): for "
+                        "--vae-report, "
                         "and for the videos (the score model, the teacher and the truth in its latent space)")
     parser.add_argument("--decoder", choices=("full", "fast"), default="full",
                         help="decode with the VAE's decoder (full, the reference) or the fast one distilled from it; "

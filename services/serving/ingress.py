@@ -68,7 +68,8 @@ class StreamAborted(Exception):
 
 
 class SessionIngressServicer:
-    """The gRPC servicer (and, over HTTP, the browser call page: `services.serving.call_page`). `audio`, `score`, `decoder`, `llm` are deployment handles (or, in unit tests, objects with
+    """The gRPC servicer (and, over HTTP, the browser call page: `services.serving.call_page`). `audio`, `score`,
+    `decoder`, `llm` are deployment handles (or, in unit tests, objects with
     the same `.method.remote(...)` surface); `store` overrides the Redis session store (tests)."""
 
     def __init__(self, settings: AppSettings, audio, score, decoder, llm, *, store=None, ray_metrics: bool = True):

@@ -77,9 +77,12 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     port, ready, log = free_port(), tmp / "ready", tmp / "serve.log"
     http_port = free_port()
+    while http_port == port:
+        http_port = free_port()
     with open(log, "wb") as sink:
         proc = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "--port", str(port),
-                                 "--http-port", str(http_port), "--preset", "tiny", "--ready-file", str(ready)], cwd=REPO, env=_env(), stdout=sink,
+                                 "--http-port", str(http_port), "--preset", "tiny", "--ready-file", str(ready)],
+                                cwd=REPO, env=_env(), stdout=sink,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     started = Server(proc, port, log, ready)
     started.http_port = http_port
