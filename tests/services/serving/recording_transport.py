@@ -13,6 +13,8 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.serving.call_page import PageContext
+
 
 @dataclass
 class Call:
@@ -110,19 +112,10 @@ class Transport:
         return [call for call in self.calls if call.deployment == deployment and method in (None, call.method)]
 
 
-class GrpcContext:
-    """The parts of a gRPC servicer context the ingress uses."""
+class GrpcContext(PageContext):
+    """The parts of a gRPC servicer context the ingress uses (the call page's in-process context), with any
+    metadata."""
 
     def __init__(self, metadata=()):
+        super().__init__(None)
         self.metadata = list(metadata)
-        self.code = None
-        self.details = ""
-
-    def invocation_metadata(self):
-        return self.metadata
-
-    def set_code(self, code) -> None:
-        self.code = code
-
-    def set_details(self, details: str) -> None:
-        self.details = details
