@@ -73,8 +73,9 @@ def test_the_caller_speaks_and_the_avatar_answers_with_the_llms_voice(store):
     chunks = chunks_of(outputs)
     assert chunks and chunks[-1].final and {chunk.sample_rate_hz for chunk in chunks} == {24000}
     voice = np.concatenate([np.frombuffer(chunk.audio_pcm_s16le, "<i2") for chunk in chunks]).astype(np.float64)
-    loud = np.sqrt(np.mean(voice[: len(voice) // 2400 * 2400].reshape(-1, 2400) ** 2, axis=1)) > 1000   # 100 ms
-    assert 0.8 <= loud.sum() / 10 <= 1.1, "the avatar's voice is the LLM's 1 s reply"
+    # the tone's samples, wherever they fall: under load a late delta leaves a gap, which moves but does not add voice
+    voiced_s = np.sum(np.abs(voice) > 100) / 24000
+    assert 0.9 <= voiced_s <= 1.02, f"the avatar's voice is the LLM's 1 s reply, not {voiced_s:.2f} s"
     assert peer.types()[0] == "session.update" and "input_audio_buffer.append" in peer.types()
 
 
