@@ -207,7 +207,7 @@ def validate_create(request, preset_stream: StreamConfig, limits: ApiLimits = Ap
         field for anything else.
     """
     delivery = _check_delivery(request, livekit)
-    conversation = _check_conversation(request, conversation_modes, limits)
+    conversation = _check_conversation(request, conversation_modes, limits, max(1, len(request.characters)))
     if len(request.owner) > limits.max_owner_chars:
         raise _invalid(f"owner is {len(request.owner)} characters long; at most {limits.max_owner_chars} "
                        "are allowed")
@@ -222,7 +222,7 @@ def validate_create(request, preset_stream: StreamConfig, limits: ApiLimits = Ap
 MAX_INSTRUCTIONS_CHARS = 4000
 
 
-def _check_conversation(request, modes: tuple[str, ...], limits: ApiLimits) -> dict | None:
+def _check_conversation(request, modes: tuple[str, ...], limits: ApiLimits, num_characters: int) -> dict | None:
     if not request.HasField("conversation") or not request.conversation.mode:
         return None
     wanted = request.conversation
@@ -238,7 +238,15 @@ def _check_conversation(request, modes: tuple[str, ...], limits: ApiLimits) -> d
     if len(wanted.instructions) > MAX_INSTRUCTIONS_CHARS:
         raise _invalid(f"conversation.instructions is {len(wanted.instructions)} characters long; at most "
                        f"{MAX_INSTRUCTIONS_CHARS} are allowed")
-    return {"mode": mode, "instructions": wanted.instructions}
+    voices = [int(c) for c in wanted.reply_characters] or list(range(num_characters))
+    for i, character in enumerate(voices):
+        if character >= num_characters:
+            raise _invalid(f"conversation.reply_characters[{i}]={character} is out of range: the session has "
+                           f"{num_characters} character(s), allowed 0..{num_characters - 1}")
+        if character in voices[:i]:
+            raise _invalid(f"conversation.reply_characters[{i}]={character} repeats an earlier entry; each "
+                           "character answers once per round")
+    return {"mode": mode, "instructions": wanted.instructions, "reply_characters": voices}
 
 
 def _check_delivery(request, livekit: bool) -> dict:

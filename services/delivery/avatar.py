@@ -197,8 +197,12 @@ async def pace(track: SpeechTrack, link: SessionLink, started_at: float, lead_s:
     arrives, up to that point: the chunk that shows the reply's start is made as soon as its speech is there instead
     of when real time reaches the end of its window and lookahead (up to a chunk plus the lookahead later: ~0.8 s at
     25 fps, chunk 3). Past that point speech goes at real time again, and silence never runs ahead, so the session
-    is back on real time within a chunk and an interruption costs at most that much more of the reply."""
+    is back on real time within a chunk and an interruption costs at most that much more of the reply.
+
+    Speech queued with another voice (`SpeechTrack.say(..., voice=k)`) is fed to character k, which is set speaking
+    first, and the character fed before it is set not speaking: one character speaks at a time."""
     hold = 0                # the track position speech may run ahead to (0: none)
+    fed_voice = track.voice  # the character fed so far; every other one is set not speaking before pace starts
     while True:
         target = int((time.monotonic() - started_at + lead_s) * track.rate)
         pending = track.pending_samples
@@ -207,9 +211,14 @@ async def pace(track: SpeechTrack, link: SessionLink, started_at: float, lead_s:
         if hold <= target:
             hold = 0
         count = max(min(pending, hold - track.sent), target - track.sent)
-        if count > 0:
+        for voice, samples in (track.take_voiced(count) if count > 0 else ()):
+            if voice != fed_voice:   # the new voice speaks from here; the one before listens (mouth at rest)
+                await link.send(pb.SessionInput(control=pb.Control(speaking=[
+                    pb.SpeakingState(character=voice, speaking=True),
+                    pb.SpeakingState(character=fed_voice, speaking=False)])))
+                fed_voice = voice
             await link.send(pb.SessionInput(audio=pb.AudioInput(
-                pcm_s16le=track.take(count).astype("<i2").tobytes(), sample_rate_hz=track.rate, channels=1)))
+                pcm_s16le=samples.astype("<i2").tobytes(), sample_rate_hz=track.rate, channels=1, character=voice)))
         await asyncio.sleep(TICK_S)
 
 

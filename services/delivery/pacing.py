@@ -26,6 +26,7 @@ class Segment:
     closing: bool = False           # no more speech will come for it
     ended: bool = False             # its end was reported
     interrupted: bool = False       # cleared: neither its remaining speech nor its end is played
+    voice: int = 0                  # the character that says it (multi-character conversations)
 
 
 @dataclass
@@ -36,7 +37,7 @@ class Run:
 
 
 class SpeechTrack:
-    def __init__(self, sample_rate: int):
+    def __init__(self, sample_rate: int, voice: int = 0):
         self.rate = int(sample_rate)
         self.pending: deque = deque()          # (int16 samples | None end marker, segment), oldest first
         self.runs: list[Run] = []
@@ -44,13 +45,14 @@ class SpeechTrack:
         self.ids = itertools.count()
         self.sent = 0                          # samples fed so far (speech and silence)
         self.last_fed_speech = False
+        self.voice = voice                     # the character the track feeds now (silence goes to it too)
 
-    def say(self, samples: np.ndarray, tag: object = None) -> Segment:
+    def say(self, samples: np.ndarray, tag: object = None, voice: int = 0) -> Segment:
         """Queue speech (int16 mono) on the current segment; a new segment starts after `end_segment`, or when the
-        tag changes."""
-        if self.segment is None or (tag is not None and self.segment.tag != tag):
+        tag or the voice changes."""
+        if self.segment is None or (tag is not None and self.segment.tag != tag) or self.segment.voice != voice:
             self.end_segment()
-            self.segment = Segment(next(self.ids), tag)
+            self.segment = Segment(next(self.ids), tag, voice=voice)
         self.pending.append((np.asarray(samples, dtype=np.int16), self.segment))
         return self.segment
 
@@ -107,6 +109,23 @@ class SpeechTrack:
             out.append(np.zeros(count, np.int16))
             self.sent += count
         return np.concatenate(out) if out else np.zeros(0, np.int16)
+
+    def take_voiced(self, count: int) -> list[tuple[int, np.ndarray]]:
+        """`take(count)` split where the voice changes: [(character, samples), ...]. Silence goes to the voice of the
+        speech before it (the track's first voice, before any speech)."""
+        out = []
+        while count > 0:
+            voices = [segment.voice for samples, segment in self.pending if samples is not None]
+            if voices and voices[0] != self.voice:
+                self.voice = voices[0]
+            changes = [i for i, voice in enumerate(voices) if voice != self.voice]
+            n = count
+            if changes:      # only this voice's speech now; the rest after the switch
+                n = min(count, sum(len(samples) for samples, _ in
+                                   [item for item in self.pending if item[0] is not None][:changes[0]]))
+            out.append((self.voice, self.take(n)))
+            count -= n
+        return out
 
     def speech_in(self, start: int, end: int) -> list[tuple[int, int, Segment]]:
         """The speech (not interrupted) in track samples [start, end), in order."""

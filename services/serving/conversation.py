@@ -9,7 +9,9 @@
                           ──► video chunks (frames + the avatar's voice) ──► the caller; REPLY_STARTED with the
                               turn latency when the first frame of a reply goes out; `played` back to the bridge
 
-The avatar's session runs at the LLM's rate (24 kHz).  Nothing here imports torch.
+The avatar's session runs at the LLM's rate (24 kHz).  With several characters, the replies take turns
+(`conversation.reply_characters`): the pacer feeds each reply to its character's track and sets that character
+speaking and the one before it not speaking, so one mouth moves at a time.  Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -44,7 +46,10 @@ class ConversationCall:
         self.session_id = record.session_id
         self.request_stream = request_stream
         self.link = LocalSessionLink(ingress, record, carrier)
-        self.track = SpeechTrack(REPLY_RATE_HZ)
+        self.voices = list(record.conversation.get("reply_characters") or [0])   # who answers, turn by turn
+        self.turns = 0                                   # replies begun; the next one's voice is voices[turns % n]
+        self.new_turn = False                            # the caller spoke since the last reply began
+        self.track = SpeechTrack(REPLY_RATE_HZ, voice=self.voices[0])
         self.error: ApiError | None = None
         self.chunks_sent = 0
         self.events: asyncio.Queue = asyncio.Queue()
@@ -71,6 +76,10 @@ class ConversationCall:
             self.error = ApiError(grpc.StatusCode.UNAVAILABLE, str(error).strip().splitlines()[-1][:500])
             return
         ready = ingress.chunk_ready_points(self.record, REPLY_RATE_HZ)
+        listeners = [character for character in range(len(self.record.characters)) if character != self.voices[0]]
+        if listeners:     # one character speaks at a time: the first to answer; the pacer moves the voice per turn
+            await self.link.send(pb.SessionInput(control=pb.Control(speaking=[
+                pb.SpeakingState(character=character, speaking=False) for character in listeners])))
         self.pacer = asyncio.ensure_future(pace(self.track, self.link, time.monotonic(), LEAD_S, ready))
         tasks = [self.pacer, asyncio.ensure_future(self._listen()), asyncio.ensure_future(self._read())]
         try:
@@ -121,6 +130,7 @@ class ConversationCall:
         messages = []
         speech = self.track.speech_in(start, end)
         if speech and self.reply_pending:
+            character = speech[0][2].voice
             self.reply_pending = False
             if self.speech_ended_at is not None:
                 latency_ms = (time.monotonic() - self.speech_ended_at) * 1000
@@ -131,8 +141,10 @@ class ConversationCall:
                 with span(TURN_SPAN, self.carrier, **{"session.id": self.session_id, "turn.latency_ms": latency_ms,
                                                       "turn.avatar_ms": avatar_ms}):
                     pass
-                messages.append(self._event(pb.Event.REPLY_STARTED, f"the avatar is answering ({avatar_ms:.0f} ms "
-                                            "after the reply's first audio)", turn_latency_ms=latency_ms))
+                who = f"character {character} is" if len(self.record.characters) > 1 else "the avatar is"
+                messages.append(self._event(pb.Event.REPLY_STARTED, f"{who} answering ({avatar_ms:.0f} ms after "
+                                            "the reply's first audio)", turn_latency_ms=latency_ms,
+                                            character=character))
                 self.speech_ended_at = None
         played: dict[str, int] = {}
         for lo, hi, segment in self.track.speech_in(0, end):
@@ -162,12 +174,16 @@ class ConversationCall:
                         self.events.put_nowait(self._event(pb.Event.USER_SPEECH_STARTED, "the caller is speaking"))
                     else:
                         self.speech_ended_at = time.monotonic()
+                        self.new_turn = self.turns > 0
                         self.events.put_nowait(self._event(pb.Event.USER_SPEECH_ENDED, "the caller stopped"))
                 elif isinstance(event, ReplyAudio):
                     if not self.track.pending_samples and self.track.segment is None:
                         self.reply_pending = True
                         self.reply_audio_at = time.monotonic()
-                    self.track.say(event.pcm, tag=event.item_id)
+                    if self.new_turn or not self.turns:
+                        self.turns, self.new_turn = self.turns + 1, False
+                    voice = self.voices[(self.turns - 1) % len(self.voices)]
+                    self.track.say(event.pcm, tag=event.item_id, voice=voice)
                 elif isinstance(event, ReplyDone):
                     self.track.end_segment()
                 elif isinstance(event, ClearReply):
@@ -185,7 +201,11 @@ class ConversationCall:
                     if len(pcm):
                         await self.ingress.llm.push.remote(self.session_id, np.asarray(pcm), rate)
                 elif kind == "control":
-                    _, end_of_input = validate_control(message.control, 1)
+                    speaking, end_of_input = validate_control(message.control, len(self.record.characters))
+                    if speaking:
+                        raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, "control.speaking is not accepted in a "
+                                       "conversation session: the turns decide who speaks (conversation."
+                                       "reply_characters)")
                     if end_of_input:
                         break
                 else:

@@ -265,6 +265,9 @@ class SessionIngressServicer:
                 raise ApiError(grpc.StatusCode.FAILED_PRECONDITION,
                                f"session {record.session_id!r} is {record.state.value}: updates apply only to "
                                "sessions that are CREATED or STREAMING")
+            if spec.speaking and record.conversation:
+                raise ApiError(grpc.StatusCode.FAILED_PRECONDITION, "speaking: in a conversation session the turns "
+                               "decide who speaks (conversation.reply_characters at CreateSession)")
             changes = {}
             try:
                 if spec.prompt is not None and spec.prompt != record.prompt:

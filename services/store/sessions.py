@@ -114,7 +114,7 @@ class SessionRecord:
     sample_rate_hz: int = 0
     attached_by: str = ""  # replica id currently streaming it ("" when none)
     delivery: dict = dataclasses.field(default_factory=lambda: {"kind": "grpc"})  # where its video goes
-    conversation: dict = dataclasses.field(default_factory=dict)  # {} or {"mode", "instructions"}: an LLM call
+    conversation: dict = dataclasses.field(default_factory=dict)  # {} or {"mode", "instructions", "reply_characters"}
 
     def __post_init__(self) -> None:
         self.state = SessionState(self.state)

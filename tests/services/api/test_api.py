@@ -311,6 +311,25 @@ def test_validate_create_prompt_owner_characters_delivery():
         assert message.startswith("delivery.livekit.room is invalid"), message
 
 
+def test_validate_create_conversation_reply_characters():
+    def create(characters: int, reply_characters=()):
+        return _create(characters=[pb.Character() for _ in range(characters)], conversation=pb.ConversationOptions(
+            mode=pb.ConversationOptions.OFFLINE, reply_characters=reply_characters))
+
+    def voices(request):
+        return validate_create(request, PRESET_STREAM, conversation_modes=("offline",)).conversation["reply_characters"]
+
+    assert voices(create(0)) == [0] and voices(create(3)) == [0, 1, 2], "default: every character, in order"
+    assert voices(create(3, [2, 0])) == [2, 0]
+    for characters, wanted, expected in ((2, [0, 2], "conversation.reply_characters[1]=2 is out of range: the "
+                                          "session has 2 character(s), allowed 0..1"),
+                                         (0, [1], "conversation.reply_characters[0]=1 is out of range"),
+                                         (3, [1, 1], "conversation.reply_characters[1]=1 repeats an earlier entry")):
+        message = _raises(INVALID, validate_create, create(characters, wanted), PRESET_STREAM,
+                          conversation_modes=("offline",))
+        assert message.startswith(expected), message
+
+
 # ------------------------------------------------------------------------------------------------------------- #
 # Audio, control, update
 # ------------------------------------------------------------------------------------------------------------- #

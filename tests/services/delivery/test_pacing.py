@@ -35,6 +35,20 @@ def test_an_interruption_drops_what_was_not_fed_and_silences_what_was():
     assert not after.interrupted and list(track.take(4)) == [3] * 4
 
 
+def test_speech_in_another_voice_is_split_off_and_silence_follows_the_last_voice():
+    track = SpeechTrack(1000, voice=2)
+    assert [(voice, len(samples)) for voice, samples in track.take_voiced(5)] == [(2, 5)]   # before any speech
+    track.say(np.full(4, 1, np.int16), tag="a", voice=0)
+    track.say(np.full(3, 5, np.int16), tag="b", voice=1)
+    track.end_segment()
+    pieces = [(voice, list(samples)) for voice, samples in track.take_voiced(10)]
+    assert pieces == [(0, [1] * 4), (1, [5] * 3 + [0] * 3)], "each voice its own speech; silence to the last one"
+    assert track.voice == 1 and track.sent == 15
+    assert [(lo, hi, segment.voice) for lo, hi, segment in track.speech_in(0, 15)] == [(5, 9, 0), (9, 12, 1)]
+    track.say(np.full(2, 4, np.int16), tag="b", voice=0)       # the same tag in another voice: a new segment
+    assert [(voice, list(samples)) for voice, samples in track.take_voiced(2)] == [(0, [4, 4])]
+
+
 def test_chunk_ready_points_follow_the_engines_timeline():
     from services.delivery.avatar import chunk_ready_points
 

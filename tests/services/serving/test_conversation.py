@@ -99,6 +99,41 @@ def test_a_caller_talking_over_the_reply_cuts_it_and_the_llm_is_told_where(store
     assert loud.sum() / 10 < 2.5, "the rest of the 3 s reply was not spoken"
 
 
+def test_with_two_characters_the_replies_take_turns_and_one_mouth_moves_at_a_time(store):
+    halves = [pb.Character(region=pb.Region(x0=0.0, y0=0.0, x1=0.5, y1=1.0)),
+              pb.Character(region=pb.Region(x0=0.5, y0=0.0, x1=1.0, y1=1.0))]
+
+    async def main():
+        async with RealtimePeer(reply_s=0.8, speedup=2.0) as peer:
+            cluster = realtime_cluster(store, peer)
+            context = GrpcContext()
+            request = conversation_request()
+            request.characters.extend(halves)
+            request.conversation.reply_characters.extend([1, 0])     # the right one answers first
+            session = await cluster.ingress.CreateSession(request, context)
+            assert context.code is None, context.details
+            script = [*audio(speech_then_quiet(0.6, 0.5)), 2.5, *audio(speech_then_quiet(0.6, 0.5)), 2.5,
+                      *audio(speech_then_quiet(0.6, 0.5)), 2.5, pb.SessionInput(control=pb.Control(end_of_input=True))]
+            outputs, context = await cluster.stream(session, caller(script))
+            return cluster, outputs, context
+
+    cluster, outputs, context = asyncio.run(main())
+    assert context.code is None, context.details
+    started = [event for event in events_of(outputs) if event.type == pb.Event.REPLY_STARTED]
+    assert [event.character for event in started] == [1, 0, 1], [event.message for event in started]
+    # what the score model was told, latent frame by latent frame (the audio token of the frame's own last video
+    # frame, 4f): exactly one character speaking, 1 then 0 then 1
+    dit = cluster.settings.preset_config.dit
+    own = dit.temporal_compression * (dit.audio_lookahead_latent_frames + 1) - 1
+    speaking = np.concatenate([call.values[0].speaking[0, :, :, own].numpy()
+                               for call in cluster.transport.to("ScoreWorkerGroup", "generate")], axis=1)[:, 1:]
+    speaking = speaking[:, :np.flatnonzero(speaking.any(axis=0))[-1] + 1]    # not the padding past the audio's end
+    assert (speaking.sum(axis=0) == 1).all(), speaking.astype(int)
+    who = speaking.argmax(axis=0)
+    turns = [int(who[0])] + [int(b) for a, b in zip(who, who[1:]) if a != b]
+    assert turns == [1, 0, 1], who
+
+
 def test_conversation_modes_the_server_does_not_offer_are_refused(store):
     async def main():
         cluster = Cluster(store, offline_conversation=False)
@@ -113,6 +148,24 @@ def test_conversation_modes_the_server_does_not_offer_are_refused(store):
     assert realtime[0] == grpc.StatusCode.FAILED_PRECONDITION and "no realtime LLM configured" in realtime[1]
     assert offline[0] == grpc.StatusCode.FAILED_PRECONDITION and "offline_conversation is off" in offline[1]
     assert unknown[0] == grpc.StatusCode.INVALID_ARGUMENT and "allowed REALTIME (1), OFFLINE (2)" in unknown[1]
+
+
+def test_in_a_conversation_the_turns_decide_who_speaks_not_the_caller(store):
+    async def main():
+        cluster = Cluster(store)
+        request = conversation_request(pb.ConversationOptions.OFFLINE)
+        request.characters.extend([pb.Character(), pb.Character()])
+        context = GrpcContext()
+        session = await cluster.ingress.CreateSession(request, context)
+        assert context.code is None, context.details
+        update = GrpcContext()
+        await cluster.ingress.UpdateSession(pb.UpdateSessionRequest(
+            session_id=session.session_id, session_token=session.session_token,
+            speaking=[pb.SpeakingState(character=1, speaking=False)]), update)
+        return update
+
+    update = asyncio.run(main())
+    assert update.code == grpc.StatusCode.FAILED_PRECONDITION and "the turns decide who speaks" in update.details
 
 
 @pytest.mark.skipif(bool(missing_packages()), reason=f"the cascade needs {missing_packages()}")
