@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.facecast-installed
 OUT     ?= out
 PRESET  ?= talk128
 
-.PHONY: venv demo test bench clean redis-server espeak-ng cascade chromium
+.PHONY: venv demo test bench clean redis-server espeak-ng cascade chromium livekit-client
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -54,8 +54,22 @@ chromium:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium is missing: install it (Debian: sudo apt-get install chromium)"; exit 1; fi; }
 
+## livekit-client: LiveKit's browser SDK (npm package livekit-client, Apache-2.0) for the call page's LiveKit rooms
+LIVEKIT_CLIENT_VERSION := 2.23.0
+LIVEKIT_CLIENT := services/serving/web/vendor/livekit-client.umd.js
+livekit-client: $(LIVEKIT_CLIENT)
+$(LIVEKIT_CLIENT):
+	@command -v npm >/dev/null 2>&1 || { 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then 	    echo "installing Debian npm"; 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null; 	  else echo "npm is missing: install Node.js and npm (Debian: sudo apt-get install npm)"; exit 1; fi; }
+	@echo "fetching livekit-client $(LIVEKIT_CLIENT_VERSION) from the npm registry"
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	  npm pack --silent --pack-destination "$$tmp" "livekit-client@$(LIVEKIT_CLIENT_VERSION)" >/dev/null && \
+	  tar -xzf "$$tmp/livekit-client-$(LIVEKIT_CLIENT_VERSION).tgz" -C "$$tmp" \
+	    package/dist/livekit-client.umd.js package/LICENSE && \
+	  mkdir -p $(dir $(LIVEKIT_CLIENT)) && cp "$$tmp/package/LICENSE" $(dir $(LIVEKIT_CLIENT))LICENSE.livekit-client && \
+	  cp "$$tmp/package/dist/livekit-client.umd.js" $(LIVEKIT_CLIENT)
+
 ## test: everything that runs on a CPU machine (GPU tests skip themselves without CUDA)
-test: $(STAMP) redis-server espeak-ng chromium
+test: $(STAMP) redis-server espeak-ng chromium livekit-client
 	OMP_NUM_THREADS=1 $(PY) -m pytest
 
 ## bench: the engine benchmark on the demo preset (PRESET=small for the random-weight 256x256 shape)

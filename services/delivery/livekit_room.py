@@ -50,24 +50,34 @@ class LiveKitConfig:
     api_secret: str
     token_ttl_s: float = 6 * 3600.0
     connect_timeout_s: float = 5.0
+    public_url: str | None = None       # what browsers connect to, when not `url` (a cluster-internal address)
+
+    @property
+    def browser_url(self) -> str:
+        return self.public_url or self.url
 
     @classmethod
     def from_settings(cls, url: str | None = None, api_key: str | None = None, api_secret: str | None = None,
-                      token_ttl_s: float | None = None, env=os.environ) -> "LiveKitConfig | None":
-        """From the Serve config's args, each falling back to $LIVEKIT_URL / $LIVEKIT_API_KEY / $LIVEKIT_API_SECRET;
-        None when no URL is configured (LiveKit delivery is then off). A URL without credentials is an error."""
+                      token_ttl_s: float | None = None, env=os.environ,
+                      public_url: str | None = None) -> "LiveKitConfig | None":
+        """From the Serve config's args, each falling back to $LIVEKIT_URL / $LIVEKIT_API_KEY / $LIVEKIT_API_SECRET
+        ($LIVEKIT_PUBLIC_URL for `public_url`); None when no URL is configured (LiveKit delivery is then off). A URL
+        without credentials is an error."""
         url = url or env.get("LIVEKIT_URL")
         if not url:
             return None
+        public_url = public_url or env.get("LIVEKIT_PUBLIC_URL") or None
+        for name, value in (("livekit_url", url), ("livekit_public_url", public_url)):
+            if value is not None and not value.startswith(("ws://", "wss://", "http://", "https://")):
+                raise DeliveryError(f"{name}={value!r} is invalid: a ws://, wss://, http:// or https:// URL")
         api_key, api_secret = api_key or env.get("LIVEKIT_API_KEY"), api_secret or env.get("LIVEKIT_API_SECRET")
-        if not url.startswith(("ws://", "wss://", "http://", "https://")):
-            raise DeliveryError(f"livekit_url={url!r} is invalid: a ws://, wss://, http:// or https:// URL")
         if not api_key or not api_secret:
             missing = [name for name, value in (("LIVEKIT_API_KEY", api_key), ("LIVEKIT_API_SECRET", api_secret))
                        if not value]
             raise DeliveryError(f"LiveKit at {url} is configured without {' and '.join(missing)}: set them in the "
                                 "environment (or livekit_api_key / livekit_api_secret in the Serve config's args)")
-        return cls(url, api_key, api_secret, **({"token_ttl_s": token_ttl_s} if token_ttl_s else {}))
+        return cls(url, api_key, api_secret, **({"token_ttl_s": token_ttl_s} if token_ttl_s else {}),
+                   public_url=public_url)
 
 
 def avatar_token(config: LiveKitConfig, room: str, identity: str, *, name: str | None = None,
@@ -86,6 +96,41 @@ def avatar_token(config: LiveKitConfig, room: str, identity: str, *, name: str |
     if publish_on_behalf:
         token = token.with_kind("agent").with_attributes({PUBLISH_ON_BEHALF: publish_on_behalf})
     return token.to_jwt()
+
+
+def caller_token(config: LiveKitConfig, room: str, identity: str, ttl_s: float | None = None) -> str:
+    """The browser's token for a call in a LiveKit room: join `room` only, publish a microphone and nothing else,
+    subscribe (to the avatar's face and voice); it expires after `ttl_s` (default: the config's)."""
+    from livekit import api
+
+    return (api.AccessToken(config.api_key, config.api_secret).with_identity(identity).with_name("caller")
+            .with_grants(api.VideoGrants(room_join=True, room=room, can_publish=True, can_subscribe=True,
+                                         can_publish_data=False, can_publish_sources=["microphone"]))
+            .with_ttl(datetime.timedelta(seconds=ttl_s or config.token_ttl_s)).to_jwt())
+
+
+def listener_token(config: LiveKitConfig, room: str, identity: str) -> str:
+    """facecast's ear in a call's room: hidden, subscribe only (it hears the caller for the conversation)."""
+    from livekit import api
+
+    return (api.AccessToken(config.api_key, config.api_secret).with_identity(identity).with_name("facecast")
+            .with_grants(api.VideoGrants(room_join=True, room=room, can_publish=False, can_subscribe=True,
+                                         can_publish_data=False, hidden=True))
+            .with_ttl(datetime.timedelta(seconds=config.token_ttl_s)).to_jwt())
+
+
+class RoomEar(ABC):
+    """One participant's microphone in a room, heard as mono int16 pieces at `rate`."""
+
+    rate: int
+
+    @abstractmethod
+    def pieces(self):
+        """Async iterator of np.int16 arrays, from when the speaker publishes until the room or its track ends."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        ...
 
 
 class AvatarRoom(ABC):
@@ -112,6 +157,10 @@ class RoomConnector(ABC):
     async def connect_rtc(self, url: str, token: str, timeout_s: float):
         """Join and return the connected `rtc.Room` itself (or an object with its surface): the avatar protocol's
         livekit-agents classes work on the room directly. `DeliveryError` as `connect`."""
+
+    async def hear(self, url: str, token: str, timeout_s: float, speaker: str, rate: int = 16000) -> RoomEar:
+        """Join (a listener's token) and hear `speaker`'s microphone. `DeliveryError` as `connect`."""
+        return _RtcEar(await self.connect_rtc(url, token, timeout_s), speaker, rate)
 
 
 class _LiveKitRoom(AvatarRoom):
@@ -152,6 +201,40 @@ class LiveKitConnector(RoomConnector):
         except (rtc.ConnectError, TimeoutError, OSError) as error:
             raise DeliveryError(f"the LiveKit server at {url} did not answer: {error}") from None
         return room
+
+
+class _RtcEar(RoomEar):
+    def __init__(self, room, speaker: str, rate: int):
+        self.room, self.speaker, self.rate = room, speaker, rate
+        self.joined = asyncio.Event()
+        room.on("participant_connected", lambda participant: participant.identity == speaker and self.joined.set())
+        room.on("track_published", self._subscribe)
+
+    def _subscribe(self, publication, participant) -> None:
+        from livekit import rtc
+
+        if participant.identity == self.speaker and publication.source == rtc.TrackSource.SOURCE_MICROPHONE:
+            publication.set_subscribed(True)
+
+    async def pieces(self):
+        from livekit import rtc
+
+        while self.speaker not in self.room.remote_participants:
+            self.joined.clear()
+            await self.joined.wait()
+        participant = self.room.remote_participants[self.speaker]
+        for publication in list(participant.track_publications.values()):
+            self._subscribe(publication, participant)
+        stream = rtc.AudioStream.from_participant(participant=participant, sample_rate=self.rate, num_channels=1,
+                                                  track_source=rtc.TrackSource.SOURCE_MICROPHONE)
+        try:
+            async for event in stream:
+                yield np.frombuffer(bytes(event.frame.data), dtype=np.int16).copy()
+        finally:
+            await _quietly(stream.aclose())
+
+    async def close(self) -> None:
+        await _quietly(self.room.disconnect())
 
 
 def jpeg_to_rgba(data: bytes) -> tuple[int, int, bytes]:

@@ -46,6 +46,8 @@ class ConversationCall:
         self.session_id = record.session_id
         self.request_stream = request_stream
         self.link = LocalSessionLink(ingress, record, carrier)
+        self.video_to_caller = self.link.stream.video_on_stream   # False: the room has the video (LiveKit delivery)
+        self.link.stream.video_on_stream = True                   # the turns are read off the chunks either way
         self.voices = list(record.conversation.get("reply_characters") or [0])   # who answers, turn by turn
         self.turns = 0                                   # replies begun; the next one's voice is voices[turns % n]
         self.new_turn = False                            # the caller spoke since the last reply began
@@ -155,7 +157,7 @@ class ConversationCall:
         self.track.ended_by(end)
         self.track.forget_before(end)
         self.chunks_sent += 1
-        return [output, *messages]
+        return [output, *messages] if self.video_to_caller else messages
 
     async def _listen(self) -> None:
         """The LLM's events, by long poll."""

@@ -84,6 +84,9 @@ class AppSettings:
     livekit_api_secret: str | None = None
     livekit_token_ttl_s: float = 6 * 3600.0
     """Lifetime of the avatar tokens facecast mints."""
+    livekit_public_url: str | None = None
+    """The LiveKit URL browsers on the call page connect to, when it differs from livekit_url (a cluster-internal
+    address); None: $LIVEKIT_PUBLIC_URL, else livekit_url."""
     realtime_url: str | None = None
     """WebSocket base URL of a realtime speech LLM speaking the OpenAI Realtime protocol (e.g. wss://api.openai.com/v1)
     for `conversation.mode=REALTIME` sessions; None: $FACECAST_REALTIME_URL, and without either the mode is off.
@@ -138,7 +141,7 @@ class AppSettings:
 
         try:
             return LiveKitConfig.from_settings(self.livekit_url, self.livekit_api_key, self.livekit_api_secret,
-                                               self.livekit_token_ttl_s)
+                                               self.livekit_token_ttl_s, public_url=self.livekit_public_url)
         except DeliveryError as error:
             raise ConfigError(str(error)) from None
 

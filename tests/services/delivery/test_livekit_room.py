@@ -43,6 +43,12 @@ def test_the_server_url_and_keys_come_from_configuration():
         LiveKitConfig.from_settings(env={"LIVEKIT_URL": "wss://lk.example", "LIVEKIT_API_KEY": "k"})
     with pytest.raises(DeliveryError, match="livekit_url='lk.example' is invalid"):
         LiveKitConfig.from_settings("lk.example", env=env)
+    assert LiveKitConfig.from_settings(env=env).browser_url == "wss://lk.example"
+    internal = LiveKitConfig.from_settings("ws://livekit.svc:7880",
+                                           env={**env, "LIVEKIT_PUBLIC_URL": "wss://lk.example"})
+    assert (internal.url, internal.browser_url) == ("ws://livekit.svc:7880", "wss://lk.example")
+    with pytest.raises(DeliveryError, match="livekit_public_url='lk.example' is invalid"):
+        LiveKitConfig.from_settings(env=env, public_url="lk.example")
 
 
 class FakeRoom(AvatarRoom):

@@ -133,3 +133,56 @@ def test_the_mouth_moves_while_the_avatar_speaks_and_rests_while_it_listens(call
     during = [m["change"] for m in stats["mouth"] if start <= m["t"] <= end]
     assert len(before) >= 10 and len(during) >= 10, (len(before), len(during))
     assert np.mean(during) > 2 * np.mean(before) + 0.2, (np.mean(during), np.mean(before))
+
+
+LIVEKIT_CLIENT = Path("services/serving/web/vendor/livekit-client.umd.js")
+
+
+@pytest.mark.skipif(not LIVEKIT_CLIENT.is_file(), reason="needs LiveKit's browser SDK: make livekit-client")
+def test_with_livekit_the_page_joins_the_room_and_says_so_when_its_server_does_not_answer(redis_url):  # noqa: F811
+    """The page's LiveKit path in the browser: it loads livekit-client, asks for a room call, and joins the room's
+    public URL; no LiveKit server runs here, so the join fails, the page names the URL, and the session is closed."""
+    import uvicorn
+    from playwright.async_api import async_playwright
+
+    from services.store.sessions import connect_store
+
+    from .test_call_room import CallConnector
+    from .test_ingress import livekit_cluster
+
+    store = connect_store(redis_url)[0]
+    port, nobody = free_port(), free_port()
+    base = f"http://127.0.0.1:{port}"
+
+    async def main():
+        cluster = livekit_cluster(store, CallConnector(), livekit_public_url=f"ws://127.0.0.1:{nobody}")
+        server = uvicorn.Server(uvicorn.Config(build_call_app(cluster.ingress), host="127.0.0.1", port=port,
+                                               log_level="warning"))
+        serving = asyncio.ensure_future(server.serve())
+        while not server.started:
+            await asyncio.sleep(0.05)
+        try:
+            async with async_playwright() as playwright:
+                browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=[
+                    "--no-sandbox", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"])
+                page = await browser.new_page()
+                await page.goto(base + "/")
+                await page.wait_for_selector(".face img")
+                transport = await page.input_value("#transport")
+                await page.click("#call")
+                await page.wait_for_function("window.facecastStats.state === 'failed'", timeout=60_000)
+                await page.wait_for_timeout(500)
+                error, loaded = await page.inner_text("#error"), await page.evaluate("Boolean(window.LivekitClient)")
+                call_id = await page.evaluate("window.facecastStats.call")
+                await browser.close()
+            status = await asyncio.to_thread(get, f"{base}/call/{call_id}")
+            return transport, error, loaded, status, cluster.held()
+        finally:
+            server.should_exit = True
+            await serving
+
+    transport, error, loaded, status, held = asyncio.run(main())
+    assert transport == "livekit" and loaded, "LiveKit is the page's default when the server has it"
+    assert f"the LiveKit server at ws://127.0.0.1:{nobody} did not answer" in error, error
+    assert status["state"] == "ended" and status["session_state"] in ("CLOSED", "gone"), status
+    assert held["audio"] == held["score"] == held["decoder"] == 0, held
