@@ -149,3 +149,13 @@ def test_a_room_call_is_refused_without_livekit_or_when_its_server_does_not_answ
     assert code == 409 and "this server has no LiveKit configured" in body["error"]
     assert dead_code == 503 and "the LiveKit server at ws://livekit.test:7880 did not answer" in dead_body["error"]
     assert not any(held.values()), "the session made for the call was closed"
+
+
+def test_the_docker_image_ships_the_same_livekit_client_as_make():
+    from pathlib import Path
+
+    makefile, dockerfile = Path("Makefile").read_text(), Path("k8s/Dockerfile").read_text()
+    (version,) = [line.split(":=")[1].strip() for line in makefile.splitlines()
+                  if line.startswith("LIVEKIT_CLIENT_VERSION")]
+    assert f"livekit-client@{version}" in dockerfile and f"livekit-client-{version}.tgz" in dockerfile
+    assert "services/serving/web/vendor/livekit-client.umd.js" in dockerfile
