@@ -54,9 +54,10 @@ def _questions(count: int) -> tuple[np.ndarray, list[float]]:
     return np.concatenate(pieces), ends
 
 
-def _call(target: str, image: bytes, pcm: np.ndarray, mode: int) -> tuple[float, list[tuple[float, str, float]]]:
+def _call(target: str, image: bytes, pcm: np.ndarray, mode: int, stages: list | None = None
+          ) -> tuple[float, list[tuple[float, str, float]]]:
     """Stream `pcm` at real time into a new conversation session; returns (the time its first sample was sent,
-    [(arrival time, event type, turn_latency_ms)])."""
+    [(arrival time, event type, turn_latency_ms)]). `stages` collects each chunk's server-side stage times (ms)."""
     channel = grpc.insecure_channel(target)
     stub = pb_grpc.AvatarServiceStub(channel)
     session = stub.CreateSession(pb.CreateSessionRequest(reference_image=image,
@@ -77,6 +78,8 @@ def _call(target: str, image: bytes, pcm: np.ndarray, mode: int) -> tuple[float,
     try:
         for output in stub.StreamSession(requests(), timeout=len(pcm) / 16000 + 300):
             if output.WhichOneof("output") != "event":
+                if stages is not None and output.WhichOneof("output") == "video_chunk":
+                    stages.append(dict(output.video_chunk.stats.stage_ms))
                 continue
             event = output.event
             if event.type == pb.Event.ATTACHED:
@@ -129,7 +132,7 @@ def bench_call(turns: int = 10, preset_name: str = "talk128", decoder: str = "fa
         try:
             say(f"calling: {len(pcm) / 16000:.0f} s of a caller at real time ...")
             started, events = _call(cluster.target, image, pcm, pb.ConversationOptions.OFFLINE if mode == "offline"
-                                    else pb.ConversationOptions.REALTIME)
+                                    else pb.ConversationOptions.REALTIME, stages := [])
         finally:
             cluster.stop()
         llm_first_audio = [at - started for at in peer.first_audio_at] if peer is not None else []
@@ -156,6 +159,8 @@ def bench_call(turns: int = 10, preset_name: str = "talk128", decoder: str = "fa
             "server_p50_ms": float(np.percentile([t["server_turn_latency_ms"] for t in per_turn[1:]
                                                   if t["server_turn_latency_ms"] is not None], 50))
             if measured else None,
+            "chunk_stage_ms_p50": {name: float(np.percentile([c[name] for c in stages if name in c], 50))
+                                   for name in sorted({name for c in stages for name in c})},
             "per_turn": per_turn[1:]}
 
 
@@ -170,6 +175,9 @@ def format_call_report(report: dict) -> str:
     if report["avatar_adds_p50_s"] is not None:
         lines.append(f"  the LLM's first audio -> the answer's first frame (what the avatar adds): p50 "
                      f"{report['avatar_adds_p50_s']:.2f} s, p95 {report['avatar_adds_p95_s']:.2f} s")
+    if report.get("chunk_stage_ms_p50"):
+        lines.append("  one chunk on the server, p50 ms: " + ", ".join(
+            f"{name} {ms:.0f}" for name, ms in report["chunk_stage_ms_p50"].items()))
     for turn in report["per_turn"]:
         after = turn["first_frame_after_s"]
         lines.append(f"    {turn['question']:45s} {'no answer' if after is None else f'{after:.2f} s'}  "

@@ -223,15 +223,18 @@ async def pace(track: SpeechTrack, link: SessionLink, started_at: float, lead_s:
 
 
 def chunk_ready_points(fps: float, rate: int, chunk_latent_frames: int, temporal_compression: int,
-                       lookahead_latent_frames: int):
+                       lookahead_latent_frames: int, frontend_lookahead_s: float = 0.0):
     """`chunk_ready` for `pace`: the engine's timeline (latent frame f shows video frames 4f-3..4f, frame 0 alone; a
-    chunk of C latent frames is made once the audio reaches `lookahead` latent frames past its last one)."""
+    chunk of C latent frames is made once the audio reaches `lookahead` latent frames past its last one, and the
+    audio front end has the audio it needs past that frame: `frontend_lookahead_s`, the AudioEncoder's
+    `frontend_lookahead_s`). Short of that point by even a few ms, the rest of the chunk's audio would go at real
+    time: up to a chunk late."""
     def ready(sample: int) -> int:
         frame = sample * fps / rate                                   # the video frame this sample shows
         latent = max(0, -(-int(frame) // temporal_compression))       # the latent frame showing it
         last = (latent // chunk_latent_frames + 1) * chunk_latent_frames - 1
         frames_needed = temporal_compression * (last + lookahead_latent_frames) + 1
-        return int(np.ceil(frames_needed * rate / fps))
+        return int(np.ceil((frames_needed / fps + frontend_lookahead_s) * rate)) + 1
 
     return ready
 

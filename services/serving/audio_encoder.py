@@ -74,6 +74,10 @@ class AudioEncoder:
         """Tickets still kept whose index is >= from_chunk (oldest first)."""
         return [ticket for ticket in self._session(session_id).recent if ticket.chunk_index >= from_chunk]
 
+    def frontend_lookahead_s(self, fps: float) -> float:
+        """Audio the front end needs past a video frame before it has that frame's features (at `fps`)."""
+        return float(self.stage.frontend(float(fps)).lookahead_s)
+
     def set_speaking(self, session_id: str, character: int, speaking: bool) -> None:
         self.stage.set_speaking(self._session(session_id).stage, character, speaking)
 

@@ -77,7 +77,7 @@ class ConversationCall:
         except Exception as error:   # the LLM did not answer: say where, end this stream only
             self.error = ApiError(grpc.StatusCode.UNAVAILABLE, str(error).strip().splitlines()[-1][:500])
             return
-        ready = ingress.chunk_ready_points(self.record, REPLY_RATE_HZ)
+        ready = await ingress.chunk_ready_points(self.record, REPLY_RATE_HZ)
         listeners = [character for character in range(len(self.record.characters)) if character != self.voices[0]]
         if listeners:     # one character speaks at a time: the first to answer; the pacer moves the voice per turn
             await self.link.send(pb.SessionInput(control=pb.Control(speaking=[

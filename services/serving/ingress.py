@@ -98,12 +98,13 @@ class SessionIngressServicer:
         self.streams: dict[str, SessionStream] = {}   # session id -> the stream attached here
         self._sweeper: asyncio.Task | None = None
 
-    def chunk_ready_points(self, record: SessionRecord, sample_rate_hz: int):
+    async def chunk_ready_points(self, record: SessionRecord, sample_rate_hz: int):
         """`pace`'s chunk_ready for this session's stream (its fps and chunk, the preset's timeline)."""
         stream = self.stream_defaults.replace(**record.options)
         dit = self.settings.preset_config.dit
+        frontend_s = await self.audio.frontend_lookahead_s.remote(stream.fps)
         return chunk_ready_points(stream.fps, sample_rate_hz, stream.chunk_latent_frames, dit.temporal_compression,
-                                  dit.audio_lookahead_latent_frames)
+                                  dit.audio_lookahead_latent_frames, frontend_s)
 
     def __serve_build_asgi_app__(self):
         """The browser call page and its calls (HTTP, Serve's proxy)."""
@@ -226,7 +227,7 @@ class SessionIngressServicer:
                               delivery["agent_identity"], link, sample_rate=AVATAR_SAMPLE_RATE_HZ,
                               fps=options["fps"], width=options["width"], height=options["height"],
                               agent_timeout_s=self.avatar_agent_timeout_s,
-                              chunk_ready=self.chunk_ready_points(record, AVATAR_SAMPLE_RATE_HZ))
+                              chunk_ready=await self.chunk_ready_points(record, AVATAR_SAMPLE_RATE_HZ))
         try:
             await worker.start()
         except DeliveryError as error:

@@ -59,6 +59,30 @@ def test_chunk_ready_points_follow_the_engines_timeline():
     assert [ready(f * per_frame) // per_frame for f in (0, 8, 9, 20, 21)] == [17, 17, 29, 29, 41]
 
 
+def test_chunk_ready_points_are_where_the_real_audio_stage_cuts_each_chunk():
+    """Held to the engine itself: 1 ms short of each point the chunk is not cut yet, at the point it is (short by
+    the front end's lookahead, the rest of a reply's chunk would wait for real time: up to a chunk late)."""
+    import dataclasses
+
+    from model_core.audio import AudioConfig
+    from model_core.stages import AudioStage
+    from services.delivery.avatar import chunk_ready_points
+    from tests.model_core.helpers import TINY, tiny_config
+
+    dit, stream = tiny_config(), dataclasses.replace(TINY.stream, fps=25.0)
+    stage = AudioStage(AudioConfig(), dit)
+    ready = chunk_ready_points(stream.fps, 24000, stream.chunk_latent_frames, dit.temporal_compression,
+                               dit.audio_lookahead_latent_frames, stage.frontend(stream.fps).lookahead_s)
+    session, sent, cut = stage.open("s", stream, 1), 0, []
+    for chunk in range(4):
+        point = ready(sent)
+        cut += stage.push(session, np.zeros(point - 24 - sent, np.int16), 24000)
+        assert len(cut) == chunk, f"chunk {chunk} cut 1 ms before its point {point}: the point is late"
+        cut += stage.push(session, np.zeros(24, np.int16), 24000)
+        assert len(cut) == chunk + 1, f"chunk {chunk} not cut at its point {point}"
+        sent = point
+
+
 def test_speech_after_silence_runs_ahead_to_where_its_chunk_can_be_made_then_goes_at_real_time():
     import asyncio
 
