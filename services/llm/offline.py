@@ -9,7 +9,10 @@
                                                                             ─► ReplyAudio (24 kHz) as each is spoken
                                                                       ─► ReplyDone, Transcript(assistant)
 
-Speaking piece by piece is what makes the face move before the whole reply exists.  The models are loaded once per
+Speaking piece by piece is what makes the face move before the whole reply exists.  The answer is also begun before
+the turn is known to be over: after `early_silence_ms` of the caller's silence the cascade starts on what was said
+(a draft), and holds its speech back; when the VAD ends the turn (`min_silence_ms`) the draft is the answer and what
+it has spoken goes out at once; if the caller speaks again first, the draft is dropped unheard.  The models are loaded once per
 process (`CascadeModels.shared`) and shared by its conversations.  Where they come from:
 
     silero-vad         the ONNX model in the `silero-vad` wheel
@@ -65,6 +68,7 @@ class OfflineConfig:
     cache_dir: Path
     threads: int = 1                    # per model runtime: the cascade shares the CPU with the avatar
     min_silence_ms: int = 400           # the pause that ends the caller's turn
+    early_silence_ms: int = 150         # the pause after which the answer is begun, held until the turn ends
     vad_threshold: float = 0.5
     max_reply_tokens: int = 72
     history_turns: int = 4              # earlier exchanges the LLM sees
@@ -325,6 +329,20 @@ class _Reply:
     first_audio_s: float | None = None
 
 
+@dataclass
+class _Turn:
+    """One answer in the making; a draft until the caller's turn is known to be over (`committed`)."""
+
+    cancelled: threading.Event
+    committed: bool = False
+    text: str | None = None          # what the caller said, once transcribed
+    reply: _Reply | None = None
+    held: list = None                # (piece, pcm) spoken before the commit
+    done: bool = False               # the LLM finished
+    published: bool = False          # in the history and on the queue
+    task: asyncio.Task | None = None
+
+
 class OfflineConversation(Conversation):
     """One caller's conversation with the on-server cascade (see the module docstring)."""
 
@@ -341,8 +359,8 @@ class OfflineConversation(Conversation):
         self.buffer = np.zeros(0, np.float32)          # 16 kHz samples not yet given to the VAD
         self.heard: list[np.ndarray] = []               # the caller's current utterance
         self.speaking = False
-        self.turn: asyncio.Task | None = None
-        self.cancelled: threading.Event | None = None
+        self.turn: _Turn | None = None                 # the answer being made (a draft before the turn ends)
+        self.drafts = self.drafts_dropped = 0
         self.reply: _Reply | None = None               # the last reply (generating, or maybe still playing)
         self.played_ms: dict[str, int] = {}
         self.closed = False
@@ -376,6 +394,10 @@ class OfflineConversation(Conversation):
         event = self.vad(torch.from_numpy(window))
         if self.speaking:
             self.heard.append(window)
+        draft = self.turn if self.turn is not None and not self.turn.committed else None
+        if draft is not None and not (event and "end" in event) and (not self.vad.temp_end or event):
+            self.drafts_dropped += 1             # the caller went on: the draft was premature, nobody heard it
+            await self._stop_turn()
         if event and "start" in event and not self.speaking:
             self.speaking = True
             self.heard = [window]
@@ -385,24 +407,33 @@ class OfflineConversation(Conversation):
             self.speaking = False
             self.queue.put_nowait(UserSpeech(False, time.monotonic()))
             utterance, self.heard = np.concatenate(self.heard), []
-            self.cancelled = threading.Event()
-            self.turn = asyncio.ensure_future(self._answer(utterance, self.cancelled))
+            if self.turn is None or self.turn.committed:
+                self._begin(utterance)
+            self.turn.committed = True
+            self._publish(self.turn)
+        elif self.speaking and self.turn is None and self.vad.temp_end and \
+                self.vad.current_sample - self.vad.temp_end >= self.config.early_silence_ms * VAD_RATE_HZ // 1000:
+            self.drafts += 1
+            self._begin(np.concatenate(self.heard))
 
-    async def _answer(self, utterance: np.ndarray, cancelled: threading.Event) -> None:
-        """One turn: what the caller said -> the reply, spoken piece by piece."""
-        began = time.monotonic()
+    def _begin(self, utterance: np.ndarray) -> None:
+        turn = self.turn = _Turn(threading.Event(), held=[])
+        turn.task = asyncio.ensure_future(self._answer(utterance, turn))
+
+    async def _answer(self, utterance: np.ndarray, turn: _Turn) -> None:
+        """One turn: what the caller said -> the reply, spoken piece by piece (held back while a draft)."""
+        began, cancelled = time.monotonic(), turn.cancelled
         try:
             text = await asyncio.to_thread(self.models.transcribe, utterance)
             heard_s = time.monotonic() - began
             if not text or cancelled.is_set():
                 return
-            self.queue.put_nowait(Transcript("user", text))
-            self.history.append({"role": "user", "content": text})
             messages = [{"role": "system", "content": self.instructions},
-                        *self.history[-(2 * self.config.history_turns + 1):]]
+                        *self.history[-2 * self.config.history_turns:], {"role": "user", "content": text}]
             number = next(self.ids)
-            reply = self.reply = _Reply(f"resp_offline_{number}", f"item_offline_{number}", [], began=began)
-            self.history.append({"role": "assistant", "content": ""})
+            reply = turn.reply = _Reply(f"resp_offline_{number}", f"item_offline_{number}", [], began=began)
+            turn.text = text
+            self._publish(turn)
             loop = asyncio.get_running_loop()
             resampler = PcmResampler(REPLY_RATE_HZ)
 
@@ -411,21 +442,46 @@ class OfflineConversation(Conversation):
                     pcm = self.models.speak(piece, resampler)
                     if cancelled.is_set():
                         return
-                    loop.call_soon_threadsafe(self._spoken, reply, piece, pcm, cancelled)
+                    loop.call_soon_threadsafe(self._piece, turn, piece, pcm)
 
             await asyncio.to_thread(produce)
             logger.info("offline turn %s: heard in %.2f s (%.1f s of speech), first reply audio after %.2f s, "
                         "whole reply after %.2f s", reply.response_id, heard_s, len(utterance) / VAD_RATE_HZ,
                         reply.first_audio_s or -1, time.monotonic() - began)
             if not cancelled.is_set():
-                reply.finished = True
-                self.queue.put_nowait(ReplyDone(reply.response_id))
-                self.queue.put_nowait(Transcript("assistant", " ".join(text for text, _ in reply.pieces)))
+                turn.done = True
+                self._finish(turn)
         except asyncio.CancelledError:
             raise
         except Exception as error:
             self.queue.put_nowait(error if isinstance(error, ConversationError) else
                                   ConversationError(f"the offline cascade failed: {type(error).__name__}: {error}"))
+
+    def _publish(self, turn: _Turn) -> None:
+        """Once the turn is over and its words are known: the exchange enters the history, and what the draft
+        already spoke goes out."""
+        if turn.published or not turn.committed or turn.text is None or turn.cancelled.is_set():
+            return
+        turn.published = True
+        self.queue.put_nowait(Transcript("user", turn.text))
+        self.history += [{"role": "user", "content": turn.text}, {"role": "assistant", "content": ""}]
+        self.reply = turn.reply
+        for piece, pcm in turn.held:
+            self._spoken(turn.reply, piece, pcm, turn.cancelled)
+        turn.held = []
+        self._finish(turn)
+
+    def _piece(self, turn: _Turn, piece: str, pcm: np.ndarray) -> None:
+        if turn.published:
+            self._spoken(turn.reply, piece, pcm, turn.cancelled)
+        elif not turn.cancelled.is_set():
+            turn.held.append((piece, pcm))
+
+    def _finish(self, turn: _Turn) -> None:
+        if turn.done and turn.published and not turn.reply.finished and not turn.cancelled.is_set():
+            turn.reply.finished = True
+            self.queue.put_nowait(ReplyDone(turn.reply.response_id))
+            self.queue.put_nowait(Transcript("assistant", " ".join(text for text, _ in turn.reply.pieces)))
 
     def _spoken(self, reply: _Reply, piece: str, pcm: np.ndarray, cancelled: threading.Event) -> None:
         if cancelled.is_set() or not len(pcm):
@@ -437,18 +493,17 @@ class OfflineConversation(Conversation):
         self.queue.put_nowait(ReplyAudio(pcm, REPLY_RATE_HZ, reply.response_id, reply.item_id))
 
     async def _stop_turn(self) -> None:
-        if self.cancelled is not None:
-            self.cancelled.set()
-        if self.turn is not None:
-            self.turn.cancel()
-            await asyncio.gather(self.turn, return_exceptions=True)
-            self.turn = None
+        turn, self.turn = self.turn, None
+        if turn is not None:
+            turn.cancelled.set()
+            turn.task.cancel()
+            await asyncio.gather(turn.task, return_exceptions=True)
 
     async def _interrupt(self) -> None:
         """The caller spoke: stop the reply being made, and if the avatar had not finished saying it, clear what it
         has not played and remember only the pieces the caller heard."""
         reply = self.reply
-        generating = self.turn is not None and not self.turn.done()
+        generating = self.turn is not None and not self.turn.done
         await self._stop_turn()
         if reply is None:
             return

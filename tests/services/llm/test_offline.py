@@ -81,11 +81,14 @@ def test_a_spoken_question_is_answered_in_speech_piece_by_piece(models):
     got, conversation = asyncio.run(main())
     kinds = [type(event).__name__ for event in got]
     assert [e.started for e in got if isinstance(e, UserSpeech)] == [True, False], kinds
+    assert conversation.drafts == 1 and conversation.drafts_dropped == 0, "begun in the pause, and kept"
     heard = next(e.text for e in got if isinstance(e, Transcript) and e.role == "user")
     assert "capital of france" in heard.lower(), heard
     replies = [e for e in got if isinstance(e, ReplyAudio)]
     assert replies and {e.sample_rate_hz for e in replies} == {REPLY_RATE_HZ}
-    assert kinds.index("ReplyAudio") > kinds.index("UserSpeech") and kinds[-2:] == ["ReplyDone", "Transcript"]
+    assert kinds.index("ReplyAudio") > kinds.index("Transcript") > 1 + kinds.index("UserSpeech"), \
+        "the draft's speech is held until the turn is over and its words are published"
+    assert kinds[-2:] == ["ReplyDone", "Transcript"]
     assert len({e.item_id for e in replies}) == 1 and not got[-2].cancelled
     spoken = np.concatenate([e.pcm for e in replies]).astype(float)
     assert len(spoken) > REPLY_RATE_HZ // 2 and np.sqrt(np.mean(spoken ** 2)) > 500, "the reply is speech"
@@ -130,3 +133,27 @@ def test_talking_over_the_reply_cuts_it_and_the_next_question_is_answered(models
     assert roles == ["user", "user", "assistant"], conversation.history
     done = [e for e in before + after if isinstance(e, ReplyDone) and e.response_id == cut_id]
     assert len(done) == 1, "the cut reply ends once: finished before the cut, or cancelled by it"
+
+
+def test_a_pause_inside_the_question_drops_the_draft_and_the_whole_question_is_answered(models):
+    async def main():
+        conversation = OfflineConversation(OfflineConfig.from_settings(), models=models)
+        await conversation.start()
+        events = conversation.events()
+        first, second = question(models, "What is the capital"), question(models, "of France?")
+        (_, first_end), (second_start, _) = models.speech_span(first / 32768), models.speech_span(second / 32768)
+        pcm = np.concatenate([first[:first_end], np.zeros(int(0.25 * RATE), np.int16), second[second_start:]])
+        feeding = asyncio.ensure_future(say(conversation, pcm, 1.0))
+        got = await collect(events, lambda e: isinstance(e, Transcript) and e.role == "assistant", 120)
+        await feeding
+        await conversation.aclose()
+        return got, conversation
+
+    got, conversation = asyncio.run(main())
+    assert conversation.drafts == 2 and conversation.drafts_dropped == 1, (conversation.drafts,
+                                                                           conversation.drafts_dropped)
+    assert [e.started for e in got if isinstance(e, UserSpeech)] == [True, False], "one turn"
+    (heard,) = [e.text for e in got if isinstance(e, Transcript) and e.role == "user"]
+    assert "capital" in heard.lower() and "france" in heard.lower(), f"both halves were heard: {heard!r}"
+    assert len({e.response_id for e in got if isinstance(e, ReplyAudio)}) == 1, "the dropped draft said nothing"
+    assert got[-1].text.strip(), "and the whole question was answered"
