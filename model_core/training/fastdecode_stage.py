@@ -4,9 +4,10 @@
 
 Each sample is the first `window_latents` latent frames of a segment of the latent cache (a stream's start: every
 segment was encoded from its own first frame, as a session's stream is), decoded by the full decoder as a stream
-(no gradient: the target) and by the fast decoder; the loss is their L1 difference, weighted up on the mouth (the
-cache's per-latent mouth weight, upsampled to pixels), plus a small term on the frame-to-frame change so the fast
-decoder keeps the full one's motion, not only its stills. The latent space is the full VAE's: the stage refuses a
+(no gradient: the target) and by the fast decoder, each sample's latents moved a little per channel first (so the
+decoder follows the full one off the cache's distribution too: `latent_jitter`); the loss is their L1 difference,
+weighted up on the mouth (the cache's per-latent mouth weight, upsampled to pixels), plus a small term on the
+frame-to-frame change so the fast decoder keeps the full one's motion, not only its stills. The latent space is the full VAE's: the stage refuses a
 cache encoded with another VAE, and the exported decoder records the VAE's digest.
 """
 
@@ -39,6 +40,11 @@ class FastDecoderTrainConfig:
     mouth_weight: float = 4.0
     motion_weight: float = 0.5
     """Weight of the L1 difference of consecutive frames' change (the full decoder's against the fast one's)."""
+    latent_jitter: float = 0.4
+    """Each sample's latents are moved per channel, z * (1 + jitter/2 * n1) + jitter * n2 (n1, n2 standard normal per
+    sample and channel), before both decoders see them: the student's latents sit off the cache's (per-channel means
+    ~0.5 apart); trained on the cache alone the fast decoder lost colours it had not seen (a green face came out grey).
+    The full decoder, the target, is defined on any latent. 0: off."""
     channels: tuple[int, int, int, int] = FastDecoderConfig.channels
     blocks: tuple[int, int, int] = FastDecoderConfig.blocks
 
@@ -91,6 +97,10 @@ class FastDecoderStage:
             latents.append(clip.latents[segment, :, :config.window_latents].float())
             mouths.append(clip.mouth[segment, :config.window_latents].float())
         latents = torch.stack(latents).to(self.device)
+        if config.latent_jitter:
+            shape = (latents.shape[0], latents.shape[1], 1, 1, 1)
+            noise = torch.from_numpy(rng.standard_normal((2, *shape)).astype(np.float32)).to(self.device)
+            latents = latents * (1 + config.latent_jitter / 2 * noise[0]) + config.latent_jitter * noise[1]
         with torch.no_grad():
             z = self.vae.vae.post_quant_conv(self.vae.denormalize(latents).to(self.device))
             target = stream_decode(self.vae.vae, z, self.vae.new_decode_cache())

@@ -2,6 +2,7 @@
 equals the clip decoded whole, the frame counts are the full VAE's, batched streams equal single ones, the saved
 decoder loads, and on a `tiny` latent cache the distillation's loss falls."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 
 from model_core.config import get_preset
 from model_core.fastdecode import FastDecoder, FastDecoderConfig
-from model_core.vae import StreamingVAE
+from model_core.vae import StreamingVAE, stream_decode
 
 TINY = get_preset("tiny")
 
@@ -99,7 +100,7 @@ def test_the_distillation_loss_falls_and_the_export_records_its_vae(tmp_path):
     vae = StreamingVAE.from_config(TINY.vae, seed=0)
     build_latent_cache(Listed(), vae, AudioFrontend(AudioConfig()), TINY.dit, tmp_path / "latents", progress=False)
     train = FastDecoderTrainConfig(steps=40, batch_size=1, window_latents=3, learning_rate=3e-3, warmup_steps=5,
-                                   channels=(16, 12, 8, 8), blocks=(1, 1, 1))
+                                   channels=(16, 12, 8, 8), blocks=(1, 1, 1), latent_jitter=0.0)
     stage = FastDecoderStage(None, LatentSource(tmp_path / "latents"), train, vae=vae)
     run_stage(stage, tmp_path / "run", 40, checkpoint_every=20, log_every=5, progress=False,
               export_to=tmp_path / "fast")
@@ -111,6 +112,20 @@ def test_the_distillation_loss_falls_and_the_export_records_its_vae(tmp_path):
     with pytest.raises(ValueError, match="another VAE"):
         other = StreamingVAE.from_config(TINY.vae, seed=1)
         FastDecoderStage(None, LatentSource(tmp_path / "latents"), train, vae=other)
+
+    # the latent jitter: the same picks, each sample's channels moved by an affine map, and the target decoded from
+    # the moved latents (the full decoder's frames for what the fast decoder is shown)
+    plain = stage.batch(3, 0)
+    moved = FastDecoderStage(None, LatentSource(tmp_path / "latents"),
+                             dataclasses.replace(train, latent_jitter=0.4), vae=vae).batch(3, 0)
+    x, y = plain["latents"].flatten(2), moved["latents"].flatten(2)          # [B, C, F*h*w]
+    scale = ((y - y.mean(-1, keepdim=True)) * (x - x.mean(-1, keepdim=True))).sum(-1) / \
+        ((x - x.mean(-1, keepdim=True)) ** 2).sum(-1)
+    offset = y.mean(-1) - scale * x.mean(-1)
+    torch.testing.assert_close(y, x * scale[..., None] + offset[..., None], atol=1e-4, rtol=1e-4)
+    assert offset.abs().mean() > 0.1 and (scale - 1).abs().mean() > 0.05, (offset, scale)
+    z = vae.vae.post_quant_conv(vae.denormalize(moved["latents"]))
+    torch.testing.assert_close(moved["target"], stream_decode(vae.vae, z, vae.new_decode_cache()), atol=1e-5, rtol=0)
 
 
 def test_each_session_decodes_with_the_decoder_it_chose():
