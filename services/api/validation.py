@@ -338,10 +338,18 @@ def validate_update(request, num_characters: int, limits: ApiLimits = ApiLimits(
     return UpdateSpec(prompt=prompt, speaking=_check_speaking(request.speaking, num_characters, "speaking"))
 
 
+_SESSION_ID = re.compile(r"[0-9a-f]{32}")
+
+
 def require_session_id(session_id: str, field_name: str = "session_id") -> str:
-    """INVALID_ARGUMENT when a request's session id is empty (an unknown id is the registry's NOT_FOUND)."""
+    """INVALID_ARGUMENT when a request's session id is empty or not of the form facecast issues (32 lowercase hex
+    characters); the value is never echoed (a hostile id of any length stays out of the status). An unknown id of the
+    right form is the registry's NOT_FOUND."""
     if not session_id:
         raise _invalid(f"{field_name} is required")
+    if not _SESSION_ID.fullmatch(session_id):
+        raise _invalid(f"{field_name} is not a facecast session id (32 lowercase hex characters, as CreateSession "
+                       f"returns; got {len(session_id)} characters)")
     return session_id
 
 

@@ -403,8 +403,12 @@ def test_validate_control_and_update():
     assert _raises(INVALID, validate_update, pb.UpdateSessionRequest(prompt="p" * 2001), 1).startswith("prompt")
     bad = pb.UpdateSessionRequest(speaking=[pb.SpeakingState(), pb.SpeakingState(character=4)])
     assert _raises(INVALID, validate_update, bad, 2).startswith("speaking[1].character=4")
-    assert require_session_id("abc") == "abc"
+    assert require_session_id("0123456789abcdef" * 2) == "0123456789abcdef" * 2
     assert _raises(INVALID, require_session_id, "", "attach.session_id") == "attach.session_id is required"
+    for hostile in ("x" * 100_000, "abc", "0" * 31, "A" * 32, "0" * 32 + "\n", "../" + "0" * 29):
+        message = _raises(INVALID, require_session_id, hostile)
+        assert message.startswith("session_id is not a facecast session id") and len(message) < 200, message
+        assert hostile not in message, "the value is not echoed"
 
 
 # ------------------------------------------------------------------------------------------------------------- #
