@@ -142,26 +142,20 @@ LIVEKIT_CLIENT = Path("services/serving/web/vendor/livekit-client.umd.js")
 def test_with_livekit_the_page_joins_the_room_and_says_so_when_its_server_does_not_answer(redis_url):  # noqa: F811
     """The page's LiveKit path in the browser: it loads livekit-client, asks for a room call, and joins the room's
     public URL; no LiveKit server runs here, so the join fails, the page names the URL, and the session is closed."""
-    import uvicorn
     from playwright.async_api import async_playwright
 
     from services.store.sessions import connect_store
 
-    from .test_call_room import CallConnector
+    from .test_call_room import CallConnector, serving
     from .test_ingress import livekit_cluster
 
     store = connect_store(redis_url)[0]
-    port, nobody = free_port(), free_port()
-    base = f"http://127.0.0.1:{port}"
+    nobody = free_port()
 
     async def main():
         cluster = livekit_cluster(store, CallConnector(), livekit_public_url=f"ws://127.0.0.1:{nobody}")
-        server = uvicorn.Server(uvicorn.Config(build_call_app(cluster.ingress), host="127.0.0.1", port=port,
-                                               log_level="warning"))
-        serving = asyncio.ensure_future(server.serve())
-        while not server.started:
-            await asyncio.sleep(0.05)
-        try:
+
+        async def steps(base):
             async with async_playwright() as playwright:
                 browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=[
                     "--no-sandbox", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"])
@@ -177,9 +171,8 @@ def test_with_livekit_the_page_joins_the_room_and_says_so_when_its_server_does_n
                 await browser.close()
             status = await asyncio.to_thread(get, f"{base}/call/{call_id}")
             return transport, error, loaded, status, cluster.held()
-        finally:
-            server.should_exit = True
-            await serving
+
+        return await serving(cluster, steps)
 
     transport, error, loaded, status, held = asyncio.run(main())
     assert transport == "livekit" and loaded, "LiveKit is the page's default when the server has it"
