@@ -360,17 +360,18 @@ def require_session_id(session_id: str, field_name: str = "session_id") -> str:
 _KEY_HINT = "send metadata 'authorization: Bearer <api key>' or 'x-api-key: <api key>'"
 
 
-def check_api_key(metadata: Sequence[tuple[str, str]] | None, api_keys: frozenset[str]) -> None:
-    """Require one of `api_keys` in the call's metadata; a no-op when `api_keys` is empty.
+def check_api_key(metadata: Sequence[tuple[str, str]] | None, keyring) -> str | None:
+    """Require a key of `keyring` (`services.api.keys.ApiKeyring`) in the call's metadata; returns the matching
+    key's name (None, and no check, when the keyring is empty).
 
-    Accepts `authorization: Bearer <key>` (scheme case-insensitive) or `x-api-key: <key>`. Keys are compared in
-    constant time and never appear in error messages.
+    Accepts `authorization: Bearer <key>` (scheme case-insensitive) or `x-api-key: <key>`. Keys are compared as
+    SHA-256 digests in constant time and never appear in error messages.
 
     Raises:
         ApiError: UNAUTHENTICATED when no key is sent or none of the sent keys is valid.
     """
-    if not api_keys:
-        return
+    if not keyring:
+        return None
     presented: list[str] = []
     malformed_authorization = False
     for key, value in metadata or ():
@@ -390,14 +391,10 @@ def check_api_key(metadata: Sequence[tuple[str, str]] | None, api_keys: frozense
             raise ApiError(grpc.StatusCode.UNAUTHENTICATED,
                            f"authorization metadata must have the form 'Bearer <api key>'; {_KEY_HINT}")
         raise ApiError(grpc.StatusCode.UNAUTHENTICATED, f"missing API key: {_KEY_HINT}")
-    valid = [k.encode() for k in api_keys]
-    for candidate in presented:
-        c = candidate.encode()
-        matched = False
-        for k in valid:  # compare against every key so timing does not depend on which one matches
-            matched |= hmac.compare_digest(c, k)
-        if matched:
-            return
+    for candidate in presented[:4]:   # a flood of keys in one call is not a faster way to guess
+        name = keyring.match(candidate)
+        if name is not None:
+            return name
     raise ApiError(grpc.StatusCode.UNAUTHENTICATED, f"invalid API key: {_KEY_HINT} with a key this server accepts")
 
 

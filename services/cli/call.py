@@ -1,6 +1,6 @@
 """`facecast call`: the reference gRPC client run as a command: one session, the audio streamed, the frames to an MP4.
 
-    facecast call --image REF --audio WAV --out OUT.mp4 [--target 127.0.0.1:9000] [--api-key K] [--no-realtime]
+    facecast call --image REF --audio WAV --out OUT.mp4 [--target 127.0.0.1:9000] [--api-key-file F] [--no-realtime]
 
 The WAV is sent in real time (or as fast as possible with --no-realtime) through `services.api.client.AvatarClient`;
 the received JPEG frames are written to an H.264 MP4 with the input audio, and the command prints TTFF, the time
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import io
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -22,7 +21,8 @@ import grpc
 import numpy as np
 
 from services.api.client import AvatarClient
-from services.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UserError, one_line, output_mp4, positive_float
+from services.cli.common import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, UserError, client_api_key, one_line, output_mp4,
+                                 positive_float)
 from services.media import load_audio
 from services.video import Mp4Writer
 from services.net import DEFAULT_GRPC_PORT
@@ -61,8 +61,7 @@ def cmd_call(args: argparse.Namespace) -> int:
     options = {name: value for name, value in (("fps", args.fps), ("width", args.width), ("height", args.height),
                                                ("steps", args.steps), ("chunk_latent_frames", args.chunk),
                                                ("seed", args.seed), ("decoder", args.decoder)) if value is not None}
-    api_key = args.api_key or os.environ.get("FACECAST_API_KEY")
-    client = AvatarClient(args.target, api_key=api_key)
+    client = AvatarClient(args.target, api_key=client_api_key(args))
     session = None
     try:
         session = client.create_session(reference, prompt=args.prompt, options=options, timeout_s=args.timeout)
@@ -134,7 +133,9 @@ def add_parser(commands) -> None:
     call.add_argument("--out", required=True, help="output .mp4")
     call.add_argument("--target", default=f"127.0.0.1:{DEFAULT_GRPC_PORT}",
                       help=f"host:port (default 127.0.0.1:{DEFAULT_GRPC_PORT})")
-    call.add_argument("--api-key", help="API key (default $FACECAST_API_KEY)")
+    call.add_argument("--api-key-file", help="file holding the API key (default $FACECAST_API_KEY; a key on the "
+                      "command line would be visible in `ps`)")
+    call.add_argument("--api-key", help=argparse.SUPPRESS)   # removed: refused with the reason
     call.add_argument("--fps", type=positive_float, help="frames per second (default: the server's, 25)")
     call.add_argument("--width", type=int, help="width (default: the served preset's)")
     call.add_argument("--height", type=int, help="height (default: the served preset's)")

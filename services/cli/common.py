@@ -119,3 +119,23 @@ def output_mp4(text: str) -> Path:
     if not out.parent.exists():
         raise UserError(f"--out: directory {str(out.parent)!r} does not exist")
     return out
+
+
+def client_api_key(args: argparse.Namespace) -> str | None:
+    """A client command's API key: the file of --api-key-file (its first line that is not blank or a # comment;
+    a `name=key` line gives its key), else $FACECAST_API_KEY, else None. --api-key is refused: `ps` shows it."""
+    if getattr(args, "api_key", None):
+        raise UserError("--api-key was removed: a key on the command line is visible to every user in `ps`; use "
+                        "$FACECAST_API_KEY or --api-key-file")
+    path = getattr(args, "api_key_file", None)
+    if not path:
+        return os.environ.get("FACECAST_API_KEY") or None
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"--api-key-file {path!r} cannot be read: {getattr(error, 'strerror', None) or error}")
+    for line in lines:
+        entry = line.strip()
+        if entry and not entry.startswith("#"):
+            return entry.partition("=")[2].strip() if "=" in entry else entry
+    raise UserError(f"--api-key-file {path!r} holds no key")

@@ -1,6 +1,6 @@
 """The `facecast` entry point: wires each command module's parser and turns user errors into one line and exit 2.
 
-    facecast generate | converse | bench engine | bench cluster | presets | serve | call | world | train | eval
+    facecast generate | converse | bench engine | bench cluster | presets | serve | call | keys | world | train | eval
     (one module each in services/cli/)
 
 A command module exposes `add_parser(commands)`, which registers its subcommand and sets `handler`; `main` parses,
@@ -16,7 +16,7 @@ import sys
 
 from model_core.checkpoint import CheckpointError
 from model_core.config import ConfigError
-from services.cli import bench, call, converse, eval as eval_command, generate, presets, serve, train, world
+from services.cli import bench, call, converse, eval as eval_command, generate, keys, presets, serve, train, world
 from services.cli.common import EXIT_INTERRUPTED, EXIT_USAGE, UserError, stdout_for_the_report_only
 from services.media import MediaError
 
@@ -27,7 +27,7 @@ USER_ERRORS = (UserError, MediaError, ConfigError, CheckpointError, FileNotFound
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facecast", description="Real-time audio-driven avatar video.")
     commands = parser.add_subparsers(dest="command", required=True)
-    for command in (generate, converse, bench, presets, serve, call, world, train, eval_command):
+    for command in (generate, converse, bench, presets, serve, call, keys, world, train, eval_command):
         command.add_parser(commands)
     return parser
 

@@ -1,7 +1,7 @@
 """`facecast serve`: run the Ray Serve cluster of a deploy config on this machine until Ctrl-C / SIGTERM.
 
     facecast serve [--config ray_configs/local.yaml] [--preset P] [--port 9000] [--num-gpus N] [--redis-url URL]
-                   [--api-key K]
+                   [--api-key-file FILE]
 
 With no --config it serves the local layout (ray_configs/local.yaml: CPU, logical GPUs) with the trained preset
 (`talk128` and its shipped weights); a --config serves that file as written, and --preset replaces its preset.
@@ -29,6 +29,7 @@ from model_core.checkpoint import CheckpointError
 from model_core.config import ConfigError
 from model_core.models import resolve_checkpoint
 from model_core.shipped import TRAINED_PRESET
+from services.api.keys import ApiKeyError, ApiKeyring
 from services.cli.common import EXIT_FAILED, EXIT_OK, UserError, one_line
 from services.deploy.serve_config import (
     DeployConfigError,
@@ -76,10 +77,16 @@ def _serve_plan(args: argparse.Namespace) -> tuple[dict, dict, int | None]:
         app_args["decoder"] = args.decoder
     if args.latent_transport:
         app_args["latent_transport"] = args.latent_transport
-    api_keys = list(args.api_key or [])
-    api_keys += [key.strip() for key in os.environ.get("FACECAST_API_KEYS", "").split(",") if key.strip()]
-    if api_keys:
-        app_args["api_keys"] = sorted(set(api_keys))
+    if args.api_key:
+        raise UserError("--api-key was removed: a key on the command line is visible to every user in `ps`; put "
+                        "`name=key` entries in $FACECAST_API_KEYS or in a file given with --api-key-file "
+                        "(`facecast keys new` makes one)")
+    try:   # the replicas get the keys' hashes only (the Serve config), never the keys
+        keyring = ApiKeyring.load(app_args.get("api_keys") or {}, key_file=args.api_key_file)
+    except ApiKeyError as error:
+        flag = "--api-key-file" if args.api_key_file and repr(args.api_key_file) in str(error) else "api keys"
+        raise UserError(f"{flag}: {error}") from None
+    app_args["api_keys"] = keyring.hashes() or None
     if args.redis_url:
         app_args["redis_url"] = args.redis_url
     try:
@@ -168,6 +175,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         finally:
             claim_signals()
 
+    for name in ("FACECAST_API_KEYS", "FACECAST_API_KEY_FILE"):   # hashed into the app args already: keep the
+        os.environ.pop(name, None)                                  # keys out of every Ray process's environment
     redis_url, local_redis, cluster, failed = None, None, None, False
     try:
         try:
@@ -198,8 +207,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   f"{', '.join(modes) if modes else 'none: configure realtime_url or run `make cascade`'})",
                   flush=True)
             keys = settings.effective_api_keys()
-            print(f"  auth: {'%d API key(s) required' % len(keys) if keys else 'none (no API keys configured)'}",
-                  flush=True)
+            auth = f"an API key required (keys: {', '.join(keys.names)})" if keys else "none (no API keys configured)"
+            print(f"  auth: {auth}", flush=True)
             if ready_file is not None:
                 partial = ready_file.with_name(ready_file.name + ".partial")
                 partial.write_text("ready\n")
@@ -298,7 +307,9 @@ def add_parser(commands) -> None:
                      "logical GPUs as its deployments ask for; on a cuda config, the real ones)")
     srv.add_argument("--num-cpus", type=int, help="CPUs for the local Ray (default: max(cores, 4))")
     srv.add_argument("--redis-url", help="session store (default $REDIS_URL, else a private redis-server)")
-    srv.add_argument("--api-key", action="append", help="accepted API key (repeatable; also $FACECAST_API_KEYS, "
-                     "comma-separated); none: no authentication")
+    srv.add_argument("--api-key-file", help="file of accepted API keys, one `name=key` per line (also "
+                     "$FACECAST_API_KEY_FILE, and `name=key,...` in $FACECAST_API_KEYS; `facecast keys new` makes one); "
+                     "none: no authentication")
+    srv.add_argument("--api-key", action="append", help=argparse.SUPPRESS)   # removed: refused with the reason
     srv.add_argument("--ready-file", help="write 'ready' to this file once the app serves (removed on exit)")
     srv.set_defaults(handler=cmd_serve)

@@ -100,8 +100,10 @@ class AppSettings:
     cascade_cache_dir: str | None = None
     """Where the cascade keeps the models it prepares once from their wheels (None: $FACECAST_CACHE_DIR, else
     ~/.cache/facecast)."""
-    api_keys: tuple[str, ...] = ()
-    """Accepted API keys; empty: no authentication. Also read from $FACECAST_API_KEYS (comma-separated)."""
+    api_keys: dict | None = None
+    """Accepted API keys as {name: "sha256:<hex>"} (`facecast keys hash`; never the keys themselves); with
+    $FACECAST_API_KEYS (`name=key,...`) and the file named by $FACECAST_API_KEY_FILE, all accepted together
+    (`services.api.keys`). None of the three: no authentication."""
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, allowed: str) -> None:
@@ -129,6 +131,7 @@ class AppSettings:
             self.audio_config()   # the front-end's own checks name audio backend / model_path and the allowed values
         check(self.session_sweep_s > 0, "session_sweep_s", "must be > 0 seconds")
         check(self.livekit_token_ttl_s >= 60, "livekit_token_ttl_s", "must be >= 60 seconds")
+        self.effective_api_keys()   # a raw key in the config, a short key, a bad name: named here
         self.livekit_config()   # a URL without its credentials fails here, naming what is missing
         self.realtime_config()
         check(self.decoder in self.decoders(), "decoder",
@@ -170,8 +173,6 @@ class AppSettings:
         unknown = sorted(set(args) - known)
         if unknown:
             raise ConfigError(f"unknown application args {unknown}; allowed: {sorted(known)}")
-        if "api_keys" in args:
-            args["api_keys"] = tuple(args["api_keys"] or ())
         return cls(**args)
 
     @property
@@ -206,9 +207,14 @@ class AppSettings:
 
         return ("full", "fast") if fast_decoder_shipped(self.preset_config) else ("full",)
 
-    def effective_api_keys(self) -> frozenset[str]:
-        env = {key.strip() for key in os.environ.get("FACECAST_API_KEYS", "").split(",") if key.strip()}
-        return frozenset(self.api_keys) | env
+    def effective_api_keys(self):
+        """Every accepted key (`services.api.keys.ApiKeyring`: names and digests); empty: no authentication."""
+        from services.api.keys import ApiKeyError, ApiKeyring
+
+        try:
+            return ApiKeyring.load(self.api_keys or {})
+        except ApiKeyError as error:
+            raise ConfigError(str(error)) from None
 
     def effective_redis_url(self) -> str | None:
         return self.redis_url or os.environ.get("REDIS_URL")

@@ -18,6 +18,7 @@ from PIL import Image
 from model_core.config import StreamConfig, get_preset
 from services.api import SERVICE_NAME, pb, pb_grpc
 from services.api import build as api_build
+from services.api.keys import ApiKeyring
 from services.api.validation import (
     FULL_FRAME,
     ApiError,
@@ -415,26 +416,53 @@ def test_validate_control_and_update():
 # Credentials
 # ------------------------------------------------------------------------------------------------------------- #
 
-KEYS = frozenset({"k-alpha-123", "k-beta-456"})
+RAW_KEYS = {"alpha": "k-alpha-123-0123456789", "beta": "k-beta-456-0123456789"}
+KEYS = ApiKeyring.from_keys(RAW_KEYS)
 
 
-def test_check_api_key_accepts_both_header_forms():
-    check_api_key([], frozenset())  # no keys configured: open
-    check_api_key(None, frozenset())
-    check_api_key([("authorization", "Bearer k-alpha-123")], KEYS)
-    check_api_key([("authorization", "bearer   k-beta-456 ")], KEYS)
-    check_api_key([("x-api-key", "k-beta-456")], KEYS)
-    check_api_key([("user-agent", "grpc"), ("X-Api-Key", "k-alpha-123")], KEYS)
-    check_api_key([("bin-bin", b"\x00"), ("authorization", "Bearer wrong"), ("x-api-key", "k-alpha-123")], KEYS)
+def test_check_api_key_accepts_both_header_forms_and_names_the_key():
+    assert check_api_key([], ApiKeyring()) is None  # no keys configured: open
+    assert check_api_key(None, ApiKeyring()) is None
+    assert check_api_key([("authorization", "Bearer k-alpha-123-0123456789")], KEYS) == "alpha"
+    assert check_api_key([("authorization", "bearer   k-beta-456-0123456789 ")], KEYS) == "beta"
+    assert check_api_key([("x-api-key", "k-beta-456-0123456789")], KEYS) == "beta"
+    assert check_api_key([("user-agent", "grpc"), ("X-Api-Key", "k-alpha-123-0123456789")], KEYS) == "alpha"
+    assert check_api_key([("bin-bin", b"\x00"), ("authorization", "Bearer wrong"),
+                          ("x-api-key", "k-alpha-123-0123456789")], KEYS) == "alpha"
+
+
+def test_the_keyring_holds_digests_only_and_compares_them_all():
+    """No key text is kept; match hashes the presented key once and looks at every stored digest (a match on the
+    first key takes the same comparisons as one on the last, or none)."""
+    import hashlib
+    import hmac
+
+    assert all(len(digest) == 32 and isinstance(digest, bytes) for _, digest in KEYS.entries)
+    assert not any(key.encode() in digest for key in RAW_KEYS.values() for _, digest in KEYS.entries)
+    assert KEYS.hashes()["alpha"] == "sha256:" + hashlib.sha256(b"k-alpha-123-0123456789").hexdigest()
+    calls, compare = [], hmac.compare_digest
+
+    def counting(a, b):
+        calls.append((a, b))
+        return compare(a, b)
+
+    ring = ApiKeyring.from_keys({f"k{i}": f"key-number-{i}-0123456789" for i in range(5)})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("services.api.keys.hmac.compare_digest", counting)
+        for presented, name in (("key-number-0-0123456789", "k0"), ("key-number-4-0123456789", "k4"),
+                                ("nothing-like-a-key-000", None)):
+            calls.clear()
+            assert ring.match(presented) == name
+            assert len(calls) == 5 and all(len(a) == len(b) == 32 for a, b in calls)
 
 
 @pytest.mark.parametrize("metadata", [
     [],
     [("user-agent", "grpc-python")],
     [("authorization", "Bearer not-a-key-999")],
-    [("authorization", "Basic k-alpha-123x")],
-    [("authorization", "k-alpha-123x")],
-    [("x-api-key", "k-alpha-1234")],
+    [("authorization", "Basic k-alpha-123-0123456789")],
+    [("authorization", "k-alpha-123-0123456789")],
+    [("x-api-key", "k-alpha-123-01234567890")],
     [("x-api-key", "")],
     [("authorization", "Bearer ")],
 ])
@@ -445,7 +473,7 @@ def test_check_api_key_rejects_without_echoing(metadata):
         secret = value.split()[-1] if value.strip() else None
         if secret and secret.lower() not in ("bearer", "grpc-python"):
             assert secret not in message
-    for key in KEYS:
+    for key in RAW_KEYS.values():
         assert key not in message
 
 
@@ -483,7 +511,7 @@ def test_session_to_proto():
 # ------------------------------------------------------------------------------------------------------------- #
 
 class _Servicer(pb_grpc.AvatarServiceServicer):
-    def __init__(self, api_keys: frozenset[str] = frozenset()):
+    def __init__(self, api_keys: ApiKeyring = ApiKeyring()):
         self.api_keys = api_keys
 
     def CreateSession(self, request, context):
@@ -503,7 +531,7 @@ def channel():
     from grpc_reflection.v1alpha import reflection
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    pb_grpc.add_AvatarServiceServicer_to_server(_Servicer(frozenset({"secret-key"})), server)
+    pb_grpc.add_AvatarServiceServicer_to_server(_Servicer(ApiKeyring.from_keys({"ops": "secret-key-0123456789"})), server)
     health_servicer = health.HealthServicer()
     health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -520,7 +548,7 @@ def test_grpc_loopback_status_codes(channel):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     stub = pb_grpc.AvatarServiceStub(channel)
-    auth = (("authorization", "Bearer secret-key"),)
+    auth = (("authorization", "Bearer secret-key-0123456789"),)
 
     with pytest.raises(grpc.RpcError) as info:
         stub.CreateSession(pb.CreateSessionRequest(reference_image=b"GIF89a nope"), metadata=auth, timeout=10)
@@ -535,7 +563,7 @@ def test_grpc_loopback_status_codes(channel):
     livekit = pb.Delivery(livekit=pb.LiveKitDelivery(room="call-7"))
     with pytest.raises(grpc.RpcError) as info:
         stub.CreateSession(pb.CreateSessionRequest(reference_image=_png(), delivery=livekit),
-                           metadata=(("x-api-key", "secret-key"),), timeout=10)
+                           metadata=(("x-api-key", "secret-key-0123456789"),), timeout=10)
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
     session = stub.CreateSession(pb.CreateSessionRequest(reference_image=_png(), prompt="hi",

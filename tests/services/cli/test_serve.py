@@ -64,3 +64,41 @@ def test_missing_trained_weights_are_named_before_anything_starts(capsys, monkey
 def test_a_fast_decoder_the_preset_does_not_ship_is_refused_before_anything_starts(capsys):
     err = refused(["--preset", "tiny", "--decoder", "fast", "--port", str(free_port())], capsys)
     assert "decoder='fast' is invalid: allowed: full (preset 'tiny' ships no fast decoder)" in err
+
+
+def test_a_key_on_the_command_line_is_refused_with_the_reason(capsys):
+    err = refused(["--preset", "tiny", "--api-key", "a-key-anyone-can-see-in-ps", "--port", str(free_port())], capsys)
+    assert "--api-key was removed" in err and "ps" in err and "$FACECAST_API_KEYS" in err and "--api-key-file" in err
+    assert "a-key-anyone-can-see-in-ps" not in err
+
+
+def test_a_bad_key_file_is_named_without_its_keys(capsys, tmp_path, monkeypatch):
+    monkeypatch.delenv("FACECAST_API_KEYS", raising=False)
+    missing = tmp_path / "nope"
+    err = refused(["--preset", "tiny", "--api-key-file", str(missing), "--port", str(free_port())], capsys)
+    assert f"--api-key-file: API key file '{missing}' cannot be read" in err
+    short = tmp_path / "keys"
+    short.write_text("ops=good-key-0123456789\nold=tiny\n")
+    err = refused(["--preset", "tiny", "--api-key-file", str(short), "--port", str(free_port())], capsys)
+    assert f"API key file '{short}' entry 2: the key is 4 characters long" in err
+    assert "good-key" not in err and "tiny\n" not in err
+
+
+def test_keys_new_and_hash_print_the_lines_a_server_accepts(capsys, monkeypatch):
+    import io
+
+    from services.api.keys import ApiKeyring, parse_api_keys
+
+    assert main(["keys", "new", "--name", "agent"]) == 0
+    out = capsys.readouterr().out
+    entry = next(line.split()[-1] for line in out.splitlines() if line.startswith("for $FACECAST_API_KEYS"))
+    key = parse_api_keys(entry, "out")["agent"]
+    config_line = out.splitlines()[-1].split(":  ", 1)[1]
+    name, digest = config_line.split(": ")
+    assert ApiKeyring.from_hashes({name: digest.strip('"')}).match(key) == "agent"
+    monkeypatch.setattr("sys.stdin", io.StringIO(key + "\n"))
+    assert main(["keys", "hash", "--name", "agent"]) == 0
+    assert capsys.readouterr().out.strip().endswith(config_line)
+    monkeypatch.setattr("sys.stdin", io.StringIO("short\n"))
+    assert main(["keys", "hash"]) == 2
+    assert "at least 16 are required" in capsys.readouterr().err

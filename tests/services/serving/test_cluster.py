@@ -17,6 +17,7 @@ from ray import serve
 from model_core.engine import AvatarEngine, Character, iter_pieces
 from services.api import pb
 from services.api.client import AvatarClient
+from services.api.keys import hash_api_key
 from services.deploy.local_cluster import APP_NAME, LocalCluster
 from services.net import free_port
 from services.media import decode_image_bytes, image_to_tensor
@@ -29,7 +30,7 @@ from tests.services.serving.helpers import engine_jpegs, pcm16, png
 
 pytestmark = pytest.mark.integration
 
-API_KEY = "test-key-3f9a"
+API_KEY = "test-key-3f9a-0123456789"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
 
@@ -46,7 +47,7 @@ def cluster(receiver):
            "OTEL_BSP_SCHEDULE_DELAY": "200"}
     env.update({key: value for key, value in serve_tracing_env().items() if key.startswith("RAY_SERVE")})
     env.update(env)
-    started = LocalCluster.start({"max_sessions": 3, "api_keys": [API_KEY]}, grpc_port=free_port(), num_cpus=4,
+    started = LocalCluster.start({"max_sessions": 3, "api_keys": {"tests": hash_api_key(API_KEY)}}, grpc_port=free_port(), num_cpus=4,
                                  num_gpus=3, env=env)
     yield started
     started.stop()

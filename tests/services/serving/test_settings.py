@@ -22,11 +22,41 @@ def test_settings_name_the_bad_field(args, needle):
         AppSettings.from_args(args)
 
 
-def test_settings_defaults_and_api_keys_from_env(monkeypatch):
-    settings = AppSettings.from_args({"api_keys": ["a"]})
-    monkeypatch.setenv("FACECAST_API_KEYS", "b, c")
-    assert settings.effective_api_keys() == {"a", "b", "c"}
+def test_settings_defaults_and_api_keys_from_config_env_and_file(monkeypatch, tmp_path):
+    from services.api.keys import hash_api_key
+
+    settings = AppSettings.from_args({"api_keys": {"ops": hash_api_key("ops-key-0123456789")}})
+    keys = tmp_path / "keys"
+    keys.write_text("# rotation: old and new\nold=old-key-0123456789\nnew new-key-0123456789\n")
+    monkeypatch.setenv("FACECAST_API_KEYS", "env-key-0123456789, agent=agent-key-0123456789")
+    monkeypatch.setenv("FACECAST_API_KEY_FILE", str(keys))
+    ring = settings.effective_api_keys()
+    assert ring.names == ("ops", "env-1", "agent", "old", "new")
+    assert [ring.match(key) for key in ("ops-key-0123456789", "env-key-0123456789", "new-key-0123456789",
+                                        "ops-key-012345678")] == ["ops", "env-1", "new", None]
+    assert "key-0123456789" not in repr(ring) and "sha256" not in repr(ring)
     assert settings.stream_defaults().steps == settings.steps == 2
+
+
+@pytest.mark.parametrize("api_keys, needle", [
+    (["a-raw-key-in-a-list-0000"], "must be a mapping of key name to 'sha256:<64 hex digits>'"),
+    ({"ops": "a-raw-key-in-the-config"}, "api_keys['ops'] must be 'sha256:<64 lowercase hex digits>'"),
+    ({"bad name": "sha256:" + "0" * 64}, "key name 'bad name' is invalid"),
+])
+def test_api_keys_in_a_config_must_be_named_hashes(api_keys, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)) as caught:
+        AppSettings.from_args({"api_keys": api_keys})
+    assert "raw-key" not in str(caught.value)
+
+
+def test_a_short_or_clashing_key_in_the_environment_is_refused_without_echoing_it(monkeypatch):
+    monkeypatch.setenv("FACECAST_API_KEYS", "ops=short-key")
+    with pytest.raises(ConfigError, match=r"\$FACECAST_API_KEYS entry 1: the key is 9 characters long; at least 16"):
+        AppSettings().effective_api_keys()
+    monkeypatch.setenv("FACECAST_API_KEYS", "ops=first-key-0123456789,ops=other-key-0123456789")
+    with pytest.raises(ConfigError, match="entry 2: key name 'ops' is given twice") as caught:
+        AppSettings().effective_api_keys()
+    assert "0123456789" not in str(caught.value)
 
 
 def test_the_default_decoder_must_be_one_the_preset_ships():
