@@ -49,9 +49,16 @@ class StreamResult:
 
 class AvatarClient:
     def __init__(self, target: str, api_key: str | None = None, metadata: list[tuple[str, str]] | None = None,
-                 application: str | None = "facecast"):
-        self.channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 * 2**20),
-                                                               ("grpc.max_send_message_length", 64 * 2**20)])
+                 application: str | None = "facecast", tls: bool | bytes = False):
+        """tls: False (plaintext), True (TLS, the system's trusted roots) or PEM bytes of the certificate(s) to
+        trust (a private CA, a self-signed server)."""
+        options = [("grpc.max_receive_message_length", 64 * 2**20), ("grpc.max_send_message_length", 64 * 2**20)]
+        if tls is False:
+            self.channel = grpc.insecure_channel(target, options=options)
+        else:
+            roots = None if tls is True else tls
+            self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=roots),
+                                               options=options)
         self.stub = pb_grpc.AvatarServiceStub(self.channel)
         self.last_error = ""
         self.metadata = list(metadata or [])

@@ -20,6 +20,7 @@ session token is hashed by `services.store.sessions.hash_token` (the store owns 
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import io
 import math
@@ -398,6 +399,19 @@ def check_api_key(metadata: Sequence[tuple[str, str]] | None, keyring) -> str | 
     raise ApiError(grpc.StatusCode.UNAUTHENTICATED, f"invalid API key: {_KEY_HINT} with a key this server accepts")
 
 
+INTERNAL_KEY_HEADER = "x-facecast-internal"
+"""The metadata key `facecast serve`'s front door adds (`services.serving.front_door`)."""
+
+
+def check_internal_key(metadata: Sequence[tuple[str, str]] | None, expected_sha256: str) -> None:
+    """UNAUTHENTICATED unless the call carries the front door's key (its SHA-256 equals `expected_sha256`)."""
+    presented = next((value for key, value in metadata or () if key.lower() == INTERNAL_KEY_HEADER
+                      and isinstance(value, str)), "")
+    if not hmac.compare_digest(hashlib.sha256(presented.encode()).hexdigest().encode(), expected_sha256.encode()):
+        raise ApiError(grpc.StatusCode.UNAUTHENTICATED, "this is the cluster's internal port; connect to the port "
+                       "`facecast serve` prints (its front door)")
+
+
 def new_token() -> tuple[str, str]:
     """A fresh session token and its sha256 hex digest: (token, digest). Give the token out once; keep the digest."""
     token = secrets.token_urlsafe(32)
@@ -459,6 +473,7 @@ def session_to_proto(session_id: str, state: str | int, stream: StreamConfig,
 
 __all__ = [
     "ApiError", "ApiLimits", "CreateSpec", "UpdateSpec", "FULL_FRAME", "validate_create", "validate_audio",
-    "validate_control", "validate_update", "require_session_id", "check_api_key", "check_token", "new_token",
+    "validate_control", "validate_update", "require_session_id", "check_api_key", "check_internal_key", "check_token",
+    "new_token",
     "session_to_proto",
 ]

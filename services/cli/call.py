@@ -1,6 +1,7 @@
 """`facecast call`: the reference gRPC client run as a command: one session, the audio streamed, the frames to an MP4.
 
-    facecast call --image REF --audio WAV --out OUT.mp4 [--target 127.0.0.1:9000] [--api-key-file F] [--no-realtime]
+    facecast call --image REF --audio WAV --out OUT.mp4 [--target 127.0.0.1:9000] [--api-key-file F]
+                  [--tls | --tls-ca PEM] [--no-realtime]
 
 The WAV is sent in real time (or as fast as possible with --no-realtime) through `services.api.client.AvatarClient`;
 the received JPEG frames are written to an H.264 MP4 with the input audio, and the command prints TTFF, the time
@@ -21,8 +22,8 @@ import grpc
 import numpy as np
 
 from services.api.client import AvatarClient
-from services.cli.common import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, UserError, client_api_key, one_line, output_mp4,
-                                 positive_float)
+from services.cli.common import (EXIT_FAILED, EXIT_OK, EXIT_USAGE, UserError, client_api_key, client_tls, one_line,
+                                 output_mp4, positive_float)
 from services.media import load_audio
 from services.video import Mp4Writer
 from services.net import DEFAULT_GRPC_PORT
@@ -61,7 +62,7 @@ def cmd_call(args: argparse.Namespace) -> int:
     options = {name: value for name, value in (("fps", args.fps), ("width", args.width), ("height", args.height),
                                                ("steps", args.steps), ("chunk_latent_frames", args.chunk),
                                                ("seed", args.seed), ("decoder", args.decoder)) if value is not None}
-    client = AvatarClient(args.target, api_key=client_api_key(args))
+    client = AvatarClient(args.target, api_key=client_api_key(args), tls=client_tls(args))
     session = None
     try:
         session = client.create_session(reference, prompt=args.prompt, options=options, timeout_s=args.timeout)
@@ -136,6 +137,10 @@ def add_parser(commands) -> None:
     call.add_argument("--api-key-file", help="file holding the API key (default $FACECAST_API_KEY; a key on the "
                       "command line would be visible in `ps`)")
     call.add_argument("--api-key", help=argparse.SUPPRESS)   # removed: refused with the reason
+    call.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's certificate "
+                      "authorities (default: plaintext)")
+    call.add_argument("--tls-ca", help="connect with TLS, trusting this PEM certificate (a private CA or the "
+                      "server's self-signed certificate)")
     call.add_argument("--fps", type=positive_float, help="frames per second (default: the server's, 25)")
     call.add_argument("--width", type=int, help="width (default: the served preset's)")
     call.add_argument("--height", type=int, help="height (default: the served preset's)")

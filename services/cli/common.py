@@ -139,3 +139,17 @@ def client_api_key(args: argparse.Namespace) -> str | None:
         if entry and not entry.startswith("#"):
             return entry.partition("=")[2].strip() if "=" in entry else entry
     raise UserError(f"--api-key-file {path!r} holds no key")
+
+
+def client_tls(args: argparse.Namespace) -> bool | bytes:
+    """A client command's TLS choice for `AvatarClient`: the PEM of --tls-ca, True for --tls, else False."""
+    path = getattr(args, "tls_ca", None)
+    if not path:
+        return bool(getattr(args, "tls", False))
+    try:
+        pem = Path(path).read_bytes()
+    except OSError as error:
+        raise UserError(f"--tls-ca {path!r} cannot be read: {error.strerror}") from None
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
+        raise UserError(f"--tls-ca {path!r} is not a PEM certificate")
+    return pem

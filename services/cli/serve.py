@@ -1,6 +1,7 @@
 """`facecast serve`: run the Ray Serve cluster of a deploy config on this machine until Ctrl-C / SIGTERM.
 
-    facecast serve [--config ray_configs/local.yaml] [--preset P] [--port 9000] [--num-gpus N] [--redis-url URL]
+    facecast serve [--config ray_configs/local.yaml] [--preset P] [--port 9000] [--host 127.0.0.1]
+                   [--tls-cert PEM --tls-key PEM] [--no-reflection] [--num-gpus N] [--redis-url URL]
                    [--api-key-file FILE]
 
 With no --config it serves the local layout (ray_configs/local.yaml: CPU, logical GPUs) with the trained preset
@@ -16,6 +17,7 @@ deployments' insides.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import signal
 import socket
@@ -40,17 +42,19 @@ from services.deploy.serve_config import (
     validate_serve_config,
 )
 from services.net import DEFAULT_GRPC_PORT
+from services.serving.front_door import FrontDoorError, FrontDoorOptions, TlsFiles
 from services.serving.settings import AppSettings
 
 
-def check_port_free(port: int, flag: str = "--port") -> None:
+def check_port_free(port: int, flag: str = "--port", host: str = "0.0.0.0") -> None:
     """Refuse a port something already listens on (the gRPC proxy would otherwise fail inside Ray, quietly)."""
     if not 1 <= port <= 65535:
         raise UserError(f"{flag} {port} is invalid: allowed 1 to 65535")
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a TIME_WAIT leftover is not "in use"
         try:
-            sock.bind(("0.0.0.0", port))
+            sock.bind((host, port))
         except OSError as error:
             raise UserError(f"{flag} {port} is in use ({error.strerror}); stop what listens there or pick another "
                             "port") from None
@@ -114,7 +118,26 @@ def _serve_plan(args: argparse.Namespace) -> tuple[dict, dict, int | None]:
         num_gpus = needed  # logical GPUs: the CPU workers only use them for placement
     if args.num_cpus is not None and args.num_cpus < 1:
         raise UserError(f"--num-cpus {args.num_cpus} is invalid: at least 1")
-    return serve_config, {**app_args, "_settings": settings}, num_gpus
+    return serve_config, {**app_args, "_settings": settings, "_door": _front_door_plan(args)}, num_gpus
+
+
+def _front_door_plan(args: argparse.Namespace) -> FrontDoorOptions:
+    """Where clients connect and how: --host (an IP address this machine has), TLS from --tls-cert and --tls-key
+    (both or neither; the pair checked now)."""
+    try:
+        ipaddress.ip_address(args.host)
+    except ValueError:
+        raise UserError(f"--host {args.host!r} is not an IP address: 127.0.0.1 (this machine only, the default), "
+                        "0.0.0.0 (every interface) or one of this machine's addresses") from None
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UserError(f"--tls-{'key' if args.tls_cert else 'cert'} is missing: TLS needs both --tls-cert and "
+                        "--tls-key (PEM files)")
+    door = FrontDoorOptions(args.host, TlsFiles(args.tls_cert, args.tls_key) if args.tls_cert else None)
+    try:
+        door.check()
+    except FrontDoorError as error:
+        raise UserError(str(error)) from None
+    return door
 
 
 def _redis_for_serve(args: argparse.Namespace):
@@ -141,7 +164,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.config = str(local if local.is_file() else config_path("local"))
         args.preset = args.preset or TRAINED_PRESET
     serve_config, app_args, num_gpus = _serve_plan(args)
-    check_port_free(args.port)
+    door = app_args.pop("_door")
+    check_port_free(args.port, host=args.host)
     check_port_free(args.http_port, "--http-port")
     settings = app_args.pop("_settings")
     ready_file = Path(args.ready_file) if args.ready_file else None
@@ -191,12 +215,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   flush=True)
             try:
                 cluster = LocalCluster.start(app_args, config=args.config, grpc_port=args.port,
-                                             http_port=args.http_port, num_cpus=args.num_cpus, num_gpus=num_gpus)
+                                             http_port=args.http_port, num_cpus=args.num_cpus, num_gpus=num_gpus,
+                                             front_door=door, reflection=not args.no_reflection)
             finally:
                 ray.init = real_init
             claim_signals()
-            print(f"facecast serving {args.config} on grpc {cluster.target} (preset {settings.preset}, layout "
-                  f"{settings.layout}, {settings.steps} steps, {settings.device}); Ctrl-C to stop", flush=True)
+            print(f"facecast serving {args.config} on grpc {cluster.front_door.address} (preset {settings.preset}, "
+                  f"layout {settings.layout}, {settings.steps} steps, {settings.device}); Ctrl-C to stop", flush=True)
+            print("  transport: " + (f"TLS (certificate {door.tls.cert})" if door.tls else
+                                     "plaintext, for use on this machine or a trusted network (--tls-cert/--tls-key "
+                                     "to encrypt)") + ("" if args.host == "127.0.0.1" else
+                                                       f"; listening on {args.host}, not only this machine"),
+                  flush=True)
+            print(f"  Serve's own gRPC proxy: port {cluster.grpc_port}, internal (calls that bypass the port above "
+                  "are refused)", flush=True)
             if local_redis is not None:
                 print(f"  redis: {redis_url} (local redis-server pid {local_redis.pid}, stopped with the cluster)",
                       flush=True)
@@ -302,6 +334,13 @@ def add_parser(commands) -> None:
                      help="how latents reach the VAEDecoder, replacing the config's: object_store (through Ray's "
                      "object store) or collective (the latent link: NCCL GPU to GPU, gloo on CPU)")
     srv.add_argument("--port", type=int, default=DEFAULT_GRPC_PORT, help=f"gRPC port (default {DEFAULT_GRPC_PORT})")
+    srv.add_argument("--host", default="127.0.0.1", help="address the gRPC port listens on (default 127.0.0.1: this "
+                     "machine only; 0.0.0.0: every interface)")
+    srv.add_argument("--tls-cert", help="PEM certificate (chain) for TLS on the gRPC port (with --tls-key; default: "
+                     "plaintext)")
+    srv.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    srv.add_argument("--no-reflection", action="store_true", help="turn gRPC server reflection off (on by default: "
+                     "grpcurl and grpcui can list the API)")
     srv.add_argument("--http-port", type=int, default=8000, help="HTTP port of the browser call page (default 8000)")
     srv.add_argument("--num-gpus", type=int, help="GPUs for the local Ray (default: on a CPU config, as many "
                      "logical GPUs as its deployments ask for; on a cuda config, the real ones)")

@@ -11,6 +11,7 @@ REDIS_URL is given, a real redis-server process for the session store.
 from __future__ import annotations
 
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from ray.serve.config import gRPCOptions
 from services.deploy.serve_config import config_path, load_serve_config, validate_serve_config
 from services.net import DEFAULT_GRPC_PORT, free_port
 from services.serving.app import build_app
+from services.serving.front_door import FrontDoor, FrontDoorOptions, internal_key_digest
 from services.serving.settings import GRPC_SERVICERS
 from services.store.redis_server import LocalRedis
 
@@ -40,20 +42,25 @@ class LocalCluster:
     """Serve's HTTP proxy: the browser call page at http://127.0.0.1:<http_port>/."""
     metrics_port: int | None = None
     """Ray's Prometheus metrics endpoint on this node: http://127.0.0.1:<metrics_port>/metrics."""
+    front_door: FrontDoor | None = None
+    """The listener clients use when started with one (`facecast serve`); Serve's own gRPC port is then private."""
 
     @property
     def target(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
+        """Where a client on this machine calls: the front door when there is one, else Serve's gRPC proxy."""
+        return self.front_door.target if self.front_door is not None else f"127.0.0.1:{self.grpc_port}"
 
     @classmethod
     def start(cls, args: dict | None = None, *, config: str | Path = DEFAULT_CONFIG, grpc_port: int = DEFAULT_GRPC_PORT,
               http_port: int | None = None, num_cpus: int | None = None, num_gpus: int = 3,
-              env: dict[str, str] | None = None,
-              deployment_options: dict[str, dict] | None = None) -> "LocalCluster":
+              env: dict[str, str] | None = None, deployment_options: dict[str, dict] | None = None,
+              front_door: FrontDoorOptions | None = None, reflection: bool = True) -> "LocalCluster":
         """Deploy the application of a Serve config file (default: ray_configs/local.yaml) on a fresh local Ray.
 
         args: overrides of the config's application args; deployment_options: per-deployment option overrides on
-        top of the config's (e.g. a pipelined score group's placement group bundles).
+        top of the config's (e.g. a pipelined score group's placement group bundles). front_door: serve clients on
+        its host and `grpc_port` (TLS when it has files), opened only once the application is ready; Serve's own
+        gRPC proxy then listens on a private port and refuses calls that did not come through the door.
         """
         serve_config = load_serve_config(config)
         validate_serve_config(serve_config)
@@ -63,6 +70,11 @@ class LocalCluster:
                    for entry in application.get("deployments", [])}
         for name, extra in (deployment_options or {}).items():
             options[name] = {**options.get(name, {}), **extra}
+        internal_key, public_port = None, grpc_port
+        if front_door is not None:
+            front_door.check()        # a certificate that does not load fails before Ray starts
+            internal_key, grpc_port = secrets.token_urlsafe(32), free_port()
+            args["internal_key_sha256"] = internal_key_digest(internal_key)
         local_redis = None
         redis_url = args.get("redis_url") or os.environ.get("REDIS_URL")
         if not redis_url:
@@ -83,9 +95,15 @@ class LocalCluster:
         while cluster.http_port == grpc_port and not http_port:    # the OS may hand the same free port out twice
             cluster.http_port = free_port()
         try:
-            serve.start(grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=list(GRPC_SERVICERS)),
+            serve.start(grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=list(GRPC_SERVICERS),
+                                                 enable_reflection=reflection),
                         http_options={"host": "127.0.0.1", "port": cluster.http_port})
             serve.run(build_app(args, options), name=APP_NAME, route_prefix="/")
+            if front_door is not None:
+                door = FrontDoor(f"127.0.0.1:{grpc_port}", front_door.host, public_port, tls=front_door.tls,
+                                 internal_key=internal_key, reflection=reflection)
+                door.start()
+                cluster.front_door = door
         except BaseException:      # a failed deploy leaves no Ray, Redis or environment change behind
             cluster.stop()
             raise
@@ -103,8 +121,11 @@ class LocalCluster:
             options[deployment] = {**options.get(deployment, {}), **extra}
         serve.run(build_app(merged_args, options), name=name, route_prefix=f"/{name}")
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = 2.0) -> None:
         try:
+            if self.front_door is not None:
+                self.front_door.stop(grace_s)   # new calls refused from here on
+                self.front_door = None
             serve.shutdown()
         finally:
             ray.shutdown()

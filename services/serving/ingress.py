@@ -36,8 +36,8 @@ import grpc
 from ray import serve
 
 from services.api import SERVICE_NAME, pb
-from services.api.validation import (ApiError, ApiLimits, check_api_key, check_token, new_token, require_session_id,
-                                     session_to_proto, validate_create, validate_update)
+from services.api.validation import (ApiError, ApiLimits, check_api_key, check_internal_key, check_token, new_token,
+                                     require_session_id, session_to_proto, validate_create, validate_update)
 from services.delivery.avatar import AvatarWorker, chunk_ready_points
 from services.delivery.livekit_room import DeliveryError, LiveKitConnector
 from services.serving.conversation import ConversationCall
@@ -114,6 +114,14 @@ class SessionIngressServicer:
 
     # ------------------------------------------------------------------ helpers
 
+    def _authorize(self, grpc_context) -> str | None:
+        """The caller's API key name (None without keys); UNAUTHENTICATED for a call that bypassed the front door
+        (when `facecast serve` runs one) or carries no valid key."""
+        metadata = _metadata(grpc_context)
+        if self.settings.internal_key_sha256:
+            check_internal_key(metadata, self.settings.internal_key_sha256)
+        return check_api_key(metadata, self.api_keys)
+
     def _record(self, session_id: str, token: str) -> SessionRecord:
         require_session_id(session_id)
         try:
@@ -142,6 +150,12 @@ class SessionIngressServicer:
         `service` may be "" (the whole server) or "facecast.v1.AvatarService"."""
         from grpc_health.v1 import health_pb2
 
+        if self.settings.internal_key_sha256:   # health needs no API key (probes), but comes through the door
+            try:
+                check_internal_key(_metadata(grpc_context), self.settings.internal_key_sha256)
+            except ApiError as error:
+                _fail(grpc_context, error)
+                return health_pb2.HealthCheckResponse()
         if request.service not in ("", SERVICE_NAME):
             _fail(grpc_context, ApiError(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}"))
             return health_pb2.HealthCheckResponse()
@@ -163,7 +177,7 @@ class SessionIngressServicer:
         self._start_sweeper()
         session_id = None
         try:
-            check_api_key(_metadata(grpc_context), self.api_keys)
+            self._authorize(grpc_context)
             spec = validate_create(request, self.stream_defaults, self.limits, preset=self.settings.preset_config,
                                    decoders=self.decoders, livekit=self.livekit is not None,
                                    conversation_modes=self.conversation_modes)
@@ -251,7 +265,7 @@ class SessionIngressServicer:
 
     async def GetSession(self, request, grpc_context=None):
         try:
-            check_api_key(_metadata(grpc_context), self.api_keys)
+            self._authorize(grpc_context)
             return self._session_proto(self._record(request.session_id, request.session_token))
         except ApiError as error:
             _fail(grpc_context, error)
@@ -259,7 +273,7 @@ class SessionIngressServicer:
 
     async def UpdateSession(self, request, grpc_context=None):
         try:
-            check_api_key(_metadata(grpc_context), self.api_keys)
+            self._authorize(grpc_context)
             record = self._record(request.session_id, request.session_token)
             spec = validate_update(request, max(1, len(record.characters)), self.limits)
             if record.state in (SessionState.ENDED, SessionState.FAILED):
@@ -285,7 +299,7 @@ class SessionIngressServicer:
 
     async def CloseSession(self, request, grpc_context=None):
         try:
-            check_api_key(_metadata(grpc_context), self.api_keys)
+            self._authorize(grpc_context)
             record = self._record(request.session_id, request.session_token)
             await self._close(record.session_id)
             return self._session_proto(self.store.get(record.session_id))
@@ -346,7 +360,7 @@ class SessionIngressServicer:
     async def StreamSession(self, request_stream, grpc_context=None):
         self._start_sweeper()
         try:
-            check_api_key(_metadata(grpc_context), self.api_keys)
+            self._authorize(grpc_context)
             try:
                 first = await request_stream.__anext__()
             except StopAsyncIteration:

@@ -105,6 +105,11 @@ class AppSettings:
     $FACECAST_API_KEYS (`name=key,...`) and the file named by $FACECAST_API_KEY_FILE, all accepted together
     (`services.api.keys`). None of the three: no authentication."""
 
+    internal_key_sha256: str | None = None
+    """Hex SHA-256 of the key `facecast serve`'s front door adds to every call it forwards
+    (`services.serving.front_door`); when set, calls without it (straight to Serve's own gRPC port, which listens on
+    every interface) are refused. None (KubeRay, `serve deploy`): no such check."""
+
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, allowed: str) -> None:
             if not ok:
@@ -129,6 +134,9 @@ class AppSettings:
         check(self.session_ttl_s > 0, "session_ttl_s", "must be > 0 seconds")
         if self.audio_backend is not None or self.audio_model_path is not None:
             self.audio_config()   # the front-end's own checks name audio backend / model_path and the allowed values
+        check(self.internal_key_sha256 is None or (len(self.internal_key_sha256) == 64 and all(
+            ch in "0123456789abcdef" for ch in self.internal_key_sha256)), "internal_key_sha256",
+              "must be 64 lowercase hex digits")
         check(self.session_sweep_s > 0, "session_sweep_s", "must be > 0 seconds")
         check(self.livekit_token_ttl_s >= 60, "livekit_token_ttl_s", "must be >= 60 seconds")
         self.effective_api_keys()   # a raw key in the config, a short key, a bad name: named here

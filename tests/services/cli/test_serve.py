@@ -102,3 +102,17 @@ def test_keys_new_and_hash_print_the_lines_a_server_accepts(capsys, monkeypatch)
     monkeypatch.setattr("sys.stdin", io.StringIO("short\n"))
     assert main(["keys", "hash"]) == 2
     assert "at least 16 are required" in capsys.readouterr().err
+
+
+def test_tls_and_host_flags_are_checked_before_anything_starts(capsys, tmp_path):
+    from tests.services.serving.test_front_door import self_signed
+
+    cert, key = self_signed(tmp_path)
+    _, other_key = self_signed(tmp_path, "other")
+    port = str(free_port())
+    assert "--tls-key is missing: TLS needs both" in refused(["--preset", "tiny", "--tls-cert", str(cert),
+                                                               "--port", port], capsys)
+    err = refused(["--preset", "tiny", "--tls-cert", str(cert), "--tls-key", str(other_key), "--port", port], capsys)
+    assert f"--tls-key {str(other_key)!r} is not the private key of --tls-cert {str(cert)!r}" in err
+    err = refused(["--preset", "tiny", "--host", "example.com", "--port", port], capsys)
+    assert "--host 'example.com' is not an IP address: 127.0.0.1 (this machine only, the default), 0.0.0.0" in err

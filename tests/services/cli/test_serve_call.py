@@ -165,6 +165,29 @@ def test_call_with_a_non_image_exits_2_naming_the_field(server, inputs):
     assert result.stderr.startswith("facecast call: error:") and "Traceback" not in result.stderr
 
 
+def test_serve_listens_on_loopback_only_and_its_serve_port_refuses_calls_that_bypass_it(server):
+    """The gRPC port listens where the server says (127.0.0.1, not every interface); Serve's own proxy port, which
+    Ray binds on every interface, answers only calls the front door forwarded."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    out = server.output()
+    assert f"on grpc 127.0.0.1:{server.port} " in out and "transport: plaintext, for use on this machine" in out
+    with socket.socket() as probe:
+        probe.settimeout(2)
+        assert probe.connect_ex(("127.0.0.2", server.port)) != 0, "the gRPC port listens beyond 127.0.0.1"
+    internal = int(re.search(r"Serve's own gRPC proxy: port (\d+), internal", out).group(1))
+    request, metadata = health_pb2.HealthCheckRequest(service=""), [("application", "facecast")]
+    with grpc.insecure_channel(server.target) as channel:
+        answer = health_pb2_grpc.HealthStub(channel).Check(request, metadata=metadata, timeout=30)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    with grpc.insecure_channel(f"127.0.0.1:{internal}") as channel:
+        with pytest.raises(grpc.RpcError) as caught:
+            health_pb2_grpc.HealthStub(channel).Check(request, metadata=metadata + [("x-facecast-internal", "guess")],
+                                                      timeout=30)
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED and "internal port" in caught.value.details()
+
+
 def test_sigint_stops_serve_cleanly(server):
     match = re.search(r"local redis-server pid (\d+)", server.output())
     assert match, server.output()
