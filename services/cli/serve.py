@@ -9,8 +9,8 @@ With no --config it serves the local layout (ray_configs/local.yaml: CPU, logica
 
 Everything that can be checked is checked before anything starts (the config, its application args, GPUs, custom
 resources, the port); then a local Ray (logical GPUs on a CPU box), the Serve application and, unless a Redis URL is
-given, a private redis-server.  Serving stops on SIGINT/SIGTERM or when the Ray core or the redis-server dies, and
-everything it started is stopped with it.  Knows the deploy tooling and the local cluster launcher; nothing about the
+given, a private redis-server (restarted with its data if it exits).  Serving stops on SIGINT/SIGTERM or when the
+Ray core dies, and everything it started is stopped with it.  Knows the deploy tooling and the local cluster launcher; nothing about the
 deployments' insides.
 """
 
@@ -43,6 +43,7 @@ from services.deploy.serve_config import (
 )
 from services.net import DEFAULT_GRPC_PORT
 from services.serving.front_door import FrontDoorError, FrontDoorOptions, TlsFiles
+from services.store.redis_server import redact_url
 from services.serving.settings import AppSettings
 
 
@@ -148,7 +149,7 @@ def _redis_for_serve(args: argparse.Namespace):
     if url:
         return url, None
     try:
-        local = LocalRedis()
+        local = LocalRedis(supervise=True)   # restarted with its data whenever it exits: never a reason to stop
     except RuntimeError as error:
         raise UserError(one_line(error)) from None
     return local.url, local
@@ -230,10 +231,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"  Serve's own gRPC proxy: port {cluster.grpc_port}, internal (calls that bypass the port above "
                   "are refused)", flush=True)
             if local_redis is not None:
-                print(f"  redis: {redis_url} (local redis-server pid {local_redis.pid}, stopped with the cluster)",
-                      flush=True)
+                print(f"  redis: {local_redis.redacted_url} (local redis-server pid {local_redis.pid}: loopback "
+                      "only, a generated password, an append-only file; restarted if it exits, stopped with the "
+                      "cluster)", flush=True)
             else:
-                print(f"  redis: {redis_url} (external)", flush=True)
+                print(f"  redis: {redact_url(redis_url)} (external)", flush=True)
             modes = settings.conversation_modes()
             print(f"  call page: http://127.0.0.1:{cluster.http_port}/ (conversation: "
                   f"{', '.join(modes) if modes else 'none: configure realtime_url or run `make cascade`'})",
@@ -288,12 +290,11 @@ def _dead_ray_processes() -> list[str]:
 
 
 def _serving_problem(local_redis) -> str | None:
-    """Why the cluster can no longer serve (its Ray core processes or its redis-server died), or None."""
+    """Why the cluster can no longer serve (its Ray core processes died), or None. A redis-server that exits is
+    not one: its supervisor restarts it, and the cluster streams on meanwhile."""
     dead = _dead_ray_processes()
     if dead:
         return f"the local Ray's {' and '.join(dead)} exited (killed?)"
-    if local_redis is not None and not local_redis.running:
-        return f"the local redis-server (pid {local_redis.pid}) exited"
     return None
 
 
@@ -345,7 +346,8 @@ def add_parser(commands) -> None:
     srv.add_argument("--num-gpus", type=int, help="GPUs for the local Ray (default: on a CPU config, as many "
                      "logical GPUs as its deployments ask for; on a cuda config, the real ones)")
     srv.add_argument("--num-cpus", type=int, help="CPUs for the local Ray (default: max(cores, 4))")
-    srv.add_argument("--redis-url", help="session store (default $REDIS_URL, else a private redis-server)")
+    srv.add_argument("--redis-url", help="session store (default $REDIS_URL, else a private redis-server); a "
+                     "URL with a password belongs in $REDIS_URL: `ps` shows arguments")
     srv.add_argument("--api-key-file", help="file of accepted API keys, one `name=key` per line (also "
                      "$FACECAST_API_KEY_FILE, and `name=key,...` in $FACECAST_API_KEYS; `facecast keys new` makes one); "
                      "none: no authentication")

@@ -78,7 +78,7 @@ class LocalCluster:
         local_redis = None
         redis_url = args.get("redis_url") or os.environ.get("REDIS_URL")
         if not redis_url:
-            local_redis = LocalRedis()
+            local_redis = LocalRedis(supervise=True)
             redis_url = local_redis.url
         args["redis_url"] = redis_url
         env_vars = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})}

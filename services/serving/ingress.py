@@ -33,6 +33,7 @@ import time
 import uuid
 
 import grpc
+import redis
 from ray import serve
 
 from services.api import SERVICE_NAME, pb
@@ -52,6 +53,11 @@ logger = logging.getLogger("facecast.ingress")
 AVATAR_SAMPLE_RATE_HZ = 16000
 """A voice agent's avatar session runs at this rate (the agent helper streams its speech at it; other rates are
 resampled by the worker)."""
+
+STORE_DOWN = ApiError(grpc.StatusCode.UNAVAILABLE, "the session store (Redis) is unreachable; sessions already "
+                     "streaming go on; retry in a few seconds")
+"""What a call that needs the session store gets while Redis is away."""
+
 
 def _metadata(grpc_context) -> list[tuple[str, str]]:
     return list(grpc_context.invocation_metadata() or []) if grpc_context is not None else []
@@ -97,6 +103,7 @@ class SessionIngressServicer:
             self.replica_id = uuid.uuid4().hex[:8]
         self.streams: dict[str, SessionStream] = {}   # session id -> the stream attached here
         self._sweeper: asyncio.Task | None = None
+        self.store_down_since: float | None = None     # when a store write last failed (None: Redis answers)
 
     async def chunk_ready_points(self, record: SessionRecord, sample_rate_hz: int):
         """`pace`'s chunk_ready for this session's stream (its fps and chunk, the preset's timeline)."""
@@ -122,12 +129,31 @@ class SessionIngressServicer:
             check_internal_key(metadata, self.settings.internal_key_sha256)
         return check_api_key(metadata, self.api_keys)
 
+    def store_quietly(self, method: str, *args, **kwargs):
+        """A store write a running stream makes (progress, heartbeat, state): with Redis away the stream goes on
+        and the write is skipped (logged once per outage); the next one after Redis returns brings the record up to
+        date. Returns the method's result, or None when skipped."""
+        try:
+            result = getattr(self.store, method)(*args, **kwargs)
+        except redis.RedisError as error:
+            if self.store_down_since is None:
+                self.store_down_since = time.monotonic()
+                logger.warning("the session store is unreachable (%s: %s); streams go on, their records are "
+                               "updated when it returns", type(error).__name__, error)
+            return None
+        if self.store_down_since is not None:
+            logger.warning("the session store is back after %.1f s", time.monotonic() - self.store_down_since)
+            self.store_down_since = None
+        return result
+
     def _record(self, session_id: str, token: str) -> SessionRecord:
         require_session_id(session_id)
         try:
             record = self.store.get(session_id)
         except SessionNotFound:
             raise ApiError(grpc.StatusCode.NOT_FOUND, f"session {session_id!r} does not exist or has expired")
+        except redis.RedisError:
+            raise STORE_DOWN from None
         check_token(record.token_sha256, token)
         if record.state == SessionState.CLOSED:
             raise ApiError(grpc.StatusCode.NOT_FOUND, f"session {session_id!r} is closed")
@@ -218,6 +244,9 @@ class SessionIngressServicer:
         except ApiError as error:
             _fail(grpc_context, error)
             return pb.Session()
+        except redis.RedisError:
+            _fail(grpc_context, STORE_DOWN)
+            return pb.Session()
         except Exception as error:
             _fail(grpc_context, internal_error(session_id, "opening the session", error))
             return pb.Session()
@@ -270,6 +299,9 @@ class SessionIngressServicer:
         except ApiError as error:
             _fail(grpc_context, error)
             return pb.Session()
+        except redis.RedisError:
+            _fail(grpc_context, STORE_DOWN)
+            return pb.Session()
 
     async def UpdateSession(self, request, grpc_context=None):
         try:
@@ -296,6 +328,9 @@ class SessionIngressServicer:
         except ApiError as error:
             _fail(grpc_context, error)
             return pb.Session()
+        except redis.RedisError:
+            _fail(grpc_context, STORE_DOWN)
+            return pb.Session()
 
     async def CloseSession(self, request, grpc_context=None):
         try:
@@ -305,6 +340,9 @@ class SessionIngressServicer:
             return self._session_proto(self.store.get(record.session_id))
         except ApiError as error:
             _fail(grpc_context, error)
+            return pb.Session()
+        except redis.RedisError:
+            _fail(grpc_context, STORE_DOWN)
             return pb.Session()
 
     async def _close(self, session_id: str) -> None:

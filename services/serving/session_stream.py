@@ -92,7 +92,7 @@ class SessionStream:
                 ingress.streams.pop(session_id, None)
             return
         next_chunk, warnings = await self._resume(resume_from_chunk, audio_state)
-        ingress.store.update(session_id, state=SessionState.STREAMING, attached_by=ingress.replica_id)
+        ingress.store_quietly("update", session_id, state=SessionState.STREAMING, attached_by=ingress.replica_id)
         yield pb.SessionOutput(event=pb.Event(type=pb.Event.ATTACHED, session_id=session_id,
                                               audio_samples_received=audio_state["samples_received"],
                                               next_chunk_index=next_chunk))
@@ -124,7 +124,7 @@ class SessionStream:
                     if self.video_on_stream:
                         yield message
                     if ticket.final:
-                        ingress.store.update(session_id, state=SessionState.ENDED)
+                        ingress.store_quietly("update", session_id, state=SessionState.ENDED)
                         await ingress._release_workers(session_id)   # nothing can re-attach to an ENDED session
                         yield pb.SessionOutput(event=pb.Event(type=pb.Event.SESSION_ENDED, session_id=session_id,
                                                               message="all video delivered"))
@@ -339,9 +339,9 @@ class SessionStream:
         self.last_sent_at = now
         self.chunks_sent += 1
         self.frames_sent = ticket.first_frame + len(frames.frames_jpeg)
-        ingress.store.record_progress(self.session_id, ticket.chunk_index + 1, self.frames_sent,
-                                      self.samples_received)
-        ingress.store.heartbeat(self.session_id, ingress.replica_id)
+        ingress.store_quietly("record_progress", self.session_id, ticket.chunk_index + 1, self.frames_sent,
+                              self.samples_received)
+        ingress.store_quietly("heartbeat", self.session_id, ingress.replica_id)
         return message
 
 

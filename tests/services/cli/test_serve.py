@@ -105,7 +105,7 @@ def test_keys_new_and_hash_print_the_lines_a_server_accepts(capsys, monkeypatch)
 
 
 def test_tls_and_host_flags_are_checked_before_anything_starts(capsys, tmp_path):
-    from tests.services.serving.test_front_door import self_signed
+    from tests.tls import self_signed
 
     cert, key = self_signed(tmp_path)
     _, other_key = self_signed(tmp_path, "other")

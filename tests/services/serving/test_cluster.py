@@ -330,6 +330,46 @@ def test_a_session_survives_its_ingress_replica_being_killed(client, engine):
     client.close_session(session.session_id, session.session_token)
 
 
+def test_sessions_stream_on_through_a_redis_outage_and_its_restart_loses_no_record(cluster, client, engine):
+    """Redis killed mid-stream: the stream goes on (its frames still the engine's), health says NOT_SERVING and new
+    sessions get UNAVAILABLE at once; the supervisor restarts Redis from its append-only file, and the session's
+    record is all there, brought up to date by the writes after the restart."""
+    import os
+    import signal
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    redis_server = cluster.local_redis
+    health = health_pb2_grpc.HealthStub(client.channel)
+    image, pcm = png(12), pcm16(speech(3.0, seed=25))
+    session = client.create_session(image)
+    seen = {}
+
+    def outage() -> None:
+        redis_server.auto_restart = False
+        os.kill(redis_server.pid, signal.SIGKILL)
+        try:
+            began = time.monotonic()
+            status = health.Check(health_pb2.HealthCheckRequest(), metadata=client.metadata, timeout=30).status
+            seen["health"] = (status, time.monotonic() - began)
+            began = time.monotonic()
+            seen["create"] = (expect(grpc.StatusCode.UNAVAILABLE, lambda: client.create_session(image),
+                                     "session store").details(), time.monotonic() - began)
+            time.sleep(1.0)   # chunks keep coming meanwhile; their record writes are skipped
+        finally:
+            redis_server.auto_restart = True
+
+    result = client.stream(session, pcm, 16000, realtime=True, after_chunks=(2, outage))
+    assert seen["health"][0] == health_pb2.HealthCheckResponse.NOT_SERVING and seen["health"][1] < 5
+    assert seen["create"][1] < 5
+    assert result.reattaches == 0 and result.chunks[-1].final
+    assert result.frames_jpeg == engine_jpegs(engine, image, pcm)
+    assert redis_server.restarts >= 1
+    record = client.get_session(session.session_id, session.session_token)
+    assert record.state == pb.ENDED and record.chunks_emitted == len(result.chunks)
+    client.close_session(session.session_id, session.session_token)
+
+
 def test_spans_and_metrics_reach_the_collector_under_the_clients_trace(receiver, client):
     session = client.create_session(png(10))
     client.stream(session, pcm16(speech(1.0, seed=24)), 16000)

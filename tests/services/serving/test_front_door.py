@@ -6,8 +6,6 @@ upstream answered UNAVAILABLE at once."""
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import threading
 import time
 from concurrent import futures
@@ -17,6 +15,8 @@ import pytest
 
 from services.net import free_port
 from services.serving.front_door import INTERNAL_KEY_HEADER, FrontDoor, FrontDoorError, TlsFiles
+
+from tests.tls import self_signed
 
 CANCELLED = threading.Event()
 
@@ -132,29 +132,6 @@ def test_a_dead_upstream_is_unavailable_at_once():
             assert time.monotonic() - began < 10, "the call waited for its deadline"
     finally:
         front.stop(grace_s=1)
-
-
-def self_signed(tmp_path, name="localhost"):
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
 
 
 def test_tls_with_a_verifying_client_and_plaintext_refused(upstream, tmp_path):
