@@ -110,7 +110,8 @@ def livekit_cluster(store, connector=None, **args) -> Cluster:
 
 def _url(store) -> str:
     kwargs = store.client.connection_pool.connection_kwargs
-    return f"redis://{kwargs['host']}:{kwargs['port']}/{kwargs.get('db', 0)}"
+    auth = f":{kwargs['password']}@" if kwargs.get("password") else ""
+    return f"redis://{auth}{kwargs['host']}:{kwargs['port']}/{kwargs.get('db', 0)}"
 
 
 def audio_messages(pcm: np.ndarray, end: bool = True, rate: int = 16000, character: int = 0):
