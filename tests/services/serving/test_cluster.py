@@ -421,6 +421,42 @@ def test_metrics_are_visible_through_rays_metrics_endpoint(cluster):
     assert not missing, f"not in Ray's metrics: {missing}"
 
 
+def test_no_api_key_or_session_token_reaches_logs_spans_or_metrics(cluster, receiver, client):
+    """A session streamed with a known key and token, a refused wrong key, another session's token refused on this
+    one: then every Ray log file of the cluster, every span and metric point the collector received and Ray's
+    metrics page are searched for the key, the tokens and their hashes. (Runs last: it reads what all tests left.)"""
+    import hashlib
+    import urllib.request
+    from pathlib import Path
+
+    from services.store.sessions import hash_token
+
+    session, other = client.create_session(png(16)), client.create_session(png(17))
+    client.stream(session, pcm16(speech(1.0, seed=27)), 16000)
+    expect(grpc.StatusCode.PERMISSION_DENIED, lambda: client.get_session(other.session_id, session.session_token))
+    intruder = AvatarClient(cluster.target, api_key=API_KEY[:-1] + "X")
+    expect(grpc.StatusCode.UNAUTHENTICATED, lambda: intruder.create_session(png(16)))
+    intruder.close()
+    for opened in (session, other):
+        client.close_session(opened.session_id, opened.session_token)
+    receiver.wait_for_spans(lambda got: any(s.attributes.get("session.id") == session.session_id for s in got),
+                            timeout_s=30)
+    time.sleep(1.5)     # a metrics export interval and a span batch after the last call
+    secrets = {API_KEY, API_KEY[:-1] + "X", hash_api_key(API_KEY).removeprefix("sha256:"),
+               hashlib.sha256(API_KEY.encode()).digest().hex().upper()}
+    for opened in (session, other):
+        secrets |= {opened.session_token, hash_token(opened.session_token)}
+    logs_dir = Path(ray._private.worker._global_node.get_logs_dir_path())
+    texts = {str(path): path.read_bytes().decode("utf-8", "replace") for path in logs_dir.rglob("*") if path.is_file()}
+    assert any("SessionIngress" in text for text in texts.values()), "the replicas' logs were not found"
+    texts["spans"] = repr(receiver.spans())
+    texts["metrics"] = repr(receiver.metrics())
+    with urllib.request.urlopen(f"http://127.0.0.1:{cluster.metrics_port}/metrics", timeout=10) as page:
+        texts["prometheus"] = page.read().decode()
+    leaks = sorted({(where, secret[:6]) for where, text in texts.items() for secret in secrets if secret in text})
+    assert not leaks, f"secrets found in: {leaks}"
+
+
 def _descends(span, ancestors: set[str], by_id: dict) -> bool:
     current = span
     for _ in range(32):
