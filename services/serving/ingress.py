@@ -362,24 +362,34 @@ class SessionIngressServicer:
     # ------------------------------------------------------------------ freeing what no session owns any more
 
     async def sweep(self) -> list[str]:
-        """Free worker state of every session whose record has expired, or that ended, failed or was closed, and
-        that no stream on this replica is delivering. Returns the freed ids."""
+        """Heartbeat the streams attached here; close every session that is idle (no stream attached anywhere for
+        `session_idle_timeout_s`: its last heartbeat and last write are older); free worker state of every session
+        whose record has expired, or that ended, failed or was closed, and that no stream here is delivering.
+        Returns the ids freed or closed."""
+        for session_id in list(self.streams):
+            self.store_quietly("heartbeat", session_id, self.replica_id)
         held = await asyncio.gather(self.audio.session_ids.remote(), self.score.session_ids.remote(),
                                     self.decoder.session_ids.remote(), return_exceptions=True)
-        ids = set()
+        ids = set(self.store.admitted_ids())
         for result in held:
             if not isinstance(result, BaseException):
                 ids.update(result)
-        freed = []
+        freed, now = [], time.time()
         for session_id in sorted(ids):
-            if session_id in self.streams:
+            if session_id in self.streams or session_id in self.avatars:
                 continue
             try:
-                state = self.store.get(session_id).state
+                record = self.store.get(session_id)
             except SessionNotFound:
-                state = None
-            if state is None or state in (SessionState.ENDED, SessionState.FAILED, SessionState.CLOSED):
+                record = None
+            if record is None or record.state in (SessionState.ENDED, SessionState.FAILED, SessionState.CLOSED):
+                self.store.release(session_id)
                 await self._release_workers(session_id)
+                freed.append(session_id)
+            elif now - max(record.heartbeat_at, record.updated_at) > self.settings.session_idle_timeout_s:
+                logger.info("closing session %s: no stream and no input for %.0f s", session_id,
+                            now - max(record.heartbeat_at, record.updated_at))
+                await self._close(session_id)
                 freed.append(session_id)
         return freed
 

@@ -70,7 +70,12 @@ class AppSettings:
     session_ttl_s: float = 600.0
     """Seconds a session record lives in Redis without activity (refreshed by every write)."""
     session_sweep_s: float = 30.0
-    """How often the ingress frees worker state of sessions whose record has expired or ended."""
+    """How often the ingress frees worker state of sessions whose record has expired or ended, closes idle ones and
+    heartbeats the streams attached to it."""
+    session_idle_timeout_s: float = 120.0
+    """A session with no stream attached anywhere (no heartbeat) and no input for this long is closed: its worker
+    state is freed on every deployment and its admission slot returned (a client that drops its stream without
+    CloseSession). At least twice session_sweep_s."""
     redis_url: str | None = None
     """Session store; None: $REDIS_URL."""
     decoder: str = "full"
@@ -138,6 +143,9 @@ class AppSettings:
             ch in "0123456789abcdef" for ch in self.internal_key_sha256)), "internal_key_sha256",
               "must be 64 lowercase hex digits")
         check(self.session_sweep_s > 0, "session_sweep_s", "must be > 0 seconds")
+        check(self.session_idle_timeout_s >= 2 * self.session_sweep_s, "session_idle_timeout_s",
+              f"must be at least twice session_sweep_s ({2 * self.session_sweep_s:g} s): live streams heartbeat once "
+              "per sweep")
         check(self.livekit_token_ttl_s >= 60, "livekit_token_ttl_s", "must be >= 60 seconds")
         self.effective_api_keys()   # a raw key in the config, a short key, a bad name: named here
         self.livekit_config()   # a URL without its credentials fails here, naming what is missing

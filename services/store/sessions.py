@@ -499,6 +499,10 @@ class SessionStore:
             return False
         return bool(int(self._admit(keys=[self.active_key], args=[sid, limit, self._ttl_ms])))
 
+    def admitted_ids(self) -> list[str]:
+        """Every id holding an admission slot (an expired one included until the next admission prunes it)."""
+        return sorted(self.client.zrange(self.active_key, 0, -1))
+
     def release(self, session_id: str) -> None:
         """Frees the admission slot (the record itself is untouched; later heartbeats do not re-take the slot)."""
         self.client.zrem(self.active_key, self._check_id(session_id))

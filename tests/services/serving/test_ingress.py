@@ -58,10 +58,15 @@ class Cluster:
         self.audio = AudioEncoder.func_or_class(self.settings, put=self.transport.put)
         self.score = ScoreWorkerGroup.func_or_class(self.settings, score_stage)
         self.decoder = VAEDecoder.func_or_class(self.settings)
-        self.ingress = SessionIngressServicer(
+        self.llm = LLMBridge.func_or_class(self.settings)
+        self.ingress = self.replica()
+
+    def replica(self) -> SessionIngressServicer:
+        """An ingress replica over the same workers and store (the first is `self.ingress`)."""
+        return SessionIngressServicer(
             self.settings, self.transport.handle("AudioEncoder", self.audio),
             self.transport.handle("ScoreWorkerGroup", self.score), self.transport.handle("VAEDecoder", self.decoder),
-            self.transport.handle("LLMBridge", LLMBridge.func_or_class(self.settings)), ray_metrics=False)
+            self.transport.handle("LLMBridge", self.llm), ray_metrics=False)
 
     async def create(self, image: bytes):
         context = GrpcContext()
@@ -193,7 +198,7 @@ def test_the_ingress_module_imports_neither_torch_nor_diffusers():
 
 def test_worker_state_is_freed_when_a_session_ends_and_when_its_record_expires(store):
     async def main():
-        cluster = Cluster(store, session_ttl_s=1.0, session_sweep_s=3600)
+        cluster = Cluster(store, session_ttl_s=1.0, session_sweep_s=3600, session_idle_timeout_s=7200)
         empty = cluster.held()
         ended = await cluster.create(png(2))
         outputs, _ = await cluster.stream(ended, audio_messages(pcm16(speech(1.0, seed=3))))
@@ -211,6 +216,49 @@ def test_worker_state_is_freed_when_a_session_ends_and_when_its_record_expires(s
     assert while_open["score"] == 1 and while_open["score_bytes"] > 0 and while_open["decoder"] == 1
     assert freed == [idle.session_id]
     assert after_sweep == empty, after_sweep
+
+
+def test_a_dropped_stream_is_closed_when_idle_freeing_its_slot_and_worker_memory_while_a_quiet_call_stays(store):
+    """A client streams half its audio and vanishes (no end_of_input, no CloseSession); another is attached but
+    silent. After the idle timeout the sweep closes the first — its worker state gone on every deployment, its
+    admission slot free for a new session — and keeps the second: the replica it is attached to heartbeats it, so
+    another replica's sweep, which cannot see the stream, keeps it too."""
+    async def main():
+        cluster = Cluster(store, max_sessions=2, session_sweep_s=0.5, session_idle_timeout_s=1.5)
+        empty = cluster.held()
+        dropped, quiet = await cluster.create(png(4)), await cluster.create(png(5))
+        await cluster.stream(dropped, audio_messages(pcm16(speech(1.0, seed=5)), end=False))
+
+        async def silent():
+            await asyncio.sleep(4.0)
+            yield pb.SessionInput(control=pb.Control(end_of_input=True))
+
+        quiet_call = asyncio.ensure_future(cluster.stream(quiet, silent()))
+        await asyncio.sleep(0.3)
+        both_held, full = cluster.held(), await _create_status(cluster)
+        await asyncio.sleep(2.5)          # past the idle timeout; the sweeper runs every 0.5 s
+        await cluster.replica().sweep()
+        after = cluster.held()
+        records = {name: store.get(session.session_id).state for name, session in
+                   (("dropped", dropped), ("quiet", quiet))}
+        admitted = await _create_status(cluster)
+        await quiet_call
+        return empty, both_held, full, after, records, admitted
+
+    empty, both_held, full, after, records, admitted = asyncio.run(main())
+    assert both_held["score"] == 2 and both_held["decoder"] == 2 and both_held["audio"] == 2
+    assert full == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert records == {"dropped": SessionState.CLOSED, "quiet": SessionState.STREAMING}
+    assert after["score"] == after["decoder"] == after["audio"] == 1
+    for kind in ("score_bytes", "decoder_bytes", "audio_bytes"):   # the dropped session's memory came back
+        assert after[kind] < both_held[kind], kind
+    assert admitted is None, admitted
+
+
+async def _create_status(cluster):
+    context = GrpcContext()
+    await cluster.ingress.CreateSession(pb.CreateSessionRequest(reference_image=png(6)), context)
+    return context.code
 
 
 def test_a_batch_member_whose_session_closed_fails_alone():
