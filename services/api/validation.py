@@ -20,12 +20,14 @@ session token is hashed by `services.store.sessions.hash_token` (the store owns 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import io
 import math
 import re
 import secrets
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -61,7 +63,8 @@ def _invalid(message: str) -> ApiError:
 
 @dataclass(frozen=True)
 class ApiLimits:
-    """Per-request limits; messages quote them."""
+    """Per-request and per-stream limits; messages quote them. Each may be set in the Serve config's application
+    args (`limits: {max_image_bytes: ...}`, `AppSettings.limits`)."""
 
     max_image_bytes: int = 10 * 2**20
     """Largest encoded reference image accepted."""
@@ -75,6 +78,60 @@ class ApiLimits:
     """Largest decoded reference image (width x height), checked from the header before decoding."""
     max_owner_chars: int = 256
     """Longest `owner` string."""
+    max_audio_rate: float = 16.0
+    """How much faster than real time one stream may send audio, after `audio_burst_s` (time spent paused by
+    backpressure counts, so a client sending as fast as it is read is never refused)."""
+    audio_burst_s: float = 30.0
+    """Seconds of audio a stream may send ahead of `max_audio_rate` x the time since it attached."""
+    max_messages_per_s: float = 200.0
+    """StreamSession messages per second, after `message_burst` (40 ms audio pieces in real time are 25/s)."""
+    message_burst: int = 400
+    """Messages a stream may send ahead of `max_messages_per_s` x the time since it attached."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_image_bytes", "max_prompt_chars", "max_characters", "max_image_pixels", "max_owner_chars",
+                     "message_burst"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"limits.{name}={getattr(self, name)!r} is invalid: a whole number >= 1")
+        for name in ("max_audio_s_per_message", "max_audio_rate", "audio_burst_s", "max_messages_per_s"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"limits.{name}={value!r} is invalid: a number > 0")
+
+    @classmethod
+    def from_config(cls, values: dict | None) -> "ApiLimits":
+        """ApiLimits from the config's `limits:` mapping; ConfigError naming an unknown field."""
+        values = dict(values or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"limits: unknown field(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**values)
+
+
+@dataclass
+class InputBudget:
+    """How fast one StreamSession may send (`ApiLimits.max_audio_rate`, `max_messages_per_s` and their bursts),
+    counted from the attach. `take` raises RESOURCE_EXHAUSTED naming the limit when a message would exceed it."""
+
+    limits: ApiLimits
+    started: float = field(default_factory=time.monotonic)
+    audio_s: float = 0.0
+    messages: int = 0
+
+    def take(self, audio_s: float = 0.0, now: float | None = None) -> None:
+        elapsed = (time.monotonic() if now is None else now) - self.started
+        limits = self.limits
+        if self.messages + 1 > limits.message_burst + limits.max_messages_per_s * elapsed:
+            raise ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"too many messages: at most {limits.max_messages_per_s:g} per second after a burst of "
+                           f"{limits.message_burst} (send audio in pieces of 20 ms or more); re-attach to go on")
+        if self.audio_s + audio_s > limits.audio_burst_s + limits.max_audio_rate * elapsed:
+            raise ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"audio arrives faster than {limits.max_audio_rate:g}x real time (after "
+                           f"{limits.audio_burst_s:g} s ahead); pace it, then re-attach to go on")
+        self.messages += 1
+        self.audio_s += audio_s
 
 
 @dataclass(frozen=True)
@@ -472,7 +529,7 @@ def session_to_proto(session_id: str, state: str | int, stream: StreamConfig,
 
 
 __all__ = [
-    "ApiError", "ApiLimits", "CreateSpec", "UpdateSpec", "FULL_FRAME", "validate_create", "validate_audio",
+    "ApiError", "ApiLimits", "InputBudget", "CreateSpec", "UpdateSpec", "FULL_FRAME", "validate_create", "validate_audio",
     "validate_control", "validate_update", "require_session_id", "check_api_key", "check_internal_key", "check_token",
     "new_token",
     "session_to_proto",

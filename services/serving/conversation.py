@@ -24,7 +24,7 @@ import grpc
 import numpy as np
 
 from services.api import pb
-from services.api.validation import ApiError, validate_audio, validate_control
+from services.api.validation import ApiError, InputBudget, validate_audio, validate_control
 from services.delivery.avatar import LEAD_S, pace
 from services.delivery.pacing import SpeechTrack
 from services.llm.conversation import ClearReply, ReplyAudio, ReplyDone, UserSpeech
@@ -194,11 +194,15 @@ class ConversationCall:
 
     async def _read(self) -> None:
         """The caller's messages: audio to the LLM; end_of_input ends the call (the avatar finishes its sentence)."""
+        budget = InputBudget(self.ingress.limits)
         try:
             async for message in self.request_stream:
                 kind = message.WhichOneof("input")
+                if kind != "audio":
+                    budget.take()
                 if kind == "audio":
                     pcm, rate = validate_audio(message.audio, 1, self.sample_rate_hz, self.ingress.limits)
+                    budget.take(pcm.shape[0] / rate)
                     self.sample_rate_hz = rate
                     if len(pcm):
                         await self.ingress.llm.push.remote(self.session_id, np.asarray(pcm), rate)

@@ -37,7 +37,7 @@ import redis
 from ray import serve
 
 from services.api import SERVICE_NAME, pb
-from services.api.validation import (ApiError, ApiLimits, check_api_key, check_internal_key, check_token, new_token,
+from services.api.validation import (ApiError, check_api_key, check_internal_key, check_token, new_token,
                                      require_session_id, session_to_proto, validate_create, validate_update)
 from services.delivery.avatar import AvatarWorker, chunk_ready_points
 from services.delivery.livekit_room import DeliveryError, LiveKitConnector
@@ -83,7 +83,7 @@ class SessionIngressServicer:
         self.audio, self.score, self.decoder, self.llm = audio, score, decoder, llm
         self.stream_defaults = settings.stream_defaults()
         self.decoders = settings.decoders()
-        self.limits = ApiLimits()
+        self.limits = settings.api_limits()
         self.api_keys = settings.effective_api_keys()
         self.livekit = settings.livekit_config()       # None: LiveKit delivery is off on this server
         self.conversation_modes = settings.conversation_modes()   # "realtime", "offline": what CreateSession allows
@@ -203,7 +203,7 @@ class SessionIngressServicer:
         self._start_sweeper()
         session_id = None
         try:
-            self._authorize(grpc_context)
+            key_name = self._authorize(grpc_context)
             spec = validate_create(request, self.stream_defaults, self.limits, preset=self.settings.preset_config,
                                    decoders=self.decoders, livekit=self.livekit is not None,
                                    conversation_modes=self.conversation_modes)
@@ -212,13 +212,18 @@ class SessionIngressServicer:
                                f"options.steps={spec.stream.steps} is not served here: this cluster's score group "
                                f"runs {self.settings.steps} steps (send 0 for the default)")
             session_id, (token, token_hash) = uuid.uuid4().hex, new_token()
-            if not self.store.try_admit(session_id, self.settings.max_sessions):
-                self.telemetry.sessions_rejected.add(1, {"reason": "admission_limit"})
+            per_key = self.settings.max_sessions_per_key
+            admitted = (self.store.try_admit_in_group(session_id, self.settings.max_sessions, key_name, per_key)
+                        if per_key and key_name else int(self.store.try_admit(session_id, self.settings.max_sessions)))
+            if admitted != 1:
+                reason = "admission_limit" if admitted == 0 else "key_limit"
+                self.telemetry.sessions_rejected.add(1, {"reason": reason})
                 if self.ray_metrics:
                     self.ray_metrics.sessions_rejected.inc()
                 raise ApiError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"the cluster is at its limit of {self.settings.max_sessions} active sessions; "
-                               "retry later")
+                               "retry later" if admitted == 0 else f"API key {key_name!r} holds its limit of "
+                               f"{per_key} active sessions; close one or retry later")
             now = time.time()
             record = SessionRecord(
                 session_id=session_id, token_sha256=token_hash, owner=spec.owner,

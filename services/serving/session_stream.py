@@ -19,7 +19,7 @@ import uuid
 import grpc
 
 from services.api import pb
-from services.api.validation import ApiError, validate_audio, validate_control
+from services.api.validation import ApiError, InputBudget, validate_audio, validate_control
 from services.delivery.avatar import SessionLink
 from services.delivery.egress import Egress, MediaChunk
 from services.delivery.livekit_room import DeliveryError, LiveKitSink
@@ -212,9 +212,12 @@ class SessionStream:
     async def _read(self) -> None:
         """Consume client messages; an error ends the stream with its status, other sessions are unaffected."""
         ingress, session_id = self.ingress, self.session_id
+        budget = InputBudget(ingress.limits)
         try:
             async for message in self.request_stream:
                 kind = message.WhichOneof("input")
+                if kind != "audio":
+                    budget.take()
                 if kind == "audio":
                     if self.input_ended:
                         raise ApiError(grpc.StatusCode.FAILED_PRECONDITION,
@@ -222,6 +225,7 @@ class SessionStream:
                                        "new session to continue speaking")
                     pcm, rate = validate_audio(message.audio, self.num_characters, self.sample_rate_hz,
                                                ingress.limits)
+                    budget.take(pcm.shape[0] / rate)
                     self.sample_rate_hz = rate
                     if self.first_audio_at is None:
                         self.first_audio_at = time.perf_counter()

@@ -56,6 +56,13 @@ class AppSettings:
     """facecast checkpoint path on every worker (None: random weights)."""
     max_sessions: int = 8
     """Admission limit: concurrently active sessions."""
+    max_sessions_per_key: int = 0
+    """Admission limit per API key (by its name): concurrently active sessions one key may hold; 0: only
+    max_sessions."""
+    limits: dict | None = None
+    """Request and stream limits (`services.api.validation.ApiLimits` fields: max_image_bytes, max_image_pixels,
+    max_prompt_chars, max_owner_chars, max_characters, max_audio_s_per_message, max_audio_rate, audio_burst_s,
+    max_messages_per_s, message_burst); unset fields keep their defaults."""
     max_chunks_in_flight: int = 2
     """Backpressure: chunks of one session being generated at once."""
     max_batch_size: int = 4
@@ -133,6 +140,8 @@ class AppSettings:
         check(self.device in DEVICES, "device", f"allowed: {', '.join(DEVICES)}")
         check(self.dtype in DTYPES, "dtype", f"allowed: {', '.join(DTYPES)}")
         check(self.max_sessions >= 1, "max_sessions", "must be >= 1")
+        check(self.max_sessions_per_key >= 0, "max_sessions_per_key", "must be >= 0 (0: no per-key limit)")
+        self.api_limits()
         check(1 <= self.max_chunks_in_flight <= 16, "max_chunks_in_flight", "allowed: 1 to 16")
         check(1 <= self.max_batch_size <= 64, "max_batch_size", "allowed: 1 to 64")
         check(10 <= self.jpeg_quality <= 100, "jpeg_quality", "allowed: 10 to 100")
@@ -153,6 +162,12 @@ class AppSettings:
         check(self.decoder in self.decoders(), "decoder",
               f"allowed: {', '.join(self.decoders())}" + ("" if "fast" in self.decoders() else
                                                           f" (preset {self.preset!r} ships no fast decoder)"))
+
+    def api_limits(self):
+        """The request and stream limits (`ApiLimits`), the config's `limits:` over the defaults."""
+        from services.api.validation import ApiLimits
+
+        return ApiLimits.from_config(self.limits)
 
     def livekit_config(self):
         """The LiveKit server config (`services.delivery.livekit_room.LiveKitConfig`), or None when none is set."""

@@ -365,6 +365,29 @@ end
 return 0
 """
 
+# KEYS: active, group.  ARGV: sid, limit, ttl_ms, group_limit   -> 1 admitted, 0 full, -1 the group is full
+# The group (an API key's sessions) is a plain set whose members count only while they hold a slot in `active`.
+_LUA_ADMIT_GROUP = _LUA_COMMON + r"""
+local sid, limit, ttl_ms, group_limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local now_ms = now()
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. now_ms)
+for _, member in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  if not redis.call('ZSCORE', KEYS[1], member) then redis.call('SREM', KEYS[2], member) end
+end
+if redis.call('ZSCORE', KEYS[1], sid) then
+  redis.call('ZADD', KEYS[1], now_ms + ttl_ms, sid)
+  redis.call('SADD', KEYS[2], sid)
+  return 1
+end
+if redis.call('SCARD', KEYS[2]) >= group_limit then return -1 end
+if redis.call('ZCARD', KEYS[1]) < limit then
+  redis.call('ZADD', KEYS[1], now_ms + ttl_ms, sid)
+  redis.call('SADD', KEYS[2], sid)
+  return 1
+end
+return 0
+"""
+
 # KEYS: active   -> number of unexpired members
 _LUA_COUNT = _LUA_COMMON + r"""
 local now_ms = now()
@@ -401,6 +424,7 @@ class SessionStore:
         self._progress = client.register_script(_LUA_PROGRESS)
         self._admit = client.register_script(_LUA_ADMIT)
         self._count = client.register_script(_LUA_COUNT)
+        self._admit_group = client.register_script(_LUA_ADMIT_GROUP)
 
     # keys ---------------------------------------------------------------------------------------------------------
     def key(self, session_id: str) -> str:
@@ -498,6 +522,16 @@ class SessionStore:
         if limit <= 0:
             return False
         return bool(int(self._admit(keys=[self.active_key], args=[sid, limit, self._ttl_ms])))
+
+    def try_admit_in_group(self, session_id: str, limit: int, group: str, group_limit: int) -> int:
+        """As :meth:`try_admit`, also holding the group (e.g. an API key's name) to ``group_limit`` sessions at once,
+        atomically: 1 admitted, 0 the cluster is full, -1 the group is full. A group member counts only while it
+        holds its admission slot (released, closed or expired sessions drop out)."""
+        sid = self._check_id(session_id)
+        if int(limit) <= 0:
+            return 0
+        return int(self._admit_group(keys=[self.active_key, f"{self.active_key}:group:{group}"],
+                                     args=[sid, int(limit), self._ttl_ms, int(group_limit)]))
 
     def admitted_ids(self) -> list[str]:
         """Every id holding an admission slot (an expired one included until the next admission prunes it)."""

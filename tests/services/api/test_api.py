@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import json
 import shutil
 import subprocess
@@ -592,3 +593,41 @@ def test_the_decoder_option_is_offered_only_where_the_server_has_it():
     assert message == "options.decoder='tiny' is invalid; allowed on this server: full, fast"
     # unset: the server's default, reported back in the session's options
     assert validate_create(_create(), PRESET_STREAM.replace(decoder="fast"), ApiLimits()).stream.decoder == "fast"
+
+
+# ------------------------------------------------------------------------------------------------------------- #
+# Stream budgets and configurable limits
+# ------------------------------------------------------------------------------------------------------------- #
+
+def test_an_input_budget_allows_a_burst_then_the_rate_and_refuses_beyond_naming_the_limit():
+    from services.api.validation import InputBudget
+
+    limits = ApiLimits(max_audio_rate=2.0, audio_burst_s=3.0, max_messages_per_s=10.0, message_burst=5)
+    budget = InputBudget(limits, started=100.0)
+    for _ in range(5):
+        budget.take(now=100.0)                     # the message burst
+    message = _raises(grpc.StatusCode.RESOURCE_EXHAUSTED, budget.take, 0.0, 100.0)
+    assert "at most 10 per second after a burst of 5" in message
+    budget.take(now=100.2)                         # 0.2 s later: two more messages
+    budget.take(now=100.2)
+    audio = InputBudget(limits, started=0.0)
+    audio.take(3.0, now=0.0)                       # three seconds ahead: the burst
+    message = _raises(grpc.StatusCode.RESOURCE_EXHAUSTED, audio.take, 0.1, 0.0)
+    assert "faster than 2x real time (after 3 s ahead)" in message
+    audio.take(2.0, now=1.0)                       # one second later: two more seconds of audio
+    assert _raises(grpc.StatusCode.RESOURCE_EXHAUSTED, audio.take, 0.1, 1.0)
+    assert audio.audio_s == 5.0 and audio.messages == 2, "a refused message is not counted"
+
+
+@pytest.mark.parametrize("values, needle", [
+    ({"max_image_byte": 1}, "limits: unknown field(s) ['max_image_byte']"),
+    ({"max_image_bytes": 0}, "limits.max_image_bytes=0 is invalid: a whole number >= 1"),
+    ({"max_audio_rate": float("nan")}, "limits.max_audio_rate=nan is invalid: a number > 0"),
+    ({"message_burst": 2.5}, "limits.message_burst=2.5 is invalid"),
+])
+def test_limits_from_a_config_name_the_bad_field(values, needle):
+    from model_core.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        ApiLimits.from_config(values)
+    assert ApiLimits.from_config({"max_image_bytes": 1000}).max_image_bytes == 1000

@@ -224,6 +224,8 @@ def test_a_dropped_stream_is_closed_when_idle_freeing_its_slot_and_worker_memory
     admission slot free for a new session — and keeps the second: the replica it is attached to heartbeats it, so
     another replica's sweep, which cannot see the stream, keeps it too."""
     async def main():
+        for leftover in store.admitted_ids():   # earlier tests' sessions must not take this test's two slots
+            store.release(leftover)
         cluster = Cluster(store, max_sessions=2, session_sweep_s=0.5, session_idle_timeout_s=1.5)
         empty = cluster.held()
         dropped, quiet = await cluster.create(png(4)), await cluster.create(png(5))
@@ -320,6 +322,57 @@ def test_audio_after_end_of_input_is_a_caller_error_and_spares_the_healthy_sessi
     chunks = chunks_of(healthy_out)
     assert [chunk.chunk_index for chunk in chunks] == list(range(len(chunks))) and chunks[-1].final
     assert sum(len(chunk.frames) for chunk in chunks) == int(np.ceil(1.5 * 25))
+
+
+def test_a_flood_of_tiny_messages_is_refused_and_the_session_resumes_while_another_streams_on(store):
+    """One-sample audio messages far beyond the message rate: RESOURCE_EXHAUSTED naming the limit for that stream
+    only; the session is not lost (a re-attach streams it to the end) and a concurrent session is untouched."""
+    async def main():
+        cluster = Cluster(store, limits={"message_burst": 50, "max_messages_per_s": 20.0})
+        flooder, healthy = await cluster.create(png(7)), await cluster.create(png(8))
+        pcm = pcm16(speech(1.0, seed=8))
+        flood = [pb.SessionInput(audio=pb.AudioInput(pcm_s16le=b"\x01\x00", sample_rate_hz=16000, channels=1))
+                 for _ in range(2000)]
+        (flood_out, flood_ctx), (healthy_out, healthy_ctx) = await asyncio.gather(
+            cluster.stream(flooder, flood), cluster.stream(healthy, audio_messages(pcm)))
+        resumed_out, resumed_ctx = await cluster.stream(flooder, audio_messages(pcm16(speech(0.4, seed=9))))
+        return flood_ctx, healthy_out, healthy_ctx, resumed_out, resumed_ctx
+
+    flood_ctx, healthy_out, healthy_ctx, resumed_out, resumed_ctx = asyncio.run(main())
+    assert flood_ctx.code == grpc.StatusCode.RESOURCE_EXHAUSTED, (flood_ctx.code, flood_ctx.details)
+    assert "at most 20 per second after a burst of 50" in flood_ctx.details
+    assert healthy_ctx.code is None and chunks_of(healthy_out)[-1].final
+    assert sum(len(chunk.frames) for chunk in chunks_of(healthy_out)) == 25
+    assert resumed_ctx.code is None, resumed_ctx.details
+    assert events_of(resumed_out)[-1].type == pb.Event.SESSION_ENDED
+
+
+def test_an_api_key_is_held_to_its_session_limit_inside_the_clusters(store):
+    from services.api.keys import hash_api_key
+
+    async def main():
+        keys = {"ops": "ops-key-0123456789abc", "agent": "agent-key-0123456789"}
+        cluster = Cluster(store, max_sessions=50, max_sessions_per_key=1,
+                          api_keys={name: hash_api_key(key) for name, key in keys.items()})
+
+        async def create(name):
+            context = GrpcContext([("x-api-key", keys[name])])
+            session = await cluster.ingress.CreateSession(pb.CreateSessionRequest(reference_image=png(9)), context)
+            return session, context
+
+        first, _ = await create("ops")
+        _, refused = await create("ops")
+        _, other_key = await create("agent")
+        await cluster.ingress.CloseSession(pb.CloseSessionRequest(session_id=first.session_id,
+                                                                  session_token=first.session_token),
+                                           GrpcContext([("x-api-key", keys["ops"])]))
+        _, again = await create("ops")
+        return refused, other_key, again
+
+    refused, other_key, again = asyncio.run(main())
+    assert refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused.details == "API key 'ops' holds its limit of 1 active sessions; close one or retry later"
+    assert other_key.code is None and again.code is None, (other_key.details, again.details)
 
 
 def test_backpressure_is_announced_when_input_reading_pauses(store):

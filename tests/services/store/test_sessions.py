@@ -291,6 +291,24 @@ def test_admission_then_create_and_close_frees_slot(store):
     assert store.try_admit("s2", 1)
 
 
+def test_a_group_holds_its_own_limit_inside_the_clusters_and_frees_with_the_slot(store):
+    """An API key's sessions: at most group_limit at once, within the cluster's limit; a closed or released member
+    stops counting for its group with no extra bookkeeping."""
+    assert store.try_admit_in_group("a1", 3, "ops", 1) == 1
+    assert store.try_admit_in_group("a1", 3, "ops", 1) == 1      # already admitted: refreshed, not refused
+    assert store.try_admit_in_group("a2", 3, "ops", 1) == -1     # the key is full
+    assert store.try_admit_in_group("b1", 3, "agent", 5) == 1
+    assert store.try_admit_in_group("b2", 3, "agent", 5) == 1
+    assert store.try_admit_in_group("b3", 3, "agent", 5) == 0    # the cluster is full
+    assert store.admitted_ids() == ["a1", "b1", "b2"]
+    store.create(make_record("a1"))
+    store.close("a1")                                            # leaves the active set: its group forgets it
+    assert store.try_admit_in_group("a2", 3, "ops", 1) == 1
+    store.release("b1")
+    assert store.try_admit_in_group("b3", 3, "agent", 2) == 1
+    assert store.try_admit_in_group("b4", 9, "agent", 2) == -1
+
+
 def test_released_session_is_not_readmitted_by_heartbeat(store):
     store.create(make_record())
     store.release("s1")
