@@ -10,8 +10,8 @@ With no --config it serves the local layout (ray_configs/local.yaml: CPU, logica
 Everything that can be checked is checked before anything starts (the config, its application args, GPUs, custom
 resources, the port); then a local Ray (logical GPUs on a CPU box), the Serve application and, unless a Redis URL is
 given, a private redis-server (restarted with its data if it exits).  Serving stops on SIGINT/SIGTERM or when the
-Ray core dies, and everything it started is stopped with it.  Knows the deploy tooling and the local cluster launcher; nothing about the
-deployments' insides.
+Ray core dies, and everything it started is stopped with it.  Knows the deploy tooling and the local cluster launcher;
+nothing about the deployments' insides.
 """
 
 from __future__ import annotations
@@ -349,7 +349,8 @@ def add_parser(commands) -> None:
     srv.add_argument("--redis-url", help="session store (default $REDIS_URL, else a private redis-server); a "
                      "URL with a password belongs in $REDIS_URL: `ps` shows arguments")
     srv.add_argument("--api-key-file", help="file of accepted API keys, one `name=key` per line (also "
-                     "$FACECAST_API_KEY_FILE, and `name=key,...` in $FACECAST_API_KEYS; `facecast keys new` makes one); "
+                     "$FACECAST_API_KEY_FILE, and `name=key,...` in $FACECAST_API_KEYS; `facecast keys new` makes "
+                     "one); "
                      "none: no authentication")
     srv.add_argument("--api-key", action="append", help=argparse.SUPPRESS)   # removed: refused with the reason
     srv.add_argument("--ready-file", help="write 'ready' to this file once the app serves (removed on exit)")

@@ -93,7 +93,8 @@ def _stop_process(owned: _Owned, tmpdir: str, owner_pid: int) -> None:
 class LocalRedis:
     """Starts and owns a real ``redis-server`` on a free loopback port, for when ``REDIS_URL`` is unset: bound to
     127.0.0.1 only, with a generated password (``password=None`` for none), its data in an append-only file in its
-    own temp dir, written through on every command (``persist=False``: in memory only).  Stops it on :meth:`close`, on context exit, when
+    own temp dir, written through on every command (``persist=False``: in memory only).  Stops it on :meth:`close`,
+    on context exit, when
     garbage-collected, and at interpreter exit.  The binary comes from ``binary``, else ``$FACECAST_REDIS_SERVER``,
     else ``redis-server`` on PATH.  ``supervise=True`` restarts it (same port, password and file) whenever it exits.
 

@@ -532,7 +532,8 @@ def channel():
     from grpc_reflection.v1alpha import reflection
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    pb_grpc.add_AvatarServiceServicer_to_server(_Servicer(ApiKeyring.from_keys({"ops": "secret-key-0123456789"})), server)
+    keys = ApiKeyring.from_keys({"ops": "secret-key-0123456789"})
+    pb_grpc.add_AvatarServiceServicer_to_server(_Servicer(keys), server)
     health_servicer = health.HealthServicer()
     health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

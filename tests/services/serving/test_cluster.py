@@ -47,8 +47,8 @@ def cluster(receiver):
            "OTEL_BSP_SCHEDULE_DELAY": "200"}
     env.update({key: value for key, value in serve_tracing_env().items() if key.startswith("RAY_SERVE")})
     env.update(env)
-    started = LocalCluster.start({"max_sessions": 3, "api_keys": {"tests": hash_api_key(API_KEY)}}, grpc_port=free_port(), num_cpus=4,
-                                 num_gpus=3, env=env)
+    started = LocalCluster.start({"max_sessions": 3, "api_keys": {"tests": hash_api_key(API_KEY)}},
+                                 grpc_port=free_port(), num_cpus=4, num_gpus=3, env=env)
     yield started
     started.stop()
 
