@@ -24,6 +24,7 @@ import grpc
 import numpy as np
 
 from services.api import pb
+from services.api.servicer import require_decodable
 from services.api.validation import ApiError, InputBudget, validate_audio, validate_control
 from services.delivery.avatar import LEAD_S, pace
 from services.delivery.pacing import SpeechTrack
@@ -197,6 +198,7 @@ class ConversationCall:
         budget = InputBudget(self.ingress.limits)
         try:
             async for message in self.request_stream:
+                require_decodable(message, "facecast.v1.SessionInput")
                 kind = message.WhichOneof("input")
                 if kind != "audio":
                     budget.take()

@@ -37,6 +37,7 @@ import redis
 from ray import serve
 
 from services.api import SERVICE_NAME, pb
+from services.api.servicer import require_decodable
 from services.api.validation import (ApiError, check_api_key, check_internal_key, check_token, new_token,
                                      require_session_id, session_to_proto, validate_create, validate_update)
 from services.delivery.avatar import AvatarWorker, chunk_ready_points
@@ -182,6 +183,11 @@ class SessionIngressServicer:
             except ApiError as error:
                 _fail(grpc_context, error)
                 return health_pb2.HealthCheckResponse()
+        try:
+            require_decodable(request, "grpc.health.v1.HealthCheckRequest")
+        except ApiError as error:
+            _fail(grpc_context, error)
+            return health_pb2.HealthCheckResponse()
         if request.service not in ("", SERVICE_NAME):
             _fail(grpc_context, ApiError(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}"))
             return health_pb2.HealthCheckResponse()
@@ -204,6 +210,7 @@ class SessionIngressServicer:
         session_id = None
         try:
             key_name = self._authorize(grpc_context)
+            require_decodable(request, "facecast.v1.CreateSessionRequest")
             spec = validate_create(request, self.stream_defaults, self.limits, preset=self.settings.preset_config,
                                    decoders=self.decoders, livekit=self.livekit is not None,
                                    conversation_modes=self.conversation_modes)
@@ -300,6 +307,7 @@ class SessionIngressServicer:
     async def GetSession(self, request, grpc_context=None):
         try:
             self._authorize(grpc_context)
+            require_decodable(request, "facecast.v1.GetSessionRequest")
             return self._session_proto(self._record(request.session_id, request.session_token))
         except ApiError as error:
             _fail(grpc_context, error)
@@ -311,6 +319,7 @@ class SessionIngressServicer:
     async def UpdateSession(self, request, grpc_context=None):
         try:
             self._authorize(grpc_context)
+            require_decodable(request, "facecast.v1.UpdateSessionRequest")
             record = self._record(request.session_id, request.session_token)
             spec = validate_update(request, max(1, len(record.characters)), self.limits)
             if record.state in (SessionState.ENDED, SessionState.FAILED):
@@ -340,6 +349,7 @@ class SessionIngressServicer:
     async def CloseSession(self, request, grpc_context=None):
         try:
             self._authorize(grpc_context)
+            require_decodable(request, "facecast.v1.CloseSessionRequest")
             record = self._record(request.session_id, request.session_token)
             await self._close(record.session_id)
             return self._session_proto(self.store.get(record.session_id))
@@ -419,6 +429,7 @@ class SessionIngressServicer:
             except StopAsyncIteration:
                 raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, "the stream ended before attach{session_id, "
                                                                  "session_token}")
+            require_decodable(first, "facecast.v1.SessionInput")
             if first.WhichOneof("input") != "attach":
                 raise ApiError(grpc.StatusCode.INVALID_ARGUMENT,
                                "the first StreamSession message must be attach{session_id, session_token}")

@@ -19,6 +19,7 @@ import uuid
 import grpc
 
 from services.api import pb
+from services.api.servicer import require_decodable
 from services.api.validation import ApiError, InputBudget, validate_audio, validate_control
 from services.delivery.avatar import SessionLink
 from services.delivery.egress import Egress, MediaChunk
@@ -215,6 +216,7 @@ class SessionStream:
         budget = InputBudget(ingress.limits)
         try:
             async for message in self.request_stream:
+                require_decodable(message, "facecast.v1.SessionInput")
                 kind = message.WhichOneof("input")
                 if kind != "audio":
                     budget.take()

@@ -18,8 +18,10 @@ from model_core.config import DEVICES, DTYPES, ConfigError, get_preset
 LAYOUTS = ("local", "1+1", "4+1")
 """The GPU layouts a Serve config may describe (ray_configs/<layout>.yaml)."""
 DEPLOYMENT_NAMES = ("SessionIngress", "AudioEncoder", "ScoreWorkerGroup", "VAEDecoder", "LLMBridge")
-GRPC_SERVICER = "services.api.generated.facecast.v1.avatar_pb2_grpc.add_AvatarServiceServicer_to_server"
-GRPC_SERVICERS = (GRPC_SERVICER, "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server")
+GRPC_SERVICER = "services.api.servicer.add_AvatarServiceServicer_to_server"
+GRPC_SERVICERS = (GRPC_SERVICER, "services.api.servicer.add_HealthServicer_to_server")
+"""The generated registrations with request parsing that never fails (`services.api.servicer`): bytes that do not
+parse get INVALID_ARGUMENT from the ingress, not gRPC's UNKNOWN."""
 SCORE_MODES = ("sequential", "pipelined")
 VAE_PLACEMENTS = ("separate", "colocated")
 LATENT_TRANSPORTS = ("object_store", "collective")

@@ -5,6 +5,7 @@ spans and metrics reach the collector under the client's trace."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -419,6 +420,47 @@ def test_metrics_are_visible_through_rays_metrics_endpoint(cluster):
         time.sleep(2)
     missing = [name for name in wanted if name not in text]
     assert not missing, f"not in Ray's metrics: {missing}"
+
+
+FUZZ_EXAMPLES = int(os.environ.get("FACECAST_FUZZ_EXAMPLES", "150"))
+
+
+def test_hostile_calls_get_documented_statuses_while_a_healthy_session_streams_unchanged(cluster, client, engine):
+    """Property-based (services/api/fuzz.py): every RPC driven with malformed and adversarial messages over real
+    gRPC — thousands of messages — gets OK or a documented status, never INTERNAL; a session streaming in real time
+    meanwhile delivers exactly the engine's frames."""
+    from hypothesis import HealthCheck, given, settings
+
+    from services.api.fuzz import Hostile, hostile_calls
+    from services.store.sessions import connect_store
+
+    image, pcm = png(18), pcm16(speech(20.0, seed=28))
+    healthy = client.create_session(image)
+    results = {}
+    streamer = threading.Thread(target=lambda: results.update(good=client.stream(healthy, pcm, 16000, realtime=True,
+                                                                                   timeout_s=300)))
+    streamer.start()
+    victims = [client.create_session(png(19)), client.create_session(png(20))]
+    harness = Hostile(client.channel, client.metadata, victims, renew=lambda: client.create_session(png(21)))
+
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(hostile_calls(len(victims)))
+    def fuzz(call):
+        harness.send(call)
+
+    try:
+        fuzz()
+    finally:
+        streamer.join(timeout=300)
+        store, _ = connect_store(cluster.redis_url)
+        for session_id in store.admitted_ids():      # victims and whatever the fuzz managed to open
+            store.close(session_id)
+    assert harness.messages_sent >= 1000, harness.messages_sent
+    assert harness.statuses["INVALID_ARGUMENT"] > 0 and harness.statuses["OK"] > 0, harness.statuses
+    good = results["good"]
+    assert good.reattaches == 0 and good.chunks[-1].final
+    assert good.frames_jpeg == engine_jpegs(engine, image, pcm)
 
 
 def test_no_api_key_or_session_token_reaches_logs_spans_or_metrics(cluster, receiver, client):
