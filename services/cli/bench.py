@@ -4,6 +4,8 @@
     facecast bench decode --preset talk128 [--chunks 6]
     facecast bench gpu [--shapes full|tiny] [--out report.json] [--table table.md]
     facecast bench cluster --preset tiny [--chunks 8 --max-sessions 6] [--json]
+    facecast bench soak [--preset tiny --sessions 3 --minutes 10 --kill DEPLOYMENT --kill-every 3] [--json]
+    facecast bench fuzz [--examples 3000 --seed 0] [--json]
 
 `engine` times the in-process engine per stage (`model_core.bench`; `--sessions N` adds a cross-session batch through
 the session pool and through the gathered path); `decode` times the streaming decoders one after the other in one run;
@@ -19,6 +21,8 @@ from pathlib import Path
 
 from model_core.config import DTYPES, PRESETS, get_preset
 from services.cli.common import EXIT_OK, UserError, parse_device, parse_dtype, print_report
+
+KILLABLE = ("SessionIngress", "AudioEncoder", "ScoreWorkerGroup", "VAEDecoder")
 
 
 def cmd_bench_engine(args: argparse.Namespace) -> int:
@@ -94,6 +98,32 @@ def cmd_bench_call(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_bench_soak(args: argparse.Namespace) -> int:
+    get_preset(args.preset)
+    if not 1 <= args.sessions <= 64:
+        raise UserError(f"--sessions {args.sessions} is invalid; allowed: 1 to 64")
+    if not args.minutes > 0:
+        raise UserError(f"--minutes {args.minutes:g} is invalid: must be > 0")
+    if args.kill and not args.kill_every > 0:
+        raise UserError(f"--kill-every {args.kill_every:g} is invalid: must be > 0 minutes")
+    from services.cli.bench_soak import bench_soak, format_soak_report
+
+    report = bench_soak(args.preset, args.sessions, args.minutes, kill=args.kill, kill_every_min=args.kill_every,
+                        buffer_ms=args.buffer_ms, config=args.config, log_dir=args.log_dir, progress=not args.quiet)
+    print_report(report if args.json else format_soak_report(report))
+    return EXIT_OK
+
+
+def cmd_bench_fuzz(args: argparse.Namespace) -> int:
+    if args.examples < 1:
+        raise UserError(f"--examples {args.examples} is invalid: at least 1")
+    from services.cli.bench_soak import bench_fuzz, format_fuzz_report
+
+    report = bench_fuzz(args.preset, args.examples, seed=args.seed, log_dir=args.log_dir, progress=not args.quiet)
+    print_report(report if args.json else format_fuzz_report(report))
+    return EXIT_OK
+
+
 def _output_flags(parser, what: str = "print the report as JSON") -> None:
     parser.add_argument("--json", action="store_true",
                         help=f"{what} (stdout: the JSON alone; progress and logs on stderr)")
@@ -101,7 +131,7 @@ def _output_flags(parser, what: str = "print the report as JSON") -> None:
 
 
 def add_parser(commands) -> None:
-    """Register `bench engine`, `decode`, `gpu`, `cluster` and `call` on the `facecast` subparsers."""
+    """Register `bench engine`, `decode`, `gpu`, `cluster`, `call`, `soak` and `fuzz` on the `facecast` subparsers."""
     bench = commands.add_parser("bench", help="benchmarks")
     targets = bench.add_subparsers(dest="target", required=True)
     engine = targets.add_parser("engine", help="TTFF, time between chunks per stage, FPS, RTF, peak memory")
@@ -160,3 +190,22 @@ def add_parser(commands) -> None:
                            "(a scripted reply: what the avatar adds to the LLM's first audio)")
     _output_flags(call)
     call.set_defaults(handler=cmd_bench_call)
+    soak = targets.add_parser("soak", help="N real-time sessions through `facecast serve` for M minutes: sessions "
+                                           "lost, deadline attainment, stalls, time between chunks, memory slope")
+    soak.add_argument("--preset", default="tiny", help=f"{', '.join(PRESETS)} (default tiny: CPU-sized)")
+    soak.add_argument("--sessions", type=int, default=3, help="concurrent sessions (default 3)")
+    soak.add_argument("--minutes", type=float, default=10.0, help="how long each session streams (default 10)")
+    soak.add_argument("--kill", choices=KILLABLE, help="kill a replica of this deployment on a schedule")
+    soak.add_argument("--kill-every", type=float, default=3.0, help="minutes between kills (default 3)")
+    soak.add_argument("--buffer-ms", type=float, default=200.0, help="the viewer's jitter buffer (default 200)")
+    soak.add_argument("--config", help="Serve config for `facecast serve` (default: its own)")
+    soak.add_argument("--log-dir", default="out", help="where the server's log goes (default out/)")
+    _output_flags(soak)
+    soak.set_defaults(handler=cmd_bench_soak)
+    fuzz = targets.add_parser("fuzz", help="the hostile-input property test, longer, against `facecast serve`")
+    fuzz.add_argument("--preset", default="tiny", help=f"{', '.join(PRESETS)} (default tiny)")
+    fuzz.add_argument("--examples", type=int, default=3000, help="hostile calls (default 3000; the test runs 150)")
+    fuzz.add_argument("--seed", type=int, default=0, help="hypothesis seed (default 0)")
+    fuzz.add_argument("--log-dir", default="out", help="where the server's log goes (default out/)")
+    _output_flags(fuzz)
+    fuzz.set_defaults(handler=cmd_bench_fuzz)
