@@ -305,7 +305,9 @@ def _stop_serving(cluster, local_redis) -> None:
         import ray
 
         if cluster is not None and not _dead_ray_processes():
-            cluster.stop()  # serve.shutdown + ray.shutdown
+            began = time.monotonic()
+            cluster.stop(drain=True)  # streams told and ended, then serve.shutdown + ray.shutdown
+            print(f"facecast serve: drained and shut down in {time.monotonic() - began:.1f} s", flush=True)
         elif ray.is_initialized():  # Ray died under us, or start was interrupted / failed half-way
             try:
                 if not _dead_ray_processes():

@@ -105,6 +105,7 @@ class SessionIngressServicer:
         self.streams: dict[str, SessionStream] = {}   # session id -> the stream attached here
         self._sweeper: asyncio.Task | None = None
         self.store_down_since: float | None = None     # when a store write last failed (None: Redis answers)
+        self.draining = False                          # shutting down: no new sessions or attaches here
 
     async def chunk_ready_points(self, record: SessionRecord, sample_rate_hz: int):
         """`pace`'s chunk_ready for this session's stream (its fps and chunk, the preset's timeline)."""
@@ -146,6 +147,21 @@ class SessionIngressServicer:
             logger.warning("the session store is back after %.1f s", time.monotonic() - self.store_down_since)
             self.store_down_since = None
         return result
+
+    async def drain(self, grace_s: float = 3.0) -> int:
+        """This replica is about to stop: refuse new sessions and attaches (UNAVAILABLE, health NOT_SERVING), let
+        each attached stream deliver its chunks in flight, then tell its client (DRAINING, then UNAVAILABLE) so it
+        re-attaches elsewhere; sessions stay resumable. Returns how many streams were drained."""
+        self.draining = True
+        streams = [stream for stream in self.streams.values() if isinstance(stream, SessionStream)]
+        await asyncio.gather(*(stream.drain(grace_s) for stream in streams), return_exceptions=True)
+        logger.info("drained %d streams", len(streams))
+        return len(streams)
+
+    def _refuse_while_draining(self) -> None:
+        if self.draining:
+            raise ApiError(grpc.StatusCode.UNAVAILABLE, "this server is shutting down (draining); retry on another "
+                           "replica or after it restarts")
 
     def _record(self, session_id: str, token: str) -> SessionRecord:
         require_session_id(session_id)
@@ -191,7 +207,7 @@ class SessionIngressServicer:
         if request.service not in ("", SERVICE_NAME):
             _fail(grpc_context, ApiError(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}"))
             return health_pb2.HealthCheckResponse()
-        healthy = self.store.ping()
+        healthy = not self.draining and self.store.ping()
         if healthy:
             try:
                 await asyncio.wait_for(asyncio.gather(self.decoder.decode_stats.remote(),
@@ -210,6 +226,7 @@ class SessionIngressServicer:
         session_id = None
         try:
             key_name = self._authorize(grpc_context)
+            self._refuse_while_draining()
             require_decodable(request, "facecast.v1.CreateSessionRequest")
             spec = validate_create(request, self.stream_defaults, self.limits, preset=self.settings.preset_config,
                                    decoders=self.decoders, livekit=self.livekit is not None,
@@ -429,6 +446,7 @@ class SessionIngressServicer:
             except StopAsyncIteration:
                 raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, "the stream ended before attach{session_id, "
                                                                  "session_token}")
+            self._refuse_while_draining()
             require_decodable(first, "facecast.v1.SessionInput")
             if first.WhichOneof("input") != "attach":
                 raise ApiError(grpc.StatusCode.INVALID_ARGUMENT,

@@ -31,6 +31,7 @@ from services.telemetry import CHUNK_SPAN, EGRESS_SPAN, span
 logger = logging.getLogger("facecast.ingress")
 
 _END = object()
+_DRAIN = object()
 BACKPRESSURE_EVENT_INTERVAL_S = 2.0
 """At most one BACKPRESSURE event per stream in this many seconds."""
 
@@ -74,6 +75,7 @@ class SessionStream:
         self.video_on_stream = (record.delivery.get("kind", "grpc") == "grpc" or record.delivery.get("also_stream")
                                 or record.delivery.get("agent_identity"))   # an avatar's stream feeds its worker
         self.egress: Egress | None = None
+        self.reader: asyncio.Task | None = None
 
     async def run(self, resume_from_chunk: int):
         ingress, session_id = self.ingress, self.session_id
@@ -99,7 +101,7 @@ class SessionStream:
                                               next_chunk_index=next_chunk))
         for warning in warnings:
             yield warning
-        reader = asyncio.ensure_future(self._read())
+        reader = self.reader = asyncio.ensure_future(self._read())
         pending: dict[int, tuple[ChunkTicket, DecodedFrames]] = {}
         try:
             while True:
@@ -110,6 +112,14 @@ class SessionStream:
                                                               message="the session was closed"))
                     elif self.stop_reason == "taken_over":
                         self.error = ApiError(grpc.StatusCode.ABORTED, "another stream attached to this session")
+                    break
+                if item is _DRAIN:
+                    drained = self._event(pb.Event.DRAINING, "the server is shutting down; re-attach with "
+                                          f"resume_from_chunk={next_chunk} to go on")
+                    drained.event.next_chunk_index = next_chunk
+                    yield drained
+                    self.error = ApiError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down (draining); "
+                                          f"re-attach with resume_from_chunk={next_chunk} to go on")
                     break
                 if isinstance(item, pb.SessionOutput):
                     yield item
@@ -162,6 +172,16 @@ class SessionStream:
         """Stop this stream from outside: "closed" (CloseSession) or "taken_over" (a newer attach)."""
         self.stop_reason = reason
         self.stop.set()
+
+    async def drain(self, grace_s: float) -> None:
+        """The replica is shutting down: stop reading input, let the chunks in flight arrive (for up to `grace_s`),
+        then send DRAINING with the next chunk's index and end with UNAVAILABLE. The session stays STREAMING in the
+        store with its worker state, so a re-attach (here or on another replica) continues it."""
+        if self.reader is not None:
+            self.reader.cancel()
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=grace_s)
+        await self.outputs.put(_DRAIN)
 
     def _event(self, kind, message: str) -> pb.SessionOutput:
         return pb.SessionOutput(event=pb.Event(type=kind, session_id=self.session_id, message=message))

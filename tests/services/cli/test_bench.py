@@ -24,6 +24,10 @@ def test_bench_engine_json_report(capsys):
     (["cluster", "--chunks", "1"], "--chunks 1 is too few"),
     (["cluster", "--max-sessions", "0"], "--max-sessions 0 is invalid; allowed: 1 to 64"),
     (["cluster", "--preset", "huge"], "preset='huge' is unknown"),
+    (["soak", "--sessions", "0"], "--sessions 0 is invalid; allowed: 1 to 64"),
+    (["soak", "--minutes", "0"], "--minutes 0 is invalid: must be > 0"),
+    (["soak", "--kill", "VAEDecoder", "--kill-every", "0"], "--kill-every 0 is invalid"),
+    (["fuzz", "--examples", "0"], "--examples 0 is invalid: at least 1"),
 ])
 def test_bad_arguments_exit_2_with_one_line(argv, needle, capsys):
     assert main(["bench", *argv]) == 2
@@ -60,3 +64,16 @@ def test_bench_gpu_dry_run_on_tiny_shapes_writes_json_and_the_tables(tmp_path, c
 def test_bench_gpu_full_shapes_need_a_gpu(capsys):
     assert main(["bench", "gpu", "--device", "cpu"]) == 2
     assert "--shapes tiny" in capsys.readouterr().err
+
+
+def test_the_soak_players_deadlines_and_stalls_against_hand_worked_timelines():
+    """A player starts 0.2 s after the first chunk and plays 0.48 s chunks back to back; a late chunk freezes the
+    picture until it arrives and pushes every later deadline back by as much (worked by hand, not by the code)."""
+    from services.cli.bench_soak import SessionLog
+
+    steady = SessionLog(0, arrivals=[1.0, 1.5, 1.9, 2.4], pts_s=[0.0, 0.48, 0.96, 1.44])
+    assert steady.player(0.2) == (4, 0.0)           # deadlines 1.2, 1.68, 2.16, 2.64
+    late = SessionLog(1, arrivals=[1.0, 1.5, 2.5, 2.9, 3.6], pts_s=[0.0, 0.48, 0.96, 1.44, 1.92])
+    on_time, frozen = late.player(0.2)   # chunk 2: due 2.16, arrives 2.5 (0.34 s frozen); then due 2.98 (on time)
+    assert on_time == 3 and frozen == pytest.approx(0.34 + 0.14)   # and 3.46, arriving 3.6 (0.14 s frozen)
+    assert SessionLog(2).player(0.2) == (0, 0.0)

@@ -1,7 +1,7 @@
 """`facecast serve` and `facecast call` as a user runs them: serve in a subprocess on a free port (real local Ray,
 logical GPUs, its own redis-server), call it from another process, read the MP4 back, check a refused call's exit
-status and message, and stop the server with SIGINT (clean exit, port closed, Redis gone).  What each command
-refuses without a cluster is in test_serve.py and test_call.py."""
+status and message, and stop the server with SIGTERM mid-stream (drained, clean exit, port closed, Redis gone).
+What each command refuses without a cluster is in test_serve.py and test_call.py."""
 
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def server(tmp_path_factory):
         assert ready.read_text() == "ready\n"
         yield started
     finally:
-        if proc.poll() is None:  # a test failed before the SIGINT test stopped it
+        if proc.poll() is None:  # a test failed before the SIGTERM test stopped it
             proc.send_signal(signal.SIGINT)
             try:
                 proc.wait(timeout=60)
@@ -188,18 +188,61 @@ def test_serve_listens_on_loopback_only_and_its_serve_port_refuses_calls_that_by
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED and "internal port" in caught.value.details()
 
 
-def test_sigint_stops_serve_cleanly(server):
+def test_sigterm_drains_a_live_stream_and_stops_serve_cleanly_in_seconds(server, inputs):
+    """SIGTERM while a session streams in real time: the client gets the chunks in flight, a DRAINING event naming
+    the next chunk and UNAVAILABLE (so it would re-attach elsewhere); serve exits 0 within seconds, its port closed
+    and its redis-server gone."""
+    import threading
+
+    import grpc
+
+    from services.api import pb
+    from services.api.client import AvatarClient
+
     match = re.search(r"local redis-server pid (\d+)", server.output())
     assert match, server.output()
     redis_pid = int(match.group(1))
     assert alive(redis_pid) and port_open(server.port)
-    server.proc.send_signal(signal.SIGINT)
+    image, _, _, _ = inputs
+    client = AvatarClient(server.target)
+    session = client.create_session(image.read_bytes(), options={"width": 64, "height": 64})
+    pcm = (np.clip(speech(8.0, seed=9), -1, 1) * 32767).astype("<i2")
+
+    def requests():
+        yield pb.SessionInput(attach=pb.Attach(session_id=session.session_id, session_token=session.session_token))
+        for start in range(0, len(pcm), 640):
+            time.sleep(0.04)
+            yield pb.SessionInput(audio=pb.AudioInput(pcm_s16le=pcm[start:start + 640].tobytes(),
+                                                      sample_rate_hz=16000, channels=1))
+
+    chunks, events, sent = [], [], {}
     try:
-        code = server.proc.wait(timeout=30)
+        for output in client.stub.StreamSession(requests(), metadata=client.metadata, timeout=120):
+            if output.WhichOneof("output") == "event":
+                events.append(output.event)
+            else:
+                chunks.append(output.video_chunk.chunk_index)
+                if len(chunks) == 2:
+                    sent["at"] = time.monotonic()
+                    threading.Thread(target=server.proc.send_signal, args=(signal.SIGTERM,)).start()
+        code = grpc.StatusCode.OK
+    except grpc.RpcError as error:
+        code, details = error.code(), error.details()
+    finally:
+        client.close()
+    try:
+        exit_code = server.proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"facecast serve did not stop within 30 s of SIGINT:\n{server.output()}")
-    assert code == 0, server.output()
-    assert "stopped" in server.output() and "Traceback" not in server.output()
+        pytest.fail(f"facecast serve did not stop within 30 s of SIGTERM:\n{server.output()}")
+    took = time.monotonic() - sent["at"]
+    assert code == grpc.StatusCode.UNAVAILABLE and "re-attach" in details, (code, server.output())
+    draining = [event for event in events if event.type == pb.Event.DRAINING]
+    assert len(draining) == 1 and draining[0].next_chunk_index == len(chunks), (events, chunks)
+    assert chunks == list(range(len(chunks)))
+    assert exit_code == 0, server.output()
+    assert took < 20, f"stopping took {took:.1f} s"
+    out = server.output()
+    assert "SIGTERM: stopping" in out and "drained and shut down in" in out and "Traceback" not in out
     assert not port_open(server.port)
     assert not alive(redis_pid), "serve left its redis-server running"
     assert not server.ready.exists()
