@@ -21,8 +21,8 @@ from pathlib import Path
 
 from model_core.config import DTYPES, PRESETS, get_preset
 from services.cli.common import EXIT_OK, UserError, parse_device, parse_dtype, print_report
+from services.serving.settings import DEPLOYMENT_NAMES
 
-KILLABLE = ("SessionIngress", "AudioEncoder", "ScoreWorkerGroup", "VAEDecoder")
 
 
 def cmd_bench_engine(args: argparse.Namespace) -> int:
@@ -195,7 +195,7 @@ def add_parser(commands) -> None:
     soak.add_argument("--preset", default="tiny", help=f"{', '.join(PRESETS)} (default tiny: CPU-sized)")
     soak.add_argument("--sessions", type=int, default=3, help="concurrent sessions (default 3)")
     soak.add_argument("--minutes", type=float, default=10.0, help="how long each session streams (default 10)")
-    soak.add_argument("--kill", choices=KILLABLE, help="kill a replica of this deployment on a schedule")
+    soak.add_argument("--kill", choices=DEPLOYMENT_NAMES, help="kill a replica of this deployment on a schedule")
     soak.add_argument("--kill-every", type=float, default=3.0, help="minutes between kills (default 3)")
     soak.add_argument("--buffer-ms", type=float, default=200.0, help="the viewer's jitter buffer (default 200)")
     soak.add_argument("--config", help="Serve config for `facecast serve` (default: its own)")

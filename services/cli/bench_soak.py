@@ -33,6 +33,7 @@ import numpy as np
 from model_core.bench import cpu_label
 from services.cli.common import UserError
 from services.net import free_port
+from services.serving.settings import DEPLOYMENT_NAMES
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 
@@ -78,21 +79,39 @@ def _speech(minutes: float) -> np.ndarray:
     return np.tile(unit, int(np.ceil(minutes * 60 * 16000 / len(unit))))[: int(minutes * 60 * 16000)]
 
 
-def _tree_rss_mib(pid: int) -> float:
+def _component(process) -> str:
+    """A process's role in serve's tree: the Serve replica's deployment, a Ray core process, redis, serve itself."""
+    try:
+        line = " ".join(process.cmdline())
+    except Exception:  # noqa: BLE001 - gone meanwhile
+        return "other"
+    for deployment in DEPLOYMENT_NAMES + ("ServeController", "ProxyActor"):
+        if deployment in line:
+            return deployment
+    for core in ("gcs_server", "raylet", "redis-server", "dashboard", "log_monitor", "runtime_env"):
+        if core in line:
+            return core
+    return "facecast serve" if "services.cli" in line else "other"
+
+
+def _tree_rss_mib(pid: int) -> dict[str, float]:
+    """RSS in MiB of serve's process tree by component (see `_component`)."""
     import psutil
 
     try:
         root = psutil.Process(pid)
         processes = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return float("nan")
-    total = 0
+        return {}
+    totals: dict[str, float] = {}
     for process in processes:
         try:
-            total += process.memory_info().rss
+            rss = process.memory_info().rss / 2**20
         except psutil.Error:
-            pass
-    return total / 2**20
+            continue
+        name = _component(process)
+        totals[name] = totals.get(name, 0.0) + rss
+    return totals
 
 
 def _kill_replica(pid: int, deployment: str) -> int | None:
@@ -173,7 +192,7 @@ def bench_soak(preset: str = "tiny", sessions: int = 3, minutes: float = 10.0, k
             if progress:
                 chunks = sum(len(log.arrivals) for log in logs)
                 print(f"\rsoak: {elapsed / 60:5.1f}/{minutes:g} min, {chunks} chunks, "
-                      f"{memory[-1][1]:.0f} MiB", end="", file=sys.stderr, flush=True)
+                      f"{sum(memory[-1][1].values()):.0f} MiB", end="", file=sys.stderr, flush=True)
 
     threads = [threading.Thread(target=client, args=(log,), daemon=True) for log in logs]
     watcher = threading.Thread(target=sampler, daemon=True)
@@ -213,18 +232,27 @@ def _report(preset, sessions, minutes, buffer_s, logs, memory, kills, log_path) 
                             "deadline_attainment": round(timely / len(log.arrivals), 4) if log.arrivals else None,
                             "stall_s": round(stalled, 2), "between_chunks_p50_ms": _percentile(intervals, 50),
                             "between_chunks_p99_ms": _percentile(intervals, 99)})
-    steady = [(t, m) for t, m in memory if t >= 60 and np.isfinite(m)]
-    slope = (float(np.polyfit([t / 60 for t, _ in steady], [m for _, m in steady], 1)[0])
-             if len(steady) >= 3 else None)
+    def slope_of(samples):
+        steady = [(t, m) for t, m in samples if t >= 60]
+        return float(np.polyfit([t / 60 for t, _ in steady], [m for _, m in steady], 1)[0]) if len(steady) >= 3 else None
+
+    totals = [(t, sum(parts.values())) for t, parts in memory if parts]
+    slope = slope_of(totals)
+    names = sorted({name for _, parts in memory for name in parts})
+    by_component = {name: {"last_mib": round(memory[-1][1].get(name, 0.0), 1) if memory else None,
+                           "slope_mib_per_min": (lambda v: round(v, 3) if v is not None else None)(
+                               slope_of([(t, parts.get(name, 0.0)) for t, parts in memory if parts]))}
+                    for name in names}
     return {"machine": cpu_label(), "preset": preset, "sessions": sessions, "minutes": minutes,
             "buffer_ms": buffer_s * 1000, "sessions_lost": sum(log.lost is not None for log in logs),
             "chunks": chunks, "deadline_attainment": round(on_time / chunks, 4) if chunks else None,
             "stall_s": round(frozen, 2), "between_chunks_p50_ms": _percentile(all_intervals, 50),
             "between_chunks_p99_ms": _percentile(all_intervals, 99),
-            "memory_mib_first": round(memory[0][1], 1) if memory else None,
-            "memory_mib_last": round(memory[-1][1], 1) if memory else None,
+            "memory_mib_first": round(totals[0][1], 1) if totals else None,
+            "memory_mib_last": round(totals[-1][1], 1) if totals else None,
             "memory_slope_mib_per_min": round(slope, 3) if slope is not None else None,
-            "memory_samples": [(round(t, 1), round(m, 1)) for t, m in memory], "kills": kills,
+            "memory_by_component": by_component,
+            "memory_samples": [(round(t, 1), round(m, 1)) for t, m in totals], "kills": kills,
             "per_session": per_session, "serve_log": log_path}
 
 
@@ -237,7 +265,11 @@ def format_soak_report(report: dict) -> str:
              + f" (player buffer {report['buffer_ms']:.0f} ms), stall {report['stall_s']:.1f} s",
              f"  between chunks p50 {report['between_chunks_p50_ms']} ms, p99 {report['between_chunks_p99_ms']} ms",
              f"  memory (serve's process tree) {report['memory_mib_first']} -> {report['memory_mib_last']} MiB, "
-             f"slope after the first minute {report['memory_slope_mib_per_min']} MiB/min"]
+             f"slope after the first minute {report['memory_slope_mib_per_min']} MiB/min",
+             "  by component, MiB (slope MiB/min): " + ", ".join(
+                 f"{name} {part['last_mib']} ({part['slope_mib_per_min']})"
+                 for name, part in sorted(report.get("memory_by_component", {}).items(),
+                                          key=lambda item: -(item[1]["slope_mib_per_min"] or 0)))]
     for kill in report["kills"]:
         lines.append(f"  killed {kill['deployment']} (pid {kill['pid']}) at {kill['at_s']} s")
     for session in report["per_session"]:
