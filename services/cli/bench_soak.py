@@ -234,7 +234,9 @@ def _report(preset, sessions, minutes, buffer_s, logs, memory, kills, log_path) 
                             "between_chunks_p99_ms": _percentile(intervals, 99)})
     def slope_of(samples):
         steady = [(t, m) for t, m in samples if t >= 60]
-        return float(np.polyfit([t / 60 for t, _ in steady], [m for _, m in steady], 1)[0]) if len(steady) >= 3 else None
+        if len(steady) < 3:
+            return None
+        return float(np.polyfit([t / 60 for t, _ in steady], [m for _, m in steady], 1)[0])
 
     totals = [(t, sum(parts.values())) for t, parts in memory if parts]
     slope = slope_of(totals)
