@@ -422,7 +422,7 @@ def test_metrics_are_visible_through_rays_metrics_endpoint(cluster):
     assert not missing, f"not in Ray's metrics: {missing}"
 
 
-FUZZ_EXAMPLES = int(os.environ.get("FACECAST_FUZZ_EXAMPLES", "150"))
+FUZZ_EXAMPLES = int(os.environ.get("FACECAST_FUZZ_EXAMPLES", "110"))
 
 
 def test_hostile_calls_get_documented_statuses_while_a_healthy_session_streams_unchanged(cluster, client, engine):
@@ -434,7 +434,7 @@ def test_hostile_calls_get_documented_statuses_while_a_healthy_session_streams_u
     from services.api.fuzz import Hostile, hostile_calls
     from services.store.sessions import connect_store
 
-    image, pcm = png(18), pcm16(speech(20.0, seed=28))
+    image, pcm = png(18), pcm16(speech(16.0, seed=28))
     healthy = client.create_session(image)
     results = {}
     streamer = threading.Thread(target=lambda: results.update(good=client.stream(healthy, pcm, 16000, realtime=True,
@@ -456,7 +456,7 @@ def test_hostile_calls_get_documented_statuses_while_a_healthy_session_streams_u
         store, _ = connect_store(cluster.redis_url)
         for session_id in store.admitted_ids():      # victims and whatever the fuzz managed to open
             store.close(session_id)
-    assert harness.messages_sent >= 1000, harness.messages_sent
+    assert harness.messages_sent >= 2000, harness.messages_sent
     assert harness.statuses["INVALID_ARGUMENT"] > 0 and harness.statuses["OK"] > 0, harness.statuses
     good = results["good"]
     assert good.reattaches == 0 and good.chunks[-1].final
