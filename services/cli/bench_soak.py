@@ -149,6 +149,17 @@ def _start_serve(preset: str, config: str | None, log_path: Path) -> tuple[subpr
     return proc, port
 
 
+def _stop_serve(proc: subprocess.Popen, progress: bool) -> None:
+    """Stop the served cluster as a user does (SIGINT: drain, then shut down), killing it if it hangs."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    if progress:
+        print(file=sys.stderr)
+
+
 def bench_soak(preset: str = "tiny", sessions: int = 3, minutes: float = 10.0, kill: str | None = None,
                kill_every_min: float = 3.0, buffer_ms: float = 200.0, config: str | None = None,
                log_dir: str = "out", progress: bool = True) -> dict:
@@ -205,13 +216,7 @@ def bench_soak(preset: str = "tiny", sessions: int = 3, minutes: float = 10.0, k
     finally:
         stop.set()
         watcher.join(timeout=10)
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        if progress:
-            print(file=sys.stderr)
+        _stop_serve(proc, progress)
     return _report(preset, sessions, minutes, buffer_ms / 1000, logs, memory, kills, str(log_path))
 
 
@@ -340,13 +345,7 @@ def bench_fuzz(preset: str = "tiny", examples: int = 3000, *, seed: int = 0, log
         stop.set()
         streamer.join(timeout=60)
         client.close()
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        if progress:
-            print(file=sys.stderr)
+        _stop_serve(proc, progress)
     return {"machine": cpu_label(), "preset": preset, "examples": examples, "seed": seed,
             "calls": sum(harness.statuses.values()), "messages": harness.messages_sent,
             "statuses": dict(harness.statuses), "failure": failure, "seconds": round(time.monotonic() - began, 1),
