@@ -530,8 +530,6 @@ def session_to_proto(session_id: str, state: str | int, stream: StreamConfig,
 
 __all__ = [
     "ApiError", "ApiLimits", "InputBudget", "CreateSpec", "UpdateSpec", "FULL_FRAME", "validate_create",
-    "validate_audio",
-    "validate_control", "validate_update", "require_session_id", "check_api_key", "check_internal_key", "check_token",
-    "new_token",
-    "session_to_proto",
+    "validate_audio", "validate_control", "validate_update", "require_session_id", "check_api_key",
+    "check_internal_key", "check_token", "new_token", "session_to_proto",
 ]

@@ -122,23 +122,26 @@ def output_mp4(text: str) -> Path:
 
 
 def client_api_key(args: argparse.Namespace) -> str | None:
-    """A client command's API key: the file of --api-key-file (its first line that is not blank or a # comment;
-    a `name=key` line gives its key), else $FACECAST_API_KEY, else None. --api-key is refused: `ps` shows it."""
+    """A client command's API key: the first key of --api-key-file (the server's key-file format,
+    `services.api.keys.parse_api_keys`: `name=key` or a bare key per line, # comments), else $FACECAST_API_KEY, else
+    None. --api-key is refused: `ps` shows it."""
     if getattr(args, "api_key", None):
         raise UserError("--api-key was removed: a key on the command line is visible to every user in `ps`; use "
                         "$FACECAST_API_KEY or --api-key-file")
     path = getattr(args, "api_key_file", None)
     if not path:
         return os.environ.get("FACECAST_API_KEY") or None
+    from services.api.keys import ApiKeyError, parse_api_keys
+
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        keys = parse_api_keys(Path(path).read_text(encoding="utf-8"), f"--api-key-file {path!r}")
     except (OSError, UnicodeDecodeError) as error:
         raise UserError(f"--api-key-file {path!r} cannot be read: {getattr(error, 'strerror', None) or error}")
-    for line in lines:
-        entry = line.strip()
-        if entry and not entry.startswith("#"):
-            return entry.partition("=")[2].strip() if "=" in entry else entry
-    raise UserError(f"--api-key-file {path!r} holds no key")
+    except ApiKeyError as error:
+        raise UserError(str(error)) from None
+    if not keys:
+        raise UserError(f"--api-key-file {path!r} holds no key")
+    return next(iter(keys.values()))   # the server's file format: the first key is the client's
 
 
 def client_tls(args: argparse.Namespace) -> bool | bytes:

@@ -43,8 +43,8 @@ from services.deploy.serve_config import (
 )
 from services.net import DEFAULT_GRPC_PORT
 from services.serving.front_door import FrontDoorError, FrontDoorOptions, TlsFiles
-from services.store.redis_server import redact_url
 from services.serving.settings import AppSettings
+from services.store.redis_server import redact_url
 
 
 def check_port_free(port: int, flag: str = "--port", host: str = "0.0.0.0") -> None:
@@ -352,8 +352,7 @@ def add_parser(commands) -> None:
                      "URL with a password belongs in $REDIS_URL: `ps` shows arguments")
     srv.add_argument("--api-key-file", help="file of accepted API keys, one `name=key` per line (also "
                      "$FACECAST_API_KEY_FILE, and `name=key,...` in $FACECAST_API_KEYS; `facecast keys new` makes "
-                     "one); "
-                     "none: no authentication")
+                     "one); none: no authentication")
     srv.add_argument("--api-key", action="append", help=argparse.SUPPRESS)   # removed: refused with the reason
     srv.add_argument("--ready-file", help="write 'ready' to this file once the app serves (removed on exit)")
     srv.set_defaults(handler=cmd_serve)

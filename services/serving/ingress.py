@@ -60,6 +60,11 @@ STORE_DOWN = ApiError(grpc.StatusCode.UNAVAILABLE, "the session store (Redis) is
 """What a call that needs the session store gets while Redis is away."""
 
 
+def _refusal(error: Exception) -> ApiError:
+    """The status a unary RPC answers for a caller's error or an unreachable session store."""
+    return STORE_DOWN if isinstance(error, redis.RedisError) else error
+
+
 def _metadata(grpc_context) -> list[tuple[str, str]]:
     return list(grpc_context.invocation_metadata() or []) if grpc_context is not None else []
 
@@ -193,13 +198,9 @@ class SessionIngressServicer:
         `service` may be "" (the whole server) or "facecast.v1.AvatarService"."""
         from grpc_health.v1 import health_pb2
 
-        if self.settings.internal_key_sha256:   # health needs no API key (probes), but comes through the door
-            try:
-                check_internal_key(_metadata(grpc_context), self.settings.internal_key_sha256)
-            except ApiError as error:
-                _fail(grpc_context, error)
-                return health_pb2.HealthCheckResponse()
         try:
+            if self.settings.internal_key_sha256:   # health needs no API key (probes), but comes through the door
+                check_internal_key(_metadata(grpc_context), self.settings.internal_key_sha256)
             require_decodable(request, "grpc.health.v1.HealthCheckRequest")
         except ApiError as error:
             _fail(grpc_context, error)
@@ -270,11 +271,8 @@ class SessionIngressServicer:
             if self.ray_metrics:
                 self.ray_metrics.session_delta(1)
             return self._session_proto(record, token)
-        except ApiError as error:
-            _fail(grpc_context, error)
-            return pb.Session()
-        except redis.RedisError:
-            _fail(grpc_context, STORE_DOWN)
+        except (ApiError, redis.RedisError) as error:
+            _fail(grpc_context, _refusal(error))
             return pb.Session()
         except Exception as error:
             _fail(grpc_context, internal_error(session_id, "opening the session", error))
@@ -326,11 +324,8 @@ class SessionIngressServicer:
             self._authorize(grpc_context)
             require_decodable(request, "facecast.v1.GetSessionRequest")
             return self._session_proto(self._record(request.session_id, request.session_token))
-        except ApiError as error:
-            _fail(grpc_context, error)
-            return pb.Session()
-        except redis.RedisError:
-            _fail(grpc_context, STORE_DOWN)
+        except (ApiError, redis.RedisError) as error:
+            _fail(grpc_context, _refusal(error))
             return pb.Session()
 
     async def UpdateSession(self, request, grpc_context=None):
@@ -356,11 +351,8 @@ class SessionIngressServicer:
             except Exception as error:
                 raise internal_error(record.session_id, "updating the session", error) from None
             return self._session_proto(self.store.update(record.session_id, **changes))
-        except ApiError as error:
-            _fail(grpc_context, error)
-            return pb.Session()
-        except redis.RedisError:
-            _fail(grpc_context, STORE_DOWN)
+        except (ApiError, redis.RedisError) as error:
+            _fail(grpc_context, _refusal(error))
             return pb.Session()
 
     async def CloseSession(self, request, grpc_context=None):
@@ -370,11 +362,8 @@ class SessionIngressServicer:
             record = self._record(request.session_id, request.session_token)
             await self._close(record.session_id)
             return self._session_proto(self.store.get(record.session_id))
-        except ApiError as error:
-            _fail(grpc_context, error)
-            return pb.Session()
-        except redis.RedisError:
-            _fail(grpc_context, STORE_DOWN)
+        except (ApiError, redis.RedisError) as error:
+            _fail(grpc_context, _refusal(error))
             return pb.Session()
 
     async def _close(self, session_id: str) -> None:

@@ -49,3 +49,29 @@ def test_bad_arguments_exit_2_before_connecting(inputs, capsys, flag, value, nee
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("facecast call: error: ") and needle in err
+
+
+def test_the_client_reads_its_key_from_a_key_file_or_the_environment_never_argv(tmp_path, monkeypatch):
+    """`--api-key-file` reads the server's key-file format (its first key); `$FACECAST_API_KEY` otherwise; a key on
+    the command line and a short key are refused without being echoed."""
+    import argparse
+
+    from services.cli.common import UserError, client_api_key
+
+    keys = tmp_path / "keys"
+    keys.write_text("# mine\nops=client-key-0123456789\nold=older-key-0123456789\n")
+    assert client_api_key(argparse.Namespace(api_key=None, api_key_file=str(keys))) == "client-key-0123456789"
+    keys.write_text("bare-key-0123456789abc\n")
+    assert client_api_key(argparse.Namespace(api_key=None, api_key_file=str(keys))) == "bare-key-0123456789abc"
+    monkeypatch.setenv("FACECAST_API_KEY", "env-key-0123456789")
+    assert client_api_key(argparse.Namespace(api_key=None, api_key_file=None)) == "env-key-0123456789"
+    with pytest.raises(UserError, match="--api-key was removed") as caught:
+        client_api_key(argparse.Namespace(api_key="in-ps-0123456789", api_key_file=None))
+    assert "in-ps" not in str(caught.value)
+    keys.write_text("ops=tiny\n")
+    with pytest.raises(UserError, match="entry 1: the key is 4 characters long") as caught:
+        client_api_key(argparse.Namespace(api_key=None, api_key_file=str(keys)))
+    assert "tiny" not in str(caught.value)
+    keys.write_text("# nothing\n")
+    with pytest.raises(UserError, match="holds no key"):
+        client_api_key(argparse.Namespace(api_key=None, api_key_file=str(keys)))
