@@ -76,7 +76,9 @@ def door(upstream):
 
 
 def _call(channel, kind, method, *args, **kwargs):
-    return getattr(channel, kind)(f"/t.T/{method}")(*args, **kwargs)
+    """Call `method`, or without arguments return its multi-callable."""
+    callable_ = getattr(channel, kind)(f"/t.T/{method}")
+    return callable_(*args, **kwargs) if args else callable_
 
 
 def test_every_kind_of_call_passes_through_unchanged(door):
@@ -93,6 +95,11 @@ def test_every_kind_of_call_passes_through_unchanged(door):
             _call(channel, "unary_unary", "Slow", b"", timeout=0.5)
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert CANCELLED.wait(5), "the upstream call outlived the caller's deadline"
+        CANCELLED.clear()
+        pending = _call(channel, "unary_unary", "Slow").future(b"")      # no deadline: the caller hangs up
+        time.sleep(0.5)
+        pending.cancel()
+        assert CANCELLED.wait(5), "the upstream call outlived the caller who cancelled it"
         for _ in range(20):   # an upstream that answers before reading every request: its status, not INTERNAL
             with pytest.raises(grpc.RpcError) as caught:
                 _call(channel, "unary_unary", "Nope", b"", timeout=10)
