@@ -21,14 +21,14 @@ class ChunkTurns:
         self._changed = asyncio.Condition()
 
     async def wait(self, session_id: str, chunk_index: int, timeout_s: float = 600.0) -> None:
-        async with self._changed:
-            await asyncio.wait_for(self._changed.wait_for(lambda: self._next.get(session_id, 0) == chunk_index),
-                                   timeout_s)
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that arrives as the
+        # condition comes true, and the caller then runs on into a batcher that was cancelled with it (a hang)
+        async with asyncio.timeout(timeout_s), self._changed:
+            await self._changed.wait_for(lambda: self._next.get(session_id, 0) == chunk_index)
 
     async def wait_past(self, session_id: str, chunk_index: int, timeout_s: float = 600.0) -> None:
-        async with self._changed:
-            await asyncio.wait_for(self._changed.wait_for(lambda: self._next.get(session_id, 0) > chunk_index),
-                                   timeout_s)
+        async with asyncio.timeout(timeout_s), self._changed:
+            await self._changed.wait_for(lambda: self._next.get(session_id, 0) > chunk_index)
 
     async def done(self, session_id: str, chunk_index: int) -> None:
         async with self._changed:

@@ -18,6 +18,11 @@ the score group neither receives audio samples nor returns pixels (a test assert
 layout (`vae_placement: colocated`, the baseline the disaggregation benchmark compares against) this replica also
 hosts a `SessionDecoder` and answers the decoder's calls itself; the builder then hands it to the ingress as the
 decoder, so the ingress never knows where decoding runs.
+
+After every chunk each stage's caches and noise generator go to the `ResumeStore` under the chunk's index (taken on
+the device thread before the next chunk changes them, written before the chunk is answered), with the session's
+open arguments and adaptive sink once; a replacement replica continues the session exactly from any of the last
+few chunks (`restore`, asked by the ingress).
 """
 
 from __future__ import annotations
@@ -35,11 +40,13 @@ from ray import serve
 from model_core.config import ConfigError
 from model_core.engine import Character, region_masks, token_grid
 from model_core.models import build_dit, build_vae
+from model_core.snapshot import pack, restore_score, snapshot_score, unpack
 from model_core.stages import NoisyChunk, ScoreStage
 from model_core.text import build_prompt_encoder
 from services.serving.latent_link import LatentSender, backend_for, check_available, connect, new_link_name
 from services.serving.messages import ChunkFeatures, DecodedFrames, DecodeRequest, LinkedChunk, ScoredChunk
 from services.serving.ordering import ChunkTurns, MicroBatcher, run_on
+from services.serving.resume import ResumeStore, SessionNotHere, restore_call
 from services.serving.settings import AppSettings
 from services.serving.vae_decoder import SessionDecoder, worker_identity
 from services.telemetry import SCORE_STEP_SPAN, setup_telemetry, span
@@ -53,6 +60,11 @@ def build_score_stage(settings: AppSettings) -> tuple[ScoreStage, str]:
     return ScoreStage(dit, device, settings.torch_dtype), note
 
 
+def steps_part(steps: list[int]) -> str:
+    """The resume store's name for the caches of `steps` ("score:0,1")."""
+    return "score:" + ",".join(map(str, steps))
+
+
 class DenoiseStepActor:
     """One pipelined denoising step (a Ray actor on its own GPU): owns that step and its per-session KV caches."""
 
@@ -62,6 +74,7 @@ class DenoiseStepActor:
         self.steps = steps
         self.sessions = {}
         self.sender: LatentSender | None = None   # the last step's end of the latent link, when there is one
+        self.resume = ResumeStore.from_settings(settings)
 
     def join_latent_link(self, name: str, backend: str) -> None:
         """Become the sending end of latent link `name` (blocks until the VAEDecoder joins too)."""
@@ -79,6 +92,9 @@ class DenoiseStepActor:
         with span(SCORE_STEP_SPAN, carrier, **{"session.id": chunk.session_id, "chunk.index": chunk.chunk_index,
                                                "step": ",".join(map(str, self.steps))}):
             out = self.stage.run_steps(self.sessions[chunk.session_id], chunk)
+        if self.resume is not None:
+            self.resume.put_versioned(chunk.session_id, steps_part(self.steps), chunk.chunk_index + 1,
+                                      snapshot_score(self.sessions[chunk.session_id]))
         if self.sender is None:
             return out
         sink = out.latents[:, :, :1].clone() if out.chunk_index == 0 else None
@@ -86,6 +102,13 @@ class DenoiseStepActor:
 
     def set_sink(self, session_id: str, sink_latent: torch.Tensor) -> None:
         self.stage.set_sink(self.sessions[session_id], sink_latent)
+
+    def restore(self, session_id: str, at_chunk: int, sink_latent: torch.Tensor | None) -> None:
+        """This actor's steps of a session opened again on a replacement: caches from before chunk `at_chunk`."""
+        store = restore_call(self.resume, session_id)
+        restore_score(self.stage, self.sessions[session_id], store.need(
+            session_id, f"{steps_part(self.steps)}:{at_chunk}", f"steps {self.steps} before chunk {at_chunk}"),
+            sink_latent)
 
     def set_prompt(self, session_id: str, text_states: torch.Tensor) -> None:
         self.stage.set_prompt(self.sessions[session_id], text_states)
@@ -128,6 +151,8 @@ class ScoreWorkerGroup:
         self.step_actors = [actor.remote(settings, [k]) for k in range(1, settings.steps)] if self.pipelined else []
         self.sessions = {}
         self.recent: dict[str, deque] = {}     # the last scored chunks per session (see `scored`)
+        self.opened: dict[str, dict] = {}      # each session's open arguments (saved for a replacement replica)
+        self.resume = ResumeStore.from_settings(settings)
         self.turns = ChunkTurns()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
         self.batcher = (MicroBatcher(self._denoise_group, settings.max_batch_size)
@@ -157,16 +182,45 @@ class ScoreWorkerGroup:
         self.recent[session_id] = deque(maxlen=self.settings.max_chunks_in_flight + 2)
         await asyncio.gather(*(actor.open.remote(session_id, stream, reference_latent, text_states, masks)
                                for actor in self.step_actors))
+        self.opened[session_id] = {"stream": stream, "reference_latent": reference_latent, "prompt": prompt,
+                                   "regions": [tuple(region) for region in regions]}
+        self._save_opened(session_id)
+
+    def _save_opened(self, session_id: str) -> None:
+        if self.resume is not None:
+            self.resume.put(session_id, {"score-open": pack(self.opened[session_id])})
+
+    async def restore(self, session_id: str, at_chunk: int) -> dict:
+        """Make sure this replica holds the session: a replacement opens it again from its saved open arguments and
+        loads every step's caches and the noise generator saved before chunk `at_chunk` (and the adaptive sink).
+        Returns restored (whether it loaded) and progress (the next chunk it accepts)."""
+        if session_id in self.sessions:
+            return {"restored": False, "progress": self.turns.next_index(session_id)}
+        store = restore_call(self.resume, session_id)
+        opened = unpack(store.need(session_id, "score-open", "the score group's open arguments"))
+        await self.open(session_id, **opened)
+        if at_chunk > 0:
+            sink = store.get(session_id, "sink")
+            sink = unpack(sink) if sink is not None else None
+            await self._compute(restore_score, self.stage, self.sessions[session_id], store.need(
+                session_id, f"{steps_part(self.own_steps)}:{at_chunk}", f"the score caches before chunk {at_chunk}"),
+                sink)
+            await asyncio.gather(*(actor.restore.remote(session_id, at_chunk, sink) for actor in self.step_actors))
+            await self.turns.done(session_id, at_chunk - 1)
+        return {"restored": True, "progress": at_chunk}
 
     async def set_prompt(self, session_id: str, prompt: str) -> None:
         """New prompt conditioning on every step; it applies from the next chunk that starts denoising."""
         text_states = self.prompt_encoder([prompt])
         await self._compute(self.stage.set_prompt, self._session(session_id), text_states)
         await asyncio.gather(*(actor.set_prompt.remote(session_id, text_states) for actor in self.step_actors))
+        self.opened[session_id]["prompt"] = prompt
+        self._save_opened(session_id)
 
     async def close(self, session_id: str) -> None:
         session = self.sessions.pop(session_id, None)
         self.recent.pop(session_id, None)
+        self.opened.pop(session_id, None)
         self.turns.forget(session_id)
         if session is not None:   # on the score thread, after any chunk of it in flight: the pool may move a session
             await self._compute(self.stage.close, session)
@@ -210,7 +264,7 @@ class ScoreWorkerGroup:
         try:
             return self.sessions[session_id]
         except KeyError:
-            raise KeyError(f"ScoreWorkerGroup has no session {session_id!r}") from None
+            raise SessionNotHere(f"ScoreWorkerGroup has no session {session_id!r}") from None
 
     # ------------------------------------------------------------------ one chunk
 
@@ -229,11 +283,11 @@ class ScoreWorkerGroup:
         pending = None
         try:
             if self.pipelined:
-                chunk, pending = await self._pipelined(session, features, carrier)
+                (chunk, snapshot), pending = await self._pipelined(session, features, carrier)
             elif self.batcher is not None:
-                chunk = await self.batcher.submit(ScoreStage.batch_key(session), (session, features, carrier))
+                chunk, snapshot = await self.batcher.submit(ScoreStage.batch_key(session), (session, features, carrier))
             else:
-                chunk = await self._compute(self._all_steps, session, features, carrier)
+                chunk, snapshot = await self._compute(self._all_steps, session, features, carrier)
             if pending is not None:   # later steps' timings travel with the ref
                 scored = ScoredChunk(session_id, index, pending=pending,
                                      stage_ms={"score_step_1": chunk.step_s[0] * 1000})
@@ -250,7 +304,22 @@ class ScoreWorkerGroup:
             self.recent[session_id].append(scored)
         finally:
             await self.turns.done(session_id, index)   # chunk n+1 may enter step 0 now
+        if snapshot is not None:   # before this chunk is answered: whatever the ingress received is restorable
+            extra = {}
+            if index == 0 and session.stream.adaptive_sink:
+                extra["sink"] = pack(self.sink_of(chunk))
+            await asyncio.to_thread(self.resume.put_versioned, session_id, steps_part(self.own_steps), index + 1,
+                                    snapshot, extra)
         return scored
+
+    @staticmethod
+    def sink_of(chunk) -> torch.Tensor:
+        """The adaptive sink chunk 0 set: its first clean latent frame [1, 16, 1, h, w]."""
+        return chunk.sink if isinstance(chunk, LinkedChunk) else chunk.latents[:, :, :1]
+
+    def _snapshot(self, session) -> bytes | None:
+        """On the score thread, right after the session's chunk: its caches and generator as bytes."""
+        return snapshot_score(session) if self.resume is not None else None
 
     def scored(self, session_id: str, chunk_index: int) -> ScoredChunk:
         """A chunk this group already scored, again: for a re-attaching ingress whose predecessor died after
@@ -262,27 +331,29 @@ class ScoreWorkerGroup:
 
     async def _pipelined(self, session, features: ChunkFeatures, carrier: dict | None):
         """Step 0 here, then the chain of step actors. Returns (chunk after step 0 or the clean chunk, ref or None)."""
-        first = await self._compute(self._first_step, session, features, carrier)
+        first, snapshot = await self._compute(self._first_step, session, features, carrier)
         ref = first
         for actor in self.step_actors:
             ref = actor.run.remote(ref, carrier)
         if features.chunk_index == 0 and session.stream.adaptive_sink:
             clean = await ref   # secondary warm-up: every step needs the new sink before chunk 1 enters
-            sink = clean.sink if isinstance(clean, LinkedChunk) else clean.latents[:, :, :1]
+            sink = self.sink_of(clean)
             await self._compute(self.stage.set_sink, session, sink)
             await asyncio.gather(*(actor.set_sink.remote(session.session_id, sink) for actor in self.step_actors))
-            return clean, None
-        return first, ref
+            return (clean, snapshot), None
+        return (first, snapshot), ref
 
     def _first_step(self, session, features: ChunkFeatures, carrier) -> NoisyChunk:
         with span(SCORE_STEP_SPAN, carrier, **{"session.id": session.session_id, "chunk.index": features.chunk_index,
                                                "step": "0"}):
-            return self.stage.run_steps(session, self.stage.begin_chunk(session, features))
+            chunk = self.stage.run_steps(session, self.stage.begin_chunk(session, features))
+            return chunk, self._snapshot(session)
 
     def _all_steps(self, session, features: ChunkFeatures, carrier) -> NoisyChunk:
         with span(SCORE_STEP_SPAN, carrier, **{"session.id": session.session_id, "chunk.index": features.chunk_index,
                                                "step": "all"}):
-            return self.stage.denoise(session, features)
+            chunk = self.stage.denoise(session, features)
+            return chunk, self._snapshot(session)
 
     async def _denoise_group(self, group: list) -> list[NoisyChunk]:
         """One cross-session batch: a score span per chunk, one forward per step for all."""
@@ -302,7 +373,7 @@ class ScoreWorkerGroup:
         if live:
             chunks = self.stage.denoise_batch([group[row][0] for row in live], [group[row][1] for row in live])
             for row, chunk in zip(live, chunks):
-                results[row] = chunk
+                results[row] = (chunk, self._snapshot(group[row][0]))
         return results
 
     # ------------------------------------------------------------------ the decoder's calls (colocated layout only)
@@ -327,6 +398,9 @@ class ScoreWorkerGroup:
 
     def close_decode(self, session_id: str) -> None:
         self._own_decoder().close(session_id)
+
+    async def restore_decode(self, session_id: str, at_chunk: int) -> dict:
+        return await self._own_decoder().restore(session_id, at_chunk)
 
     def decode_stats(self) -> dict:
         return self._own_decoder().stats()

@@ -6,6 +6,11 @@ chunks of the session generating, and yields the output in chunk order — the i
                                                         ─(unresolved)─► decoder.decode ─► (ticket, DecodedFrames)
     run: chunks back in order ─► video_chunk (gRPC) + the session's other sinks (egress) ─► events
 
+A worker that fails mid-stream (its replica died, or a replacement that does not hold the session yet) does not end
+the stream: `_recover` lets the chunks in flight settle, asks every deployment to restore the session from its
+snapshots (`services.serving.resume`) at the first chunk that did not arrive, resubmits from there, and tells the
+client with a RESUMED event; a push that failed is retried without applying its samples twice.
+
 Like the ingress, this module imports neither torch nor Ray's data plane.
 """
 
@@ -17,6 +22,8 @@ import time
 import uuid
 
 import grpc
+from ray import exceptions as ray_errors
+from ray.serve import exceptions as serve_errors
 
 from services.api import pb
 from services.api.servicer import require_decodable
@@ -25,6 +32,7 @@ from services.delivery.avatar import SessionLink
 from services.delivery.egress import Egress, MediaChunk
 from services.delivery.livekit_room import DeliveryError, LiveKitSink
 from services.serving.messages import ChunkTicket, DecodedFrames
+from services.serving.resume import SessionNotHere
 from services.store.sessions import SessionRecord, SessionState
 from services.telemetry import CHUNK_SPAN, EGRESS_SPAN, span
 
@@ -34,6 +42,48 @@ _END = object()
 _DRAIN = object()
 BACKPRESSURE_EVENT_INTERVAL_S = 2.0
 """At most one BACKPRESSURE event per stream in this many seconds."""
+RECOVERY_RETRY_S = 0.5
+"""Pause between restore attempts while a failed worker's replacement is starting."""
+
+WORKER_FAULTS = (ray_errors.RayActorError, ray_errors.ActorUnavailableError, ray_errors.ObjectLostError,
+                 ray_errors.WorkerCrashedError, ray_errors.NodeDiedError, serve_errors.ReplicaUnavailableError,
+                 serve_errors.DeploymentUnavailableError, SessionNotHere)
+"""Errors of a worker call that mean "the worker holding this session is gone" (or a replacement does not hold it
+yet): the stream restores the session instead of failing (`SessionStream._recover`)."""
+
+
+def is_worker_fault(error: BaseException) -> bool:
+    """A worker fault, also when it reached us wrapped (a downstream call whose argument's upstream call died)."""
+    seen = 0
+    while error is not None and seen < 8:
+        if isinstance(error, WORKER_FAULTS):
+            return True
+        error = getattr(error, "cause", None) or error.__cause__
+        seen += 1
+    return False
+
+
+def _fault_name(error: BaseException | None) -> str:
+    """The innermost error's class name (no Ray text, addresses or pids reach the client)."""
+    seen = 0
+    while error is not None and seen < 8:
+        inner = getattr(error, "cause", None) or error.__cause__
+        if inner is None:
+            break
+        error, seen = inner, seen + 1
+    return type(error).__name__.removeprefix("RayTaskError(").removesuffix(")") if error is not None else "unknown"
+
+
+def _is_resume_unavailable(error: BaseException) -> bool:
+    from services.serving.resume import ResumeUnavailable
+
+    return isinstance(error, ResumeUnavailable) or isinstance(getattr(error, "cause", None), ResumeUnavailable)
+
+
+def _short(error: BaseException) -> str:
+    """The last line of an error's text (a worker's exception arrives with its traceback)."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else type(error).__name__)[:300]
 
 
 def internal_error(session_id: str | None, what: str, error: BaseException) -> ApiError:
@@ -76,6 +126,15 @@ class SessionStream:
                                 or record.delivery.get("agent_identity"))   # an avatar's stream feeds its worker
         self.egress: Egress | None = None
         self.reader: asyncio.Task | None = None
+        self.pushed: list[int] = [0] * self.num_characters   # samples per character the AudioEncoder acknowledged
+        self.next_ticket = 0                     # the next chunk index the AudioEncoder will cut
+        self.submit_lock = asyncio.Lock()        # a push and the submission of its tickets; or a recovery
+        self.failed: set[int] = set()            # chunks whose worker failed, not yet resubmitted
+        self.task_chunk: dict[asyncio.Task, int] = {}   # chunk tasks in flight -> their chunk index
+        self.recovery: asyncio.Task | None = None
+        self.last_fault: BaseException | None = None
+        self.fault_since: float | None = None    # when the current recovery episode began (None: healthy)
+        self.next_chunk = 0                      # the next chunk index `run` delivers
 
     async def run(self, resume_from_chunk: int):
         ingress, session_id = self.ingress, self.session_id
@@ -86,6 +145,8 @@ class SessionStream:
         audio_state = await ingress.audio.state.remote(session_id)
         self.sample_rate_hz = audio_state["sample_rate_hz"]   # fixed by the first audio, whoever received it
         self.samples_received = audio_state["samples_received"]
+        self.pushed = list(audio_state["samples_by_character"])
+        self.next_ticket = audio_state["chunk_index"]
         self.input_ended = audio_state["input_ended"]
         try:
             await self._open_egress()
@@ -95,6 +156,7 @@ class SessionStream:
                 ingress.streams.pop(session_id, None)
             return
         next_chunk, warnings = await self._resume(resume_from_chunk, audio_state)
+        self.next_chunk = next_chunk
         ingress.store_quietly("update", session_id, state=SessionState.STREAMING, attached_by=ingress.replica_id)
         yield pb.SessionOutput(event=pb.Event(type=pb.Event.ATTACHED, session_id=session_id,
                                               audio_samples_received=audio_state["samples_received"],
@@ -125,10 +187,13 @@ class SessionStream:
                     yield item
                     continue
                 ticket, frames = item
+                if ticket.chunk_index < next_chunk:
+                    continue        # delivered already (a chunk resubmitted by a recovery arrived twice)
                 pending[ticket.chunk_index] = item
                 while next_chunk in pending:
                     ticket, frames = pending.pop(next_chunk)
                     next_chunk += 1
+                    self.next_chunk = next_chunk
                     message = self._video_chunk(ticket, frames)
                     if self.egress is not None:
                         self.egress.offer(MediaChunk.from_video_chunk(session_id, message.video_chunk))
@@ -252,19 +317,20 @@ class SessionStream:
                     if self.first_audio_at is None:
                         self.first_audio_at = time.perf_counter()
                     character = int(message.audio.character)
-                    tickets = await ingress.audio.push.remote(session_id, pcm, rate, character, self.carrier)
+                    offset = self.pushed[character]
+                    await self._audio_call(lambda: ingress.audio.push.remote(
+                        session_id, pcm, rate, character, self.carrier, offset, self.next_ticket))
+                    self.pushed[character] += int(pcm.shape[0])
                     if character == 0:
                         self.samples_received += int(pcm.shape[0])
-                    for ticket in tickets:
-                        await self._submit(ticket)
                 elif kind == "control":
                     speaking, end_of_input = validate_control(message.control, self.num_characters)
                     for character, value in speaking:
-                        await ingress.audio.set_speaking.remote(session_id, character, value)
+                        await self._audio_call(lambda: ingress.audio.set_speaking.remote(session_id, character, value))
                     if end_of_input and not self.input_ended:
                         self.input_ended = True
-                        for ticket in await ingress.audio.end.remote(session_id, self.carrier):
-                            await self._submit(ticket)
+                        await self._audio_call(lambda: ingress.audio.end.remote(session_id, self.carrier,
+                                                                                 self.next_ticket))
                         await self.outputs.put(self._event(pb.Event.INPUT_ENDED, "flushing remaining video"))
                 else:
                     raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, "attach may only be the first message")
@@ -315,10 +381,14 @@ class SessionStream:
             try:
                 await self.outputs.put((ticket, await response))
             except asyncio.CancelledError:
+                self.failed.add(index)      # a recovery gave up waiting for it: resubmitted with the others
                 raise
             except Exception as error:      # generation failed: the stream ends with INTERNAL and a correlation id
                 if self.stop_reason == "closed":
                     return                  # CloseSession freed the workers under this chunk: not a failure
+                if is_worker_fault(error):
+                    self._on_fault(index, error)
+                    return
                 self._failed(internal_error(self.session_id, f"generating chunk {index}", error))
                 await self.outputs.put(_END)
             finally:
@@ -328,7 +398,125 @@ class SessionStream:
 
         task = asyncio.ensure_future(wait())
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.task_chunk[task] = index
+
+        def forget(done: asyncio.Task) -> None:
+            self.tasks.discard(done)
+            self.task_chunk.pop(done, None)
+
+        task.add_done_callback(forget)
+
+    # ------------------------------------------------------------------ worker faults
+
+    async def _audio_call(self, make_call) -> None:
+        """A reader's AudioEncoder call and the submission of the tickets it returns, as one step under the submit
+        lock. A worker fault restores the session first (`_recover_locked`) and retries the call: the calls are
+        idempotent (a push says where its samples start, and which tickets the ingress still lacks)."""
+        async with self.submit_lock:
+            while True:
+                try:
+                    tickets = await make_call()
+                    break
+                except Exception as error:
+                    if not is_worker_fault(error) or self.stop_reason == "closed":
+                        raise
+                    await self._recover_locked(error)
+            for ticket in tickets or ():
+                if ticket.chunk_index >= self.next_ticket:
+                    self.next_ticket = ticket.chunk_index + 1
+                    await self._submit(ticket)
+
+    def _on_fault(self, index: int, error: BaseException) -> None:
+        """A chunk's worker failed: remember the chunk and start a recovery unless one is running (it re-checks the
+        failed chunks before it ends)."""
+        self.failed.add(index)
+        self.last_fault = error
+        if self.recovery is None or self.recovery.done():
+            self.recovery = asyncio.ensure_future(self._recovery_task())
+
+    async def _recovery_task(self) -> None:
+        try:
+            async with self.submit_lock:
+                while self.failed and self.stop_reason != "closed":
+                    await self._recover_locked(self.last_fault)
+        except ApiError as error:
+            self._failed(error)
+            await self.outputs.put(_END)
+        except Exception as error:
+            self._failed(internal_error(self.session_id, "resuming after a worker failure", error))
+            await self.outputs.put(_END)
+
+    async def _recover_locked(self, error: BaseException | None) -> None:
+        """(Holding the submit lock.) Let the chunks in flight settle; then have every deployment hold the session
+        (a replacement replica restores it from its snapshots at the first chunk that did not arrive), resubmit
+        from that chunk, and send RESUMED. Retries while the replacement starts, for up to `fault_recovery_s`."""
+        settings = self.ingress.settings
+        if self.fault_since is None:
+            self.fault_since = time.monotonic()
+        since = self.fault_since     # (a chunk delivered while the others settle ends the episode's clock)
+        logger.warning("session %s: a worker failed (%s); restoring it", self.session_id, _fault_name(error))
+        while True:
+            await self._settle()
+            try:
+                restored, first = await self._restore_and_resubmit()
+                break
+            except Exception as retry_error:
+                waited = time.monotonic() - since
+                if _is_resume_unavailable(retry_error):
+                    raise ApiError(grpc.StatusCode.DATA_LOSS, f"a worker failed and the session cannot be resumed: "
+                                                              f"{_short(retry_error)}") from None
+                if not is_worker_fault(retry_error):
+                    raise
+                if waited > settings.fault_recovery_s:
+                    raise ApiError(grpc.StatusCode.UNAVAILABLE, f"a worker failed and no replacement took the "
+                                                                f"session over within {waited:.0f} s") from None
+                await asyncio.sleep(RECOVERY_RETRY_S)
+        what = ", ".join(restored) or "a worker call"
+        message = (f"{what} failed ({_fault_name(error)}); the session was restored from its snapshot and resumed at "
+                   f"chunk {first}" if restored else f"{what} failed ({_fault_name(error)}); resumed at chunk {first}")
+        logger.warning("session %s: %s", self.session_id, message)
+        resumed = self._event(pb.Event.RESUMED, message)
+        resumed.event.next_chunk_index = first
+        await self.outputs.put(resumed)
+
+    async def _settle(self, timeout_s: float = 20.0) -> None:
+        """Wait for the chunks in flight (those of live workers finish; those of dead ones fail); a chunk still
+        waiting after `timeout_s` (queued behind one that failed) is cancelled and resubmitted with the others."""
+        if not self.tasks:
+            return
+        _, stuck = await asyncio.wait(list(self.tasks), timeout=timeout_s)
+        for task in stuck:
+            task.cancel()
+        if stuck:
+            await asyncio.wait(stuck)
+
+    async def _restore_and_resubmit(self) -> tuple[list[str], int]:
+        """Every deployment holds the session (restored where it was lost); the failed chunks are resubmitted.
+        Returns the deployments that restored it and the first chunk resubmitted (or the next one due)."""
+        ingress, session_id = self.ingress, self.session_id
+        audio_state = await ingress.audio.restore.remote(session_id)
+        restored = ["AudioEncoder"] if audio_state["restored"] else []
+        if not self.failed:
+            return restored, self.next_chunk
+        first = min(self.failed)
+        score = await ingress.score.restore.remote(session_id, first)
+        decode = await ingress.decoder.restore_decode.remote(session_id, first)
+        restored += ["ScoreWorkerGroup"] * score["restored"] + ["VAEDecoder"] * decode["restored"]
+        started, cut = max(score["progress"], first), audio_state["chunk_index"]
+        tickets = {ticket.chunk_index: ticket for ticket in await ingress.audio.recent.remote(session_id, first)}
+        missing = [index for index in range(first, cut) if index not in tickets]
+        if missing:
+            raise ApiError(grpc.StatusCode.DATA_LOSS, f"chunks {missing} were lost with a failed worker")
+        lost = set(await ingress.decoder.never_received.remote(session_id, started)) if first < started else set()
+        self.failed.clear()      # from here on a new failure is a new round
+        for index in range(first, started):    # scored by a live score group: decode (or fetch) them again
+            response = (ingress.decoder.decode.remote(tickets[index].decode_request(),
+                                                      ingress.score.scored.remote(session_id, index), self.carrier)
+                        if index in lost else ingress.decoder.fetch.remote(session_id, index))
+            self._spawn(index, tickets[index], response, counted=False)
+        for index in range(started, cut):
+            await self._submit(tickets[index])
+        return restored, first
 
     def _video_chunk(self, ticket: ChunkTicket, frames: DecodedFrames) -> pb.SessionOutput:
         ingress, telemetry = self.ingress, self.ingress.telemetry
@@ -363,6 +551,7 @@ class SessionStream:
             telemetry.realtime_factor.record(stage_ms.get("score", 0) / 1000 / chunk_s)
             telemetry.fps.record(len(frames.frames_jpeg) / max(ttbc_s, 1e-6))
         self.last_sent_at = now
+        self.fault_since = None      # a chunk got out: any recovery episode is over
         self.chunks_sent += 1
         self.frames_sent = ticket.first_frame + len(frames.frames_jpeg)
         ingress.store_quietly("record_progress", self.session_id, ticket.chunk_index + 1, self.frames_sent,

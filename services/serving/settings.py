@@ -87,6 +87,12 @@ class AppSettings:
     CloseSession). At least twice session_sweep_s."""
     redis_url: str | None = None
     """Session store; None: $REDIS_URL."""
+    resume_snapshots: bool = True
+    """After every chunk each worker saves what a replacement replica needs to continue the session exactly (audio
+    front end, per-step KV caches and noise generator, decode cache) in Redis (`services.serving.resume`), so a
+    worker that dies costs its sessions a short pause, not the call. Off: a worker failure ends its sessions."""
+    fault_recovery_s: float = 60.0
+    """How long a stream waits for a failed worker's replacement before it ends with UNAVAILABLE."""
     decoder: str = "full"
     """The sessions' default decoder: full (the VAE's, the reference) or fast (the preset's shipped fast decoder,
     several times cheaper); a session may choose either (`SessionOptions.decoder`) when the preset ships a fast one."""
@@ -148,6 +154,7 @@ class AppSettings:
         check(1 <= self.max_batch_size <= 64, "max_batch_size", "allowed: 1 to 64")
         check(10 <= self.jpeg_quality <= 100, "jpeg_quality", "allowed: 10 to 100")
         check(self.session_ttl_s > 0, "session_ttl_s", "must be > 0 seconds")
+        check(self.fault_recovery_s > 0, "fault_recovery_s", "must be > 0 seconds")
         if self.audio_backend is not None or self.audio_model_path is not None:
             self.audio_config()   # the front-end's own checks name audio backend / model_path and the allowed values
         check(self.internal_key_sha256 is None or (len(self.internal_key_sha256) == 64 and all(

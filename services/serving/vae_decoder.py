@@ -8,7 +8,10 @@ The latents arrive in the message (or its ref), or — `latent_transport: collec
 receiving end lives here (`services.serving.latent_link`), the message carrying only a `LatentTicket`.
 
 What may live here: per-session decode caches and replay buffers keyed by session id, the device thread, a JPEG
-thread pool, the receiving ends of latent links.  Chunks of one session decode strictly in chunk order
+thread pool, the receiving ends of latent links.  After each chunk the session's decode cache goes to the
+`ResumeStore` (taken on the device thread, before the next chunk changes it), so a replacement replica continues
+the session exactly (`restore`); the replay buffer is not kept (a re-attach after a decoder failure is told which
+chunks it can no longer get).  Chunks of one session decode strictly in chunk order
 (`ChunkTurns`); chunks of different sessions with equal latent shapes decode as one batch (`MicroBatcher`), and a
 member whose session is gone fails alone.
 """
@@ -30,10 +33,12 @@ from ray import serve
 from model_core.decode import DecodeStage
 from model_core.fastdecode import FastDecodeCache
 from model_core.models import build_fast_decoder, build_vae
+from model_core.snapshot import pack, to_device, unpack
 from services.media import decode_image_bytes, image_to_tensor
 from services.serving.latent_link import LatentReceiver, LinkError
 from services.serving.messages import DecodedFrames, DecodeRequest, LinkedChunk, ScoredChunk
 from services.serving.ordering import ChunkTurns, MicroBatcher, run_on
+from services.serving.resume import ResumeStore, SessionNotHere, restore_call
 from services.serving.settings import REPLAY_CHUNKS, AppSettings
 from services.telemetry import VAE_DECODE_SPAN, setup_telemetry, span
 
@@ -84,6 +89,7 @@ class SessionDecoder:
         self.device = vae.device
         self.links: dict[str, LatentReceiver] = {}   # latent links by name (latent_transport 'collective')
         self.arrivals = {"message": 0, "link": 0}     # how decoded chunks' latents arrived
+        self.resume = ResumeStore.from_settings(settings)
 
     async def accept_link(self, name: str, backend: str) -> None:
         """Join latent link `name` as its receiving end (the score side joins at the same time)."""
@@ -118,9 +124,30 @@ class SessionDecoder:
         self.caches[session_id] = self.stage.open(decoder or None)
         self.claimed[session_id] = set()
         self.replay_buffers[session_id] = deque(maxlen=REPLAY_CHUNKS)
+        if self.resume is not None:
+            self.resume.put(session_id, {"decode-open": (decoder or "").encode()})
+
+    async def restore(self, session_id: str, at_chunk: int) -> dict:
+        """Make sure this decoder holds the session: a replacement loads the decode cache saved before chunk
+        `at_chunk` and continues from there. Returns restored (whether it loaded) and next (the next chunk it
+        decodes)."""
+        if session_id in self.caches:
+            return {"restored": False, "next": self.turns.next_index(session_id)}
+        store = restore_call(self.resume, session_id)
+        decoder = store.need(session_id, "decode-open", "the decoder's choice").decode()
+        cache = (to_device(unpack(store.need(session_id, f"decode:{at_chunk}", f"the decode cache before chunk "
+                                                                                f"{at_chunk}")), self.device)
+                 if at_chunk > 0 else None)
+        self.open(session_id, decoder)
+        if cache is not None:
+            self.caches[session_id] = cache
+            await self.turns.done(session_id, at_chunk - 1)
+            await self.buffered.done(session_id, at_chunk - 1)
+        return {"restored": True, "next": at_chunk}
 
     def close(self, session_id: str) -> None:
-        self.caches.pop(session_id, None)
+        if self.caches.pop(session_id, None) is not None and self.resume is not None:
+            self.resume.forget(session_id)
         for link in self.links.values():
             link.forget(session_id)
         self.claimed.pop(session_id, None)
@@ -151,6 +178,8 @@ class SessionDecoder:
         Idempotent per chunk: a chunk this decoder already has (decoded, or waiting for its turn) is not decoded
         twice — a re-attaching ingress may hand over again a chunk whose first hand-over was still on its way."""
         session_id, index = request.session_id, request.chunk_index
+        if session_id not in self.caches:
+            raise SessionNotHere(f"{self.owner} has no session {session_id!r}")
         claimed = self.claimed.get(session_id, set())
         if index < self.turns.next_index(session_id) or index in claimed:
             return await self.fetch(session_id, index, 600.0)
@@ -189,22 +218,25 @@ class SessionDecoder:
         await self.turns.wait(session_id, index)
         try:
             if self.batcher is not None:
-                frames, vae_s = await self.batcher.submit(tuple(latents.shape), (request, latents, carrier))
+                frames, vae_s, snapshot = await self.batcher.submit(tuple(latents.shape), (request, latents, carrier))
             else:
                 (result,) = await self._decode_group([(request, latents, carrier)])
                 if isinstance(result, BaseException):
                     raise result
-                frames, vae_s = result
+                frames, vae_s, snapshot = result
         finally:
             await self.turns.done(session_id, index)
+        if snapshot is not None:   # before this chunk is answered: whatever the ingress received is restorable
+            await asyncio.to_thread(self.resume.put_versioned, session_id, "decode", index + 1, snapshot)
         jpeg = await run_on(self.jpeg_executor, encode_jpeg, frames, self.jpeg_quality)
         return DecodedFrames(session_id=session_id, chunk_index=index, width=int(frames.shape[-1]),
                              height=int(frames.shape[-2]), frames_jpeg=jpeg, stage_ms={**stage_ms, "vae": vae_s * 1000},
                              decoded_by=self.worker())
 
     async def _decode_group(self, group: list) -> list:
-        """One batch of decodes -> per member (frames [T, 3, H, W], seconds) or the member's own exception: a member
-        whose session was closed while it waited fails alone (KeyError), the others decode."""
+        """One batch of decodes -> per member (frames [T, 3, H, W], seconds, decode-cache snapshot or None) or the
+        member's own exception: a member whose session was closed while it waited fails alone (KeyError), the others
+        decode."""
         results: list = [None] * len(group)
         live = []
         for position, (request, latents, carrier) in enumerate(group):
@@ -222,15 +254,23 @@ class SessionDecoder:
                         "session.id": request.session_id, "chunk.index": request.chunk_index,
                         "batch.size": len(live), "worker.deployment": identity["deployment"],
                         "worker.replica": identity["replica"], "gpu.ids": ",".join(identity["gpu_ids"])}))
-                frames, vae_s = await self.compute(
-                    self.stage.decode_batch, [self.caches[group[p][0].session_id] for p in live],
+                frames, vae_s, snapshots = await self.compute(
+                    self._decode_and_snapshot, [self.caches[group[p][0].session_id] for p in live],
                     [group[p][1] for p in live], [group[p][0].num_frames for p in live])
-            for position, item_frames in zip(live, frames):
-                results[position] = (item_frames, vae_s)
+            for position, item_frames, snapshot in zip(live, frames, snapshots):
+                results[position] = (item_frames, vae_s, snapshot)
         return results
+
+    def _decode_and_snapshot(self, caches: list, latents: list, num_frames: list[int]):
+        """On the device thread: the batch's decode, then each member's cache as bytes (before it changes again)."""
+        frames, vae_s = self.stage.decode_batch(caches, latents, num_frames)
+        snapshots = [pack(cache) if self.resume is not None else None for cache in caches]
+        return frames, vae_s, snapshots
 
     async def fetch(self, session_id: str, chunk_index: int, timeout_s: float) -> DecodedFrames:
         """Wait until chunk `chunk_index` of the session has been decoded, then return it from the replay buffer."""
+        if session_id not in self.caches:
+            raise SessionNotHere(f"{self.owner} has no session {session_id!r}")
         await self.buffered.wait_past(session_id, chunk_index, timeout_s)
         for chunk in self.replay_buffers.get(session_id, ()):
             if chunk.chunk_index == chunk_index:
@@ -270,6 +310,9 @@ class VAEDecoder:
 
     def open_decode(self, session_id: str, decoder: str | None = None) -> None:
         self.decoder.open(session_id, decoder)
+
+    async def restore_decode(self, session_id: str, at_chunk: int) -> dict:
+        return await self.decoder.restore(session_id, at_chunk)
 
     async def accept_latent_link(self, name: str, backend: str) -> None:
         """The receiving end of a latent link (latent_transport 'collective'); the score side joins meanwhile."""

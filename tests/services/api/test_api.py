@@ -149,7 +149,7 @@ def test_proto_builds_from_scratch_into_any_directory(tmp_path):
                                              "FAILED"]
     assert info["enums"]["Event.Type"] == ["EVENT_TYPE_UNSPECIFIED", "ATTACHED", "INPUT_ENDED", "SESSION_ENDED",
                                            "BACKPRESSURE", "WARNING", "USER_SPEECH_STARTED", "USER_SPEECH_ENDED",
-                                           "REPLY_STARTED", "DRAINING"]
+                                           "REPLY_STARTED", "DRAINING", "RESUMED"]
     assert info["enums"]["ConversationOptions.Mode"] == ["CONVERSATION_MODE_UNSPECIFIED", "REALTIME", "OFFLINE"]
 
 

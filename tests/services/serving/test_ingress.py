@@ -277,7 +277,8 @@ def test_a_batch_member_whose_session_closed_fails_alone():
         tasks = {name: asyncio.ensure_future(decoder.decode(DecodeRequest(name, 0, 9),
                                                             ScoredChunk(name, 0, latents=latents[name])))
                  for name in latents}
-        await asyncio.sleep(0)
+        for _ in range(2):   # the shielded decodes start, and reach the micro-batch
+            await asyncio.sleep(0)
         decoder.close_decode("closing")        # closed while its chunk waits in the micro-batch
         results = await asyncio.gather(*tasks.values(), return_exceptions=True)
         reference = await alone.decode(DecodeRequest("healthy", 0, 9), ScoredChunk("healthy", 0,

@@ -1,0 +1,104 @@
+"""A worker replica replaced mid-stream (what Serve does after one dies): the ingress restores the session on the
+replacement from the snapshots in Redis, resubmits from the first chunk that did not arrive, tells the client with
+RESUMED, and the video equals the engine's — in process, with the real worker classes behind recording handles.
+The same with real replicas killed in a real Ray cluster: tests/services/serving/test_cluster.py."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from model_core.engine import AvatarEngine
+from services.api import pb
+from services.serving.audio_encoder import AudioEncoder
+from services.serving.score_group import ScoreWorkerGroup
+from services.serving.vae_decoder import VAEDecoder
+from tests.model_core.helpers import speech
+
+from .helpers import engine_jpegs, pcm16, png
+from .test_ingress import Cluster, audio_messages, chunks_of, events_of, redis_url, store  # noqa: F401 (fixtures)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return AvatarEngine.from_preset("tiny", seed=0)
+
+
+def _replace(cluster: Cluster, deployment: str) -> None:
+    """Point the ingress's handle at a fresh instance of the deployment (a replacement replica: no sessions)."""
+    settings, transport = cluster.settings, cluster.transport
+    fresh = {"AudioEncoder": lambda: AudioEncoder.func_or_class(settings, put=transport.put),
+             "ScoreWorkerGroup": lambda: ScoreWorkerGroup.func_or_class(settings),
+             "VAEDecoder": lambda: VAEDecoder.func_or_class(settings)}[deployment]()
+    handle = {"AudioEncoder": cluster.ingress.audio, "ScoreWorkerGroup": cluster.ingress.score,
+              "VAEDecoder": cluster.ingress.decoder}[deployment]
+    handle.target = fresh
+
+
+def _stream_replacing(cluster: Cluster, session, pcm, deployment: str, after_messages: int):
+    messages = audio_messages(pcm)
+
+    async def scripted():
+        for index, message in enumerate(messages):
+            if index == after_messages:
+                _replace(cluster, deployment)
+            yield message
+            await asyncio.sleep(0.005)
+
+    return cluster.stream(session, scripted())
+
+
+@pytest.mark.parametrize("deployment", ["AudioEncoder", "ScoreWorkerGroup", "VAEDecoder"])
+def test_a_replica_replaced_mid_stream_resumes_the_session_with_the_engines_frames(store, engine, deployment):
+    image, pcm = png(11), pcm16(speech(3.0, seed=31))
+
+    async def main():
+        cluster = Cluster(store)
+        session = await cluster.create(image)
+        return await _stream_replacing(cluster, session, pcm, deployment, after_messages=40)
+
+    outputs, context = asyncio.run(main())
+    assert context.code is None, context.details
+    chunks = chunks_of(outputs)
+    assert [chunk.chunk_index for chunk in chunks] == list(range(len(chunks))) and chunks[-1].final
+    resumed = [event for event in events_of(outputs) if event.type == pb.Event.RESUMED]
+    assert len(resumed) == 1 and deployment in resumed[0].message, [event.message for event in resumed]
+    assert 1 <= resumed[0].next_chunk_index < len(chunks)
+    assert [b"".join(chunk.frames) for chunk in chunks] and \
+        [frame for chunk in chunks for frame in chunk.frames] == engine_jpegs(engine, image, pcm)
+
+
+def test_without_snapshots_a_lost_session_ends_with_data_loss_naming_why(store):
+    async def main():
+        cluster = Cluster(store, resume_snapshots=False)
+        session = await cluster.create(png(12))
+        outputs, context = await _stream_replacing(cluster, session, pcm16(speech(2.0, seed=32)), "ScoreWorkerGroup",
+                                                   after_messages=20)
+        return outputs, context, store.get(session.session_id).state
+
+    outputs, context, state = asyncio.run(main())
+    assert context.code == grpc.StatusCode.DATA_LOSS, (context.code, context.details)
+    assert "snapshots are off" in context.details
+    assert state.value == "FAILED"
+
+
+def test_a_retried_push_is_neither_applied_twice_nor_loses_its_tickets(store):
+    """A push whose answer was lost (the replica died after saving) is sent again with the same offset: the samples
+    are not added twice, and the tickets it cut come back (from the replacement's restored copy too)."""
+    cluster = Cluster(store)
+    stream = cluster.settings.stream_defaults()
+    pcm = pcm16(speech(1.2, seed=33))
+    cluster.audio.open("retry", stream, 1)
+    first = cluster.audio.push("retry", pcm, 16000, 0, None, 0, 0)
+    again = cluster.audio.push("retry", pcm, 16000, 0, None, 0, 0)
+    assert first and [t.chunk_index for t in again] == [t.chunk_index for t in first]
+    assert cluster.audio.state("retry")["samples_received"] == pcm.shape[0]
+    replacement = AudioEncoder.func_or_class(cluster.settings, put=cluster.transport.put)
+    assert replacement.restore("retry")["restored"] is True
+    restored = replacement.push("retry", pcm, 16000, 0, None, 0, 0)
+    assert [t.chunk_index for t in restored] == [t.chunk_index for t in first]
+    assert [t.audio_pcm_s16le for t in restored] == [t.audio_pcm_s16le for t in first]
+    assert replacement.state("retry")["samples_received"] == pcm.shape[0]
+    cluster.audio.close("retry")
