@@ -47,6 +47,7 @@ class SessionLog:
     pts_s: list[float] = field(default_factory=list)
     started: float = 0.0
     reattaches: int = 0
+    resumed: int = 0          # RESUMED events: a worker failed and the session went on on the same stream
     lost: str | None = None
 
     def player(self, buffer_s: float) -> tuple[int, float]:
@@ -163,6 +164,7 @@ def _stop_serve(proc: subprocess.Popen, progress: bool) -> None:
 def bench_soak(preset: str = "tiny", sessions: int = 3, minutes: float = 10.0, kill: str | None = None,
                kill_every_min: float = 3.0, buffer_ms: float = 200.0, config: str | None = None,
                log_dir: str = "out", progress: bool = True) -> dict:
+    from services.api import pb
     from services.api.client import AvatarClient
 
     Path(log_dir).mkdir(parents=True, exist_ok=True)
@@ -186,6 +188,7 @@ def bench_soak(preset: str = "tiny", sessions: int = 3, minutes: float = 10.0, k
             result = connection.stream(session, pcm, 16000, realtime=True, on_chunk=on_chunk,
                                        timeout_s=minutes * 60 + 600, max_reattaches=64)
             log.reattaches = result.reattaches
+            log.resumed = sum(event.type == pb.Event.RESUMED for event in result.events)
             connection.close_session(session.session_id, session.session_token)
         except Exception as error:  # noqa: BLE001 - a lost session is a result, not a crash of the bench
             log.lost = f"{type(error).__name__}: {str(error)[:300]}"
@@ -232,7 +235,7 @@ def _report(preset, sessions, minutes, buffer_s, logs, memory, kills, log_path) 
         all_intervals += intervals
         chunks, on_time, frozen = chunks + len(log.arrivals), on_time + timely, frozen + stalled
         per_session.append({"session": log.index, "chunks": len(log.arrivals), "lost": log.lost,
-                            "reattaches": log.reattaches,
+                            "reattaches": log.reattaches, "resumed": log.resumed,
                             "ttff_s": round(log.arrivals[0], 3) if log.arrivals else None,
                             "deadline_attainment": round(timely / len(log.arrivals), 4) if log.arrivals else None,
                             "stall_s": round(stalled, 2), "between_chunks_p50_ms": _percentile(intervals, 50),
@@ -283,7 +286,7 @@ def format_soak_report(report: dict) -> str:
         lines.append(f"    session {session['session']}: {session['chunks']} chunks, TTFF {session['ttff_s']} s, "
                      f"on time {session['deadline_attainment']}, stall {session['stall_s']} s, p50/p99 "
                      f"{session['between_chunks_p50_ms']}/{session['between_chunks_p99_ms']} ms, re-attaches "
-                     f"{session['reattaches']}" + (f", LOST: {session['lost']}" if session["lost"] else ""))
+                     f"{session['reattaches']}, resumed {session.get('resumed', 0)}" + (f", LOST: {session['lost']}" if session["lost"] else ""))
     return "\n".join(lines)
 
 

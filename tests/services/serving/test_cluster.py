@@ -331,6 +331,35 @@ def test_a_session_survives_its_ingress_replica_being_killed(client, engine):
     client.close_session(session.session_id, session.session_token)
 
 
+def _replica_killer(deployment: str):
+    def kill() -> None:
+        for actor in ray.util.list_named_actors(all_namespaces=True):
+            if f"#{deployment}#" in actor["name"]:
+                ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+                return
+        raise AssertionError(f"no {deployment} replica found")
+
+    return kill
+
+
+@pytest.mark.parametrize("deployment", ["ScoreWorkerGroup", "VAEDecoder", "AudioEncoder"])
+def test_a_session_survives_a_worker_replica_being_killed_with_the_engines_frames(client, engine, deployment):
+    """The replica holding the session is killed after chunk 2 (chunks in flight): Serve starts a replacement, the
+    session is restored there from its snapshots and goes on on the same stream (no re-attach), with one RESUMED
+    event, and every frame equals the uninterrupted engine's for the same seed."""
+    image, pcm = png(13), pcm16(speech(3.0, seed=41))
+    session = client.create_session(image)
+    result = client.stream(session, pcm, 16000, realtime=True, after_chunks=(2, _replica_killer(deployment)))
+    resumed = [event for event in result.events if event.type == pb.Event.RESUMED]
+    assert len(resumed) == 1 and deployment in resumed[0].message, [event.message for event in result.events]
+    assert 2 <= resumed[0].next_chunk_index <= 2 + 2      # within 2 chunks of the fault (max_chunks_in_flight)
+    assert result.reattaches == 0
+    assert [chunk.chunk_index for chunk in result.chunks] == list(range(len(result.chunks)))
+    assert result.chunks[-1].final
+    assert result.frames_jpeg == engine_jpegs(engine, image, pcm)
+    client.close_session(session.session_id, session.session_token)
+
+
 def test_sessions_stream_on_through_a_redis_outage_and_its_restart_loses_no_record(cluster, client, engine):
     """Redis killed mid-stream: the stream goes on (its frames still the engine's), health says NOT_SERVING and new
     sessions get UNAVAILABLE at once; the supervisor restarts Redis from its append-only file, and the session's
