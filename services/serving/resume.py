@@ -4,9 +4,10 @@ session exactly (`model_core.snapshot`), and `SessionNotHere`, what a replica an
 Why Redis and not Ray's object store: an object lives as long as its owner process, and the owner of what a worker
 puts is that worker, so the snapshots of a killed replica would die with it (the very case they exist for); Redis
 outlives every Ray process, already holds the session records, and the embedded server persists to its append-only
-file.  The cost is bytes per chunk: on `talk128` about 0.6 MB of score caches, 0.1 MB of decode cache and a few
-tens of kB of audio state per chunk (BENCHMARKS.md, "Calls that survive"); for the wan shapes the caches are too
-large to copy off the GPU every chunk, which is why `resume_snapshots` can be turned off.
+file.  The cost is bytes per chunk: on `talk128` 0.58 MB of score caches, 80 kB of audio state (per push) and 48 kB
+of clean latents per chunk, plus the 4.9 MB decode cache every `DECODE_CHECKPOINT_CHUNKS` chunks (BENCHMARKS.md,
+"Calls that survive"); for the wan shapes the caches are too large to copy off the GPU every chunk, which is why
+`resume_snapshots` can be turned off.
 
 One Redis hash per session (`facecast:resume:<session id>`, expiring with the session record's TTL):
 
@@ -15,7 +16,11 @@ One Redis hash per session (`facecast:resume:<session id>`, expiring with the se
     score-open       what `ScoreWorkerGroup.open` got: stream, reference latent, prompt, regions
     sink             the adaptive sink latent, once chunk 0 set it
     score:<steps>:<n>   the caches of steps <steps> (e.g. "0,1") and the noise generator before chunk n
-    decode:<n>       the decode cache before chunk n (and the decoder's name under decode-open)
+    decode:<n>       the decode cache before chunk n, for n a multiple of DECODE_CHECKPOINT_CHUNKS (the decoder's
+                     name under decode-open)
+    latents:<n>      chunk n's clean latents: a replacement decodes them again from the last decode checkpoint,
+                     which rebuilds the cache exactly (re-decoding only the last few latent frames from an empty
+                     cache does not: the decoder's memory fades but never ends, ~1e-6 after 21 latent frames)
 
 Writes happen after the chunk (or push) and before the call returns, so whatever the ingress has received is in
 the store; a write that fails (Redis away) is logged once per outage and the stream goes on unprotected.
@@ -33,6 +38,8 @@ from services.store.redis_server import redact_url
 logger = logging.getLogger("facecast.resume")
 
 KEY_PREFIX = "facecast:resume:"
+DECODE_CHECKPOINT_CHUNKS = 8
+"""The decode cache (MBs) is saved every this many chunks; the chunks' clean latents (kBs) every chunk."""
 
 
 class SessionNotHere(KeyError):
@@ -105,6 +112,10 @@ class ResumeStore:
             raise ResumeUnavailable(f"session {session_id!r} cannot be resumed: no snapshot of {what} (it expired, "
                                     "or snapshots were not written)")
         return data
+
+    def names(self, session_id: str, prefix: str) -> list[str]:
+        """The names of the fields that start with `prefix` (values not fetched)."""
+        return [name.decode() for name in self.client.hkeys(self.key(session_id)) if name.decode().startswith(prefix)]
 
     def fields(self, session_id: str, prefix: str) -> dict[str, bytes]:
         """Every field whose name starts with `prefix`."""

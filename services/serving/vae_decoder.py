@@ -10,7 +10,8 @@ receiving end lives here (`services.serving.latent_link`), the message carrying 
 What may live here: per-session decode caches and replay buffers keyed by session id, the device thread, a JPEG
 thread pool, the receiving ends of latent links.  After each chunk the session's decode cache goes to the
 `ResumeStore` (taken on the device thread, before the next chunk changes it), so a replacement replica continues
-the session exactly (`restore`); the replay buffer is not kept (a re-attach after a decoder failure is told which
+the session exactly (`restore`: the last checkpoint of the cache, then the chunks since decoded again from their
+latents, which are saved every chunk; see `services.serving.resume`); the replay buffer is not kept (a re-attach after a decoder failure is told which
 chunks it can no longer get).  Chunks of one session decode strictly in chunk order
 (`ChunkTurns`); chunks of different sessions with equal latent shapes decode as one batch (`MicroBatcher`), and a
 member whose session is gone fails alone.
@@ -38,7 +39,7 @@ from services.media import decode_image_bytes, image_to_tensor
 from services.serving.latent_link import LatentReceiver, LinkError
 from services.serving.messages import DecodedFrames, DecodeRequest, LinkedChunk, ScoredChunk
 from services.serving.ordering import ChunkTurns, MicroBatcher, run_on
-from services.serving.resume import ResumeStore, SessionNotHere, restore_call
+from services.serving.resume import DECODE_CHECKPOINT_CHUNKS, ResumeStore, SessionNotHere, restore_call
 from services.serving.settings import REPLAY_CHUNKS, AppSettings
 from services.telemetry import VAE_DECODE_SPAN, setup_telemetry, span
 
@@ -128,19 +129,24 @@ class SessionDecoder:
             self.resume.put(session_id, {"decode-open": (decoder or "").encode()})
 
     async def restore(self, session_id: str, at_chunk: int) -> dict:
-        """Make sure this decoder holds the session: a replacement loads the decode cache saved before chunk
-        `at_chunk` and continues from there. Returns restored (whether it loaded) and next (the next chunk it
-        decodes)."""
+        """Make sure this decoder holds the session: a replacement loads the last decode-cache checkpoint at or
+        before chunk `at_chunk` and decodes the chunks from there to `at_chunk` again from their saved latents (the
+        same decodes in the same order: the cache comes out exactly as it was). Returns restored (whether it
+        loaded) and next (the next chunk it decodes)."""
         if session_id in self.caches:
             return {"restored": False, "next": self.turns.next_index(session_id)}
         store = restore_call(self.resume, session_id)
         decoder = store.need(session_id, "decode-open", "the decoder's choice").decode()
-        cache = (to_device(unpack(store.need(session_id, f"decode:{at_chunk}", f"the decode cache before chunk "
-                                                                                f"{at_chunk}")), self.device)
-                 if at_chunk > 0 else None)
+        saved = [int(name.split(":")[1]) for name in store.names(session_id, "decode:")]
+        start = max((index for index in saved if index <= at_chunk), default=0)
+        cache = (to_device(unpack(store.need(session_id, f"decode:{start}", f"the decode cache before chunk {start}")),
+                             self.device) if start > 0 else self.stage.open(decoder or None))
+        for index in range(start, at_chunk):
+            latents = unpack(store.need(session_id, f"latents:{index}", f"chunk {index}'s latents"))
+            await self.compute(self.stage.decode_batch, [cache], [latents.to(self.device)], [0])
         self.open(session_id, decoder)
-        if cache is not None:
-            self.caches[session_id] = cache
+        self.caches[session_id] = cache
+        if at_chunk > 0:
             await self.turns.done(session_id, at_chunk - 1)
             await self.buffered.done(session_id, at_chunk - 1)
         return {"restored": True, "next": at_chunk}
@@ -227,7 +233,7 @@ class SessionDecoder:
         finally:
             await self.turns.done(session_id, index)
         if snapshot is not None:   # before this chunk is answered: whatever the ingress received is restorable
-            await asyncio.to_thread(self.resume.put_versioned, session_id, "decode", index + 1, snapshot)
+            await asyncio.to_thread(self._save, session_id, index, *snapshot)
         jpeg = await run_on(self.jpeg_executor, encode_jpeg, frames, self.jpeg_quality)
         return DecodedFrames(session_id=session_id, chunk_index=index, width=int(frames.shape[-1]),
                              height=int(frames.shape[-2]), frames_jpeg=jpeg, stage_ms={**stage_ms, "vae": vae_s * 1000},
@@ -256,16 +262,26 @@ class SessionDecoder:
                         "worker.replica": identity["replica"], "gpu.ids": ",".join(identity["gpu_ids"])}))
                 frames, vae_s, snapshots = await self.compute(
                     self._decode_and_snapshot, [self.caches[group[p][0].session_id] for p in live],
-                    [group[p][1] for p in live], [group[p][0].num_frames for p in live])
+                    [group[p][1] for p in live], [group[p][0].num_frames for p in live],
+                    [group[p][0].chunk_index for p in live])
             for position, item_frames, snapshot in zip(live, frames, snapshots):
                 results[position] = (item_frames, vae_s, snapshot)
         return results
 
-    def _decode_and_snapshot(self, caches: list, latents: list, num_frames: list[int]):
-        """On the device thread: the batch's decode, then each member's cache as bytes (before it changes again)."""
+    def _decode_and_snapshot(self, caches: list, latents: list, num_frames: list[int], indices: list[int]):
+        """On the device thread: the batch's decode, then per member (latents as bytes, the cache as bytes when the
+        next chunk starts a checkpoint — taken before the cache changes again), or None without snapshots."""
         frames, vae_s = self.stage.decode_batch(caches, latents, num_frames)
-        snapshots = [pack(cache) if self.resume is not None else None for cache in caches]
-        return frames, vae_s, snapshots
+        if self.resume is None:
+            return frames, vae_s, [None] * len(caches)
+        return frames, vae_s, [(pack(z), pack(cache) if (index + 1) % DECODE_CHECKPOINT_CHUNKS == 0 else None)
+                               for z, cache, index in zip(latents, caches, indices)]
+
+    def _save(self, session_id: str, index: int, latents: bytes, cache: bytes | None) -> None:
+        """Chunk `index`'s latents (and a cache checkpoint before chunk index + 1), dropping what no restore needs."""
+        keep = 2 * DECODE_CHECKPOINT_CHUNKS
+        fields = {f"latents:{index}": latents, **({f"decode:{index + 1}": cache} if cache is not None else {})}
+        self.resume.put(session_id, fields, drop=[f"latents:{index - keep}", f"decode:{index + 1 - keep}"])
 
     async def fetch(self, session_id: str, chunk_index: int, timeout_s: float) -> DecodedFrames:
         """Wait until chunk `chunk_index` of the session has been decoded, then return it from the replay buffer."""

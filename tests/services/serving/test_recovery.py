@@ -50,14 +50,18 @@ def _stream_replacing(cluster: Cluster, session, pcm, deployment: str, after_mes
     return cluster.stream(session, scripted())
 
 
-@pytest.mark.parametrize("deployment", ["AudioEncoder", "ScoreWorkerGroup", "VAEDecoder"])
-def test_a_replica_replaced_mid_stream_resumes_the_session_with_the_engines_frames(store, engine, deployment):
-    image, pcm = png(11), pcm16(speech(3.0, seed=31))
+@pytest.mark.parametrize("deployment, after_messages", [("AudioEncoder", 40), ("ScoreWorkerGroup", 40),
+                                                        ("VAEDecoder", 40), ("VAEDecoder", 120)])
+def test_a_replica_replaced_mid_stream_resumes_the_session_with_the_engines_frames(store, engine, deployment,
+                                                                                   after_messages):
+    """VAEDecoder after 120 messages (4.8 s): past its first decode-cache checkpoint (chunk 8), so the replacement
+    loads the checkpoint and decodes the chunks since again; after 40, from the start."""
+    image, pcm = png(11), pcm16(speech(5.0, seed=31))
 
     async def main():
         cluster = Cluster(store)
         session = await cluster.create(image)
-        return await _stream_replacing(cluster, session, pcm, deployment, after_messages=40)
+        return await _stream_replacing(cluster, session, pcm, deployment, after_messages=after_messages)
 
     outputs, context = asyncio.run(main())
     assert context.code is None, context.details
