@@ -355,8 +355,10 @@ class SessionStream:
             logger.exception("could not mark session %s FAILED", self.session_id)
 
     async def _finish(self, wait: bool) -> None:
-        if wait and self.tasks:
-            await asyncio.gather(*list(self.tasks), return_exceptions=True)
+        while wait and (self.tasks or (self.recovery is not None and not self.recovery.done())):
+            # the chunks in flight, and a recovery with the chunks it resubmits (which may start another)
+            await asyncio.gather(*list(self.tasks), *([self.recovery] if self.recovery else []),
+                                 return_exceptions=True)
         await self.outputs.put(_END)
 
     async def _submit(self, ticket: ChunkTicket) -> None:
