@@ -286,7 +286,8 @@ def format_soak_report(report: dict) -> str:
         lines.append(f"    session {session['session']}: {session['chunks']} chunks, TTFF {session['ttff_s']} s, "
                      f"on time {session['deadline_attainment']}, stall {session['stall_s']} s, p50/p99 "
                      f"{session['between_chunks_p50_ms']}/{session['between_chunks_p99_ms']} ms, re-attaches "
-                     f"{session['reattaches']}, resumed {session.get('resumed', 0)}" + (f", LOST: {session['lost']}" if session["lost"] else ""))
+                     f"{session['reattaches']}, resumed {session.get('resumed', 0)}"
+                     + (f", LOST: {session['lost']}" if session["lost"] else ""))
     return "\n".join(lines)
 
 

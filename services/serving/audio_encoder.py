@@ -165,7 +165,8 @@ class AudioEncoder:
         session = self.sessions[session_id]
         if self.resume is None:
             return
-        fields = {"audio": pack(session.stage), **{f"ticket:{index}": data for index, data in session.snapshots.items()}}
+        fields = {"audio": pack(session.stage),
+                  **{f"ticket:{index}": data for index, data in session.snapshots.items()}}
         drop = [f"ticket:{index - REPLAY_CHUNKS}" for index in session.snapshots if index >= REPLAY_CHUNKS]
         session.snapshots = {}
         self.resume.put(session_id, fields, drop)

@@ -51,7 +51,10 @@ def test_a_livekit_session_publishes_the_engines_frames_and_voice_to_its_room(st
         session = await cluster.ingress.CreateSession(livekit_request(image), context)
         assert context.code is None, context.details
         outputs, context = await cluster.stream(session, audio_messages(pcm))
-        await asyncio.sleep(1.0)            # the sink plays out what it has after the stream ends
+        for _ in range(100):                # the sink plays out what it has after the stream ends, then leaves
+            if connector.rooms and connector.rooms[0].left:
+                break
+            await asyncio.sleep(0.1)
         return session, outputs, context, connector
 
     session, outputs, context, connector = asyncio.run(main())

@@ -121,3 +121,39 @@ def test_latents_go_from_the_score_worker_to_the_decoder_over_the_latent_link(cl
     for session in sessions:
         client.close_session(session.session_id, session.session_token)
     client.close()
+
+
+def _kill_score_replica(app: str):
+    import ray
+
+    def kill() -> None:
+        for actor in ray.util.list_named_actors(all_namespaces=True):
+            if f"{app}#ScoreWorkerGroup#" in actor["name"]:
+                ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+                return
+        raise AssertionError(f"no ScoreWorkerGroup replica of {app}")
+
+    return kill
+
+
+@pytest.mark.parametrize("app", [PIPELINED, SELF_CONTAINED])
+def test_a_killed_score_replica_of_the_other_layouts_resumes_its_session_with_the_engines_frames(cluster, app):
+    """Pipelined: the replica dies with its step actors (each owning a step's caches); the replacement starts new
+    ones, joins a new latent link and restores every step. Self-contained: the replica that dies held the decode
+    cache too. Either way one RESUMED, no re-attach, the engine's frames."""
+    from services.api import pb
+
+    client = AvatarClient(cluster.target, application=app)
+    image, pcm = png(60), pcm16(speech(3.0, seed=60))
+    session = client.create_session(image)
+    result = client.stream(session, pcm, 16000, realtime=True, after_chunks=(2, _kill_score_replica(app)))
+    resumed = [event for event in result.events if event.type == pb.Event.RESUMED]
+    assert len(resumed) == 1 and "ScoreWorkerGroup" in resumed[0].message, [e.message for e in result.events]
+    assert result.reattaches == 0 and result.chunks[-1].final
+    engine = AvatarEngine.from_preset("tiny", seed=0)
+    steps = session.options.steps
+    engine.preset = engine.preset.__class__(**{**engine.preset.__dict__,
+                                               "stream": engine.preset.stream.replace(steps=steps)})
+    assert result.frames_jpeg == engine_jpegs(engine, image, pcm)
+    client.close_session(session.session_id, session.session_token)
+    client.close()
