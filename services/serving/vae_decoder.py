@@ -12,9 +12,9 @@ thread pool, the receiving ends of latent links.  After each chunk the session's
 `ResumeStore` (taken on the device thread, before the next chunk changes it), so a replacement replica continues
 the session exactly (`restore`: the last checkpoint of the cache, then the chunks since decoded again from their
 latents, which are saved every chunk; see `services.serving.resume`); the replay buffer is not kept (a re-attach
-after a decoder failure is told which chunks it can no longer get).  Chunks of one session decode strictly in chunk order
-(`ChunkTurns`); chunks of different sessions with equal latent shapes decode as one batch (`MicroBatcher`), and a
-member whose session is gone fails alone.
+after a decoder failure is told which chunks it can no longer get).  Chunks of one session decode strictly in
+chunk order (`ChunkTurns`); chunks of different sessions with equal latent shapes decode as one batch
+(`MicroBatcher`), and a member whose session is gone fails alone.
 """
 
 from __future__ import annotations
