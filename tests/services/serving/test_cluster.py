@@ -27,7 +27,7 @@ from services.serving.vae_decoder import encode_jpeg
 
 from tests.model_core.helpers import burst_audio, expected_first_changed_latent, speech
 from tests.otlp_receiver import OtlpReceiver
-from tests.services.serving.helpers import engine_jpegs, pcm16, png
+from tests.services.serving.helpers import engine_jpegs, pcm16, png, replica_killer
 
 pytestmark = pytest.mark.integration
 
@@ -331,17 +331,6 @@ def test_a_session_survives_its_ingress_replica_being_killed(client, engine):
     client.close_session(session.session_id, session.session_token)
 
 
-def _replica_killer(deployment: str):
-    def kill() -> None:
-        for actor in ray.util.list_named_actors(all_namespaces=True):
-            if f"#{deployment}#" in actor["name"]:
-                ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
-                return
-        raise AssertionError(f"no {deployment} replica found")
-
-    return kill
-
-
 @pytest.mark.parametrize("deployment", ["ScoreWorkerGroup", "VAEDecoder", "AudioEncoder"])
 def test_a_session_survives_a_worker_replica_being_killed_with_the_engines_frames(client, engine, deployment):
     """The replica holding the session is killed after chunk 2 (chunks in flight): Serve starts a replacement, the
@@ -349,7 +338,7 @@ def test_a_session_survives_a_worker_replica_being_killed_with_the_engines_frame
     event, and every frame equals the uninterrupted engine's for the same seed."""
     image, pcm = png(13), pcm16(speech(3.0, seed=41))
     session = client.create_session(image)
-    result = client.stream(session, pcm, 16000, realtime=True, after_chunks=(2, _replica_killer(deployment)))
+    result = client.stream(session, pcm, 16000, realtime=True, after_chunks=(2, replica_killer(deployment)))
     resumed = [event for event in result.events if event.type == pb.Event.RESUMED]
     assert len(resumed) == 1 and deployment in resumed[0].message, [event.message for event in result.events]
     assert 2 <= resumed[0].next_chunk_index <= 2 + 2      # within 2 chunks of the fault (max_chunks_in_flight)

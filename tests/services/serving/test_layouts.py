@@ -17,7 +17,7 @@ from services.deploy.local_cluster import LocalCluster
 from services.net import free_port
 
 from tests.model_core.helpers import speech
-from .helpers import engine_jpegs, pcm16, png
+from .helpers import engine_jpegs, pcm16, png, replica_killer
 
 pytestmark = pytest.mark.integration
 
@@ -127,19 +127,6 @@ def test_latents_go_from_the_score_worker_to_the_decoder_over_the_latent_link(cl
     client.close()
 
 
-def _kill_score_replica(app: str):
-    import ray
-
-    def kill() -> None:
-        for actor in ray.util.list_named_actors(all_namespaces=True):
-            if f"{app}#ScoreWorkerGroup#" in actor["name"]:
-                ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
-                return
-        raise AssertionError(f"no ScoreWorkerGroup replica of {app}")
-
-    return kill
-
-
 @pytest.mark.parametrize("app", [PIPELINED_OBJECTS, SELF_CONTAINED])
 def test_a_killed_score_replica_of_the_other_layouts_resumes_its_session_with_the_engines_frames(cluster, app):
     """Pipelined: the replica dies with its step actor (each owning a step's caches); the replacement starts a new
@@ -151,7 +138,8 @@ def test_a_killed_score_replica_of_the_other_layouts_resumes_its_session_with_th
     client = AvatarClient(cluster.target, application=app)
     image, pcm = png(60), pcm16(speech(3.0, seed=60))
     session = client.create_session(image)
-    result = client.stream(session, pcm, 16000, realtime=True, after_chunks=(2, _kill_score_replica(app)))
+    result = client.stream(session, pcm, 16000, realtime=True,
+                           after_chunks=(2, replica_killer("ScoreWorkerGroup", app)))
     resumed = [event for event in result.events if event.type == pb.Event.RESUMED]
     assert len(resumed) == 1 and "ScoreWorkerGroup" in resumed[0].message, [e.message for e in result.events]
     assert result.reattaches == 0 and result.chunks[-1].final
