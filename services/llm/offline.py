@@ -309,9 +309,15 @@ class CascadeModels:
             finished.set()               # a reader that stops early stops the generation too
             thread.join(timeout=10)
 
-    def speak(self, text: str, resampler: PcmResampler | None = None) -> np.ndarray:
-        """Text -> int16 mono speech at 24 kHz."""
-        chunks = list(self.voice.synthesize(text))
+    def speak(self, text: str, resampler: PcmResampler | None = None, *, noise: bool = True) -> np.ndarray:
+        """Text -> int16 mono speech at 24 kHz. noise=False: without the voice's random noise (VITS noise_scale and
+        noise_w 0), so the same text gives the same audio (tests, reproducible runs); a little flatter."""
+        config = None
+        if not noise:
+            from piper import SynthesisConfig
+
+            config = SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0)
+        chunks = list(self.voice.synthesize(text, syn_config=config))
         if not chunks:
             return np.zeros(0, np.int16)
         pcm = np.concatenate([chunk.audio_int16_array for chunk in chunks])

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(bool(missing_packages()), reason=f"the cascade n
 def question(tmp_path_factory):
     from services.llm.offline import CascadeModels, OfflineConfig
 
-    speech = CascadeModels.shared(OfflineConfig.from_settings()).speak("What is the capital of France?")
+    speech = CascadeModels.shared(OfflineConfig.from_settings()).speak("What is the capital of France?", noise=False)
     return write_wav(tmp_path_factory.mktemp("q") / "question.wav", speech / 32768.0, rate=24000)
 
 

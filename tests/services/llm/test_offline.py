@@ -41,14 +41,10 @@ def models():
 
 
 def question(models, text: str) -> np.ndarray:
-    """The caller's question, spoken (Piper) at 16 kHz, with a little silence before it. Without Piper's random noise
-    (noise_scale and noise_w 0): the same audio every run — with it, a question was now and then heard as "What is
-    the cat-eval? A France?" and the tests that depend on the answer failed at random."""
-    from piper import SynthesisConfig
-
-    chunks = list(models.voice.synthesize(text, syn_config=SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0)))
-    speech = PcmResampler(RATE).convert(np.concatenate([chunk.audio_int16_array for chunk in chunks]),
-                                        chunks[0].sample_rate)
+    """The caller's question, spoken (Piper) at 16 kHz, with a little silence before it. Without Piper's random noise:
+    the same audio every run (with it, a question was now and then heard as "What is the cat-eval? A France?" and
+    the tests that depend on the answer failed at random)."""
+    speech = PcmResampler(RATE).convert(models.speak(text, noise=False), REPLY_RATE_HZ)
     return np.concatenate([np.zeros(RATE // 4, np.int16), speech])
 
 

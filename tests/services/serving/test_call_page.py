@@ -38,7 +38,7 @@ pytestmark = [
 def microphone_wav(path: Path) -> Path:
     """What the fake microphone says: a moment of quiet, the question, then a long silence (Chromium loops it)."""
     models = CascadeModels.shared(OfflineConfig.from_settings())
-    speech = PcmResampler(48000).convert(models.speak("What is the capital of France?"), 24000)
+    speech = PcmResampler(48000).convert(models.speak("What is the capital of France?", noise=False), 24000)
     audio = np.concatenate([np.zeros(48000, np.int16), speech, np.zeros(48000 * 40, np.int16)])
     with wave.open(str(path), "wb") as handle:
         handle.setnchannels(1)
