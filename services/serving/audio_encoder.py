@@ -14,6 +14,7 @@ replacement replica continues the session (`restore`) and a push the ingress ret
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 
 import numpy as np
@@ -115,7 +116,8 @@ class AudioEncoder:
     def restore(self, session_id: str) -> dict:
         """Make sure this replica holds the session: a replacement replica loads its last snapshot (state and kept
         tickets, their features put again). Returns `state` plus restored: whether it was loaded."""
-        if session_id not in self.sessions:
+        restored = session_id not in self.sessions
+        if restored:
             store = restore_call(self.resume, session_id)
             session = _AudioSessionState(unpack(store.need(session_id, "audio", "the audio front end")))
             kept = sorted((int(name.split(":")[1]), data) for name, data in store.fields(session_id, "ticket:").items())
@@ -125,8 +127,7 @@ class AudioEncoder:
                                                   saved.pop("speaking"), saved["audio_ms"] / 1000))
                 session.recent.append(ChunkTicket(**saved, features=features))
             self.sessions[session_id] = session
-            return {"restored": True, **self.state(session_id)}
-        return {"restored": False, **self.state(session_id)}
+        return {"restored": restored, **self.state(session_id)}
 
     def close(self, session_id: str) -> None:
         self.sessions.pop(session_id, None)
@@ -153,9 +154,7 @@ class AudioEncoder:
             session.recent.append(ticket)
             tickets.append(ticket)
             if self.resume is not None:
-                fields = {name: getattr(ticket, name) for name in ("session_id", "chunk_index", "first_frame",
-                                                                   "num_frames", "fps", "final", "audio_pcm_s16le",
-                                                                   "sample_rate_hz", "audio_ms")}
+                fields = {f.name: getattr(ticket, f.name) for f in dataclasses.fields(ticket) if f.name != "features"}
                 session.snapshots[item.chunk_index] = pack({**fields, "features": item.features,
                                                             "speaking": item.speaking})
         return tickets

@@ -118,9 +118,9 @@ class ResumeStore:
         return [name.decode() for name in self.client.hkeys(self.key(session_id)) if name.decode().startswith(prefix)]
 
     def fields(self, session_id: str, prefix: str) -> dict[str, bytes]:
-        """Every field whose name starts with `prefix`."""
-        return {name.decode(): value for name, value in self.client.hgetall(self.key(session_id)).items()
-                if name.decode().startswith(prefix)}
+        """Every field whose name starts with `prefix` (only those are fetched: the hash also holds MBs of caches)."""
+        names = self.names(session_id, prefix)
+        return dict(zip(names, self.client.hmget(self.key(session_id), names))) if names else {}
 
     def forget(self, session_id: str) -> None:
         try:

@@ -343,20 +343,21 @@ class ScoreWorkerGroup:
             return (clean, snapshot), None
         return (first, snapshot), ref
 
-    def _first_step(self, session, features: ChunkFeatures, carrier) -> NoisyChunk:
+    def _first_step(self, session, features: ChunkFeatures, carrier) -> tuple[NoisyChunk, bytes | None]:
         with span(SCORE_STEP_SPAN, carrier, **{"session.id": session.session_id, "chunk.index": features.chunk_index,
                                                "step": "0"}):
             chunk = self.stage.run_steps(session, self.stage.begin_chunk(session, features))
             return chunk, self._snapshot(session)
 
-    def _all_steps(self, session, features: ChunkFeatures, carrier) -> NoisyChunk:
+    def _all_steps(self, session, features: ChunkFeatures, carrier) -> tuple[NoisyChunk, bytes | None]:
         with span(SCORE_STEP_SPAN, carrier, **{"session.id": session.session_id, "chunk.index": features.chunk_index,
                                                "step": "all"}):
             chunk = self.stage.denoise(session, features)
             return chunk, self._snapshot(session)
 
-    async def _denoise_group(self, group: list) -> list[NoisyChunk]:
-        """One cross-session batch: a score span per chunk, one forward per step for all."""
+    async def _denoise_group(self, group: list) -> list:
+        """One cross-session batch: a score span per chunk, one forward per step for all. Per member (chunk, its
+        snapshot or None), or the member's own exception."""
         with contextlib.ExitStack() as spans:
             for session, features, carrier in group:
                 spans.enter_context(span(SCORE_STEP_SPAN, carrier, **{

@@ -32,7 +32,7 @@ from services.delivery.avatar import SessionLink
 from services.delivery.egress import Egress, MediaChunk
 from services.delivery.livekit_room import DeliveryError, LiveKitSink
 from services.serving.messages import ChunkTicket, DecodedFrames
-from services.serving.resume import SessionNotHere
+from services.serving.resume import ResumeUnavailable, SessionNotHere
 from services.store.sessions import SessionRecord, SessionState
 from services.telemetry import CHUNK_SPAN, EGRESS_SPAN, span
 
@@ -52,32 +52,28 @@ WORKER_FAULTS = (ray_errors.RayActorError, ray_errors.ActorUnavailableError, ray
 yet): the stream restores the session instead of failing (`SessionStream._recover`)."""
 
 
+def _chain(error: BaseException | None) -> list[BaseException]:
+    """The error and what caused it, outermost first (Ray's `cause`, else `__cause__`; at most 8 deep)."""
+    chain = []
+    while error is not None and len(chain) < 8:
+        chain.append(error)
+        error = getattr(error, "cause", None) or error.__cause__
+    return chain
+
+
 def is_worker_fault(error: BaseException) -> bool:
     """A worker fault, also when it reached us wrapped (a downstream call whose argument's upstream call died)."""
-    seen = 0
-    while error is not None and seen < 8:
-        if isinstance(error, WORKER_FAULTS):
-            return True
-        error = getattr(error, "cause", None) or error.__cause__
-        seen += 1
-    return False
+    return any(isinstance(link, WORKER_FAULTS) for link in _chain(error))
 
 
 def _fault_name(error: BaseException | None) -> str:
     """The innermost error's class name (no Ray text, addresses or pids reach the client)."""
-    seen = 0
-    while error is not None and seen < 8:
-        inner = getattr(error, "cause", None) or error.__cause__
-        if inner is None:
-            break
-        error, seen = inner, seen + 1
-    return type(error).__name__.removeprefix("RayTaskError(").removesuffix(")") if error is not None else "unknown"
+    chain = _chain(error)
+    return type(chain[-1]).__name__.removeprefix("RayTaskError(").removesuffix(")") if chain else "unknown"
 
 
 def _is_resume_unavailable(error: BaseException) -> bool:
-    from services.serving.resume import ResumeUnavailable
-
-    return isinstance(error, ResumeUnavailable) or isinstance(getattr(error, "cause", None), ResumeUnavailable)
+    return any(isinstance(link, ResumeUnavailable) for link in _chain(error))
 
 
 def _short(error: BaseException) -> str:
@@ -120,17 +116,15 @@ class SessionStream:
         self.first_audio_at: float | None = None
         self.last_backpressure_at = -BACKPRESSURE_EVENT_INTERVAL_S
         self.frames_sent = record.frames_emitted
-        self.samples_received = 0
         self.delivery = record.delivery
         self.video_on_stream = (record.delivery.get("kind", "grpc") == "grpc" or record.delivery.get("also_stream")
                                 or record.delivery.get("agent_identity"))   # an avatar's stream feeds its worker
         self.egress: Egress | None = None
         self.reader: asyncio.Task | None = None
-        self.pushed: list[int] = [0] * self.num_characters   # samples per character the AudioEncoder acknowledged
+        self.pushed: list[int] = [0] * self.num_characters   # samples per character the AudioEncoder has
         self.next_ticket = 0                     # the next chunk index the AudioEncoder will cut
         self.submit_lock = asyncio.Lock()        # a push and the submission of its tickets; or a recovery
         self.failed: set[int] = set()            # chunks whose worker failed, not yet resubmitted
-        self.task_chunk: dict[asyncio.Task, int] = {}   # chunk tasks in flight -> their chunk index
         self.recovery: asyncio.Task | None = None
         self.last_fault: BaseException | None = None
         self.fault_since: float | None = None    # when the current recovery episode began (None: healthy)
@@ -144,7 +138,6 @@ class SessionStream:
         ingress.streams[session_id] = self
         audio_state = await ingress.audio.state.remote(session_id)
         self.sample_rate_hz = audio_state["sample_rate_hz"]   # fixed by the first audio, whoever received it
-        self.samples_received = audio_state["samples_received"]
         self.pushed = list(audio_state["samples_by_character"])
         self.next_ticket = audio_state["chunk_index"]
         self.input_ended = audio_state["input_ended"]
@@ -321,8 +314,6 @@ class SessionStream:
                     await self._audio_call(lambda: ingress.audio.push.remote(
                         session_id, pcm, rate, character, self.carrier, offset, self.next_ticket))
                     self.pushed[character] += int(pcm.shape[0])
-                    if character == 0:
-                        self.samples_received += int(pcm.shape[0])
                 elif kind == "control":
                     speaking, end_of_input = validate_control(message.control, self.num_characters)
                     for character, value in speaking:
@@ -400,13 +391,7 @@ class SessionStream:
 
         task = asyncio.ensure_future(wait())
         self.tasks.add(task)
-        self.task_chunk[task] = index
-
-        def forget(done: asyncio.Task) -> None:
-            self.tasks.discard(done)
-            self.task_chunk.pop(done, None)
-
-        task.add_done_callback(forget)
+        task.add_done_callback(self.tasks.discard)
 
     # ------------------------------------------------------------------ worker faults
 
@@ -557,7 +542,7 @@ class SessionStream:
         self.chunks_sent += 1
         self.frames_sent = ticket.first_frame + len(frames.frames_jpeg)
         ingress.store_quietly("record_progress", self.session_id, ticket.chunk_index + 1, self.frames_sent,
-                              self.samples_received)
+                              self.pushed[0])
         ingress.store_quietly("heartbeat", self.session_id, ingress.replica_id)
         return message
 

@@ -121,12 +121,13 @@ class SessionDecoder:
         image = image_to_tensor(decode_image_bytes(image_png), width, height)
         return await self.compute(self.stage.encode_reference, image)
 
-    def open(self, session_id: str, decoder: str | None = None) -> None:
-        self.caches[session_id] = self.stage.open(decoder or None)
+    def open(self, session_id: str, decoder: str | None = None, cache=None) -> None:
+        """A new session (its choice of decoder saved for a replacement), or with `cache` a restored one."""
+        if cache is None and self.resume is not None:
+            self.resume.put(session_id, {"decode-open": (decoder or "").encode()})
+        self.caches[session_id] = cache if cache is not None else self.stage.open(decoder or None)
         self.claimed[session_id] = set()
         self.replay_buffers[session_id] = deque(maxlen=REPLAY_CHUNKS)
-        if self.resume is not None:
-            self.resume.put(session_id, {"decode-open": (decoder or "").encode()})
 
     async def restore(self, session_id: str, at_chunk: int) -> dict:
         """Make sure this decoder holds the session: a replacement loads the last decode-cache checkpoint at or
@@ -144,8 +145,7 @@ class SessionDecoder:
         for index in range(start, at_chunk):
             latents = unpack(store.need(session_id, f"latents:{index}", f"chunk {index}'s latents"))
             await self.compute(self.stage.decode_batch, [cache], [latents.to(self.device)], [0])
-        self.open(session_id, decoder)
-        self.caches[session_id] = cache
+        self.open(session_id, decoder, cache)
         if at_chunk > 0:
             await self.turns.done(session_id, at_chunk - 1)
             await self.buffered.done(session_id, at_chunk - 1)

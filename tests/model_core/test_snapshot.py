@@ -99,12 +99,15 @@ def test_snapshots_refuse_what_they_cannot_hold_and_corrupt_bytes():
     assert state["a"] == (1, 2.5, "x", None) and state["b"][0].dtype == np.int16
 
 
-def test_a_packed_audio_session_is_independent_of_the_live_one():
+def test_a_score_snapshot_holds_the_sessions_caches_not_the_pool_they_live_in():
+    """A session's caches are views into a pool shared with other sessions: the snapshot copies the session's slice
+    (saving a view would save the whole pool's storage, 4 sessions' worth here)."""
     engine = AvatarEngine.from_preset("tiny", seed=0)
-    sid = engine.open_session(reference_image(seed=1), session_id="a")
-    engine.push_audio(sid, (speech(0.3, seed=2) * 32767).astype(np.int16), 16000)
-    live = engine.session(sid).audio
-    copy = unpack(pack(live))
-    assert isinstance(copy, AudioSession) and copy.characters[0].samples_received == 4800
-    engine.push_audio(sid, (speech(0.3, seed=3) * 32767).astype(np.int16), 16000)
-    assert copy.characters[0].samples_received == 4800 and live.characters[0].samples_received == 9600
+    sids = [engine.open_session(reference_image(seed=i), session_id=f"s{i}") for i in range(4)]
+    session = engine.session(sids[1]).score
+    own = sum(getattr(cache, name).nbytes for cache in session.caches.values()
+              for name in ("prev_key", "prev_value", "prev_valid"))
+    size = len(snapshot_score(session))
+    assert own < size < 1.5 * own + 16384, (size, own)
+    audio = engine.session(sids[1]).audio
+    assert isinstance(unpack(pack(audio)), AudioSession)
