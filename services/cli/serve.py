@@ -61,10 +61,40 @@ def check_port_free(port: int, flag: str = "--port", host: str = "0.0.0.0") -> N
                             "port") from None
 
 
+SCALABLE = ("SessionIngress", "AudioEncoder", "ScoreWorkerGroup", "VAEDecoder")
+"""Deployments `--replicas` may scale (the LLM bridge keeps conversations in one replica)."""
+
+
+def _replicas_plan(entries: list[str] | None, serve_config: dict) -> dict[str, dict]:
+    """`--replicas NAME=N` entries applied to the config's deployments (so GPUs are counted and rules checked with
+    them); returns the deployment option overrides to deploy with."""
+    overrides: dict[str, dict] = {}
+    for entry in entries or ():
+        name, _, count = entry.partition("=")
+        if name not in SCALABLE:
+            raise UserError(f"--replicas {entry!r}: unknown or unscalable deployment {name!r}; allowed: "
+                            f"{', '.join(SCALABLE)}")
+        if not count.isdigit() or int(count) < 1:
+            raise UserError(f"--replicas {entry!r}: the count must be a positive integer (NAME=N, e.g. "
+                            "ScoreWorkerGroup=2)")
+        overrides[name] = {"num_replicas": int(count)}
+    if overrides:
+        deployments = serve_config["applications"][0].setdefault("deployments", [])
+        for name, option in overrides.items():
+            entry = next((dep for dep in deployments if isinstance(dep, dict) and dep.get("name") == name), None)
+            if entry is None:
+                deployments.append({"name": name, **option})
+            else:
+                entry.pop("autoscaling_config", None)
+                entry.update(option)
+    return overrides
+
+
 def _serve_plan(args: argparse.Namespace) -> tuple[dict, dict, int | None]:
     """Validate everything that can be checked before anything starts: (serve_config, app args, num_gpus)."""
     try:
         serve_config = load_serve_config(args.config)
+        replicas = _replicas_plan(args.replicas, serve_config)
         validate_serve_config(serve_config)
     except DeployConfigError as error:
         raise UserError(f"--config {one_line(error)}") from None
@@ -119,7 +149,8 @@ def _serve_plan(args: argparse.Namespace) -> tuple[dict, dict, int | None]:
         num_gpus = needed  # logical GPUs: the CPU workers only use them for placement
     if args.num_cpus is not None and args.num_cpus < 1:
         raise UserError(f"--num-cpus {args.num_cpus} is invalid: at least 1")
-    return serve_config, {**app_args, "_settings": settings, "_door": _front_door_plan(args)}, num_gpus
+    return serve_config, {**app_args, "_settings": settings, "_door": _front_door_plan(args),
+                          "_replicas": replicas}, num_gpus
 
 
 def _front_door_plan(args: argparse.Namespace) -> FrontDoorOptions:
@@ -166,6 +197,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.preset = args.preset or TRAINED_PRESET
     serve_config, app_args, num_gpus = _serve_plan(args)
     door = app_args.pop("_door")
+    replicas = app_args.pop("_replicas")
     check_port_free(args.port, host=args.host)
     check_port_free(args.http_port, "--http-port")
     settings = app_args.pop("_settings")
@@ -217,7 +249,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             try:
                 cluster = LocalCluster.start(app_args, config=args.config, grpc_port=args.port,
                                              http_port=args.http_port, num_cpus=args.num_cpus, num_gpus=num_gpus,
-                                             front_door=door, reflection=not args.no_reflection)
+                                             front_door=door, reflection=not args.no_reflection,
+                                             deployment_options=replicas)
             finally:
                 ray.init = real_init
             claim_signals()
@@ -336,6 +369,10 @@ def add_parser(commands) -> None:
     srv.add_argument("--latent-transport", choices=("object_store", "collective"),
                      help="how latents reach the VAEDecoder, replacing the config's: object_store (through Ray's "
                      "object store) or collective (the latent link: NCCL GPU to GPU, gloo on CPU)")
+    srv.add_argument("--replicas", action="append", metavar="DEPLOYMENT=N",
+                     help="run N replicas of a deployment, replacing the config's (repeatable; e.g. "
+                          "ScoreWorkerGroup=2: sessions are spread over them and stay on theirs, and a replica's "
+                          "sessions move to the others when it dies; on a CPU config each takes a logical GPU)")
     srv.add_argument("--port", type=int, default=DEFAULT_GRPC_PORT, help=f"gRPC port (default {DEFAULT_GRPC_PORT})")
     srv.add_argument("--host", default="127.0.0.1", help="address the gRPC port listens on (default 127.0.0.1: this "
                      "machine only; 0.0.0.0: every interface)")

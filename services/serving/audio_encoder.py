@@ -24,6 +24,7 @@ from ray import serve
 from model_core.models import dit_config_for
 from model_core.snapshot import pack, unpack
 from model_core.stages import AudioStage, ChunkAudioInput
+from services.serving.affinity import AFFINITY_ROUTER, session_report
 from services.serving.messages import ChunkFeatures, ChunkTicket
 from services.serving.resume import ResumeStore, ResumeUnavailable, SessionNotHere, restore_call
 from services.serving.settings import REPLAY_CHUNKS, AppSettings
@@ -44,7 +45,7 @@ class _AudioSessionState:
         self.snapshots: dict[int, bytes] = {}    # new tickets' snapshots, written with the session's next save
 
 
-@serve.deployment(name="AudioEncoder", max_ongoing_requests=256)
+@serve.deployment(name="AudioEncoder", max_ongoing_requests=256, request_router_config=AFFINITY_ROUTER)
 class AudioEncoder:
     """Streaming audio -> per-chunk tickets (to the ingress) and features (to the score group)."""
 
@@ -136,6 +137,10 @@ class AudioEncoder:
 
     def session_ids(self) -> list[str]:
         return list(self.sessions)
+
+    def record_routing_stats(self) -> dict:
+        """What this replica tells the routers (`services.serving.affinity`): the sessions it holds."""
+        return session_report(self.session_ids())
 
     def held_bytes(self) -> int:
         """Bytes of audio this replica keeps in recent tickets (features live in the object store)."""

@@ -42,6 +42,7 @@ from services.api.validation import (ApiError, check_api_key, check_internal_key
                                      require_session_id, session_to_proto, validate_create, validate_update)
 from services.delivery.avatar import AvatarWorker, chunk_ready_points
 from services.delivery.livekit_room import DeliveryError, LiveKitConnector
+from services.serving.affinity import for_session, on_every_replica
 from services.serving.conversation import ConversationCall
 from services.serving.session_stream import LocalSessionLink, SessionStream, internal_error
 from services.serving.settings import AppSettings
@@ -278,13 +279,19 @@ class SessionIngressServicer:
             _fail(grpc_context, internal_error(session_id, "opening the session", error))
             return pb.Session()
 
+    def workers(self, session_id: str) -> tuple:
+        """The (audio, score, decoder) handles whose calls reach the replicas holding `session_id`
+        (`services.serving.affinity`)."""
+        return tuple(for_session(handle, session_id) for handle in (self.audio, self.score, self.decoder))
+
     async def _open_workers(self, session_id: str, spec, image_bytes: bytes) -> None:
         stream = spec.stream
-        latent = self.decoder.encode_reference.remote(image_bytes, stream.width, stream.height)  # resolved in score
+        audio, score, decoder = self.workers(session_id)
+        latent = decoder.encode_reference.remote(image_bytes, stream.width, stream.height)  # resolved in score
         regions = [tuple(region) for region in spec.characters]
-        await asyncio.gather(self.score.open.remote(session_id, stream, latent, spec.prompt, regions),
-                             self.audio.open.remote(session_id, stream, max(1, len(regions))),
-                             self.decoder.open_decode.remote(session_id, stream.decoder))
+        await asyncio.gather(score.open.remote(session_id, stream, latent, spec.prompt, regions),
+                             audio.open.remote(session_id, stream, max(1, len(regions))),
+                             decoder.open_decode.remote(session_id, stream.decoder))
 
     async def _start_avatar(self, record: SessionRecord) -> None:
         """A voice agent's avatar: join its room now and drive the session from the agent's speech there
@@ -314,10 +321,12 @@ class SessionIngressServicer:
         asyncio.ensure_future(run())
 
     async def _release_workers(self, session_id: str) -> None:
-        """Free the session's state on every worker (KV caches, decode cache, replay buffer, audio state)."""
-        await asyncio.gather(self.audio.close.remote(session_id), self.score.close.remote(session_id),
-                             self.decoder.close_decode.remote(session_id), self.llm.close.remote(session_id),
-                             return_exceptions=True)
+        """Free the session's state on every worker (KV caches, decode cache, replay buffer, audio state): on every
+        replica, where a session that moved may have left a copy."""
+        await asyncio.gather(on_every_replica(self.audio, "close", session_id),
+                             on_every_replica(self.score, "close", session_id),
+                             on_every_replica(self.decoder, "close_decode", session_id),
+                             self.llm.close.remote(session_id), return_exceptions=True)
 
     async def GetSession(self, request, grpc_context=None):
         try:
@@ -344,10 +353,12 @@ class SessionIngressServicer:
             changes = {}
             try:
                 if spec.prompt is not None and spec.prompt != record.prompt:
-                    await self.score.set_prompt.remote(record.session_id, spec.prompt)
+                    await for_session(self.score, record.session_id).set_prompt.remote(record.session_id,
+                                                                                       spec.prompt)
                     changes["prompt"] = spec.prompt
                 for character, speaking in spec.speaking:
-                    await self.audio.set_speaking.remote(record.session_id, character, speaking)
+                    await for_session(self.audio, record.session_id).set_speaking.remote(record.session_id,
+                                                                                         character, speaking)
             except Exception as error:
                 raise internal_error(record.session_id, "updating the session", error) from None
             return self._session_proto(self.store.update(record.session_id, **changes))
@@ -389,12 +400,13 @@ class SessionIngressServicer:
         Returns the ids freed or closed."""
         for session_id in list(self.streams):
             self.store_quietly("heartbeat", session_id, self.replica_id)
-        held = await asyncio.gather(self.audio.session_ids.remote(), self.score.session_ids.remote(),
-                                    self.decoder.session_ids.remote(), return_exceptions=True)
+        held = await asyncio.gather(*(on_every_replica(handle, "session_ids")
+                                      for handle in (self.audio, self.score, self.decoder)), return_exceptions=True)
         ids = set(self.store.admitted_ids())
-        for result in held:
-            if not isinstance(result, BaseException):
-                ids.update(result)
+        for results in held:
+            for result in () if isinstance(results, BaseException) else results:
+                if not isinstance(result, BaseException):
+                    ids.update(result)
         freed, now = [], time.time()
         for session_id in sorted(ids):
             if session_id in self.streams or session_id in self.avatars:

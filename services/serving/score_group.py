@@ -43,6 +43,7 @@ from model_core.models import build_dit, build_vae
 from model_core.snapshot import pack, restore_score, snapshot_score, unpack
 from model_core.stages import NoisyChunk, ScoreStage
 from model_core.text import build_prompt_encoder
+from services.serving.affinity import AFFINITY_ROUTER, session_report
 from services.serving.latent_link import LatentSender, backend_for, check_available, connect, new_link_name
 from services.serving.messages import ChunkFeatures, DecodedFrames, DecodeRequest, LinkedChunk, ScoredChunk
 from services.serving.ordering import ChunkTurns, MicroBatcher, run_on
@@ -122,7 +123,7 @@ class DenoiseStepActor:
         return [str(gpu) for gpu in ray.get_gpu_ids()]
 
 
-@serve.deployment(name="ScoreWorkerGroup", max_ongoing_requests=64)
+@serve.deployment(name="ScoreWorkerGroup", max_ongoing_requests=64, request_router_config=AFFINITY_ROUTER)
 class ScoreWorkerGroup:
     """The causal DiT for every session; see the module docstring for the two modes."""
 
@@ -190,13 +191,17 @@ class ScoreWorkerGroup:
         if self.resume is not None:
             self.resume.put(session_id, {"score-open": pack(self.opened[session_id])})
 
-    async def restore(self, session_id: str, at_chunk: int) -> dict:
+    async def restore(self, session_id: str, at_chunk: int | None) -> dict:
         """Make sure this replica holds the session: a replacement opens it again from its saved open arguments and
-        loads every step's caches and the noise generator saved before chunk `at_chunk` (and the adaptive sink).
-        Returns restored (whether it loaded) and progress (the next chunk it accepts)."""
+        loads every step's caches and the noise generator saved before chunk `at_chunk` (None: the latest saved, as
+        a re-attach asks) and the adaptive sink. Returns restored (whether it loaded) and progress (the next chunk it
+        accepts)."""
         if session_id in self.sessions:
             return {"restored": False, "progress": self.turns.next_index(session_id)}
         store = restore_call(self.resume, session_id)
+        if at_chunk is None:
+            prefix = steps_part(self.own_steps) + ":"
+            at_chunk = max((int(name[len(prefix):]) for name in store.names(session_id, prefix)), default=0)
         opened = unpack(store.need(session_id, "score-open", "the score group's open arguments"))
         await self.open(session_id, **opened)
         if at_chunk > 0:
@@ -252,6 +257,10 @@ class ScoreWorkerGroup:
 
     def session_ids(self) -> list[str]:
         return list(self.sessions)
+
+    def record_routing_stats(self) -> dict:
+        """What this replica tells the routers (`services.serving.affinity`): the sessions it holds."""
+        return session_report(self.session_ids())
 
     def held_bytes(self) -> int:
         """Bytes of per-session tensors on this replica (KV caches and conditioning; step actors not counted)."""

@@ -100,6 +100,7 @@ class SessionStream:
     def __init__(self, ingress, record: SessionRecord, carrier: dict, request_stream):
         self.ingress, self.carrier = ingress, carrier
         self.session_id = record.session_id
+        self.audio, self.score, self.decoder = ingress.workers(record.session_id)   # routed to its replicas
         self.request_stream = request_stream
         self.num_characters = max(1, len(record.characters))
         self.in_flight = asyncio.Semaphore(ingress.settings.max_chunks_in_flight)
@@ -136,7 +137,15 @@ class SessionStream:
         if previous is not None:
             previous.end("taken_over")   # a newer attach takes the session over
         ingress.streams[session_id] = self
-        audio_state = await ingress.audio.state.remote(session_id)
+        try:   # the session's replicas hold it (one that lost it, or a new home, restores it from its snapshot)
+            audio_state = await self.audio.restore.remote(session_id)
+        except Exception as error:
+            if not _is_resume_unavailable(error):
+                raise
+            self.error = ApiError(grpc.StatusCode.DATA_LOSS, f"the audio worker lost the session: {_short(error)}")
+            if ingress.streams.get(session_id) is self:
+                ingress.streams.pop(session_id, None)
+            return
         self.sample_rate_hz = audio_state["sample_rate_hz"]   # fixed by the first audio, whoever received it
         self.pushed = list(audio_state["samples_by_character"])
         self.next_ticket = audio_state["chunk_index"]
@@ -247,13 +256,20 @@ class SessionStream:
     async def _resume(self, resume_from_chunk: int, audio_state: dict) -> tuple[int, list[pb.SessionOutput]]:
         """Re-attach: resend what is buffered from `resume_from_chunk`, resubmit chunks cut but never submitted.
         Returns the first chunk index this stream will send, and WARNING events to send after ATTACHED."""
-        ingress, session_id = self.ingress, self.session_id
-        started = await ingress.score.progress.remote(session_id)
+        session_id = self.session_id
+        score = await self.score.restore.remote(session_id, None)
+        started = score["progress"]
+        decode = await self.decoder.restore_decode.remote(session_id, started)
         first = min(resume_from_chunk, started)
-        tickets = {ticket.chunk_index: ticket for ticket in await ingress.audio.recent.remote(session_id, first)}
         warnings = []
+        if (score["restored"] or decode["restored"]) and first < started:   # what it buffered left with its replica
+            warnings.append(self._event(pb.Event.WARNING, f"chunks {first} to {started - 1} were held by a worker "
+                                                          f"that is gone and cannot be resent; resuming at chunk "
+                                                          f"{started}"))
+            first = started
+        tickets = {ticket.chunk_index: ticket for ticket in await self.audio.recent.remote(session_id, first)}
         if first < started:
-            oldest = await ingress.decoder.oldest_buffered.remote(session_id)
+            oldest = await self.decoder.oldest_buffered.remote(session_id)
             available = max(oldest if oldest is not None else first, min(tickets, default=started))
             if available > first:
                 warnings.append(self._event(pb.Event.WARNING, f"chunks {first} to {available - 1} are no longer "
@@ -262,11 +278,11 @@ class SessionStream:
                 first = available
         # Chunks the score group started but the decoder never received: the previous ingress died between
         # `generate` and `decode`. Hand the kept result over again (the decoder ignores a chunk it already has).
-        lost = set(await ingress.decoder.never_received.remote(session_id, started)) if first < started else set()
+        lost = set(await self.decoder.never_received.remote(session_id, started)) if first < started else set()
         for index in range(first, started):
-            response = (ingress.decoder.decode.remote(tickets[index].decode_request(),
-                                                      ingress.score.scored.remote(session_id, index), self.carrier)
-                        if index in lost else ingress.decoder.fetch.remote(session_id, index))
+            response = (self.decoder.decode.remote(tickets[index].decode_request(),
+                                                      self.score.scored.remote(session_id, index), self.carrier)
+                        if index in lost else self.decoder.fetch.remote(session_id, index))
             self._spawn(index, tickets[index], response, counted=False)
         cut = audio_state["chunk_index"]
         unsubmitted = [ticket for index, ticket in sorted(tickets.items()) if index >= started]
@@ -311,16 +327,16 @@ class SessionStream:
                         self.first_audio_at = time.perf_counter()
                     character = int(message.audio.character)
                     offset = self.pushed[character]
-                    await self._audio_call(lambda: ingress.audio.push.remote(
+                    await self._audio_call(lambda: self.audio.push.remote(
                         session_id, pcm, rate, character, self.carrier, offset, self.next_ticket))
                     self.pushed[character] += int(pcm.shape[0])
                 elif kind == "control":
                     speaking, end_of_input = validate_control(message.control, self.num_characters)
                     for character, value in speaking:
-                        await self._audio_call(lambda: ingress.audio.set_speaking.remote(session_id, character, value))
+                        await self._audio_call(lambda: self.audio.set_speaking.remote(session_id, character, value))
                     if end_of_input and not self.input_ended:
                         self.input_ended = True
-                        await self._audio_call(lambda: ingress.audio.end.remote(session_id, self.carrier,
+                        await self._audio_call(lambda: self.audio.end.remote(session_id, self.carrier,
                                                                                  self.next_ticket))
                         await self.outputs.put(self._event(pb.Event.INPUT_ENDED, "flushing remaining video"))
                 else:
@@ -365,8 +381,8 @@ class SessionStream:
                                            f"chunk {ticket.chunk_index}"))
         await self.in_flight.acquire()
         ingress.telemetry.chunks_in_flight.add(1)
-        scored = ingress.score.generate.remote(ticket.features, self.carrier)   # features resolved in the score group
-        frames = ingress.decoder.decode.remote(ticket.decode_request(), scored, self.carrier)
+        scored = self.score.generate.remote(ticket.features, self.carrier)   # features resolved in the score group
+        frames = self.decoder.decode.remote(ticket.decode_request(), scored, self.carrier)
         self._spawn(ticket.chunk_index, ticket, frames, counted=True)
 
     def _spawn(self, index: int, ticket: ChunkTicket, response, counted: bool) -> None:
@@ -480,26 +496,26 @@ class SessionStream:
     async def _restore_and_resubmit(self) -> tuple[list[str], int]:
         """Every deployment holds the session (restored where it was lost); the failed chunks are resubmitted.
         Returns the deployments that restored it and the first chunk resubmitted (or the next one due)."""
-        ingress, session_id = self.ingress, self.session_id
-        audio_state = await ingress.audio.restore.remote(session_id)
+        session_id = self.session_id
+        audio_state = await self.audio.restore.remote(session_id)
         restored = ["AudioEncoder"] if audio_state["restored"] else []
         if not self.failed:
             return restored, self.next_chunk
         first = min(self.failed)
-        score = await ingress.score.restore.remote(session_id, first)
-        decode = await ingress.decoder.restore_decode.remote(session_id, first)
+        score = await self.score.restore.remote(session_id, first)
+        decode = await self.decoder.restore_decode.remote(session_id, first)
         restored += ["ScoreWorkerGroup"] * score["restored"] + ["VAEDecoder"] * decode["restored"]
         started, cut = max(score["progress"], first), audio_state["chunk_index"]
-        tickets = {ticket.chunk_index: ticket for ticket in await ingress.audio.recent.remote(session_id, first)}
+        tickets = {ticket.chunk_index: ticket for ticket in await self.audio.recent.remote(session_id, first)}
         missing = [index for index in range(first, cut) if index not in tickets]
         if missing:
             raise ApiError(grpc.StatusCode.DATA_LOSS, f"chunks {missing} were lost with a failed worker")
-        lost = set(await ingress.decoder.never_received.remote(session_id, started)) if first < started else set()
+        lost = set(await self.decoder.never_received.remote(session_id, started)) if first < started else set()
         self.failed.clear()      # from here on a new failure is a new round
         for index in range(first, started):    # scored by a live score group: decode (or fetch) them again
-            response = (ingress.decoder.decode.remote(tickets[index].decode_request(),
-                                                      ingress.score.scored.remote(session_id, index), self.carrier)
-                        if index in lost else ingress.decoder.fetch.remote(session_id, index))
+            response = (self.decoder.decode.remote(tickets[index].decode_request(),
+                                                      self.score.scored.remote(session_id, index), self.carrier)
+                        if index in lost else self.decoder.fetch.remote(session_id, index))
             self._spawn(index, tickets[index], response, counted=False)
         for index in range(started, cut):
             await self._submit(tickets[index])

@@ -50,16 +50,16 @@ async def settle_tasks(timeout_s: float = 10.0) -> None:
         assert not stuck, f"tasks that would not stop: {[repr(task) for task in stuck]}"
 
 
-def replica_killer(deployment: str, app: str = ""):
+def replica_killer(deployment: str, app: str = "", replica: str = ""):
     """A callable that kills (no restart: Serve starts a replacement) the first replica of `deployment` (of `app`,
-    when given) in the connected Ray cluster."""
+    when given; the one whose unique id is `replica`, when given) in the connected Ray cluster."""
     def kill() -> None:
         import ray
 
         for actor in ray.util.list_named_actors(all_namespaces=True):
-            if f"{app}#{deployment}#" in actor["name"]:
+            if f"{app}#{deployment}#" in actor["name"] and actor["name"].endswith(f"#{replica}" if replica else ""):
                 ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
                 return
-        raise AssertionError(f"no {deployment} replica found" + (f" in app {app!r}" if app else ""))
+        raise AssertionError(f"no {deployment} replica {replica} found" + (f" in app {app!r}" if app else ""))
 
     return kill

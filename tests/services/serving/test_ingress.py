@@ -440,16 +440,19 @@ def test_a_worker_failure_ends_the_stream_with_internal_and_a_correlation_id_and
     assert again.code == grpc.StatusCode.FAILED_PRECONDITION and "failed" in again.details
 
 
-def test_an_attach_whose_worker_state_is_gone_gets_internal_with_a_correlation_id_only(store):
+def test_an_attach_whose_worker_state_is_gone_for_good_gets_data_loss_saying_why(store):
+    """The AudioEncoder lost the session and its snapshot with it (closed there): the attach cannot restore it, and
+    says so (not INTERNAL, no raw error)."""
     async def main():
         cluster = Cluster(store)
         session = await cluster.create(png(9))
-        cluster.audio.close(session.session_id)          # the AudioEncoder lost the session (e.g. a restart)
+        cluster.audio.close(session.session_id)
         return await cluster.stream(session, [])
 
     outputs, context = asyncio.run(main())
-    assert context.code == grpc.StatusCode.INTERNAL and "correlation id" in context.details, context.details
-    assert "AudioEncoder" not in context.details and "KeyError" not in context.details
+    assert context.code == grpc.StatusCode.DATA_LOSS, (context.code, context.details)
+    assert "audio worker lost the session" in context.details and "no snapshot" in context.details, context.details
+    assert "KeyError" not in context.details and "Traceback" not in context.details
 
 
 def test_chunks_scored_but_never_handed_to_the_decoder_are_decoded_after_a_reattach(store):

@@ -22,11 +22,12 @@ from .helpers import engine_jpegs, pcm16, png, replica_killer
 pytestmark = pytest.mark.integration
 
 PIPELINED, SELF_CONTAINED, LINKED, PIPELINED_OBJECTS = "pipelined", "selfcontained", "linked", "pipelinedobjects"
+REPLICATED = "replicated"
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    started = LocalCluster.start({"max_sessions": 8}, grpc_port=free_port(), num_cpus=10, num_gpus=13)
+    started = LocalCluster.start({"max_sessions": 8}, grpc_port=free_port(), num_cpus=12, num_gpus=17)
     started.deploy_app(PIPELINED, {"score_mode": "pipelined", "steps": 3, "max_batch_size": 1,
                                    "latent_transport": "collective"}, {
         "ScoreWorkerGroup": {"placement_group_bundles": [{"CPU": 0.25, "GPU": 1}] * 3,
@@ -38,6 +39,8 @@ def cluster():
         "ScoreWorkerGroup": {"placement_group_bundles": [{"CPU": 0.25, "GPU": 1}] * 2,
                              "placement_group_strategy": "STRICT_PACK",
                              "ray_actor_options": {"num_cpus": 0.25, "num_gpus": 1}}})
+    started.deploy_app(REPLICATED, {"max_batch_size": 1}, {"ScoreWorkerGroup": {"num_replicas": 2},
+                                                           "VAEDecoder": {"num_replicas": 2}})
     yield started
     started.stop()
 
@@ -149,4 +152,67 @@ def test_a_killed_score_replica_of_the_other_layouts_resumes_its_session_with_th
                                                "stream": engine.preset.stream.replace(steps=steps)})
     assert result.frames_jpeg == engine_jpegs(engine, image, pcm)
     client.close_session(session.session_id, session.session_token)
+    client.close()
+
+
+def _holdings(deployment: str, app: str) -> dict[str, set[str]]:
+    """Replica id -> the sessions it holds, asked of every running replica of `deployment` (what it reports to the
+    routers; a replica just killed may still be asked, and answers with its death)."""
+    handle = serve.get_deployment_handle(deployment, app_name=app)
+    reports = handle.broadcast("record_routing_stats").results(timeout_s=30, return_exceptions=True)
+    return {report["replica"]: set(report["sessions"]) for report in reports if not isinstance(report, Exception)}
+
+
+def test_sessions_spread_over_two_score_and_vae_replicas_stay_there_and_move_when_one_dies(cluster):
+    """Four sessions over 2 score + 2 VAE replicas: two on each, every call of a session on its replica. The score
+    replica of two of them is killed mid-stream: those two resume on the survivor (one RESUMED each, the engine's
+    frames), the other two are untouched (no event, not moved to the replacement replica); closing frees every
+    replica."""
+    from services.api import pb
+
+    client = AvatarClient(cluster.target, application=REPLICATED)
+    inputs = [(png(70 + i), pcm16(speech(3.5, seed=70 + i))) for i in range(4)]
+    sessions = [client.create_session(image) for image, _ in inputs]
+    ids = [session.session_id for session in sessions]
+    for deployment in ("ScoreWorkerGroup", "VAEDecoder"):
+        held = _holdings(deployment, REPLICATED)
+        assert len(held) == 2 and sorted(map(len, held.values())) == [2, 2], (deployment, held)
+        assert set().union(*held.values()) == set(ids), (deployment, held)
+    before = _holdings("ScoreWorkerGroup", REPLICATED)
+    victim = next(replica for replica, held in before.items() if ids[0] in held)
+    moved = before[victim]
+    kill = replica_killer("ScoreWorkerGroup", REPLICATED, replica=victim)
+    results, during = [None] * len(inputs), {}
+
+    def look(chunk):      # well after the move, while every session is still streaming
+        if chunk.chunk_index == 6:
+            during.update(_holdings("ScoreWorkerGroup", REPLICATED))
+
+    def run(index):
+        after, on_chunk = ((2, kill), look) if index == 0 else (None, None)
+        results[index] = client.stream(sessions[index], inputs[index][1], 16000, realtime=True, after_chunks=after,
+                                       on_chunk=on_chunk)
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(len(inputs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=240)
+    engine = AvatarEngine.from_preset("tiny", seed=0)
+    for session_id, (image, pcm), result in zip(ids, inputs, results):
+        assert result is not None and result.chunks[-1].final and result.reattaches == 0
+        resumed = [event for event in result.events if event.type == pb.Event.RESUMED]
+        if session_id in moved:
+            assert len(resumed) == 1 and "ScoreWorkerGroup" in resumed[0].message, [e.message for e in result.events]
+        else:
+            assert resumed == [], [event.message for event in resumed]
+        assert [chunk.chunk_index for chunk in result.chunks] == list(range(len(result.chunks)))
+        assert result.frames_jpeg == engine_jpegs(engine, image, pcm)
+    survivor = next(replica for replica in before if replica != victim)
+    assert victim not in during and before[survivor] <= during[survivor], during   # the untouched ones stayed
+    assert sorted(session for held in during.values() for session in held) == sorted(ids), during   # each held once
+    for session in sessions:
+        client.close_session(session.session_id, session.session_token)
+    for deployment in ("ScoreWorkerGroup", "VAEDecoder", "AudioEncoder"):
+        assert all(not held for held in _holdings(deployment, REPLICATED).values()), deployment
     client.close()

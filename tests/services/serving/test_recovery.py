@@ -106,3 +106,39 @@ def test_a_retried_push_is_neither_applied_twice_nor_loses_its_tickets(store):
     assert [t.audio_pcm_s16le for t in restored] == [t.audio_pcm_s16le for t in first]
     assert replacement.state("retry")["samples_received"] == pcm.shape[0]
     cluster.audio.close("retry")
+
+
+def test_a_session_whose_workers_were_all_replaced_while_detached_resumes_on_reattach(store, engine):
+    """No stream was attached when every worker replica was replaced (or the session moved to other replicas): the
+    re-attach finds it nowhere, restores it on the replacements from its latest snapshots and goes on; every chunk
+    either stream delivered equals the engine's, and a chunk that cannot be resent is named in a WARNING."""
+    from services.media import decode_image_bytes, image_to_tensor
+    from services.serving.vae_decoder import encode_jpeg
+
+    image, pcm = png(12), pcm16(speech(3.0, seed=33))
+    messages = audio_messages(pcm)
+    half = len(messages) // 2
+
+    async def main():
+        cluster = Cluster(store)
+        session = await cluster.create(image)
+        first, _ = await cluster.stream(session, messages[:half])     # the client goes away mid-speech
+        for deployment in ("AudioEncoder", "ScoreWorkerGroup", "VAEDecoder"):
+            _replace(cluster, deployment)
+        second, context = await asyncio.wait_for(
+            cluster.stream(session, messages[half:], resume_from_chunk=len(chunks_of(first))), 120)
+        return first, second, context
+
+    first, second, context = asyncio.run(main())
+    assert context.code is None, context.details
+    sid = engine.open_session(image_to_tensor(decode_image_bytes(image), 64, 64), "")
+    expected = [encode_jpeg(chunk.frames, 90) for chunk in engine.push_audio(sid, pcm, 16000) + engine.end_input(sid)]
+    delivered = chunks_of(first) + chunks_of(second)
+    indices = [chunk.chunk_index for chunk in delivered]
+    assert indices == sorted(set(indices)) and delivered[-1].final and indices[-1] == len(expected) - 1
+    assert len(chunks_of(first)) >= 2 and chunks_of(second)
+    for chunk in delivered:
+        assert list(chunk.frames) == expected[chunk.chunk_index], chunk.chunk_index
+    gap = sorted(set(range(len(expected))) - set(indices))
+    warnings = [event.message for event in events_of(second) if event.type == pb.Event.WARNING]
+    assert not gap or any(f"chunks {gap[0]} to {gap[-1]}" in message for message in warnings), (gap, warnings)
