@@ -116,3 +116,21 @@ def test_tls_and_host_flags_are_checked_before_anything_starts(capsys, tmp_path)
     assert f"--tls-key {str(other_key)!r} is not the private key of --tls-cert {str(cert)!r}" in err
     err = refused(["--preset", "tiny", "--host", "example.com", "--port", port], capsys)
     assert "--host 'example.com' is not an IP address: 127.0.0.1 (this machine only, the default), 0.0.0.0" in err
+
+
+@pytest.mark.parametrize("entry, named", [("ScoreWorkerGroup=0", "must be a positive integer"),
+                                          ("ScoreWorkerGroup=two", "must be a positive integer"),
+                                          ("LLMBridge=2", "allowed: SessionIngress, AudioEncoder"),
+                                          ("Score=2", "unknown or unscalable deployment 'Score'")])
+def test_bad_replica_counts_are_refused_naming_the_flag_and_the_allowed_values(entry, named, capsys):
+    err = refused(["--preset", "tiny", "--replicas", entry, "--port", str(free_port())], capsys)
+    assert f"--replicas {entry!r}" in err and named in err
+
+
+def test_replicas_are_counted_in_the_gpus_and_checked_against_the_transport(capsys):
+    err = refused(["--preset", "tiny", "--replicas", "ScoreWorkerGroup=3", "--num-gpus", "3",
+                   "--port", str(free_port())], capsys)
+    assert "--num-gpus 3 is too few" in err and "ask for 4 GPUs" in err
+    err = refused(["--preset", "tiny", "--replicas", "VAEDecoder=2", "--latent-transport", "collective",
+                   "--port", str(free_port())], capsys)
+    assert "exactly 1 VAEDecoder replica" in err
