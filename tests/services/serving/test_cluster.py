@@ -10,6 +10,7 @@ import threading
 import time
 
 import grpc
+import hypothesis  # noqa: F401 - loaded (and rewritten by pytest) at collection, see the fuzz test
 import numpy as np
 import pytest
 import ray
@@ -446,7 +447,8 @@ FUZZ_EXAMPLES = int(os.environ.get("FACECAST_FUZZ_EXAMPLES", "110"))
 def test_hostile_calls_get_documented_statuses_while_a_healthy_session_streams_unchanged(cluster, client, engine):
     """Property-based (services/api/fuzz.py): every RPC driven with malformed and adversarial messages over real
     gRPC — thousands of messages — gets OK or a documented status, never INTERNAL; a session streaming in real time
-    meanwhile delivers exactly the engine's frames."""
+    meanwhile delivers exactly the engine's frames. (hypothesis is imported at the top: imported here, under this
+    load, pytest's rewrite of its modules once hit CPython 3.11's "AST constructor recursion depth mismatch".)"""
     from hypothesis import HealthCheck, given, settings
 
     from services.api.fuzz import Hostile, hostile_calls
