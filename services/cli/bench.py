@@ -107,9 +107,12 @@ def cmd_bench_soak(args: argparse.Namespace) -> int:
     if args.kill and not args.kill_every > 0:
         raise UserError(f"--kill-every {args.kill_every:g} is invalid: must be > 0 minutes")
     from services.cli.bench_soak import bench_soak, format_soak_report
+    from services.cli.serve import parse_replicas
 
+    parse_replicas(args.replicas)     # a bad entry is refused here, not after serve started
     report = bench_soak(args.preset, args.sessions, args.minutes, kill=args.kill, kill_every_min=args.kill_every,
-                        buffer_ms=args.buffer_ms, config=args.config, log_dir=args.log_dir, progress=not args.quiet)
+                        buffer_ms=args.buffer_ms, config=args.config, log_dir=args.log_dir, progress=not args.quiet,
+                        replicas=args.replicas)
     print_report(report if args.json else format_soak_report(report))
     return EXIT_OK
 
@@ -197,6 +200,9 @@ def add_parser(commands) -> None:
     soak.add_argument("--minutes", type=float, default=10.0, help="how long each session streams (default 10)")
     soak.add_argument("--kill", choices=DEPLOYMENT_NAMES, help="kill a replica of this deployment on a schedule")
     soak.add_argument("--kill-every", type=float, default=3.0, help="minutes between kills (default 3)")
+    soak.add_argument("--replicas", action="append", metavar="DEPLOYMENT=N",
+                      help="run N replicas of a deployment (`facecast serve --replicas`; repeatable): with --kill, "
+                           "the killed replica's sessions move to a survivor")
     soak.add_argument("--buffer-ms", type=float, default=200.0, help="the viewer's jitter buffer (default 200)")
     soak.add_argument("--config", help="Serve config for `facecast serve` (default: its own)")
     soak.add_argument("--log-dir", default="out", help="where the server's log goes (default out/)")

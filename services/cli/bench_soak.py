@@ -130,12 +130,20 @@ def _kill_replica(pid: int, deployment: str) -> int | None:
     return None
 
 
-def _start_serve(preset: str, config: str | None, log_path: Path) -> tuple[subprocess.Popen, int]:
+def serve_argv(preset: str, config: str | None, port: int, http_port: int, ready: Path,
+               replicas: list[str] | None = None) -> list[str]:
+    """The `facecast serve` command line a bench starts."""
+    return ([sys.executable, "-m", "services.cli", "serve", "--preset", preset, "--port", str(port), "--http-port",
+             str(http_port), "--ready-file", str(ready)] + (["--config", config] if config else [])
+            + [arg for entry in replicas or () for arg in ("--replicas", entry)])
+
+
+def _start_serve(preset: str, config: str | None, log_path: Path,
+                 replicas: list[str] | None = None) -> tuple[subprocess.Popen, int]:
     port, http_port = free_port(), free_port()
     ready = log_path.with_suffix(".ready")
     ready.unlink(missing_ok=True)
-    argv = [sys.executable, "-m", "services.cli", "serve", "--preset", preset, "--port", str(port), "--http-port",
-            str(http_port), "--ready-file", str(ready)] + (["--config", config] if config else [])
+    argv = serve_argv(preset, config, port, http_port, ready, replicas)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONUNBUFFERED="1")
     with open(log_path, "wb") as sink:
         proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
@@ -163,14 +171,14 @@ def _stop_serve(proc: subprocess.Popen, progress: bool) -> None:
 
 def bench_soak(preset: str = "tiny", sessions: int = 3, minutes: float = 10.0, kill: str | None = None,
                kill_every_min: float = 3.0, buffer_ms: float = 200.0, config: str | None = None,
-               log_dir: str = "out", progress: bool = True) -> dict:
+               log_dir: str = "out", progress: bool = True, replicas: list[str] | None = None) -> dict:
     from services.api import pb
     from services.api.client import AvatarClient
 
     Path(log_dir).mkdir(parents=True, exist_ok=True)
     log_path = Path(log_dir) / "soak-serve.log"
     pcm, image = _speech(minutes), (ASSETS / "reference.png").read_bytes()
-    proc, port = _start_serve(preset, config, log_path)
+    proc, port = _start_serve(preset, config, log_path, replicas)
     logs, memory, kills = [SessionLog(i) for i in range(sessions)], [], []
     stop = threading.Event()
     began = time.monotonic()
@@ -220,7 +228,9 @@ def bench_soak(preset: str = "tiny", sessions: int = 3, minutes: float = 10.0, k
         stop.set()
         watcher.join(timeout=10)
         _stop_serve(proc, progress)
-    return _report(preset, sessions, minutes, buffer_ms / 1000, logs, memory, kills, str(log_path))
+    report = _report(preset, sessions, minutes, buffer_ms / 1000, logs, memory, kills, str(log_path))
+    report["replicas"] = list(replicas or [])
+    return report
 
 
 def _percentile(values, q):
@@ -269,7 +279,9 @@ def _report(preset, sessions, minutes, buffer_s, logs, memory, kills, log_path) 
 def format_soak_report(report: dict) -> str:
     attainment = report["deadline_attainment"]
     lines = [f"facecast bench soak — preset {report['preset']}, {report['sessions']} sessions x {report['minutes']:g} "
-             f"min, real-time speech through `facecast serve` on {report['machine']}",
+             f"min, real-time speech through `facecast serve`"
+             + (f" --replicas {' '.join(report['replicas'])}" if report.get("replicas") else "")
+             + f" on {report['machine']}",
              f"  sessions lost {report['sessions_lost']}, chunks {report['chunks']}, deadline attainment "
              + (f"{attainment * 100:.2f} %" if attainment is not None else "n/a")
              + f" (player buffer {report['buffer_ms']:.0f} ms), stall {report['stall_s']:.1f} s",

@@ -66,10 +66,9 @@ SCALABLE = ("SessionIngress", "AudioEncoder", "ScoreWorkerGroup", "VAEDecoder")
 """Deployments `--replicas` may scale (the LLM bridge keeps conversations in one replica)."""
 
 
-def _replicas_plan(entries: list[str] | None, serve_config: dict) -> dict[str, dict]:
-    """`--replicas NAME=N` entries applied to the config's deployments (so GPUs are counted and rules checked with
-    them); returns the deployment option overrides to deploy with."""
-    overrides: dict[str, dict] = {}
+def parse_replicas(entries: list[str] | None) -> dict[str, int]:
+    """`--replicas NAME=N` entries as {deployment: replicas}; UserError naming the entry and the allowed values."""
+    counts: dict[str, int] = {}
     for entry in entries or ():
         name, _, count = entry.partition("=")
         if name not in SCALABLE:
@@ -78,7 +77,14 @@ def _replicas_plan(entries: list[str] | None, serve_config: dict) -> dict[str, d
         if not count.isdigit() or int(count) < 1:
             raise UserError(f"--replicas {entry!r}: the count must be a positive integer (NAME=N, e.g. "
                             "ScoreWorkerGroup=2)")
-        overrides[name] = {"num_replicas": int(count)}
+        counts[name] = int(count)
+    return counts
+
+
+def _replicas_plan(entries: list[str] | None, serve_config: dict) -> dict[str, dict]:
+    """`--replicas NAME=N` entries applied to the config's deployments (so GPUs are counted and rules checked with
+    them); returns the deployment option overrides to deploy with."""
+    overrides = {name: {"num_replicas": count} for name, count in parse_replicas(entries).items()}
     if overrides:
         deployments = serve_config["applications"][0].setdefault("deployments", [])
         for name, option in overrides.items():

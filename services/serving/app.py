@@ -17,6 +17,9 @@ argument inside the callee), and gets back only frames.  In the self-contained l
 (`vae_placement: colocated`) the score group is bound as the decoder too, so the ingress never knows where decoding
 runs.
 
+Each deployment may run several replicas: the ones that hold sessions (AudioEncoder, ScoreWorkerGroup, VAEDecoder)
+route every call about a session to the replica holding it (`services.serving.affinity`).
+
 `build_app(args)` is the Serve `import_path` target (`services.serving.app:build_app`); `args` are `AppSettings`
 fields.
 """

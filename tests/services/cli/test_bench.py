@@ -27,6 +27,7 @@ def test_bench_engine_json_report(capsys):
     (["soak", "--sessions", "0"], "--sessions 0 is invalid; allowed: 1 to 64"),
     (["soak", "--minutes", "0"], "--minutes 0 is invalid: must be > 0"),
     (["soak", "--kill", "VAEDecoder", "--kill-every", "0"], "--kill-every 0 is invalid"),
+    (["soak", "--replicas", "ScoreWorkerGroup=x"], "--replicas 'ScoreWorkerGroup=x': the count must be a positive"),
     (["fuzz", "--examples", "0"], "--examples 0 is invalid: at least 1"),
 ])
 def test_bad_arguments_exit_2_with_one_line(argv, needle, capsys):
@@ -77,3 +78,12 @@ def test_the_soak_players_deadlines_and_stalls_against_hand_worked_timelines():
     on_time, frozen = late.player(0.2)   # chunk 2: due 2.16, arrives 2.5 (0.34 s frozen); then due 2.98 (on time)
     assert on_time == 3 and frozen == pytest.approx(0.34 + 0.14)   # and 3.46, arriving 3.6 (0.14 s frozen)
     assert SessionLog(2).player(0.2) == (0, 0.0)
+
+
+def test_the_soak_starts_serve_with_the_replicas_asked_for(tmp_path):
+    from services.cli.bench_soak import serve_argv
+
+    argv = serve_argv("tiny", None, 9100, 9101, tmp_path / "r", ["ScoreWorkerGroup=2", "VAEDecoder=2"])
+    assert argv[argv.index("serve"):] == ["serve", "--preset", "tiny", "--port", "9100", "--http-port", "9101",
+                                          "--ready-file", str(tmp_path / "r"), "--replicas", "ScoreWorkerGroup=2",
+                                          "--replicas", "VAEDecoder=2"]
