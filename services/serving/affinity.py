@@ -126,6 +126,20 @@ class SessionAffinityRouter(RequestRouter):
                 self._remove_pending_request_from_indices(pending)
                 return
 
+    def _remove_pending_request_from_indices(self, pending_request: PendingRequest) -> None:
+        """Also drop it from the per-model-id index, which Serve cleans only in its multiplex mixin (not used here):
+        otherwise every keyed call stays referenced there with its arguments (PCM, the features' and scored chunks'
+        object refs, which pin the objects in their owners) for as long as the process lives."""
+        super()._remove_pending_request_from_indices(pending_request)
+        model_id = pending_request.metadata.multiplexed_model_id
+        waiting = self._pending_requests_by_model_id.get(model_id)
+        if waiting is None:
+            return
+        for pending in [pending for pending in waiting if pending is pending_request or pending.future.done()]:
+            waiting.remove(pending)
+        if not waiting:
+            del self._pending_requests_by_model_id[model_id]
+
 
 AFFINITY_ROUTER = RequestRouterConfig(request_router_class=SessionAffinityRouter,
                                       request_routing_stats_period_s=ROUTING_STATS_PERIOD_S)

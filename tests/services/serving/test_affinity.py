@@ -152,6 +152,13 @@ def test_concurrent_calls_of_one_request_are_each_routed_to_their_own_sessions_r
             for method, session in (("encode_reference", "s2"), ("open_decode", "s2"), ("generate", "s1"))]
         chosen = await asyncio.wait_for(asyncio.gather(*(router._choose_replica_for_request(pending)
                                                          for pending in requests)), 10)
-        return [replica.replica_id.unique_id for replica in chosen]
+        more = [PendingRequest(args=[bytes(1000)], kwargs={}, metadata=RequestMetadata(
+            request_id="r", internal_request_id=f"r{i}", call_method="push", multiplexed_model_id="s1"))
+            for i in range(20)]
+        await asyncio.wait_for(asyncio.gather(*(router._choose_replica_for_request(pending) for pending in more)), 10)
+        held = dict(router._pending_requests_by_model_id), dict(router._pending_requests_by_id)
+        return [replica.replica_id.unique_id for replica in chosen], held
 
-    assert asyncio.run(scenario()) == ["b", "b", "a"], "s2 waits for its busy replica; s1 is not handed it either"
+    chosen, (by_session, by_id) = asyncio.run(scenario())
+    assert chosen == ["b", "b", "a"], "s2 waits for its busy replica; s1 is not handed it either"
+    assert by_session == {} and by_id == {}, "a routed call (and its arguments) stays referenced by the router"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from model_core.engine import AvatarEngine
 from services.api.client import AvatarClient
 from services.deploy.local_cluster import LocalCluster
 from services.net import free_port
+from services.serving.affinity import ROUTING_STATS_PERIOD_S
 
 from tests.model_core.helpers import speech
 from .helpers import engine_jpegs, pcm16, png, replica_killer
@@ -164,7 +166,8 @@ def _holdings(deployment: str, app: str) -> dict[str, set[str]]:
 
 
 def test_sessions_spread_over_two_score_and_vae_replicas_stay_there_and_move_when_one_dies(cluster):
-    """Four sessions over 2 score + 2 VAE replicas: two on each, every call of a session on its replica. The score
+    """Four sessions over 2 score + 2 VAE replicas: two on each, every call of a session on its replica, also from a
+    router that never routed them (it learns where they are from the replicas' reports). The score
     replica of two of them is killed mid-stream: those two resume on the survivor (one RESUMED each, the engine's
     frames), the other two are untouched (no event, not moved to the replacement replica); closing frees every
     replica."""
@@ -178,6 +181,12 @@ def test_sessions_spread_over_two_score_and_vae_replicas_stay_there_and_move_whe
         held = _holdings(deployment, REPLICATED)
         assert len(held) == 2 and sorted(map(len, held.values())) == [2, 2], (deployment, held)
         assert set().union(*held.values()) == set(ids), (deployment, held)
+    time.sleep(2 * ROUTING_STATS_PERIOD_S + 1)     # every replica has reported the sessions it holds
+    for deployment in ("ScoreWorkerGroup", "VAEDecoder"):    # a router that never routed them (a new ingress's)
+        fresh = serve.get_deployment_handle(deployment, app_name=REPLICATED)
+        for session_id in ids:
+            keyed = fresh.options(multiplexed_model_id=session_id)
+            assert session_id in keyed.session_ids.remote().result(timeout_s=30), (deployment, session_id)
     before = _holdings("ScoreWorkerGroup", REPLICATED)
     victim = next(replica for replica, held in before.items() if ids[0] in held)
     moved = before[victim]
