@@ -35,11 +35,11 @@ from services.api.keys import ApiKeyError, ApiKeyring
 from services.cli.common import EXIT_FAILED, EXIT_OK, UserError, one_line
 from services.deploy.serve_config import (
     DeployConfigError,
+    collective_decoder_problem,
     config_custom_resources,
     config_gpus,
     config_path,
     load_serve_config,
-    replica_count,
     validate_serve_config,
 )
 from services.net import DEFAULT_GRPC_PORT
@@ -139,11 +139,10 @@ def _serve_plan(args: argparse.Namespace) -> tuple[dict, dict, int | None]:
     except CheckpointError as error:
         raise UserError(f"--config {args.config}: {error}") from None
 
-    decoders = [dep for dep in application.get("deployments") or [] if dep.get("name") == "VAEDecoder"]
-    if settings.latent_transport == "collective" and decoders and replica_count(decoders[0]) > 1:
-        raise UserError(f"latent_transport 'collective' links each score replica to one VAEDecoder replica, so it "
-                        f"needs exactly 1 VAEDecoder replica (got {replica_count(decoders[0])}); drop --replicas "
-                        "VAEDecoder=N or use --latent-transport object_store")
+    for dep in application.get("deployments") or []:    # the flags may have changed the transport since validation
+        problem = dep.get("name") == "VAEDecoder" and collective_decoder_problem(settings.latent_transport, dep)
+        if problem:
+            raise UserError(f"--latent-transport/--replicas: {problem}")
     needed = config_gpus(serve_config)
     real = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if settings.device == "cuda" and not real:

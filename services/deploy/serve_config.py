@@ -400,15 +400,22 @@ def _facecast_problems(app: dict, where: str) -> list[str]:
                 f"{where}.deployments[{j}] ({SCORE_DEPLOYMENT}).placement_group_bundles: score_mode pipelined with "
                 f"steps={steps} needs at least {steps} bundles with GPU >= 1 (one per denoising step), found {have}"
             )
-    if args.get("latent_transport", _DEFAULTS.latent_transport) == "collective" and VAE_DEPLOYMENT in by_name:
+    if VAE_DEPLOYMENT in by_name:
         j, dep = by_name[VAE_DEPLOYMENT]
-        if replica_count(dep) > 1:
-            problems.append(
-                f"{where}.deployments[{j}] ({VAE_DEPLOYMENT}).num_replicas: latent_transport 'collective' links each "
-                f"score replica to one VAEDecoder replica, so it needs exactly 1 VAEDecoder replica (got "
-                f"{replica_count(dep)}); use latent_transport 'object_store' to run several"
-            )
+        problem = collective_decoder_problem(args.get("latent_transport", _DEFAULTS.latent_transport), dep)
+        if problem:
+            problems.append(f"{where}.deployments[{j}] ({VAE_DEPLOYMENT}).num_replicas: {problem}")
     return problems
+
+
+def collective_decoder_problem(latent_transport: str, vae_deployment: dict) -> str | None:
+    """What is wrong with this VAEDecoder entry for `latent_transport`, or None: 'collective' links each score
+    replica to one VAEDecoder replica, so it allows exactly one."""
+    if latent_transport != "collective" or replica_count(vae_deployment) <= 1:
+        return None
+    return (f"latent_transport 'collective' links each score replica to one VAEDecoder replica, so it needs exactly "
+            f"1 VAEDecoder replica (got {replica_count(vae_deployment)}); use latent_transport 'object_store' to run "
+            "several")
 
 
 def _builder_problems(app: dict, where: str) -> list[str]:

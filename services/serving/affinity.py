@@ -45,13 +45,17 @@ def rendezvous_score(session_id: str, replica_id: str) -> int:
     return int.from_bytes(digest, "big")
 
 
-def session_report(session_ids) -> dict:
-    """What a replica returns from `record_routing_stats`: its id and the sessions it holds."""
-    try:
-        replica = serve.get_replica_context().replica_id.unique_id
-    except Exception:       # outside a Serve replica (in-process tests)
-        replica = f"pid-{os.getpid()}"
-    return {"replica": replica, "sessions": sorted(session_ids)}
+class ReportsSessions:
+    """Mixed into each deployment that holds sessions (it has `session_ids()`): Serve polls `record_routing_stats`
+    every `ROUTING_STATS_PERIOD_S` and passes the report to every router."""
+
+    def record_routing_stats(self) -> dict:
+        """This replica's id and the sessions it holds."""
+        try:
+            replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:       # outside a Serve replica (in-process tests)
+            replica = f"pid-{os.getpid()}"
+        return {"replica": replica, "sessions": sorted(self.session_ids())}
 
 
 def held_sessions(replica: RunningReplica) -> frozenset[str]:

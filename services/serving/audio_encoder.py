@@ -24,7 +24,7 @@ from ray import serve
 from model_core.models import dit_config_for
 from model_core.snapshot import pack, unpack
 from model_core.stages import AudioStage, ChunkAudioInput
-from services.serving.affinity import AFFINITY_ROUTER, session_report
+from services.serving.affinity import AFFINITY_ROUTER, ReportsSessions
 from services.serving.messages import ChunkFeatures, ChunkTicket
 from services.serving.resume import ResumeStore, ResumeUnavailable, SessionNotHere, restore_call
 from services.serving.settings import REPLAY_CHUNKS, AppSettings
@@ -46,7 +46,7 @@ class _AudioSessionState:
 
 
 @serve.deployment(name="AudioEncoder", max_ongoing_requests=256, request_router_config=AFFINITY_ROUTER)
-class AudioEncoder:
+class AudioEncoder(ReportsSessions):
     """Streaming audio -> per-chunk tickets (to the ingress) and features (to the score group)."""
 
     def __init__(self, settings: AppSettings, stage: AudioStage | None = None, put=None):
@@ -137,10 +137,6 @@ class AudioEncoder:
 
     def session_ids(self) -> list[str]:
         return list(self.sessions)
-
-    def record_routing_stats(self) -> dict:
-        """What this replica tells the routers (`services.serving.affinity`): the sessions it holds."""
-        return session_report(self.session_ids())
 
     def held_bytes(self) -> int:
         """Bytes of audio this replica keeps in recent tickets (features live in the object store)."""

@@ -43,7 +43,7 @@ from model_core.models import build_dit, build_vae
 from model_core.snapshot import pack, restore_score, snapshot_score, unpack
 from model_core.stages import NoisyChunk, ScoreStage
 from model_core.text import build_prompt_encoder
-from services.serving.affinity import AFFINITY_ROUTER, session_report
+from services.serving.affinity import AFFINITY_ROUTER, ReportsSessions
 from services.serving.latent_link import LatentSender, backend_for, check_available, connect, new_link_name
 from services.serving.messages import ChunkFeatures, DecodedFrames, DecodeRequest, LinkedChunk, ScoredChunk
 from services.serving.ordering import ChunkTurns, MicroBatcher, run_on
@@ -124,7 +124,7 @@ class DenoiseStepActor:
 
 
 @serve.deployment(name="ScoreWorkerGroup", max_ongoing_requests=64, request_router_config=AFFINITY_ROUTER)
-class ScoreWorkerGroup:
+class ScoreWorkerGroup(ReportsSessions):
     """The causal DiT for every session; see the module docstring for the two modes."""
 
     def __init__(self, settings: AppSettings, stage: ScoreStage | None = None, decoder=None):
@@ -251,16 +251,8 @@ class ScoreWorkerGroup:
                 self.sender = sender
             self.link_name = name
 
-    def progress(self, session_id: str) -> int:
-        """The next chunk index this group will accept for the session (chunks below it were started)."""
-        return self.turns.next_index(session_id)
-
     def session_ids(self) -> list[str]:
         return list(self.sessions)
-
-    def record_routing_stats(self) -> dict:
-        """What this replica tells the routers (`services.serving.affinity`): the sessions it holds."""
-        return session_report(self.session_ids())
 
     def held_bytes(self) -> int:
         """Bytes of per-session tensors on this replica (KV caches and conditioning; step actors not counted)."""

@@ -279,11 +279,7 @@ class SessionStream:
         # Chunks the score group started but the decoder never received: the previous ingress died between
         # `generate` and `decode`. Hand the kept result over again (the decoder ignores a chunk it already has).
         lost = set(await self.decoder.never_received.remote(session_id, started)) if first < started else set()
-        for index in range(first, started):
-            response = (self.decoder.decode.remote(tickets[index].decode_request(),
-                                                      self.score.scored.remote(session_id, index), self.carrier)
-                        if index in lost else self.decoder.fetch.remote(session_id, index))
-            self._spawn(index, tickets[index], response, counted=False)
+        self._redeliver(range(first, started), tickets, lost)
         cut = audio_state["chunk_index"]
         unsubmitted = [ticket for index, ticket in sorted(tickets.items()) if index >= started]
         if cut > started and not unsubmitted:
@@ -337,7 +333,7 @@ class SessionStream:
                     if end_of_input and not self.input_ended:
                         self.input_ended = True
                         await self._audio_call(lambda: self.audio.end.remote(session_id, self.carrier,
-                                                                                 self.next_ticket))
+                                                                             self.next_ticket))
                         await self.outputs.put(self._event(pb.Event.INPUT_ENDED, "flushing remaining video"))
                 else:
                     raise ApiError(grpc.StatusCode.INVALID_ARGUMENT, "attach may only be the first message")
@@ -512,14 +508,19 @@ class SessionStream:
             raise ApiError(grpc.StatusCode.DATA_LOSS, f"chunks {missing} were lost with a failed worker")
         lost = set(await self.decoder.never_received.remote(session_id, started)) if first < started else set()
         self.failed.clear()      # from here on a new failure is a new round
-        for index in range(first, started):    # scored by a live score group: decode (or fetch) them again
-            response = (self.decoder.decode.remote(tickets[index].decode_request(),
-                                                      self.score.scored.remote(session_id, index), self.carrier)
-                        if index in lost else self.decoder.fetch.remote(session_id, index))
-            self._spawn(index, tickets[index], response, counted=False)
+        self._redeliver(range(first, started), tickets, lost)   # scored by a live score group
         for index in range(started, cut):
             await self._submit(tickets[index])
         return restored, first
+
+    def _redeliver(self, indices: range, tickets: dict[int, ChunkTicket], lost: set[int]) -> None:
+        """Deliver again chunks the score group already scored: fetched from the decoder, or for those it never
+        received (`lost`) decoded again from the score group's kept result."""
+        for index in indices:
+            response = (self.decoder.decode.remote(tickets[index].decode_request(),
+                                                   self.score.scored.remote(self.session_id, index), self.carrier)
+                        if index in lost else self.decoder.fetch.remote(self.session_id, index))
+            self._spawn(index, tickets[index], response, counted=False)
 
     def _video_chunk(self, ticket: ChunkTicket, frames: DecodedFrames) -> pb.SessionOutput:
         ingress, telemetry = self.ingress, self.ingress.telemetry

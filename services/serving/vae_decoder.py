@@ -36,7 +36,7 @@ from model_core.fastdecode import FastDecodeCache
 from model_core.models import build_fast_decoder, build_vae
 from model_core.snapshot import pack, to_device, unpack
 from services.media import decode_image_bytes, image_to_tensor
-from services.serving.affinity import AFFINITY_ROUTER, session_report
+from services.serving.affinity import AFFINITY_ROUTER, ReportsSessions
 from services.serving.latent_link import LatentReceiver, LinkError
 from services.serving.messages import DecodedFrames, DecodeRequest, LinkedChunk, ScoredChunk
 from services.serving.ordering import ChunkTurns, MicroBatcher, run_on
@@ -306,7 +306,7 @@ class SessionDecoder:
 
 
 @serve.deployment(name="VAEDecoder", max_ongoing_requests=64, request_router_config=AFFINITY_ROUTER)
-class VAEDecoder:
+class VAEDecoder(ReportsSessions):
     """Reference encoding and streaming decode for every session; keeps the last chunks of each for replay."""
 
     def __init__(self, settings: AppSettings, vae=None):
@@ -359,10 +359,6 @@ class VAEDecoder:
 
     def session_ids(self) -> list[str]:
         return self.decoder.session_ids()
-
-    def record_routing_stats(self) -> dict:
-        """What this replica tells the routers (`services.serving.affinity`): the sessions it holds."""
-        return session_report(self.session_ids())
 
     def held_bytes(self) -> int:
         return self.decoder.held_bytes()
