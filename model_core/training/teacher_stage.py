@@ -74,6 +74,9 @@ class TeacherTrainConfig:
     (BENCHMARKS, "Teaching the teacher to listen"); kept for the next attempt (a reader the decoder renders)."""
     sync_fit_clips: int = 256
     sync_layers: str = "audio"
+    init: str | None = None
+    """A teacher checkpoint to start from (its weights, also the EMA's start) instead of random weights: training a
+    shipped teacher further. The optimiser starts fresh (checkpoints keep no optimiser state), with its warm-up."""
     """What the sync term trains: "audio" (only the layers that read the audio, `CausalAvatarDiT.audio_parameters`;
     the rest learns from the velocity error alone) or "all" (every weight). Both cost the picture on talk128
     (BENCHMARKS): through every weight the term dominates the update; through the audio layers alone they learn to
@@ -167,6 +170,21 @@ class LatentLipReader:
         weight, bias = solve(torch.ones_like(held), best)
         scale = float((x @ weight + bias).std().clamp(min=1e-6))
         return cls(weight.float(), bias, scale, best_r)
+
+
+def initial_weights(path: str, config: DiTConfig) -> dict:
+    """The state dict of the teacher checkpoint at `path`, checked to have `config`'s shape (a clear error naming
+    both shapes, not a state-dict mismatch)."""
+    from ..checkpoint import load_facecast_checkpoint
+
+    model, metadata, _ = load_facecast_checkpoint(path)
+    if model.config != config:
+        theirs, ours = asdict(model.config), asdict(config)
+        differing = ", ".join(f"{k} {theirs[k]!r} (this run: {ours[k]!r})" for k in ours if theirs.get(k) != ours[k])
+        raise ValueError(f"init={path}: the checkpoint's shape differs from this run's: {differing}")
+    if metadata.get("stage", "teacher") != "teacher":
+        raise ValueError(f"init={path}: a {metadata['stage']} checkpoint, not a teacher")
+    return {key: value.float() for key, value in model.state_dict().items()}
 
 
 def sync_mask(batch: dict) -> torch.Tensor:
@@ -312,6 +330,8 @@ class TeacherStage:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(train.seed)
             self.dit = CausalAvatarDiT(dit_config).to(self.device)
+        if train.init:
+            self.dit.load_state_dict(initial_weights(train.init, dit_config))
         self.ema = copy.deepcopy(self.dit).requires_grad_(False)
         objective = TeacherObjective(self.dit)
         self.objective = wrap(objective) if wrap else objective

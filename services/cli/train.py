@@ -50,6 +50,12 @@ PAIRS = {"count": 1024, "teacher_steps": 12, "guidance": 2.0}
 DEFAULT_LATENTS = Path("out") / "latents" / "train-128"
 
 
+def _teacher_default(name: str):
+    from model_core.training.teacher_stage import TeacherTrainConfig
+
+    return getattr(TeacherTrainConfig(), name)
+
+
 def _ensure_world(data: str, count: int, seed: int) -> None:
     """The default dataset is made on first use (resumable, with its own progress bar)."""
     path = Path(data)
@@ -101,7 +107,8 @@ def _ensure_latents(data: str, latents: str, preset_name: str, count: int, seed:
         raise UserError(f"--latents: {error}") from None
 
 
-def _ensure_pairs(teacher: str, latents: str, pairs: str, seed: int, count: int = PAIRS["count"]) -> None:
+def _ensure_pairs(teacher: str, latents: str, pairs: str, seed: int, count: int = PAIRS["count"],
+                  guidance: float = PAIRS["guidance"]) -> None:
     """The teacher's ODE pairs for the student's initialisation (resumable: an interrupted file is continued)."""
     from model_core.checkpoint import CheckpointError, load_facecast_checkpoint
     from model_core.training.latents import LatentSource
@@ -118,7 +125,7 @@ def _ensure_pairs(teacher: str, latents: str, pairs: str, seed: int, count: int 
     try:
         make_ode_pairs(model, LatentSource(latents), pairs, count=count, frames=config.frames,
                        steps=config.steps, shift=config.shift, teacher_steps=PAIRS["teacher_steps"],
-                       guidance=PAIRS["guidance"], seed=seed)
+                       guidance=guidance, seed=seed)
     except ValueError as error:
         raise UserError(f"--pairs: {error}") from None
 
@@ -133,7 +140,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                                           ("--teacher", args.teacher), ("--student", args.student),
                                           ("--pairs", args.pairs), ("--opening-weight", args.opening_weight),
                                           ("--interior-weight", args.interior_weight),
-                                          ("--history-corrupt", args.history_corrupt))
+                                          ("--history-corrupt", args.history_corrupt), ("--init", args.init),
+                                          ("--mouth-weight", args.mouth_weight), ("--guidance", args.guidance))
                  if value is not None]
         if given:
             raise UserError(f"{', '.join(given)}: not for `facecast train all`, which makes every input itself "
@@ -158,6 +166,21 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UserError(f"--interior-weight applies to `facecast train vae`, not {stage}")
         if args.interior_weight < 0:
             raise UserError(f"--interior-weight {args.interior_weight:g} is invalid: at least 0 (0: off)")
+    if args.init is not None:
+        if stage != "teacher":
+            raise UserError(f"--init applies to `facecast train teacher`, not {stage}")
+        if not Path(args.init).is_file():
+            raise UserError(f"--init: {args.init} does not exist (a teacher checkpoint to train further)")
+    if args.mouth_weight is not None:
+        if stage != "teacher":
+            raise UserError(f"--mouth-weight applies to `facecast train teacher`, not {stage}")
+        if args.mouth_weight < 0:
+            raise UserError(f"--mouth-weight {args.mouth_weight:g} is invalid: at least 0 (0: no extra weight)")
+    if args.guidance is not None:
+        if stage != "student":
+            raise UserError(f"--guidance applies to `facecast train student`, not {stage}")
+        if not 1 <= args.guidance <= 20:
+            raise UserError(f"--guidance {args.guidance:g} is invalid: allowed 1 to 20 (1: no guidance)")
     table = {"student": PHASES, "vae": VAE_PHASES}.get(stage)
     if table is None:
         if args.phase:
@@ -216,6 +239,9 @@ def _run(args: argparse.Namespace, stage: str, steps: int, export: str, run_dir:
         extra["opening_weight"] = args.opening_weight
     if getattr(args, "history_corrupt", None) is not None and stage == "distill":
         extra["history_corrupt"] = args.history_corrupt
+    for name, stages in (("init", ("teacher",)), ("mouth_weight", ("teacher",)), ("guidance", ("distill",))):
+        if getattr(args, name, None) is not None and stage in stages:
+            extra[name] = getattr(args, name)
     if getattr(args, "interior_weight", None) is not None and stage in ("vae", "vae-decoder"):
         extra["interior_weight"] = args.interior_weight
     try:
@@ -238,7 +264,8 @@ def _run(args: argparse.Namespace, stage: str, steps: int, export: str, run_dir:
     if latents:
         _ensure_latents(data, latents, request.preset, args.world_count, args.seed, request.vae)
     if stage == "student-init":
-        _ensure_pairs(teacher, latents, pairs, args.seed, args.pairs_count)
+        guidance = args.guidance if getattr(args, "guidance", None) is not None else PAIRS["guidance"]
+        _ensure_pairs(teacher, latents, pairs, args.seed, args.pairs_count, guidance)
     metrics = train(request)
     print(json.dumps({"stage": stage, "run_dir": run_dir, "export": export, **metrics}, indent=1))
     return EXIT_OK
@@ -278,6 +305,12 @@ def add_parser(commands) -> None:
                        "cached keys/values (default 0.1; 0: the ablation without it)")
     train.add_argument("--interior-weight", type=float, help="vae: extra L1 weight on the pixels where the world draws "
                        "the mouth's inside (both phases; default 0, off)")
+    train.add_argument("--init", help="teacher: a teacher checkpoint to train further (its weights; the optimiser "
+                                      "starts fresh) instead of random weights")
+    train.add_argument("--mouth-weight", type=float, help="teacher: extra weight on the mouth's latent cells in the "
+                       f"velocity error (default {_teacher_default('mouth_weight'):g})")
+    train.add_argument("--guidance", type=float, help="student: classifier-free guidance on the teacher's audio, for "
+                       f"the ODE pairs (init) and the real score (distill); default {PAIRS['guidance']:g}")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--world-count", type=int, default=768, help="clips when the default dataset is made")
     train.add_argument("--latents", help=f"the DiT stages' latent cache (default {DEFAULT_LATENTS}, encoded from "

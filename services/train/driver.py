@@ -43,6 +43,12 @@ class TrainRequest:
     ablation without it)."""
     interior_weight: float | None = None
     """vae, vae-decoder: the extra weight on the mouth interior's pixels (`VAETrainConfig.interior_weight`)."""
+    init: str | None = None
+    """teacher: a teacher checkpoint to train further instead of starting from random weights."""
+    mouth_weight: float | None = None
+    """teacher: the extra weight on the mouth's latent cells in the velocity error (`TeacherTrainConfig.mouth_weight`)."""
+    guidance: float | None = None
+    """distill: classifier-free guidance on the real score's audio (`DistillConfig.real_guidance`)."""
     seed: int = 0
     checkpoint_every: int = 100
     log_every: int = 10
@@ -72,6 +78,9 @@ class TrainRequest:
             raise ValueError(f"history_corrupt applies to the distill stage, not {self.stage!r}")
         if self.interior_weight is not None and self.stage not in ("vae", "vae-decoder"):
             raise ValueError(f"interior_weight applies to the vae stages, not {self.stage!r}")
+        for name, stages in (("init", ("teacher",)), ("mouth_weight", ("teacher",)), ("guidance", ("distill",))):
+            if getattr(self, name) is not None and self.stage not in stages:
+                raise ValueError(f"{name} applies to the {' and '.join(stages)} stage, not {self.stage!r}")
         needs = {"vae-decoder": ("vae",), "teacher": ("latents",), "fast-decoder": ("latents",),
                  "student-init": ("latents", "teacher", "pairs"),
                  "distill": ("latents", "teacher", "student", "pairs")}.get(self.stage, ())
@@ -105,6 +114,8 @@ def build_stage(request: TrainRequest, *, wrap=None, device="cpu"):
         if request.stage == "teacher":
             from model_core.training.teacher_stage import TeacherStage, TeacherTrainConfig
 
+            overrides.update({k: v for k, v in (("init", request.init), ("mouth_weight", request.mouth_weight))
+                              if v is not None})
             return TeacherStage(dit_config_for_latents(preset, latents), latents,
                                 TeacherTrainConfig(seed=request.seed, **overrides), wrap=wrap, device=device)
         from model_core.training.student_stage import read_pairs
@@ -120,6 +131,8 @@ def build_stage(request: TrainRequest, *, wrap=None, device="cpu"):
         rates = {"generator_lr": overrides.pop("learning_rate")} if "learning_rate" in overrides else {}
         if request.history_corrupt is not None:
             overrides["history_corrupt"] = request.history_corrupt
+        if request.guidance is not None:
+            overrides["real_guidance"] = request.guidance
         return DistillStage(request.teacher, request.student, latents, pairs,
                             DistillConfig(seed=request.seed, **overrides, **rates), device=device)
     size = preset.stream.height

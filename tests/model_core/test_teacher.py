@@ -2,6 +2,7 @@
 a `tiny` teacher whose loss decreases, and many-step sampling with classifier-free guidance on the audio."""
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -170,6 +171,26 @@ def test_teacher_loss_decreases_and_exports(latent_clips, tmp_path):
     loaded, metadata, _ = load_facecast_checkpoint(tmp_path / "teacher.safetensors")
     assert metadata["stage"] == "teacher" and metadata["train"]["frames"] == 5
     torch.testing.assert_close(loaded.proj_out.weight, stage.ema.proj_out.weight.half().float())
+
+
+def test_training_further_starts_from_the_checkpoints_weights(latent_clips, tmp_path):
+    """`facecast train teacher --init`: the live and EMA weights start as the checkpoint's (the fp16 export), a
+    random start would not; a checkpoint of another shape or stage is refused naming what differs."""
+    from model_core.checkpoint import save_facecast_checkpoint
+
+    first = TeacherStage(TINY.dit, Listed(latent_clips), TeacherTrainConfig(seed=1))
+    first.export(tmp_path / "teacher.safetensors")
+    exported = str(tmp_path / "teacher.safetensors")
+    further = TeacherStage(TINY.dit, Listed(latent_clips), TeacherTrainConfig(init=exported))
+    fresh = TeacherStage(TINY.dit, Listed(latent_clips))
+    for model in (further.dit, further.ema):
+        torch.testing.assert_close(model.proj_out.weight, first.ema.proj_out.weight.half().float())
+    assert not torch.equal(fresh.dit.proj_out.weight, further.dit.proj_out.weight)
+    with pytest.raises(ValueError, match=r"shape differs from this run's: ffn_dim 64 \(this run: 96\)"):
+        TeacherStage(dataclasses.replace(TINY.dit, ffn_dim=96), Listed(latent_clips), TeacherTrainConfig(init=exported))
+    save_facecast_checkpoint(first.dit, tmp_path / "student.safetensors", extra={"stage": "distill"})
+    with pytest.raises(ValueError, match="a distill checkpoint, not a teacher"):
+        TeacherStage(TINY.dit, Listed(latent_clips), TeacherTrainConfig(init=str(tmp_path / "student.safetensors")))
 
 
 def test_audio_dropout_is_exactly_no_audio(latent_clips):

@@ -13,6 +13,13 @@ def test_overrides_are_refused_on_stages_they_do_not_belong_to():
         TrainRequest(stage="probe", data="world:train", run_dir="x", steps=1, opening_weight=0.1)
     with pytest.raises(ValueError, match="interior_weight applies to the vae stages"):
         TrainRequest(stage="probe", data="world:train", run_dir="x", steps=1, interior_weight=30.0)
+    with pytest.raises(ValueError, match="init applies to the teacher stage, not 'distill'"):
+        TrainRequest(stage="distill", data="world:train", run_dir="x", steps=1, latents="l", teacher="t",
+                     student="s", pairs="p", init="t")
+    with pytest.raises(ValueError, match="mouth_weight applies to the teacher stage, not 'vae'"):
+        TrainRequest(stage="vae", data="world:train", run_dir="x", steps=1, mouth_weight=8.0)
+    with pytest.raises(ValueError, match="guidance applies to the distill stage, not 'teacher'"):
+        TrainRequest(stage="teacher", data="world:train", run_dir="x", steps=1, latents="l", guidance=4.0)
 
 
 def test_the_history_corrupt_override_reaches_the_distillation(monkeypatch):
@@ -32,9 +39,33 @@ def test_the_history_corrupt_override_reaches_the_distillation(monkeypatch):
     monkeypatch.setattr(student_stage, "read_pairs", lambda path: {})
     monkeypatch.setattr(dmd_stage, "DistillStage", lambda *args, **kwargs: built.setdefault("config", args[4]))
     request = TrainRequest(stage="distill", data="world:train", run_dir="x", steps=1, latents="l", teacher="t",
-                           student="s", pairs="p", history_corrupt=0.0)
-    assert build_stage(request).history_corrupt == 0.0
+                           student="s", pairs="p", history_corrupt=0.0, guidance=4.5)
+    config = build_stage(request)
+    assert (config.history_corrupt, config.real_guidance) == (0.0, 4.5)
     default = TrainRequest(stage="distill", data="world:train", run_dir="x", steps=1, latents="l", teacher="t",
                            student="s", pairs="p")
     built.clear()
     assert build_stage(default).history_corrupt == dmd_stage.DistillConfig().history_corrupt == 0.1
+    built.clear()
+    assert build_stage(default).real_guidance == dmd_stage.DistillConfig().real_guidance == 2.0
+
+
+def test_the_teacher_overrides_reach_its_config(monkeypatch):
+    """`--init` and `--mouth-weight` must reach the TeacherTrainConfig the stage is built with."""
+    from model_core.training import latents, teacher_stage
+
+    class Latents:
+        def __init__(self, path):
+            pass
+
+        def check_vae(self, vae):
+            pass
+
+    monkeypatch.setattr(latents, "LatentSource", Latents)
+    monkeypatch.setattr(latents, "dit_config_for_latents", lambda preset, source: preset.dit)
+    monkeypatch.setattr(teacher_stage, "TeacherStage", lambda config, source, train, **kwargs: train)
+    request = TrainRequest(stage="teacher", data="world:train", run_dir="x", steps=1, latents="l", init="t.st",
+                           mouth_weight=12.0)
+    assert (build_stage(request).init, build_stage(request).mouth_weight) == ("t.st", 12.0)
+    default = build_stage(TrainRequest(stage="teacher", data="world:train", run_dir="x", steps=1, latents="l"))
+    assert (default.init, default.mouth_weight) == (None, teacher_stage.TeacherTrainConfig().mouth_weight)
