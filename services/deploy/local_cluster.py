@@ -19,9 +19,10 @@ import ray
 from ray import serve
 from ray.serve.config import gRPCOptions
 
-from services.deploy.serve_config import config_path, load_serve_config, validate_serve_config
+from services.deploy.serve_config import (BUILDER_IMPORT_PATH, config_path, load_serve_config,
+                                          validate_serve_config)
 from services.net import DEFAULT_GRPC_PORT, free_port
-from services.serving.app import build_app
+from services.serving.app import bind_app
 from services.serving.front_door import FrontDoor, FrontDoorOptions, internal_key_digest
 from services.serving.settings import GRPC_SERVICERS
 from services.store.redis_server import LocalRedis
@@ -44,6 +45,8 @@ class LocalCluster:
     """Ray's Prometheus metrics endpoint on this node: http://127.0.0.1:<metrics_port>/metrics."""
     front_door: FrontDoor | None = None
     """The listener clients use when started with one (`facecast serve`); Serve's own gRPC port is then private."""
+    declared: dict[str, dict] | None = None
+    """Applications deployed from a config (`deploy_app(..., declarative=True)`): name -> its config entry."""
 
     @property
     def target(self) -> str:
@@ -98,7 +101,7 @@ class LocalCluster:
             serve.start(grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=list(GRPC_SERVICERS),
                                                  enable_reflection=reflection),
                         http_options={"host": "127.0.0.1", "port": cluster.http_port})
-            serve.run(build_app(args, options), name=APP_NAME, route_prefix="/")
+            serve.run(bind_app(args, options), name=APP_NAME, route_prefix="/")
             if front_door is not None:
                 door = FrontDoor(f"127.0.0.1:{grpc_port}", front_door.host, public_port, tls=front_door.tls,
                                  internal_key=internal_key, reflection=reflection)
@@ -112,14 +115,46 @@ class LocalCluster:
         return cluster
 
     def deploy_app(self, name: str, args: dict | None = None,
-                   deployment_options: dict[str, dict] | None = None) -> None:
+                   deployment_options: dict[str, dict] | None = None, *, declarative: bool = False) -> None:
         """Deploy one more application (another layout) next to the first; clients select it with the
-        `application` gRPC metadata key. Args and options are overrides of the first application's."""
+        `application` gRPC metadata key. Args and options are overrides of the first application's.
+
+        `declarative`: through Serve's config path, as KubeRay applies a RayService's serveConfigV2 (the builder's
+        import path, its args, per-deployment options), so a later change of only `num_replicas` (`scale`) is
+        applied in place: replicas are added or gracefully stopped, the others keep running. (`serve.run` gives
+        every deploy a new code version, which replaces every replica.)"""
         merged_args = {**self.config_args, **(args or {}), "redis_url": self.redis_url}
         options = {key: dict(value) for key, value in self.config_options.items()}
         for deployment, extra in (deployment_options or {}).items():
             options[deployment] = {**options.get(deployment, {}), **extra}
-        serve.run(build_app(merged_args, options), name=name, route_prefix=f"/{name}")
+        if not declarative:
+            serve.run(bind_app(merged_args, options), name=name, route_prefix=f"/{name}")
+            return
+        self.declared = self.declared or {}
+        self.declared[name] = {"name": name, "route_prefix": f"/{name}", "import_path": BUILDER_IMPORT_PATH,
+                               "args": merged_args,
+                               "deployments": [{"name": key, **value} for key, value in options.items()]}
+        self._apply_declared(wait=True)
+
+    def scale(self, app: str, deployment: str, replicas: int) -> None:
+        """Set `num_replicas` of one deployment of a declaratively deployed application (as editing the
+        RayService's serveConfigV2 does); returns once the controller has the new config, not when it is done."""
+        if app not in (self.declared or {}):
+            raise ValueError(f"app={app!r} was not deployed declaratively; declared: {sorted(self.declared or {})}")
+        entries = self.declared[app]["deployments"]
+        entry = next((e for e in entries if e["name"] == deployment), None)
+        if entry is None:
+            entry = {"name": deployment}
+            entries.append(entry)
+        entry["num_replicas"] = replicas
+        self._apply_declared(wait=False)
+
+    def _apply_declared(self, wait: bool) -> None:
+        from ray.serve.context import _get_global_client
+        from ray.serve.schema import ServeDeploySchema
+
+        config = ServeDeploySchema.model_validate({"applications": list(self.declared.values())})
+        _get_global_client().deploy_apps(config, _blocking=wait)
 
     def drain(self, grace_s: float = 3.0) -> int:
         """Ask the ingress to drain (`SessionIngressServicer.drain`: chunks in flight delivered, each stream told

@@ -427,8 +427,10 @@ def _builder_problems(app: dict, where: str) -> list[str]:
         raise DeployConfigError(
             f"check_builder=True but services.serving.app is not importable ({exc}); validate without check_builder"
         ) from exc
-    try:
-        built = app_module.build_app(dict(app.get("args") or {}))
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    try:   # as Serve calls the import path's builder (its signature checked: exactly one parameter, the args)
+        built = call_user_app_builder_with_args_if_necessary(app_module.build_app, dict(app.get("args") or {}))
     except Exception as exc:  # noqa: BLE001
         return [f"{where}.args: services.serving.app.build_app(args) failed: {type(exc).__name__}: {exc}"]
     bound = _bound_deployment_names(built, app.get("name", "default"))

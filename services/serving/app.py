@@ -20,8 +20,9 @@ runs.
 Each deployment may run several replicas: the ones that hold sessions (AudioEncoder, ScoreWorkerGroup, VAEDecoder)
 route every call about a session to the replica holding it (`services.serving.affinity`).
 
-`build_app(args)` is the Serve `import_path` target (`services.serving.app:build_app`); `args` are `AppSettings`
-fields.
+`build_app(args)` is the Serve `import_path` target (`services.serving.app:build_app`; Serve calls a builder with
+exactly one parameter, the config's `args`, which are `AppSettings` fields); `bind_app(args, deployment_options)`
+is the same graph for programmatic deploys (`LocalCluster`), with per-deployment option overrides.
 """
 
 from __future__ import annotations
@@ -37,9 +38,15 @@ from services.serving.settings import DEPLOYMENT_NAMES, AppSettings
 from services.serving.vae_decoder import VAEDecoder
 
 
-def build_app(args: dict | None = None, deployment_options: dict[str, dict] | None = None) -> Application:
+def build_app(args: dict) -> Application:
+    """The application of a config file's `args` (serve deploy, KubeRay's serveConfigV2); the file's `deployments`
+    set their options."""
+    return bind_app(args)
+
+
+def bind_app(args: dict | None = None, deployment_options: dict[str, dict] | None = None) -> Application:
     """Bind the graph. `deployment_options` (name -> Serve deployment options) is for programmatic deploys such as
-    `LocalCluster`; config-file deploys (serve deploy, KubeRay) get the same options from the file's `deployments`."""
+    `LocalCluster`; config-file deploys get the same options from the file's `deployments` (`build_app`)."""
     settings = AppSettings.from_args(args)
     options = deployment_options or {}
     unknown = sorted(set(options) - set(DEPLOYMENT_NAMES))

@@ -208,7 +208,7 @@ def train(request: TrainRequest) -> dict:
     run_dir = Path(request.run_dir).resolve()
     request = dataclasses.replace(request, run_dir=str(run_dir),
                                   **{name: str(Path(getattr(request, name)).resolve())
-                                     for name in ("latents", "teacher", "student", "pairs", "vae")
+                                     for name in ("latents", "teacher", "student", "pairs", "vae", "init")
                                      if getattr(request, name)},
                                   export=str(Path(request.export).resolve()) if request.export else None,
                                   data=request.data if request.data.startswith("world:")

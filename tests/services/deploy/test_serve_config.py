@@ -289,6 +289,18 @@ def test_check_builder_against_the_real_app(configs):
     validate_serve_config(configs["local"], check_builder=True)
 
 
+def test_check_builder_calls_the_builder_as_serve_does(configs, monkeypatch):
+    """Serve refuses an import-path builder with more than one parameter (KubeRay's deploy then never becomes ready):
+    the check calls the builder through Serve's own rule, not directly."""
+    module = _fake_app_module(DEPLOYMENT_NAMES)
+    plain = module.build_app
+    module.build_app = lambda args, deployment_options=None: plain(args)
+    monkeypatch.setitem(sys.modules, "services.serving.app", module)
+    with pytest.raises(DeployConfigError, match="build_app.*failed: TypeError: Application builder functions should "
+                                                "take exactly one parameter"):
+        validate_serve_config(configs["local"], check_builder=True)
+
+
 # ------------------------------------------------------------------------------------------------- resource demand
 
 

@@ -42,7 +42,7 @@ def cluster():
                              "placement_group_strategy": "STRICT_PACK",
                              "ray_actor_options": {"num_cpus": 0.25, "num_gpus": 1}}})
     started.deploy_app(REPLICATED, {"max_batch_size": 1}, {"ScoreWorkerGroup": {"num_replicas": 2},
-                                                           "VAEDecoder": {"num_replicas": 2}})
+                                                           "VAEDecoder": {"num_replicas": 2}}, declarative=True)
     yield started
     started.stop()
 
@@ -227,4 +227,62 @@ def test_sessions_spread_over_two_score_and_vae_replicas_stay_there_and_move_whe
         client.close_session(session.session_id, session.session_token)
     for deployment in ("ScoreWorkerGroup", "VAEDecoder", "AudioEncoder"):
         assert all(not held for held in _holdings(deployment, REPLICATED).values()), deployment
+    client.close()
+
+
+def test_a_score_replica_scaled_down_mid_stream_hands_its_session_to_the_survivor(cluster):
+    """The score group scaled from 2 replicas to 1 while two sessions stream in real time, one on each (the config
+    edited, as a RayService's serveConfigV2 is, and applied in place): the replica Serve stops finishes its chunks in
+    flight, its session resumes on the survivor from its snapshot (one RESUMED naming the chunk), the other session
+    is untouched (no event), both deliver every chunk with the engine's frames, and the survivor holds both."""
+    from services.api import pb
+
+    deadline = time.monotonic() + 60
+    while len(_holdings("ScoreWorkerGroup", REPLICATED)) != 2 and time.monotonic() < deadline:
+        time.sleep(1)                                       # (the replacement of the replica killed above)
+    client = AvatarClient(cluster.target, application=REPLICATED)
+    inputs = [(png(80 + i), pcm16(speech(4.0, seed=80 + i))) for i in range(2)]
+    sessions = [client.create_session(image) for image, _ in inputs]
+    ids = [session.session_id for session in sessions]
+    before = _holdings("ScoreWorkerGroup", REPLICATED)
+    assert sorted(len(held & set(ids)) for held in before.values()) == [1, 1], before
+    results, late = [None, None], [None, None]
+
+    def run(index):
+        def look(chunk):      # late in the stream (its state is freed when it ends)
+            if chunk.chunk_index == 6:
+                late[index] = _holdings("ScoreWorkerGroup", REPLICATED)
+
+        try:
+            results[index] = client.stream(
+                sessions[index], inputs[index][1], 16000, realtime=True, on_chunk=look,
+                after_chunks=(2, lambda: cluster.scale(REPLICATED, "ScoreWorkerGroup", 1)) if index == 0 else None)
+        except Exception as error:  # noqa: BLE001 - reported by the assertions below
+            results[index] = error
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=240)
+    deadline = time.monotonic() + 60
+    while len(after := _holdings("ScoreWorkerGroup", REPLICATED)) != 1 and time.monotonic() < deadline:
+        time.sleep(1)                                           # the stopped replica is gone once it drained
+    assert all(not isinstance(result, Exception) for result in results), results
+    assert len(after) == 1, after
+    (survivor,), (removed,) = after, set(before) - set(after)
+    for held in late:                                   # both sessions were on the survivor late in their streams
+        assert set(ids) <= held[survivor], (before, late)
+    engine = AvatarEngine.from_preset("tiny", seed=0)
+    for session_id, (image, pcm), result in zip(ids, inputs, results):
+        assert result is not None and result.chunks[-1].final and result.reattaches == 0
+        resumed = [event for event in result.events if event.type == pb.Event.RESUMED]
+        if session_id in before[removed]:
+            assert len(resumed) == 1 and "ScoreWorkerGroup" in resumed[0].message, [e.message for e in result.events]
+        else:
+            assert resumed == [], [event.message for event in resumed]
+        assert [chunk.chunk_index for chunk in result.chunks] == list(range(len(result.chunks)))
+        assert result.frames_jpeg == engine_jpegs(engine, image, pcm)
+    for session in sessions:
+        client.close_session(session.session_id, session.session_token)
     client.close()
