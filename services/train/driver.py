@@ -46,7 +46,8 @@ class TrainRequest:
     init: str | None = None
     """teacher: a teacher checkpoint to train further instead of starting from random weights."""
     mouth_weight: float | None = None
-    """teacher: the extra weight on the mouth's latent cells in the velocity error (`TeacherTrainConfig.mouth_weight`)."""
+    """teacher: the extra weight on the mouth's latent cells in the velocity error
+    (`TeacherTrainConfig.mouth_weight`)."""
     guidance: float | None = None
     """distill: classifier-free guidance on the real score's audio (`DistillConfig.real_guidance`)."""
     seed: int = 0
