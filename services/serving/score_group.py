@@ -22,13 +22,16 @@ decoder, so the ingress never knows where decoding runs.
 After every chunk each stage's caches and noise generator go to the `ResumeStore` under the chunk's index (taken on
 the device thread before the next chunk changes them, written before the chunk is answered), with the session's
 open arguments and adaptive sink once; a replacement replica continues the session exactly from any of the last
-few chunks (`restore`, asked by the ingress).
+few chunks (`restore`, asked by the ingress). A pipelined step actor that dies on its own is started again at the
+next `restore` (`_replace_dead_steps`), and the replica's sessions, whose caches of that step died with it, restore
+the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -64,6 +67,12 @@ def build_score_stage(settings: AppSettings) -> tuple[ScoreStage, str]:
 def steps_part(steps: list[int]) -> str:
     """The resume store's name for the caches of `steps` ("score:0,1")."""
     return "score:" + ",".join(map(str, steps))
+
+
+logger = logging.getLogger("facecast.score")
+STEP_PING_S = 5.0
+"""How long a pipelined step actor may take to answer a liveness ping (`_replace_dead_steps`); one that does not
+answer in time is busy, not replaced."""
 
 
 class DenoiseStepActor:
@@ -148,8 +157,8 @@ class ScoreWorkerGroup(ReportsSessions):
                                                    dit_config.text_len)
         self.pipelined = settings.score_mode == "pipelined" and settings.steps > 1
         self.own_steps = [0] if self.pipelined else list(range(settings.steps))
-        actor = ray.remote(num_cpus=0, num_gpus=1)(DenoiseStepActor)
-        self.step_actors = [actor.remote(settings, [k]) for k in range(1, settings.steps)] if self.pipelined else []
+        self.step_actors = [self._start_step(k) for k in range(1, settings.steps)] if self.pipelined else []
+        self.steps_lock = asyncio.Lock()
         self.sessions = {}
         self.recent: dict[str, deque] = {}     # the last scored chunks per session (see `scored`)
         self.opened: dict[str, dict] = {}      # each session's open arguments (saved for a replacement replica)
@@ -165,6 +174,37 @@ class ScoreWorkerGroup(ReportsSessions):
 
     async def _compute(self, fn, *args):
         return await run_on(self.executor, fn, *args)
+
+    def _start_step(self, step: int):
+        """The actor of pipelined step `step` (one GPU, in this replica's placement group), named after its replica
+        (`ray list actors` shows whose it is)."""
+        replica = worker_identity("ScoreWorkerGroup")["replica"]
+        return ray.remote(num_cpus=0, num_gpus=1)(DenoiseStepActor).options(
+            name=f"facecast-step{step}:{replica}:{time.time_ns()}").remote(self.settings, [step])
+
+    async def _replace_dead_steps(self, timeout_s: float = STEP_PING_S) -> list[int]:
+        """Pipelined: a step actor that died on its own (its replica alive) is started again, and every session this
+        replica held is dropped (their caches of that step died with it), so each restores from its snapshots on
+        its next `restore` (the ingress asks after any worker fault). Returns the steps replaced."""
+        if not self.step_actors:
+            return []
+        async with self.steps_lock:
+            answers = await asyncio.gather(*(asyncio.wait_for(actor.gpu_ids.remote(), timeout_s)
+                                             for actor in self.step_actors), return_exceptions=True)
+            dead = [k for k, answer in enumerate(answers, start=1)
+                    if isinstance(answer, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError))]
+            if not dead:
+                return []
+            for step in dead:
+                self.step_actors[step - 1] = self._start_step(step)
+            held = list(self.sessions)
+            for session_id in held:
+                await self.close(session_id)
+            if self.settings.steps - 1 in dead and self.link_name is not None:   # the link's sender died too
+                self.link_name = None
+            logger.warning("ScoreWorkerGroup: step actor(s) %s died; started again; %d session(s) dropped to be "
+                           "restored from their snapshots", dead, len(held))
+            return dead
 
     # ------------------------------------------------------------------ sessions
 
@@ -196,6 +236,7 @@ class ScoreWorkerGroup(ReportsSessions):
         loads every step's caches and the noise generator saved before chunk `at_chunk` (None: the latest saved, as
         a re-attach asks) and the adaptive sink. Returns restored (whether it loaded) and progress (the next chunk it
         accepts)."""
+        await self._replace_dead_steps()
         if session_id in self.sessions:
             return {"restored": False, "progress": self.turns.next_index(session_id)}
         store = restore_call(self.resume, session_id)

@@ -196,8 +196,11 @@ class SessionDecoder:
         except asyncio.CancelledError:   # shutting down (callers never cancel: `decode` is shielded): no turn wait
             raise
         except BaseException:
-            await self.buffered.wait(session_id, index)   # keep the order for the session's later chunks
-            await self.buffered.done(session_id, index)
+            if self.turns.next_index(session_id) > index:   # decoded, then failed: the later chunks go on
+                await self.buffered.wait(session_id, index)
+                await self.buffered.done(session_id, index)
+            # else it never got its turn (its latents did not arrive: a pipelined step actor died): both turnstiles
+            # stay at it, and the ingress sends it again after restoring the session
             raise
         finally:
             claimed.discard(index)   # from here on the turnstile says it was decoded (or failed)

@@ -63,3 +63,20 @@ def replica_killer(deployment: str, app: str = "", replica: str = ""):
         raise AssertionError(f"no {deployment} replica {replica} found" + (f" in app {app!r}" if app else ""))
 
     return kill
+
+
+def step_actor_killer(app: str, step: int = 1):
+    """A callable that kills pipelined step `step`'s actor of `app`'s ScoreWorkerGroup replica, the replica itself
+    left running (its step actors are named `facecast-step<k>:<replica id>:...`)."""
+    def kill() -> None:
+        import ray
+
+        named = ray.util.list_named_actors(all_namespaces=True)
+        replicas = [actor["name"].rsplit("#", 1)[-1] for actor in named if f"{app}#ScoreWorkerGroup#" in actor["name"]]
+        for actor in named:
+            if any(actor["name"].startswith(f"facecast-step{step}:{replica}:") for replica in replicas):
+                ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+                return
+        raise AssertionError(f"no step {step} actor of app {app!r} found (replicas {replicas})")
+
+    return kill

@@ -19,7 +19,7 @@ from services.net import free_port
 from services.serving.affinity import ROUTING_STATS_PERIOD_S
 
 from tests.model_core.helpers import speech
-from .helpers import engine_jpegs, pcm16, png, replica_killer
+from .helpers import engine_jpegs, pcm16, png, replica_killer, step_actor_killer
 
 pytestmark = pytest.mark.integration
 
@@ -152,6 +152,27 @@ def test_a_killed_score_replica_of_the_other_layouts_resumes_its_session_with_th
     steps = session.options.steps
     engine.preset = engine.preset.__class__(**{**engine.preset.__dict__,
                                                "stream": engine.preset.stream.replace(steps=steps)})
+    assert result.frames_jpeg == engine_jpegs(engine, image, pcm)
+    client.close_session(session.session_id, session.session_token)
+    client.close()
+
+
+def test_a_pipelined_step_actor_dying_on_its_own_is_started_again_and_the_session_resumes(cluster):
+    """The replica stays; only its step-1 actor (owning that step's caches of every session) dies: the replica
+    starts it again, drops its sessions, and the stream restores every step from the snapshots: one RESUMED, no
+    re-attach, the engine's frames."""
+    from services.api import pb
+
+    client = AvatarClient(cluster.target, application=PIPELINED_OBJECTS)
+    image, pcm = png(65), pcm16(speech(3.0, seed=65))
+    session = client.create_session(image)
+    result = client.stream(session, pcm, 16000, realtime=True, after_chunks=(2, step_actor_killer(PIPELINED_OBJECTS)))
+    resumed = [event for event in result.events if event.type == pb.Event.RESUMED]
+    assert len(resumed) == 1 and "ScoreWorkerGroup" in resumed[0].message, [e.message for e in result.events]
+    assert result.reattaches == 0 and result.chunks[-1].final
+    assert [chunk.chunk_index for chunk in result.chunks] == list(range(len(result.chunks)))
+    engine = AvatarEngine.from_preset("tiny", seed=0)
+    assert session.options.steps == engine.preset.stream.steps == 2
     assert result.frames_jpeg == engine_jpegs(engine, image, pcm)
     client.close_session(session.session_id, session.session_token)
     client.close()
