@@ -47,6 +47,11 @@ VAE_PHASES = {  # `facecast train vae`: the same, runs in <run-dir>/<stage>
     "decoder": ("vae-decoder", 1800, str(shipped_path(TALK128_VAE))),
 }
 PAIRS = {"count": 1024, "teacher_steps": 12, "guidance": 2.0}
+RECIPE_FLAGS = {  # flag: (the stage it applies to, lowest, highest or None, what the bound means)
+    "--interior-weight": ("vae", 0, None, "0: off"),
+    "--mouth-weight": ("teacher", 0, None, "0: no extra weight"),
+    "--guidance": ("student", 1, 20, "1: no guidance"),
+}
 DEFAULT_LATENTS = Path("out") / "latents" / "train-128"
 
 
@@ -161,26 +166,20 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UserError("--history-corrupt applies to `facecast train student --phase distill`")
         if not 0 <= args.history_corrupt <= 1:
             raise UserError(f"--history-corrupt {args.history_corrupt:g} is invalid: allowed 0 to 1 (0: off)")
-    if args.interior_weight is not None:
-        if stage != "vae":
-            raise UserError(f"--interior-weight applies to `facecast train vae`, not {stage}")
-        if args.interior_weight < 0:
-            raise UserError(f"--interior-weight {args.interior_weight:g} is invalid: at least 0 (0: off)")
+    for flag, (applies_to, low, high, meaning) in RECIPE_FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is None:
+            continue
+        if stage != applies_to:
+            raise UserError(f"{flag} applies to `facecast train {applies_to}`, not {stage}")
+        if value < low or (high is not None and value > high):
+            bounds = f"allowed {low:g} to {high:g}" if high is not None else f"at least {low:g}"
+            raise UserError(f"{flag} {value:g} is invalid: {bounds} ({meaning})")
     if args.init is not None:
         if stage != "teacher":
             raise UserError(f"--init applies to `facecast train teacher`, not {stage}")
         if not Path(args.init).is_file():
             raise UserError(f"--init: {args.init} does not exist (a teacher checkpoint to train further)")
-    if args.mouth_weight is not None:
-        if stage != "teacher":
-            raise UserError(f"--mouth-weight applies to `facecast train teacher`, not {stage}")
-        if args.mouth_weight < 0:
-            raise UserError(f"--mouth-weight {args.mouth_weight:g} is invalid: at least 0 (0: no extra weight)")
-    if args.guidance is not None:
-        if stage != "student":
-            raise UserError(f"--guidance applies to `facecast train student`, not {stage}")
-        if not 1 <= args.guidance <= 20:
-            raise UserError(f"--guidance {args.guidance:g} is invalid: allowed 1 to 20 (1: no guidance)")
     table = {"student": PHASES, "vae": VAE_PHASES}.get(stage)
     if table is None:
         if args.phase:

@@ -22,20 +22,23 @@ def test_overrides_are_refused_on_stages_they_do_not_belong_to():
         TrainRequest(stage="teacher", data="world:train", run_dir="x", steps=1, latents="l", guidance=4.0)
 
 
+class NoLatents:
+    """A latent cache stand-in: building a stage only opens it and checks its VAE."""
+
+    def __init__(self, path):
+        pass
+
+    def check_vae(self, vae):
+        pass
+
+
 def test_the_history_corrupt_override_reaches_the_distillation(monkeypatch):
     """`--history-corrupt 0` is the ablation the eval table needs: the DistillConfig built must carry it."""
     from model_core.training import dmd_stage, latents, student_stage
 
     built = {}
 
-    class Latents:
-        def __init__(self, path):
-            pass
-
-        def check_vae(self, vae):
-            pass
-
-    monkeypatch.setattr(latents, "LatentSource", Latents)
+    monkeypatch.setattr(latents, "LatentSource", NoLatents)
     monkeypatch.setattr(student_stage, "read_pairs", lambda path: {})
     monkeypatch.setattr(dmd_stage, "DistillStage", lambda *args, **kwargs: built.setdefault("config", args[4]))
     request = TrainRequest(stage="distill", data="world:train", run_dir="x", steps=1, latents="l", teacher="t",
@@ -54,14 +57,7 @@ def test_the_teacher_overrides_reach_its_config(monkeypatch):
     """`--init` and `--mouth-weight` must reach the TeacherTrainConfig the stage is built with."""
     from model_core.training import latents, teacher_stage
 
-    class Latents:
-        def __init__(self, path):
-            pass
-
-        def check_vae(self, vae):
-            pass
-
-    monkeypatch.setattr(latents, "LatentSource", Latents)
+    monkeypatch.setattr(latents, "LatentSource", NoLatents)
     monkeypatch.setattr(latents, "dit_config_for_latents", lambda preset, source: preset.dit)
     monkeypatch.setattr(teacher_stage, "TeacherStage", lambda config, source, train, **kwargs: train)
     request = TrainRequest(stage="teacher", data="world:train", run_dir="x", steps=1, latents="l", init="t.st",
