@@ -73,19 +73,19 @@ class TeacherTrainConfig:
     at 1.0 and 0.2 it made the teacher listen in latent space but not in decoded video, and cost the picture
     (BENCHMARKS, "Teaching the teacher to listen"); kept for the next attempt (a reader the decoder renders)."""
     sync_fit_clips: int = 256
+    """Clips of the cache the lip reader is fitted on (single-character ones; every fifth held out for its r)."""
     sync_layers: str = "audio"
-    init: str | None = None
-    """A teacher checkpoint to start from (its weights, also the EMA's start) instead of random weights: training a
-    shipped teacher further. The optimiser starts fresh (checkpoints keep no optimiser state), with its warm-up."""
     """What the sync term trains: "audio" (only the layers that read the audio, `CausalAvatarDiT.audio_parameters`;
     the rest learns from the velocity error alone) or "all" (every weight). Both cost the picture on talk128
     (BENCHMARKS): through every weight the term dominates the update; through the audio layers alone they learn to
     push the hidden state, not the mouth."""
+    init: str | None = None
+    """A teacher checkpoint to start from (its weights, also the EMA's start) instead of random weights: training a
+    shipped teacher further. The optimiser starts fresh (checkpoints keep no optimiser state), with its warm-up."""
 
     def __post_init__(self) -> None:
         if self.sync_layers not in ("audio", "all"):
             raise ValueError(f"sync_layers={self.sync_layers!r} is invalid; allowed: 'audio', 'all'")
-    """Clips of the cache the lip reader is fitted on (single-character ones; every fifth held out for its r)."""
 
 
 def sigmas(steps: int, shift: float) -> list[float]:
