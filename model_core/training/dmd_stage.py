@@ -155,7 +155,8 @@ class DistillConfig:
     steps: int = 2
     shift: float = 5.0
     sink_rope_offset: int = 3
-    real_guidance: float = 2.0
+    real_guidance: float = 3.5
+    """Classifier-free guidance on the real score's audio (the shipped student's; 1: none)."""
     fake_updates: int = 4
     """Fake-score updates per generator update (the generator updates every `fake_updates` steps)."""
     regression_weight: float = 0.25

@@ -7,8 +7,9 @@
     reconstruction_report(vae, source)     PSNR/SSIM overall and on the mouth region, decode ms per frame
 
 Loss: L1 on pixels, with the mouth region (from the truth's face boxes) weighted `mouth_weight` times more, plus a
-small KL term; optionally (`opening_weight`) the error of a linear head that reads each video frame's mouth opening
-from the latent cells at the mouth, which trains the encoder to carry the mouth's state (world data only). Windows
+small KL term, plus (`opening_weight`) the error of a linear head that reads each video frame's mouth opening from
+the latent cells at the mouth, which trains the encoder to carry the mouth's state (world data only), and extra
+weight on the mouth's inside (`interior_weight`): the shipped VAE's recipe, both on by default. Windows
 are 1 + 4k frames so the causal temporal downsampling sees whole latent frames. The default run trains 17-frame
 windows (5 latent frames) from the first step, so the causal caches learn the steady state a stream lives in; longer
 runs go on to 33-frame windows and then to streams with carried caches (truncated backpropagation), the phases an
@@ -85,13 +86,13 @@ class VAETrainConfig:
     training too: the default trains both)."""
     grad_clip: float = 1.0
     """Largest gradient norm from the steady-window phase on (phases 1-2 ran unclipped)."""
-    interior_weight: float = 0.0
+    interior_weight: float = 30.0
     """Extra L1 weight on the pixels where the world draws the mouth's opening (`data.interior_mask`: its painted
     interior in any frame of the window, grown 2 px; ~1 % of a 128x128 frame against the mouth region's ~13 %); 0:
-    off (the shipped recipe). With `opening_weight` 0.1 in the same 800-step fine-tuning, 30 lifted the decoded lip
-    sync from 0.48 to 0.54."""
-    opening_weight: float = 0.0
-    """Weight of the opening head's error (0: off, the shipped recipe). A linear head (`OpeningHead`) reads the 4
+    off; 30 is the shipped recipe. With `opening_weight` 0.1 in the same 800-step fine-tuning, 30 lifted the decoded
+    lip sync from 0.48 to 0.54."""
+    opening_weight: float = 0.1
+    """Weight of the opening head's error (0: off; 0.1 is the shipped recipe). A linear head (`OpeningHead`) reads the 4
     video frames' mouth openings of each latent frame from the `OpeningHead.CROP`^2 posterior-mean cells at the mouth;
     its squared error, in units of the openings' variance, is added to the loss on single-character windows of clips
     with truth, in the window phases. Fine-tuning the shipped VAE 800 steps (both halves, 17-frame windows) at 0.1
@@ -370,8 +371,8 @@ class DecoderTrainConfig:
     decay_from: float = 0.7
     """The rate starts falling at this fraction of `steps`."""
     mouth_weight: float = 4.0
-    interior_weight: float = 0.0
-    """As `VAETrainConfig.interior_weight`."""
+    interior_weight: float = 30.0
+    """As `VAETrainConfig.interior_weight` (the shipped recipe's 30 by default)."""
     seed: int = 0
 
     def __post_init__(self) -> None:

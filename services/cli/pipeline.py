@@ -31,7 +31,8 @@ class Profile:
     train_clips: int
     eval_clips: int
     steps: dict
-    """Optimiser steps per driver stage (vae, vae-decoder, probe, teacher, student-init, distill)."""
+    """Optimiser steps per driver stage (vae, vae-decoder, probe, student-init, distill); for the teacher, a dict of
+    steps per phase (`services.cli.train.TEACHER_PHASES`)."""
     pairs: int
     """The teacher's ODE pairs for the student's initialisation."""
     scored_clips: int
@@ -41,22 +42,23 @@ class Profile:
 
 
 def _shipped_steps() -> dict:
-    from services.cli.train import DEFAULTS, PHASES, VAE_PHASES
+    from services.cli.train import DEFAULTS, PHASES, TEACHER_PHASES, VAE_PHASES
 
     return {"vae": VAE_PHASES["full"][1], "vae-decoder": VAE_PHASES["decoder"][1],
             "probe": DEFAULTS["probe"]["steps"],
-            "teacher": DEFAULTS["teacher"]["steps"], "student-init": PHASES["init"][1],
+            "teacher": {phase: steps for phase, (steps, _) in TEACHER_PHASES.items()},
+            "student-init": PHASES["init"][1],
             "distill": PHASES["distill"][1]}
 
 
 def profiles() -> dict[str, Profile]:
-    from services.cli.train import PAIRS
+    from services.cli.train import PAIRS, TEACHER_PHASES
 
     shipped = _shipped_steps()
     return {
         "tiny": Profile(train_clips=6, eval_clips=3, pairs=4, scored_clips=3,
-                        steps={"vae": 3, "vae-decoder": 2, "probe": 3, "teacher": 3, "student-init": 3,
-                               "distill": 2}),
+                        steps={"vae": 3, "vae-decoder": 2, "probe": 3, "teacher": dict.fromkeys(TEACHER_PHASES, 2),
+                               "student-init": 3, "distill": 2}),
         "cpu": Profile(train_clips=768, eval_clips=48, pairs=PAIRS["count"], scored_clips=12, steps=shipped),
         "gpu": Profile(train_clips=768, eval_clips=48, pairs=4 * PAIRS["count"], scored_clips=12, steps=shipped,
                        batch_sizes={"teacher": 32, "student-init": 32}),
@@ -75,7 +77,7 @@ def _stage_args(args: argparse.Namespace, **values) -> argparse.Namespace:
 def run_pipeline(args: argparse.Namespace) -> int:
     from model_core.world.split import WorldSplit
     from model_core.world.store import WorldSource, is_complete, write_shards
-    from services.cli.train import _run
+    from services.cli.train import _run, run_teacher
 
     chosen = profiles()[args.profile]
     root = Path(args.run_dir or Path("out") / f"pipeline-{args.profile}")
@@ -121,7 +123,10 @@ def run_pipeline(args: argparse.Namespace) -> int:
     timed("vae", (full_vae / "config.json").is_file() or (vae_dir / "config.json").is_file(), stage("vae", full_vae))
     timed("vae-decoder", (vae_dir / "config.json").is_file(), stage("vae-decoder", vae_dir, vae=str(full_vae)))
     timed("probe", probe.is_file(), stage("probe", probe))
-    timed("teacher", teacher.is_file(), stage("teacher", teacher, latents=str(latents), vae=str(vae_dir)))
+    timed("teacher", teacher.is_file(), lambda: run_teacher(
+        _stage_args(args, data=str(world["train"]), world_count=chosen.train_clips, latents=str(latents),
+                    vae=str(vae_dir), batch_size=chosen.batch_sizes.get("teacher"), init=None, mouth_weight=None),
+        root / "runs", str(teacher), steps=chosen.steps["teacher"]))
     timed("student-init", init.is_file(), stage("student-init", init, **dit))
     timed("distill", distilled.is_file(), stage("distill", distilled, student=str(init), **dit))
     timed("package", student.is_file(), lambda: package_student(distilled, vae_dir, student))

@@ -5,7 +5,9 @@
                                           decoder` (the decoder alone, further, on the frozen encoder's latents)
     facecast train probe                  the lip-sync probe (mouth opening + identity embedding)
     facecast train teacher                the bidirectional audio-conditioned teacher on the clips' latents
-                                          (out/latents/train-128, encoded with the shipped VAE first if missing)
+                                          (out/latents/train-128, encoded with the shipped VAE first if missing):
+                                          the shipped teacher's runs in turn (`--phase base`, then `mouth`,
+                                          `mouth2`, ...), each from the last one's weights with a fresh optimiser
     facecast train student                the 2-step causal student: `--phase init` (the teacher's ODE pairs,
                                           then regression onto them) and `--phase distill` (DMD with
                                           self-forcing); both in turn by default, each a resumable run
@@ -33,7 +35,7 @@ from services.cli.world import default_dir
 DEFAULTS = {
     "vae": {"steps": None, "export": str(shipped_path(TALK128_VAE))},
     "probe": {"steps": 1500, "export": str(shipped_path(LIPSYNC_PROBE))},
-    "teacher": {"steps": 3000, "export": str(shipped_path(TALK128_TEACHER))},
+    "teacher": {"steps": None, "export": str(shipped_path(TALK128_TEACHER))},
     "student": {"steps": None, "export": str(shipped_path(TALK128_STUDENT))},
     "fast-decoder": {"steps": 1500, "export": str(shipped_path(TALK128_FAST_DECODER))},
 }
@@ -46,7 +48,14 @@ VAE_PHASES = {  # `facecast train vae`: the same, runs in <run-dir>/<stage>
     "full": ("vae", 2000, "<run-dir>/vae/vae-full"),
     "decoder": ("vae-decoder", 1800, str(shipped_path(TALK128_VAE))),
 }
-PAIRS = {"count": 1024, "teacher_steps": 12, "guidance": 2.0}
+TEACHER_PHASES = {  # `facecast train teacher`: (steps, recipe); runs in <run-dir>/teacher-<phase>, each phase from
+    # the previous phase's export (a fresh optimiser and warm-up: the rate schedule restarts). Each run <= 60 min on one
+    # core of this CPU; together they are the shipped teacher (checkpoints/MODEL_CARD.md).
+    "base": (3000, {}),
+    "mouth": (2000, {"mouth_weight": 16.0, "learning_rate": 2e-4}),
+    "mouth2": (6000, {"mouth_weight": 16.0, "learning_rate": 2e-4}),
+}
+PAIRS = {"count": 1024, "teacher_steps": 12, "guidance": 3.5}
 RECIPE_FLAGS = {  # flag: (the stage it applies to, lowest, highest or None, what the bound means)
     "--interior-weight": ("vae", 0, None, "0: off"),
     "--mouth-weight": ("teacher", 0, None, "0: no extra weight"),
@@ -180,6 +189,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UserError(f"--init applies to `facecast train teacher`, not {stage}")
         if not Path(args.init).is_file():
             raise UserError(f"--init: {args.init} does not exist (a teacher checkpoint to train further)")
+    if stage == "teacher":
+        if args.phase and args.phase not in TEACHER_PHASES:
+            raise UserError(f"--phase={args.phase!r} is not a phase of `facecast train teacher`; allowed: "
+                            f"{', '.join(TEACHER_PHASES)}")
+        if not args.phase and args.steps is not None:
+            raise UserError(f"--steps applies to one phase: add --phase {' or --phase '.join(TEACHER_PHASES)}")
+        return run_teacher(args, Path(args.run_dir or Path("out") / "train"),
+                           args.export or DEFAULTS["teacher"]["export"], [args.phase] if args.phase else None)
     table = {"student": PHASES, "vae": VAE_PHASES}.get(stage)
     if table is None:
         if args.phase:
@@ -217,6 +234,38 @@ def cmd_train(args: argparse.Namespace) -> int:
         else:
             _run(args, driver_stage, steps, export, str(run_dir),
                  init_export=str(root / "student-init" / "student-init.safetensors"))
+    return EXIT_OK
+
+
+def teacher_phase_export(root: Path, phase: str) -> Path:
+    """Where a teacher phase that is not the last one leaves its weights (the next phase's `--init`)."""
+    return root / f"teacher-{phase}" / "teacher.safetensors"
+
+
+def run_teacher(args: argparse.Namespace, root: Path, export: str, phases: list[str] | None = None,
+                steps: dict | None = None) -> int:
+    """`phases` of TEACHER_PHASES in turn (default all), each in <root>/teacher-<phase> and from the previous
+    phase's weights; the last phase of the table writes `export`. `--learning-rate` / `--mouth-weight` override every
+    phase's recipe, `--init` is the first phase run's starting point, `steps` (phase -> steps) each phase's length."""
+    names = list(TEACHER_PHASES)
+    phases = phases or names
+    for position, phase in enumerate(phases):
+        index = names.index(phase)
+        default_steps, recipe = TEACHER_PHASES[phase]
+        init = args.init if position == 0 else None
+        if init is None and index > 0:
+            init = str(teacher_phase_export(root, names[index - 1]))
+            if not Path(init).is_file():
+                raise UserError(f"--phase {phase} starts from phase {names[index - 1]}'s teacher, {init}, which does "
+                                f"not exist: run `facecast train teacher --phase {names[index - 1]}` first, or pass "
+                                "--init")
+        values = {name: getattr(args, name) if getattr(args, name, None) is not None else recipe.get(name)
+                  for name in ("learning_rate", "mouth_weight")}
+        last = index == len(names) - 1 or (len(phases) == 1 and getattr(args, "export", None))
+        run_args = argparse.Namespace(**{**vars(args), **values, "init": init})
+        count = (steps or {}).get(phase) or getattr(args, "steps", None) or default_steps
+        _run(run_args, "teacher", count, export if last else str(teacher_phase_export(root, phase)),
+             str(root / f"teacher-{phase}"))
     return EXIT_OK
 
 
@@ -281,33 +330,39 @@ def add_parser(commands) -> None:
                                       "(default out/world/train-128, generated if missing)")
     train.add_argument("--steps", type=int, help="optimiser steps of one stage or phase (defaults: vae " +
                        " + ".join(f"{p} {v[1]}" for p, v in VAE_PHASES.items()) + ", " +
-                       ", ".join(f"{k} {v['steps']}" for k, v in DEFAULTS.items() if v["steps"]) + ", student " +
+                       ", ".join(f"{k} {v['steps']}" for k, v in DEFAULTS.items() if v["steps"]) + ", teacher " +
+                       " + ".join(f"{p} {v[0]}" for p, v in TEACHER_PHASES.items()) + ", student " +
                        " + ".join(f"{p} {v[1]}" for p, v in PHASES.items()) + ")")
-    train.add_argument("--phase", help="one phase only: student init|distill (default both in turn), vae "
-                                       "full|decoder (default both in turn)")
+    train.add_argument("--phase", help="one phase only (default all in turn): student init|distill, vae "
+                                       f"full|decoder, teacher {'|'.join(TEACHER_PHASES)}")
     train.add_argument("--teacher", help=f"student: the teacher checkpoint (default {DEFAULTS['teacher']['export']})")
     train.add_argument("--student", help=f"student --phase distill: the initialised student (default "
                                          f"{PHASES['init'][2]})")
     train.add_argument("--pairs", help="student: the teacher's ODE pairs file (default "
                                        "<run-dir>/student-init/ode-pairs.pt, made first if missing)")
-    train.add_argument("--run-dir", help="resumable state and log.jsonl (default out/train/<stage>; for student and "
-                                         "vae the folder holding their phases' run directories, default out/train)")
+    train.add_argument("--run-dir", help="resumable state and log.jsonl (default out/train/<stage>; for teacher, "
+                                         "student and vae the folder holding their phases' run directories, default "
+                                         "out/train)")
     train.add_argument("--export", help="where the trained weights go (defaults: " +
                        ", ".join(f"{k} {v['export']}" for k, v in DEFAULTS.items()) + ")")
     train.add_argument("--workers", type=int, default=1, help="Ray Train workers (data-parallel; default 1)")
     train.add_argument("--gpu", action="store_true", help="one GPU per worker")
     train.add_argument("--batch-size", type=int)
-    train.add_argument("--learning-rate", type=float)
+    train.add_argument("--learning-rate", type=float, help="the stage's peak rate (default: its recipe's; teacher: "
+                       "3e-4 in phase base, 2e-4 after)")
     train.add_argument("--opening-weight", type=float, help="vae: weight of the latent opening head's error (a linear "
-                       "read-out of each frame's mouth opening from the latent at the mouth; default 0, off)")
+                       "read-out of each frame's mouth opening from the latent at the mouth; default 0.1, the shipped "
+                       "recipe; 0: off)")
     train.add_argument("--history-corrupt", type=float, help="student --phase distill: History Corrupt noise on the "
                        "cached keys/values (default 0.1; 0: the ablation without it)")
     train.add_argument("--interior-weight", type=float, help="vae: extra L1 weight on the pixels where the world draws "
-                       "the mouth's inside (both phases; default 0, off)")
-    train.add_argument("--init", help="teacher: a teacher checkpoint to train further (its weights; the optimiser "
-                                      "starts fresh) instead of random weights")
+                       "the mouth's inside (both phases; default 30, the shipped recipe; 0: off)")
+    train.add_argument("--init", help="teacher: a teacher checkpoint the first phase run trains further (its weights; "
+                                      "the optimiser starts fresh; default: random weights for phase base, the "
+                                      "previous phase's teacher after it)")
     train.add_argument("--mouth-weight", type=float, help="teacher: extra weight on the mouth's latent cells in the "
-                       f"velocity error (default {_teacher_default('mouth_weight'):g})")
+                       f"velocity error (default {_teacher_default('mouth_weight'):g} in phase base, "
+                       f"{TEACHER_PHASES['mouth'][1]['mouth_weight']:g} after)")
     train.add_argument("--guidance", type=float, help="student: classifier-free guidance on the teacher's audio, for "
                        f"the ODE pairs (init) and the real score (distill); default {PAIRS['guidance']:g}")
     train.add_argument("--seed", type=int, default=0)

@@ -33,7 +33,7 @@ DEFAULT_WORKERS = 4
 def entrypoint(stage: str, workers: int) -> str:
     args = ["facecast", "train", stage, "--workers", str(workers), "--gpu",
             "--data", f"{TRAIN_MOUNT}/world/train-128",
-            "--run-dir", f"{TRAIN_MOUNT}/runs" + ("" if stage == "student" else f"/{stage}"),
+            "--run-dir", f"{TRAIN_MOUNT}/runs" + ("" if stage in ("student", "teacher") else f"/{stage}"),
             "--export", f"{TRAIN_MOUNT}/export/{stage}" + ("" if stage in ("vae", "fast-decoder") else ".safetensors")]
     if stage in ("teacher", "student", "fast-decoder"):
         args += ["--latents", f"{TRAIN_MOUNT}/latents/train-128"]

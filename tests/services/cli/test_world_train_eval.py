@@ -61,6 +61,12 @@ def test_world_generate_resumes_and_info_reports_the_split(tmp_path, capsys):
     (["train", "student", "--init", "x.safetensors"], "--init applies to `facecast train teacher`, not student"),
     (["train", "teacher", "--init", "/nonexistent/t.safetensors"], "--init: /nonexistent/t.safetensors does not"),
     (["train", "teacher", "--mouth-weight", "-2"], "--mouth-weight -2 is invalid: at least 0"),
+    (["train", "teacher", "--steps", "10"], "--steps applies to one phase: add --phase base or --phase mouth"),
+    (["train", "teacher", "--phase", "decoder"],
+     "--phase='decoder' is not a phase of `facecast train teacher`; allowed: base, mouth, mouth2"),
+    (["train", "teacher", "--phase", "mouth2", "--run-dir", "/nonexistent/runs"],
+     "--phase mouth2 starts from phase mouth's teacher, /nonexistent/runs/teacher-mouth/teacher.safetensors, which "
+     "does not exist: run `facecast train teacher --phase mouth` first, or pass --init"),
     (["train", "teacher", "--guidance", "4"], "--guidance applies to `facecast train student`, not teacher"),
     (["train", "student", "--guidance", "40"], "--guidance 40 is invalid: allowed 1 to 20"),
     (["train", "all", "--guidance", "4"], "--guidance: not for `facecast train all`"),

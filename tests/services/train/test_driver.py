@@ -50,7 +50,7 @@ def test_the_history_corrupt_override_reaches_the_distillation(monkeypatch):
     built.clear()
     assert build_stage(default).history_corrupt == dmd_stage.DistillConfig().history_corrupt == 0.1
     built.clear()
-    assert build_stage(default).real_guidance == dmd_stage.DistillConfig().real_guidance == 2.0
+    assert build_stage(default).real_guidance == dmd_stage.DistillConfig().real_guidance == 3.5
 
 
 def test_the_teacher_overrides_reach_its_config(monkeypatch):
