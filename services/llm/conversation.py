@@ -9,6 +9,11 @@
         Transcript(role, text)     what was heard / said, for captions and logs
     the driver ─► Conversation.played(item_id, ms): how much of a reply item the avatar has played, so a barge-in
                   truncates the LLM's memory of it at what the caller actually heard
+
+A conversation's memory is its history: the final transcripts, `[{"role": "user" | "assistant", "text": ...}]`.
+The driver keeps it with the session (`remember`, bounded) and gives it to the next engine it opens for the same
+session (`history=` of each engine), so a conversation that moves (its LLM connection or its worker failed, the
+caller re-attached through another ingress) goes on knowing what was said.
 """
 
 from __future__ import annotations
@@ -83,6 +88,34 @@ class PcmResampler:
 def _joined(frames) -> np.ndarray:
     return (np.concatenate([np.frombuffer(bytes(frame.data), dtype=np.int16) for frame in frames]) if frames
             else np.zeros(0, np.int16))
+
+
+HISTORY_MESSAGES = 16
+"""Messages of history kept with a session (the newest; each engine may use fewer)."""
+HISTORY_CHARS = 1000
+"""Characters kept of one message."""
+
+
+def remember(history: list[dict], transcript: "Transcript") -> list[dict]:
+    """`history` with a final transcript added, bounded (HISTORY_MESSAGES newest, HISTORY_CHARS each); an empty or
+    non-final transcript leaves it as it is."""
+    text = " ".join(transcript.text.split())[:HISTORY_CHARS]
+    if not transcript.final or not text or transcript.role not in ("user", "assistant"):
+        return history
+    return [*history, {"role": transcript.role, "text": text}][-HISTORY_MESSAGES:]
+
+
+def checked_history(history) -> list[dict]:
+    """A history as stored (from the session record): each entry's role and text checked, bounded as `remember`."""
+    if not isinstance(history, list):
+        raise ValueError(f"history must be a list of {{role, text}}, got {type(history).__name__}")
+    kept = []
+    for entry in history:
+        if not (isinstance(entry, dict) and entry.get("role") in ("user", "assistant")
+                and isinstance(entry.get("text"), str)):
+            raise ValueError(f"history entry {str(entry)[:80]!r} is invalid: {{role: user|assistant, text: str}}")
+        kept.append({"role": entry["role"], "text": entry["text"][:HISTORY_CHARS]})
+    return kept[-HISTORY_MESSAGES:]
 
 
 class ConversationError(RuntimeError):

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from services.llm.conversation import (ClearReply, Conversation, ConversationError, PcmResampler, ReplyAudio,
-                                       ReplyDone, Transcript, UserSpeech)
+                                       ReplyDone, Transcript, UserSpeech, checked_history)
 
 logger = logging.getLogger(__name__)
 
@@ -354,12 +354,15 @@ class OfflineConversation(Conversation):
 
     ids = itertools.count(1)
 
-    def __init__(self, config: OfflineConfig, instructions: str | None = None, models: CascadeModels | None = None):
+    def __init__(self, config: OfflineConfig, instructions: str | None = None, models: CascadeModels | None = None,
+                 history: list[dict] | None = None):
+        """`history`: what was said before (`conversation.checked_history`), which the LLM sees as earlier turns."""
         self.config = config
         self.instructions = instructions or config.instructions
         self.models = models
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.history: list[dict] = []
+        self.history: list[dict] = [{"role": entry["role"], "content": entry["text"]}
+                                    for entry in checked_history(history or [])]
         self.vad = None
         self.inbound: PcmResampler | None = None
         self.buffer = np.zeros(0, np.float32)          # 16 kHz samples not yet given to the VAD

@@ -7,6 +7,8 @@
     barge-in: speech_started while a reply is generated ─► response.cancel
               or still playing on the avatar           ─► conversation.item.truncate {item_id, audio_end_ms = played}
                                                        ─► ClearReply (the avatar drops the reply it has not played)
+    history (a conversation reopened for the same session) ─► conversation.item.create, one text item per message
+    the caller's words (`transcription`) ◄─ conversation.item.input_audio_transcription.completed ─► Transcript
 
 The connection is the `openai` package's own (`AsyncOpenAI(websocket_base_url=...).realtime.connect`), and every
 event is validated against its typed models (`RealtimeClientEvent` before it is sent, `RealtimeServerEvent` when it
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from services.llm.conversation import (ClearReply, Conversation, ConversationError, PcmResampler, ReplyAudio,
-                                       ReplyDone, Transcript, UserSpeech)
+                                       ReplyDone, Transcript, UserSpeech, checked_history)
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +56,9 @@ class RealtimeConfig:
     model: str = "gpt-realtime"
     voice: str = "alloy"
     instructions: str = "You are a friendly face on a video call. Answer briefly, in one or two sentences."
+    transcription: str = "gpt-4o-mini-transcribe"
+    """The model that transcribes the caller's speech (the session's history keeps what was said; the LLM hears the
+    audio itself either way); "" asks for no transcripts. $FACECAST_REALTIME_TRANSCRIPTION sets it."""
 
     @classmethod
     def from_settings(cls, url: str | None = None, api_key: str | None = None, model: str | None = None,
@@ -69,7 +74,8 @@ class RealtimeConfig:
         if not api_key:
             raise ConversationError(f"the realtime LLM at {url} is configured without a key: set $OPENAI_API_KEY "
                                     "(or realtime_api_key in the Serve config's args)")
-        return cls(url, api_key, model or env.get("FACECAST_REALTIME_MODEL") or cls.model)
+        return cls(url, api_key, model or env.get("FACECAST_REALTIME_MODEL") or cls.model,
+                   transcription=env.get("FACECAST_REALTIME_TRANSCRIPTION", cls.transcription))
 
 
 def _adapters():
@@ -82,8 +88,12 @@ def _adapters():
 class RealtimeConversation(Conversation):
     """One caller's conversation with a realtime LLM (see the module docstring)."""
 
-    def __init__(self, config: RealtimeConfig, instructions: str | None = None, connect_timeout_s: float = 10.0):
+    def __init__(self, config: RealtimeConfig, instructions: str | None = None, connect_timeout_s: float = 10.0,
+                 history: list[dict] | None = None):
+        """`history`: what was said before (`conversation.checked_history`), given to the LLM as conversation items
+        when the session starts."""
         self.config, self.instructions, self.connect_timeout_s = config, instructions, connect_timeout_s
+        self.history = checked_history(history or [])
         self.client_events, self.server_events = _adapters()
         self.manager = self.connection = None
         self.queue: asyncio.Queue = asyncio.Queue()
@@ -106,11 +116,17 @@ class RealtimeConversation(Conversation):
             raise ConversationError(f"the realtime LLM at {self.config.url} did not answer: "
                                     f"{type(error).__name__}: {error}") from None
         audio_format = {"type": "audio/pcm", "rate": SAMPLE_RATE_HZ}
+        heard = {"format": audio_format, "turn_detection": {"type": "server_vad"}}
+        if self.config.transcription:
+            heard["transcription"] = {"model": self.config.transcription}
         await self._send({"type": "session.update", "session": {
             "type": "realtime", "instructions": self.instructions or self.config.instructions,
             "output_modalities": ["audio"],
-            "audio": {"input": {"format": audio_format, "turn_detection": {"type": "server_vad"}},
-                      "output": {"format": audio_format, "voice": self.config.voice}}}})
+            "audio": {"input": heard, "output": {"format": audio_format, "voice": self.config.voice}}}})
+        for entry in self.history:   # what was said before this connection, as text items
+            kind = "input_text" if entry["role"] == "user" else "output_text"
+            await self._send({"type": "conversation.item.create", "item": {
+                "type": "message", "role": entry["role"], "content": [{"type": kind, "text": entry["text"]}]}})
         self.reader = asyncio.ensure_future(self._read())
 
     async def push_user_audio(self, pcm: np.ndarray, sample_rate_hz: int) -> None:

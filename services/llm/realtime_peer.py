@@ -5,8 +5,10 @@ It validates every client event against the `openai` package's typed models, run
 appended audio (speech = RMS above a threshold; 300 ms of quiet ends it), answers each user turn with a reply of
 `reply_s` seconds of a tone streamed as `response.output_audio.delta` in real time (`first_audio_at`: when each
 reply's first delta went out, `time.perf_counter()`), and honours `response.cancel`
-(the reply stops, `response.done` says cancelled) and `conversation.item.truncate`. `beta_names` sends the beta /
-Azure event names instead (`response.audio.delta`, ...).
+(the reply stops, `response.done` says cancelled) and `conversation.item.truncate`. When the session asks for
+transcription, each user turn is transcribed as "question N" and each reply's transcript is "answer N" (N counts the
+peer's turns, over all its connections); `conversation.item.create` items are kept per connection (`items`).
+`beta_names` sends the beta / Azure event names instead (`response.audio.delta`, ...).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ class RealtimePeer:
         self.port = None
         self.first_audio_at: list[float] = []
         self.inject: list[dict] = []     # raw events to send after the next session.updated (tests of bad input)
+        self.turns = 0                   # user turns heard, over all connections
+        self.items: list[list] = []      # per connection, in order: the (role, text) of each conversation.item.create
 
     async def __aenter__(self):
         self.server = await websockets.serve(self._handle, "127.0.0.1", 0)
@@ -56,7 +60,9 @@ class RealtimePeer:
         return [event.type for event in self.received]
 
     async def _handle(self, ws):
-        state = {"speaking": False, "quiet_ms": 0.0, "reply": None, "heard_ms": 0.0}
+        state = {"speaking": False, "quiet_ms": 0.0, "reply": None, "heard_ms": 0.0, "transcribe": False}
+        items: list = []
+        self.items.append(items)
 
         async def send(event: dict) -> None:
             event = {"event_id": f"ev_{next(self.ids)}", **event}
@@ -66,7 +72,7 @@ class RealtimePeer:
                                                                                           event["type"])
             await ws.send(json.dumps(event))
 
-        async def reply(response_id: str, item_id: str) -> None:
+        async def reply(response_id: str, item_id: str, number: int) -> None:
             await send({"type": "response.created", "response": {"id": response_id, "object": "realtime.response",
                                                                  "status": "in_progress"}})
             t = np.arange(int(self.reply_s * RATE)) / RATE
@@ -82,6 +88,9 @@ class RealtimePeer:
                     await asyncio.sleep(self.delta_s / self.speedup)
                 await send({"type": "response.output_audio.done", "response_id": response_id, "item_id": item_id,
                             "output_index": 0, "content_index": 0})
+                await send({"type": "response.output_audio_transcript.done", "response_id": response_id,
+                            "item_id": item_id, "output_index": 0, "content_index": 0,
+                            "transcript": f"answer {number}"})
                 status = "completed"
             except asyncio.CancelledError:
                 status = "cancelled"
@@ -97,6 +106,8 @@ class RealtimePeer:
                 continue
             self.received.append(event)
             if event.type == "session.update":
+                heard = event.session.audio.input if event.session.audio else None
+                state["transcribe"] = bool(heard and heard.transcription and heard.transcription.model)
                 await send({"type": "session.updated", "session": {"type": "realtime"}})
                 for raw in self.inject:
                     await ws.send(json.dumps(raw))
@@ -113,9 +124,18 @@ class RealtimePeer:
                         state["speaking"] = False
                         await send({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": 0, "item_id": "u"})
                         turn = next(self.ids)
-                        state["reply"] = asyncio.ensure_future(reply(f"resp_{turn}", f"item_{turn}"))
+                        self.turns += 1
+                        if state["transcribe"]:
+                            await send({"type": "conversation.item.input_audio_transcription.completed",
+                                        "item_id": f"user_{turn}", "content_index": 0,
+                                        "transcript": f"question {self.turns}",
+                                        "usage": {"type": "duration", "seconds": 1.0}})
+                        state["reply"] = asyncio.ensure_future(reply(f"resp_{turn}", f"item_{turn}", self.turns))
                 elif loud:
                     state["quiet_ms"] = 0.0
+            elif event.type == "conversation.item.create":
+                items.append((event.item.role, event.item.content[0].text))
+                await send({"type": "conversation.item.added", "item": event.item.model_dump(exclude_none=True)})
             elif event.type == "response.cancel" and state["reply"] is not None:
                 state["reply"].cancel()
             elif event.type == "conversation.item.truncate":

@@ -9,6 +9,12 @@
                           ──► video chunks (frames + the avatar's voice) ──► the caller; REPLY_STARTED with the
                               turn latency when the first frame of a reply goes out; `played` back to the bridge
 
+What was said (the final transcripts) is kept with the session (`conversation.history` in its record, bounded) and
+given to every conversation opened for it: when the LLMBridge replica or the LLM connection fails, the call reopens
+the conversation with that history and tells the caller (RESUMED, naming LLMBridge; the avatar keeps streaming its
+listening face meanwhile, and a reply being made is lost); a re-attach through another ingress reopens it the same
+way.
+
 The avatar's session runs at the LLM's rate (24 kHz).  With several characters, the replies take turns
 (`conversation.reply_characters`): the pacer feeds each reply to its character's track and sets that character
 speaking and the one before it not speaking, so one mouth moves at a time.  Nothing here imports torch.
@@ -28,7 +34,8 @@ from services.api.servicer import require_decodable
 from services.api.validation import ApiError, InputBudget, validate_audio, validate_control
 from services.delivery.avatar import LEAD_S, pace
 from services.delivery.pacing import SpeechTrack
-from services.llm.conversation import ClearReply, ReplyAudio, ReplyDone, UserSpeech
+from services.llm.conversation import (ClearReply, ReplyAudio, ReplyDone, Transcript, UserSpeech, checked_history,
+                                       remember)
 from services.serving.session_stream import LocalSessionLink, internal_error
 from services.store.sessions import SessionRecord
 from services.telemetry import span
@@ -37,6 +44,9 @@ logger = logging.getLogger("facecast.ingress")
 
 REPLY_RATE_HZ = 24000
 TURN_SPAN = "facecast.turn"
+REOPEN_S = 60.0
+"""How long a failed conversation is retried (the bridge's replacement starting, the LLM reconnecting) before the
+stream ends."""
 
 
 class ConversationCall:
@@ -62,6 +72,14 @@ class ConversationCall:
         self.turn_latencies_ms: list[float] = []
         self.sample_rate_hz: int | None = None
         self.pacer: asyncio.Task | None = None
+        try:
+            self.history = checked_history(record.conversation.get("history") or [])
+        except ValueError as error:      # not written by this code: start afresh rather than refuse the call
+            logger.warning("session %s: its conversation history is unreadable (%s); starting without it",
+                           self.session_id, error)
+            self.history = []
+        self.reopens = 0
+        self.push_failed = False
 
     def _failed(self, error: ApiError) -> None:
         if self.error is None:
@@ -72,9 +90,8 @@ class ConversationCall:
 
     async def run(self, resume_from_chunk: int):
         ingress = self.ingress
-        conversation = self.record.conversation
         try:
-            await ingress.llm.open.remote(self.session_id, conversation["mode"], conversation.get("instructions", ""))
+            await self._open()
         except Exception as error:   # the LLM did not answer: say where, end this stream only
             self.error = ApiError(grpc.StatusCode.UNAVAILABLE, str(error).strip().splitlines()[-1][:500])
             return
@@ -160,17 +177,60 @@ class ConversationCall:
         self.chunks_sent += 1
         return [output, *messages] if self.video_to_caller else messages
 
+    async def _open(self) -> None:
+        conversation = self.record.conversation
+        await self.ingress.llm.open.remote(self.session_id, conversation["mode"], conversation.get("instructions", ""),
+                                           self.history)
+
+    async def _reopen(self, error: BaseException) -> bool:
+        """The conversation failed (its bridge replica died, the LLM went away): open it again with its history,
+        retrying for REOPEN_S; True once it is back (RESUMED sent), False when it is not (the stream's error set)."""
+        reason = str(error).strip().splitlines()[-1][:200] if str(error).strip() else type(error).__name__
+        logger.warning("session %s: the conversation failed (%s: %s); reopening it with %d messages of history",
+                       self.session_id, type(error).__name__, reason, len(self.history))
+        deadline = time.monotonic() + REOPEN_S
+        while True:
+            try:
+                await asyncio.wait_for(self._open(), max(1.0, deadline - time.monotonic()))
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as failure:
+                error = failure
+                if time.monotonic() >= deadline:
+                    self._failed(internal_error(self.session_id, "the conversation", error))
+                    return False
+                await asyncio.sleep(0.5)
+        self.reopens += 1
+        self.push_failed = False
+        if self.track.segment is not None:      # the reply being made ended with the old conversation
+            self.track.end_segment()
+        self.events.put_nowait(self._event(
+            pb.Event.RESUMED, f"LLMBridge: the conversation was reopened with its history ({len(self.history)} "
+            f"messages) after it failed ({type(error).__name__}); a reply being made was lost",
+            next_chunk_index=self.chunks_sent))
+        return True
+
+    def _remember(self, transcript: Transcript) -> None:
+        history = remember(self.history, transcript)
+        if history is self.history:
+            return
+        self.history = history
+        self.record.conversation = {**self.record.conversation, "history": history}
+        self.ingress.store_quietly("update", self.session_id, conversation=self.record.conversation)
+
     async def _listen(self) -> None:
-        """The LLM's events, by long poll."""
+        """The LLM's events, by long poll; a failure reopens the conversation (`_reopen`)."""
         while True:
             try:
                 events = await self.ingress.llm.next_events.remote(self.session_id, 1.0)
             except asyncio.CancelledError:
                 raise
             except Exception as error:
-                self._failed(internal_error(self.session_id, "the conversation", error))
-                self.events.put_nowait(None)
-                return
+                if not await self._reopen(error):
+                    self.events.put_nowait(None)
+                    return
+                continue
             for event in events:
                 if isinstance(event, UserSpeech):
                     if event.started:
@@ -192,6 +252,21 @@ class ConversationCall:
                 elif isinstance(event, ClearReply):
                     self.track.clear()
                     self.reply_pending = False
+                elif isinstance(event, Transcript):
+                    self._remember(event)
+
+    async def _push(self, pcm: np.ndarray, rate: int) -> None:
+        """The caller's audio to the LLM. While the conversation is failing (`_listen` reopens it) the audio is lost,
+        not the call."""
+        try:
+            await self.ingress.llm.push.remote(self.session_id, pcm, rate)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            if not self.push_failed:
+                logger.warning("session %s: the caller's audio could not reach the conversation (%s); dropped until "
+                               "it is reopened", self.session_id, type(error).__name__)
+            self.push_failed = True
 
     async def _read(self) -> None:
         """The caller's messages: audio to the LLM; end_of_input ends the call (the avatar finishes its sentence)."""
@@ -207,7 +282,7 @@ class ConversationCall:
                     budget.take(pcm.shape[0] / rate)
                     self.sample_rate_hz = rate
                     if len(pcm):
-                        await self.ingress.llm.push.remote(self.session_id, np.asarray(pcm), rate)
+                        await self._push(np.asarray(pcm), rate)
                 elif kind == "control":
                     speaking, end_of_input = validate_control(message.control, len(self.record.characters))
                     if speaking:

@@ -7,7 +7,9 @@
 
 The ingress feeds the reply into the avatar's session itself (`services.serving.conversation`); this deployment
 only holds the LLM connections.  Events are fetched by long poll, so no streaming handle is needed and a re-attaching
-ingress replica picks up where the previous one stopped.  What may live here: conversations keyed by session id.
+ingress replica picks up where the previous one stopped.  What may live here: conversations keyed by session id;
+what they must remember lives with the session (its history, in the session record), so a replacement replica
+reopens a conversation that knows what was said.
 """
 
 from __future__ import annotations
@@ -41,21 +43,22 @@ class LLMBridge:
                  "offline": "the on-server cascade (Whisper base, SmolLM2-135M, Piper)"}
         return {"available": True, "modes": list(self.modes), "message": "; ".join(where[m] for m in self.modes)}
 
-    async def open(self, session_id: str, mode: str, instructions: str = "") -> None:
-        """Connect the session's conversation; ConversationError (the LLM's URL named) when it cannot. The cascade's
-        models load on the first offline conversation (in a thread; later ones share them)."""
+    async def open(self, session_id: str, mode: str, instructions: str = "", history: list | None = None) -> None:
+        """Connect the session's conversation, knowing `history` (what was said before: `conversation.remember`'s
+        entries, kept with the session by the ingress); ConversationError (the LLM's URL named) when it cannot. The
+        cascade's models load on the first offline conversation (in a thread; later ones share them)."""
         if mode not in self.modes:
             raise ConversationError(f"conversation mode {mode!r} is not available here")
         await self.close(session_id)
         if mode == "realtime":
             from services.llm.realtime import RealtimeConversation
 
-            conversation = RealtimeConversation(self.realtime, instructions or None)
+            conversation = RealtimeConversation(self.realtime, instructions or None, history=history)
         else:
             from services.llm.offline import OfflineConfig, OfflineConversation
 
             self.offline = self.offline or OfflineConfig.from_settings(self.settings.cascade_cache_dir)
-            conversation = OfflineConversation(self.offline, instructions or None)
+            conversation = OfflineConversation(self.offline, instructions or None, history=history)
         await conversation.start()
         self.conversations[session_id] = conversation
         self.queues[session_id] = queue = asyncio.Queue()

@@ -5,6 +5,7 @@ spans and metrics reach the collector under the client's trace."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -20,6 +21,7 @@ from model_core.engine import AvatarEngine, Character, iter_pieces
 from services.api import pb
 from services.api.client import AvatarClient
 from services.api.keys import hash_api_key
+from services.llm.realtime_peer import RealtimePeer
 from services.deploy.local_cluster import APP_NAME, LocalCluster
 from services.net import free_port
 from services.media import decode_image_bytes, image_to_tensor
@@ -28,11 +30,13 @@ from services.serving.vae_decoder import encode_jpeg
 
 from tests.model_core.helpers import burst_audio, expected_first_changed_latent, speech
 from tests.otlp_receiver import OtlpReceiver
+from tests.services.llm.test_realtime import speech_then_quiet
 from tests.services.serving.helpers import engine_jpegs, pcm16, png, replica_killer
 
 pytestmark = pytest.mark.integration
 
 API_KEY = "test-key-3f9a-0123456789"
+LLM_KEY = "test-llm-key-77c1-9876543210"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
 
@@ -44,12 +48,27 @@ def receiver():
 
 
 @pytest.fixture(scope="module")
-def cluster(receiver):
+def llm_peer():
+    """The realtime LLM the cluster's LLMBridge talks to: the protocol peer, on an event loop of its own."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    peer = RealtimePeer(reply_s=1.0, speedup=2.0)
+    asyncio.run_coroutine_threadsafe(peer.__aenter__(), loop).result(10)
+    yield peer
+    asyncio.run_coroutine_threadsafe(peer.__aexit__(None, None, None), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def cluster(receiver, llm_peer):
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_METRIC_EXPORT_INTERVAL": "500",
            "OTEL_BSP_SCHEDULE_DELAY": "200"}
     env.update({key: value for key, value in serve_tracing_env().items() if key.startswith("RAY_SERVE")})
     env.update(env)
-    started = LocalCluster.start({"max_sessions": 3, "api_keys": {"tests": hash_api_key(API_KEY)}},
+    started = LocalCluster.start({"max_sessions": 3, "api_keys": {"tests": hash_api_key(API_KEY)},
+                                  "realtime_url": llm_peer.url, "realtime_api_key": LLM_KEY},
                                  grpc_port=free_port(), num_cpus=4, num_gpus=3, env=env)
     yield started
     started.stop()
@@ -350,6 +369,26 @@ def test_a_session_survives_a_worker_replica_being_killed_with_the_engines_frame
     client.close_session(session.session_id, session.session_token)
 
 
+def test_a_conversation_survives_its_llm_bridge_replica_being_killed_and_remembers_what_was_said(client, llm_peer):
+    """The LLMBridge replica is killed between two questions: Serve starts a replacement, the call reopens the
+    conversation there with the first exchange (RESUMED naming LLMBridge; no re-attach, no error), and the second
+    question is answered."""
+    request = pb.CreateSessionRequest(reference_image=png(14), conversation=pb.ConversationOptions(
+        mode=pb.ConversationOptions.REALTIME))
+    session = client.stub.CreateSession(request, metadata=client.metadata, timeout=120)
+    question = np.concatenate(speech_then_quiet(0.6, 0.5))
+    quiet = np.zeros(16000 * 8, np.int16)
+    pcm = np.concatenate([question, quiet, question, quiet[:16000 * 4]])
+    first = llm_peer.turns + 1
+    result = client.stream(session, pcm, 16000, realtime=True, after_chunks=(8, replica_killer("LLMBridge")))
+    resumed = [event for event in result.events if event.type == pb.Event.RESUMED]
+    assert len(resumed) == 1 and "LLMBridge" in resumed[0].message, [event.message for event in result.events]
+    assert [event.type for event in result.events].count(pb.Event.REPLY_STARTED) == 2
+    assert llm_peer.items[-1] == [("user", f"question {first}"), ("assistant", f"answer {first}")]
+    assert result.reattaches == 0 and result.chunks[-1].final
+    client.close_session(session.session_id, session.session_token)
+
+
 def test_sessions_stream_on_through_a_redis_outage_and_its_restart_loses_no_record(cluster, client, engine):
     """Redis killed mid-stream: the stream goes on (its frames still the engine's), health says NOT_SERVING and new
     sessions get UNAVAILABLE at once; the supervisor restarts Redis from its append-only file, and the session's
@@ -504,7 +543,7 @@ def test_no_api_key_or_session_token_reaches_logs_spans_or_metrics(cluster, rece
     receiver.wait_for_spans(lambda got: any(s.attributes.get("session.id") == session.session_id for s in got),
                             timeout_s=30)
     time.sleep(1.5)     # a metrics export interval and a span batch after the last call
-    secrets = {API_KEY, API_KEY[:-1] + "X", hash_api_key(API_KEY).removeprefix("sha256:"),
+    secrets = {API_KEY, LLM_KEY, API_KEY[:-1] + "X", hash_api_key(API_KEY).removeprefix("sha256:"),
                hashlib.sha256(API_KEY.encode()).digest().hex().upper()}
     for opened in (session, other):
         secrets |= {opened.session_token, hash_token(opened.session_token)}

@@ -39,9 +39,12 @@ def with_bridge(cluster: Cluster) -> Cluster:
 
 
 async def caller(messages_then_wait):
+    """Messages in order; a float waits that long, a callable is called (a fault, at that point of the call)."""
     for item in messages_then_wait:
         if isinstance(item, float):
             await asyncio.sleep(item)
+        elif callable(item):
+            item()
         else:
             yield item
 
@@ -192,3 +195,73 @@ def test_the_offline_cascade_answers_a_spoken_question_through_the_avatar(store)
     voice = np.concatenate([np.frombuffer(chunk.audio_pcm_s16le, "<i2") for chunk in chunks]).astype(np.float64)
     loud = np.sqrt(np.mean(voice[: len(voice) // 2400 * 2400].reshape(-1, 2400) ** 2, axis=1)) > 1000
     assert loud.sum() >= 10, "the avatar speaks the cascade's answer (at least a second of it)"
+
+
+QUESTION = speech_then_quiet(0.6, 0.5)
+FIRST_EXCHANGE = [{"role": "user", "text": "question 1"}, {"role": "assistant", "text": "answer 1"}]
+
+
+def bridge_dies(cluster):
+    """The LLMBridge replica is lost with its conversations, a fresh one takes its place (as Serve starts one)."""
+    def kill() -> None:
+        old, cluster.llm = cluster.llm, LLMBridge.func_or_class(cluster.settings)
+        cluster.ingress.llm.target = cluster.llm
+        for session_id in old.session_ids():
+            asyncio.ensure_future(old.close(session_id))
+    return kill
+
+
+def test_when_the_llm_bridge_dies_the_conversation_is_reopened_knowing_what_was_said(store):
+    """The bridge is lost after the first exchange: the call goes on (RESUMED naming LLMBridge, no error), the new
+    conversation is given the first exchange as items before the caller's next words, the second question is
+    answered, and the session record holds the whole history."""
+    async def main():
+        async with RealtimePeer(reply_s=1.0, speedup=2.0) as peer:
+            cluster = realtime_cluster(store, peer)
+            context = GrpcContext()
+            session = await cluster.ingress.CreateSession(conversation_request(), context)
+            assert context.code is None, context.details
+            script = [*audio(QUESTION), 3.0, bridge_dies(cluster), 1.5, *audio(QUESTION), 3.0,
+                      pb.SessionInput(control=pb.Control(end_of_input=True))]
+            outputs, context = await cluster.stream(session, caller(script))
+            return peer, outputs, context, store.get(session.session_id)
+
+    peer, outputs, context, record = asyncio.run(main())
+    assert context.code is None, context.details
+    events = events_of(outputs)
+    resumed = [event for event in events if event.type == pb.Event.RESUMED]
+    assert len(resumed) == 1 and "LLMBridge" in resumed[0].message and "2 messages" in resumed[0].message, \
+        [event.message for event in events]
+    assert [event.type for event in events].count(pb.Event.REPLY_STARTED) == 2
+    assert peer.items == [[], [("user", "question 1"), ("assistant", "answer 1")]]
+    assert record.conversation["history"] == FIRST_EXCHANGE + [{"role": "user", "text": "question 2"},
+                                                               {"role": "assistant", "text": "answer 2"}]
+    assert chunks_of(outputs)[-1].final
+
+
+def test_a_caller_reattaching_through_another_ingress_finds_the_conversation_where_it_was(store):
+    """The stream breaks after the first exchange; the caller re-attaches through another ingress replica, whose
+    conversation starts from the session's history, and the next question is answered."""
+    async def main():
+        async with RealtimePeer(reply_s=1.0, speedup=2.0) as peer:
+            cluster = realtime_cluster(store, peer)
+            context = GrpcContext()
+            session = await cluster.ingress.CreateSession(conversation_request(), context)
+            first = asyncio.ensure_future(cluster.stream(session, caller([*audio(QUESTION), 60.0])))
+            for _ in range(100):
+                if len(store.get(session.session_id).conversation.get("history", [])) == 2:
+                    break
+                await asyncio.sleep(0.1)
+            first.cancel()                                            # the connection is gone
+            await asyncio.gather(first, return_exceptions=True)
+            cluster.ingress = cluster.replica()                       # the caller comes back elsewhere
+            cluster.ingress.llm = cluster.transport.handle("LLMBridge", cluster.llm)
+            resume = store.get(session.session_id).chunks_emitted
+            script = [*audio(QUESTION), 3.0, pb.SessionInput(control=pb.Control(end_of_input=True))]
+            outputs, context = await cluster.stream(session, caller(script), resume_from_chunk=resume)
+            return peer, outputs, context
+
+    peer, outputs, context = asyncio.run(main())
+    assert context.code is None, context.details
+    assert peer.items[-1] == [("user", "question 1"), ("assistant", "answer 1")]
+    assert pb.Event.REPLY_STARTED in [event.type for event in events_of(outputs)]
