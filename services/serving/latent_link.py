@@ -21,7 +21,10 @@ step clock resolves once per chunk) and the receiver synchronises its device aft
 handed out: both waits sit on the link's threads, not in the per-step path.
 
 A link joins one sender process and one decoder process. gloo (torch.distributed) allows one group per process, so on
-CPU a process takes part in one link; NCCL groups have no such limit.
+CPU a process takes part in one link; NCCL groups have no such limit. When a sender dies, its receiver sees the link
+break; before the next link joins, the decoder tears a broken gloo link down (`drop_broken`), so a replacement score
+replica links up again. Where no link can be had (a live gloo link already held), the score side sends its latents
+in the messages instead (`ScoreWorkerGroup._ensure_link`): slower, never a failed call.
 """
 
 from __future__ import annotations
@@ -89,6 +92,26 @@ def _join(name: str, rank: int, backend: str) -> None:
                             f"CPU a decoder takes one latent link (one score replica per VAEDecoder replica); link "
                             f"{name!r} refused")
     collective.init_collective_group(2, rank, backend=backend, group_name=name)
+
+
+def drop_broken(links: dict, backend: str) -> list[str]:
+    """Tear down the links of `links` (name -> LatentReceiver, removed from it) whose sender is gone, freeing the
+    process's gloo group for the next link. Returns their names."""
+    from ray.util import collective
+
+    broken = [name for name, link in links.items() if link.error is not None]
+    for name in broken:
+        links.pop(name)
+        try:
+            collective.destroy_collective_group(name)
+        except Exception:   # already gone with its peer
+            pass
+    if backend == "gloo" and broken and not links:
+        import torch.distributed as dist
+
+        if dist.is_initialized():    # the default group came with the dead link: gloo's one group per process
+            dist.destroy_process_group()
+    return broken
 
 
 class LatentSender:

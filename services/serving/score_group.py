@@ -71,6 +71,8 @@ def steps_part(steps: list[int]) -> str:
 
 logger = logging.getLogger("facecast.score")
 STEP_PING_S = 5.0
+NO_LINK = "-"
+"""`link_name` of a replica that could not link up with the decoder: its latents travel in the messages."""
 """How long a pipelined step actor may take to answer a liveness ping (`_replace_dead_steps`); one that does not
 answer in time is busy, not replaced."""
 
@@ -283,6 +285,13 @@ class ScoreWorkerGroup(ReportsSessions):
                 raise ConfigError("latent_transport='collective' needs the VAEDecoder's handle in the ScoreWorkerGroup "
                                   "(build_app binds it with vae_placement 'separate')")
             name, backend = new_link_name(), backend_for(self.settings.worker_device())
+            try:    # first the decoder frees what a dead replica's link held (gloo: one group per process) ...
+                await self.decoder_handle.prepare_latent_link.remote(backend)
+            except Exception as error:   # ... or says it cannot take a link: latents travel in the messages
+                logger.warning("ScoreWorkerGroup: no latent link to the VAEDecoder (%s); this replica's latents travel "
+                               "in the messages (object store)", str(error).strip().splitlines()[-1][:300])
+                self.link_name = NO_LINK
+                return
             accept = self.decoder_handle.accept_latent_link.remote(name, backend)
             if self.pipelined:     # the last step actor holds the clean latents
                 await connect(self.step_actors[-1].join_latent_link.remote(name, backend), accept)

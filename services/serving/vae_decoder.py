@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import logging
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -37,13 +38,16 @@ from model_core.models import build_fast_decoder, build_vae
 from model_core.snapshot import pack, to_device, unpack
 from services.media import decode_image_bytes, image_to_tensor
 from services.serving.affinity import AFFINITY_ROUTER, ReportsSessions
-from services.serving.latent_link import LatentReceiver, LinkError
+from services.serving.latent_link import LatentReceiver, LinkError, drop_broken
 from services.serving.messages import DecodedFrames, DecodeRequest, LinkedChunk, ScoredChunk
 from services.serving.ordering import ChunkTurns, MicroBatcher, run_on
 from services.serving.resume import DECODE_CHECKPOINT_CHUNKS, ResumeStore, SessionNotHere, restore_call
 from services.serving.settings import REPLAY_CHUNKS, AppSettings
 from services.telemetry import VAE_DECODE_SPAN, setup_telemetry, span
 
+logger = logging.getLogger("facecast.vae_decoder")
+LINK_BREAK_WAIT_S = 5.0
+"""How long a new latent link waits for a dead sender's link to be seen broken before it is refused."""
 
 def encode_jpeg(frames: torch.Tensor, quality: int) -> list[bytes]:
     """frames [T, 3, H, W] in [-1, 1] -> one baseline JPEG per frame (deterministic for the same pixels)."""
@@ -92,6 +96,21 @@ class SessionDecoder:
         self.links: dict[str, LatentReceiver] = {}   # latent links by name (latent_transport 'collective')
         self.arrivals = {"message": 0, "link": 0}     # how decoded chunks' latents arrived
         self.resume = ResumeStore.from_settings(settings)
+
+    async def prepare_link(self, backend: str, wait_s: float = LINK_BREAK_WAIT_S) -> None:
+        """Before a score replica links up: on gloo (one group per process) a link whose sender died is torn down,
+        waiting up to `wait_s` for its receiver to see the death; LinkError when a live link holds the group (the score
+        side then sends its latents in the messages)."""
+        if backend != "gloo" or not self.links:
+            return
+        deadline = asyncio.get_running_loop().time() + wait_s
+        while any(link.error is None for link in self.links.values()) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.1)
+        for name in drop_broken(self.links, backend):
+            logger.warning("%s: latent link %s lost its sender; torn down for the next one", self.owner, name)
+        if self.links:
+            raise LinkError(f"{self.owner} already receives latent link {next(iter(self.links))!r}, and gloo allows "
+                            "one group per process (on CPU a VAEDecoder replica takes one score replica's link)")
 
     async def accept_link(self, name: str, backend: str) -> None:
         """Join latent link `name` as its receiving end (the score side joins at the same time)."""
@@ -333,6 +352,10 @@ class VAEDecoder(ReportsSessions):
 
     async def restore_decode(self, session_id: str, at_chunk: int) -> dict:
         return await self.decoder.restore(session_id, at_chunk)
+
+    async def prepare_latent_link(self, backend: str) -> None:
+        """Free what a dead score replica's link held, before a new one joins (`SessionDecoder.prepare_link`)."""
+        await self.decoder.prepare_link(backend)
 
     async def accept_latent_link(self, name: str, backend: str) -> None:
         """The receiving end of a latent link (latent_transport 'collective'); the score side joins meanwhile."""

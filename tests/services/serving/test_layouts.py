@@ -132,12 +132,12 @@ def test_latents_go_from_the_score_worker_to_the_decoder_over_the_latent_link(cl
     client.close()
 
 
-@pytest.mark.parametrize("app", [PIPELINED_OBJECTS, SELF_CONTAINED])
+@pytest.mark.parametrize("app", [PIPELINED_OBJECTS, SELF_CONTAINED, LINKED])
 def test_a_killed_score_replica_of_the_other_layouts_resumes_its_session_with_the_engines_frames(cluster, app):
     """Pipelined: the replica dies with its step actor (each owning a step's caches); the replacement starts a new
-    one and restores every step. Self-contained: the replica that dies held the decode cache too. Either way one
-    RESUMED, no re-attach, the engine's frames. (Not with latent_transport 'collective' on CPU: gloo allows one group
-    per process, so the decoder cannot link up with a replacement score replica; see README.)"""
+    one and restores every step. Self-contained: the replica that dies held the decode cache too. Linked (latents
+    over the latent link, gloo here): the decoder tears the dead sender's link down and the replacement links up
+    again. Each way one RESUMED, no re-attach, the engine's frames."""
     from services.api import pb
 
     client = AvatarClient(cluster.target, application=app)
@@ -153,6 +153,10 @@ def test_a_killed_score_replica_of_the_other_layouts_resumes_its_session_with_th
     engine.preset = engine.preset.__class__(**{**engine.preset.__dict__,
                                                "stream": engine.preset.stream.replace(steps=steps)})
     assert result.frames_jpeg == engine_jpegs(engine, image, pcm)
+    if app == LINKED:      # the chunks after the fault came over a new link, not in the messages
+        latents = serve.get_deployment_handle("VAEDecoder", app_name=app).latent_stats.remote().result()
+        (link,) = latents["links"]
+        assert latents["arrived"]["message"] == 0 and link["received"] > 0 and not link["broken"], latents
     client.close_session(session.session_id, session.session_token)
     client.close()
 
