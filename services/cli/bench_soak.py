@@ -256,6 +256,7 @@ def _report(preset, sessions, minutes, buffer_s, logs, memory, kills, log_path) 
             return None
         return float(np.polyfit([t / 60 for t, _ in steady], [m for _, m in steady], 1)[0])
 
+    firsts = [log.arrivals[0] for log in logs if log.arrivals]
     totals = [(t, sum(parts.values())) for t, parts in memory if parts]
     slope = slope_of(totals)
     names = sorted({name for _, parts in memory for name in parts})
@@ -266,7 +267,9 @@ def _report(preset, sessions, minutes, buffer_s, logs, memory, kills, log_path) 
     return {"machine": cpu_label(), "preset": preset, "sessions": sessions, "minutes": minutes,
             "buffer_ms": buffer_s * 1000, "sessions_lost": sum(log.lost is not None for log in logs),
             "chunks": chunks, "deadline_attainment": round(on_time / chunks, 4) if chunks else None,
-            "stall_s": round(frozen, 2), "between_chunks_p50_ms": _percentile(all_intervals, 50),
+            "stall_s": round(frozen, 2), "ttff_p50_s": round(float(np.median(firsts)), 3) if firsts else None,
+            "ttff_max_s": round(max(firsts), 3) if firsts else None,
+            "between_chunks_p50_ms": _percentile(all_intervals, 50),
             "between_chunks_p99_ms": _percentile(all_intervals, 99),
             "memory_mib_first": round(totals[0][1], 1) if totals else None,
             "memory_mib_last": round(totals[-1][1], 1) if totals else None,
@@ -285,7 +288,8 @@ def format_soak_report(report: dict) -> str:
              f"  sessions lost {report['sessions_lost']}, chunks {report['chunks']}, deadline attainment "
              + (f"{attainment * 100:.2f} %" if attainment is not None else "n/a")
              + f" (player buffer {report['buffer_ms']:.0f} ms), stall {report['stall_s']:.1f} s",
-             f"  between chunks p50 {report['between_chunks_p50_ms']} ms, p99 {report['between_chunks_p99_ms']} ms",
+             f"  between chunks p50 {report['between_chunks_p50_ms']} ms, p99 {report['between_chunks_p99_ms']} ms; "
+             f"time to first frame p50 {report.get('ttff_p50_s')} s, max {report.get('ttff_max_s')} s",
              f"  memory (serve's process tree) {report['memory_mib_first']} -> {report['memory_mib_last']} MiB, "
              f"slope after the first minute {report['memory_slope_mib_per_min']} MiB/min",
              "  by component, MiB (slope MiB/min): " + ", ".join(

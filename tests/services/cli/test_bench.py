@@ -80,6 +80,18 @@ def test_the_soak_players_deadlines_and_stalls_against_hand_worked_timelines():
     assert SessionLog(2).player(0.2) == (0, 0.0)
 
 
+def test_the_soak_report_gives_the_time_to_first_frame_over_sessions_and_each():
+    from services.cli.bench_soak import SessionLog, _report, format_soak_report
+
+    logs = [SessionLog(0, arrivals=[1.2, 1.7], pts_s=[0.0, 0.48]), SessionLog(1, arrivals=[0.8], pts_s=[0.0]),
+            SessionLog(2, arrivals=[2.5], pts_s=[0.0]), SessionLog(3, lost="INTERNAL")]
+    report = _report("tiny", 4, 1.0, 0.2, logs, [], [], "serve.log")
+    assert (report["ttff_p50_s"], report["ttff_max_s"]) == (1.2, 2.5)
+    assert [session["ttff_s"] for session in report["per_session"]] == [1.2, 0.8, 2.5, None]
+    assert report["sessions_lost"] == 1
+    assert "time to first frame p50 1.2 s, max 2.5 s" in format_soak_report(report)
+
+
 def test_the_soak_starts_serve_with_the_replicas_asked_for(tmp_path):
     from services.cli.bench_soak import serve_argv
 

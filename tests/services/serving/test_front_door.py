@@ -1,8 +1,8 @@
 """The front door (services/serving/front_door.py) in front of a real gRPC upstream over loopback: every kind of call
 passes through unchanged (messages, status, details, trailing metadata, the deadline, cancellation), the internal
 key replaces any a client forges, it binds only the host it is given, TLS with a self-signed certificate verified by
-the client, plaintext refused on the TLS port, a key that is not the certificate's refused at start, and a dead
-upstream answered UNAVAILABLE at once."""
+the client, plaintext refused on the TLS port, a key that is not the certificate's refused at start, a dead
+upstream answered UNAVAILABLE at once, and reflection answered UNIMPLEMENTED when it is turned off."""
 
 from __future__ import annotations
 
@@ -57,10 +57,21 @@ def _upstream_handler():
     return grpc.method_handlers_generic_handler("t.T", handlers)
 
 
+def _reflection_handlers():
+    """Stands in for the upstream's reflection service (both versions): answers each request with its bytes."""
+    def info(requests, context):
+        for request in requests:
+            yield request
+
+    return [grpc.method_handlers_generic_handler(
+        service, {"ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(info)})
+        for service in ("grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection")]
+
+
 @pytest.fixture(scope="module")
 def upstream():
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    server.add_generic_rpc_handlers((_upstream_handler(),))
+    server.add_generic_rpc_handlers((_upstream_handler(), *_reflection_handlers()))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     yield f"127.0.0.1:{port}"
@@ -114,6 +125,24 @@ def test_the_internal_key_is_the_doors_whatever_a_client_sends(door):
         seen = _call(channel, "unary_unary", "Headers", b"", timeout=10,
                      metadata=[(INTERNAL_KEY_HEADER, "forged"), ("x-api-key", "client-key-0123456789")]).decode()
     assert seen == repr([("x-api-key", "client-key-0123456789"), (INTERNAL_KEY_HEADER, "internal-0123456789")])
+
+
+def test_reflection_passes_through_unless_it_is_turned_off(door, upstream):
+    methods = [f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo" for version in ("v1alpha", "v1")]
+    with grpc.insecure_channel(door.target) as channel:
+        for method in methods:
+            assert list(channel.stream_stream(method)(iter([b"list"]), timeout=10)) == [b"list"]
+    closed = FrontDoor(upstream, "127.0.0.1", free_port(), reflection=False)
+    closed.start()
+    try:
+        with grpc.insecure_channel(closed.target) as channel:
+            for method in methods:
+                with pytest.raises(grpc.RpcError) as caught:
+                    list(channel.stream_stream(method)(iter([b"list"]), timeout=10))
+                assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            assert _call(channel, "unary_unary", "Echo", b"still served", timeout=10) == b"still served"
+    finally:
+        closed.stop(grace_s=1)
 
 
 def test_it_listens_only_on_the_host_it_is_given(door):
