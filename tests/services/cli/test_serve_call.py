@@ -60,6 +60,22 @@ def alive(pid: int) -> bool:
         return False
 
 
+def _health_probe(target: str, timeout_s: float = 10.0) -> tuple[str, float]:
+    """(outcome, seconds the call took) of a health check: SERVING / NOT_SERVING, or the status code's name."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    began = time.monotonic()
+    with grpc.insecure_channel(target) as channel:
+        try:
+            answer = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), metadata=[("application", "facecast")], timeout=timeout_s)
+            outcome = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+        except grpc.RpcError as error:
+            outcome = error.code().name
+    return outcome, time.monotonic() - began
+
+
 class Server:
     def __init__(self, proc: subprocess.Popen, port: int, log: Path, ready: Path):
         self.proc, self.port, self.log, self.ready = proc, port, log, ready
@@ -86,6 +102,7 @@ def server(tmp_path_factory):
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     started = Server(proc, port, log, ready)
     started.http_port = http_port
+    started.probes = []
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not ready.exists():
@@ -94,6 +111,7 @@ def server(tmp_path_factory):
             if time.monotonic() > deadline:
                 print(started.output())
                 pytest.fail(f"facecast serve was not ready within {READY_TIMEOUT_S} s:\n{started.output()}")
+            started.probes.append(_health_probe(started.target))   # a caller trying while it starts
             time.sleep(0.25)
         assert ready.read_text() == "ready\n"
         yield started
@@ -163,6 +181,16 @@ def test_call_with_a_non_image_exits_2_naming_the_field(server, inputs):
     assert result.returncode == 2, result.stdout + result.stderr
     assert "INVALID_ARGUMENT" in result.stderr and "reference_image" in result.stderr
     assert result.stderr.startswith("facecast call: error:") and "Traceback" not in result.stderr
+
+
+def test_while_serve_starts_every_call_is_answered_at_once_never_left_to_hang(server):
+    """Health checks every 0.25 s from the moment `facecast serve` was launched until it said ready: each one refused
+    (the port closed: UNAVAILABLE) or answered, in well under its 10 s deadline."""
+    assert len(server.probes) >= 4, server.probes
+    slow = [(outcome, round(took, 2)) for outcome, took in server.probes if took > 3.0]
+    assert not slow, f"calls left hanging while serve started: {slow}"
+    assert {outcome for outcome, _ in server.probes} <= {"UNAVAILABLE", "NOT_SERVING", "SERVING"}, server.probes
+    assert server.probes[0][0] == "UNAVAILABLE"
 
 
 def test_serve_listens_on_loopback_only_and_its_serve_port_refuses_calls_that_bypass_it(server):
