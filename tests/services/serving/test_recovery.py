@@ -88,6 +88,45 @@ def test_without_snapshots_a_lost_session_ends_with_data_loss_naming_why(store):
     assert state.value == "FAILED"
 
 
+class NeverReplaced:
+    """A deployment whose replica died and is never replaced: every call fails as a dead actor's does."""
+
+    def __getattr__(self, name):
+        def call(*args, **kwargs):
+            import ray.exceptions
+
+            raise ray.exceptions.ActorDiedError()
+        return call
+
+
+def test_a_worker_that_never_comes_back_ends_the_stream_unavailable_in_seconds_not_a_hang(store):
+    """The score replica dies and nothing takes its place: the stream retries for `fault_recovery_s` (2 s here),
+    then ends with UNAVAILABLE saying so; the client is not left waiting."""
+    import time
+
+    async def main():
+        cluster = Cluster(store, fault_recovery_s=2.0)
+        session = await cluster.create(png(13))
+        messages = audio_messages(pcm16(speech(3.0, seed=33)))
+
+        async def scripted():
+            for index, message in enumerate(messages):
+                if index == 30:
+                    cluster.ingress.score.target = NeverReplaced()
+                yield message
+                await asyncio.sleep(0.005)
+
+        began = time.monotonic()
+        outputs, context = await cluster.stream(session, scripted())
+        return outputs, context, time.monotonic() - began
+
+    outputs, context, took = asyncio.run(main())
+    assert context.code == grpc.StatusCode.UNAVAILABLE, (context.code, context.details)
+    assert "no replacement took the session over within" in context.details
+    assert took < 20, f"the stream took {took:.0f} s to give up"
+    assert chunks_of(outputs), "the chunks before the fault were delivered"
+
+
 def test_a_retried_push_is_neither_applied_twice_nor_loses_its_tickets(store):
     """A push whose answer was lost (the replica died after saving) is sent again with the same offset: the samples
     are not added twice, and the tickets it cut come back (from the replacement's restored copy too)."""
