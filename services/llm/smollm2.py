@@ -14,6 +14,7 @@ answer's first words come ~1 s sooner.
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import logging
 import os
@@ -138,18 +139,21 @@ class LlamaCppLLM:
         self.config = config
         self.model = Llama(model_path=str(gguf_path()), n_ctx=2048, n_threads=config.threads,
                            n_threads_batch=config.threads, verbose=False)
+        self.lock = threading.Lock()     # one context: the process's conversations take turns generating
+        atexit.register(self.model.close)   # freed before the interpreter tears llama_cpp's module down
 
     def deltas(self, messages: list[dict], cancelled: threading.Event):
         """Generated in the reader's thread, a token per step: closing the iterator (or `cancelled`) stops it."""
-        try:
-            stream = self.model.create_chat_completion(messages, max_tokens=self.config.max_reply_tokens,
-                                                       temperature=0.0, repeat_penalty=REPETITION_PENALTY,
-                                                       stream=True)
-            for part in stream:
-                if cancelled.is_set():
-                    return
-                delta = part["choices"][0]["delta"].get("content")
-                if delta:
-                    yield delta
-        except (ValueError, RuntimeError) as error:
-            raise ConversationError(f"the offline LLM failed: {type(error).__name__}: {error}") from None
+        with self.lock:
+            try:
+                stream = self.model.create_chat_completion(messages, max_tokens=self.config.max_reply_tokens,
+                                                           temperature=0.0, repeat_penalty=REPETITION_PENALTY,
+                                                           stream=True)
+                for part in stream:
+                    if cancelled.is_set():
+                        return
+                    delta = part["choices"][0]["delta"].get("content")
+                    if delta:
+                        yield delta
+            except (ValueError, RuntimeError) as error:
+                raise ConversationError(f"the offline LLM failed: {type(error).__name__}: {error}") from None
