@@ -139,6 +139,12 @@ class LocalCluster:
     def scale(self, app: str, deployment: str, replicas: int) -> None:
         """Set `num_replicas` of one deployment of a declaratively deployed application (as editing the
         RayService's serveConfigV2 does); returns once the controller has the new config, not when it is done."""
+        self.update(app, deployment, num_replicas=replicas)
+
+    def update(self, app: str, deployment: str, **options) -> None:
+        """Change options of one deployment of a declaratively deployed application, as editing the RayService's
+        serveConfigV2 does: `num_replicas` is applied in place; a changed `ray_actor_options` replaces the replicas
+        (Serve starts new ones and stops the old). Returns once the controller has the config, not when it is done."""
         if app not in (self.declared or {}):
             raise ValueError(f"app={app!r} was not deployed declaratively; declared: {sorted(self.declared or {})}")
         entries = self.declared[app]["deployments"]
@@ -146,7 +152,7 @@ class LocalCluster:
         if entry is None:
             entry = {"name": deployment}
             entries.append(entry)
-        entry["num_replicas"] = replicas
+        entry.update(options)
         self._apply_declared(wait=False)
 
     def _apply_declared(self, wait: bool) -> None:

@@ -55,6 +55,8 @@ logger = logging.getLogger("facecast.ingress")
 AVATAR_SAMPLE_RATE_HZ = 16000
 """A voice agent's avatar session runs at this rate (the agent helper streams its speech at it; other rates are
 resampled by the worker)."""
+STOP_POLL_S = 0.25
+"""How often an ingress replica looks whether Serve has begun stopping it."""
 
 STORE_DOWN = ApiError(grpc.StatusCode.UNAVAILABLE, "the session store (Redis) is unreachable; sessions already "
                      "streaming go on; retry in a few seconds")
@@ -78,6 +80,20 @@ def _fail(grpc_context, error: ApiError) -> None:
 class StreamAborted(Exception):
     """Raised after setting the gRPC status on a streaming call: Serve sends the status that was set (a status set
     without raising is dropped once a stream has started)."""
+
+
+def serve_stopping_probe():
+    """A callable that says whether Serve has begun stopping this replica, or None outside a Serve replica. Serve
+    (Ray 2.60, pinned) has no public hook that runs before it waits for a replica's requests to end; its replica's
+    `_shutting_down` flag is set at that moment (as the router's private hooks, checked by the tests on upgrade)."""
+    try:
+        from ray._private.worker import global_worker
+
+        replica = global_worker.actors[global_worker.actor_id]._replica_impl
+        bool(replica._shutting_down)
+    except Exception:  # noqa: BLE001 - not in a replica, or another Ray: no early drain, Serve's own stop remains
+        return None
+    return lambda: bool(replica._shutting_down)
 
 
 class SessionIngressServicer:
@@ -110,6 +126,8 @@ class SessionIngressServicer:
             self.replica_id = uuid.uuid4().hex[:8]
         self.streams: dict[str, SessionStream] = {}   # session id -> the stream attached here
         self._sweeper: asyncio.Task | None = None
+        self._stopping = serve_stopping_probe()       # None outside a Serve replica
+        self._watcher: asyncio.Task | None = None
         self.store_down_since: float | None = None     # when a store write last failed (None: Redis answers)
         self.draining = False                          # shutting down: no new sessions or attaches here
 
@@ -191,6 +209,17 @@ class SessionIngressServicer:
     def _start_sweeper(self) -> None:
         if self._sweeper is None or self._sweeper.done():
             self._sweeper = asyncio.ensure_future(self._sweep_forever())
+        if self._stopping is not None and self._watcher is None:
+            self._watcher = asyncio.ensure_future(self._drain_when_stopped())
+
+    async def _drain_when_stopped(self) -> None:
+        """Serve stopping this replica (a redeploy, a scale-down, the pod going away) waits for its requests to end,
+        and a stream does not end on its own: drain them (DRAINING, then UNAVAILABLE; the clients re-attach to
+        another replica) as soon as the stop begins."""
+        while not self._stopping():
+            await asyncio.sleep(STOP_POLL_S)
+        logger.warning("Serve is stopping this ingress replica: draining its streams")
+        await self.drain()
 
     # ------------------------------------------------------------------ grpc.health.v1.Health
 

@@ -311,3 +311,27 @@ def test_a_score_replica_scaled_down_mid_stream_hands_its_session_to_the_survivo
     for session in sessions:
         client.close_session(session.session_id, session.session_token)
     client.close()
+
+
+def test_an_ingress_replica_serve_replaces_drains_its_stream_to_the_new_one(cluster):
+    """The ingress's options change (as a redeploy of the RayService does): Serve starts a new ingress replica and
+    stops the old one, whose stream is told (DRAINING) and ended at once rather than held until Serve's shutdown
+    timeout; the client re-attaches to the new replica and every chunk arrives with the engine's frames."""
+    from services.api import pb
+
+    client = AvatarClient(cluster.target, application=REPLICATED)
+    image, pcm = png(90), pcm16(speech(5.0, seed=90))
+    session = client.create_session(image)
+    redeploy = lambda: cluster.update(REPLICATED, "SessionIngress",  # noqa: E731
+                                      ray_actor_options={"num_cpus": 0.2, "num_gpus": 0})
+    began = time.monotonic()
+    result = client.stream(session, pcm, 16000, realtime=True, after_chunks=(2, redeploy))
+    took = time.monotonic() - began
+    kinds = [event.type for event in result.events]
+    assert pb.Event.DRAINING in kinds and result.reattaches >= 1, [event.message for event in result.events]
+    assert [chunk.chunk_index for chunk in result.chunks] == list(range(len(result.chunks)))
+    assert result.chunks[-1].final
+    assert result.frames_jpeg == engine_jpegs(AvatarEngine.from_preset("tiny", seed=0), image, pcm)
+    assert took < 5.0 + 15.0, f"the stream took {took:.0f} s: held until Serve's shutdown timeout?"
+    client.close_session(session.session_id, session.session_token)
+    client.close()
