@@ -14,6 +14,7 @@ own first audio (the peer's first audio delta of the turn -> the answer's first 
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -150,7 +151,10 @@ def bench_call(turns: int = 10, preset_name: str = "talk128", decoder: str = "fa
                          "avatar_adds_s": None if llm is None or reply is None else reply[0] - llm})
     measured = [t["first_frame_after_s"] for t in per_turn[1:] if t["first_frame_after_s"] is not None]
     added = [t["avatar_adds_s"] for t in per_turn[1:] if t["avatar_adds_s"] is not None]
-    return {"machine": cpu_label(), "preset": preset_name, "decoder": decoder, "mode": mode,
+    from services.llm.smollm2 import resolve_runtime
+
+    runtime = resolve_runtime(os.environ.get("FACECAST_LLM_RUNTIME", "auto")) if mode == "offline" else None
+    return {"machine": cpu_label(), "preset": preset_name, "decoder": decoder, "mode": mode, "llm_runtime": runtime,
             "avatar_adds_p50_s": float(np.percentile(added, 50)) if added else None,
             "avatar_adds_p95_s": float(np.percentile(added, 95)) if added else None,
             "turns": turns, "answered": len(measured), "warmup_turn": per_turn[0],
@@ -165,7 +169,8 @@ def bench_call(turns: int = 10, preset_name: str = "talk128", decoder: str = "fa
 
 
 def format_call_report(report: dict) -> str:
-    lines = [f"facecast bench call — {report['mode']} mode, preset {report['preset']} ({report['decoder']} "
+    runtime = f", the LLM on {report['llm_runtime']}" if report.get("llm_runtime") else ""
+    lines = [f"facecast bench call — {report['mode']} mode{runtime}, preset {report['preset']} ({report['decoder']} "
              f"decoder) on {report['machine']}",
              f"  end of the caller's speech -> first avatar frame of the answer, {report['answered']}/"
              f"{report['turns']} turns answered: p50 {report['p50_s']:.2f} s, p95 {report['p95_s']:.2f} s"
