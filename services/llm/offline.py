@@ -76,7 +76,7 @@ class OfflineConfig:
     max_reply_tokens: int = 72
     history_turns: int = 4              # earlier exchanges the LLM sees
     instructions: str = DEFAULT_INSTRUCTIONS
-    llm_runtime: str = "auto"           # `smollm2.RUNTIMES`: llama.cpp when installed (`make llama-cpp`), else transformers
+    llm_runtime: str = "auto"           # smollm2.RUNTIMES: llama.cpp when built (`make llama-cpp`), else transformers
 
     @classmethod
     def from_settings(cls, cache_dir: str | None = None, env=os.environ,
