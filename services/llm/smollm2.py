@@ -6,10 +6,10 @@
                                                             penalty 1.2, at most `config.max_reply_tokens`); stops
                                                             when `cancelled` is set or the reader stops reading
 
-transformers + gguf de-quantise the GGUF into float32 once (kept in the cache directory) and need no compiler: the
-default of `make venv`, ~11 tokens/s on one core of this CPU. llama.cpp (`llama-cpp-python`, built from source by
-`make llama-cpp`, ~6 min on 2 cores) runs the Q4_1 file itself, ~100 tokens/s (BENCHMARKS.md, "The call"): the
-answer's first words come ~1 s sooner.
+transformers + gguf de-quantise the GGUF into float32 once (kept in the cache directory) and need no compiler: what
+`make venv` gives, ~11 tokens/s on one core of this CPU. llama.cpp (`llama-cpp-python`, built from source by
+`make llama-cpp`, ~6 min on 2 cores) runs the Q4_1 file itself, ~100 tokens/s: a conversation turn ends 0.5 s sooner
+(BENCHMARKS.md, "The call").
 """
 
 from __future__ import annotations
