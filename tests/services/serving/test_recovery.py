@@ -181,3 +181,30 @@ def test_a_session_whose_workers_were_all_replaced_while_detached_resumes_on_rea
     gap = sorted(set(range(len(expected))) - set(indices))
     warnings = [event.message for event in events_of(second) if event.type == pb.Event.WARNING]
     assert not gap or any(f"chunks {gap[0]} to {gap[-1]}" in message for message in warnings), (gap, warnings)
+
+
+def test_a_score_replica_the_decoder_cannot_link_with_sends_its_latents_in_the_messages(store, engine):
+    """latent_transport 'collective', but the decoder refuses the link (on CPU it already holds another replica's live
+    gloo link): the score replica says so in its log and sends each chunk's latents in the message; the session
+    streams the engine's frames."""
+    from services.serving.latent_link import LinkError
+
+    class Refusing:
+        def prepare_latent_link(self, backend):
+            raise LinkError("VAEDecoder already receives latent link 'facecast-latents-x', and gloo allows one group "
+                            "per process")
+
+    image, pcm = png(14), pcm16(speech(2.0, seed=34))
+
+    async def main():
+        cluster = Cluster(store, latent_transport="collective")
+        cluster.score.decoder_handle = cluster.transport.handle("VAEDecoder", Refusing())
+        session = await cluster.create(image)
+        outputs, context = await cluster.stream(session, audio_messages(pcm))
+        return cluster, outputs, context
+
+    cluster, outputs, context = asyncio.run(main())
+    assert context.code is None, context.details
+    chunks = chunks_of(outputs)
+    assert chunks[-1].final and cluster.decoder.latent_stats()["arrived"] == {"message": len(chunks), "link": 0}
+    assert [frame for chunk in chunks for frame in chunk.frames] == engine_jpegs(engine, image, pcm)
