@@ -14,7 +14,6 @@ own first audio (the peer's first audio delta of the turn -> the answer's first 
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
@@ -151,9 +150,10 @@ def bench_call(turns: int = 10, preset_name: str = "talk128", decoder: str = "fa
                          "avatar_adds_s": None if llm is None or reply is None else reply[0] - llm})
     measured = [t["first_frame_after_s"] for t in per_turn[1:] if t["first_frame_after_s"] is not None]
     added = [t["avatar_adds_s"] for t in per_turn[1:] if t["avatar_adds_s"] is not None]
+    from services.llm.offline import OfflineConfig
     from services.llm.smollm2 import resolve_runtime
 
-    runtime = resolve_runtime(os.environ.get("FACECAST_LLM_RUNTIME", "auto")) if mode == "offline" else None
+    runtime = resolve_runtime(OfflineConfig.from_settings().llm_runtime) if mode == "offline" else None
     return {"machine": cpu_label(), "preset": preset_name, "decoder": decoder, "mode": mode, "llm_runtime": runtime,
             "avatar_adds_p50_s": float(np.percentile(added, 50)) if added else None,
             "avatar_adds_p95_s": float(np.percentile(added, 95)) if added else None,

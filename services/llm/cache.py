@@ -1,10 +1,17 @@
-"""The cascade's cache directory (`$FACECAST_CACHE_DIR`, else ~/.cache/facecast): models made once from packages."""
+"""The cascade's models: where their packages are, and the cache directory (`$FACECAST_CACHE_DIR`, else
+~/.cache/facecast) where they are made once from them."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from pathlib import Path
+
+
+def package_dir(module: str) -> Path:
+    """Where an installed package's files are (the models ship inside wheels)."""
+    return Path(importlib.util.find_spec(module).submodule_search_locations[0])
 
 
 def atomic_dir(target: Path, build) -> Path:

