@@ -129,13 +129,9 @@ def decode_image_bytes(data: bytes, name: str = "image data") -> PIL.Image.Image
     return _open_image(io.BytesIO(bytes(data)), f"{name} ({len(data)} bytes)")
 
 
-def image_to_tensor(image: PIL.Image.Image, width: int, height: int) -> "torch.Tensor":
-    """Convert an image to a ``[3, height, width]`` float32 tensor in ``[-1, 1]``.
-
-    The aspect ratio is preserved by *center-cropping* the image to the target
-    aspect ratio first (cutting equal amounts from both sides of the longer
-    dimension), then resizing the crop to exactly ``width x height`` with a
-    Lanczos filter. No padding or stretching is applied.
+def fit_image(image: PIL.Image.Image, width: int, height: int) -> PIL.Image.Image:
+    """The RGB image at exactly ``width x height``: *center-cropped* to the target aspect ratio first (cutting equal
+    amounts from both sides of the longer dimension), then resized with a Lanczos filter. No padding or stretching.
     """
     if width <= 0 or height <= 0:
         raise ValueError(f"target size must be positive, got width={width} height={height}")
@@ -156,10 +152,15 @@ def image_to_tensor(image: PIL.Image.Image, width: int, height: int) -> "torch.T
 
     # Crop first (rather than resize(box=...)) so the filter never samples
     # pixels from outside the crop.
-    resized = image.crop(box).resize((width, height), PIL.Image.Resampling.LANCZOS)
+    return image.crop(box).resize((width, height), PIL.Image.Resampling.LANCZOS)
+
+
+def image_to_tensor(image: PIL.Image.Image, width: int, height: int) -> "torch.Tensor":
+    """Convert an image to a ``[3, height, width]`` float32 tensor in ``[-1, 1]`` (framed by `fit_image`: centre crop
+    to the aspect ratio, then a Lanczos resize)."""
     import torch
 
-    pixels = np.asarray(resized, dtype=np.float32)  # [H, W, 3] in 0..255
+    pixels = np.asarray(fit_image(image, width, height), dtype=np.float32)  # [H, W, 3] in 0..255
     tensor = torch.from_numpy(pixels / 127.5 - 1.0).permute(2, 0, 1).contiguous()
     return tensor.clamp_(-1.0, 1.0)
 

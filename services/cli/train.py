@@ -283,6 +283,14 @@ def _run(args: argparse.Namespace, stage: str, steps: int, export: str, run_dir:
         extra = {"teacher": teacher, "pairs": pairs}
     if stage == "distill":
         extra["student"] = args.student or init_export
+    if stage == "fast-decoder":
+        if args.vae and not args.student:
+            raise UserError("--vae: a fast decoder for another VAE needs --student, a streaming student trained in "
+                            "that VAE's latent space (its streams are half of what the decoder learns from)")
+        extra["student"] = args.student or DEFAULTS["student"]["export"]
+        if not Path(extra["student"]).is_file():
+            raise UserError(f"--student: {extra['student']} does not exist (the streaming student whose latents the "
+                            "fast decoder serves; `facecast train student` makes it)")
     if getattr(args, "opening_weight", None) is not None and stage == "vae":
         extra["opening_weight"] = args.opening_weight
     if getattr(args, "history_corrupt", None) is not None and stage == "distill":
@@ -337,7 +345,8 @@ def add_parser(commands) -> None:
                                        f"full|decoder, teacher {'|'.join(TEACHER_PHASES)}")
     train.add_argument("--teacher", help=f"student: the teacher checkpoint (default {DEFAULTS['teacher']['export']})")
     train.add_argument("--student", help=f"student --phase distill: the initialised student (default "
-                                         f"{PHASES['init'][2]})")
+                                         f"{PHASES['init'][2]}); fast-decoder: the streaming student whose latents "
+                                         f"it decodes (default {DEFAULTS['student']['export']})")
     train.add_argument("--pairs", help="student: the teacher's ODE pairs file (default "
                                        "<run-dir>/student-init/ode-pairs.pt, made first if missing)")
     train.add_argument("--run-dir", help="resumable state and log.jsonl (default out/train/<stage>; for teacher, "

@@ -2,7 +2,8 @@
 
     browser ── offer (mic audio sendrecv, video recvonly, data channel "events") ──► CallPeer.answer
     session's video chunks ─► push_chunk(frames, audio) ─► AvatarVideoTrack (paced at fps; the last frame again when
-                                                          │                 nothing new came: the picture never stops)
+                                                          │                 nothing new came: the picture never stops;
+                                                          │                 the reference image before the first chunk)
                                                           └► AvatarAudioTrack (20 ms frames; silence when none)
     mic ─► on_audio(int16 mono, rate) (the caller's speech, as it arrives)
     events (turn latency, who is speaking, the call's state) ─► the "events" data channel as JSON
@@ -37,8 +38,13 @@ VIDEO_CLOCK_HZ = 90000
 class AvatarMedia:
     """The two outgoing queues, the voice's clock and the sender-side A/V offset record of one call."""
 
-    def __init__(self, fps: float, width: int, height: int):
+    def __init__(self, fps: float, width: int, height: int, still: np.ndarray | None = None):
+        """`still`: RGB uint8 [height, width, 3], the picture the video shows until the first chunk (the reference
+        image, as a phone shows the callee's photo while it connects); None: black."""
         self.fps, self.width, self.height = fps, width, height
+        if still is not None and still.shape != (height, width, 3):
+            raise ValueError(f"still: {still.shape} is not the stream's [{height}, {width}, 3]")
+        self.still = still if still is not None else np.zeros((height, width, 3), np.uint8)
         self.frames: deque = deque()            # (av.VideoFrame, voice position in samples, chunk index or None)
         self.audio: deque = deque()             # (int16 samples at 48 kHz, chunk index or None)
         self.written = 0                        # voice samples queued so far
@@ -124,8 +130,7 @@ def _tracks():
             self.media = media
             self.start: float | None = None
             self.count = 0
-            self.last = av.VideoFrame.from_ndarray(np.zeros((media.height, media.width, 3), np.uint8),
-                                                   format="rgb24")
+            self.last = av.VideoFrame.from_ndarray(np.ascontiguousarray(media.still), format="rgb24")
 
         async def recv(self):
             if self.start is None:

@@ -193,11 +193,13 @@ class BrowserCall(_Call):
 
     async def start(self, image: bytes, mode: str, sdp: str, kind: str) -> dict:
         from services.delivery.webrtc import AvatarMedia, CallPeer
+        from services.media import decode_image_bytes, fit_image
 
         await self._create(pb.CreateSessionRequest(reference_image=image,
                                                    conversation=pb.ConversationOptions(mode=MODES[mode])))
         options = self.session.options
-        self.media = AvatarMedia(options.fps, options.width, options.height)
+        still = fit_image(decode_image_bytes(image, "reference_image"), options.width, options.height)
+        self.media = AvatarMedia(options.fps, options.width, options.height, np.asarray(still))
         self.peer = CallPeer(self.media, self._on_mic, self._on_closed)
         try:
             answer_sdp, answer_kind = await self.peer.answer(sdp, kind)

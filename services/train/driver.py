@@ -59,7 +59,8 @@ class TrainRequest:
     teacher: str | None = None
     """student-init, distill: the teacher checkpoint."""
     student: str | None = None
-    """distill: the initialised student checkpoint."""
+    """distill: the initialised student checkpoint; fast-decoder: the streaming student whose latents the decoder
+    serves (its rollouts are half the samples)."""
     pairs: str | None = None
     """student-init, distill: the teacher's ODE pairs (`student_stage.make_ode_pairs`)."""
     vae: str | None = None
@@ -82,7 +83,7 @@ class TrainRequest:
         for name, stages in (("init", ("teacher",)), ("mouth_weight", ("teacher",)), ("guidance", ("distill",))):
             if getattr(self, name) is not None and self.stage not in stages:
                 raise ValueError(f"{name} applies to the {' and '.join(stages)} stage, not {self.stage!r}")
-        needs = {"vae-decoder": ("vae",), "teacher": ("latents",), "fast-decoder": ("latents",),
+        needs = {"vae-decoder": ("vae",), "teacher": ("latents",), "fast-decoder": ("latents", "student"),
                  "student-init": ("latents", "teacher", "pairs"),
                  "distill": ("latents", "teacher", "student", "pairs")}.get(self.stage, ())
         missing = [name for name in needs if not getattr(self, name)]
@@ -111,7 +112,8 @@ def build_stage(request: TrainRequest, *, wrap=None, device="cpu"):
             from model_core.training.fastdecode_stage import FastDecoderStage, FastDecoderTrainConfig
 
             train = FastDecoderTrainConfig(seed=request.seed, steps=request.steps, **overrides)
-            return FastDecoderStage(None, latents, train, vae=vae, wrap=wrap, device=device)
+            return FastDecoderStage(None, latents, train, vae=vae, student=request.student, stream=preset.stream,
+                                    wrap=wrap, device=device)
         if request.stage == "teacher":
             from model_core.training.teacher_stage import TeacherStage, TeacherTrainConfig
 

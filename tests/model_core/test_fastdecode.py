@@ -78,13 +78,15 @@ def test_bad_shapes_are_refused_by_name():
         FastDecoderConfig(channels=(8, 8, 8))
 
 
-@pytest.mark.skipif(not __import__("model_core.world.speech", fromlist=["x"]).espeak_available(),
-                    reason="libespeak-ng missing: run `make espeak-ng`")
-def test_the_distillation_loss_falls_and_the_export_records_its_vae(tmp_path):
+needs_espeak = pytest.mark.skipif(not __import__("model_core.world.speech", fromlist=["x"]).espeak_available(),
+                                  reason="libespeak-ng missing: run `make espeak-ng`")
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory):
+    """A `tiny` latent cache of two world clips and the VAE it was encoded with: (vae, LatentSource)."""
     from model_core.audio import AudioConfig, AudioFrontend
-    from model_core.training.fastdecode_stage import FastDecoderStage, FastDecoderTrainConfig
-    from model_core.training.latents import LatentSource, build_latent_cache, vae_digest
-    from model_core.training.loop import read_log, run_stage
+    from model_core.training.latents import LatentSource, build_latent_cache
     from model_core.world.split import WorldSplit
     from model_core.world.store import WorldSource
 
@@ -98,10 +100,24 @@ def test_the_distillation_loss_falls_and_the_export_records_its_vae(tmp_path):
             return source[index]
 
     vae = StreamingVAE.from_config(TINY.vae, seed=0)
-    build_latent_cache(Listed(), vae, AudioFrontend(AudioConfig()), TINY.dit, tmp_path / "latents", progress=False)
+    path = tmp_path_factory.mktemp("fast") / "latents"
+    build_latent_cache(Listed(), vae, AudioFrontend(AudioConfig()), TINY.dit, path, progress=False)
+    return vae, LatentSource(path)
+
+
+SMALL = dict(channels=(16, 12, 8, 8), blocks=(1, 1, 1))
+
+
+@needs_espeak
+def test_the_distillation_loss_falls_and_the_export_records_its_vae(tmp_path, tiny_cache):
+    from model_core.training.fastdecode_stage import FastDecoderStage, FastDecoderTrainConfig
+    from model_core.training.latents import vae_digest
+    from model_core.training.loop import read_log, run_stage
+
+    vae, latents = tiny_cache
     train = FastDecoderTrainConfig(steps=40, batch_size=1, window_latents=3, learning_rate=3e-3, warmup_steps=5,
-                                   channels=(16, 12, 8, 8), blocks=(1, 1, 1), latent_jitter=0.0)
-    stage = FastDecoderStage(None, LatentSource(tmp_path / "latents"), train, vae=vae)
+                                   latent_jitter=0.0, rollout_share=0.0, **SMALL)
+    stage = FastDecoderStage(None, latents, train, vae=vae)
     run_stage(stage, tmp_path / "run", 40, checkpoint_every=20, log_every=5, progress=False,
               export_to=tmp_path / "fast")
     losses = [row["loss"] for row in read_log(tmp_path / "run")]
@@ -111,13 +127,12 @@ def test_the_distillation_loss_falls_and_the_export_records_its_vae(tmp_path):
     FastDecoder.from_pretrained(tmp_path / "fast")
     with pytest.raises(ValueError, match="another VAE"):
         other = StreamingVAE.from_config(TINY.vae, seed=1)
-        FastDecoderStage(None, LatentSource(tmp_path / "latents"), train, vae=other)
+        FastDecoderStage(None, latents, train, vae=other)
 
     # the latent jitter: the same picks, each sample's channels moved by an affine map, and the target decoded from
     # the moved latents (the full decoder's frames for what the fast decoder is shown)
     plain = stage.batch(3, 0)
-    moved = FastDecoderStage(None, LatentSource(tmp_path / "latents"),
-                             dataclasses.replace(train, latent_jitter=0.4), vae=vae).batch(3, 0)
+    moved = FastDecoderStage(None, latents, dataclasses.replace(train, latent_jitter=0.4), vae=vae).batch(3, 0)
     x, y = plain["latents"].flatten(2), moved["latents"].flatten(2)          # [B, C, F*h*w]
     scale = ((y - y.mean(-1, keepdim=True)) * (x - x.mean(-1, keepdim=True))).sum(-1) / \
         ((x - x.mean(-1, keepdim=True)) ** 2).sum(-1)
@@ -126,6 +141,39 @@ def test_the_distillation_loss_falls_and_the_export_records_its_vae(tmp_path):
     assert offset.abs().mean() > 0.1 and (scale - 1).abs().mean() > 0.05, (offset, scale)
     z = vae.vae.post_quant_conv(vae.denormalize(moved["latents"]))
     torch.testing.assert_close(moved["target"], stream_decode(vae.vae, z, vae.new_decode_cache()), atol=1e-5, rtol=0)
+
+
+
+@needs_espeak
+def test_a_share_of_the_samples_are_the_students_own_streams(tmp_path, tiny_cache):
+    """With rollout_share 1 every sample is the student's 2-step stream of a cache segment's start (its reference and
+    audio), not the segment's encoded truth: another student makes other latents, a step's batch is the same on a
+    resume, and the target is the full decoder's stream of those latents. Without a student the share is refused."""
+    from model_core.checkpoint import save_facecast_checkpoint
+    from model_core.dit import CausalAvatarDiT
+    from model_core.training.fastdecode_stage import FastDecoderStage, FastDecoderTrainConfig
+
+    vae, latents = tiny_cache
+    students = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        students.append(tmp_path / f"student-{seed}.safetensors")
+        save_facecast_checkpoint(CausalAvatarDiT(TINY.dit), students[-1])
+    train = FastDecoderTrainConfig(batch_size=3, window_latents=3, rollout_share=1.0, listening_share=0.5, **SMALL)
+    stage = FastDecoderStage(None, latents, train, vae=vae, student=students[0], stream=TINY.stream)
+    batch = stage.batch(3, 0)
+    truth = [latents[i].latents[g, :, :3].float() for i in range(len(latents)) for g in range(latents[i].segments)]
+    for sample in batch["latents"]:
+        assert all((sample - start).abs().max() > 1e-3 for start in truth), "a student's stream, not the truth"
+    torch.testing.assert_close(stage.batch(3, 0)["latents"], batch["latents"], rtol=0, atol=0)
+    other = FastDecoderStage(None, latents, train, vae=vae, student=students[1], stream=TINY.stream).batch(3, 0)
+    assert (other["latents"] - batch["latents"]).abs().max() > 1e-3, "the samples come from the student"
+    z = vae.vae.post_quant_conv(vae.denormalize(batch["latents"]))
+    torch.testing.assert_close(batch["target"], stream_decode(vae.vae, z, vae.new_decode_cache()), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="rollout_share=1.0 needs the student"):
+        FastDecoderStage(None, latents, train, vae=vae)
+    with pytest.raises(ValueError, match="rollout_share=2 is invalid: allowed 0 to 1"):
+        FastDecoderTrainConfig(rollout_share=2)
 
 
 def test_each_session_decodes_with_the_decoder_it_chose():

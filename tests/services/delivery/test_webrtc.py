@@ -57,3 +57,31 @@ def test_audio_at_another_rate_is_resampled_to_the_tracks_rate():
     media = AvatarMedia(FPS, 8, 8)
     media.push_chunk([np.zeros((8, 8, 3), np.uint8)] * 12, np.full(24000 * 12 // FPS, 500, np.int16), 24000)
     assert abs(media.written - 12 * PER_FRAME) <= 960      # 24 kHz -> 48 kHz (the resampler holds ~10 ms back)
+
+
+def test_the_video_shows_the_still_until_the_first_chunk_then_the_avatar():
+    """The real aiortc video track: before any chunk it sends the still picture it was given (the reference image,
+    not a black frame); once the voice reaches a chunk's first frame, that frame. A still of another size is
+    refused by name."""
+    import asyncio
+
+    import pytest
+
+    from services.delivery.webrtc import _tracks
+
+    still = np.full((8, 8, 3), 77, np.uint8)
+    media = AvatarMedia(FPS, 8, 8, still)
+    video, _ = _tracks()
+
+    async def main():
+        track = video(media)
+        before = [(await track.recv()).to_ndarray(format="rgb24") for _ in range(3)]
+        chunk(media, 5)                                  # its first frame is due at once (the voice's position 0)
+        return before, (await track.recv()).to_ndarray(format="rgb24")
+
+    before, after = asyncio.run(main())
+    assert all(np.array_equal(frame, still) for frame in before), "the still, not black, before the first chunk"
+    assert int(after[0, 0, 0]) == 5, "then the avatar's first frame"
+    assert not np.any(AvatarMedia(FPS, 8, 8).still), "black when no still is given"
+    with pytest.raises(ValueError, match=r"still: \(4, 4, 3\) is not the stream's \[8, 8, 3\]"):
+        AvatarMedia(FPS, 8, 8, np.zeros((4, 4, 3), np.uint8))
