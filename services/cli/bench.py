@@ -10,13 +10,17 @@
 `engine` times the in-process engine per stage (`model_core.bench`; `--sessions N` adds a cross-session batch through
 the session pool and through the gathered path); `decode` times the streaming decoders one after the other in one run;
 `cluster` measures what the cluster costs and buys against it on one local Ray (`services.cli.bench_cluster`).  With
-`--json` stdout carries the JSON alone. This module only parses, checks and prints.
+`--json` stdout carries the JSON alone. Every report records the machine's load when its run began
+(`machine_load_at_start`), and a run begun on a busy machine says so on stderr. This module only parses, checks and
+prints.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 
 from model_core.config import DTYPES, PRESETS, get_preset
@@ -24,8 +28,34 @@ from services.cli.common import EXIT_OK, UserError, parse_device, parse_dtype, p
 from services.serving.settings import DEPLOYMENT_NAMES
 
 
+def machine_load() -> dict:
+    """The machine's 1-minute load average and core count, read as a run begins: figures from a busy machine are not
+    an idle machine's (other work takes the cores), and the report says which it was."""
+    try:
+        load = round(os.getloadavg()[0], 2)
+    except OSError:                     # no load average on this platform
+        load = None
+    return {"load_1m": load, "cores": os.cpu_count()}
+
+
+def busy_warning(load: dict) -> str | None:
+    """A warning when the run began with more than a quarter of the machine's cores taken, else None."""
+    if load["load_1m"] is None or load["load_1m"] <= 0.25 * (load["cores"] or 1):
+        return None
+    return (f"the machine was busy when this run began (1-minute load {load['load_1m']:g} on {load['cores']} cores): "
+            "its figures are not an idle machine's")
+
+
+def note_load(report: dict, load: dict) -> None:
+    """The machine's load when the run began goes into the report; a busy machine is also said on stderr."""
+    report["machine_load_at_start"] = load
+    warning = busy_warning(load)
+    if warning:
+        print(f"facecast bench: warning: {warning}", file=sys.stderr)
+
 
 def cmd_bench_engine(args: argparse.Namespace) -> int:
+    load = machine_load()
     from model_core.bench import bench_engine, format_engine_report
 
     if not 1 <= args.sessions <= 64:
@@ -37,22 +67,26 @@ def cmd_bench_engine(args: argparse.Namespace) -> int:
                           chunk=args.chunk, chunks=args.chunks, width=args.width, height=args.height,
                           compile=args.compile, progress=not args.quiet, sessions=args.sessions,
                           decoder=args.decoder)
+    note_load(report, load)
     print_report(report if args.json else format_engine_report(report))
     return EXIT_OK
 
 
 def cmd_bench_decode(args: argparse.Namespace) -> int:
+    load = machine_load()
     from model_core.bench import bench_decode, format_decode_report
 
     get_preset(args.preset)
     if args.chunks < 1:
         raise UserError(f"--chunks {args.chunks} is too few; need at least 1")
     report = bench_decode(args.preset, chunks=args.chunks, progress=not args.quiet)
+    note_load(report, load)
     print_report(report if args.json else format_decode_report(report))
     return EXIT_OK
 
 
 def cmd_bench_gpu(args: argparse.Namespace) -> int:
+    load = machine_load()
     from model_core.bench_gpu import bench_gpu, format_gpu_table
 
     device = parse_device(args.device)
@@ -61,6 +95,7 @@ def cmd_bench_gpu(args: argparse.Namespace) -> int:
                         "dry run with --shapes tiny")
     report = bench_gpu(args.shapes, device=device, chunks=args.chunks,
                        compile_modes=(False,) if args.no_compile else None, progress=not args.quiet)
+    note_load(report, load)
     table = format_gpu_table(report)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
@@ -71,6 +106,7 @@ def cmd_bench_gpu(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_cluster(args: argparse.Namespace) -> int:
+    load = machine_load()
     get_preset(args.preset)
     if args.chunks < 2:
         raise UserError(f"--chunks {args.chunks} is too few; need at least 2 to measure time between chunks")
@@ -80,11 +116,13 @@ def cmd_bench_cluster(args: argparse.Namespace) -> int:
 
     report = bench_cluster(args.preset, chunks=args.chunks, max_sessions=args.max_sessions,
                            progress=not args.quiet, decoder=args.decoder, latent_transport=args.latent_transport)
+    note_load(report, load)
     print_report(report if args.json else format_cluster_report(report))
     return EXIT_OK
 
 
 def cmd_bench_call(args: argparse.Namespace) -> int:
+    load = machine_load()
     if not 2 <= args.turns <= 50:
         raise UserError(f"--turns {args.turns} is invalid; allowed: 2 to 50 (p95 wants at least 10)")
     from services.llm.offline import missing_packages
@@ -94,11 +132,13 @@ def cmd_bench_call(args: argparse.Namespace) -> int:
     from services.cli.bench_call import bench_call, format_call_report  # Ray: only once the args are good
 
     report = bench_call(args.turns, decoder=args.decoder, mode=args.mode, progress=not args.quiet)
+    note_load(report, load)
     print_report(report if args.json else format_call_report(report))
     return EXIT_OK
 
 
 def cmd_bench_soak(args: argparse.Namespace) -> int:
+    load = machine_load()
     get_preset(args.preset)
     if not 1 <= args.sessions <= 64:
         raise UserError(f"--sessions {args.sessions} is invalid; allowed: 1 to 64")
@@ -113,16 +153,19 @@ def cmd_bench_soak(args: argparse.Namespace) -> int:
     report = bench_soak(args.preset, args.sessions, args.minutes, kill=args.kill, kill_every_min=args.kill_every,
                         buffer_ms=args.buffer_ms, config=args.config, log_dir=args.log_dir, progress=not args.quiet,
                         replicas=args.replicas)
+    note_load(report, load)
     print_report(report if args.json else format_soak_report(report))
     return EXIT_OK
 
 
 def cmd_bench_fuzz(args: argparse.Namespace) -> int:
+    load = machine_load()
     if args.examples < 1:
         raise UserError(f"--examples {args.examples} is invalid: at least 1")
     from services.cli.bench_soak import bench_fuzz, format_fuzz_report
 
     report = bench_fuzz(args.preset, args.examples, seed=args.seed, log_dir=args.log_dir, progress=not args.quiet)
+    note_load(report, load)
     print_report(report if args.json else format_fuzz_report(report))
     return EXIT_OK
 

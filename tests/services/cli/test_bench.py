@@ -45,6 +45,24 @@ def test_bench_decode_times_each_decoder_in_one_run(capsys):
     assert report["decoders"][0]["speedup"] == 1.0 and "cores" in report["device_name"]
 
 
+@pytest.mark.parametrize("load, busy", [(0.3, False), (1.7, True)])
+def test_a_report_says_how_busy_the_machine_was_when_its_run_began(monkeypatch, capsys, load, busy):
+    """The load average is read before the run (its own work would raise it): a run begun on a busy machine is
+    recorded and said on stderr, one begun on an idle one only recorded."""
+    import os
+
+    import services.cli.bench as bench
+
+    readings = iter([(load, 0.0, 0.0)])
+    monkeypatch.setattr(os, "getloadavg", lambda: next(readings))        # read once: at the start
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert main(["bench", "decode", "--preset", "tiny", "--chunks", "1", "--json", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["machine_load_at_start"] == {"load_1m": load, "cores": 2}
+    assert ("the machine was busy when this run began (1-minute load 1.7 on 2 cores)" in err) == busy, err
+    assert bench.busy_warning({"load_1m": None, "cores": 2}) is None
+
+
 def test_bench_gpu_dry_run_on_tiny_shapes_writes_json_and_the_tables(tmp_path, capsys):
     out, table = tmp_path / "gpu.json", tmp_path / "gpu.md"
     assert main(["bench", "gpu", "--shapes", "tiny", "--device", "cpu", "--no-compile", "--chunks", "1", "--quiet",
