@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from .landmarks import LandmarkReader
-from .lipsync import identity_score, lagged_r, pearson, psnr, read_video, ssim, sync_scores
+from .lipsync import identity_score, lagged_r, mouth_change, pearson, psnr, read_video, ssim, sync_scores
 from .world.identity import STYLES, identity
 from .world.render import FrameState, Renderer
 
@@ -176,6 +176,7 @@ def score_frames(probe, frames: np.ndarray, truth_frames: np.ndarray, boxes: np.
     shown, truth = frames.astype(np.float64) / 255, truth_frames.astype(np.float64) / 255
     return {
         **sync_scores(measured, truth_open, speaking, MAX_LAG),
+        **mouth_change(frames, boxes, speaking),
         "lag_curve": [lagged_r(measured, truth_open, speaking, k) for k in range(-MAX_LAG, MAX_LAG + 1)],
         "identity": identity_score(embeddings, reference_embedding),
         "psnr": float(np.mean([psnr(a, b) for a, b in zip(shown[::4], truth[::4])])),
@@ -306,4 +307,6 @@ def _aggregate(rows: list[dict]) -> dict:
     best = int(np.argmax(curve))
     return {"sync_r": mean("sync_r"), "sync_lag_frames": best - MAX_LAG if curve[best] > 0 else None,
             "silence_motion": mean("silence_motion"), "identity": mean("identity"), "psnr": mean("psnr"),
-            "ssim": mean("ssim"), "landmark_sync_r": mean("landmark_sync_r"), "clips": len(rows)}
+            "ssim": mean("ssim"), "landmark_sync_r": mean("landmark_sync_r"),
+            "listening_change": mean("listening_change"), "speaking_change": mean("speaking_change"),
+            "clips": len(rows)}

@@ -2,6 +2,7 @@
 
     read_video(probe, frames, boxes) -> (opening [T], embeddings [T, 128])
     sync_scores(measured, truth, speaking) -> {sync_r, sync_lag_frames, silence_motion}
+    mouth_change(frames, boxes, speaking) -> {listening_change, speaking_change}   what a viewer sees move there
     identity_score(embeddings, reference_embedding) -> mean cosine similarity
     pearson(a, b)                       0 when either side is constant (a frozen face has no correlation)
     psnr(a, b) / ssim(a, b)             float images in [0, 1], [H, W, 3]
@@ -12,6 +13,9 @@ Conventions (the JSON keys of `facecast eval`):
   a video that runs k frames late reports k.
 * `silence_motion`: mean |frame-to-frame change| of the measured opening on listening frames divided by the same on
   speaking frames (0: still while listening; about 1: moves as much as when talking).
+* `listening_change` / `speaking_change`: mean |frame-to-frame change| of the mouth box's pixels (0-255, the lower
+  part of the face box) on listening / speaking frame pairs: everything a viewer sees move there, flicker included,
+  which the probe's opening does not count (the browser call's check wants speaking > 2 x listening + 0.2).
 """
 
 from __future__ import annotations
@@ -49,6 +53,33 @@ def sync_scores(measured: np.ndarray, truth: np.ndarray, speaking: np.ndarray, m
     return {"sync_r": lagged_r(measured, truth, speaking, 0),
             "sync_lag_frames": int(lags[int(np.argmax(rs))]) if max(rs) > 0 else None,
             "silence_motion": listening_motion / speaking_motion if speaking_motion > 1e-6 else None}
+
+
+MOUTH_BOX = (0.2, 0.62, 0.8, 1.0)
+"""The mouth box as fractions of the face box (x0, y0, x1, y1): the lower face between the cheeks."""
+
+
+def mouth_change(frames: np.ndarray, boxes: np.ndarray, speaking: np.ndarray) -> dict:
+    """frames uint8 [T, H, W, 3], face boxes [T, 4] (pixels), speaking [T] -> mean |change| of the mouth box's pixels
+    from frame t-1 to t (the box at t) over pairs where both frames listen / both speak; None where there is none."""
+    speaking = np.asarray(speaking, bool)
+    height, width = frames.shape[1:3]
+    changes = []
+    for t in range(1, len(frames)):
+        x0, y0, x1, y1 = boxes[t]
+        fx0, fy0, fx1, fy1 = MOUTH_BOX
+        left, right = int(np.clip(x0 + fx0 * (x1 - x0), 0, width - 1)), int(np.clip(x0 + fx1 * (x1 - x0), 1, width))
+        top, bottom = int(np.clip(y0 + fy0 * (y1 - y0), 0, height - 1)), int(np.clip(y0 + fy1 * (y1 - y0), 1, height))
+        now, before = frames[t, top:bottom, left:right], frames[t - 1, top:bottom, left:right]
+        changes.append(float(np.abs(now.astype(np.float32) - before).mean()) if now.size else np.nan)
+    changes = np.asarray(changes)
+    still, talking = ~speaking[1:] & ~speaking[:-1], speaking[1:] & speaking[:-1]
+
+    def mean(mask):
+        values = changes[mask & np.isfinite(changes)]
+        return float(values.mean()) if len(values) else None
+
+    return {"listening_change": mean(still), "speaking_change": mean(talking)}
 
 
 def identity_score(embeddings: np.ndarray, reference_embedding: np.ndarray) -> float:

@@ -13,7 +13,8 @@
 
 Defaults: preset talk128, the held-out set out/world/eval-128 (made first if missing), the shipped probe
 checkpoints/lipsync-probe.safetensors. Keys: sync_r, sync_lag_frames, silence_motion, identity, psnr, ssim,
-landmark_sync_r (with the `eval` extra), per_style, clips, wall_s, weights.
+landmark_sync_r (with the `eval` extra), listening_change, speaking_change (the mouth box's pixels, frame to frame),
+per_style, clips, wall_s, weights.
 """
 
 from __future__ import annotations

@@ -59,6 +59,30 @@ def test_a_shifted_clip_reports_its_lag(probe, held_out, truth, k):
 def test_a_frozen_face_scores_no_sync(probe, held_out):
     frozen = evaluate(held_out, probe, "frozen", progress=False)
     assert abs(frozen["sync_r"]) < 0.1
+    assert frozen["listening_change"] == frozen["speaking_change"] == 0.0, "nothing moves in a frozen face"
+
+
+def test_the_truths_mouth_box_moves_while_it_speaks_and_rests_while_it_listens(truth):
+    """The pixel measure the browser call's check uses, on the world's own frames: the mouth box changes several
+    times more from frame to frame while the character speaks than while it listens."""
+    assert truth["speaking_change"] > 4 * truth["listening_change"] + 0.2, truth
+
+
+def test_the_mouth_box_change_on_known_frames():
+    """A face box over a 20 x 20 frame: only its lower part (the mouth box) is counted; pairs count as listening or
+    speaking when both frames do."""
+    from model_core.lipsync import mouth_change
+
+    frames = np.zeros((4, 20, 20, 3), np.uint8)
+    frames[1, 18:, 8:12] = 90            # inside the mouth box of the face box (0, 0)-(20, 20): x 4-16, y 12.4-20
+    frames[3, 0:6] = 200                 # the forehead: outside the mouth box
+    speaking = np.array([True, True, False, False])
+    boxes = np.tile(np.array([0, 0, 20, 20], np.float32), (4, 1))
+    changes = mouth_change(frames, boxes, speaking)
+    box = (20 - 12) * (16 - 4)                                   # rows 12..19, columns 4..15
+    assert changes["speaking_change"] == pytest.approx(90 * 2 * 4 / box)     # frame 0 -> 1: 2 x 4 pixels by 90
+    assert changes["listening_change"] == 0.0                    # frame 2 -> 3 changed only outside the mouth box
+    assert mouth_change(frames, boxes, np.ones(4, bool))["listening_change"] is None
 
 
 def test_another_identity_scores_low_identity(probe, held_out, truth):
