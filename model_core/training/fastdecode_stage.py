@@ -27,7 +27,6 @@ from ..config import StreamConfig
 from ..fastdecode import FastDecoder, FastDecoderConfig
 from ..vae import StreamingVAE, stream_decode
 from .latents import LatentSource, vae_digest
-from .data import frames_to_tensor
 from .dmd_stage import rollout
 from .loop import warm_hold_decay
 from .teacher_stage import Window, window_batch
@@ -58,15 +57,6 @@ class FastDecoderTrainConfig:
     the segment's encoded truth (needs the student). The student's latents sit off the cache's (per-channel means
     ~0.5 apart); a decoder distilled on the cache alone turned the green reference face grey on them, which the full
     decoder does not (BENCHMARKS). 0: the cache alone."""
-    recolour_share: float = 0.0
-    """Share of the samples that are a cache segment's clip recoloured in pixel space (its hue turned about the grey
-    axis by a random angle, its saturation scaled by 0.6-1.4) and encoded by the VAE, so the decoder meets colours the
-    world's palette seldom or never has (needs the clips' frames). 0: off."""
-    rarity_radius: float = 0.15
-    """Clips are drawn with weight 1 / the number of clips whose reference's face colour is within this distance
-    (`rarity_weights`), so rare looks come up more often: drawn uniformly, the decoder rendered the world's green flat
-    faces (13 of 768 training clips) grey (G 0.4 under the full decoder), though it learns them within 50 steps when
-    shown them. 0: uniform over clips."""
     listening_share: float = 0.25
     """Share of the student's streams where the frames the truth marks as not speaking get the silence embedding (the
     listening mode a call's silent avatar runs in), as the student was trained; the rest are all marked speaking."""
@@ -74,51 +64,18 @@ class FastDecoderTrainConfig:
     blocks: tuple[int, int, int] = FastDecoderConfig.blocks
 
     def __post_init__(self) -> None:
-        if self.rarity_radius < 0:
-            raise ValueError(f"rarity_radius={self.rarity_radius} is invalid: at least 0 (0: uniform over clips)")
         for name in ("steps", "batch_size", "window_latents"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} is invalid: at least 1")
         if self.window_latents < 2:
             raise ValueError(f"window_latents={self.window_latents} is invalid: at least 2 (the motion term)")
-        for name in ("rollout_share", "listening_share", "recolour_share"):
+        for name in ("rollout_share", "listening_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}={getattr(self, name)} is invalid: allowed 0 to 1")
-        if self.rollout_share + self.recolour_share > 1.0:
-            raise ValueError(f"rollout_share={self.rollout_share} + recolour_share={self.recolour_share} is more "
-                             "than every sample")
 
     def rate(self, step: int) -> float:
         return warm_hold_decay(step, steps=self.steps, peak=self.learning_rate, warmup_steps=self.warmup_steps,
                                decay_from=self.decay_from)
-
-
-def rarity_weights(latents: LatentSource, vae: StreamingVAE, radius: float) -> np.ndarray:
-    """Each clip's chance to be drawn, 1 / the number of clips whose reference image (decoded) has its centre's mean
-    colour (where a portrait's face is; [-1, 1] RGB) within `radius` of this clip's: rare looks come up as often as
-    their neighbourhood allows, common ones less. Sums to 1."""
-    colours = []
-    with torch.no_grad():
-        for i in range(len(latents)):
-            image = vae.decode(latents[i].reference[None].to(vae.device))[0, :, 0].float()     # [3, H, W]
-            height, width = image.shape[1:]
-            colours.append(image[:, height // 4:height * 3 // 4, width // 4:width * 3 // 4].mean(dim=(1, 2)).cpu())
-    colours = torch.stack(colours)
-    neighbours = (torch.cdist(colours, colours) < radius).sum(1).double().numpy()
-    weights = 1.0 / neighbours
-    return weights / weights.sum()
-
-
-def recolour(video: torch.Tensor, angle: float, saturation: float) -> torch.Tensor:
-    """video [3, ...] in [-1, 1] with its colours turned about the grey axis by `angle` (radians: the hue) and their
-    distance from grey scaled by `saturation`; clamped to [-1, 1]. Greys stay as they are."""
-    axis = torch.full((3,), 1 / np.sqrt(3.0))
-    cross = torch.tensor([[0.0, -axis[2], axis[1]], [axis[2], 0.0, -axis[0]], [-axis[1], axis[0], 0.0]])
-    turn = np.cos(angle) * torch.eye(3) + np.sin(angle) * cross + (1 - np.cos(angle)) * torch.outer(axis, axis)
-    grey = torch.outer(axis, axis)                         # the projection onto the grey axis
-    matrix = grey + saturation * (turn - grey)             # turn, then scale what is off the grey axis
-    flat = video.reshape(3, -1)
-    return (matrix @ flat).reshape(video.shape).clamp(-1.0, 1.0)
 
 
 class FastDecoderStage:
@@ -126,12 +83,10 @@ class FastDecoderStage:
 
     def __init__(self, vae_dir: str | Path | None, latents: LatentSource,
                  train: FastDecoderTrainConfig = FastDecoderTrainConfig(), *, vae: StreamingVAE | None = None,
-                 student: str | Path | None = None, stream: StreamConfig = StreamConfig(), clips=None, wrap=None,
-                 device="cpu"):
+                 student: str | Path | None = None, stream: StreamConfig = StreamConfig(), wrap=None, device="cpu"):
         """`vae_dir` (or an already built `vae`): the full VAE whose decoder is the teacher and whose latents the
         cache holds; `student`: the streaming student checkpoint whose rollouts make `rollout_share` of the samples
-        (trained in the same latent space), streamed with `stream`'s steps, shift, chunk and sink position; `clips`:
-        the world clips the cache was encoded from, in its order (their frames, for `recolour_share`)."""
+        (trained in the same latent space), streamed with `stream`'s steps, shift, chunk and sink position."""
         self.seed, self.train_config, self.device = train.seed, train, torch.device(device)
         self.vae = vae if vae is not None else StreamingVAE.from_pretrained(vae_dir, device=self.device)
         latents.check_vae(self.vae)
@@ -146,13 +101,6 @@ class FastDecoderStage:
             if self.student.config.in_channels != self.vae.z_dim:
                 raise ValueError(f"the student {student} works in {self.student.config.in_channels} latent channels, "
                                  f"the VAE's latents have {self.vae.z_dim}")
-        self.weights = rarity_weights(latents, self.vae, train.rarity_radius) if train.rarity_radius else None
-        self.clips = None
-        if train.recolour_share > 0:
-            if clips is None or len(clips) != len(latents):
-                raise ValueError(f"recolour_share={train.recolour_share} needs the {len(latents)} world clips the "
-                                 f"latent cache was encoded from (got {'none' if clips is None else len(clips)})")
-            self.clips = clips
         self.rollout_latents = -(-train.window_latents // stream.chunk_latent_frames) * stream.chunk_latent_frames
         if self.student is not None and self.rollout_latents > latents[0].segment_latents:
             raise ValueError(f"window_latents={train.window_latents} rounds up to {self.rollout_latents} latent frames "
@@ -175,23 +123,14 @@ class FastDecoderStage:
         rng = np.random.default_rng([self.seed, step, rank])
         latents, mouths = [], []
         while len(latents) < config.batch_size:
-            if self.weights is None:
-                index = int(rng.integers(len(self.latents)))
-            else:
-                index = int(rng.choice(len(self.latents), p=self.weights))
+            index = int(rng.integers(len(self.latents)))
             clip = self.latents[index]
             if clip.latents.shape[2] < config.window_latents:
                 continue
             segment = int(rng.integers(clip.segments))
-            kind = rng.random() if self.student is not None or self.clips is not None else 1.0
-            if self.student is not None and kind < config.rollout_share:
+            if self.student is not None and rng.random() < config.rollout_share:
                 window = Window(index, segment, 0, listening=bool(rng.random() < config.listening_share), silent=False)
                 latents.append(self._stream(window, rng)[:, :config.window_latents])
-            elif self.clips is not None and kind < config.rollout_share + config.recolour_share:
-                start = int(clip.starts[segment])
-                frames = self.clips[index].frames[start:start + 1 + 4 * (config.window_latents - 1)]
-                angle, saturation = rng.uniform(0.0, 2 * np.pi), rng.uniform(0.6, 1.4)
-                latents.append(self._encode(recolour(frames_to_tensor(frames), angle, saturation)))
             else:
                 latents.append(clip.latents[segment, :, :config.window_latents].float())
             mouths.append(clip.mouth[segment, :config.window_latents].float())
@@ -205,12 +144,6 @@ class FastDecoderStage:
             target = stream_decode(self.vae.vae, z, self.vae.new_decode_cache())
         return {"latents": latents, "target": target, "mouth": self._pixel_mouth(torch.stack(mouths), target),
                 "step": step}
-
-    @torch.no_grad()
-    def _encode(self, video: torch.Tensor) -> torch.Tensor:
-        """[3, T, H, W] in [-1, 1] -> normalised latents [16, n, h, w], encoded from its first frame (as the cache)."""
-        posterior = self.vae.vae.encode(video[None].to(self.device, self.vae.dtype)).latent_dist
-        return self.vae.normalize(posterior.mean)[0].float().cpu()
 
     def _stream(self, window: Window, rng: np.random.Generator) -> torch.Tensor:
         """The student's stream of `window` (its reference and audio from the segment's start): [16, n, h, w]."""

@@ -112,10 +112,8 @@ def build_stage(request: TrainRequest, *, wrap=None, device="cpu"):
             from model_core.training.fastdecode_stage import FastDecoderStage, FastDecoderTrainConfig
 
             train = FastDecoderTrainConfig(seed=request.seed, steps=request.steps, **overrides)
-            clips = (open_source(request.data, seed=request.seed, count=request.world_count,
-                                 size=preset.stream.height) if train.recolour_share > 0 else None)
             return FastDecoderStage(None, latents, train, vae=vae, student=request.student, stream=preset.stream,
-                                    clips=clips, wrap=wrap, device=device)
+                                    wrap=wrap, device=device)
         if request.stage == "teacher":
             from model_core.training.teacher_stage import TeacherStage, TeacherTrainConfig
 

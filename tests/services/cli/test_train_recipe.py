@@ -1,5 +1,6 @@
 """`facecast train`'s defaults are the shipped checkpoints' recipe: the teacher's runs in turn, each from the last
-one's weights, and the student's guidance; held against what the shipped checkpoints record of their training."""
+one's weights, the student's guidance, the fast decoder's share of the student's own streams; held against what the
+shipped checkpoints record of their training."""
 
 import dataclasses
 import json
@@ -8,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from model_core.checkpoint import read_facecast_metadata
-from model_core.shipped import TALK128_STUDENT, TALK128_TEACHER, shipped_path
+from model_core.shipped import TALK128_FAST_DECODER, TALK128_STUDENT, TALK128_TEACHER, shipped_path
 from model_core.training.dmd_stage import DistillConfig
+from model_core.training.fastdecode_stage import FastDecoderTrainConfig
 from model_core.training.teacher_stage import TeacherTrainConfig
 from model_core.training.vae_stage import DecoderTrainConfig, VAETrainConfig
 from services.cli import train as train_cli
@@ -69,3 +71,6 @@ def test_the_default_recipes_are_the_shipped_checkpoints():
     # the VAE records no training config; its recipe is `--opening-weight 0.1 --interior-weight 30` (MODEL_CARD)
     assert (VAETrainConfig().opening_weight, VAETrainConfig().interior_weight) == (0.1, 30.0)
     assert DecoderTrainConfig().interior_weight == 30.0
+    fast = json.loads((shipped_path(TALK128_FAST_DECODER) / "fast-decoder.json").read_text())["train"]
+    assert fast == _comparable(FastDecoderTrainConfig())
+    assert fast["steps"] == train_cli.DEFAULTS["fast-decoder"]["steps"]
