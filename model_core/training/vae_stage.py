@@ -373,9 +373,14 @@ class DecoderTrainConfig:
     mouth_weight: float = 4.0
     interior_weight: float = 30.0
     """As `VAETrainConfig.interior_weight` (the shipped recipe's 30 by default)."""
+    motion_weight: float = 0.0
+    """Weight of the L1 difference between the decoded and the true frame-to-frame changes: what does not move in the
+    clip (a listening face) should not flicker from one latent frame's group to the next. 0: off."""
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.motion_weight < 0:
+            raise ValueError(f"motion_weight={self.motion_weight} is invalid: at least 0 (0: off)")
         if self.interior_weight < 0:
             raise ValueError(f"interior_weight={self.interior_weight} is invalid: at least 0 (0: off)")
         if self.window_frames < 1 or (self.window_frames - 1) % 4:
@@ -438,7 +443,13 @@ class DecoderStage:
         l1 = mouth_weighted_l1(decoded, video, batch["mask"], self.train_config.mouth_weight,
                                self.train_config.interior_weight)
         mse = F.mse_loss(decoded.detach(), video)
-        return l1, {"loss": float(l1.detach()), "psnr": float(10 * torch.log10(4.0 / mse))}
+        metrics = {"psnr": float(10 * torch.log10(4.0 / mse))}
+        loss = l1
+        if self.train_config.motion_weight > 0:
+            motion = (torch.diff(decoded, dim=2) - torch.diff(video, dim=2)).abs().mean()
+            loss = l1 + self.train_config.motion_weight * motion
+            metrics["motion"] = float(motion.detach())
+        return loss, {"loss": float(loss.detach()), "l1": float(l1.detach()), **metrics}
 
     def export(self, path: Path) -> None:
         """fp16 diffusers directory; the latent statistics are the source VAE's (the encoder did not move)."""

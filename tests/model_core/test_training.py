@@ -1,6 +1,7 @@
 """The training loop and the VAE stage: a few steps on tiny data lower the loss, a resumed run equals an unbroken
 one, and the export loads as a streaming VAE whose chunked decode equals its whole decode."""
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -225,6 +226,27 @@ def test_the_decoder_phase_trains_the_decoder_alone_and_keeps_the_latent_space(s
         assert same == name.startswith(("encoder.", "quant_conv.")), name
     assert after.vae.config.latents_mean == before.vae.config.latents_mean
     assert "_name_or_path" not in (tmp_path / "tuned" / "config.json").read_text()  # no local path is shipped
+
+
+def test_the_decoders_motion_term_is_the_frame_to_frame_changes_l1(source, tmp_path):
+    """motion_weight: the loss adds weight x mean |decoded change - true change| over consecutive frames (a decoder
+    that flickers where the clip is still pays for it); 0 leaves the loss the mouth-weighted L1 alone."""
+    first = stage(source)
+    run_stage(first, tmp_path / "full", 2, progress=False, export_to=tmp_path / "full-vae")
+    config = DecoderTrainConfig(steps=4, window_frames=5, batch_size=1, warmup_steps=1)
+    plain = DecoderStage(tmp_path / "full-vae", source, config)
+    moving = DecoderStage(tmp_path / "full-vae", source, dataclasses.replace(config, motion_weight=2.0))
+    batch = plain.batch(0, 0)
+    loss, metrics = plain.loss(batch)
+    assert float(loss) == pytest.approx(metrics["l1"]) and "motion" not in metrics
+    loss, metrics = moving.loss(batch)
+    with torch.no_grad():
+        decoded = moving.objective(batch["video"])
+    expected = (torch.diff(decoded, dim=2) - torch.diff(batch["video"], dim=2)).abs().mean()
+    assert metrics["motion"] == pytest.approx(float(expected), rel=1e-4)
+    assert float(loss) == pytest.approx(metrics["l1"] + 2.0 * float(expected), rel=1e-4)
+    with pytest.raises(ValueError, match="motion_weight=-1 is invalid"):
+        DecoderTrainConfig(motion_weight=-1)
 
 
 def test_the_decoder_rate_warms_up_holds_and_falls_to_zero():
