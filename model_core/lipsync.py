@@ -42,12 +42,17 @@ def lagged_r(measured: np.ndarray, truth: np.ndarray, mask: np.ndarray, lag: int
     return pearson(m[k], t[k])
 
 
+def frame_pairs(speaking: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Over the frame pairs (t-1, t): where both frames listen, and where both speak."""
+    return ~speaking[1:] & ~speaking[:-1], speaking[1:] & speaking[:-1]
+
+
 def sync_scores(measured: np.ndarray, truth: np.ndarray, speaking: np.ndarray, max_lag: int = 8) -> dict:
     measured, truth, speaking = np.asarray(measured), np.asarray(truth), np.asarray(speaking, bool)
     lags = list(range(-max_lag, max_lag + 1))
     rs = [lagged_r(measured, truth, speaking, lag) for lag in lags]
     motion = np.abs(np.diff(measured))
-    still, talking = ~speaking[1:] & ~speaking[:-1], speaking[1:] & speaking[:-1]
+    still, talking = frame_pairs(speaking)
     speaking_motion = float(motion[talking].mean()) if talking.any() else 0.0
     listening_motion = float(motion[still].mean()) if still.any() else 0.0
     return {"sync_r": lagged_r(measured, truth, speaking, 0),
@@ -73,7 +78,7 @@ def mouth_change(frames: np.ndarray, boxes: np.ndarray, speaking: np.ndarray) ->
         now, before = frames[t, top:bottom, left:right], frames[t - 1, top:bottom, left:right]
         changes.append(float(np.abs(now.astype(np.float32) - before).mean()) if now.size else np.nan)
     changes = np.asarray(changes)
-    still, talking = ~speaking[1:] & ~speaking[:-1], speaking[1:] & speaking[:-1]
+    still, talking = frame_pairs(speaking)
 
     def mean(mask):
         values = changes[mask & np.isfinite(changes)]
