@@ -22,6 +22,10 @@ TRAINED_PRESET = "talk128"
 `facecast generate` and `facecast serve` stream by default."""
 
 
+VAE_DECODER_TRAIN = "decoder-train.json"
+"""In a VAE directory whose decoder was trained further (`vae_stage.DecoderStage`): that last run's
+`DecoderTrainConfig`, so the shipped VAE says how its decoder was made."""
+
 FAST_DECODER_CONFIG = "fast-decoder.json"
 FAST_DECODER_WEIGHTS = "fast-decoder.safetensors"
 """The files of a fast decoder directory (`model_core.fastdecode`)."""

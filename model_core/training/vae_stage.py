@@ -452,9 +452,14 @@ class DecoderStage:
         return loss, {"loss": float(loss.detach()), "l1": float(l1.detach()), **metrics}
 
     def export(self, path: Path) -> None:
-        """fp16 diffusers directory; the latent statistics are the source VAE's (the encoder did not move)."""
+        """fp16 diffusers directory; the latent statistics are the source VAE's (the encoder did not move). Beside
+        it, this run's recipe (`shipped.VAE_DECODER_TRAIN`)."""
+        from ..shipped import VAE_DECODER_TRAIN
+
         config = self.vae.config
         write_vae(self.vae.cpu().eval(), list(config.latents_mean), list(config.latents_std), Path(path))
+        recipe = {"train": dataclasses.asdict(self.train_config)}
+        (Path(path) / VAE_DECODER_TRAIN).write_text(json.dumps(recipe, indent=1) + "\n")
 
 
 @torch.no_grad()

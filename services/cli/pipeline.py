@@ -1,6 +1,6 @@
 """`facecast train all`: every stage in order, in one resumable command, into one folder.
 
-    world (train + held-out clips) -> vae (full, then decoder) -> probe -> latents -> teacher -> ODE pairs
+    world (train + held-out clips) -> vae (full, decoder, motion) -> probe -> latents -> teacher -> ODE pairs
     -> student init -> distill -> the student with its VAE in one checkpoint -> `facecast eval` of it (held-out clips)
 
 Profiles: `tiny` (a few steps of each stage on a handful of clips: the dry run that proves the command end to end
@@ -31,8 +31,8 @@ class Profile:
     train_clips: int
     eval_clips: int
     steps: dict
-    """Optimiser steps per driver stage (vae, vae-decoder, probe, student-init, distill); for the teacher, a dict of
-    steps per phase (`services.cli.train.TEACHER_PHASES`)."""
+    """Optimiser steps per run (vae, vae-decoder, vae-motion, probe, student-init, distill); for the teacher, a dict
+    of steps per phase (`services.cli.train.TEACHER_PHASES`)."""
     pairs: int
     """The teacher's ODE pairs for the student's initialisation."""
     scored_clips: int
@@ -44,11 +44,11 @@ class Profile:
 def _shipped_steps() -> dict:
     from services.cli.train import DEFAULTS, PHASES, TEACHER_PHASES, VAE_PHASES
 
-    return {"vae": VAE_PHASES["full"][1], "vae-decoder": VAE_PHASES["decoder"][1],
-            "probe": DEFAULTS["probe"]["steps"],
+    return {"vae": VAE_PHASES["full"].steps, "vae-decoder": VAE_PHASES["decoder"].steps,
+            "vae-motion": VAE_PHASES["motion"].steps, "probe": DEFAULTS["probe"]["steps"],
             "teacher": {phase: steps for phase, (steps, _) in TEACHER_PHASES.items()},
-            "student-init": PHASES["init"][1],
-            "distill": PHASES["distill"][1]}
+            "student-init": PHASES["init"].steps,
+            "distill": PHASES["distill"].steps}
 
 
 def profiles() -> dict[str, Profile]:
@@ -57,8 +57,8 @@ def profiles() -> dict[str, Profile]:
     shipped = _shipped_steps()
     return {
         "tiny": Profile(train_clips=6, eval_clips=3, pairs=4, scored_clips=3,
-                        steps={"vae": 3, "vae-decoder": 2, "probe": 3, "teacher": dict.fromkeys(TEACHER_PHASES, 2),
-                               "student-init": 3, "distill": 2}),
+                        steps={"vae": 3, "vae-decoder": 2, "vae-motion": 2, "probe": 3,
+                               "teacher": dict.fromkeys(TEACHER_PHASES, 2), "student-init": 3, "distill": 2}),
         "cpu": Profile(train_clips=768, eval_clips=48, pairs=PAIRS["count"], scored_clips=12, steps=shipped),
         "gpu": Profile(train_clips=768, eval_clips=48, pairs=4 * PAIRS["count"], scored_clips=12, steps=shipped,
                        batch_sizes={"teacher": 32, "student-init": 32}),
@@ -77,7 +77,7 @@ def _stage_args(args: argparse.Namespace, **values) -> argparse.Namespace:
 def run_pipeline(args: argparse.Namespace) -> int:
     from model_core.world.split import WorldSplit
     from model_core.world.store import WorldSource, is_complete, write_shards
-    from services.cli.train import _run, run_teacher
+    from services.cli.train import VAE_PHASES, _run, run_teacher
 
     chosen = profiles()[args.profile]
     root = Path(args.run_dir or Path("out") / f"pipeline-{args.profile}")
@@ -109,19 +109,23 @@ def run_pipeline(args: argparse.Namespace) -> int:
                 write_shards(world[part], WorldSource(WorldSplit(args.seed), part, count, 128),
                              progress=not args.quiet, workers=os.cpu_count() or 1)
 
-    def stage(name: str, export: Path, **values):
+    def stage(name: str, export: Path, driver_stage: str | None = None, **values):
         def work():
             _run(_stage_args(args, data=str(world["train"]), world_count=chosen.train_clips,
                              batch_size=chosen.batch_sizes.get(name), pairs_count=chosen.pairs, **values),
-                 name, chosen.steps[name], str(export), str(root / "runs" / name),
+                 driver_stage or name, chosen.steps[name], str(export), str(root / "runs" / name),
                  init_export=str(init))
         return work
 
     dit = dict(latents=str(latents), vae=str(vae_dir), teacher=str(teacher), pairs=str(pairs))
     timed("world", all(is_complete(path) for path in world.values()), make_world)
-    full_vae = root / "runs" / "vae" / "vae-full"
-    timed("vae", (full_vae / "config.json").is_file() or (vae_dir / "config.json").is_file(), stage("vae", full_vae))
-    timed("vae-decoder", (vae_dir / "config.json").is_file(), stage("vae-decoder", vae_dir, vae=str(full_vae)))
+    full_vae, decoder_vae = (root / "runs" / VAE_PHASES[phase].export.removeprefix("<run-dir>/")
+                             for phase in ("full", "decoder"))
+    finished = [(path / "config.json").is_file() for path in (full_vae, decoder_vae, vae_dir)]
+    timed("vae", any(finished), stage("vae", full_vae))
+    timed("vae-decoder", any(finished[1:]), stage("vae-decoder", decoder_vae, vae=str(full_vae)))
+    timed("vae-motion", finished[2], stage("vae-motion", vae_dir, "vae-decoder", vae=str(decoder_vae),
+                                           **VAE_PHASES["motion"].recipe))
     timed("probe", probe.is_file(), stage("probe", probe))
     timed("teacher", teacher.is_file(), lambda: run_teacher(
         _stage_args(args, data=str(world["train"]), world_count=chosen.train_clips, latents=str(latents),

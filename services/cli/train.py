@@ -2,7 +2,8 @@
 
     facecast train vae                    the talk128 VAE on out/world/train-128 (made first if missing):
                                           `--phase full` (encoder and decoder from scratch), then `--phase
-                                          decoder` (the decoder alone, further, on the frozen encoder's latents)
+                                          decoder` (the decoder alone, further, on the frozen encoder's latents),
+                                          then `--phase motion` (the decoder again, with a frame-to-frame term)
     facecast train probe                  the lip-sync probe (mouth opening + identity embedding)
     facecast train teacher                the bidirectional audio-conditioned teacher on the clips' latents
                                           (out/latents/train-128, encoded with the shipped VAE first if missing):
@@ -26,6 +27,7 @@ import argparse
 import json
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 from model_core.shipped import (LIPSYNC_PROBE, TALK128_FAST_DECODER, TALK128_STUDENT, TALK128_TEACHER, TALK128_VAE,
                                 shipped_path)
@@ -40,13 +42,32 @@ DEFAULTS = {
     "fast-decoder": {"steps": 1500, "export": str(shipped_path(TALK128_FAST_DECODER))},
 }
 COMMANDS = tuple(DEFAULTS)
-PHASES = {  # `facecast train student`: (driver stage, default steps, default export); runs in <run-dir>/<stage>
-    "init": ("student-init", 1200, "<run-dir>/student-init/student-init.safetensors"),
-    "distill": ("distill", 3000, str(shipped_path(TALK128_STUDENT))),
+
+
+class Phase(NamedTuple):
+    """One run of `facecast train student` or `vae`: each phase starts from the previous one's export."""
+    stage: str
+    """The driver stage (`services.train.driver.STAGES`)."""
+    steps: int
+    export: str
+    """Where it leaves its weights (the table's last phase: the shipped checkpoint, or `--export`)."""
+    run: str
+    """Its run directory under --run-dir."""
+    recipe: dict = {}
+    """TrainRequest fields it sets (`--learning-rate` / `--motion-weight` override them)."""
+
+
+PHASES = {  # `facecast train student`
+    "init": Phase("student-init", 1200, "<run-dir>/student-init/student-init.safetensors", "student-init"),
+    "distill": Phase("distill", 3000, str(shipped_path(TALK128_STUDENT)), "distill"),
 }
-VAE_PHASES = {  # `facecast train vae`: the same, runs in <run-dir>/<stage>
-    "full": ("vae", 2000, "<run-dir>/vae/vae-full"),
-    "decoder": ("vae-decoder", 1800, str(shipped_path(TALK128_VAE))),
+VAE_PHASES = {  # `facecast train vae`: the encoder and decoder from scratch, then the decoder alone (the latent space
+    # stays): further on the frozen encoder's latents, then with the frame-to-frame term at a lower rate, which keeps a
+    # listening face still through the decoder (BENCHMARKS, "Why the face is not still while the avatar listens")
+    "full": Phase("vae", 2000, "<run-dir>/vae/vae-full", "vae"),
+    "decoder": Phase("vae-decoder", 1800, "<run-dir>/vae-decoder/vae-decoder", "vae-decoder"),
+    "motion": Phase("vae-decoder", 1200, str(shipped_path(TALK128_VAE)), "vae-motion",
+                    {"motion_weight": 1.0, "learning_rate": 3e-4}),
 }
 TEACHER_PHASES = {  # `facecast train teacher`: (steps, recipe); runs in <run-dir>/teacher-<phase>, each phase from
     # the previous phase's export (a fresh optimiser and warm-up: the rate schedule restarts). Each run <= 60 min on one
@@ -59,6 +80,7 @@ PAIRS = {"count": 1024, "teacher_steps": 12, "guidance": 3.5}
 RECIPE_FLAGS = {  # flag: (the stage it applies to, lowest, highest or None, what the bound means)
     "--interior-weight": ("vae", 0, None, "0: off"),
     "--mouth-weight": ("teacher", 0, None, "0: no extra weight"),
+    "--motion-weight": ("vae", 0, None, "0: off"),
     "--guidance": ("student", 1, 20, "1: no guidance"),
 }
 DEFAULT_LATENTS = Path("out") / "latents" / "train-128"
@@ -155,7 +177,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                                           ("--pairs", args.pairs), ("--opening-weight", args.opening_weight),
                                           ("--interior-weight", args.interior_weight),
                                           ("--history-corrupt", args.history_corrupt), ("--init", args.init),
-                                          ("--mouth-weight", args.mouth_weight), ("--guidance", args.guidance))
+                                          ("--mouth-weight", args.mouth_weight), ("--guidance", args.guidance),
+                                          ("--motion-weight", args.motion_weight))
                  if value is not None]
         if given:
             raise UserError(f"{', '.join(given)}: not for `facecast train all`, which makes every input itself "
@@ -214,27 +237,41 @@ def cmd_train(args: argparse.Namespace) -> int:
     if len(phases) > 1 and args.steps is not None:
         raise UserError(f"--steps applies to one phase: add --phase {' or --phase '.join(table)}")
     root = Path(args.run_dir or Path("out") / "train")
-    full_vae = root / VAE_PHASES["full"][0] / "vae-full"  # phase full's export, in its run directory
-    for phase in phases:
-        driver_stage, steps, export = table[phase]
-        run_dir = root / driver_stage
-        steps = args.steps if args.steps is not None else steps
-        if phase == "init":
-            export = str(run_dir / "student-init.safetensors")
-        elif phase == "full":
-            export = str(full_vae)
-        else:
-            export = args.export or export
-        if phase == "decoder":
-            source = args.vae or str(full_vae)
+    names = list(table)
+    if stage == "vae" and ((args.vae and phases[0] == "full") or (args.motion_weight is not None and
+                                                                  phases == ["full"])):
+        flag = "--vae" if args.vae and phases[0] == "full" else "--motion-weight"
+        raise UserError(f"{flag} applies to the decoder phases of `facecast train vae` (--phase decoder or motion), "
+                        "not to phase full")
+    if args.export and len(phases) == 1 and phases[0] != names[-1]:
+        following = names[names.index(phases[0]) + 1]
+        raise UserError(f"--export applies to phase {names[-1]}, not {phases[0]}: phase {phases[0]} leaves its "
+                        f"weights in {phase_export(root, table, phases[0])} for phase {following}")
+    for position, phase in enumerate(phases):
+        spec = table[phase]
+        index = names.index(phase)
+        run_dir = root / spec.run
+        steps = args.steps if args.steps is not None else spec.steps
+        export = phase_export(root, table, phase) if index < len(names) - 1 else args.export or spec.export
+        values = {name: getattr(args, name) if getattr(args, name, None) is not None else spec.recipe.get(name)
+                  for name in ("learning_rate", "motion_weight")}
+        run_args = argparse.Namespace(**{**vars(args), **values})
+        if spec.stage == "vae-decoder":  # the decoder trained further on a finished VAE: --vae, or the phase before
+            previous = phase_export(root, table, names[index - 1])
+            source = args.vae if args.vae and position == 0 else previous
             if not (Path(source) / "config.json").is_file():
-                raise UserError(f"--vae: {source} is not a VAE directory; run `facecast train vae --phase full` "
-                                "first, or pass the finished VAE whose decoder to train")
-            _run(args, driver_stage, steps, export, str(run_dir), vae_source=source)
+                raise UserError(f"--vae: {source} is not a VAE directory; run `facecast train vae --phase "
+                                f"{names[index - 1]}` first, or pass the finished VAE whose decoder to train")
+            _run(run_args, spec.stage, steps, export, str(run_dir), vae_source=source)
         else:
-            _run(args, driver_stage, steps, export, str(run_dir),
-                 init_export=str(root / "student-init" / "student-init.safetensors"))
+            _run(run_args, spec.stage, steps, export, str(run_dir),
+                 init_export=phase_export(root, PHASES, "init"))
     return EXIT_OK
+
+
+def phase_export(root: Path, table: dict, phase: str) -> str:
+    """Where a phase of `table` that feeds the next one leaves its weights (its export, in its run directory)."""
+    return str(root / table[phase].export.removeprefix("<run-dir>/"))
 
 
 def teacher_phase_export(root: Path, phase: str) -> Path:
@@ -300,6 +337,8 @@ def _run(args: argparse.Namespace, stage: str, steps: int, export: str, run_dir:
             extra[name] = getattr(args, name)
     if getattr(args, "interior_weight", None) is not None and stage in ("vae", "vae-decoder"):
         extra["interior_weight"] = args.interior_weight
+    if getattr(args, "motion_weight", None) is not None and stage == "vae-decoder":
+        extra["motion_weight"] = args.motion_weight
     try:
         request = TrainRequest(stage=stage, data=data, run_dir=run_dir, steps=steps, export=export,
                                workers=args.workers, gpu=args.gpu, batch_size=args.batch_size,
@@ -337,15 +376,15 @@ def add_parser(commands) -> None:
     train.add_argument("--data", help="world shard directory, world:train, or a folder of videos "
                                       "(default out/world/train-128, generated if missing)")
     train.add_argument("--steps", type=int, help="optimiser steps of one stage or phase (defaults: vae " +
-                       " + ".join(f"{p} {v[1]}" for p, v in VAE_PHASES.items()) + ", " +
+                       " + ".join(f"{p} {v.steps}" for p, v in VAE_PHASES.items()) + ", " +
                        ", ".join(f"{k} {v['steps']}" for k, v in DEFAULTS.items() if v["steps"]) + ", teacher " +
                        " + ".join(f"{p} {v[0]}" for p, v in TEACHER_PHASES.items()) + ", student " +
-                       " + ".join(f"{p} {v[1]}" for p, v in PHASES.items()) + ")")
+                       " + ".join(f"{p} {v.steps}" for p, v in PHASES.items()) + ")")
     train.add_argument("--phase", help="one phase only (default all in turn): student init|distill, vae "
-                                       f"full|decoder, teacher {'|'.join(TEACHER_PHASES)}")
+                                       f"{'|'.join(VAE_PHASES)}, teacher {'|'.join(TEACHER_PHASES)}")
     train.add_argument("--teacher", help=f"student: the teacher checkpoint (default {DEFAULTS['teacher']['export']})")
     train.add_argument("--student", help=f"student --phase distill: the initialised student (default "
-                                         f"{PHASES['init'][2]}); fast-decoder: the streaming student whose latents "
+                                         f"{PHASES['init'].export}); fast-decoder: the streaming student whose latents "
                                          f"it decodes (default {DEFAULTS['student']['export']})")
     train.add_argument("--pairs", help="student: the teacher's ODE pairs file (default "
                                        "<run-dir>/student-init/ode-pairs.pt, made first if missing)")
@@ -358,7 +397,7 @@ def add_parser(commands) -> None:
     train.add_argument("--gpu", action="store_true", help="one GPU per worker")
     train.add_argument("--batch-size", type=int)
     train.add_argument("--learning-rate", type=float, help="the stage's peak rate (default: its recipe's; teacher: "
-                       "3e-4 in phase base, 2e-4 after)")
+                       "3e-4 in phase base, 2e-4 after; vae: 1e-3, 3e-4 in phase motion)")
     train.add_argument("--opening-weight", type=float, help="vae: weight of the latent opening head's error (a linear "
                        "read-out of each frame's mouth opening from the latent at the mouth; default 0.1, the shipped "
                        "recipe; 0: off)")
@@ -366,6 +405,9 @@ def add_parser(commands) -> None:
                        "cached keys/values (default 0.1; 0: the ablation without it)")
     train.add_argument("--interior-weight", type=float, help="vae: extra L1 weight on the pixels where the world draws "
                        "the mouth's inside (both phases; default 30, the shipped recipe; 0: off)")
+    train.add_argument("--motion-weight", type=float, help="vae: weight of the frame-to-frame term in the decoder "
+                       "phases (decoded against true change between frames; default "
+                       f"{VAE_PHASES['motion'].recipe['motion_weight']:g} in phase motion, 0 before it; 0: off)")
     train.add_argument("--init", help="teacher: a teacher checkpoint the first phase run trains further (its weights; "
                                       "the optimiser starts fresh; default: random weights for phase base, the "
                                       "previous phase's teacher after it)")
@@ -380,8 +422,8 @@ def add_parser(commands) -> None:
                                          "--data with the shipped VAE if missing)")
     train.add_argument("--vae", help="the DiT stages and fast-decoder: the VAE directory whose latents they train "
                                      "on (default: the preset's shipped VAE, checkpoints/talk128-vae); vae --phase "
-                                     "decoder: the finished VAE whose decoder to train (default "
-                                     "<run-dir>/vae/vae-full)")
+                                     "decoder|motion: the finished VAE whose decoder to train (default: the phase "
+                                     "before's export, <run-dir>/vae/vae-full or <run-dir>/vae-decoder/vae-decoder)")
     train.add_argument("--profile", default="cpu",
                        help="`all`: tiny (a few steps of each stage: the dry run), cpu (each stage's shipped "
                             "defaults) or gpu (the DiT stages' batches scaled up; with --gpu)")

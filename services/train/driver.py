@@ -43,6 +43,8 @@ class TrainRequest:
     ablation without it)."""
     interior_weight: float | None = None
     """vae, vae-decoder: the extra weight on the mouth interior's pixels (`VAETrainConfig.interior_weight`)."""
+    motion_weight: float | None = None
+    """vae-decoder: the weight of the frame-to-frame term (`DecoderTrainConfig.motion_weight`; 0: off)."""
     init: str | None = None
     """teacher: a teacher checkpoint to train further instead of starting from random weights."""
     mouth_weight: float | None = None
@@ -80,7 +82,8 @@ class TrainRequest:
             raise ValueError(f"history_corrupt applies to the distill stage, not {self.stage!r}")
         if self.interior_weight is not None and self.stage not in ("vae", "vae-decoder"):
             raise ValueError(f"interior_weight applies to the vae stages, not {self.stage!r}")
-        for name, stages in (("init", ("teacher",)), ("mouth_weight", ("teacher",)), ("guidance", ("distill",))):
+        for name, stages in (("init", ("teacher",)), ("mouth_weight", ("teacher",)), ("guidance", ("distill",)),
+                             ("motion_weight", ("vae-decoder",))):
             if getattr(self, name) is not None and self.stage not in stages:
                 raise ValueError(f"{name} applies to the {' and '.join(stages)} stage, not {self.stage!r}")
         needs = {"vae-decoder": ("vae",), "teacher": ("latents",), "fast-decoder": ("latents", "student"),
@@ -151,8 +154,8 @@ def build_stage(request: TrainRequest, *, wrap=None, device="cpu"):
     if request.stage == "vae-decoder":
         from model_core.training.vae_stage import DecoderStage, DecoderTrainConfig
 
-        if request.interior_weight is not None:
-            overrides["interior_weight"] = request.interior_weight
+        overrides.update({k: v for k, v in (("interior_weight", request.interior_weight),
+                                            ("motion_weight", request.motion_weight)) if v is not None})
         train = DecoderTrainConfig(seed=request.seed, steps=request.steps, **overrides)
         return DecoderStage(request.vae, source, train, wrap=wrap, device=device)
     from model_core.training.probe_stage import ProbeStage, ProbeTrainConfig

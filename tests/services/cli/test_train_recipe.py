@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from model_core.checkpoint import read_facecast_metadata
-from model_core.shipped import TALK128_FAST_DECODER, TALK128_STUDENT, TALK128_TEACHER, shipped_path
+from model_core.shipped import (CHECKPOINTS, TALK128_FAST_DECODER, TALK128_STUDENT, TALK128_TEACHER, TALK128_VAE,
+                                VAE_DECODER_TRAIN, shipped_path)
 from model_core.training.dmd_stage import DistillConfig
 from model_core.training.fastdecode_stage import FastDecoderTrainConfig
 from model_core.training.teacher_stage import TeacherTrainConfig
@@ -26,8 +27,10 @@ def runs(monkeypatch):
 
     def fake_train(request):
         requests.append(request)
-        Path(request.export).parent.mkdir(parents=True, exist_ok=True)
-        Path(request.export).write_bytes(b"weights")
+        assert not Path(request.export).resolve().is_relative_to(CHECKPOINTS), "a test would overwrite a shipped file"
+        export = Path(request.export) / "config.json" if request.stage.startswith("vae") else Path(request.export)
+        export.parent.mkdir(parents=True, exist_ok=True)
+        export.write_bytes(b"weights")
         return {"step": request.steps}
 
     monkeypatch.setattr(driver, "train", fake_train)
@@ -68,9 +71,57 @@ def test_the_default_recipes_are_the_shipped_checkpoints():
     student = read_facecast_metadata(shipped_path(TALK128_STUDENT))["train"]
     assert student == _comparable(DistillConfig())
     assert train_cli.PAIRS["guidance"] == student["real_guidance"] == 3.5
-    # the VAE records no training config; its recipe is `--opening-weight 0.1 --interior-weight 30` (MODEL_CARD)
+    # the VAE records its last decoder phase's run; its first phase's is `--opening-weight 0.1 --interior-weight 30`
     assert (VAETrainConfig().opening_weight, VAETrainConfig().interior_weight) == (0.1, 30.0)
-    assert DecoderTrainConfig().interior_weight == 30.0
+    decoder = json.loads((shipped_path(TALK128_VAE) / VAE_DECODER_TRAIN).read_text())["train"]
+    last = train_cli.VAE_PHASES["motion"]
+    assert decoder == _comparable(DecoderTrainConfig(steps=last.steps, **last.recipe))
     fast = json.loads((shipped_path(TALK128_FAST_DECODER) / "fast-decoder.json").read_text())["train"]
     assert fast == _comparable(FastDecoderTrainConfig())
     assert fast["steps"] == train_cli.DEFAULTS["fast-decoder"]["steps"]
+
+
+def test_the_vae_runs_its_three_phases_in_turn_each_decoder_phase_from_the_last_ones_export(runs, tmp_path):
+    final = tmp_path / "shipped-vae"
+    assert main(["train", "vae", "--run-dir", str(tmp_path), "--export", str(final)]) == 0
+    full, decoder = tmp_path / "vae" / "vae-full", tmp_path / "vae-decoder" / "vae-decoder"
+    assert [(Path(r.run_dir).name, r.stage, r.steps, r.vae, r.motion_weight, r.learning_rate, r.export)
+            for r in runs] == [
+        ("vae", "vae", 2000, None, None, None, str(full)),
+        ("vae-decoder", "vae-decoder", 1800, str(full), None, None, str(decoder)),
+        ("vae-motion", "vae-decoder", 1200, str(decoder), 1.0, 3e-4, str(final)),
+    ]
+
+
+def test_a_vae_decoder_phase_alone_starts_from_the_phase_before_or_from_vae(runs, tmp_path, capsys):
+    decoder = tmp_path / "vae-decoder" / "vae-decoder"
+    assert main(["train", "vae", "--run-dir", str(tmp_path), "--phase", "motion"]) == 2
+    assert f"--vae: {decoder} is not a VAE directory; run `facecast train vae --phase decoder` first" in \
+        capsys.readouterr().err
+    decoder.mkdir(parents=True)
+    (decoder / "config.json").write_text("{}")
+    assert main(["train", "vae", "--run-dir", str(tmp_path), "--phase", "motion", "--steps", "5",
+                 "--motion-weight", "2", "--learning-rate", "1e-4", "--export", str(tmp_path / "out")]) == 0
+    assert [(r.vae, r.steps, r.motion_weight, r.learning_rate, r.export) for r in runs] == [
+        (str(decoder), 5, 2.0, 1e-4, str(tmp_path / "out"))]
+    runs.clear()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    assert main(["train", "vae", "--run-dir", str(tmp_path), "--phase", "decoder", "--vae", str(other)]) == 0
+    assert [(r.vae, r.motion_weight, r.export) for r in runs] == [(str(other), None, str(decoder))]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--phase", "decoder", "--export", "x"], "--export applies to phase motion, not decoder: phase decoder leaves "
+                                              "its weights in"),
+    (["--phase", "full", "--export", "x"], "--export applies to phase motion, not full"),
+    (["--phase", "full", "--motion-weight", "1"], "--motion-weight applies to the decoder phases"),
+    (["--vae", "x"], "--vae applies to the decoder phases of `facecast train vae`"),
+    (["--phase", "motion", "--motion-weight", "-1"], "--motion-weight -1 is invalid: at least 0 (0: off)"),
+    (["--phase", "loud"], "--phase='loud' is not a phase of `facecast train vae`; allowed: full, decoder, motion"),
+])
+def test_train_vae_refuses_what_does_not_apply_in_one_line(runs, tmp_path, capsys, argv, message):
+    assert main(["train", "vae", "--run-dir", str(tmp_path)] + argv) == 2
+    assert message in capsys.readouterr().err
+    assert runs == []

@@ -121,8 +121,7 @@ def test_eval_refuses_a_training_set(tmp_path):
 @pytest.mark.slow
 def test_train_vae_runs_on_ray_train_and_resumes(tmp_path):
     args = ["train", "vae", "--data", "world:train", "--world-count", "1", "--batch-size", "1",
-            "--run-dir", str(tmp_path / "run"), "--export", str(tmp_path / "export"), "--log-every", "1",
-            "--checkpoint-every", "1"]
+            "--run-dir", str(tmp_path / "run"), "--log-every", "1", "--checkpoint-every", "1"]
     run = tmp_path / "run" / "vae"
     first = facecast(*args, "--phase", "full", "--steps", "2")
     assert first.returncode == 0, first.stderr[-3000:]
@@ -136,10 +135,15 @@ def test_train_vae_runs_on_ray_train_and_resumes(tmp_path):
     state_bytes = (run / "state.pt").stat().st_size
     ray_bytes = sum(p.stat().st_size for p in (run / "ray").rglob("*") if p.is_file())
     assert ray_bytes < 2.5 * state_bytes
-    # the decoder phase starts from the full phase's export and writes --export, in the same latent space
-    third = facecast(*args, "--phase", "decoder", "--steps", "2")
+    # a decoder phase (here the last, motion, from --vae) trains the decoder alone and writes --export with its
+    # recipe beside it, in the same latent space
+    third = facecast(*args, "--phase", "motion", "--steps", "2", "--vae", str(run / "vae-full"),
+                     "--export", str(tmp_path / "export"))
     assert third.returncode == 0, third.stderr[-3000:]
     assert json.loads(third.stdout[third.stdout.index("{"):])["stage"] == "vae-decoder"
+    assert (tmp_path / "run" / "vae-motion" / "state.pt").is_file()
+    recipe = json.loads((tmp_path / "export" / "decoder-train.json").read_text())["train"]
+    assert (recipe["steps"], recipe["motion_weight"], recipe["learning_rate"]) == (2, 1.0, 3e-4)
     from model_core.training.latents import vae_digest
     from model_core.vae import StreamingVAE
 

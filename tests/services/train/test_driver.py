@@ -65,3 +65,21 @@ def test_the_teacher_overrides_reach_its_config(monkeypatch):
     assert (build_stage(request).init, build_stage(request).mouth_weight) == ("t.st", 12.0)
     default = build_stage(TrainRequest(stage="teacher", data="world:train", run_dir="x", steps=1, latents="l"))
     assert (default.init, default.mouth_weight) == (None, teacher_stage.TeacherTrainConfig().mouth_weight)
+
+
+def test_the_decoder_phase_overrides_reach_its_config(monkeypatch):
+    """`--motion-weight`, `--interior-weight` and `--learning-rate` must reach the DecoderTrainConfig (phase motion's
+    recipe is motion weight 1 at 3e-4)."""
+    from model_core.training import vae_stage
+    from model_core.world import store
+
+    monkeypatch.setattr(store, "open_source", lambda *args, **kwargs: None)
+    monkeypatch.setattr(vae_stage, "DecoderStage", lambda vae, source, train, **kwargs: train)
+    request = TrainRequest(stage="vae-decoder", data="world:train", run_dir="x", steps=7, vae="v", motion_weight=1.5,
+                           interior_weight=10.0, learning_rate=3e-4)
+    config = build_stage(request)
+    assert (config.steps, config.motion_weight, config.interior_weight, config.learning_rate) == (7, 1.5, 10.0, 3e-4)
+    default = build_stage(TrainRequest(stage="vae-decoder", data="world:train", run_dir="x", steps=7, vae="v"))
+    assert default.motion_weight == vae_stage.DecoderTrainConfig().motion_weight == 0.0
+    with pytest.raises(ValueError, match="motion_weight applies to the vae-decoder stage, not 'vae'"):
+        TrainRequest(stage="vae", data="world:train", run_dir="x", steps=1, motion_weight=1.0)
