@@ -36,7 +36,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from ..checkpoint import load_facecast_checkpoint, save_facecast_checkpoint
 from ..dit import CausalAvatarDiT
@@ -63,23 +62,6 @@ def dmd_surrogate(x: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
 
 def dmd_loss(generated: torch.Tensor, real_x0: torch.Tensor, fake_x0: torch.Tensor) -> torch.Tensor:
     return dmd_surrogate(generated, dmd_direction(generated, real_x0, fake_x0))
-
-
-def listening_excess(estimate: torch.Tensor, samples: torch.Tensor, x0: torch.Tensor, quiet: torch.Tensor,
-                     frames: slice) -> torch.Tensor:
-    """The listening term of one chunk: over pairs of consecutive latent frames that both hear no one speak (`quiet`
-    [B, F]), the generated change beyond the real window's, relu(|change| - |real change|), summed per sample like
-    `dmd_surrogate`. `estimate` [B, C, len(frames), H, W] is the chunk's (with its graph); the pair across the chunk's
-    first frame takes the frame before it from `samples` (every frame's estimate, no gradient)."""
-    first = max(frames.start - 1, 0)
-    sequence = estimate.float()
-    if frames.start > 0:
-        sequence = torch.cat([samples[:, :, first:frames.start].detach().float(), sequence], 2)
-    real = x0[:, :, first:frames.stop].float()
-    excess = F.relu(torch.diff(sequence, dim=2).abs() - torch.diff(real, dim=2).abs())
-    listening = quiet[:, first:frames.stop]
-    pairs = (listening[:, 1:] & listening[:, :-1]).to(excess.dtype)[:, None, :, None, None]
-    return (excess * pairs).sum() / estimate.shape[0]
 
 
 # ============================================================================================ the rollout
@@ -187,9 +169,6 @@ class DistillConfig:
     listening_dropout: float = 0.5
     grad_clip: float = 1.0
     ema_decay: float = 0.99
-    listening_weight: float = 0.0
-    """Weight of `listening_excess` in the generator's loss: where no one speaks, consecutive latent frames change no
-    more than the real clip's do (a listening face stays still; speech is left alone). 0: off."""
 
 
 def average_gradients(module: torch.nn.Module) -> None:
@@ -314,7 +293,7 @@ class DistillStage:
         rope = self.generator.chunk_rope(config.chunk, height // patch[1], width // patch[2], 1,
                                          config.sink_rope_offset)
         sigma = schedule[batch["exit_step"]].sigma
-        total = listening = 0.0
+        total = 0.0
         for c, (x, cache) in enumerate(zip(generated.exit_inputs, generated.exit_caches)):
             frames_c = slice(c * config.chunk, (c + 1) * config.chunk)
             if c:  # the conditioning's graph is consumed by each backward: rebuild it per chunk
@@ -324,15 +303,9 @@ class DistillStage:
             velocity = self.generator.forward_chunk(x, batch["exit_step"], cache.clone(), cond, audio, rope)
             estimate = x.float() - sigma * velocity.float()
             loss = dmd_surrogate(estimate, direction[:, :, frames_c])
-            total += float(loss.detach())
-            if config.listening_weight > 0:
-                excess = listening_excess(estimate, generated.samples, batch["x0"], batch["quiet"], frames_c)
-                loss = loss + config.listening_weight * excess
-                listening += float(excess.detach())
             loss.backward()
+            total += float(loss.detach())
         metrics = {"dmd": total, "dmd_gap": float((fake_x0 - real_x0).abs().mean())}
-        if config.listening_weight > 0:
-            metrics["listening_excess"] = listening
         if self.pairs is not None and config.regression_weight > 0:
             pairs = batch["pairs"]
             v = predict_velocity(self.generator, pairs["noisy"], pairs["sigma"], pairs, layout="block_sparse",

@@ -227,16 +227,14 @@ def random_windows(count: int, clips: int, rng: np.random.Generator, segments, s
 
 def window_batch(clips, windows: list[Window], frames: int, dit_config: DiTConfig, ratio: int = 4) -> dict:
     """The batch for `windows` of `clips` (indexable LatentClips), characters padded to MAX_CHARACTERS."""
-    rows = {key: [] for key in ("x0", "reference", "features", "speaking", "regions", "mouth", "quiet")}
+    rows = {key: [] for key in ("x0", "reference", "features", "speaking", "regions", "mouth")}
     for window in windows:
         clip = clips[window.clip]
         segment, offset = window.segment, window.offset
+        speaking = clip.speaking if window.listening else torch.ones_like(clip.speaking)
         first_latent = int(clip.starts[segment]) // ratio + offset
-        features, heard = audio_windows(clip.features.float(), clip.speaking, first_latent, frames, ratio,
-                                        dit_config.audio_window)
-        talk = heard if window.listening else audio_windows(clip.features, torch.ones_like(clip.speaking),
-                                                            first_latent, frames, ratio, dit_config.audio_window)[1]
-        rows["quiet"].append(~heard.any(-1).any(0))  # no character speaks in what the latent frame hears
+        features, talk = audio_windows(clip.features.float(), speaking, first_latent, frames, ratio,
+                                       dit_config.audio_window)
         pad = MAX_CHARACTERS - features.shape[0]
         regions = torch.zeros_like(clip.regions.float()) if window.silent else clip.regions.float()
         rows["x0"].append(clip.latents[segment, :, offset:offset + frames].float())

@@ -8,7 +8,7 @@ import torch
 from model_core.audio import AudioConfig, AudioFrontend
 from model_core.config import get_preset
 from model_core.stages import NoisyChunk, ScoreStage
-from model_core.training.dmd_stage import DistillConfig, DistillStage, dmd_loss, listening_excess, rollout
+from model_core.training.dmd_stage import DistillConfig, DistillStage, dmd_loss, rollout
 from model_core.training.latents import encode_clip
 from model_core.training.loop import read_log, run_stage
 from model_core.training.student_stage import StudentInitConfig, StudentInitStage, make_ode_pairs, read_pairs
@@ -93,26 +93,6 @@ def checkpoints(latents, tmp_path_factory):
 
 
 @needs_espeak
-def test_the_listening_term_stills_only_frames_that_hear_no_one_and_only_beyond_the_real_change():
-    """listening_excess: relu(|generated change| - |real change|) over consecutive quiet latent frames, per sample;
-    the pair across a chunk's first frame reads the frame before from the other estimates, without a gradient."""
-    x0 = torch.zeros(1, 1, 6, 1, 1)
-    x0[0, 0, :, 0, 0] = torch.tensor([0.0, 0.0, 0.5, 0.5, 0.5, 0.5])           # the real clip moves 0 -> 1, 1 -> 2 only
-    samples = torch.tensor([0.0, 1.0, 3.0, 3.0, 6.0, 10.0]).reshape(1, 1, 6, 1, 1)
-    quiet = torch.tensor([[True, True, True, True, True, False]])             # frame 5 hears someone speak
-    estimate = samples[:, :, 3:6].clone().requires_grad_(True)               # the chunk of frames 3-5
-    excess = listening_excess(estimate, samples, x0, quiet, slice(3, 6))
-    # pairs (2,3): |0| - 0 -> 0; (3,4): |3| - 0 -> 3; (4,5): frame 5 speaks -> not counted
-    assert float(excess.detach()) == pytest.approx(3.0)
-    excess.backward()
-    assert estimate.grad[0, 0, :, 0, 0].tolist() == [-1.0, 1.0, 0.0]         # descent pulls frames 3 and 4 together
-    first = listening_excess(samples[:, :, :3].clone(), samples, x0, quiet, slice(0, 3))
-    assert float(first) == pytest.approx((1 - 0) + (2 - 0.5))               # no frame before the first chunk
-    batch = torch.cat([samples, samples])
-    assert float(listening_excess(batch[:, :, 3:6], batch, torch.cat([x0, x0]), quiet.repeat(2, 1),
-                                  slice(3, 6))) == pytest.approx(3.0)       # per sample, as DMD's surrogate
-
-
 def test_rollout_streams_as_the_score_stage_does(latents, checkpoints):
     """The generator's training rollout (no corruption, no teacher forcing) is a session's stream: held against the
     product's ScoreStage, chunk by chunk, adaptive sink included."""
