@@ -192,6 +192,11 @@ class StreamConfig:
     decoder: str = ""
     """'full' (the VAE's decoder, the reference) or 'fast' (the small decoder distilled from it, when one is
     loaded); '': the engine's or server's default."""
+    listening_hold: float = 0.5
+    """While every character listens (none in speaking mode in the video frames a latent frame shows:
+    `set_speaking(False)`, as a call sets its avatar between replies), each shown latent frame moves only this share of
+    the way from the one before to the model's new one, so a listening face stays still (`stages.hold_listening`).
+    1: off."""
 
     def __post_init__(self) -> None:
         _check(16 <= self.width <= 4096, "width", self.width, "must be in [16, 4096]")
@@ -206,6 +211,7 @@ class StreamConfig:
         _check(-64 <= self.sink_rope_offset <= 64, "sink_rope_offset", self.sink_rope_offset, "must be in [-64, 64]")
         _check(0 <= self.seed < 2**63, "seed", self.seed, "must be in [0, 2^63)")
         _check(self.decoder in ("", "full", "fast"), "decoder", self.decoder, "allowed: 'full', 'fast'")
+        _check(0 < self.listening_hold <= 1, "listening_hold", self.listening_hold, "must be in (0, 1] (1: off)")
 
     def replace(self, **changes) -> "StreamConfig":
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}

@@ -57,13 +57,21 @@ def reference_render(identity_id: int, seed: int, size: int) -> tuple[np.ndarray
     return frame, boxes[0]
 
 
-def model_video(engine, reference: np.ndarray, audio: np.ndarray, sample_rate: int, frames: int) -> np.ndarray:
-    """The engine's frames (uint8 [T, H, W, 3]) for a reference image and its audio."""
+def model_video(engine, reference: np.ndarray, audio: np.ndarray, sample_rate: int, frames: int,
+                listening: np.ndarray | None = None) -> np.ndarray:
+    """The engine's frames (uint8 [T, H, W, 3]) for a reference image and its audio. `listening` [T] bool: where the
+    character is set not speaking (silence mode, as a call sets its avatar between replies), per 200 ms of audio."""
     image = torch.from_numpy(np.array(reference)).permute(2, 0, 1).float().div(127.5).sub(1.0)
     session = engine.open_session(image)
     chunks = []
+    speaking = True
     try:
         for start in range(0, len(audio), sample_rate // 5):
+            if listening is not None:
+                frame = min(int(start / sample_rate * engine.preset.stream.fps), len(listening) - 1)
+                if speaking == bool(listening[frame]):
+                    speaking = not speaking
+                    engine.set_speaking(session, 0, speaking)
             chunks += engine.push_audio(session, audio[start:start + sample_rate // 5], sample_rate)
         chunks += engine.end_input(session)
     finally:
@@ -72,7 +80,7 @@ def model_video(engine, reference: np.ndarray, audio: np.ndarray, sample_rate: i
     return ((video.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
 
 
-def _video_for(mode: str, clip, others, engine, reference) -> np.ndarray:
+def _video_for(mode: str, clip, others, engine, reference, listen: bool = False) -> np.ndarray:
     truth = clip.frames
     if mode == "truth":
         return truth
@@ -92,7 +100,8 @@ def _video_for(mode: str, clip, others, engine, reference) -> np.ndarray:
         return vae_video(engine.vae, truth, engine.decoder.fast if engine.decoder.default == "fast" else None)
     if mode == "teacher":
         return engine.video(reference, clip.audio, clip.sample_rate, len(truth))
-    return model_video(engine, reference, clip.audio, clip.sample_rate, len(truth))
+    return model_video(engine, reference, clip.audio, clip.sample_rate, len(truth),
+                       ~clip.truth.speaking[:, 0].astype(bool) if listen else None)
 
 
 class TeacherSampler:
@@ -267,8 +276,12 @@ def horizon(source, probe, engine, seconds: float, window_s: float = 10.0, seed:
 
 
 def evaluate(source, probe, video: str = "model", engine=None, clips: int | None = None, seed: int = 0,
-             progress: bool = True, landmarks: bool = True) -> dict:
+             progress: bool = True, landmarks: bool = True, listen: bool = False) -> dict:
+    """`listen`: the model's character is set not speaking where the clip's truth says it listens (a call's avatar
+    between its replies), so the session's listening behaviour is scored (`StreamConfig.listening_hold`)."""
     check_video(video)
+    if listen and video != "model":
+        raise ValueError(f"listen sets the streaming engine's speaking mode: it needs video='model', not {video!r}")
     reader = LandmarkReader() if landmarks and LandmarkReader.available() else None
     if video in ("model", "vae", "teacher") and engine is None:
         raise ValueError(f"video={video!r} needs an engine")
@@ -279,7 +292,7 @@ def evaluate(source, probe, video: str = "model", engine=None, clips: int | None
         ident = int(clip.truth.identity[0])
         reference, reference_box = reference_render(ident, seed, clip.frames.shape[1])
         others = loaded[index + 1:] + loaded[:index]
-        frames = _video_for(video, clip, others, engine, reference)
+        frames = _video_for(video, clip, others, engine, reference, listen)
         n = min(len(frames), clip.num_frames)
         boxes = clip.truth.face_box[:n, 0]
         _, reference_embedding = read_video(probe, reference[None], reference_box[None])
@@ -294,7 +307,8 @@ def evaluate(source, probe, video: str = "model", engine=None, clips: int | None
     report = _aggregate(rows)
     report["per_style"] = {style: _aggregate([r for r in rows if r["style"] == style])
                            for style in STYLES if any(r["style"] == style for r in rows)}
-    report.update(video=video, clips=len(rows), wall_s=round(time.perf_counter() - began, 2))
+    report.update(video=video, clips=len(rows), wall_s=round(time.perf_counter() - began, 2),
+                  **({"listen": True} if listen else {}))
     return report
 
 

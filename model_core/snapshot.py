@@ -121,12 +121,14 @@ def to_device(value, device, dtype: torch.dtype | None = None):
 
 def snapshot_score(session: ScoreSession) -> bytes:
     """What `restore_score` needs to continue `session` at its next chunk on another stage: per owned step the
-    previous chunk's keys/values, and the noise generator. Take it where the session's chunks run (its caches
-    change in place with the next chunk)."""
+    previous chunk's keys/values, the noise generator, and (on the last step's stage) the last latent frame shown.
+    Take it where the session's chunks run (its caches change in place with the next chunk)."""
     return pack({"chunk_index": session.chunk_index, "generator": session.generator.get_state(),
             "caches": {str(step): {"prev_key": cache.prev_key, "prev_value": cache.prev_value,
                                    "prev_valid": cache.prev_valid}
-                       for step, cache in session.caches.items()}})
+                       for step, cache in session.caches.items()},
+            "shown": {"latent": session.shown, "listening": session.shown_listening}
+            if session.shown is not None else {}})
 
 
 @torch.no_grad()
@@ -145,5 +147,8 @@ def restore_score(stage: ScoreStage, session: ScoreSession, snapshot: bytes,
             getattr(cache, name).copy_(saved)
     session.generator.set_state(state["generator"])
     session.chunk_index = int(state["chunk_index"])
+    shown = state.get("shown") or {}     # the last frame shown, for `stages.hold_listening` (last step's stage only)
+    session.shown = shown["latent"].to(stage.device, stage.dtype) if shown else None
+    session.shown_listening = shown.get("listening", False)
     if sink_latent is not None:
         stage.set_sink(session, sink_latent)

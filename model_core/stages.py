@@ -350,6 +350,8 @@ class ScoreSession:
     latent_shape: tuple[int, int, int]    # (C, h, w)
     chunk_index: int = 0
     pool: SessionPool | None = None       # where `caches` and `condition` live (views of this session's slot)
+    shown: torch.Tensor | None = None     # [1, 16, 1, h, w]: the last latent frame shown (the last step's stage)
+    shown_listening: torch.Tensor | bool = False  # whether every character listened in it (`hold_listening`)
 
     @property
     def steps(self) -> list[int]:
@@ -366,6 +368,7 @@ class NoisyChunk:
     audio: ChunkAudio                     # projected audio tokens
     renoise: torch.Tensor | None          # [S, 1, 16, C, h, w] for the "renoise" solver
     step_s: list[float] = field(default_factory=list)
+    listening: torch.Tensor | None = None  # [C] bool: no character in speaking mode in the frames it shows
 
 
 class ScoreStage:
@@ -458,7 +461,13 @@ class ScoreStage:
         if stream.solver == "renoise":
             renoise = torch.randn((stream.steps, 1, 16, chunk, height, width), generator=session.generator,
                                   device=self.device, dtype=torch.float32).to(self.dtype)
-        return NoisyChunk(session.session_id, audio_input.chunk_index, noise, audio, renoise)
+        # [1, K, C, T] window tokens -> [C]: no character speaking in the video frames each latent frame shows (its
+        # window's middle `ratio` tokens, `latents.audio_windows`' layout)
+        window = self.dit.config.audio_window
+        ratio = audio_input.speaking.shape[-1] // window
+        shows = audio_input.speaking[0, :, :, ratio * (window // 2):ratio * (window // 2 + 1)]
+        listening = ~shows.bool().any(-1).any(0)
+        return NoisyChunk(session.session_id, audio_input.chunk_index, noise, audio, renoise, listening=listening)
 
     @torch.no_grad()
     def run_steps(self, session: ScoreSession, chunk: NoisyChunk) -> NoisyChunk:
@@ -475,7 +484,17 @@ class ScoreStage:
                                 session.caches, cond, self.step_fn, clock)
         clock.finish()
         session.chunk_index = chunk.chunk_index + 1
+        self._show(session, chunk)
         return chunk
+
+    @staticmethod
+    def _show(session: ScoreSession, chunk: NoisyChunk) -> None:
+        """On the stage that runs the last step: the latents as shown (`hold_listening`), and the last one kept."""
+        if session.steps[-1] != session.stream.steps - 1 or chunk.listening is None:
+            return
+        chunk.latents = hold_listening(chunk.latents, chunk.listening, session.shown, session.shown_listening,
+                                       session.stream.listening_hold)
+        session.shown, session.shown_listening = chunk.latents[:, :, -1:].clone(), chunk.listening[-1].clone()
 
     @torch.no_grad()
     def denoise(self, session: ScoreSession, audio_input: ChunkAudioInput) -> NoisyChunk:
@@ -541,12 +560,42 @@ class ScoreStage:
         for row, (session, chunk) in enumerate(zip(sessions, chunks)):
             chunk.latents, chunk.step_s = latents[row:row + 1], list(step_s)
             session.chunk_index = chunk.chunk_index + 1
+            self._show(session, chunk)
             if chunk.chunk_index == 0 and session.stream.adaptive_sink:
                 self.set_sink(session, chunk.latents[:, :, :1])
         results = [None] * len(chunks)
         for row, chunk in zip(order, chunks):
             results[row] = chunk
         return results
+
+
+def hold_listening(latents: torch.Tensor, listening: torch.Tensor, shown: torch.Tensor | None,
+                   shown_listening, hold: float) -> torch.Tensor:
+    """The chunk's latents [1, 16, C, h, w] as shown: a latent frame in which every character listens (`listening`
+    [C] bool), after one that listened too, moves only `hold` of the way from the frame shown before it to the model's
+    (an exponential average over the listening stretch; `shown` [1, 16, 1, h, w] is the previous chunk's last frame
+    and `shown_listening` whether it listened; None at the start). The model's own history (its caches) is untouched:
+    only what is shown is held. Tensor operations only (no host sync): the flags may live on the host, the latents on
+    the device.
+
+    Why: a listening face should stand still, but the 2-step student's consecutive latent frames differ where the audio
+    does not move them, and each new latent frame is a visible jump (BENCHMARKS, "Where the student's listening
+    flicker sits"); speech is shown exactly as the model made it."""
+    if hold >= 1:
+        return latents
+    listening = listening.to(latents.device)
+    if shown is None:
+        previous, previous_listening = latents[:, :, :1], torch.zeros((), dtype=torch.bool, device=latents.device)
+    else:
+        previous = shown.to(latents.device, latents.dtype)
+        previous_listening = torch.as_tensor(shown_listening, dtype=torch.bool).to(latents.device)
+    frames = []
+    for frame in range(latents.shape[2]):
+        now = latents[:, :, frame:frame + 1]
+        previous = torch.where(listening[frame] & previous_listening, previous + hold * (now - previous), now)
+        previous_listening = listening[frame]
+        frames.append(previous)
+    return torch.cat(frames, 2)
 
 
 class _StepClock:

@@ -78,6 +78,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                 "last)")
     elif args.at:
         raise UserError("--at scores a window of a long run: it needs --horizon SECONDS")
+    if args.listen and (args.video != "model" or args.horizon is not None):
+        raise UserError("--listen sets the streaming engine's character listening where the clip's truth says so: it "
+                        "needs --video model and no --horizon")
     if args.vae and args.decoder != "full":
         raise UserError("--vae DIR replaces the preset's VAE; its fast decoder belongs to the preset's VAE: use "
                         "--decoder full")
@@ -120,7 +123,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                              progress=True, at=tuple(args.at or ()))
         else:
             report = evaluate(source, probe, args.video, engine=engine, clips=args.clips, seed=args.seed,
-                              progress=True)
+                              progress=True, listen=args.listen)
     except ValueError as error:
         raise UserError(f"--horizon: {error}" if args.horizon is not None else str(error)) from None
     report["weights"] = weights
@@ -219,6 +222,9 @@ def add_parser(commands) -> None:
     parser.add_argument("--ablate", choices=sorted(ABLATIONS),
                         help="score the engine with one streaming mechanism off: sink (the reference stays the "
                              "attention sink) or rope (absolute positions instead of Rolling RoPE)")
+    parser.add_argument("--listen", action="store_true",
+                        help="set the character not speaking where the clip's truth says it listens, as a call sets "
+                             "its avatar between replies (silence mode, with the session's listening hold)")
     parser.add_argument("--frames", type=int, default=25,
                         help="with --vae-report: frames of each clip streamed through the VAE (default 25; "
                              "psnr_by_block shows each 16-frame block)")

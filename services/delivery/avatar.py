@@ -200,9 +200,13 @@ async def pace(track: SpeechTrack, link: SessionLink, started_at: float, lead_s:
     is back on real time within a chunk and an interruption costs at most that much more of the reply.
 
     Speech queued with another voice (`SpeechTrack.say(..., voice=k)`) is fed to character k, which is set speaking
-    first, and the character fed before it is set not speaking: one character speaks at a time."""
+    first, and the character fed before it is set not speaking: one character speaks at a time. Between its speech
+    the voice listens too: once only silence follows what it said it is set not speaking (the silence mode the model
+    was trained to listen in, and what a session holds still: `StreamConfig.listening_hold`), and speaking again
+    before its next speech."""
     hold = 0                # the track position speech may run ahead to (0: none)
     fed_voice = track.voice  # the character fed so far; every other one is set not speaking before pace starts
+    resting = False          # whether fed_voice is set not speaking (the track feeds it silence)
     while True:
         target = int((time.monotonic() - started_at + lead_s) * track.rate)
         pending = track.pending_samples
@@ -213,13 +217,22 @@ async def pace(track: SpeechTrack, link: SessionLink, started_at: float, lead_s:
         count = max(min(pending, hold - track.sent), target - track.sent)
         for voice, samples in (track.take_voiced(count) if count > 0 else ()):
             if voice != fed_voice:   # the new voice speaks from here; the one before listens (mouth at rest)
-                await link.send(pb.SessionInput(control=pb.Control(speaking=[
-                    pb.SpeakingState(character=voice, speaking=True),
-                    pb.SpeakingState(character=fed_voice, speaking=False)])))
-                fed_voice = voice
+                await link.send(_speaking((voice, True), (fed_voice, False)))
+                fed_voice, resting = voice, False
+            elif resting and samples.any():    # speech again (a take is speech first, then silence)
+                await link.send(_speaking((voice, True)))
+                resting = False
             await link.send(pb.SessionInput(audio=pb.AudioInput(
                 pcm_s16le=samples.astype("<i2").tobytes(), sample_rate_hz=track.rate, channels=1, character=voice)))
+        if count > 0 and not resting and not track.speaking():     # silence after the last speech: it listens
+            await link.send(_speaking((fed_voice, False)))
+            resting = True
         await asyncio.sleep(TICK_S)
+
+
+def _speaking(*states: tuple[int, bool]) -> pb.SessionInput:
+    return pb.SessionInput(control=pb.Control(speaking=[pb.SpeakingState(character=character, speaking=speaking)
+                                                        for character, speaking in states]))
 
 
 def chunk_ready_points(fps: float, rate: int, chunk_latent_frames: int, temporal_compression: int,

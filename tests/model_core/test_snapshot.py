@@ -28,14 +28,19 @@ def _run(engine: AvatarEngine, session_id: str, pieces: list[np.ndarray], end: b
     return chunks
 
 
-@pytest.mark.parametrize("solver, adaptive_sink", [("renoise", True), ("euler", False)])
-def test_a_session_moved_mid_stream_to_fresh_stages_continues_with_the_same_frames(solver, adaptive_sink):
+@pytest.mark.parametrize("solver, adaptive_sink, listening", [("renoise", True, False), ("euler", False, False),
+                                                               ("euler", True, True)])
+def test_a_session_moved_mid_stream_to_fresh_stages_continues_with_the_same_frames(solver, adaptive_sink, listening):
+    """listening: the character listens throughout, so what is shown is held (`stages.hold_listening`) and the move
+    must carry the last frame shown."""
     image, audio = reference_image(seed=3), (speech(3.6, seed=7) * 32767).astype(np.int16)
     pieces = np.array_split(audio, 17)      # odd pieces: the front end holds samples between pushes
     stream = StreamConfig(width=64, height=64, steps=2, solver=solver, adaptive_sink=adaptive_sink)
     first = AvatarEngine.from_preset("tiny", seed=0)
     sid = first.open_session(image, prompt="a person talking", stream=stream,
                              characters=[Character((0.0, 0.0, 1.0, 1.0))], session_id="a")
+    if listening:
+        first.set_speaking(sid, 0, False)
     before = _run(first, sid, pieces[:11], end=False)
     assert len(before) >= 2, "the move must happen after the adaptive sink and a few chunks"
     session = first.session(sid)

@@ -119,3 +119,46 @@ def test_speech_after_silence_runs_ahead_to_where_its_chunk_can_be_made_then_goe
     assert 700 <= ahead <= 720, "then up to where the chunk showing the reply's start can be made, no further"
     assert waited <= 1060, "after the reply, silence is fed no further than real time (at ~1.0 s)"
     assert 1550 <= caught_up <= 1700, (ahead, waited, caught_up)
+
+
+def test_the_voice_listens_between_its_speech_and_speaks_again_before_its_next():
+    """The pacer sets the fed voice not speaking once only silence follows its speech, and speaking before the first
+    sample of its next speech: the session shows a listening face (silence mode) between replies."""
+    import asyncio
+
+    from services.delivery.avatar import pace
+
+    sent = []
+
+    class Link:
+        async def send(self, message):
+            if message.HasField("control"):
+                sent.append(("mode", [(s.character, s.speaking) for s in message.control.speaking]))
+            else:
+                samples = np.frombuffer(message.audio.pcm_s16le, np.int16)
+                sent.append(("audio", int(samples.any()), int(samples[0] != 0) if len(samples) else 0))
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        track = SpeechTrack(1000)
+        pacer = asyncio.ensure_future(pace(track, Link(), loop.time(), 0.0))
+        await asyncio.sleep(0.15)                    # silence: it listens
+        track.say(np.full(100, 3, np.int16))         # a reply
+        track.end_segment()
+        await asyncio.sleep(0.3)
+        track.say(np.full(100, 3, np.int16))         # the next one
+        await asyncio.sleep(0.3)
+        pacer.cancel()
+
+    asyncio.run(main())
+    modes = [(index, states) for index, (kind, *states) in enumerate(sent) if kind == "mode"]
+    assert [states[0] for _, states in modes] == [[(0, False)], [(0, True)], [(0, False)], [(0, True)], [(0, False)]]
+    for index, states in modes:
+        if states[0] == [(0, True)]:     # speaking again right before the audio that starts with the speech
+            assert sent[index + 1][:3] == ("audio", 1, 1), sent[index - 1:index + 2]
+        else:                            # listening only after audio that ended in silence
+            assert sent[index - 1][0] == "audio"
+    speech_sends = [index for index, item in enumerate(sent) if item[0] == "audio" and item[1]]
+    for index in speech_sends:           # no speech is ever fed while the voice is set not speaking
+        mode = [states for i, states in modes if i < index][-1]
+        assert mode == [[(0, True)]], (index, mode)
