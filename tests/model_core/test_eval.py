@@ -167,3 +167,33 @@ def test_the_long_horizon_scores_its_first_and_last_window_against_the_looped_tr
         horizon(held_out, probe, LoopedTruth(clip), seconds=12.0, window_s=3.0, progress=False, at=(7.0,))
     with pytest.raises(ValueError, match="at least two windows"):
         horizon(held_out, probe, LoopedTruth(clip), seconds=5.0, window_s=3.0, progress=False)
+
+
+def test_listen_sets_the_character_listening_where_the_truth_listens(held_out):
+    """`evaluate(listen=True)` / `facecast eval --listen`: the engine's character is set not speaking exactly where
+    the clip's truth says it listens (checked at each 200 ms piece of audio), and only for the model's video."""
+    from model_core.evaluate import model_video
+
+    class Modes(LoopedTruth):
+        def open_session(self, image):
+            return {"samples": 0, "sent": 0, "modes": []}
+
+        def set_speaking(self, session, character, speaking):
+            session["modes"].append((session["samples"], character, speaking))
+
+        def close_session(self, session):
+            self.session = session
+
+    clip = next(held_out[i] for i in range(len(held_out)) if held_out[i].truth.speaking[:, 0].any()
+                and not held_out[i].truth.speaking[:, 0].all())
+    speaking = clip.truth.speaking[:, 0].astype(bool)
+    engine = Modes(clip)
+    model_video(engine, clip.frames[0], clip.audio, clip.sample_rate, clip.num_frames, ~speaking)
+    modes = engine.session["modes"]
+    piece = clip.sample_rate // 5
+    for start in range(0, len(clip.audio), piece):
+        current = next((mode for sample, _, mode in reversed(modes) if sample <= start), True)
+        assert current == bool(speaking[min(int(start / clip.sample_rate * 25), len(speaking) - 1)]), start
+    assert {character for _, character, _ in modes} == {0} and len(modes) >= 2
+    with pytest.raises(ValueError, match="listen sets the streaming engine's speaking mode: it needs video='model'"):
+        evaluate(held_out, None, "truth", listen=True, progress=False)

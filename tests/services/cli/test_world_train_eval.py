@@ -82,6 +82,9 @@ def test_world_generate_resumes_and_info_reports_the_split(tmp_path, capsys):
     (["eval", "--horizon", "15", "--window", "10"], "--horizon 15 is invalid: at least two --window spans (20 s"),
     (["eval", "--horizon", "60", "--at", "55"], "--at 55 is invalid: allowed 10 to 40 s"),
     (["eval", "--at", "1000"], "--at scores a window of a long run: it needs --horizon SECONDS"),
+    (["eval", "--listen", "--video", "vae"], "--listen sets the streaming engine's character listening"),
+    (["eval", "--listen", "--horizon", "60"], "it needs --video model and no --horizon"),
+    (["train", "vae", "--phase", "full", "--motion-weight", "1"], "--motion-weight applies to the decoder phases"),
 ])
 def test_user_errors_are_one_line_with_status_2(args, message, capsys):
     """In process (`main`, as the console script runs it): each refusal is found before anything heavy starts."""
