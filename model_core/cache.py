@@ -268,3 +268,18 @@ class SessionPool:
 def _copy_into(target, source, dims: dict[str, int]) -> None:
     for name in dims:
         getattr(target, name).copy_(getattr(source, name))
+
+
+class GatheredCaches:
+    """The `caches` of `sampler.denoise` for a batch whose slots are not consecutive: reading step k gathers the
+    slots' caches of step k from the pool (a copy); assigning it writes their new previous-chunk entries back. Only
+    one step's gathered copy exists at a time."""
+
+    def __init__(self, pool: SessionPool, slots: list[int]):
+        self.pool, self.slots = pool, slots
+
+    def __getitem__(self, index: int) -> KVCache:
+        return self.pool.gather_cache(self.slots, index)
+
+    def __setitem__(self, index: int, cache: KVCache) -> None:
+        self.pool.scatter(self.slots, index, cache)

@@ -19,12 +19,14 @@ This module knows the model only through `forward_chunk`; it knows nothing of se
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 
 import torch
 
 from .cache import ChunkAudio, ChunkRope, ConditionCache, KVCache
+from .syncguard import result_leaves_device
 
 
 @dataclass(frozen=True)
@@ -102,3 +104,38 @@ def denoise(model, latents: torch.Tensor, schedule: list[Timestep], step_indices
         if on_step is not None:
             on_step(index, latents)
     return latents
+
+
+class StepClock:
+    """`on_step` of `sampler.denoise`: each step's seconds, into `durations_s` when `finish` is called.
+
+    On CUDA an event is recorded after each step and nothing waits in between, so the next step's launches overlap
+    this step's compute; `finish` (once per chunk, where the chunk's latents are handed on) waits for the last event
+    and reads the elapsed times. On the CPU the clock is read after each step (the step has run by then).
+    """
+
+    def __init__(self, device: torch.device, durations_s: list[float]):
+        self.device, self.durations_s = device, durations_s
+        self.events = []
+        if device.type == "cuda":
+            self.events.append(torch.cuda.Event(enable_timing=True))
+            self.events[0].record()
+        self.last = time.perf_counter()
+
+    def __call__(self, index: int, latents: torch.Tensor) -> None:
+        if self.events:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.events.append(event)
+            return
+        now = time.perf_counter()
+        self.durations_s.append(now - self.last)
+        self.last = now
+
+    def finish(self) -> None:
+        if len(self.events) > 1:
+            with result_leaves_device():
+                self.events[-1].synchronize()
+            self.durations_s.extend(start.elapsed_time(end) / 1000.0
+                                    for start, end in zip(self.events, self.events[1:]))
+            self.events = self.events[-1:]

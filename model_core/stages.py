@@ -46,11 +46,10 @@ import torch
 
 from .audio import AudioConfig, AudioFrontend, AudioStreamState
 from .audio_resample import as_float_pcm
-from .cache import ChunkAudio, ChunkRope, ConditionCache, KVCache, SessionPool
+from .cache import ChunkAudio, ChunkRope, ConditionCache, GatheredCaches, KVCache, SessionPool
 from .config import ConfigError, DiTConfig, StreamConfig
 from .dit import CausalAvatarDiT
-from .sampler import ChunkCondition, Timestep, denoise, flow_schedule, step
-from .syncguard import result_leaves_device
+from .sampler import ChunkCondition, StepClock, Timestep, denoise, flow_schedule, step
 
 # ============================================================================================ audio
 
@@ -479,7 +478,7 @@ class ScoreStage:
             session.rope = self.dit.absolute_chunk_rope(chunk.chunk_index, session.stream.chunk_latent_frames,
                                                         height // p_h, width // p_w, session.stream.sink_frames)
         cond = ChunkCondition(session.condition, chunk.audio, session.rope, session.stream.solver, chunk.renoise)
-        clock = _StepClock(self.device, chunk.step_s)
+        clock = StepClock(self.device, chunk.step_s)
         chunk.latents = denoise(self.dit, chunk.latents.to(self.device, self.dtype), session.schedule, session.steps,
                                 session.caches, cond, self.step_fn, clock)
         clock.finish()
@@ -547,13 +546,13 @@ class ScoreStage:
         if slots == list(range(slots[0], slots[0] + len(slots))):
             caches, condition = pool.views(slots[0], len(slots))   # the batch is a view of the pool: no copy
         else:
-            caches, condition = _GatheredCaches(pool, slots), pool.gather_condition(slots)
+            caches, condition = GatheredCaches(pool, slots), pool.gather_condition(slots)
         audio = ChunkAudio(tokens=torch.cat([c.audio.tokens for c in chunks]),
                            regions=torch.cat([c.audio.regions for c in chunks]))
         renoise = (torch.cat([c.renoise for c in chunks], dim=1) if chunks[0].renoise is not None else None)
         cond = ChunkCondition(condition, audio, first.rope, first.stream.solver, renoise)
         step_s = []
-        clock = _StepClock(self.device, step_s)
+        clock = StepClock(self.device, step_s)
         latents = denoise(self.dit, torch.cat([c.latents for c in chunks]), first.schedule, first.steps,
                           caches, cond, self.step_fn, clock)
         clock.finish()
@@ -596,53 +595,3 @@ def hold_listening(latents: torch.Tensor, listening: torch.Tensor, shown: torch.
         previous_listening = listening[frame]
         frames.append(previous)
     return torch.cat(frames, 2)
-
-
-class _StepClock:
-    """`on_step` of `sampler.denoise`: each step's seconds, into `durations_s` when `finish` is called.
-
-    On CUDA an event is recorded after each step and nothing waits in between, so the next step's launches overlap
-    this step's compute; `finish` (once per chunk, where the chunk's latents are handed on) waits for the last event
-    and reads the elapsed times. On the CPU the clock is read after each step (the step has run by then).
-    """
-
-    def __init__(self, device: torch.device, durations_s: list[float]):
-        self.device, self.durations_s = device, durations_s
-        self.events = []
-        if device.type == "cuda":
-            self.events.append(torch.cuda.Event(enable_timing=True))
-            self.events[0].record()
-        self.last = time.perf_counter()
-
-    def __call__(self, index: int, latents: torch.Tensor) -> None:
-        if self.events:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.events.append(event)
-            return
-        now = time.perf_counter()
-        self.durations_s.append(now - self.last)
-        self.last = now
-
-    def finish(self) -> None:
-        if len(self.events) > 1:
-            with result_leaves_device():
-                self.events[-1].synchronize()
-            self.durations_s.extend(start.elapsed_time(end) / 1000.0
-                                    for start, end in zip(self.events, self.events[1:]))
-            self.events = self.events[-1:]
-
-
-class _GatheredCaches:
-    """The `caches` of `sampler.denoise` for a batch whose slots are not consecutive: reading step k gathers the
-    slots' caches of step k from the pool (a copy); assigning it writes their new previous-chunk entries back. Only
-    one step's gathered copy exists at a time."""
-
-    def __init__(self, pool: SessionPool, slots: list[int]):
-        self.pool, self.slots = pool, slots
-
-    def __getitem__(self, index: int) -> KVCache:
-        return self.pool.gather_cache(self.slots, index)
-
-    def __setitem__(self, index: int, cache: KVCache) -> None:
-        self.pool.scatter(self.slots, index, cache)

@@ -6,7 +6,7 @@
 On a GPU the host queues kernels and runs ahead; any operation that needs a device value on the host (`.item()`,
 `bool(tensor)` in an `if`, `.tolist()`, `.cpu()`, `nonzero`, boolean-mask indexing whose output size depends on the
 data, ...) makes it wait for every queued kernel, and the next step's launches stop overlapping this step's compute.
-The hot path (a chunk's denoising steps) has none: timings use CUDA events (`stages._StepClock`) and the only wait is
+The hot path (a chunk's denoising steps) has none: timings use CUDA events (`sampler.StepClock`) and the only wait is
 where a result leaves the device.
 
 `result_leaves_device()` marks the one place a guarded path may wait.
