@@ -183,6 +183,8 @@ def _apply_options(request, preset_stream: StreamConfig, preset: PresetConfig | 
                 changes[name] = float(value) if name == "fps" else int(value)
         if options.HasField("seed"):
             changes["seed"] = int(options.seed)
+        if options.HasField("listening_hold"):
+            changes["listening_hold"] = float(options.listening_hold)
         if options.decoder:
             if options.decoder not in decoders:
                 raise _invalid(f"options.decoder={options.decoder!r} is invalid; allowed on this server: "
@@ -516,7 +518,7 @@ def session_to_proto(session_id: str, state: str | int, stream: StreamConfig,
         state=state_value,
         options=pb.SessionOptions(fps=float(stream.fps), width=stream.width, height=stream.height,
                                   steps=stream.steps, chunk_latent_frames=stream.chunk_latent_frames,
-                                  seed=stream.seed, decoder=stream.decoder),
+                                  seed=stream.seed, decoder=stream.decoder, listening_hold=stream.listening_hold),
         characters=[pb.Character(region=pb.Region(x0=r[0], y0=r[1], x1=r[2], y1=r[3])) for r in characters],
         chunks_emitted=int(chunks_emitted),
         frames_emitted=int(frames_emitted),

@@ -283,7 +283,8 @@ class SessionIngressServicer:
             record = SessionRecord(
                 session_id=session_id, token_sha256=token_hash, owner=spec.owner,
                 options={name: getattr(spec.stream, name) for name in
-                         ("fps", "width", "height", "steps", "chunk_latent_frames", "seed", "decoder")},
+                         ("fps", "width", "height", "steps", "chunk_latent_frames", "seed", "decoder",
+                          "listening_hold")},
                 characters=[list(region) for region in spec.characters], prompt=spec.prompt,
                 state=SessionState.CREATED, created_at=now, updated_at=now, heartbeat_at=now, delivery=spec.delivery,
                 conversation=spec.conversation or {})

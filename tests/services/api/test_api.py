@@ -596,6 +596,19 @@ def test_the_decoder_option_is_offered_only_where_the_server_has_it():
     assert validate_create(_create(), PRESET_STREAM.replace(decoder="fast"), ApiLimits()).stream.decoder == "fast"
 
 
+def test_the_listening_hold_is_a_session_option_with_its_range_named():
+    held = validate_create(_create(options=pb.SessionOptions(listening_hold=0.25)), PRESET_STREAM, ApiLimits())
+    assert held.stream.listening_hold == 0.25
+    assert validate_create(_create(options=pb.SessionOptions(listening_hold=1.0)), PRESET_STREAM,
+                           ApiLimits()).stream.listening_hold == 1.0                  # off
+    assert validate_create(_create(), PRESET_STREAM, ApiLimits()).stream.listening_hold == \
+        PRESET_STREAM.listening_hold == 0.5                                            # unset: the server's
+    for bad in (0.0, 1.5, -1.0):
+        message = _raises(INVALID, validate_create, _create(options=pb.SessionOptions(listening_hold=bad)),
+                          PRESET_STREAM, ApiLimits())
+        assert message == f"options.listening_hold={bad!r} is invalid: must be in (0, 1] (1: off)"
+
+
 # ------------------------------------------------------------------------------------------------------------- #
 # Stream budgets and configurable limits
 # ------------------------------------------------------------------------------------------------------------- #

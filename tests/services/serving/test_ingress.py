@@ -508,6 +508,7 @@ def test_a_session_streams_with_the_decoder_it_chose_where_the_server_ships_it(s
     assert refused.code == grpc.StatusCode.INVALID_ARGUMENT
     assert refused.details == "options.decoder='fast' is invalid; allowed on this server: full"
     assert sessions["fast"].options.decoder == "fast" and sessions["default"].options.decoder == "full"
+    assert sessions["fast"].options.listening_hold == 0.5, "the session reports the server's listening hold"
     for name, decoder in (("fast", "fast"), ("default", "full")):
         frames = [frame for chunk in chunks_of(outputs[name][0]) for frame in chunk.frames]
         want = engine_jpegs(AvatarEngine.from_preset("talk128", decoder=decoder), image, pcm)
