@@ -26,7 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import NamedTuple
 
 from model_core.shipped import (LIPSYNC_PROBE, TALK128_FAST_DECODER, TALK128_STUDENT, TALK128_TEACHER, TALK128_VAE,
@@ -53,7 +55,7 @@ class Phase(NamedTuple):
     """Where it leaves its weights (the table's last phase: the shipped checkpoint, or `--export`)."""
     run: str
     """Its run directory under --run-dir."""
-    recipe: dict = {}
+    recipe: Mapping[str, float] = MappingProxyType({})
     """TrainRequest fields it sets (`--learning-rate` / `--motion-weight` override them)."""
 
 
@@ -67,7 +69,7 @@ VAE_PHASES = {  # `facecast train vae`: the encoder and decoder from scratch, th
     "full": Phase("vae", 2000, "<run-dir>/vae/vae-full", "vae"),
     "decoder": Phase("vae-decoder", 1800, "<run-dir>/vae-decoder/vae-decoder", "vae-decoder"),
     "motion": Phase("vae-decoder", 1200, str(shipped_path(TALK128_VAE)), "vae-motion",
-                    {"motion_weight": 1.0, "learning_rate": 3e-4}),
+                    MappingProxyType({"motion_weight": 1.0, "learning_rate": 3e-4})),
 }
 TEACHER_PHASES = {  # `facecast train teacher`: (steps, recipe); runs in <run-dir>/teacher-<phase>, each phase from
     # the previous phase's export (a fresh optimiser and warm-up: the rate schedule restarts). Each run <= 60 min on one
