@@ -34,6 +34,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from ..config import VAEConfig
 from ..lipsync import psnr, ssim
+from ..shipped import VAE_DECODER_TRAIN
 from ..vae import DecodeCache, StreamingVAE, stream_decode
 from .data import (TEMPORAL, ClipPools, frame_openings, frame_window, interior_mask, latent_mouth, mouth_crops,
                    window_openings)
@@ -454,8 +455,6 @@ class DecoderStage:
     def export(self, path: Path) -> None:
         """fp16 diffusers directory; the latent statistics are the source VAE's (the encoder did not move). Beside
         it, this run's recipe (`shipped.VAE_DECODER_TRAIN`)."""
-        from ..shipped import VAE_DECODER_TRAIN
-
         config = self.vae.config
         write_vae(self.vae.cpu().eval(), list(config.latents_mean), list(config.latents_std), Path(path))
         recipe = {"train": dataclasses.asdict(self.train_config)}

@@ -77,7 +77,7 @@ def _stage_args(args: argparse.Namespace, **values) -> argparse.Namespace:
 def run_pipeline(args: argparse.Namespace) -> int:
     from model_core.world.split import WorldSplit
     from model_core.world.store import WorldSource, is_complete, write_shards
-    from services.cli.train import VAE_PHASES, _run, run_teacher
+    from services.cli.train import VAE_PHASES, _run, phase_export, run_teacher
 
     chosen = profiles()[args.profile]
     root = Path(args.run_dir or Path("out") / f"pipeline-{args.profile}")
@@ -119,8 +119,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
 
     dit = dict(latents=str(latents), vae=str(vae_dir), teacher=str(teacher), pairs=str(pairs))
     timed("world", all(is_complete(path) for path in world.values()), make_world)
-    full_vae, decoder_vae = (root / "runs" / VAE_PHASES[phase].export.removeprefix("<run-dir>/")
-                             for phase in ("full", "decoder"))
+    full_vae, decoder_vae = (Path(phase_export(root / "runs", VAE_PHASES, phase)) for phase in ("full", "decoder"))
     finished = [(path / "config.json").is_file() for path in (full_vae, decoder_vae, vae_dir)]
     timed("vae", any(finished), stage("vae", full_vae))
     timed("vae-decoder", any(finished[1:]), stage("vae-decoder", decoder_vae, vae=str(full_vae)))
