@@ -34,12 +34,13 @@ import numpy as np
 import torch
 
 from .audio import AudioConfig
+from .audio_stage import AudioSession, AudioStage, ChunkAudioInput
 from .config import ConfigError, PresetConfig, StreamConfig, get_preset
 from .dit import CausalAvatarDiT
 from .models import build_fast_decoder, build_models
 from .sampler import step
 from .decode import DecodeStage
-from .stages import AudioSession, AudioStage, ChunkAudioInput, ScoreSession, ScoreStage
+from .stages import ScoreSession, ScoreStage
 from .text import build_prompt_encoder
 from .vae import DecodeCache, StreamingVAE
 

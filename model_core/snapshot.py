@@ -30,9 +30,10 @@ import torch
 
 from .audio import AudioStreamState
 from .audio_resample import ResamplerState
+from .audio_stage import AudioSession, CharacterAudio
 from .config import StreamConfig
 from .fastdecode import FastDecodeCache
-from .stages import AudioSession, CharacterAudio, ScoreSession, ScoreStage
+from .stages import ScoreSession, ScoreStage
 from .vae import DecodeCache
 
 SNAPSHOT_TYPES = {cls.__name__: cls for cls in (AudioSession, CharacterAudio, AudioStreamState, ResamplerState,

@@ -171,19 +171,40 @@ class LatentLipReader:
         return cls(weight.float(), bias, scale, best_r)
 
 
-def initial_weights(path: str, config: DiTConfig) -> dict:
-    """The state dict of the teacher checkpoint at `path`, checked to have `config`'s shape (a clear error naming
-    both shapes, not a state-dict mismatch)."""
+GROWABLE = ("num_layers", "audio_injection_dim")
+"""The shape fields a teacher may grow by when it is trained further (`TeacherTrainConfig.init`): more blocks (after
+its own) and the per-frame audio injection where it had none."""
+NEW_BLOCK_OUTPUTS = ("attn1.to_out.0.", "attn2.to_out.0.", "ffn.net.2.")
+"""The layers of a block that write into the residual stream: zero in a grown block, so it starts as the identity."""
+
+
+def initial_weights(path: str, config: DiTConfig, fresh: CausalAvatarDiT | None = None) -> dict:
+    """The state dict of the teacher checkpoint at `path` for a model of shape `config`: the same shape, or one it
+    grows into (`GROWABLE`; the new weights taken from `fresh`, a model of shape `config`, with every layer that
+    writes a new block's output and the injection's output at zero, so the grown model computes exactly what the
+    checkpoint computes until it is trained). Any other difference is a clear error naming both shapes."""
     from ..checkpoint import load_facecast_checkpoint
 
     model, metadata, _ = load_facecast_checkpoint(path)
-    if model.config != config:
-        theirs, ours = asdict(model.config), asdict(config)
-        differing = ", ".join(f"{k} {theirs[k]!r} (this run: {ours[k]!r})" for k in ours if theirs.get(k) != ours[k])
-        raise ValueError(f"init={path}: the checkpoint's shape differs from this run's: {differing}")
     if metadata.get("stage", "teacher") != "teacher":
         raise ValueError(f"init={path}: a {metadata['stage']} checkpoint, not a teacher")
-    return {key: value.float() for key, value in model.state_dict().items()}
+    theirs, ours = asdict(model.config), asdict(config)
+    differing = [k for k in ours if theirs.get(k) != ours[k]]
+    grows = (fresh is not None and set(differing) <= set(GROWABLE) and theirs["num_layers"] <= ours["num_layers"]
+             and theirs["audio_injection_dim"] in (0, ours["audio_injection_dim"]))
+    if differing and not grows:
+        described = ", ".join(f"{k} {theirs[k]!r} (this run: {ours[k]!r})" for k in differing)
+        allowed = "; it may only grow: more num_layers, audio_injection_dim from 0" if fresh is not None else ""
+        raise ValueError(f"init={path}: the checkpoint's shape differs from this run's: {described}{allowed}")
+    state = {key: value.float() for key, value in model.state_dict().items()}
+    if not differing:
+        return state
+    new = {key: value.detach().clone().float() for key, value in fresh.state_dict().items() if key not in state}
+    for key in new:
+        block = key.startswith("blocks.") and int(key.split(".")[1]) >= theirs["num_layers"]
+        if (block and key.split(".", 2)[2].startswith(NEW_BLOCK_OUTPUTS)) or key.startswith("audio_injection.out."):
+            new[key].zero_()
+    return {**state, **new}
 
 
 def sync_mask(batch: dict) -> torch.Tensor:
@@ -330,7 +351,7 @@ class TeacherStage:
             torch.manual_seed(train.seed)
             self.dit = CausalAvatarDiT(dit_config).to(self.device)
         if train.init:
-            self.dit.load_state_dict(initial_weights(train.init, dit_config))
+            self.dit.load_state_dict(initial_weights(train.init, dit_config, self.dit))
         self.ema = copy.deepcopy(self.dit).requires_grad_(False)
         objective = TeacherObjective(self.dit)
         self.objective = wrap(objective) if wrap else objective

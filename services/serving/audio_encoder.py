@@ -1,5 +1,5 @@
 """`AudioEncoder`: streaming PCM -> per-chunk audio conditioning, for every session (a thin Serve class over
-`model_core.stages.AudioStage`).
+`model_core.audio_stage.AudioStage`).
 
 What leaves this deployment, and to whom:
     push / end -> the ingress: one `ChunkTicket` per chunk that became ready: its frame span, its audio, and a
@@ -23,7 +23,7 @@ from ray import serve
 
 from model_core.models import dit_config_for
 from model_core.snapshot import pack, unpack
-from model_core.stages import AudioStage, ChunkAudioInput
+from model_core.audio_stage import AudioStage, ChunkAudioInput
 from services.serving.affinity import AFFINITY_ROUTER, ReportsSessions
 from services.serving.messages import ChunkFeatures, ChunkTicket
 from services.serving.resume import ResumeStore, ResumeUnavailable, SessionNotHere, restore_call

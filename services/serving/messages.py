@@ -51,7 +51,7 @@ class ChunkFeatures:
     """One chunk's audio conditioning, from the AudioEncoder to the score group through the object store.
 
     features: [1, K, C, T, D] float per character, latent frame and window token; speaking: [1, K, C, T] bool.
-    Duck-types the fields of `model_core.stages.ChunkAudioInput` that the score stage reads.
+    Duck-types the fields of `model_core.audio_stage.ChunkAudioInput` that the score stage reads.
     """
 
     session_id: str

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from model_core.audio import AudioConfig, AudioFrontend
+from model_core.audio_stage import AudioStage
 from model_core.engine import AvatarEngine, iter_pieces
-from model_core.stages import AudioStage
 
 from .helpers import (TINY, burst_audio, covering_latents, expected_first_changed_latent, reference_image,
                       tiny_config)

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from model_core.audio import AudioConfig, AudioFrontend
+from model_core.audio_stage import AudioStage
 from model_core.config import ConfigError
 from model_core.engine import AvatarEngine, Character, iter_pieces
-from model_core.stages import AudioStage
 
 from .helpers import TINY, reference_image, speech, tiny_config
 

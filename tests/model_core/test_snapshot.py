@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from model_core.audio_stage import AudioSession
 from model_core.config import StreamConfig
 from model_core.engine import AvatarEngine, Character
 from model_core.snapshot import SnapshotError, pack, restore_score, snapshot_score, to_device, unpack
-from model_core.stages import AudioSession
 
 from tests.model_core.helpers import reference_image, speech
 

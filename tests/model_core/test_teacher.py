@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from model_core.audio import AudioConfig, AudioFrontend
+from model_core.audio_stage import AudioStage
 from model_core.config import get_preset
-from model_core.stages import AudioStage
 from model_core.training.latents import (LatentSource, audio_windows, build_latent_cache, character_regions,
                                          encode_clip, speaker_tracks, vae_digest)
 from model_core.training.loop import read_log, run_stage
@@ -191,6 +191,38 @@ def test_training_further_starts_from_the_checkpoints_weights(latent_clips, tmp_
     save_facecast_checkpoint(first.dit, tmp_path / "student.safetensors", extra={"stage": "distill"})
     with pytest.raises(ValueError, match="a distill checkpoint, not a teacher"):
         TeacherStage(TINY.dit, Listed(latent_clips), TeacherTrainConfig(init=str(tmp_path / "student.safetensors")))
+
+
+def test_a_teacher_grows_into_more_blocks_and_the_audio_injection(latent_clips, tmp_path):
+    """Trained further into a bigger shape, the grown teacher starts computing exactly what its checkpoint computes
+    (the new blocks' outputs and the injection's at zero), and the new layers train."""
+    from model_core.checkpoint import load_facecast_checkpoint
+
+    first = TeacherStage(TINY.dit, Listed(latent_clips), TeacherTrainConfig(seed=1))
+    for parameter in first.ema.parameters():    # a teacher whose every layer does something
+        parameter.data.add_(torch.randn_like(parameter) * 0.05)
+    first.export(tmp_path / "teacher.safetensors")
+    old = load_facecast_checkpoint(str(tmp_path / "teacher.safetensors"))[0].float()
+    grown_shape = dataclasses.replace(TINY.dit, num_layers=3, audio_injection_dim=4)
+    grown = TeacherStage(grown_shape, Listed(latent_clips),
+                         TeacherTrainConfig(init=str(tmp_path / "teacher.safetensors"), learning_rate=1e-2))
+    batch = grown.batch(0, 0)
+    noisy = torch.randn_like(batch["x0"])
+    with torch.no_grad():
+        before = predict_velocity(old, noisy, batch["sigma"], batch, layout="full")
+        after = predict_velocity(grown.dit, noisy, batch["sigma"], batch, layout="full")
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+    assert grown.dit.blocks[2].ffn.net[2].weight.abs().max() == 0
+    assert grown.dit.blocks[2].attn1.to_q.weight.abs().max() > 0          # the rest of a new block is random
+    loss, _ = grown.loss(batch)
+    grown.optimizer().zero_grad()
+    loss.backward()
+    grown.optimizer().step()
+    assert grown.dit.blocks[2].ffn.net[2].weight.abs().max() > 0
+    assert grown.dit.audio_injection.out.weight.abs().max() > 0
+    with pytest.raises(ValueError, match=r"num_layers 2 \(this run: 1\).*may only grow"):
+        TeacherStage(dataclasses.replace(TINY.dit, num_layers=1), Listed(latent_clips),
+                     TeacherTrainConfig(init=str(tmp_path / "teacher.safetensors")))
 
 
 def test_audio_dropout_is_exactly_no_audio(latent_clips):

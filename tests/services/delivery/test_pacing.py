@@ -65,7 +65,7 @@ def test_chunk_ready_points_are_where_the_real_audio_stage_cuts_each_chunk():
     import dataclasses
 
     from model_core.audio import AudioConfig
-    from model_core.stages import AudioStage
+    from model_core.audio_stage import AudioStage
     from services.delivery.avatar import chunk_ready_points
     from tests.model_core.helpers import TINY, tiny_config
 
