@@ -41,8 +41,8 @@ from ..checkpoint import load_facecast_checkpoint, save_facecast_checkpoint
 from ..dit import CausalAvatarDiT
 from ..sampler import ChunkCondition, Timestep, flow_schedule, step
 from .student_stage import student_levels
-from .teacher_stage import (Window, predict_velocity, random_windows, text_states, update_ema, weighted_mse,
-                            window_batch)
+from .teacher_stage import (Window, augment_voice, predict_velocity, random_windows, text_states, update_ema,
+                            weighted_mse, window_batch)
 
 # ============================================================================================ the DMD gradient
 
@@ -169,6 +169,9 @@ class DistillConfig:
     listening_dropout: float = 0.5
     grad_clip: float = 1.0
     ema_decay: float = 0.99
+    voice_augment: float = 0.0
+    """`teacher_stage.augment_voice` on the audio every model of a step hears (generator, real and fake score; the
+    regression's windows too), 0: off."""
 
 
 def average_gradients(module: torch.nn.Module) -> None:
@@ -230,6 +233,8 @@ class DistillStage:
             fake_noise=torch.from_numpy(rng.standard_normal(batch["x0"].shape).astype(np.float32)),
             rollout_seed=int(rng.integers(2 ** 62)), step=step_index,
             generator_update=(step_index + 1) % config.fake_updates == 0)
+        if config.voice_augment:
+            batch["features"] = augment_voice(batch["features"], rng, config.voice_augment)
         if self.pairs is not None and batch["generator_update"]:
             rows = rng.integers(0, len(self.pairs["windows"]), config.batch_size)
             pair_windows = [Window(**self.pairs["windows"][int(r)]) for r in rows]
@@ -238,6 +243,8 @@ class DistillStage:
             level = rng.integers(0, config.steps, config.batch_size)
             pair_batch.update(noisy=states[torch.arange(len(rows)), torch.from_numpy(level)], target=states[:, -1],
                               sigma=torch.tensor([self.pairs["levels"][int(k)] for k in level]))
+            if config.voice_augment:
+                pair_batch["features"] = augment_voice(pair_batch["features"], rng, config.voice_augment)
             batch["pairs"] = pair_batch
         return _to(batch, self.device)
 

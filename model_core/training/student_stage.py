@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 from ..checkpoint import load_facecast_checkpoint, save_facecast_checkpoint
 from ..sampler import flow_schedule
-from .teacher_stage import (Window, predict_velocity, random_windows, sigmas, update_ema, warm_rate, weighted_mse,
-                            window_batch)
+from .teacher_stage import (Window, augment_voice, predict_velocity, random_windows, sigmas, update_ema, warm_rate,
+                            weighted_mse, window_batch)
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,9 @@ class StudentInitConfig:
     mouth_weight: float = 4.0
     grad_clip: float = 1.0
     ema_decay: float = 0.995
+    voice_augment: float = 0.0
+    """`teacher_stage.augment_voice` on the student's audio (0: off): its target, the teacher's trajectory from the
+    window's own audio, stays, so the student learns the same face from another voice."""
 
 
 def student_levels(steps: int, shift: float) -> list[float]:
@@ -160,6 +163,8 @@ class StudentInitStage:
         batch["noisy"] = states[torch.arange(len(rows)), torch.from_numpy(level)]
         batch["target"] = states[:, -1]
         batch["sigma"] = torch.tensor([self.pairs["levels"][int(k)] for k in level], dtype=torch.float32)
+        if config.voice_augment:
+            batch["features"] = augment_voice(batch["features"], rng, config.voice_augment)
         batch["step"] = step
         return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 

@@ -65,6 +65,10 @@ class TeacherTrainConfig:
     mouth_weight: float = 4.0
     audio_dropout: float = 0.1
     listening_dropout: float = 0.5
+    voice_augment: float = 0.0
+    """Strength of `augment_voice` on each sample's audio features (0: off; 1: the shipped phase voices' recipe): the
+    held-out clips speak with a voice no training clip has, so each training voice is shifted, tilted and made louder
+    or softer in the log-mel domain."""
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     sync_weight: float = 0.0
@@ -83,6 +87,8 @@ class TeacherTrainConfig:
     shipped teacher further. The optimiser starts fresh (checkpoints keep no optimiser state), with its warm-up."""
 
     def __post_init__(self) -> None:
+        if self.voice_augment < 0:
+            raise ValueError(f"voice_augment={self.voice_augment!r} is invalid: at least 0 (0: off)")
         if self.sync_layers not in ("audio", "all"):
             raise ValueError(f"sync_layers={self.sync_layers!r} is invalid; allowed: 'audio', 'all'")
 
@@ -267,6 +273,39 @@ def window_batch(clips, windows: list[Window], frames: int, dit_config: DiTConfi
     return {key: torch.stack(value) for key, value in rows.items()}
 
 
+VOICE_SHIFT_BINS = 4
+"""`augment_voice` at strength 1: mel bins a voice is shifted by, at most (80 bins over 0-8 kHz)."""
+VOICE_GAIN = 0.15
+"""At strength 1: the loudness change at most, in feature units ((log10 mel + 4) / 4: 0.15 = 6 dB)."""
+VOICE_TILT = 0.15
+"""At strength 1: the spectral tilt at most, in feature units from the lowest mel bin to the highest (6 dB)."""
+
+
+def augment_voice(features: torch.Tensor, rng: np.random.Generator, strength: float = 1.0,
+                  n_mels: int = 80) -> torch.Tensor:
+    """features [B, K, F, T, subframes * n_mels] (the log-mel front-end's layout: subframes of n_mels each) -> the
+    same speech in another voice, one per sample and character, the same over its whole window: the mel axis shifted
+    by up to `VOICE_SHIFT_BINS` x strength bins (formants and pitch move along it; the edge bin repeated), a tilt and a
+    gain added (`VOICE_TILT`, `VOICE_GAIN`). Silence stays at the front-end's floor's level plus the gain."""
+    if features.shape[-1] % n_mels:
+        raise ValueError(f"augment_voice: feature width {features.shape[-1]} is not a whole number of {n_mels}-mel "
+                         "subframes (the log-mel front-end's layout)")
+    batch, people = features.shape[:2]
+    limit = int(round(VOICE_SHIFT_BINS * strength))
+    shifts = rng.integers(-limit, limit + 1, (batch, people))
+    gains = rng.uniform(-1.0, 1.0, (batch, people)) * VOICE_GAIN * strength
+    tilts = rng.uniform(-1.0, 1.0, (batch, people)) * VOICE_TILT * strength
+    mels = features.unflatten(-1, (-1, n_mels))                                   # [B, K, F, T, S, n_mels]
+    bins = torch.arange(n_mels)
+    out = torch.empty_like(mels)
+    ramp = (bins.float() / (n_mels - 1) - 0.5).to(features.dtype)
+    for b in range(batch):
+        for k in range(people):
+            source = (bins - int(shifts[b, k])).clamp(0, n_mels - 1)
+            out[b, k] = mels[b, k][..., source] + float(gains[b, k]) + float(tilts[b, k]) * ramp
+    return out.flatten(-2)
+
+
 def sample_batch(clips: list, rng: np.random.Generator, frames: int, dit_config: DiTConfig, *, batch_size: int,
                  audio_dropout: float, listening_dropout: float) -> dict:
     """A random training batch of `frames`-latent windows of the clips' segments."""
@@ -383,6 +422,8 @@ class TeacherStage:
         size = config.batch_size
         batch["sigma"] = torch.sigmoid(torch.from_numpy(rng.standard_normal(size)).float())
         batch["noise"] = torch.from_numpy(rng.standard_normal(batch["x0"].shape).astype(np.float32))
+        if config.voice_augment:
+            batch["features"] = augment_voice(batch["features"], rng, config.voice_augment)
         batch["step"] = step
         return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 

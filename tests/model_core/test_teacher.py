@@ -383,3 +383,42 @@ def test_the_sync_term_trains_only_the_audio_layers(latent_clips):
     assert moved > 0 and values["sync"] > 0
     with pytest.raises(ValueError, match="sync_layers='some' is invalid; allowed: 'audio', 'all'"):
         TeacherTrainConfig(sync_layers="some")
+
+
+def test_augment_voice_shifts_tilts_and_gains_each_voice_whole():
+    """A spectral peak on a flat floor: the output is the peak moved by s bins on a floor raised by a gain and a tilt,
+    with one (s, gain, tilt) per sample and character over its whole window, within the recipe's bounds."""
+    from model_core.training.teacher_stage import VOICE_GAIN, VOICE_SHIFT_BINS, VOICE_TILT, augment_voice
+
+    features = torch.zeros(6, 2, 3, 20, 4, 80)
+    features[..., 40] = 1.0
+    out = augment_voice(features.flatten(-2), np.random.default_rng(3)).unflatten(-1, (4, 80))
+    ramp = torch.arange(80) / 79 - 0.5
+    seen, tilts, gains = set(), [], []
+    for b in range(6):
+        for k in range(2):
+            voice = out[b, k]
+            tilt = float(voice[0, 0, 0, 79] - voice[0, 0, 0, 0])
+            gain = float(voice[0, 0, 0, 0]) + tilt / 2
+            shift = int(voice[0, 0, 0].sub(gain + tilt * ramp).argmax()) - 40
+            expected = torch.zeros(80)
+            expected[40 + shift] = 1.0
+            torch.testing.assert_close(voice, (expected + gain + tilt * ramp).expand_as(voice), atol=1e-5, rtol=0)
+            assert abs(shift) <= VOICE_SHIFT_BINS and abs(gain) <= VOICE_GAIN and abs(tilt) <= VOICE_TILT
+            seen.add(shift), tilts.append(tilt), gains.append(gain)
+    assert len(seen) > 2 and np.std(tilts) > 0.03 and np.std(gains) > 0.03
+    assert torch.equal(augment_voice(features.flatten(-2), np.random.default_rng(3), 0.0), features.flatten(-2))
+    with pytest.raises(ValueError, match="not a whole number of 80-mel subframes"):
+        augment_voice(torch.zeros(1, 1, 1, 1, 100), np.random.default_rng(0))
+
+
+def test_voice_augment_changes_only_the_audio_of_a_batch(latent_clips):
+    plain = TeacherStage(TINY.dit, Listed(latent_clips)).batch(3, 0)
+    voiced = TeacherStage(TINY.dit, Listed(latent_clips), TeacherTrainConfig(voice_augment=1.0)).batch(3, 0)
+    for key in plain:
+        if key == "features":
+            assert not torch.equal(plain[key], voiced[key])
+        elif torch.is_tensor(plain[key]):
+            assert torch.equal(plain[key], voiced[key]), key
+    with pytest.raises(ValueError, match="voice_augment=-1"):
+        TeacherTrainConfig(voice_augment=-1)
