@@ -79,11 +79,12 @@ TEACHER_PHASES = {  # `facecast train teacher`: (steps, recipe); runs in <run-di
     "mouth2": (6000, {"mouth_weight": 16.0, "learning_rate": 2e-4}),
 }
 PAIRS = {"count": 1024, "teacher_steps": 12, "guidance": 3.5}
-RECIPE_FLAGS = {  # flag: (the stage it applies to, lowest, highest or None, what the bound means)
+RECIPE_FLAGS = {  # flag: (the stages it applies to, lowest, highest or None, what the bound means)
     "--interior-weight": ("vae", 0, None, "0: off"),
     "--mouth-weight": ("teacher", 0, None, "0: no extra weight"),
     "--motion-weight": ("vae", 0, None, "0: off"),
     "--guidance": ("student", 1, 20, "1: no guidance"),
+    "--voice-augment": (("teacher", "student"), 0, 4, "0: off"),
 }
 DEFAULT_LATENTS = Path("out") / "latents" / "train-128"
 
@@ -180,7 +181,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                                           ("--interior-weight", args.interior_weight),
                                           ("--history-corrupt", args.history_corrupt), ("--init", args.init),
                                           ("--mouth-weight", args.mouth_weight), ("--guidance", args.guidance),
-                                          ("--motion-weight", args.motion_weight))
+                                          ("--motion-weight", args.motion_weight),
+                                          ("--voice-augment", args.voice_augment))
                  if value is not None]
         if given:
             raise UserError(f"{', '.join(given)}: not for `facecast train all`, which makes every input itself "
@@ -204,8 +206,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is None:
             continue
-        if stage != applies_to:
-            raise UserError(f"{flag} applies to `facecast train {applies_to}`, not {stage}")
+        applies_to = (applies_to,) if isinstance(applies_to, str) else applies_to
+        if stage not in applies_to:
+            raise UserError(f"{flag} applies to {' and '.join(f'`facecast train {s}`' for s in applies_to)}, "
+                            f"not {stage}")
         if value < low or (high is not None and value > high):
             bounds = f"allowed {low:g} to {high:g}" if high is not None else f"at least {low:g}"
             raise UserError(f"{flag} {value:g} is invalid: {bounds} ({meaning})")
@@ -256,7 +260,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         steps = args.steps if args.steps is not None else spec.steps
         export = phase_export(root, table, phase) if index < len(names) - 1 else args.export or spec.export
         values = {name: getattr(args, name) if getattr(args, name, None) is not None else spec.recipe.get(name)
-                  for name in ("learning_rate", "motion_weight")}
+                  for name in ("learning_rate", "motion_weight", "voice_augment")}
         run_args = argparse.Namespace(**{**vars(args), **values})
         if spec.stage == "vae-decoder":  # the decoder trained further on a finished VAE: --vae, or the phase before
             previous = phase_export(root, table, names[index - 1])
@@ -299,7 +303,7 @@ def run_teacher(args: argparse.Namespace, root: Path, export: str, phases: list[
                                 f"not exist: run `facecast train teacher --phase {names[index - 1]}` first, or pass "
                                 "--init")
         values = {name: getattr(args, name) if getattr(args, name, None) is not None else recipe.get(name)
-                  for name in ("learning_rate", "mouth_weight")}
+                  for name in ("learning_rate", "mouth_weight", "voice_augment", "audio_injection_dim")}
         last = index == len(names) - 1 or (len(phases) == 1 and getattr(args, "export", None))
         run_args = argparse.Namespace(**{**vars(args), **values, "init": init})
         count = (steps or {}).get(phase) or getattr(args, "steps", None) or default_steps
@@ -334,7 +338,9 @@ def _run(args: argparse.Namespace, stage: str, steps: int, export: str, run_dir:
         extra["opening_weight"] = args.opening_weight
     if getattr(args, "history_corrupt", None) is not None and stage == "distill":
         extra["history_corrupt"] = args.history_corrupt
-    for name, stages in (("init", ("teacher",)), ("mouth_weight", ("teacher",)), ("guidance", ("distill",))):
+    for name, stages in (("init", ("teacher",)), ("mouth_weight", ("teacher",)), ("guidance", ("distill",)),
+                         ("voice_augment", ("teacher", "student-init", "distill")),
+                         ("audio_injection_dim", ("teacher",))):
         if getattr(args, name, None) is not None and stage in stages:
             extra[name] = getattr(args, name)
     if getattr(args, "interior_weight", None) is not None and stage in ("vae", "vae-decoder"):
@@ -418,6 +424,10 @@ def add_parser(commands) -> None:
                        f"{TEACHER_PHASES['mouth'][1]['mouth_weight']:g} after)")
     train.add_argument("--guidance", type=float, help="student: classifier-free guidance on the teacher's audio, for "
                        f"the ODE pairs (init) and the real score (distill); default {PAIRS['guidance']:g}")
+    train.add_argument("--voice-augment", type=float, help="teacher, student: strength of the voice augmentation "
+                       "(each training sample's speech shifted along the mel axis, tilted and gained: voices the world "
+                       "did not record; 1: shifts up to 4 mel bins, tilt and gain up to 6 dB; 0: off; default: the "
+                       "phase's recipe)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--world-count", type=int, default=768, help="clips when the default dataset is made")
     train.add_argument("--latents", help=f"the DiT stages' latent cache (default {DEFAULT_LATENTS}, encoded from "

@@ -52,6 +52,12 @@ class TrainRequest:
     (`TeacherTrainConfig.mouth_weight`)."""
     guidance: float | None = None
     """distill: classifier-free guidance on the real score's audio (`DistillConfig.real_guidance`)."""
+    voice_augment: float | None = None
+    """teacher, student-init, distill: the strength of the voice augmentation on the audio
+    (`teacher_stage.augment_voice`; 0: off)."""
+    audio_injection_dim: int | None = None
+    """teacher: the model grows the per-frame audio injection of this width (`DiTConfig.audio_injection_dim`) from its
+    `init` checkpoint (a phase's recipe); None: the preset's shape."""
     seed: int = 0
     checkpoint_every: int = 100
     log_every: int = 10
@@ -83,7 +89,8 @@ class TrainRequest:
         if self.interior_weight is not None and self.stage not in ("vae", "vae-decoder"):
             raise ValueError(f"interior_weight applies to the vae stages, not {self.stage!r}")
         for name, stages in (("init", ("teacher",)), ("mouth_weight", ("teacher",)), ("guidance", ("distill",)),
-                             ("motion_weight", ("vae-decoder",))):
+                             ("motion_weight", ("vae-decoder",)), ("audio_injection_dim", ("teacher",)),
+                             ("voice_augment", ("teacher", "student-init", "distill"))):
             if getattr(self, name) is not None and self.stage not in stages:
                 raise ValueError(f"{name} applies to the {' and '.join(stages)} stage, not {self.stage!r}")
         needs = {"vae-decoder": ("vae",), "teacher": ("latents",), "fast-decoder": ("latents", "student"),
@@ -120,13 +127,18 @@ def build_stage(request: TrainRequest, *, wrap=None, device="cpu"):
         if request.stage == "teacher":
             from model_core.training.teacher_stage import TeacherStage, TeacherTrainConfig
 
-            overrides.update({k: v for k, v in (("init", request.init), ("mouth_weight", request.mouth_weight))
-                              if v is not None})
-            return TeacherStage(dit_config_for_latents(preset, latents), latents,
+            overrides.update({k: v for k, v in (("init", request.init), ("mouth_weight", request.mouth_weight),
+                                                ("voice_augment", request.voice_augment)) if v is not None})
+            shape = dit_config_for_latents(preset, latents)
+            if request.audio_injection_dim is not None:
+                shape = dataclasses.replace(shape, audio_injection_dim=request.audio_injection_dim)
+            return TeacherStage(shape, latents,
                                 TeacherTrainConfig(seed=request.seed, **overrides), wrap=wrap, device=device)
         from model_core.training.student_stage import read_pairs
 
         pairs = read_pairs(request.pairs)
+        if request.voice_augment is not None:
+            overrides["voice_augment"] = request.voice_augment
         if request.stage == "student-init":
             from model_core.training.student_stage import StudentInitConfig, StudentInitStage
 

@@ -67,6 +67,34 @@ def test_the_teacher_overrides_reach_its_config(monkeypatch):
     assert (default.init, default.mouth_weight) == (None, teacher_stage.TeacherTrainConfig().mouth_weight)
 
 
+def test_the_voice_augmentation_and_the_grown_shape_reach_their_stages(monkeypatch):
+    """A phase's `voice_augment` reaches the teacher's, the student initialisation's and the distillation's config;
+    its `audio_injection_dim` the teacher's shape (and nothing else's)."""
+    from model_core.config import get_preset
+    from model_core.training import dmd_stage, latents, student_stage, teacher_stage
+
+    monkeypatch.setattr(latents, "LatentSource", NoLatents)
+    monkeypatch.setattr(latents, "dit_config_for_latents", lambda preset, source: preset.dit)
+    monkeypatch.setattr(teacher_stage, "TeacherStage", lambda config, source, train, **kwargs: (config, train))
+    monkeypatch.setattr(student_stage, "read_pairs", lambda path: {})
+    monkeypatch.setattr(student_stage, "StudentInitStage", lambda teacher, source, pairs, train, **kwargs: train)
+    monkeypatch.setattr(dmd_stage, "DistillStage", lambda *args, **kwargs: args[4])
+    shape, train = build_stage(TrainRequest(stage="teacher", data="world:train", run_dir="x", steps=1, latents="l",
+                                            voice_augment=1.0, audio_injection_dim=32))
+    assert (shape.audio_injection_dim, shape.num_layers, train.voice_augment) == (32, 4, 1.0)
+    shape, train = build_stage(TrainRequest(stage="teacher", data="world:train", run_dir="x", steps=1, latents="l"))
+    assert shape == get_preset("talk128").dit and train.voice_augment == 0.0
+    for stage in ("student-init", "distill"):
+        request = TrainRequest(stage=stage, data="world:train", run_dir="x", steps=1, latents="l", teacher="t",
+                               student="s", pairs="p", voice_augment=0.5)
+        assert build_stage(request).voice_augment == 0.5
+    with pytest.raises(ValueError, match="voice_augment applies to the teacher and student-init and distill stage"):
+        TrainRequest(stage="vae", data="world:train", run_dir="x", steps=1, voice_augment=1.0)
+    with pytest.raises(ValueError, match="audio_injection_dim applies to the teacher stage, not 'distill'"):
+        TrainRequest(stage="distill", data="world:train", run_dir="x", steps=1, latents="l", teacher="t",
+                     student="s", pairs="p", audio_injection_dim=32)
+
+
 def test_the_decoder_phase_overrides_reach_its_config(monkeypatch):
     """`--motion-weight`, `--interior-weight` and `--learning-rate` must reach the DecoderTrainConfig (phase motion's
     recipe is motion weight 1 at 3e-4)."""
