@@ -377,11 +377,17 @@ class DecoderTrainConfig:
     motion_weight: float = 0.0
     """Weight of the L1 difference between the decoded and the true frame-to-frame changes: what does not move in the
     clip (a listening face) should not flicker from one latent frame's group to the next. 0: off."""
+    latent_noise: float = 0.0
+    """Gaussian noise added to the latents before they are decoded, each sample's level drawn from [0, latent_noise]
+    in units of each channel's standard deviation (`latents_std`): the decoder learns to draw the frames from latents
+    near the encoder's, as a score model's samples are. 0: off."""
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.motion_weight < 0:
             raise ValueError(f"motion_weight={self.motion_weight} is invalid: at least 0 (0: off)")
+        if self.latent_noise < 0:
+            raise ValueError(f"latent_noise={self.latent_noise} is invalid: at least 0 (0: off)")
         if self.interior_weight < 0:
             raise ValueError(f"interior_weight={self.interior_weight} is invalid: at least 0 (0: off)")
         if self.window_frames < 1 or (self.window_frames - 1) % 4:
@@ -404,9 +410,17 @@ class DecoderObjective(torch.nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, video: torch.Tensor) -> torch.Tensor:
+    def forward(self, video: torch.Tensor, noise_levels: torch.Tensor | None = None,
+                noise_seed: int = 0) -> torch.Tensor:
+        """video [B, 3, T, H, W]; noise_levels [B] (None: none): each sample's latents plus that many standard
+        deviations of Gaussian noise per channel (`latents_std`), drawn from `noise_seed`."""
         with torch.no_grad():
             latents = self.vae.encode(video).latent_dist.mean
+            if noise_levels is not None:
+                std = torch.tensor(self.vae.config.latents_std, dtype=latents.dtype, device=latents.device)
+                noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(noise_seed))
+                scale = noise_levels.to(latents)[:, None, None, None, None] * std[None, :, None, None, None]
+                latents = latents + noise.to(latents) * scale
         return self.vae.decode(latents).sample
 
 
@@ -434,13 +448,18 @@ class DecoderStage:
 
     def batch(self, step: int, rank: int) -> dict:
         config = self.train_config
-        return window_batch(self.pools, self.seed, step, rank, config.window_frames, config.batch_size, self.device)
+        batch = window_batch(self.pools, self.seed, step, rank, config.window_frames, config.batch_size, self.device)
+        if config.latent_noise:
+            rng = np.random.default_rng([self.seed, step, rank, 7])
+            batch["noise_levels"] = torch.from_numpy(rng.uniform(0, config.latent_noise, config.batch_size)).float()
+            batch["noise_seed"] = int(rng.integers(2 ** 62))
+        return batch
 
     def loss(self, batch: dict):
         for group in self._optimizer.param_groups:
             group["lr"] = self.train_config.rate(batch["step"])
         video = batch["video"]
-        decoded = self.objective(video)
+        decoded = self.objective(video, batch.get("noise_levels"), batch.get("noise_seed", 0))
         l1 = mouth_weighted_l1(decoded, video, batch["mask"], self.train_config.mouth_weight,
                                self.train_config.interior_weight)
         mse = F.mse_loss(decoded.detach(), video)

@@ -249,6 +249,35 @@ def test_the_decoders_motion_term_is_the_frame_to_frame_changes_l1(source, tmp_p
         DecoderTrainConfig(motion_weight=-1)
 
 
+def test_the_decoders_latent_noise_is_each_samples_level_times_the_channel_std(source, tmp_path):
+    """latent_noise: the decoder sees the encoder's latents plus, per sample, a level in [0, latent_noise] times each
+    channel's `latents_std` of standard Gaussian noise; deterministic per (seed, step, rank); 0 decodes them as they
+    are."""
+    first = stage(source)
+    run_stage(first, tmp_path / "full", 2, progress=False, export_to=tmp_path / "full-vae")
+    config = DecoderTrainConfig(steps=4, window_frames=5, batch_size=2, warmup_steps=1)
+    plain = DecoderStage(tmp_path / "full-vae", source, config)
+    noisy = DecoderStage(tmp_path / "full-vae", source, dataclasses.replace(config, latent_noise=0.5))
+    batch = noisy.batch(3, 0)
+    assert "noise_levels" not in plain.batch(3, 0)
+    levels = batch["noise_levels"]
+    assert levels.shape == (2,) and bool((levels >= 0).all() and (levels <= 0.5).all()) and levels[0] != levels[1]
+    assert torch.equal(noisy.batch(3, 0)["noise_levels"], levels) and noisy.batch(3, 0)["noise_seed"] == \
+        batch["noise_seed"]
+    vae = noisy.vae
+    with torch.no_grad():
+        clean = vae.encode(batch["video"]).latent_dist.mean
+        std = torch.tensor(vae.config.latents_std)[None, :, None, None, None]
+        draw = torch.randn(clean.shape, generator=torch.Generator().manual_seed(batch["noise_seed"]))
+        expected = vae.decode(clean + draw * std * levels[:, None, None, None, None]).sample
+        got = noisy.objective(batch["video"], levels, batch["noise_seed"])
+        torch.testing.assert_close(got, expected)
+        torch.testing.assert_close(noisy.objective(batch["video"]), vae.decode(clean).sample)
+        assert (got - vae.decode(clean).sample).abs().mean() > 1e-4
+    with pytest.raises(ValueError, match="latent_noise=-1 is invalid"):
+        DecoderTrainConfig(latent_noise=-1)
+
+
 def test_the_decoder_rate_warms_up_holds_and_falls_to_zero():
     config = DecoderTrainConfig(steps=100, learning_rate=1.0, warmup_steps=10, decay_from=0.5)
     assert config.rate(0) == pytest.approx(0.1) and config.rate(9) == pytest.approx(1.0)
