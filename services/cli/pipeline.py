@@ -1,6 +1,6 @@
 """`facecast train all`: every stage in order, in one resumable command, into one folder.
 
-    world (train + held-out clips) -> vae (full, decoder, motion) -> probe -> latents -> teacher -> ODE pairs
+    world (train + held-out clips) -> vae (full, decoder, motion, noise) -> probe -> latents -> teacher -> ODE pairs
     -> student init -> distill -> the student with its VAE in one checkpoint -> `facecast eval` of it (held-out clips)
 
 Profiles: `tiny` (a few steps of each stage on a handful of clips: the dry run that proves the command end to end
@@ -31,8 +31,8 @@ class Profile:
     train_clips: int
     eval_clips: int
     steps: dict
-    """Optimiser steps per run (vae, vae-decoder, vae-motion, probe, student-init, distill); for the teacher, a dict
-    of steps per phase (`services.cli.train.TEACHER_PHASES`)."""
+    """Optimiser steps per run (vae, vae-decoder, vae-motion, vae-noise, probe, student-init, distill); for the teacher,
+    a dict of steps per phase (`services.cli.train.TEACHER_PHASES`)."""
     pairs: int
     """The teacher's ODE pairs for the student's initialisation."""
     scored_clips: int
@@ -45,7 +45,8 @@ def _shipped_steps() -> dict:
     from services.cli.train import DEFAULTS, PHASES, TEACHER_PHASES, VAE_PHASES
 
     return {"vae": VAE_PHASES["full"].steps, "vae-decoder": VAE_PHASES["decoder"].steps,
-            "vae-motion": VAE_PHASES["motion"].steps, "probe": DEFAULTS["probe"]["steps"],
+            "vae-motion": VAE_PHASES["motion"].steps, "vae-noise": VAE_PHASES["noise"].steps,
+            "probe": DEFAULTS["probe"]["steps"],
             "teacher": {phase: steps for phase, (steps, _) in TEACHER_PHASES.items()},
             "student-init": PHASES["init"].steps,
             "distill": PHASES["distill"].steps}
@@ -57,7 +58,7 @@ def profiles() -> dict[str, Profile]:
     shipped = _shipped_steps()
     return {
         "tiny": Profile(train_clips=6, eval_clips=3, pairs=4, scored_clips=3,
-                        steps={"vae": 3, "vae-decoder": 2, "vae-motion": 2, "probe": 3,
+                        steps={"vae": 3, "vae-decoder": 2, "vae-motion": 2, "vae-noise": 2, "probe": 3,
                                "teacher": dict.fromkeys(TEACHER_PHASES, 2), "student-init": 3, "distill": 2}),
         "cpu": Profile(train_clips=768, eval_clips=48, pairs=PAIRS["count"], scored_clips=12, steps=shipped),
         "gpu": Profile(train_clips=768, eval_clips=48, pairs=4 * PAIRS["count"], scored_clips=12, steps=shipped,
@@ -119,12 +120,15 @@ def run_pipeline(args: argparse.Namespace) -> int:
 
     dit = dict(latents=str(latents), vae=str(vae_dir), teacher=str(teacher), pairs=str(pairs))
     timed("world", all(is_complete(path) for path in world.values()), make_world)
-    full_vae, decoder_vae = (Path(phase_export(root / "runs", VAE_PHASES, phase)) for phase in ("full", "decoder"))
-    finished = [(path / "config.json").is_file() for path in (full_vae, decoder_vae, vae_dir)]
+    full_vae, decoder_vae, motion_vae = (Path(phase_export(root / "runs", VAE_PHASES, phase))
+                                         for phase in ("full", "decoder", "motion"))
+    finished = [(path / "config.json").is_file() for path in (full_vae, decoder_vae, motion_vae, vae_dir)]
     timed("vae", any(finished), stage("vae", full_vae))
     timed("vae-decoder", any(finished[1:]), stage("vae-decoder", decoder_vae, vae=str(full_vae)))
-    timed("vae-motion", finished[2], stage("vae-motion", vae_dir, "vae-decoder", vae=str(decoder_vae),
-                                           **VAE_PHASES["motion"].recipe))
+    timed("vae-motion", any(finished[2:]), stage("vae-motion", motion_vae, "vae-decoder", vae=str(decoder_vae),
+                                                 **VAE_PHASES["motion"].recipe))
+    timed("vae-noise", finished[3], stage("vae-noise", vae_dir, "vae-decoder", vae=str(motion_vae),
+                                          **VAE_PHASES["noise"].recipe))
     timed("probe", probe.is_file(), stage("probe", probe))
     timed("teacher", teacher.is_file(), lambda: run_teacher(
         _stage_args(args, data=str(world["train"]), world_count=chosen.train_clips, latents=str(latents),

@@ -65,24 +65,34 @@ PHASES = {  # `facecast train student`
 }
 VAE_PHASES = {  # `facecast train vae`: the encoder and decoder from scratch, then the decoder alone (the latent space
     # stays): further on the frozen encoder's latents, then with the frame-to-frame term at a lower rate, which keeps a
-    # listening face still through the decoder (BENCHMARKS, "Why the face is not still while the avatar listens")
+    # listening face still through the decoder (BENCHMARKS, "Why the face is not still while the avatar listens"), then
+    # on noisy latents, so it draws a score model's samples as it draws the encoder's (BENCHMARKS, "A decoder for the
+    # score model's latents")
     "full": Phase("vae", 2000, "<run-dir>/vae/vae-full", "vae"),
     "decoder": Phase("vae-decoder", 1800, "<run-dir>/vae-decoder/vae-decoder", "vae-decoder"),
-    "motion": Phase("vae-decoder", 1200, str(shipped_path(TALK128_VAE)), "vae-motion",
+    "motion": Phase("vae-decoder", 1200, "<run-dir>/vae-motion/vae-motion", "vae-motion",
                     MappingProxyType({"motion_weight": 1.0, "learning_rate": 3e-4})),
+    "noise": Phase("vae-decoder", 1200, str(shipped_path(TALK128_VAE)), "vae-noise",
+                   MappingProxyType({"motion_weight": 1.0, "learning_rate": 3e-4, "latent_noise": 0.5})),
 }
 TEACHER_PHASES = {  # `facecast train teacher`: (steps, recipe); runs in <run-dir>/teacher-<phase>, each phase from
     # the previous phase's export (a fresh optimiser and warm-up: the rate schedule restarts). Each run <= 60 min on one
-    # core of this CPU; together they are the shipped teacher (checkpoints/MODEL_CARD.md).
+    # core of this CPU; together they are the shipped teacher (checkpoints/MODEL_CARD.md). Phase listen grows the model
+    # the per-frame audio injection (`TEACHER_SHAPE` keys: the DiT's shape, not TeacherTrainConfig's), which starts at
+    # zero: the teacher of mouth2, trained further with a direct path from each frame's audio window.
     "base": (3000, {}),
     "mouth": (2000, {"mouth_weight": 16.0, "learning_rate": 2e-4}),
     "mouth2": (6000, {"mouth_weight": 16.0, "learning_rate": 2e-4}),
+    "listen": (6000, {"mouth_weight": 16.0, "learning_rate": 2e-4, "audio_injection_dim": 32}),
 }
+TEACHER_SHAPE = ("audio_injection_dim",)
+"""Recipe keys of TEACHER_PHASES that set the DiT's shape (`DiTConfig`), not the training config."""
 PAIRS = {"count": 1024, "teacher_steps": 12, "guidance": 3.5}
 RECIPE_FLAGS = {  # flag: (the stages it applies to, lowest, highest or None, what the bound means)
     "--interior-weight": ("vae", 0, None, "0: off"),
     "--mouth-weight": ("teacher", 0, None, "0: no extra weight"),
     "--motion-weight": ("vae", 0, None, "0: off"),
+    "--latent-noise": ("vae", 0, None, "0: off"),
     "--guidance": ("student", 1, 20, "1: no guidance"),
     "--voice-augment": (("teacher", "student"), 0, 4, "0: off"),
 }
@@ -182,7 +192,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                                           ("--history-corrupt", args.history_corrupt), ("--init", args.init),
                                           ("--mouth-weight", args.mouth_weight), ("--guidance", args.guidance),
                                           ("--motion-weight", args.motion_weight),
-                                          ("--voice-augment", args.voice_augment))
+                                          ("--voice-augment", args.voice_augment),
+                                          ("--latent-noise", args.latent_noise))
                  if value is not None]
         if given:
             raise UserError(f"{', '.join(given)}: not for `facecast train all`, which makes every input itself "
@@ -244,11 +255,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UserError(f"--steps applies to one phase: add --phase {' or --phase '.join(table)}")
     root = Path(args.run_dir or Path("out") / "train")
     names = list(table)
-    if stage == "vae" and ((args.vae and phases[0] == "full") or (args.motion_weight is not None and
-                                                                  phases == ["full"])):
-        flag = "--vae" if args.vae and phases[0] == "full" else "--motion-weight"
-        raise UserError(f"{flag} applies to the decoder phases of `facecast train vae` (--phase decoder or motion), "
-                        "not to phase full")
+    decoder_flags = [flag for flag, value in (("--motion-weight", args.motion_weight),
+                                              ("--latent-noise", args.latent_noise)) if value is not None]
+    if stage == "vae" and ((args.vae and phases[0] == "full") or (decoder_flags and phases == ["full"])):
+        flag = "--vae" if args.vae and phases[0] == "full" else decoder_flags[0]
+        raise UserError(f"{flag} applies to the decoder phases of `facecast train vae` (--phase "
+                        f"{' or '.join(names[1:])}), not to phase full")
     if args.export and len(phases) == 1 and phases[0] != names[-1]:
         following = names[names.index(phases[0]) + 1]
         raise UserError(f"--export applies to phase {names[-1]}, not {phases[0]}: phase {phases[0]} leaves its "
@@ -260,7 +272,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         steps = args.steps if args.steps is not None else spec.steps
         export = phase_export(root, table, phase) if index < len(names) - 1 else args.export or spec.export
         values = {name: getattr(args, name) if getattr(args, name, None) is not None else spec.recipe.get(name)
-                  for name in ("learning_rate", "motion_weight", "voice_augment")}
+                  for name in ("learning_rate", "motion_weight", "voice_augment", "latent_noise")}
         run_args = argparse.Namespace(**{**vars(args), **values})
         if spec.stage == "vae-decoder":  # the decoder trained further on a finished VAE: --vae, or the phase before
             previous = phase_export(root, table, names[index - 1])
@@ -345,8 +357,9 @@ def _run(args: argparse.Namespace, stage: str, steps: int, export: str, run_dir:
             extra[name] = getattr(args, name)
     if getattr(args, "interior_weight", None) is not None and stage in ("vae", "vae-decoder"):
         extra["interior_weight"] = args.interior_weight
-    if getattr(args, "motion_weight", None) is not None and stage == "vae-decoder":
-        extra["motion_weight"] = args.motion_weight
+    for name in ("motion_weight", "latent_noise"):
+        if getattr(args, name, None) is not None and stage == "vae-decoder":
+            extra[name] = getattr(args, name)
     try:
         request = TrainRequest(stage=stage, data=data, run_dir=run_dir, steps=steps, export=export,
                                workers=args.workers, gpu=args.gpu, batch_size=args.batch_size,
@@ -416,6 +429,9 @@ def add_parser(commands) -> None:
     train.add_argument("--motion-weight", type=float, help="vae: weight of the frame-to-frame term in the decoder "
                        "phases (decoded against true change between frames; default "
                        f"{VAE_PHASES['motion'].recipe['motion_weight']:g} in phase motion, 0 before it; 0: off)")
+    train.add_argument("--latent-noise", type=float, help="vae: the decoder phases' noise on the latents they draw "
+                       "from, each sample's level up to this many standard deviations per channel (default "
+                       f"{VAE_PHASES['noise'].recipe['latent_noise']:g} in phase noise, 0 before it; 0: off)")
     train.add_argument("--init", help="teacher: a teacher checkpoint the first phase run trains further (its weights; "
                                       "the optimiser starts fresh; default: random weights for phase base, the "
                                       "previous phase's teacher after it)")

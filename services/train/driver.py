@@ -45,6 +45,8 @@ class TrainRequest:
     """vae, vae-decoder: the extra weight on the mouth interior's pixels (`VAETrainConfig.interior_weight`)."""
     motion_weight: float | None = None
     """vae-decoder: the weight of the frame-to-frame term (`DecoderTrainConfig.motion_weight`; 0: off)."""
+    latent_noise: float | None = None
+    """vae-decoder: the noise on the latents the decoder draws from (`DecoderTrainConfig.latent_noise`; 0: off)."""
     init: str | None = None
     """teacher: a teacher checkpoint to train further instead of starting from random weights."""
     mouth_weight: float | None = None
@@ -89,7 +91,8 @@ class TrainRequest:
         if self.interior_weight is not None and self.stage not in ("vae", "vae-decoder"):
             raise ValueError(f"interior_weight applies to the vae stages, not {self.stage!r}")
         for name, stages in (("init", ("teacher",)), ("mouth_weight", ("teacher",)), ("guidance", ("distill",)),
-                             ("motion_weight", ("vae-decoder",)), ("audio_injection_dim", ("teacher",)),
+                             ("motion_weight", ("vae-decoder",)), ("latent_noise", ("vae-decoder",)),
+                             ("audio_injection_dim", ("teacher",)),
                              ("voice_augment", ("teacher", "student-init", "distill"))):
             if getattr(self, name) is not None and self.stage not in stages:
                 raise ValueError(f"{name} applies to the {' and '.join(stages)} stage, not {self.stage!r}")
@@ -167,7 +170,8 @@ def build_stage(request: TrainRequest, *, wrap=None, device="cpu"):
         from model_core.training.vae_stage import DecoderStage, DecoderTrainConfig
 
         overrides.update({k: v for k, v in (("interior_weight", request.interior_weight),
-                                            ("motion_weight", request.motion_weight)) if v is not None})
+                                            ("motion_weight", request.motion_weight),
+                                            ("latent_noise", request.latent_noise)) if v is not None})
         train = DecoderTrainConfig(seed=request.seed, steps=request.steps, **overrides)
         return DecoderStage(request.vae, source, train, wrap=wrap, device=device)
     from model_core.training.probe_stage import ProbeStage, ProbeTrainConfig

@@ -28,12 +28,13 @@ def test_train_all_tiny_runs_every_stage_into_one_folder_and_resumes(tmp_path):
     first = facecast("train", "all", "--profile", "tiny", "--run-dir", str(root), "--quiet")
     assert first.returncode == 0, first.stderr[-4000:]
     summary = json.loads((root / "summary.json").read_text())
-    assert list(summary["wall_s"]) == ["world", "vae", "vae-decoder", "vae-motion", "probe", "teacher", "student-init",
-                                       "distill", "package", "eval"]
+    assert list(summary["wall_s"]) == ["world", "vae", "vae-decoder", "vae-motion", "vae-noise", "probe", "teacher",
+                                       "student-init", "distill", "package", "eval"]
     assert summary["eval"]["clips"] >= 1 and -1.0 <= summary["eval"]["sync_r"] <= 1.0
     # the DiT stages trained in the pipeline's own latent space, not the shipped VAE's ...
     own = StreamingVAE.from_pretrained(root / "vae")
-    assert json.loads((root / "vae" / "decoder-train.json").read_text())["train"]["motion_weight"] == 1.0
+    recipe = json.loads((root / "vae" / "decoder-train.json").read_text())["train"]
+    assert (recipe["motion_weight"], recipe["latent_noise"]) == (1.0, 0.5)
     manifest = json.loads((root / "latents" / "manifest.json").read_text())
     assert manifest["vae_digest"] == vae_digest(own)
     # ... and the student ships with that VAE inside, so `--checkpoint` alone decodes it right

@@ -42,12 +42,15 @@ def runs(monkeypatch):
 def test_the_teacher_runs_its_phases_in_turn_each_from_the_last_ones_weights(runs, tmp_path, capsys):
     final = tmp_path / "teacher.safetensors"
     assert main(["train", "teacher", "--run-dir", str(tmp_path), "--export", str(final)]) == 0
-    base, mouth = (tmp_path / f"teacher-{phase}" / "teacher.safetensors" for phase in ("base", "mouth"))
+    base, mouth, mouth2 = (tmp_path / f"teacher-{phase}" / "teacher.safetensors"
+                           for phase in ("base", "mouth", "mouth2"))
     assert [(Path(r.run_dir).name, r.steps, r.init, r.mouth_weight, r.learning_rate, r.export) for r in runs] == [
         ("teacher-base", 3000, None, None, None, str(base)),
         ("teacher-mouth", 2000, str(base), 16.0, 2e-4, str(mouth)),
-        ("teacher-mouth2", 6000, str(mouth), 16.0, 2e-4, str(final)),
+        ("teacher-mouth2", 6000, str(mouth), 16.0, 2e-4, str(mouth2)),
+        ("teacher-listen", 6000, str(mouth2), 16.0, 2e-4, str(final)),
     ]
+    assert [r.audio_injection_dim for r in runs] == [None, None, None, 32]
     # one phase again, resumed on its own: from the phase before it, unless --init says otherwise; flags override
     runs.clear()
     assert main(["train", "teacher", "--run-dir", str(tmp_path), "--phase", "mouth", "--steps", "50"]) == 0
@@ -85,7 +88,10 @@ def test_the_default_recipes_are_the_shipped_checkpoints():
     """Change a default and this fails until the shipped checkpoint is retrained with it (or the default restored)."""
     recorded = _recorded(read_facecast_metadata(shipped_path(TALK128_TEACHER))["train"])
     last_steps, last_recipe = list(train_cli.TEACHER_PHASES.values())[-1]
-    expected = _comparable(TeacherTrainConfig(**last_recipe))
+    shape = {k: v for k, v in last_recipe.items() if k in train_cli.TEACHER_SHAPE}
+    expected = _comparable(TeacherTrainConfig(**{k: v for k, v in last_recipe.items() if k not in shape}))
+    config = read_facecast_metadata(shipped_path(TALK128_TEACHER))["dit_config"]
+    assert {k: config[k] for k in shape} == shape
     assert {k: v for k, v in recorded.items() if k != "init"} == {k: v for k, v in expected.items() if k != "init"}
     student = _recorded(read_facecast_metadata(shipped_path(TALK128_STUDENT))["train"])
     assert student == _comparable(DistillConfig())
@@ -93,22 +99,24 @@ def test_the_default_recipes_are_the_shipped_checkpoints():
     # the VAE records its last decoder phase's run; its first phase's is `--opening-weight 0.1 --interior-weight 30`
     assert (VAETrainConfig().opening_weight, VAETrainConfig().interior_weight) == (0.1, 30.0)
     decoder = json.loads((shipped_path(TALK128_VAE) / VAE_DECODER_TRAIN).read_text())["train"]
-    last = train_cli.VAE_PHASES["motion"]
+    last = train_cli.VAE_PHASES["noise"]
     assert decoder == _comparable(DecoderTrainConfig(steps=last.steps, **last.recipe))
     fast = json.loads((shipped_path(TALK128_FAST_DECODER) / "fast-decoder.json").read_text())["train"]
     assert fast == _comparable(FastDecoderTrainConfig())
     assert fast["steps"] == train_cli.DEFAULTS["fast-decoder"]["steps"]
 
 
-def test_the_vae_runs_its_three_phases_in_turn_each_decoder_phase_from_the_last_ones_export(runs, tmp_path):
+def test_the_vae_runs_its_four_phases_in_turn_each_decoder_phase_from_the_last_ones_export(runs, tmp_path):
     final = tmp_path / "shipped-vae"
     assert main(["train", "vae", "--run-dir", str(tmp_path), "--export", str(final)]) == 0
     full, decoder = tmp_path / "vae" / "vae-full", tmp_path / "vae-decoder" / "vae-decoder"
-    assert [(Path(r.run_dir).name, r.stage, r.steps, r.vae, r.motion_weight, r.learning_rate, r.export)
-            for r in runs] == [
-        ("vae", "vae", 2000, None, None, None, str(full)),
-        ("vae-decoder", "vae-decoder", 1800, str(full), None, None, str(decoder)),
-        ("vae-motion", "vae-decoder", 1200, str(decoder), 1.0, 3e-4, str(final)),
+    motion = tmp_path / "vae-motion" / "vae-motion"
+    assert [(Path(r.run_dir).name, r.stage, r.steps, r.vae, r.motion_weight, r.latent_noise, r.learning_rate,
+             r.export) for r in runs] == [
+        ("vae", "vae", 2000, None, None, None, None, str(full)),
+        ("vae-decoder", "vae-decoder", 1800, str(full), None, None, None, str(decoder)),
+        ("vae-motion", "vae-decoder", 1200, str(decoder), 1.0, None, 3e-4, str(motion)),
+        ("vae-noise", "vae-decoder", 1200, str(motion), 1.0, 0.5, 3e-4, str(final)),
     ]
 
 
@@ -120,9 +128,9 @@ def test_a_vae_decoder_phase_alone_starts_from_the_phase_before_or_from_vae(runs
     decoder.mkdir(parents=True)
     (decoder / "config.json").write_text("{}")
     assert main(["train", "vae", "--run-dir", str(tmp_path), "--phase", "motion", "--steps", "5",
-                 "--motion-weight", "2", "--learning-rate", "1e-4", "--export", str(tmp_path / "out")]) == 0
-    assert [(r.vae, r.steps, r.motion_weight, r.learning_rate, r.export) for r in runs] == [
-        (str(decoder), 5, 2.0, 1e-4, str(tmp_path / "out"))]
+                 "--motion-weight", "2", "--learning-rate", "1e-4", "--latent-noise", "0.25"]) == 0
+    assert [(r.vae, r.steps, r.motion_weight, r.latent_noise, r.learning_rate, r.export) for r in runs] == [
+        (str(decoder), 5, 2.0, 0.25, 1e-4, str(tmp_path / "vae-motion" / "vae-motion"))]
     runs.clear()
     other = tmp_path / "other"
     other.mkdir()
@@ -132,13 +140,16 @@ def test_a_vae_decoder_phase_alone_starts_from_the_phase_before_or_from_vae(runs
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--phase", "decoder", "--export", "x"], "--export applies to phase motion, not decoder: phase decoder leaves "
+    (["--phase", "decoder", "--export", "x"], "--export applies to phase noise, not decoder: phase decoder leaves "
                                               "its weights in"),
-    (["--phase", "full", "--export", "x"], "--export applies to phase motion, not full"),
+    (["--phase", "motion", "--export", "x"], "--export applies to phase noise, not motion"),
     (["--phase", "full", "--motion-weight", "1"], "--motion-weight applies to the decoder phases"),
+    (["--phase", "full", "--latent-noise", "1"], "--latent-noise applies to the decoder phases of `facecast train vae` "
+                                                 "(--phase decoder or motion or noise), not to phase full"),
+    (["--phase", "noise", "--latent-noise", "-1"], "--latent-noise -1 is invalid: at least 0 (0: off)"),
     (["--vae", "x"], "--vae applies to the decoder phases of `facecast train vae`"),
     (["--phase", "motion", "--motion-weight", "-1"], "--motion-weight -1 is invalid: at least 0 (0: off)"),
-    (["--phase", "loud"], "--phase='loud' is not a phase of `facecast train vae`; allowed: full, decoder, motion"),
+    (["--phase", "loud"], "--phase='loud' is not a phase of `facecast train vae`; allowed: full, decoder, motion, noise"),
 ])
 def test_train_vae_refuses_what_does_not_apply_in_one_line(runs, tmp_path, capsys, argv, message):
     assert main(["train", "vae", "--run-dir", str(tmp_path)] + argv) == 2

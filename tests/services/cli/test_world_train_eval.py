@@ -63,7 +63,7 @@ def test_world_generate_resumes_and_info_reports_the_split(tmp_path, capsys):
     (["train", "teacher", "--mouth-weight", "-2"], "--mouth-weight -2 is invalid: at least 0"),
     (["train", "teacher", "--steps", "10"], "--steps applies to one phase: add --phase base or --phase mouth"),
     (["train", "teacher", "--phase", "decoder"],
-     "--phase='decoder' is not a phase of `facecast train teacher`; allowed: base, mouth, mouth2"),
+     "--phase='decoder' is not a phase of `facecast train teacher`; allowed: base, mouth, mouth2, listen"),
     (["train", "teacher", "--phase", "mouth2", "--run-dir", "/nonexistent/runs"],
      "--phase mouth2 starts from phase mouth's teacher, /nonexistent/runs/teacher-mouth/teacher.safetensors, which "
      "does not exist: run `facecast train teacher --phase mouth` first, or pass --init"),
@@ -142,15 +142,16 @@ def test_train_vae_runs_on_ray_train_and_resumes(tmp_path):
     state_bytes = (run / "state.pt").stat().st_size
     ray_bytes = sum(p.stat().st_size for p in (run / "ray").rglob("*") if p.is_file())
     assert ray_bytes < 2.5 * state_bytes
-    # a decoder phase (here the last, motion, from --vae) trains the decoder alone and writes --export with its
+    # a decoder phase (here the last, noise, from --vae) trains the decoder alone and writes --export with its
     # recipe beside it, in the same latent space
-    third = facecast(*args, "--phase", "motion", "--steps", "2", "--vae", str(run / "vae-full"),
+    third = facecast(*args, "--phase", "noise", "--steps", "2", "--vae", str(run / "vae-full"),
                      "--export", str(tmp_path / "export"))
     assert third.returncode == 0, third.stderr[-3000:]
     assert json.loads(third.stdout[third.stdout.index("{"):])["stage"] == "vae-decoder"
-    assert (tmp_path / "run" / "vae-motion" / "state.pt").is_file()
+    assert (tmp_path / "run" / "vae-noise" / "state.pt").is_file()
     recipe = json.loads((tmp_path / "export" / "decoder-train.json").read_text())["train"]
-    assert (recipe["steps"], recipe["motion_weight"], recipe["learning_rate"]) == (2, 1.0, 3e-4)
+    assert (recipe["steps"], recipe["motion_weight"], recipe["latent_noise"], recipe["learning_rate"]) == \
+        (2, 1.0, 0.5, 3e-4)
     from model_core.training.latents import vae_digest
     from model_core.vae import StreamingVAE
 
