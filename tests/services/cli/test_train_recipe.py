@@ -149,7 +149,8 @@ def test_a_vae_decoder_phase_alone_starts_from_the_phase_before_or_from_vae(runs
     (["--phase", "noise", "--latent-noise", "-1"], "--latent-noise -1 is invalid: at least 0 (0: off)"),
     (["--vae", "x"], "--vae applies to the decoder phases of `facecast train vae`"),
     (["--phase", "motion", "--motion-weight", "-1"], "--motion-weight -1 is invalid: at least 0 (0: off)"),
-    (["--phase", "loud"], "--phase='loud' is not a phase of `facecast train vae`; allowed: full, decoder, motion, noise"),
+    (["--phase", "loud"],
+     "--phase='loud' is not a phase of `facecast train vae`; allowed: full, decoder, motion, noise"),
 ])
 def test_train_vae_refuses_what_does_not_apply_in_one_line(runs, tmp_path, capsys, argv, message):
     assert main(["train", "vae", "--run-dir", str(tmp_path)] + argv) == 2
