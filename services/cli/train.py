@@ -66,8 +66,8 @@ PHASES = {  # `facecast train student`
 VAE_PHASES = {  # `facecast train vae`: the encoder and decoder from scratch, then the decoder alone (the latent space
     # stays): further on the frozen encoder's latents, then with the frame-to-frame term at a lower rate, which keeps a
     # listening face still through the decoder (BENCHMARKS, "Why the face is not still while the avatar listens"), then
-    # on noisy latents, so it draws a score model's samples as it draws the encoder's (BENCHMARKS, "A decoder for the
-    # score model's latents")
+    # on noisy latents, so it draws a score model's samples as it draws the encoder's (BENCHMARKS, "Where the lip sync
+    # was lost, a decoder for the score model's latents, ...")
     "full": Phase("vae", 2000, "<run-dir>/vae/vae-full", "vae"),
     "decoder": Phase("vae-decoder", 1800, "<run-dir>/vae-decoder/vae-decoder", "vae-decoder"),
     "motion": Phase("vae-decoder", 1200, "<run-dir>/vae-motion/vae-motion", "vae-motion",
