@@ -233,8 +233,7 @@ class DistillStage:
             fake_noise=torch.from_numpy(rng.standard_normal(batch["x0"].shape).astype(np.float32)),
             rollout_seed=int(rng.integers(2 ** 62)), step=step_index,
             generator_update=(step_index + 1) % config.fake_updates == 0)
-        if config.voice_augment:
-            batch["features"] = augment_voice(batch["features"], rng, config.voice_augment)
+        batch["features"] = augment_voice(batch["features"], rng, config.voice_augment)
         if self.pairs is not None and batch["generator_update"]:
             rows = rng.integers(0, len(self.pairs["windows"]), config.batch_size)
             pair_windows = [Window(**self.pairs["windows"][int(r)]) for r in rows]
@@ -243,8 +242,7 @@ class DistillStage:
             level = rng.integers(0, config.steps, config.batch_size)
             pair_batch.update(noisy=states[torch.arange(len(rows)), torch.from_numpy(level)], target=states[:, -1],
                               sigma=torch.tensor([self.pairs["levels"][int(k)] for k in level]))
-            if config.voice_augment:
-                pair_batch["features"] = augment_voice(pair_batch["features"], rng, config.voice_augment)
+            pair_batch["features"] = augment_voice(pair_batch["features"], rng, config.voice_augment)
             batch["pairs"] = pair_batch
         return _to(batch, self.device)
 

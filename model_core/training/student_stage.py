@@ -163,8 +163,7 @@ class StudentInitStage:
         batch["noisy"] = states[torch.arange(len(rows)), torch.from_numpy(level)]
         batch["target"] = states[:, -1]
         batch["sigma"] = torch.tensor([self.pairs["levels"][int(k)] for k in level], dtype=torch.float32)
-        if config.voice_augment:
-            batch["features"] = augment_voice(batch["features"], rng, config.voice_augment)
+        batch["features"] = augment_voice(batch["features"], rng, config.voice_augment)
         batch["step"] = step
         return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 

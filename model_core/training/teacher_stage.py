@@ -66,9 +66,9 @@ class TeacherTrainConfig:
     audio_dropout: float = 0.1
     listening_dropout: float = 0.5
     voice_augment: float = 0.0
-    """Strength of `augment_voice` on each sample's audio features (0: off; 1: the shipped phase voices' recipe): the
-    held-out clips speak with a voice no training clip has, so each training voice is shifted, tilted and made louder
-    or softer in the log-mel domain."""
+    """Strength of `augment_voice` on each sample's audio features (0: off, the shipped recipe; 1: shifts up to 4 mel
+    bins, tilt and gain up to 6 dB): the held-out clips speak with a voice no training clip has, so each training
+    voice is shifted, tilted and made louder or softer in the log-mel domain."""
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     sync_weight: float = 0.0
@@ -184,24 +184,24 @@ NEW_BLOCK_OUTPUTS = ("attn1.to_out.0.", "attn2.to_out.0.", "ffn.net.2.")
 """The layers of a block that write into the residual stream: zero in a grown block, so it starts as the identity."""
 
 
-def initial_weights(path: str, config: DiTConfig, fresh: CausalAvatarDiT | None = None) -> dict:
-    """The state dict of the teacher checkpoint at `path` for a model of shape `config`: the same shape, or one it
-    grows into (`GROWABLE`; the new weights taken from `fresh`, a model of shape `config`, with every layer that
-    writes a new block's output and the injection's output at zero, so the grown model computes exactly what the
-    checkpoint computes until it is trained). Any other difference is a clear error naming both shapes."""
+def initial_weights(path: str, fresh: CausalAvatarDiT) -> dict:
+    """The state dict of the teacher checkpoint at `path` for `fresh`'s shape: the same shape, or one it grows into
+    (`GROWABLE`; the new weights taken from `fresh`, with every layer that writes a new block's output and the
+    injection's output at zero, so the grown model computes exactly what the checkpoint computes until it is trained).
+    Any other difference is a clear error naming both shapes."""
     from ..checkpoint import load_facecast_checkpoint
 
     model, metadata, _ = load_facecast_checkpoint(path)
     if metadata.get("stage", "teacher") != "teacher":
         raise ValueError(f"init={path}: a {metadata['stage']} checkpoint, not a teacher")
-    theirs, ours = asdict(model.config), asdict(config)
+    theirs, ours = asdict(model.config), asdict(fresh.config)
     differing = [k for k in ours if theirs.get(k) != ours[k]]
-    grows = (fresh is not None and set(differing) <= set(GROWABLE) and theirs["num_layers"] <= ours["num_layers"]
+    grows = (set(differing) <= set(GROWABLE) and theirs["num_layers"] <= ours["num_layers"]
              and theirs["audio_injection_dim"] in (0, ours["audio_injection_dim"]))
-    if differing and not grows:
+    if not grows:
         described = ", ".join(f"{k} {theirs[k]!r} (this run: {ours[k]!r})" for k in differing)
-        allowed = "; it may only grow: more num_layers, audio_injection_dim from 0" if fresh is not None else ""
-        raise ValueError(f"init={path}: the checkpoint's shape differs from this run's: {described}{allowed}")
+        raise ValueError(f"init={path}: the checkpoint's shape differs from this run's: {described}; it may only grow: "
+                         "more num_layers, audio_injection_dim from 0")
     state = {key: value.float() for key, value in model.state_dict().items()}
     if not differing:
         return state
@@ -286,7 +286,10 @@ def augment_voice(features: torch.Tensor, rng: np.random.Generator, strength: fl
     """features [B, K, F, T, subframes * n_mels] (the log-mel front-end's layout: subframes of n_mels each) -> the
     same speech in another voice, one per sample and character, the same over its whole window: the mel axis shifted
     by up to `VOICE_SHIFT_BINS` x strength bins (formants and pitch move along it; the edge bin repeated), a tilt and a
-    gain added (`VOICE_TILT`, `VOICE_GAIN`). Silence stays at the front-end's floor's level plus the gain."""
+    gain added (`VOICE_TILT`, `VOICE_GAIN`). Silence stays at the front-end's floor's level plus the gain. Strength 0
+    returns `features` without drawing from `rng` (a recipe without it keeps its batches)."""
+    if not strength:
+        return features
     if features.shape[-1] % n_mels:
         raise ValueError(f"augment_voice: feature width {features.shape[-1]} is not a whole number of {n_mels}-mel "
                          "subframes (the log-mel front-end's layout)")
@@ -390,7 +393,7 @@ class TeacherStage:
             torch.manual_seed(train.seed)
             self.dit = CausalAvatarDiT(dit_config).to(self.device)
         if train.init:
-            self.dit.load_state_dict(initial_weights(train.init, dit_config, self.dit))
+            self.dit.load_state_dict(initial_weights(train.init, self.dit))
         self.ema = copy.deepcopy(self.dit).requires_grad_(False)
         objective = TeacherObjective(self.dit)
         self.objective = wrap(objective) if wrap else objective
@@ -422,8 +425,7 @@ class TeacherStage:
         size = config.batch_size
         batch["sigma"] = torch.sigmoid(torch.from_numpy(rng.standard_normal(size)).float())
         batch["noise"] = torch.from_numpy(rng.standard_normal(batch["x0"].shape).astype(np.float32))
-        if config.voice_augment:
-            batch["features"] = augment_voice(batch["features"], rng, config.voice_augment)
+        batch["features"] = augment_voice(batch["features"], rng, config.voice_augment)
         batch["step"] = step
         return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 

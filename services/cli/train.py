@@ -89,11 +89,11 @@ TEACHER_SHAPE = ("audio_injection_dim",)
 """Recipe keys of TEACHER_PHASES that set the DiT's shape (`DiTConfig`), not the training config."""
 PAIRS = {"count": 1024, "teacher_steps": 12, "guidance": 3.5}
 RECIPE_FLAGS = {  # flag: (the stages it applies to, lowest, highest or None, what the bound means)
-    "--interior-weight": ("vae", 0, None, "0: off"),
-    "--mouth-weight": ("teacher", 0, None, "0: no extra weight"),
-    "--motion-weight": ("vae", 0, None, "0: off"),
-    "--latent-noise": ("vae", 0, None, "0: off"),
-    "--guidance": ("student", 1, 20, "1: no guidance"),
+    "--interior-weight": (("vae",), 0, None, "0: off"),
+    "--mouth-weight": (("teacher",), 0, None, "0: no extra weight"),
+    "--motion-weight": (("vae",), 0, None, "0: off"),
+    "--latent-noise": (("vae",), 0, None, "0: off"),
+    "--guidance": (("student",), 1, 20, "1: no guidance"),
     "--voice-augment": (("teacher", "student"), 0, 4, "0: off"),
 }
 DEFAULT_LATENTS = Path("out") / "latents" / "train-128"
@@ -217,7 +217,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is None:
             continue
-        applies_to = (applies_to,) if isinstance(applies_to, str) else applies_to
         if stage not in applies_to:
             raise UserError(f"{flag} applies to {' and '.join(f'`facecast train {s}`' for s in applies_to)}, "
                             f"not {stage}")
@@ -272,7 +271,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         steps = args.steps if args.steps is not None else spec.steps
         export = phase_export(root, table, phase) if index < len(names) - 1 else args.export or spec.export
         values = {name: getattr(args, name) if getattr(args, name, None) is not None else spec.recipe.get(name)
-                  for name in ("learning_rate", "motion_weight", "voice_augment", "latent_noise")}
+                  for name in ("learning_rate", "motion_weight", "latent_noise")}
         run_args = argparse.Namespace(**{**vars(args), **values})
         if spec.stage == "vae-decoder":  # the decoder trained further on a finished VAE: --vae, or the phase before
             previous = phase_export(root, table, names[index - 1])
@@ -315,7 +314,7 @@ def run_teacher(args: argparse.Namespace, root: Path, export: str, phases: list[
                                 f"not exist: run `facecast train teacher --phase {names[index - 1]}` first, or pass "
                                 "--init")
         values = {name: getattr(args, name) if getattr(args, name, None) is not None else recipe.get(name)
-                  for name in ("learning_rate", "mouth_weight", "voice_augment", "audio_injection_dim")}
+                  for name in ("learning_rate", "mouth_weight", "audio_injection_dim")}
         last = index == len(names) - 1 or (len(phases) == 1 and getattr(args, "export", None))
         run_args = argparse.Namespace(**{**vars(args), **values, "init": init})
         count = (steps or {}).get(phase) or getattr(args, "steps", None) or default_steps

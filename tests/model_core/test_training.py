@@ -228,14 +228,18 @@ def test_the_decoder_phase_trains_the_decoder_alone_and_keeps_the_latent_space(s
     assert "_name_or_path" not in (tmp_path / "tuned" / "config.json").read_text()  # no local path is shipped
 
 
+def decoder_stages(source, tmp_path, batch_size: int, **variant) -> tuple[DecoderStage, DecoderStage]:
+    """Decoder phases on a 2-step VAE: one with the plain recipe, one with `variant` changed."""
+    run_stage(stage(source), tmp_path / "full", 2, progress=False, export_to=tmp_path / "full-vae")
+    config = DecoderTrainConfig(steps=4, window_frames=5, batch_size=batch_size, warmup_steps=1)
+    return (DecoderStage(tmp_path / "full-vae", source, config),
+            DecoderStage(tmp_path / "full-vae", source, dataclasses.replace(config, **variant)))
+
+
 def test_the_decoders_motion_term_is_the_frame_to_frame_changes_l1(source, tmp_path):
     """motion_weight: the loss adds weight x mean |decoded change - true change| over consecutive frames (a decoder
     that flickers where the clip is still pays for it); 0 leaves the loss the mouth-weighted L1 alone."""
-    first = stage(source)
-    run_stage(first, tmp_path / "full", 2, progress=False, export_to=tmp_path / "full-vae")
-    config = DecoderTrainConfig(steps=4, window_frames=5, batch_size=1, warmup_steps=1)
-    plain = DecoderStage(tmp_path / "full-vae", source, config)
-    moving = DecoderStage(tmp_path / "full-vae", source, dataclasses.replace(config, motion_weight=2.0))
+    plain, moving = decoder_stages(source, tmp_path, batch_size=1, motion_weight=2.0)
     batch = plain.batch(0, 0)
     loss, metrics = plain.loss(batch)
     assert float(loss) == pytest.approx(metrics["l1"]) and "motion" not in metrics
@@ -253,11 +257,7 @@ def test_the_decoders_latent_noise_is_each_samples_level_times_the_channel_std(s
     """latent_noise: the decoder sees the encoder's latents plus, per sample, a level in [0, latent_noise] times each
     channel's `latents_std` of standard Gaussian noise; deterministic per (seed, step, rank); 0 decodes them as they
     are."""
-    first = stage(source)
-    run_stage(first, tmp_path / "full", 2, progress=False, export_to=tmp_path / "full-vae")
-    config = DecoderTrainConfig(steps=4, window_frames=5, batch_size=2, warmup_steps=1)
-    plain = DecoderStage(tmp_path / "full-vae", source, config)
-    noisy = DecoderStage(tmp_path / "full-vae", source, dataclasses.replace(config, latent_noise=0.5))
+    plain, noisy = decoder_stages(source, tmp_path, batch_size=2, latent_noise=0.5)
     batch = noisy.batch(3, 0)
     assert "noise_levels" not in plain.batch(3, 0)
     levels = batch["noise_levels"]
