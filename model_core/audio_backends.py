@@ -55,6 +55,7 @@ __all__ = [
     "load_wav2vec2",
     "load_whisper_encoder",
     "mel_filterbank",
+    "whisper_log_mel",
 ]
 
 #: The only internal rate supported: every backend (n_fft=400 log-mel, wav2vec2,
@@ -239,6 +240,18 @@ def load_whisper_encoder(
     return encoder.to(device=device, dtype=dtype).eval()
 
 
+def whisper_log_mel(st: AudioStreamState, w0: int, lo: int, n_frames: int, filterbank: torch.Tensor) -> torch.Tensor:
+    """Whisper log-mel ``[n_mel_bins, n_frames]`` with frame ``i`` centred at 16 kHz sample ``w0 + 160 i``; samples
+    before ``lo`` read as silence. Normalised as Whisper does: floor at the window's max - 8, then (x + 4) / 4."""
+    half = N_FFT // 2
+    centres = w0 + WHISPER_HOP * np.arange(n_frames, dtype=np.int64)
+    idx = centres[:, None] + np.arange(-half, half, dtype=np.int64)[None, :]
+    frames = _gather(st.buf16, st.buf16_start, idx, lo, st.n16)
+    log_spec = torch.log10(torch.clamp(_power_mel(frames, filterbank), min=1e-10))
+    log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
+    return ((log_spec + 4.0) / 4.0).T
+
+
 # ----------------------------------------------------------------------------------
 # Backends: one class per feature extractor (registered in model_core.audio.AUDIO_BACKENDS)
 # ----------------------------------------------------------------------------------
@@ -417,15 +430,7 @@ class WhisperBackend(_EncoderBackend):
             )
 
     def log_mel(self, st: AudioStreamState, w0: int, lo: int) -> torch.Tensor:
-        """Whisper log-mel ``[n_mel_bins, n_mel_frames]`` with frame ``i`` centred at
-        16 kHz sample ``w0 + 160 i``; samples before ``lo`` read as silence."""
-        half = N_FFT // 2
-        centres = w0 + WHISPER_HOP * np.arange(self.n_mel_frames, dtype=np.int64)
-        idx = centres[:, None] + np.arange(-half, half, dtype=np.int64)[None, :]
-        frames = _gather(st.buf16, st.buf16_start, idx, lo, st.n16)
-        log_spec = torch.log10(torch.clamp(_power_mel(frames, self.filterbank), min=1e-10))
-        log_spec = torch.maximum(log_spec, log_spec.max() - 8.0)
-        return ((log_spec + 4.0) / 4.0).T
+        return whisper_log_mel(st, w0, lo, self.n_mel_frames, self.filterbank)
 
     @torch.inference_mode()
     def _encode_block(self, st: AudioStreamState, c0: int, end: int, t0: int, t1: int) -> torch.Tensor:

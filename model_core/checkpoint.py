@@ -5,7 +5,8 @@
   Every base key must match; only the new layers (audio, reference embedder) may be missing.  Anything else
   is an error that lists the keys.
 * `save_facecast_checkpoint` / `load_facecast_checkpoint` — our own single-file format: the DiT weights plus its
-  `DiTConfig` (and optionally the VAE's) in the safetensors metadata, so `--checkpoint` alone rebuilds the model.
+  `DiTConfig` (and optionally the VAE's) in the safetensors metadata, so `--checkpoint` alone rebuilds the model;
+  a trained one also records its audio front end (`audio_backend_of`).
 
 Loading never downloads anything: paths are local.
 """
@@ -27,6 +28,9 @@ from .dit import CausalAvatarDiT
 NEW_LAYER_MARKERS = ("audio_projection.", "reference_embedder.", ".audio_k_proj.", ".audio_v_proj.",
                      ".norm_audio_k.")
 IGNORED_KEYS = ("norm_added_q",)  # present in some Wan checkpoints, unused (diffusers ignores it too)
+AUDIO_FRONTEND_KEY = "audio_frontend"
+"""Metadata of a trained score model: the audio front end ({"backend", "fps", "feature_dim"}) its features came from.
+Checkpoints without it were trained on "logmel" (`audio_backend_of`)."""
 FORMAT_KEY = "facecast_format"
 FORMAT_VERSION = "1"
 
@@ -120,6 +124,12 @@ def save_facecast_checkpoint(model: CausalAvatarDiT, path: str | Path, vae=None,
     for key, value in (extra or {}).items():
         metadata[key] = json.dumps(value)
     save_file(tensors, str(path), metadata=metadata)
+
+
+def audio_backend_of(metadata: dict) -> str:
+    """The audio front end a checkpoint was trained with (its `AUDIO_FRONTEND_KEY`; older checkpoints: "logmel")."""
+    record = metadata.get(AUDIO_FRONTEND_KEY)
+    return record["backend"] if record else "logmel"
 
 
 def read_facecast_metadata(path: str | Path) -> dict:

@@ -37,7 +37,7 @@ from .audio import AudioConfig
 from .audio_stage import AudioSession, AudioStage, ChunkAudioInput
 from .config import ConfigError, PresetConfig, StreamConfig, get_preset
 from .dit import CausalAvatarDiT
-from .models import build_fast_decoder, build_models
+from .models import audio_config_for, build_fast_decoder, build_models
 from .sampler import step
 from .decode import DecodeStage
 from .stages import ScoreSession, ScoreStage
@@ -155,7 +155,7 @@ class AvatarEngine:
         checkpoint must have been trained with the front-end it is given.
         """
         preset = get_preset(preset) if isinstance(preset, str) else preset
-        audio_config = audio_config or AudioConfig(backend=preset.audio_backend)
+        audio_config = audio_config or audio_config_for(preset, checkpoint)
         dit, vae, note = build_models(preset, checkpoint=checkpoint, device=device, dtype=dtype, seed=seed,
                                       audio_config=audio_config)
         fast = build_fast_decoder(preset, vae, device=device, path=fast_decoder)

@@ -1,6 +1,7 @@
 """Model construction: the DiT and VAE of a preset, from a facecast checkpoint or seeded random weights, on a device.
 
     build_models(preset, checkpoint, device, dtype, seed, audio_config) -> (dit, vae, weights note)
+      audio_config_for    the audio front end a checkpoint was trained with (else the preset's)
       resolve_checkpoint  the checkpoint given, else the preset's shipped weights (`weights`), else None (random)
       build_dit    checkpoint: `load_facecast_checkpoint`; none: `random_dit(dit_config_for(...))`
       build_vae    checkpoint with a VAE inside: its weights; else the preset's shipped VAE (`vae_weights`);
@@ -24,8 +25,8 @@ from pathlib import Path
 import torch
 
 from .audio import AudioConfig, AudioFrontend
-from .checkpoint import (VAE_PREFIX, CheckpointError, dit_config_from_metadata, load_facecast_checkpoint,
-                         read_facecast_metadata, read_state_dict)
+from .checkpoint import (VAE_PREFIX, CheckpointError, audio_backend_of, dit_config_from_metadata,
+                         load_facecast_checkpoint, read_facecast_metadata, read_state_dict)
 from .config import DEVICES, DTYPES, ConfigError, DiTConfig, PresetConfig
 from .dit import CausalAvatarDiT
 from .shipped import shipped_path
@@ -87,6 +88,14 @@ def resolve_checkpoint(preset: PresetConfig, checkpoint: str | None, required: b
                               f"train them with `facecast train student` (or restore checkpoints/ from git), or "
                               f"choose a random-weight preset (tiny, small)")
     return str(path)
+
+
+def audio_config_for(preset: PresetConfig, checkpoint: str | None, **fields) -> AudioConfig:
+    """The audio front end a session feeds this preset/checkpoint: the one the checkpoint (or the preset's shipped
+    weights) was trained with, else the preset's (`PresetConfig.audio_backend`). `fields`: AudioConfig's others."""
+    checkpoint = resolve_checkpoint(preset, checkpoint, required=False)
+    backend = audio_backend_of(read_facecast_metadata(checkpoint)) if checkpoint else preset.audio_backend
+    return AudioConfig(backend=backend, **fields)
 
 
 def dit_config_for(preset: PresetConfig, checkpoint: str | None, audio_config: AudioConfig) -> DiTConfig:

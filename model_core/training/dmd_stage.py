@@ -40,6 +40,7 @@ import torch.distributed as dist
 from ..checkpoint import load_facecast_checkpoint, save_facecast_checkpoint
 from ..dit import CausalAvatarDiT
 from ..sampler import ChunkCondition, Timestep, flow_schedule, step
+from .latents import frontend_record
 from .student_stage import student_levels
 from .teacher_stage import (Window, augment_voice, predict_velocity, random_windows, text_states, update_ema,
                             weighted_mse, window_batch)
@@ -333,7 +334,8 @@ class DistillStage:
                                  extra={"stage": "distill", "train": config,
                                         "stream": {"steps": config["steps"], "shift": config["shift"],
                                                    "chunk_latent_frames": config["chunk"],
-                                                   "sink_rope_offset": config["sink_rope_offset"]}})
+                                                   "sink_rope_offset": config["sink_rope_offset"]},
+                                        **frontend_record(self.source)})
 
 
 def _to(batch: dict, device) -> dict:

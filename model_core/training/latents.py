@@ -194,6 +194,15 @@ def dit_config_for_latents(preset, latents) -> DiTConfig:
 # ============================================================================================ the cache
 
 
+def frontend_record(source) -> dict:
+    """A score-model export's metadata for the audio front end its latents were made with (`AUDIO_FRONTEND_KEY`):
+    what a session must feed the checkpoint (`model_core.models.audio_config_for`)."""
+    from ..checkpoint import AUDIO_FRONTEND_KEY
+
+    frontend = (getattr(source, "manifest", None) or {}).get("frontend")
+    return {AUDIO_FRONTEND_KEY: frontend} if frontend else {}
+
+
 def cache_manifest(vae, frontend_config: dict, source_manifest: dict, count: int) -> dict:
     return {"kind": "latents", "version": CACHE_VERSION, "segment_stride": SEGMENT_STRIDE,
             "vae_digest": vae_digest(vae), "frontend": frontend_config,
@@ -211,10 +220,10 @@ def build_latent_cache(source, vae, frontend, dit_config: DiTConfig, out_dir: st
     manifest_path = out_dir / "manifest.json"
     if manifest_path.is_file():
         existing = json.loads(manifest_path.read_text())
-        if {k: existing.get(k) for k in ("vae_digest", "count", "version")} != \
-                {k: manifest[k] for k in ("vae_digest", "count", "version")}:
-            raise ValueError(f"{out_dir} holds latents of another VAE or data set; remove it or choose another "
-                             "--latents directory")
+        if {k: existing.get(k) for k in ("vae_digest", "count", "version", "frontend")} != \
+                {k: manifest[k] for k in ("vae_digest", "count", "version", "frontend")}:
+            raise ValueError(f"{out_dir} holds latents of another VAE, audio front end or data set; remove it or "
+                             "choose another --latents directory")
     else:
         manifest_path.write_text(json.dumps(manifest, indent=1))
     shards = (len(source) + SHARD_CLIPS - 1) // SHARD_CLIPS
@@ -275,6 +284,12 @@ class LatentSource:
         if self.manifest["vae_digest"] != vae_digest(vae):
             raise ValueError(f"{self.path} was encoded with another VAE (digest {self.manifest['vae_digest']}, this "
                              f"one {vae_digest(vae)}); rebuild it")
+
+    def check_frontend(self, backend: str) -> None:
+        made = self.manifest["frontend"]["backend"]
+        if made != backend:
+            raise ValueError(f"{self.path} holds the {made!r} audio front end's features, not {backend!r}'s; rebuild "
+                             "it or choose another --latents directory")
 
     def __getitem__(self, index: int) -> LatentClip:
         if not 0 <= index < self.count:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from ..checkpoint import load_facecast_checkpoint, save_facecast_checkpoint
 from ..sampler import flow_schedule
+from .latents import frontend_record
 from .teacher_stage import (Window, augment_voice, predict_velocity, random_windows, sigmas, update_ema, warm_rate,
                             weighted_mse, window_batch)
 
@@ -180,7 +181,8 @@ class StudentInitStage:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_facecast_checkpoint(copy.deepcopy(self.ema).cpu().half(), path,
-                                 extra={"stage": "student-init", "train": asdict(self.train_config)})
+                                 extra={"stage": "student-init", "train": asdict(self.train_config),
+                                        **frontend_record(self.source)})
 
 
 class _StudentObjective(torch.nn.Module):

@@ -49,7 +49,7 @@ from ..config import DiTConfig
 from ..dit import CausalAvatarDiT
 from ..text import BytePromptEncoder
 from .data import ClipPools, mouth_crops
-from .latents import audio_windows
+from .latents import audio_windows, frontend_record
 
 MAX_CHARACTERS = 2
 
@@ -177,9 +177,12 @@ class LatentLipReader:
         return cls(weight.float(), bias, scale, best_r)
 
 
-GROWABLE = ("num_layers", "audio_injection_dim")
+GROWABLE = ("num_layers", "audio_injection_dim", "audio_dim")
 """The shape fields a teacher may grow by when it is trained further (`TeacherTrainConfig.init`): more blocks (after
-its own) and the per-frame audio injection where it had none."""
+its own), the per-frame audio injection where it had none, and another audio front end's width (a new speech encoder:
+the first audio layer starts at zero, so the model starts deaf and learns to hear the new features)."""
+NEW_AUDIO_INPUT = "audio_projection.linear_1.weight"
+"""The one layer that reads the front end's features."""
 NEW_BLOCK_OUTPUTS = ("attn1.to_out.0.", "attn2.to_out.0.", "ffn.net.2.")
 """The layers of a block that write into the residual stream: zero in a grown block, so it starts as the identity."""
 
@@ -187,7 +190,8 @@ NEW_BLOCK_OUTPUTS = ("attn1.to_out.0.", "attn2.to_out.0.", "ffn.net.2.")
 def initial_weights(path: str, fresh: CausalAvatarDiT) -> dict:
     """The state dict of the teacher checkpoint at `path` for `fresh`'s shape: the same shape, or one it grows into
     (`GROWABLE`; the new weights taken from `fresh`, with every layer that writes a new block's output and the
-    injection's output at zero, so the grown model computes exactly what the checkpoint computes until it is trained).
+    injection's output at zero, so the grown model computes exactly what the checkpoint computes until it is trained;
+    for a new front end's `audio_dim`, `NEW_AUDIO_INPUT` at zero: every audio token is then the same).
     Any other difference is a clear error naming both shapes."""
     from ..checkpoint import load_facecast_checkpoint
 
@@ -201,8 +205,10 @@ def initial_weights(path: str, fresh: CausalAvatarDiT) -> dict:
     if not grows:
         described = ", ".join(f"{k} {theirs[k]!r} (this run: {ours[k]!r})" for k in differing)
         raise ValueError(f"init={path}: the checkpoint's shape differs from this run's: {described}; it may only grow: "
-                         "more num_layers, audio_injection_dim from 0")
+                         "more num_layers, audio_injection_dim from 0, another audio_dim")
     state = {key: value.float() for key, value in model.state_dict().items()}
+    if theirs["audio_dim"] != ours["audio_dim"]:
+        state[NEW_AUDIO_INPUT] = torch.zeros_like(fresh.state_dict()[NEW_AUDIO_INPUT], dtype=torch.float32)
     if not differing:
         return state
     new = {key: value.detach().clone().float() for key, value in fresh.state_dict().items() if key not in state}
@@ -457,7 +463,7 @@ class TeacherStage:
         path.parent.mkdir(parents=True, exist_ok=True)
         model = copy.deepcopy(self.ema).cpu().half()
         extra = {"stage": "teacher", "train": asdict(self.train_config),
-                 "latents": getattr(self.source, "manifest", {})}
+                 "latents": getattr(self.source, "manifest", {}), **frontend_record(self.source)}
         if self.reader is not None:
             extra["lip_reader_heldout_r"] = self.reader.heldout_r
         save_facecast_checkpoint(model, path, extra=extra)

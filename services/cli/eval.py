@@ -135,7 +135,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _teacher_sampler(args: argparse.Namespace, preset):
     from model_core.audio import AudioConfig, AudioFrontend
-    from model_core.checkpoint import load_facecast_checkpoint
+    from model_core.checkpoint import audio_backend_of, load_facecast_checkpoint
     from model_core.evaluate import TeacherSampler
     from model_core.models import build_vae
     from model_core.shipped import TALK128_TEACHER
@@ -149,7 +149,7 @@ def _teacher_sampler(args: argparse.Namespace, preset):
     if metadata.get("stage") != "teacher":
         raise UserError(f"--checkpoint: {path} is a {metadata.get('stage', 'non-teacher')!r} checkpoint; "
                         "--video teacher samples the bidirectional teacher")
-    frontend = AudioFrontend(AudioConfig(backend=preset.audio_backend, fps=preset.stream.fps))
+    frontend = AudioFrontend(AudioConfig(backend=audio_backend_of(metadata), fps=preset.stream.fps))
     return (TeacherSampler(teacher.float(), vae, frontend, steps=args.teacher_steps, guidance=args.guidance,
                            seed=args.seed), f"weights: {path} (teacher, {args.teacher_steps} steps x CFG "
                                             f"{args.guidance})")

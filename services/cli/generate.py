@@ -20,6 +20,7 @@ import numpy as np
 from model_core.audio import SUPPORTED_BACKENDS, AudioConfig
 from model_core.config import DEVICES, DTYPES, PRESETS, get_preset
 from model_core.engine import AvatarEngine, Character, iter_pieces
+from model_core.models import audio_config_for
 from model_core.shipped import TRAINED_PRESET
 from services.api.validation import MAX_SAMPLE_RATE_HZ, MIN_SAMPLE_RATE_HZ
 from services.cli.common import UserError, output_mp4, parse_device, parse_dtype, positive_float
@@ -95,7 +96,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     checkpoint = args.checkpoint or default_checkpoint(preset.name)
     try:
-        audio_config = AudioConfig(backend=args.audio_encoder, model_path=args.audio_encoder_path)
+        audio_config = (AudioConfig(backend=args.audio_encoder, model_path=args.audio_encoder_path)
+                        if args.audio_encoder else audio_config_for(preset, checkpoint,
+                                                                    model_path=args.audio_encoder_path))
     except ValueError as error:
         raise UserError(f"--audio-encoder: {error}") from None
     engine = AvatarEngine.from_preset(preset, checkpoint=checkpoint, device=device, dtype=dtype, seed=args.seed,
@@ -145,9 +148,12 @@ def add_parser(commands) -> None:
     gen.add_argument("--height", type=int, help="output height (default: the preset's)")
     gen.add_argument("--prompt", default="", help="optional text prompt")
     gen.add_argument("--face-region", help="x0,y0,x1,y1 fractions: audio acts only on this region (default: all)")
-    gen.add_argument("--audio-encoder", default="logmel", choices=SUPPORTED_BACKENDS,
-                     help="audio features: built-in log-mel (default), or a local wav2vec2/whisper model")
-    gen.add_argument("--audio-encoder-path", help="local transformers directory for --audio-encoder wav2vec2/whisper")
+    gen.add_argument("--audio-encoder", choices=SUPPORTED_BACKENDS,
+                     help="audio features (default: the ones the checkpoint was trained on, the shipped student's "
+                          "Whisper base through CTranslate2; random weights: the preset's): log-mel, a local "
+                          "wav2vec2/whisper model, or whisper-ct2")
+    gen.add_argument("--audio-encoder-path", help="local transformers directory for --audio-encoder wav2vec2/whisper "
+                                                  "(a CTranslate2 Whisper directory for whisper-ct2)")
     gen.add_argument("--device", default="auto", help=f"auto, {', '.join(DEVICES)} or cuda:N (default auto)")
     gen.add_argument("--dtype", default="float32", help=f"{', '.join(DTYPES)} (default float32)")
     gen.add_argument("--decoder", choices=("full", "fast"), default="full",

