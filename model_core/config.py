@@ -251,8 +251,10 @@ class PresetConfig:
         _check(stream.width % stride_w == 0, "width", stream.width, f"must be a multiple of {stride_w}")
 
 
-# Audio features: the built-in log-mel front-end gives n_mels * subframes = 80 * 4 channels per video frame.
+# Audio features: the built-in log-mel front-end gives n_mels * subframes = 80 * 4 channels per video frame; Whisper
+# base's encoder (`whisper-ct2`, the trained preset's) its d_model.
 LOGMEL_AUDIO_DIM = 320
+WHISPER_BASE_AUDIO_DIM = 512
 
 _TINY = PresetConfig(
     name="tiny",
@@ -275,12 +277,15 @@ _SMALL = PresetConfig(
 _TALK128 = PresetConfig(
     name="talk128",
     dit=DiTConfig(num_layers=4, num_heads=3, head_dim=64, ffn_dim=768, text_dim=64, text_len=32, image_dim=192,
-                  audio_dim=LOGMEL_AUDIO_DIM, audio_hidden_dim=192, patch_size=(1, 4, 4), reference_patch=(4, 4)),
+                  audio_dim=WHISPER_BASE_AUDIO_DIM, audio_hidden_dim=192, patch_size=(1, 4, 4),
+                  reference_patch=(4, 4)),
     vae=VAEConfig(base_dim=16, num_res_blocks=1, dim_mult=(1, 2, 2), temperal_downsample=(True, True),
                   patch_size=2, is_residual=True),
     stream=StreamConfig(width=128, height=128, steps=2),
+    audio_backend="whisper-ct2",
     description="the trained one, for the talking-face world: 128x128, a Wan2.2-layout VAE (2x2 patches, residual "
-                "blocks, 16x16x16 latents), DiT patch 4 (16 tokens a latent frame), 4 blocks, 192 channels",
+                "blocks, 16x16x16 latents), DiT patch 4 (16 tokens a latent frame), 4 blocks, 192 channels, "
+                "hearing through Whisper base",
     vae_weights="talk128-vae",
     weights="talk128-student.safetensors",
     fast_decoder_weights="talk128-fast-decoder",

@@ -84,9 +84,15 @@ TEACHER_PHASES = {  # `facecast train teacher`: (steps, recipe); runs in <run-di
     "mouth": (2000, {"mouth_weight": 16.0, "learning_rate": 2e-4}),
     "mouth2": (6000, {"mouth_weight": 16.0, "learning_rate": 2e-4}),
     "listen": (6000, {"mouth_weight": 16.0, "learning_rate": 2e-4, "audio_injection_dim": 32}),
+    # Phase hear: a new speech encoder (Whisper base, `model_core.audio_whisper`) in place of the log-mel features,
+    # which carry the voice: the first audio layer starts at zero and the model learns to hear the new features
+    # (BENCHMARKS, "A speech encoder that hears every voice"). Its latents are a second cache (`latents_for`).
+    "hear": (6000, {"mouth_weight": 16.0, "learning_rate": 2e-4, "audio_injection_dim": 32,
+                    "audio_backend": "whisper-ct2"}),
 }
-TEACHER_SHAPE = ("audio_injection_dim",)
-"""Recipe keys of TEACHER_PHASES that set the DiT's shape (`DiTConfig`), not the training config."""
+TEACHER_SHAPE = ("audio_injection_dim", "audio_backend")
+"""Recipe keys of TEACHER_PHASES that set the DiT's shape (`DiTConfig`; the front end sets its `audio_dim`), not the
+training config."""
 PAIRS = {"count": 1024, "teacher_steps": 12, "guidance": 3.5}
 RECIPE_FLAGS = {  # flag: (the stages it applies to, lowest, highest or None, what the bound means)
     "--interior-weight": (("vae",), 0, None, "0: off"),
@@ -97,6 +103,26 @@ RECIPE_FLAGS = {  # flag: (the stages it applies to, lowest, highest or None, wh
     "--voice-augment": (("teacher", "student"), 0, 4, "0: off"),
 }
 DEFAULT_LATENTS = Path("out") / "latents" / "train-128"
+
+
+def latents_for(latents: str | Path, backend: str) -> Path:
+    """The latent cache of one audio front end: `latents` itself for log-mel (every phase before hear), a sibling
+    `<latents>-<backend>` for another (the same latents, that front end's features)."""
+    return Path(latents) if backend == "logmel" else Path(f"{latents}-{backend}")
+
+
+def stage_audio_backend(args: argparse.Namespace, stage: str, teacher: str, student: str | None) -> str:
+    """The audio front end a DiT stage trains on: a teacher phase's recipe (`audio_backend`, else log-mel); the
+    student's phases hear what their teacher heard, the fast decoder what its student hears."""
+    from model_core.checkpoint import CheckpointError, audio_backend_of, read_facecast_metadata
+
+    if stage == "teacher":
+        return getattr(args, "audio_backend", None) or "logmel"
+    source = teacher if stage in ("student-init", "distill") else student
+    try:
+        return audio_backend_of(read_facecast_metadata(source)) if source and Path(source).is_file() else "logmel"
+    except CheckpointError as error:
+        raise UserError(f"--{'teacher' if source == teacher else 'student'}: {error}") from None
 
 
 def _teacher_default(name: str):
@@ -124,9 +150,9 @@ def _ensure_world(data: str, count: int, seed: int) -> None:
 
 
 def _ensure_latents(data: str, latents: str, preset_name: str, count: int, seed: int,
-                    vae_dir: str | None = None) -> None:
-    """The DiT stages train on the clips' latents, encoded once with `vae_dir` or the preset's shipped VAE
-    (resumable)."""
+                    vae_dir: str | None = None, backend: str = "logmel") -> None:
+    """The DiT stages train on the clips' latents, encoded once with `vae_dir` or the preset's shipped VAE and the
+    audio front end `backend` (resumable)."""
     from model_core.audio import AudioConfig, AudioFrontend
     from model_core.checkpoint import CheckpointError
     from model_core.config import get_preset
@@ -144,13 +170,14 @@ def _ensure_latents(data: str, latents: str, preset_name: str, count: int, seed:
     if is_latent_cache_complete(Path(latents)):
         try:  # here, before Ray starts: a stale cache is one line, not a worker's traceback
             LatentSource(latents).check_vae(vae)
+            LatentSource(latents).check_frontend(backend)
         except ValueError as error:
             raise UserError(f"--latents: {error} (delete it, or pass the --vae it was encoded with)") from None
         return
     print(f"encoding the training clips into latents first: {latents}")
     try:
         source = open_source(data, seed=seed, count=count, size=preset.stream.height)
-        frontend = AudioFrontend(AudioConfig(backend=preset.audio_backend, fps=preset.stream.fps))
+        frontend = AudioFrontend(AudioConfig(backend=backend, fps=preset.stream.fps))
         build_latent_cache(source, vae, frontend, preset.dit, latents, seed=seed)
     except ValueError as error:
         raise UserError(f"--latents: {error}") from None
@@ -314,7 +341,7 @@ def run_teacher(args: argparse.Namespace, root: Path, export: str, phases: list[
                                 f"not exist: run `facecast train teacher --phase {names[index - 1]}` first, or pass "
                                 "--init")
         values = {name: getattr(args, name) if getattr(args, name, None) is not None else recipe.get(name)
-                  for name in ("learning_rate", "mouth_weight", "audio_injection_dim")}
+                  for name in ("learning_rate", "mouth_weight", "audio_injection_dim", "audio_backend")}
         last = index == len(names) - 1 or (len(phases) == 1 and getattr(args, "export", None))
         run_args = argparse.Namespace(**{**vars(args), **values, "init": init})
         count = (steps or {}).get(phase) or getattr(args, "steps", None) or default_steps
@@ -328,7 +355,6 @@ def _run(args: argparse.Namespace, stage: str, steps: int, export: str, run_dir:
     from services.train.driver import LATENT_STAGES, TrainRequest, train
 
     data = args.data or str(default_dir("train"))
-    latents = (args.latents or str(DEFAULT_LATENTS)) if stage in LATENT_STAGES else None
     takes_vae = stage in LATENT_STAGES or stage == "vae-decoder"   # fast-decoder: the VAE it is distilled from
     teacher = args.teacher or DEFAULTS["teacher"]["export"]
     pairs = args.pairs or str(Path(init_export or "").parent / "ode-pairs.pt")
@@ -345,6 +371,11 @@ def _run(args: argparse.Namespace, stage: str, steps: int, export: str, run_dir:
         if not Path(extra["student"]).is_file():
             raise UserError(f"--student: {extra['student']} does not exist (the streaming student whose latents the "
                             "fast decoder serves; `facecast train student` makes it)")
+    backend = stage_audio_backend(args, stage, teacher, extra.get("student"))
+    latents = str(latents_for(args.latents or DEFAULT_LATENTS, backend)) if stage in LATENT_STAGES else None
+    if getattr(args, "voice_augment", None) and backend != "logmel":
+        raise UserError(f"--voice-augment reshapes log-mel features; this {stage} run hears {backend!r} features "
+                        "(a speech encoder's, which need no voice augmentation)")
     if getattr(args, "opening_weight", None) is not None and stage == "vae":
         extra["opening_weight"] = args.opening_weight
     if getattr(args, "history_corrupt", None) is not None and stage == "distill":
@@ -377,7 +408,7 @@ def _run(args: argparse.Namespace, stage: str, steps: int, export: str, run_dir:
                         "first")
     _ensure_world(data, args.world_count, args.seed)
     if latents:
-        _ensure_latents(data, latents, request.preset, args.world_count, args.seed, request.vae)
+        _ensure_latents(data, latents, request.preset, args.world_count, args.seed, request.vae, backend)
     if stage == "student-init":
         guidance = args.guidance if getattr(args, "guidance", None) is not None else PAIRS["guidance"]
         _ensure_pairs(teacher, latents, pairs, args.seed, args.pairs_count, guidance)
@@ -446,7 +477,9 @@ def add_parser(commands) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--world-count", type=int, default=768, help="clips when the default dataset is made")
     train.add_argument("--latents", help=f"the DiT stages' latent cache (default {DEFAULT_LATENTS}, encoded from "
-                                         "--data with the shipped VAE if missing)")
+                                         "--data with the shipped VAE if missing); stages on another audio front "
+                                         "end than log-mel (teacher phase hear, and the students of its teacher) "
+                                         "use <latents>-<front end>, e.g. -whisper-ct2")
     train.add_argument("--vae", help="the DiT stages and fast-decoder: the VAE directory whose latents they train "
                                      "on (default: the preset's shipped VAE, checkpoints/talk128-vae); vae --phase "
                                      "decoder|motion: the finished VAE whose decoder to train (default: the phase "

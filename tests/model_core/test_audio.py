@@ -267,7 +267,8 @@ def test_backend_is_chosen_by_the_registry_and_unknown_names_are_config_errors()
             assert repr(name) in str(e.value)
         else:
             assert AudioConfig(backend=name).model_path is None
-    assert [name for name, backend in AUDIO_BACKENDS.items() if not backend.needs_model_path] == ["logmel", "whisper-ct2"]
+    assert [name for name, backend in AUDIO_BACKENDS.items() if not backend.needs_model_path] == \
+        ["logmel", "whisper-ct2"]
     fe = AudioFrontend(AudioConfig())
     assert type(fe.backend) is AUDIO_BACKENDS["logmel"]
     assert (fe.feature_dim, fe.block_frames, fe.lookahead_s) == (

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from model_core.checkpoint import read_facecast_metadata
+from model_core.checkpoint import audio_backend_of, read_facecast_metadata
 from model_core.shipped import (CHECKPOINTS, TALK128_FAST_DECODER, TALK128_STUDENT, TALK128_TEACHER, TALK128_VAE,
                                 VAE_DECODER_TRAIN, shipped_path)
 from model_core.training.dmd_stage import DistillConfig
@@ -42,15 +42,19 @@ def runs(monkeypatch):
 def test_the_teacher_runs_its_phases_in_turn_each_from_the_last_ones_weights(runs, tmp_path, capsys):
     final = tmp_path / "teacher.safetensors"
     assert main(["train", "teacher", "--run-dir", str(tmp_path), "--export", str(final)]) == 0
-    base, mouth, mouth2 = (tmp_path / f"teacher-{phase}" / "teacher.safetensors"
-                           for phase in ("base", "mouth", "mouth2"))
+    base, mouth, mouth2, listen = (tmp_path / f"teacher-{phase}" / "teacher.safetensors"
+                                   for phase in ("base", "mouth", "mouth2", "listen"))
     assert [(Path(r.run_dir).name, r.steps, r.init, r.mouth_weight, r.learning_rate, r.export) for r in runs] == [
         ("teacher-base", 3000, None, None, None, str(base)),
         ("teacher-mouth", 2000, str(base), 16.0, 2e-4, str(mouth)),
         ("teacher-mouth2", 6000, str(mouth), 16.0, 2e-4, str(mouth2)),
-        ("teacher-listen", 6000, str(mouth2), 16.0, 2e-4, str(final)),
+        ("teacher-listen", 6000, str(mouth2), 16.0, 2e-4, str(listen)),
+        ("teacher-hear", 6000, str(listen), 16.0, 2e-4, str(final)),
     ]
-    assert [r.audio_injection_dim for r in runs] == [None, None, None, 32]
+    assert [r.audio_injection_dim for r in runs] == [None, None, None, 32, 32]
+    # phase hear trains on Whisper's features: the same latents, in their own cache beside the log-mel one's
+    latents = str(train_cli.DEFAULT_LATENTS)
+    assert [r.latents for r in runs] == [latents] * 4 + [f"{latents}-whisper-ct2"]
     # one phase again, resumed on its own: from the phase before it, unless --init says otherwise; flags override
     runs.clear()
     assert main(["train", "teacher", "--run-dir", str(tmp_path), "--phase", "mouth", "--steps", "50"]) == 0
@@ -61,14 +65,32 @@ def test_the_teacher_runs_its_phases_in_turn_each_from_the_last_ones_weights(run
     assert [(r.init, r.mouth_weight, r.learning_rate, r.export) for r in runs] == [(str(base), 8.0, 2e-4, str(final))]
 
 
-def test_voice_augment_reaches_every_run_it_names(runs, tmp_path, monkeypatch):
+def _teacher(path: Path, backend: str, width: int) -> Path:
+    """A tiny teacher checkpoint that records the audio front end it was trained on."""
+    from model_core.checkpoint import AUDIO_FRONTEND_KEY, save_facecast_checkpoint
+    from model_core.config import get_preset
+    from model_core.models import random_dit
+
+    model = random_dit(dataclasses.replace(get_preset("tiny").dit, audio_dim=width), 0)
+    save_facecast_checkpoint(model, path, extra={
+        "stage": "teacher", AUDIO_FRONTEND_KEY: {"backend": backend, "fps": 25.0, "feature_dim": width}})
+    return path
+
+
+def test_voice_augment_reaches_every_run_it_names(runs, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train_cli, "_ensure_pairs", lambda *args: None)
-    assert main(["train", "student", "--run-dir", str(tmp_path), "--voice-augment", "0.5",
+    logmel = _teacher(tmp_path / "logmel.safetensors", "logmel", 320)
+    assert main(["train", "student", "--run-dir", str(tmp_path), "--voice-augment", "0.5", "--teacher", str(logmel),
                  "--export", str(tmp_path / "student.safetensors")]) == 0
     assert [(r.stage, r.voice_augment) for r in runs] == [("student-init", 0.5), ("distill", 0.5)]
     runs.clear()
     assert main(["train", "teacher", "--run-dir", str(tmp_path), "--phase", "base", "--voice-augment", "2"]) == 0
     assert [(r.stage, r.voice_augment) for r in runs] == [("teacher", 2.0)]
+    runs.clear()   # a speech encoder's features are not log-mel bins to shift: refused, nothing runs
+    (tmp_path / "listen.safetensors").write_bytes(b"weights")
+    assert main(["train", "teacher", "--run-dir", str(tmp_path), "--phase", "hear", "--init",
+                 str(tmp_path / "listen.safetensors"), "--voice-augment", "1"]) == 2
+    assert "--voice-augment reshapes log-mel features" in capsys.readouterr().err and runs == []
 
 
 def _comparable(config) -> dict:
@@ -90,8 +112,11 @@ def test_the_default_recipes_are_the_shipped_checkpoints():
     last_steps, last_recipe = list(train_cli.TEACHER_PHASES.values())[-1]
     shape = {k: v for k, v in last_recipe.items() if k in train_cli.TEACHER_SHAPE}
     expected = _comparable(TeacherTrainConfig(**{k: v for k, v in last_recipe.items() if k not in shape}))
-    config = read_facecast_metadata(shipped_path(TALK128_TEACHER))["dit_config"]
-    assert {k: config[k] for k in shape} == shape
+    metadata = read_facecast_metadata(shipped_path(TALK128_TEACHER))
+    assert {k: metadata["dit_config"][k] for k in shape if k != "audio_backend"} == \
+        {k: v for k, v in shape.items() if k != "audio_backend"}
+    assert audio_backend_of(metadata) == shape.get("audio_backend", "logmel")
+    assert audio_backend_of(read_facecast_metadata(shipped_path(TALK128_STUDENT))) == audio_backend_of(metadata)
     assert {k: v for k, v in recorded.items() if k != "init"} == {k: v for k, v in expected.items() if k != "init"}
     student = _recorded(read_facecast_metadata(shipped_path(TALK128_STUDENT))["train"])
     assert student == _comparable(DistillConfig())
@@ -156,3 +181,17 @@ def test_train_vae_refuses_what_does_not_apply_in_one_line(runs, tmp_path, capsy
     assert main(["train", "vae", "--run-dir", str(tmp_path)] + argv) == 2
     assert message in capsys.readouterr().err
     assert runs == []
+
+
+def test_the_student_trains_on_the_features_its_teacher_heard(runs, tmp_path, monkeypatch):
+    """A teacher of phase hear (Whisper's features) gets students trained on the Whisper latent cache; a log-mel
+    teacher on the log-mel one."""
+    monkeypatch.setattr(train_cli, "_ensure_pairs", lambda *args: None)
+    teachers = {backend: _teacher(tmp_path / f"{backend}.safetensors", backend, width)
+                for backend, width in (("whisper-ct2", 512), ("logmel", 320))}
+    for backend, cache in (("whisper-ct2", f"{train_cli.DEFAULT_LATENTS}-whisper-ct2"),
+                           ("logmel", str(train_cli.DEFAULT_LATENTS))):
+        runs.clear()
+        assert main(["train", "student", "--teacher", str(teachers[backend]), "--run-dir", str(tmp_path / backend),
+                     "--export", str(tmp_path / backend / "student.safetensors")]) == 0
+        assert [(r.stage, r.latents) for r in runs] == [("student-init", cache), ("distill", cache)]
