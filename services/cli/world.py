@@ -29,9 +29,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not espeak_available():
         raise UserError(str(EspeakMissing("libespeak-ng is not installed: run `make espeak-ng` "
                                           "(Debian: sudo apt-get install espeak-ng libespeak-ng1)")))
+    if args.eval_voice and args.part != "eval":
+        raise UserError("--eval-voice applies to --part eval (the held-out clips' voice)")
     out = Path(args.out) if args.out else default_dir(args.part, args.size)
+    if args.eval_voice and not args.out:
+        raise UserError("--eval-voice needs its own --out: the default directory holds the held-out voice's clips")
     try:
-        source = WorldSource(WorldSplit(args.seed, identity_count=args.identities), args.part, args.count, args.size)
+        split = WorldSplit(args.seed, identity_count=args.identities,
+                           **({"held_out_voice": args.eval_voice} if args.eval_voice else {}))
+        source = WorldSource(split, args.part, args.count, args.size)
         manifest = write_shards(out, source, shard_size=args.shard_size, progress=not args.quiet,
                                 workers=args.workers or os.cpu_count() or 1)
     except ValueError as error:
@@ -89,6 +95,9 @@ def add_parser(commands) -> None:
     generate.add_argument("--workers", type=int, help="shards rendered at once in separate processes (default: one "
                                                         "per CPU; the shards are identical for any count)")
     generate.add_argument("--quiet", action="store_true", help="no progress bar")
+    generate.add_argument("--eval-voice", help="--part eval: speak the held-out clips (the same identities and "
+                                               "sentences) in this voice instead of the held-out one, e.g. a training "
+                                               "voice, to measure how much the lip sync depends on the voice")
     generate.set_defaults(handler=cmd_generate)
     info = verbs.add_parser("info", help="print a cached dataset's manifest and split")
     info.add_argument("directory")

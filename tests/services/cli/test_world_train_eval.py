@@ -89,6 +89,10 @@ def test_world_generate_resumes_and_info_reports_the_split(tmp_path, capsys):
     (["eval", "--listen", "--video", "vae"], "--listen sets the streaming engine's character listening"),
     (["eval", "--listen", "--horizon", "60"], "it needs --video model and no --horizon"),
     (["train", "vae", "--phase", "full", "--motion-weight", "1"], "--motion-weight applies to the decoder phases"),
+    (["world", "generate", "--eval-voice", "en-us+m1"], "--eval-voice applies to --part eval"),
+    (["world", "generate", "--part", "eval", "--eval-voice", "en-us+m1"], "--eval-voice needs its own --out"),
+    (["world", "generate", "--part", "eval", "--eval-voice", "en-us+m9", "--out", "unused"],
+     "held-out voice 'en-us+m9' is unknown; allowed: en-us+m1"),
 ])
 def test_user_errors_are_one_line_with_status_2(args, message, capsys):
     """In process (`main`, as the console script runs it): each refusal is found before anything heavy starts."""
@@ -170,3 +174,18 @@ def test_world_shards_are_the_same_bytes_from_any_number_of_workers(tmp_path):
         assert sorted(one.files) == sorted(two.files)
         for key in one.files:
             np.testing.assert_array_equal(one[key], two[key], err_msg=f"{shard}:{key}")
+
+
+def test_the_held_out_clips_in_another_voice_say_the_same_things(tmp_path):
+    """`--eval-voice` changes the voice and nothing else the clip spec draws: identities, sentences, rate and pitch."""
+    from model_core.world.store import ShardSource
+
+    for name, extra in (("held-out", []), ("rp", ["--eval-voice", "en-gb-x-rp+m4"])):
+        assert main(["world", "generate", "--part", "eval", "--count", "2", "--out", str(tmp_path / name),
+                     "--quiet", "--workers", "1"] + extra) == 0
+    for a, b in zip(*(ShardSource(tmp_path / name) for name in ("held-out", "rp"))):
+        assert a.meta["identities"] == b.meta["identities"]
+        assert [(t["sentence"], t["rate"], t["pitch"]) for t in a.meta["turns"]] == \
+            [(t["sentence"], t["rate"], t["pitch"]) for t in b.meta["turns"]]
+        assert {t["voice"] for t in a.meta["turns"]} == {"en-gb-scotland+m7"}
+        assert {t["voice"] for t in b.meta["turns"]} == {"en-gb-x-rp+m4"}
