@@ -169,10 +169,14 @@ def _ensure_latents(data: str, latents: str, preset_name: str, count: int, seed:
         raise UserError(f"--vae: {error}" if vae_dir else str(error)) from None
     if is_latent_cache_complete(Path(latents)):
         try:  # here, before Ray starts: a stale cache is one line, not a worker's traceback
-            LatentSource(latents).check_vae(vae)
-            LatentSource(latents).check_frontend(backend)
+            cache = LatentSource(latents)
+            cache.check_vae(vae)
         except ValueError as error:
             raise UserError(f"--latents: {error} (delete it, or pass the --vae it was encoded with)") from None
+        try:
+            cache.check_frontend(backend)
+        except ValueError as error:
+            raise UserError(f"--latents: {error}") from None
         return
     print(f"encoding the training clips into latents first: {latents}")
     try:

@@ -121,6 +121,25 @@ def test_a_stale_latent_cache_is_refused_in_one_line_before_ray_starts(tmp_path,
     assert "Traceback" not in result.stderr and "Ray" not in result.stderr
 
 
+def test_a_latent_cache_of_another_front_end_is_refused_in_one_line(tmp_path, capsys):
+    """Phase hear reads `<latents>-whisper-ct2`; one holding log-mel features (of the right VAE) is refused by name."""
+    from model_core.shipped import TALK128_VAE, shipped_path
+    from model_core.training.latents import vae_digest
+    from model_core.vae import StreamingVAE
+
+    cache = tmp_path / "latents-whisper-ct2"
+    cache.mkdir()
+    (cache / "manifest.json").write_text(json.dumps({
+        "count": 1, "shard_clips": 1, "version": CACHE_VERSION,
+        "vae_digest": vae_digest(StreamingVAE.from_pretrained(shipped_path(TALK128_VAE))),
+        "frontend": {"backend": "logmel", "fps": 25.0, "feature_dim": 320}}))
+    (cache / "shard-00000.pt").write_bytes(b"")
+    (tmp_path / "listen.safetensors").write_bytes(b"weights")
+    assert main(["train", "teacher", "--phase", "hear", "--init", str(tmp_path / "listen.safetensors"), "--data",
+                 "world:train", "--latents", str(tmp_path / "latents"), "--run-dir", str(tmp_path / "runs")]) == 2
+    assert "holds the 'logmel' audio front end's features, not 'whisper-ct2''s" in capsys.readouterr().err
+
+
 def test_eval_refuses_a_training_set(tmp_path):
     assert main(["world", "generate", "--part", "train", "--count", "1", "--size", "128", "--out",
                  str(tmp_path), "--quiet"]) == 0
