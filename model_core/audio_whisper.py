@@ -8,7 +8,8 @@
 Why: the score model must read *what is said*, not who says it. Log-mel features carry the voice (pitch, formants,
 the synthesiser), and a model trained on a handful of voices reads an unheard voice worse (BENCHMARKS, "A speech
 encoder that hears every voice"); Whisper's encoder was trained on 680k hours of many speakers, and a ridge read-out
-of the mouth opening from its streamed features is as good on a held-out voice as on the training voices.
+of the mouth opening from its streamed features reads every voice alike (0.93 on the held-out voice, 0.91-0.93 on
+training voices, 0.96 on training clips; log-mel 0.75-0.85).
 
 Streaming: the encoder runs on the shared block loop (`audio_backends._EncoderBackend`): block b of ~0.2 s reads
 `context_s` seconds before it and `ENCODER_RIGHT_CONTEXT_S` after it. Unlike the transformers backend (`"whisper"`,
