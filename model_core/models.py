@@ -90,11 +90,14 @@ def resolve_checkpoint(preset: PresetConfig, checkpoint: str | None, required: b
     return str(path)
 
 
-def audio_config_for(preset: PresetConfig, checkpoint: str | None, **fields) -> AudioConfig:
-    """The audio front end a session feeds this preset/checkpoint: the one the checkpoint (or the preset's shipped
-    weights) was trained with, else the preset's (`PresetConfig.audio_backend`). `fields`: AudioConfig's others."""
-    checkpoint = resolve_checkpoint(preset, checkpoint, required=False)
-    backend = audio_backend_of(read_facecast_metadata(checkpoint)) if checkpoint else preset.audio_backend
+def audio_config_for(preset: PresetConfig, checkpoint: str | None, backend: str | None = None,
+                     **fields) -> AudioConfig:
+    """The audio front end a session feeds this preset/checkpoint: `backend` when the caller names one, else the one
+    the checkpoint (or the preset's shipped weights) was trained with, else the preset's (`PresetConfig.audio_backend`).
+    `fields`: AudioConfig's others."""
+    if backend is None:
+        checkpoint = resolve_checkpoint(preset, checkpoint, required=False)
+        backend = audio_backend_of(read_facecast_metadata(checkpoint)) if checkpoint else preset.audio_backend
     return AudioConfig(backend=backend, **fields)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model_core.audio import SUPPORTED_BACKENDS, AudioConfig
+from model_core.audio import SUPPORTED_BACKENDS
 from model_core.config import DEVICES, DTYPES, PRESETS, get_preset
 from model_core.engine import AvatarEngine, Character, iter_pieces
 from model_core.models import audio_config_for
@@ -96,9 +96,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     checkpoint = args.checkpoint or default_checkpoint(preset.name)
     try:
-        audio_config = (AudioConfig(backend=args.audio_encoder, model_path=args.audio_encoder_path)
-                        if args.audio_encoder else audio_config_for(preset, checkpoint,
-                                                                    model_path=args.audio_encoder_path))
+        audio_config = audio_config_for(preset, checkpoint, args.audio_encoder, model_path=args.audio_encoder_path)
     except ValueError as error:
         raise UserError(f"--audio-encoder: {error}") from None
     engine = AvatarEngine.from_preset(preset, checkpoint=checkpoint, device=device, dtype=dtype, seed=args.seed,

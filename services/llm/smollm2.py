@@ -21,7 +21,7 @@ import os
 import threading
 from pathlib import Path
 
-from services.llm.cache import atomic_dir, package_dir
+from model_core.audio_whisper import atomic_dir, package_dir
 from services.llm.conversation import ConversationError
 
 logger = logging.getLogger(__name__)

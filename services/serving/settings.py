@@ -233,12 +233,11 @@ class AppSettings:
         return "cuda" if self.device == "cuda" and torch.cuda.is_available() else "cpu"
 
     def audio_config(self):
-        from model_core.audio import AudioConfig
         from model_core.models import audio_config_for
 
-        if self.audio_backend is None:  # the front end the checkpoint (or the preset's shipped weights) was trained on
-            return audio_config_for(self.preset_config, self.checkpoint, model_path=self.audio_model_path)
-        return AudioConfig(backend=self.audio_backend, model_path=self.audio_model_path)
+        # unless named, the front end the checkpoint (or the preset's shipped weights) was trained on
+        return audio_config_for(self.preset_config, self.checkpoint, self.audio_backend,
+                                model_path=self.audio_model_path)
 
     def stream_defaults(self):
         return get_preset(self.preset).stream.replace(steps=self.steps, decoder=self.decoder)
