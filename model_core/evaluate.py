@@ -1,8 +1,8 @@
 """`facecast eval`'s engine: score videos of held-out world clips against their ground truth.
 
     evaluate(source, probe, video="model" | "truth" | "shift:K" | "frozen" | "swap", engine=None) -> report dict
-    horizon(source, probe, engine, seconds, window_s=10) -> report dict   one session streaming `seconds` of speech,
-                                                                          scored on its first and last window
+    horizon(source, probe, engine, seconds, window_s=10, streams=1) -> report dict   sessions streaming `seconds` of
+                                              speech each, scored on their first and last windows of whole loops
 
 What is scored, per clip (single-character clips of the source; two-character clips are skipped):
 * "model": the engine's video for the clip's reference (a neutral render of its identity) and its audio;
@@ -196,40 +196,95 @@ def score_frames(probe, frames: np.ndarray, truth_frames: np.ndarray, boxes: np.
 HORIZON_METRICS = ("sync_r", "identity", "psnr", "ssim")
 
 
+def horizon_windows(seconds: float, window_s: float, period: int, fps: float, at: tuple[float, ...] = ()) -> dict:
+    """The long horizon's windows, in frames [start, stop): each spans the whole loops of a `period`-frame clip nearest
+    `window_s` (at least one) and starts on a loop boundary, so every window hears the same speech frame for frame and
+    is scored against the same truth: what differs between them is the stream's drift alone. `first` starts at 0, each
+    mark of `at` at the loop boundary nearest it (`at_<mark>`), `last` at the last boundary it fits before the end."""
+    total = int(round(seconds * fps))
+    loops = max(1, int(round(window_s * fps / period)))
+    width = loops * period
+    if window_s <= 0 or total < 2 * width:
+        raise ValueError(f"seconds={seconds:g} is invalid: at least two windows ({2 * width / fps:g} s: window_s="
+                         f"{window_s:g} is {loops} loop(s) of the {period / fps:g} s clip)")
+    last = (total - width) // period * period
+    windows = {"first": (0, width)}
+    for mark in at:
+        start = int(round(mark * fps / period)) * period
+        if not width <= start <= last - width:
+            raise ValueError(f"at={mark:g} is invalid: a window start between the first window's end "
+                             f"({width / fps:g} s) and the last window's start less one window "
+                             f"({(last - width) / fps:g} s)")
+        windows[f"at_{mark:g}"] = (start, start + width)
+    windows["last"] = (last, last + width)
+    return windows
+
+
 @torch.no_grad()
 def horizon(source, probe, engine, seconds: float, window_s: float = 10.0, seed: int = 0,
-            progress: bool = True, at: tuple[float, ...] = ()) -> dict:
-    """The long horizon: one session streams `seconds` of speech (the first single-character held-out clip's audio,
-    looped, cut to its frames so the loop keeps frame t on the clip's frame t mod N), and its video is scored on the
-    first `window_s` seconds and on the last `window_s`, each against the clip's truth at the same place in the loop.
-    `change` is last / first - 1 per metric (the issue's target: within 3 %). `at`: more windows, each starting at
-    that second (`at_<s>`, with `change_at_<s>` against the first), so one long run also reports, say, the window
-    after 1,000 s. Only the windows' frames are kept, so an hour of streaming holds a few `window_s` of video in
-    memory."""
-    if window_s <= 0 or seconds < 2 * window_s:
-        raise ValueError(f"seconds={seconds:g} is invalid: at least two windows ({2 * window_s:g} s) of window_s="
-                         f"{window_s:g}")
-    for mark in at:
-        if not window_s <= mark <= seconds - 2 * window_s:
-            raise ValueError(f"at={mark:g} is invalid: a window start between the first window's end ({window_s:g} s) "
-                             f"and the last window's start less one window ({seconds - 2 * window_s:g} s)")
-    clip = _balanced_singles(source, 1)[0]
-    fps, rate = float(engine.preset.stream.fps), int(clip.sample_rate)
-    period = clip.num_frames
+            progress: bool = True, at: tuple[float, ...] = (), streams: int = 1) -> dict:
+    """The long horizon: `streams` sessions, one after another, each streaming `seconds` of speech (one of the first
+    single-character held-out clips, taken round-robin over the styles: its audio looped, cut to its frames so frame t
+    is the clip's frame t mod N, and its own reference image), scored on windows of whole loops (`horizon_windows`):
+    the first, the last and one per mark of `at` (`at_<s>`). Each window's metrics are the mean over the streams
+    (`per_stream` keeps each one's); `change` is last / first - 1 per metric (the issue's target: within 3 %), and
+    `change_at_<s>` the same for a mark. Only the windows' frames are kept, so an hour holds a few windows in memory."""
+    if streams < 1:
+        raise ValueError(f"streams={streams} is invalid: at least 1")
+    if window_s <= 0:
+        raise ValueError(f"window_s={window_s:g} is invalid: > 0")
+    clips = _balanced_singles(source, streams)
+    if len(clips) < streams:
+        raise ValueError(f"streams={streams} is invalid: the evaluation set has {len(clips)} single-character clips")
+    fps = float(engine.preset.stream.fps)
+    plans = [horizon_windows(seconds, window_s, clip.num_frames, fps, at) for clip in clips]
+    began = time.perf_counter()
+    per_stream = [_horizon_stream(clip, windows, probe, engine, seconds, fps, seed, progress, f"{index + 1}/{streams}")
+                  for index, (clip, windows) in enumerate(zip(clips, plans))]
+    report = {"seconds": seconds, "window_s": window_s, "streams": streams,
+              "frames": sum(stream.pop("frames") for stream in per_stream),
+              "wall_s": round(time.perf_counter() - began, 2)}
+    for name in plans[0]:
+        report[name] = {key: _mean([stream[name][key] for stream in per_stream]) for key in per_stream[0][name]
+                        if key != "span_s"}
+        report[name]["span_s"] = [stream[name]["span_s"] for stream in per_stream]
+    for name in plans[0]:
+        if name == "first":
+            continue
+        report["change" if name == "last" else f"change_{name}"] = _change(report["first"], report[name])
+    for stream in per_stream:
+        for name in plans[0]:
+            if name != "first":
+                stream["change" if name == "last" else f"change_{name}"] = _change(stream["first"], stream[name])
+    report["per_stream"] = per_stream
+    return report
+
+
+def _mean(values: list) -> float | None:
+    kept = [value for value in values if value is not None]
+    return round(float(np.mean(kept)), 4) if kept else None
+
+
+def _change(first: dict, later: dict) -> dict:
+    return {key: (round(later[key] / first[key] - 1.0, 4)
+                  if first.get(key) not in (None, 0.0) and later.get(key) is not None else None)
+            for key in HORIZON_METRICS}
+
+
+def _horizon_stream(clip, windows: dict, probe, engine, seconds: float, fps: float, seed: int, progress: bool,
+                    label: str) -> dict:
+    """One session streaming the clip's looped audio for `seconds`; its scores on each window."""
+    rate, period = int(clip.sample_rate), clip.num_frames
     samples = int(round(period * rate / fps))
     loop_audio = np.zeros(samples, np.float32)
     loop_audio[:min(samples, len(clip.audio))] = clip.audio[:samples]
     total = int(round(seconds * fps))
-    width = int(round(window_s * fps))
-    windows = {"first": (0, width), **{f"at_{mark:g}": (int(round(mark * fps)), int(round(mark * fps)) + width)
-                                       for mark in at}, "last": (total - width, total)}
     reference, reference_box = reference_render(int(clip.truth.identity[0]), seed, clip.frames.shape[1])
     _, reference_embedding = read_video(probe, reference[None], reference_box[None])
     kept = {name: [] for name in windows}
     image = torch.from_numpy(np.array(reference)).permute(2, 0, 1).float().div(127.5).sub(1.0)
-    began = time.perf_counter()
     session = engine.open_session(image)
-    bar = tqdm(total=total, desc=f"horizon {seconds:g} s", unit="frame", disable=not progress)
+    bar = tqdm(total=total, desc=f"horizon {seconds:g} s, stream {label}", unit="frame", disable=not progress)
     produced, pushed, piece = 0, 0, rate // 5
 
     def keep(chunks):
@@ -254,8 +309,7 @@ def horizon(source, probe, engine, seconds: float, window_s: float = 10.0, seed:
     finally:
         engine.close_session(session)
         bar.close()
-    report = {"seconds": seconds, "window_s": window_s, "frames": produced, "clip_frames": period,
-              "wall_s": round(time.perf_counter() - began, 2)}
+    report = {"clip_frames": period, "identity_index": int(clip.truth.identity[0]), "frames": produced}
     for name, (start, stop) in windows.items():
         frames = np.concatenate(kept[name])[:stop - start]
         index = np.arange(start, start + len(frames)) % period
@@ -264,14 +318,6 @@ def horizon(source, probe, engine, seconds: float, window_s: float = 10.0, seed:
         scores.pop("lag_curve")
         report[name] = {key: (round(float(value), 4) if value is not None else None) for key, value in scores.items()}
         report[name]["span_s"] = [round(start / fps, 2), round(stop / fps, 2)]
-    for name in windows:
-        if name == "first":
-            continue
-        later = report[name]
-        report["change" if name == "last" else f"change_{name}"] = {
-            key: (round(later[key] / report["first"][key] - 1.0, 4)
-                  if report["first"].get(key) not in (None, 0.0) and later.get(key) is not None else None)
-            for key in HORIZON_METRICS}
     return report
 
 

@@ -4,8 +4,9 @@
     facecast eval --video teacher [--checkpoint T]   the bidirectional teacher (12 steps x CFG = 24 NFE)
     facecast eval --video truth | frozen | swap | shift:K      the calibration cases (ceiling, floors, lags)
     facecast eval --video vae                        the truth through the preset's VAE (what it keeps of the mouth)
-    facecast eval --horizon SECONDS [--window S]     one session streaming SECONDS of speech (a held-out clip's
-                                                     audio looped), scored on its first and last S seconds
+    facecast eval --horizon SECONDS [--window S] [--streams N]   N sessions (default 3), each streaming SECONDS of
+                                                     speech (a held-out clip's audio looped), scored on windows of
+                                                     whole loops (~S seconds) at the start and the end
     facecast eval --ablate sink | rope               the engine without the Adaptive Attention Sink (the reference
                                                      stays the sink) or without Rolling RoPE (absolute positions)
     facecast eval --vae-report [--vae DIR] [--frames N]   the VAE's reconstruction of held-out clips, and per
@@ -29,6 +30,8 @@ from services.cli.world import default_dir
 
 DEFAULT_PROBE = str(shipped_path(LIPSYNC_PROBE))
 DEFAULT_EVAL_COUNT = 48
+DEFAULT_STREAMS = 3
+"""`--horizon`'s sessions: one stream's lip sync moves by several per cent between windows of the same speech."""
 ABLATIONS = {"sink": {"adaptive_sink": False}, "rope": {"rolling_rope": False}}
 """`--ablate NAME`: the session settings that switch one of the student's streaming mechanisms off."""
 
@@ -66,7 +69,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     preset = get_preset(args.preset)
     if args.horizon is not None:
         if args.video != "model":
-            raise UserError(f"--horizon streams one long session of the engine: it needs --video model, not --video "
+            raise UserError(f"--horizon streams long sessions of the engine: it needs --video model, not --video "
                             f"{args.video}")
         if args.window <= 0 or args.horizon < 2 * args.window:
             raise UserError(f"--horizon {args.horizon:g} is invalid: at least two --window spans "
@@ -76,8 +79,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 raise UserError(f"--at {mark:g} is invalid: allowed {args.window:g} to "
                                 f"{args.horizon - 2 * args.window:g} s (after the first window, a window before the "
                                 "last)")
+        args.streams = DEFAULT_STREAMS if args.streams is None else args.streams
+        if args.streams < 1:
+            raise UserError(f"--streams {args.streams} is invalid: at least 1 session")
     elif args.at:
         raise UserError("--at scores a window of a long run: it needs --horizon SECONDS")
+    elif args.streams is not None:
+        raise UserError("--streams sets the sessions of a long run: it needs --horizon SECONDS")
     if args.listen and (args.video != "model" or args.horizon is not None):
         raise UserError("--listen sets the streaming engine's character listening where the clip's truth says so: it "
                         "needs --video model and no --horizon")
@@ -120,7 +128,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             from model_core.evaluate import horizon
 
             report = horizon(source, probe, engine, args.horizon, window_s=args.window, seed=args.seed,
-                             progress=True, at=tuple(args.at or ()))
+                             progress=True, at=tuple(args.at or ()), streams=args.streams)
         else:
             report = evaluate(source, probe, args.video, engine=engine, clips=args.clips, seed=args.seed,
                               progress=True, listen=args.listen)
@@ -213,9 +221,15 @@ def add_parser(commands) -> None:
     parser.add_argument("--fast-decoder", metavar="DIR", help="a fast decoder directory (default: the preset's "
                                                                "shipped one)")
     parser.add_argument("--horizon", type=float, metavar="SECONDS",
-                        help="the long horizon: stream SECONDS of speech through one session and score its first and "
-                             "last --window seconds (the video is not kept in between)")
-    parser.add_argument("--window", type=float, default=10.0, help="--horizon: seconds scored at each end (default 10)")
+                        help="the long horizon: stream SECONDS of speech through --streams sessions and score the "
+                             "first and last window of each (the video is not kept in between)")
+    parser.add_argument("--window", type=float, default=10.0,
+                        help="--horizon: seconds scored at each end, rounded to whole loops of the clip so every "
+                             "window hears the same speech (default 10)")
+    parser.add_argument("--streams", type=int,
+                        help="--horizon: sessions, one after another, each on its own held-out clip and character "
+                             "(round-robin over the styles); each window's metrics are their mean "
+                             f"(default {DEFAULT_STREAMS})")
     parser.add_argument("--at", type=float, action="append", metavar="SECONDS",
                         help="--horizon: also score the window starting at SECONDS (repeatable), e.g. --horizon 3600 "
                              "--at 1000")

@@ -115,23 +115,29 @@ def test_measures_on_known_signals():
 
 
 class LoopedTruth:
-    """A protocol-level engine that streams the clip's own truth frames for the audio it is fed (frame t = clip frame
-    t mod N), optionally fading to grey after `fade_after` frames: the long horizon's independent expectation."""
+    """A protocol-level engine whose k-th session streams the k-th clip's own truth frames for the audio it is fed
+    (frame t = clip frame t mod N), optionally fading to grey after `fade_after[k]` frames: the long horizon's
+    independent expectation."""
 
-    def __init__(self, clip, fade_after=None, fps=25.0):
+    def __init__(self, clips, fade_after=(), fps=25.0):
         from model_core.config import get_preset
-        self.preset, self.clip, self.fade_after, self.fps = get_preset("talk128"), clip, fade_after, fps
+        self.preset, self.clips, self.fps = get_preset("talk128"), list(clips), fps
+        self.fade_after = dict(enumerate(fade_after))
+        self.opened = 0
 
     def open_session(self, image):
-        return {"samples": 0, "sent": 0}
+        self.opened += 1
+        return {"samples": 0, "sent": 0, "clip": self.clips[self.opened - 1],
+                "fade_after": self.fade_after.get(self.opened - 1)}
 
     def _frames(self, session, count):
         import torch
 
+        clip = session["clip"]
         index = np.arange(session["sent"], session["sent"] + count)
-        frames = self.clip.frames[index % self.clip.num_frames].astype(np.float32)
-        if self.fade_after is not None:
-            frames[index >= self.fade_after] = 128.0
+        frames = clip.frames[index % clip.num_frames].astype(np.float32)
+        if session["fade_after"] is not None:
+            frames[index >= session["fade_after"]] = 128.0
         session["sent"] += count
         return [type("Chunk", (), {"frames": torch.from_numpy(frames).permute(0, 3, 1, 2) / 127.5 - 1.0})]
 
@@ -146,27 +152,53 @@ class LoopedTruth:
         pass
 
 
-def test_the_long_horizon_scores_its_first_and_last_window_against_the_looped_truth(probe, held_out):
-    from model_core.evaluate import horizon
+def test_the_long_horizon_scores_windows_of_whole_loops_against_the_looped_truth(probe, held_out):
+    """Every window spans whole loops of the clip and starts on a loop boundary, so the looped truth scores the same
+    in each, lip sync included (change exactly 0; windows cut anywhere in the loop moved its sync_r by up to 15 %)."""
+    from model_core.evaluate import _balanced_singles, horizon, horizon_windows
 
-    clip = held_out[0] if held_out[0].truth.mouth_open.shape[1] == 1 else held_out[1]
-    steady = horizon(held_out, probe, LoopedTruth(clip), seconds=12.0, window_s=3.0, progress=False)
-    assert steady["frames"] == 300
-    assert steady["first"]["span_s"] == [0.0, 3.0] and steady["last"]["span_s"] == [9.0, 12.0]
-    for window in ("first", "last"):       # the loop keeps frame t on the clip's frame t mod N: the truth's scores
-        assert steady[window]["sync_r"] > 0.8 and steady[window]["psnr"] == 100.0
-    assert abs(steady["change"]["sync_r"]) < 0.15 and steady["change"]["psnr"] == 0.0
-    faded = horizon(held_out, probe, LoopedTruth(clip, fade_after=200), seconds=12.0, window_s=3.0, progress=False,
-                    at=(3.0, 6.0))
-    assert faded["first"]["psnr"] == 100.0 and faded["change"]["psnr"] < -0.5
-    # the windows asked for in between: [3, 6) s is before the fade (frame 200), [6, 9) s straddles it
-    assert faded["at_3"]["span_s"] == [3.0, 6.0] and faded["at_6"]["span_s"] == [6.0, 9.0]
-    assert faded["at_3"]["psnr"] == 100.0 and faded["change_at_3"]["psnr"] == 0.0
-    assert faded["at_6"]["psnr"] < 100.0 and faded["change_at_6"]["psnr"] < 0.0
-    with pytest.raises(ValueError, match="at=7 is invalid"):
-        horizon(held_out, probe, LoopedTruth(clip), seconds=12.0, window_s=3.0, progress=False, at=(7.0,))
+    clip = _balanced_singles(held_out, 1)[0]
+    period = clip.num_frames
+    seconds, window = 4 * period / 25, period / 25
+    # asked for 1.3 loops: scored on one (1.3 would hear a third of the loop twice in one window and once in another)
+    steady = horizon(held_out, probe, LoopedTruth([clip]), seconds=seconds, window_s=1.3 * window, progress=False)
+    assert steady["frames"] == 4 * period and steady["streams"] == 1
+    assert steady["first"]["sync_r"] > 0.8 and steady["first"]["psnr"] == 100.0
+    assert steady["change"] == {"sync_r": 0.0, "identity": 0.0, "psnr": 0.0, "ssim": 0.0}
+    assert steady["first"]["span_s"] == [[0.0, window]]
+    assert steady["last"]["span_s"] == [[round(3 * window, 2), round(4 * window, 2)]]
+    fade = 2 * period + period // 2
+    faded = horizon(held_out, probe, LoopedTruth([clip], fade_after=[fade]), seconds=seconds, window_s=window,
+                    progress=False, at=(window, 2 * window))
+    # [N, 2N) is before the fade, [2N, 3N) straddles it, [3N, 4N) is grey
+    assert faded["change_at_" + f"{window:g}"] == steady["change"]
+    assert faded["change_at_" + f"{2 * window:g}"]["psnr"] < 0.0
+    assert faded["change"]["psnr"] < faded["change_at_" + f"{2 * window:g}"]["psnr"] < 0.0
+    # windows round to whole loops and loop boundaries, whatever was asked
+    windows = horizon_windows(1000.0, 10.0, 160, 25.0, at=(500.0,))
+    assert windows == {"first": (0, 320), "at_500": (12480, 12800), "last": (24640, 24960)}
+    assert horizon_windows(100.0, 1.0, 160, 25.0)["first"] == (0, 160)       # at least one loop
+    with pytest.raises(ValueError, match="at=5 is invalid"):           # its loop boundary is inside the first window
+        horizon_windows(1000.0, 10.0, 160, 25.0, at=(5.0,))
     with pytest.raises(ValueError, match="at least two windows"):
-        horizon(held_out, probe, LoopedTruth(clip), seconds=5.0, window_s=3.0, progress=False)
+        horizon(held_out, probe, LoopedTruth([clip]), seconds=1.5 * window, window_s=window, progress=False)
+
+
+def test_the_long_horizon_averages_its_streams_each_on_its_own_clip(probe, held_out):
+    from model_core.evaluate import _balanced_singles, horizon
+
+    clips = _balanced_singles(held_out, 2)
+    seconds = 4 * max(clip.num_frames for clip in clips) / 25
+    report = horizon(held_out, probe, LoopedTruth(clips, fade_after=[None, 2 * clips[1].num_frames]), seconds=seconds,
+                     window_s=1.0, progress=False, streams=2)
+    first, second = report["per_stream"]
+    assert report["streams"] == 2 and first["identity_index"] != second["identity_index"]
+    assert [first["clip_frames"], second["clip_frames"]] == [clip.num_frames for clip in clips]
+    assert first["change"]["psnr"] == 0.0 and second["change"]["psnr"] < 0.0      # only the second faded
+    assert report["last"]["psnr"] == pytest.approx((first["last"]["psnr"] + second["last"]["psnr"]) / 2, abs=1e-4)
+    assert report["first"]["span_s"] == [first["first"]["span_s"], second["first"]["span_s"]]
+    with pytest.raises(ValueError, match="streams=7 is invalid: the evaluation set has"):
+        horizon(held_out, probe, LoopedTruth(clips), seconds=seconds, window_s=1.0, progress=False, streams=7)
 
 
 def test_listen_sets_the_character_listening_where_the_truth_listens(held_out):
