@@ -248,14 +248,8 @@ def horizon(source, probe, engine, seconds: float, window_s: float = 10.0, seed:
         report[name] = {key: _mean([stream[name][key] for stream in per_stream]) for key in per_stream[0][name]
                         if key != "span_s"}
         report[name]["span_s"] = [stream[name]["span_s"] for stream in per_stream]
-    for name in plans[0]:
-        if name == "first":
-            continue
-        report["change" if name == "last" else f"change_{name}"] = _change(report["first"], report[name])
-    for stream in per_stream:
-        for name in plans[0]:
-            if name != "first":
-                stream["change" if name == "last" else f"change_{name}"] = _change(stream["first"], stream[name])
+    for scores in (report, *per_stream):
+        scores.update(_changes(scores, plans[0]))
     report["per_stream"] = per_stream
     return report
 
@@ -265,10 +259,13 @@ def _mean(values: list) -> float | None:
     return round(float(np.mean(kept)), 4) if kept else None
 
 
-def _change(first: dict, later: dict) -> dict:
-    return {key: (round(later[key] / first[key] - 1.0, 4)
-                  if first.get(key) not in (None, 0.0) and later.get(key) is not None else None)
-            for key in HORIZON_METRICS}
+def _changes(scores: dict, windows) -> dict:
+    """`change` (the last window) and `change_<name>` (the others): later / first - 1 per metric."""
+    first = scores["first"]
+    return {("change" if name == "last" else f"change_{name}"): {
+        key: (round(scores[name][key] / first[key] - 1.0, 4)
+              if first.get(key) not in (None, 0.0) and scores[name].get(key) is not None else None)
+        for key in HORIZON_METRICS} for name in windows if name != "first"}
 
 
 def _horizon_stream(clip, windows: dict, probe, engine, seconds: float, fps: float, seed: int, progress: bool,
