@@ -208,7 +208,7 @@ def test_listen_sets_the_character_listening_where_the_truth_listens(held_out):
 
     class Modes(LoopedTruth):
         def open_session(self, image):
-            return {"samples": 0, "sent": 0, "modes": []}
+            return {**super().open_session(image), "modes": []}
 
         def set_speaking(self, session, character, speaking):
             session["modes"].append((session["samples"], character, speaking))
@@ -219,7 +219,7 @@ def test_listen_sets_the_character_listening_where_the_truth_listens(held_out):
     clip = next(held_out[i] for i in range(len(held_out)) if held_out[i].truth.speaking[:, 0].any()
                 and not held_out[i].truth.speaking[:, 0].all())
     speaking = clip.truth.speaking[:, 0].astype(bool)
-    engine = Modes(clip)
+    engine = Modes([clip])
     model_video(engine, clip.frames[0], clip.audio, clip.sample_rate, clip.num_frames, ~speaking)
     modes = engine.session["modes"]
     piece = clip.sample_rate // 5
