@@ -201,10 +201,12 @@ def horizon_windows(seconds: float, window_s: float, period: int, fps: float, at
     `window_s` (at least one) and starts on a loop boundary, so every window hears the same speech frame for frame and
     is scored against the same truth: what differs between them is the stream's drift alone. `first` starts at 0, each
     mark of `at` at the loop boundary nearest it (`at_<mark>`), `last` at the last boundary it fits before the end."""
+    if window_s <= 0:
+        raise ValueError(f"window_s={window_s:g} is invalid: > 0")
     total = int(round(seconds * fps))
     loops = max(1, int(round(window_s * fps / period)))
     width = loops * period
-    if window_s <= 0 or total < 2 * width:
+    if total < 2 * width:
         raise ValueError(f"seconds={seconds:g} is invalid: at least two windows ({2 * width / fps:g} s: window_s="
                          f"{window_s:g} is {loops} loop(s) of the {period / fps:g} s clip)")
     last = (total - width) // period * period
@@ -231,8 +233,6 @@ def horizon(source, probe, engine, seconds: float, window_s: float = 10.0, seed:
     `change_at_<s>` the same for a mark. Only the windows' frames are kept, so an hour holds a few windows in memory."""
     if streams < 1:
         raise ValueError(f"streams={streams} is invalid: at least 1")
-    if window_s <= 0:
-        raise ValueError(f"window_s={window_s:g} is invalid: > 0")
     clips = _balanced_singles(source, streams)
     if len(clips) < streams:
         raise ValueError(f"streams={streams} is invalid: the evaluation set has {len(clips)} single-character clips")
