@@ -50,6 +50,7 @@ from ..dit import CausalAvatarDiT
 from ..text import BytePromptEncoder
 from .data import ClipPools, mouth_crops
 from .latents import audio_windows, frontend_record
+from .loop import warm_hold_decay
 
 MAX_CHARACTERS = 2
 
@@ -85,8 +86,17 @@ class TeacherTrainConfig:
     init: str | None = None
     """A teacher checkpoint to start from (its weights, also the EMA's start) instead of random weights: training a
     shipped teacher further. The optimiser starts fresh (checkpoints keep no optimiser state), with its warm-up."""
+    decay_from: float = 1.0
+    """Where the learning rate starts its linear fall to 0 at `steps`, as a fraction of the run (1: no fall, the rate
+    holds after the warm-up: every phase before settle; 0: it falls from the first step)."""
+    steps: int = 0
+    """The run's length, where a falling rate reaches 0 (the driver sets it; needed when `decay_from` < 1)."""
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.decay_from <= 1.0:
+            raise ValueError(f"decay_from={self.decay_from!r} is invalid: a fraction in [0, 1] (1: no fall)")
+        if self.decay_from < 1.0 and self.steps < 1:
+            raise ValueError(f"decay_from={self.decay_from!r} needs steps (the run's length, where the rate reaches 0)")
         if self.voice_augment < 0:
             raise ValueError(f"voice_augment={self.voice_augment!r} is invalid: at least 0 (0: off)")
         if self.sync_layers not in ("audio", "all"):
@@ -374,10 +384,16 @@ def sync_loss(reader: LatentLipReader, estimate: torch.Tensor, x0: torch.Tensor,
     return (per_sample * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def warm_rate(optimizer: torch.optim.Optimizer, rate: float, step: int, warmup_steps: int) -> None:
-    """Linear warm-up of the learning rate over `warmup_steps`."""
+def warm_rate(optimizer: torch.optim.Optimizer, rate: float, step: int, warmup_steps: int, *, steps: int = 0,
+              decay_from: float = 1.0) -> None:
+    """Linear warm-up of the learning rate over `warmup_steps`; with `decay_from` < 1, then a linear fall to 0 at
+    `steps` from `decay_from` of them (`loop.warm_hold_decay`)."""
+    if decay_from < 1.0:
+        rate = warm_hold_decay(step, steps=steps, peak=rate, warmup_steps=warmup_steps, decay_from=decay_from)
+    else:
+        rate = rate * min(1.0, (step + 1) / warmup_steps)
     for group in optimizer.param_groups:
-        group["lr"] = rate * min(1.0, (step + 1) / warmup_steps)
+        group["lr"] = rate
 
 
 @torch.no_grad()
@@ -436,7 +452,9 @@ class TeacherStage:
         return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
     def loss(self, batch: dict):
-        warm_rate(self._optimizer, self.train_config.learning_rate, batch["step"], self.train_config.warmup_steps)
+        config = self.train_config
+        warm_rate(self._optimizer, config.learning_rate, batch["step"], config.warmup_steps, steps=config.steps,
+                  decay_from=config.decay_from)
         sigma = batch["sigma"]
         s = sigma[:, None, None, None, None]
         noisy = (1.0 - s) * batch["x0"] + s * batch["noise"]

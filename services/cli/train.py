@@ -345,7 +345,7 @@ def run_teacher(args: argparse.Namespace, root: Path, export: str, phases: list[
                                 f"not exist: run `facecast train teacher --phase {names[index - 1]}` first, or pass "
                                 "--init")
         values = {name: getattr(args, name) if getattr(args, name, None) is not None else recipe.get(name)
-                  for name in ("learning_rate", "mouth_weight", "audio_injection_dim", "audio_backend")}
+                  for name in ("learning_rate", "mouth_weight", "audio_injection_dim", "audio_backend", "decay_from")}
         last = index == len(names) - 1 or (len(phases) == 1 and getattr(args, "export", None))
         run_args = argparse.Namespace(**{**vars(args), **values, "init": init})
         count = (steps or {}).get(phase) or getattr(args, "steps", None) or default_steps
@@ -386,7 +386,7 @@ def _run(args: argparse.Namespace, stage: str, steps: int, export: str, run_dir:
         extra["history_corrupt"] = args.history_corrupt
     for name, stages in (("init", ("teacher",)), ("mouth_weight", ("teacher",)), ("guidance", ("distill",)),
                          ("voice_augment", ("teacher", "student-init", "distill")),
-                         ("audio_injection_dim", ("teacher",))):
+                         ("audio_injection_dim", ("teacher",)), ("decay_from", ("teacher",))):
         if getattr(args, name, None) is not None and stage in stages:
             extra[name] = getattr(args, name)
     if getattr(args, "interior_weight", None) is not None and stage in ("vae", "vae-decoder"):

@@ -57,6 +57,9 @@ class TrainRequest:
     voice_augment: float | None = None
     """teacher, student-init, distill: the strength of the voice augmentation on the audio
     (`teacher_stage.augment_voice`; 0: off)."""
+    decay_from: float | None = None
+    """teacher: where the learning rate starts its linear fall to 0 at the run's end, as a fraction of the run
+    (`TeacherTrainConfig.decay_from`; a phase's recipe; None: the rate holds)."""
     audio_injection_dim: int | None = None
     """teacher: the model grows the per-frame audio injection of this width (`DiTConfig.audio_injection_dim`) from its
     `init` checkpoint (a phase's recipe); None: the preset's shape."""
@@ -92,7 +95,7 @@ class TrainRequest:
             raise ValueError(f"interior_weight applies to the vae stages, not {self.stage!r}")
         for name, stages in (("init", ("teacher",)), ("mouth_weight", ("teacher",)), ("guidance", ("distill",)),
                              ("motion_weight", ("vae-decoder",)), ("latent_noise", ("vae-decoder",)),
-                             ("audio_injection_dim", ("teacher",)),
+                             ("audio_injection_dim", ("teacher",)), ("decay_from", ("teacher",)),
                              ("voice_augment", ("teacher", "student-init", "distill"))):
             if getattr(self, name) is not None and self.stage not in stages:
                 raise ValueError(f"{name} applies to the {' and '.join(stages)} stage, not {self.stage!r}")
@@ -131,12 +134,14 @@ def build_stage(request: TrainRequest, *, wrap=None, device="cpu"):
             from model_core.training.teacher_stage import TeacherStage, TeacherTrainConfig
 
             overrides.update({k: v for k, v in (("init", request.init), ("mouth_weight", request.mouth_weight),
-                                                ("voice_augment", request.voice_augment)) if v is not None})
+                                                ("voice_augment", request.voice_augment),
+                                                ("decay_from", request.decay_from)) if v is not None})
             shape = dit_config_for_latents(preset, latents)
             if request.audio_injection_dim is not None:
                 shape = dataclasses.replace(shape, audio_injection_dim=request.audio_injection_dim)
             return TeacherStage(shape, latents,
-                                TeacherTrainConfig(seed=request.seed, **overrides), wrap=wrap, device=device)
+                                TeacherTrainConfig(seed=request.seed, steps=request.steps, **overrides), wrap=wrap,
+                                device=device)
         from model_core.training.student_stage import read_pairs
 
         pairs = read_pairs(request.pairs)

@@ -180,6 +180,28 @@ def test_teacher_loss_decreases_and_exports(latent_clips, tmp_path):
     torch.testing.assert_close(loaded.proj_out.weight, stage.ema.proj_out.weight.half().float())
 
 
+def test_the_rate_holds_or_falls_to_zero_at_the_runs_end(latent_clips):
+    """Phase settle's rate: warm-up, then a linear fall to 0 at the run's last step (figures worked by hand); the
+    default holds after the warm-up; a fall without the run's length, or outside [0, 1], is refused."""
+    def rates(config, at):
+        stage = TeacherStage(TINY.dit, Listed(latent_clips), config)
+        seen = []
+        for step in at:
+            stage.loss(stage.batch(step, 0))
+            seen.append(stage.optimizer().param_groups[0]["lr"])
+        return seen
+
+    settle = TeacherTrainConfig(batch_size=1, frames=5, learning_rate=1e-3, warmup_steps=10, decay_from=0.5,
+                                steps=100)
+    assert rates(settle, (0, 9, 50, 75, 99)) == pytest.approx([1e-4, 1e-3, 1e-3, 5e-4, 2e-5])
+    held = dataclasses.replace(settle, decay_from=1.0)
+    assert rates(held, (0, 9, 99)) == pytest.approx([1e-4, 1e-3, 1e-3])
+    with pytest.raises(ValueError, match="decay_from=0.5 needs steps"):
+        TeacherTrainConfig(decay_from=0.5)
+    with pytest.raises(ValueError, match=r"decay_from=1.5 is invalid: a fraction in \[0, 1\]"):
+        TeacherTrainConfig(decay_from=1.5, steps=10)
+
+
 def test_training_further_starts_from_the_checkpoints_weights(latent_clips, tmp_path):
     """`facecast train teacher --init`: the live and EMA weights start as the checkpoint's (the fp16 export), a
     random start would not; a checkpoint of another shape or stage is refused naming what differs."""
