@@ -54,17 +54,22 @@ def test_the_history_corrupt_override_reaches_the_distillation(monkeypatch):
 
 
 def test_the_teacher_overrides_reach_its_config(monkeypatch):
-    """`--init` and `--mouth-weight` must reach the TeacherTrainConfig the stage is built with."""
+    """`--init`, `--mouth-weight` and a phase's `decay_from` must reach the TeacherTrainConfig the stage is built with,
+    with the run's length (where a falling rate reaches 0)."""
     from model_core.training import latents, teacher_stage
 
     monkeypatch.setattr(latents, "LatentSource", NoLatents)
     monkeypatch.setattr(latents, "dit_config_for_latents", lambda preset, source: preset.dit)
     monkeypatch.setattr(teacher_stage, "TeacherStage", lambda config, source, train, **kwargs: train)
-    request = TrainRequest(stage="teacher", data="world:train", run_dir="x", steps=1, latents="l", init="t.st",
-                           mouth_weight=12.0)
-    assert (build_stage(request).init, build_stage(request).mouth_weight) == ("t.st", 12.0)
+    request = TrainRequest(stage="teacher", data="world:train", run_dir="x", steps=40, latents="l", init="t.st",
+                           mouth_weight=12.0, decay_from=0.5)
+    built = build_stage(request)
+    assert (built.init, built.mouth_weight, built.decay_from, built.steps) == ("t.st", 12.0, 0.5, 40)
     default = build_stage(TrainRequest(stage="teacher", data="world:train", run_dir="x", steps=1, latents="l"))
     assert (default.init, default.mouth_weight) == (None, teacher_stage.TeacherTrainConfig().mouth_weight)
+    assert default.decay_from == teacher_stage.TeacherTrainConfig().decay_from == 1.0   # the rate holds
+    with pytest.raises(ValueError, match="decay_from applies to the teacher stage, not 'vae'"):
+        TrainRequest(stage="vae", data="world:train", run_dir="x", steps=1, decay_from=0.5)
 
 
 def test_the_voice_augmentation_and_the_grown_shape_reach_their_stages(monkeypatch):
