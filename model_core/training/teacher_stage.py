@@ -88,7 +88,7 @@ class TeacherTrainConfig:
     shipped teacher further. The optimiser starts fresh (checkpoints keep no optimiser state), with its warm-up."""
     decay_from: float = 1.0
     """Where the learning rate starts its linear fall to 0 at `steps`, as a fraction of the run (1: no fall, the rate
-    holds after the warm-up: every phase before settle; 0: it falls from the first step)."""
+    holds after the warm-up, as in every shipped phase; 0: it falls over the whole run, under the warm-up's ramp)."""
     steps: int = 0
     """The run's length, where a falling rate reaches 0 (the driver sets it; needed when `decay_from` < 1)."""
 
