@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import socket
+from pathlib import Path
 
 DEFAULT_GRPC_PORT = 9000
 """Port of the gRPC API (`facecast serve --port`, `facecast call --target`, Serve's `grpc_options.port`)."""
@@ -49,7 +50,7 @@ def free_port(host: str = LOOPBACK) -> int:
 def ephemeral_ports(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> tuple[int, int] | None:
     """The kernel's ephemeral port range (Linux), None where it cannot be read."""
     try:
-        low, high = (int(part) for part in open(path).read().split())
+        low, high = (int(part) for part in Path(path).read_text().split())
     except (OSError, ValueError):
         return None
     return low, high

@@ -46,10 +46,10 @@ class Stage(Protocol):
 
 def warm_hold_decay(step: int, *, steps: int, peak: float, warmup_steps: int, decay_from: float) -> float:
     """The learning rate at `step`: a linear warm-up over `warmup_steps`, `peak` until `decay_from` of `steps`,
-    then a linear fall to 0 at `steps`."""
+    then a linear fall to 0 at `steps` (`decay_from` 1: no fall, whatever `steps` is)."""
     warm = min(1.0, (step + 1) / max(1, warmup_steps))
     fall = int(steps * decay_from)
-    if step < fall:
+    if decay_from >= 1.0 or step < fall:
         return peak * warm
     return peak * warm * max(0.0, (steps - step) / max(1, steps - fall))
 

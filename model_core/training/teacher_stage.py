@@ -388,12 +388,8 @@ def warm_rate(optimizer: torch.optim.Optimizer, rate: float, step: int, warmup_s
               decay_from: float = 1.0) -> None:
     """Linear warm-up of the learning rate over `warmup_steps`; with `decay_from` < 1, then a linear fall to 0 at
     `steps` from `decay_from` of them (`loop.warm_hold_decay`)."""
-    if decay_from < 1.0:
-        rate = warm_hold_decay(step, steps=steps, peak=rate, warmup_steps=warmup_steps, decay_from=decay_from)
-    else:
-        rate = rate * min(1.0, (step + 1) / warmup_steps)
     for group in optimizer.param_groups:
-        group["lr"] = rate
+        group["lr"] = warm_hold_decay(step, steps=steps, peak=rate, warmup_steps=warmup_steps, decay_from=decay_from)
 
 
 @torch.no_grad()
